@@ -1,0 +1,1 @@
+"""chatgate: an OpenAI-compatible LLM serving stack."""

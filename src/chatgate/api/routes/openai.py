@@ -1,0 +1,60 @@
+"""OpenAI routes: thin adapters from HTTP to the serving classes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+
+from chatgate.api.sse import sse
+from chatgate.api.state import ApiState, api_state, require_key
+from chatgate.errors import ModelNotFoundError
+from chatgate.protocol.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
+
+router = APIRouter(dependencies=[Depends(require_key)])
+
+
+def respond(result: BaseModel | AsyncIterator[BaseModel]) -> Response:
+    """A JSON response, or an SSE stream for a streamed result."""
+    if isinstance(result, BaseModel):
+        return JSONResponse(result.model_dump(mode="json"))
+    return StreamingResponse(
+        sse(result),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get("/v1/models")
+async def list_models(state: ApiState = Depends(api_state)) -> ModelList:
+    """The models served now."""
+    return ModelList(data=[ModelCard(id=name) for name in await state.router.models()])
+
+
+@router.get("/v1/models/{model:path}")
+async def retrieve_model(model: str, state: ApiState = Depends(api_state)) -> ModelCard:
+    """One served model."""
+    if model not in await state.router.models():
+        raise ModelNotFoundError.for_model(model)
+    return ModelCard(id=model)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(
+    body: ChatCompletionRequest, state: ApiState = Depends(api_state)
+) -> Response:
+    """Chat completion, streamed or not."""
+    return respond(await state.chat.create(body))
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, state: ApiState = Depends(api_state)) -> Response:
+    """Text completion, streamed or not."""
+    return respond(await state.completions.create(body))

@@ -1,0 +1,1 @@
+"""Request handling of the API server, free of FastAPI: requests in, responses or streams out."""

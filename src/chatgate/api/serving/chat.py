@@ -1,0 +1,105 @@
+"""`/v1/chat/completions`: conversation in, assistant message (or its stream) out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from chatgate.api.serving.generation import Choice, GenerationServing, sampling_params, total_usage, with_seeds
+from chatgate.protocol.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    new_id,
+    now,
+)
+from chatgate.protocol.worker import GenerateParams, WorkerChunk
+from chatgate.streams import merge
+
+
+def to_params(request: ChatCompletionRequest) -> GenerateParams:
+    """Worker parameters for a chat request; the worker applies the model's chat template."""
+    messages = [
+        {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+        for m in request.messages
+    ]
+    return GenerateParams.model_validate(
+        {
+            **sampling_params(request),
+            "messages": messages,
+            "max_new_tokens": request.completion_limit(),
+            "prompt_param": "messages",
+            "max_tokens_param": "max_completion_tokens"
+            if request.max_completion_tokens is not None
+            else "max_tokens",
+        }
+    )
+
+
+class ChatServing(GenerationServing):
+    """Serves chat completions, streamed or not."""
+
+    async def create(
+        self, request: ChatCompletionRequest
+    ) -> ChatCompletionResponse | AsyncIterator[ChatCompletionChunk]:
+        """Answer a chat request: a response, or a stream of chunks."""
+        self.check_n(request.n)
+        params = with_seeds(to_params(request), request.n, request.seed)
+        streams = await self.start(request.model, params)
+        response_id, created = new_id("chatcmpl"), now()
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            return self._stream(streams, request, response_id, created, include_usage)
+        choices = await self.collect(streams)
+        return ChatCompletionResponse(
+            id=response_id,
+            created=created,
+            model=request.model,
+            choices=[_choice(i, c) for i, c in enumerate(choices)],
+            usage=total_usage(choices, request.n),
+        )
+
+    async def _stream(
+        self,
+        streams: list[AsyncIterator[WorkerChunk]],
+        request: ChatCompletionRequest,
+        response_id: str,
+        created: int,
+        include_usage: bool,
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        def chunk(index: int, delta: ChatDelta, finish: str | None = None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(
+                id=response_id,
+                created=created,
+                model=request.model,
+                choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
+            )
+
+        choices = [Choice() for _ in streams]
+        for index in range(len(streams)):
+            yield chunk(index, ChatDelta(role="assistant", content=""))
+        async for index, part in merge(streams):
+            choices[index].add(part)
+            if part.text:
+                yield chunk(index, ChatDelta(content=part.text))
+            if part.finish_reason:
+                yield chunk(index, ChatDelta(), part.finish_reason)
+        if include_usage:
+            yield ChatCompletionChunk(
+                id=response_id,
+                created=created,
+                model=request.model,
+                choices=[],
+                usage=total_usage(choices, request.n),
+            )
+
+
+def _choice(index: int, choice: Choice) -> ChatChoice:
+    return ChatChoice(
+        index=index,
+        message=AssistantMessage(content=choice.text),
+        finish_reason=choice.finish_reason,  # type: ignore[arg-type]
+    )

@@ -1,0 +1,96 @@
+"""`/v1/completions`: prompts in, text completions (or their stream) out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from chatgate.api.serving.generation import Choice, GenerationServing, sampling_params, total_usage, with_seeds
+from chatgate.protocol.openai import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    new_id,
+    now,
+)
+from chatgate.protocol.worker import GenerateParams, WorkerChunk
+from chatgate.streams import merge
+
+
+def prompts_of(request: CompletionRequest) -> list[dict[str, object]]:
+    """Each prompt of the request as worker fields: text, or token ids."""
+    prompt = request.prompt
+    if isinstance(prompt, str):
+        return [{"prompt": prompt}]
+    if all(isinstance(p, int) for p in prompt):
+        return [{"prompt_token_ids": prompt}]
+    return [{"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p} for p in prompt]
+
+
+def to_params(request: CompletionRequest) -> list[GenerateParams]:
+    """Worker parameters for every (prompt, choice) pair, prompts outermost."""
+    common = {
+        **sampling_params(request),
+        "max_new_tokens": request.max_tokens,
+        "echo": request.echo,
+        "prompt_param": "prompt",
+    }
+    params: list[GenerateParams] = []
+    for prompt in prompts_of(request):
+        single = GenerateParams.model_validate({**common, **prompt})
+        params.extend(with_seeds(single, request.n, request.seed))
+    return params
+
+
+class CompletionServing(GenerationServing):
+    """Serves text completions, streamed or not."""
+
+    async def create(
+        self, request: CompletionRequest
+    ) -> CompletionResponse | AsyncIterator[CompletionResponse]:
+        """Answer a completion request: a response, or a stream of chunks."""
+        self.check_n(request.n)
+        streams = await self.start(request.model, to_params(request))
+        response_id, created = new_id("cmpl"), now()
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            return self._stream(streams, request, response_id, created, include_usage)
+        choices = await self.collect(streams)
+        return CompletionResponse(
+            id=response_id,
+            created=created,
+            model=request.model,
+            choices=[
+                CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason)  # type: ignore[arg-type]
+                for i, c in enumerate(choices)
+            ],
+            usage=total_usage(choices, request.n),
+        )
+
+    async def _stream(
+        self,
+        streams: list[AsyncIterator[WorkerChunk]],
+        request: CompletionRequest,
+        response_id: str,
+        created: int,
+        include_usage: bool,
+    ) -> AsyncIterator[CompletionResponse]:
+        choices = [Choice() for _ in streams]
+        async for index, part in merge(streams):
+            choices[index].add(part)
+            if part.text or part.finish_reason:
+                yield CompletionResponse(
+                    id=response_id,
+                    created=created,
+                    model=request.model,
+                    choices=[
+                        CompletionChoice(index=index, text=part.text, finish_reason=part.finish_reason)  # type: ignore[arg-type]
+                    ],
+                )
+        if include_usage:
+            yield CompletionResponse(
+                id=response_id,
+                created=created,
+                model=request.model,
+                choices=[],
+                usage=total_usage(choices, request.n),
+            )

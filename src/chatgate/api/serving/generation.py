@@ -1,0 +1,113 @@
+"""The request flow chat and text completions share: resolve a worker, start, stream or collect.
+
+Chat and completions differ only in how a request becomes worker parameters and how results
+become response objects; both live in their own modules on top of this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from chatgate.api.clients import Router
+from chatgate.errors import InvalidRequestError
+from chatgate.protocol.openai import Usage, SamplingRequest
+from chatgate.protocol.worker import GenerateParams, WorkerChunk
+from chatgate.streams import merge, primed
+
+
+@dataclass
+class Choice:
+    """What one choice produced, collected from its stream."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage = field(default_factory=Usage)
+
+    def add(self, chunk: WorkerChunk) -> None:
+        """Fold one worker chunk into the choice."""
+        self.text += chunk.text
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+        if chunk.usage is not None:
+            self.usage = Usage.model_validate(chunk.usage.model_dump())
+
+
+def total_usage(choices: list[Choice], per_prompt: int) -> Usage:
+    """Usage of a response: each distinct prompt counted once, every completion counted."""
+    usage = Usage()
+    for index, choice in enumerate(choices):
+        if index % per_prompt == 0:
+            usage.prompt_tokens += choice.usage.prompt_tokens
+        usage.completion_tokens += choice.usage.completion_tokens
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+    return usage
+
+
+def _logit_bias(request: SamplingRequest) -> dict[int, float] | None:
+    if not request.logit_bias:
+        return None
+    try:
+        return {int(token): bias for token, bias in request.logit_bias.items()}
+    except ValueError:
+        raise InvalidRequestError(
+            "logit_bias keys must be token ids (integers as strings).", param="logit_bias"
+        ) from None
+
+
+def sampling_params(request: SamplingRequest) -> dict[str, object]:
+    """Worker-protocol sampling fields of an OpenAI request, OpenAI's defaults filled in."""
+    return {
+        "model": request.model,
+        "temperature": 1.0 if request.temperature is None else request.temperature,
+        "top_p": 1.0 if request.top_p is None else request.top_p,
+        "top_k": -1 if request.top_k is None else request.top_k,
+        "min_p": request.min_p or 0.0,
+        "presence_penalty": request.presence_penalty or 0.0,
+        "frequency_penalty": request.frequency_penalty or 0.0,
+        "repetition_penalty": request.repetition_penalty or 1.0,
+        "logit_bias": _logit_bias(request),
+        "stop": request.stop_list() or None,
+    }
+
+
+def with_seeds(params: GenerateParams, n: int, seed: int | None) -> list[GenerateParams]:
+    """`n` copies of `params`; with a seed, choice i uses seed + i so choices differ."""
+    if seed is None:
+        return [params] * n
+    return [params.model_copy(update={"seed": seed + i}) for i in range(n)]
+
+
+class GenerationServing:
+    """Starts generations on a worker and collects or merges their streams."""
+
+    def __init__(self, *, router: Router, max_n: int) -> None:
+        self._router = router
+        self._max_n = max_n
+
+    def check_n(self, n: int) -> None:
+        """Refuse more choices than the server allows."""
+        if n > self._max_n:
+            raise InvalidRequestError(f"n must be at most {self._max_n}.", param="n")
+
+    async def start(self, model: str, params: list[GenerateParams]) -> list[AsyncIterator[WorkerChunk]]:
+        """Start every generation and wait for each one's first chunk, so errors raise here."""
+        worker = await self._router.worker_for(model)
+        results = await asyncio.gather(
+            *(primed(worker.generate_stream(p)) for p in params), return_exceptions=True
+        )
+        streams = [r for r in results if not isinstance(r, BaseException)]
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for stream in streams:
+                await stream.aclose()  # type: ignore[attr-defined]
+            raise errors[0]
+        return streams
+
+    @staticmethod
+    async def collect(streams: list[AsyncIterator[WorkerChunk]]) -> list[Choice]:
+        """Run every stream to its end, concurrently."""
+        choices = [Choice() for _ in streams]
+        async for index, chunk in merge(streams):
+            choices[index].add(chunk)
+        return choices

@@ -1,0 +1,36 @@
+"""Server-sent events in the form OpenAI streams them: `data: {json}` lines, then `[DONE]`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+from pydantic import BaseModel
+
+from chatgate.errors import ChatgateError
+
+log = logging.getLogger(__name__)
+
+
+def event(payload: str) -> str:
+    """One SSE event carrying `payload`."""
+    return f"data: {payload}\n\n"
+
+
+async def sse(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+    """Encode a stream of response chunks; an error mid-stream becomes an `error` event."""
+    try:
+        async for chunk in chunks:
+            yield event(chunk.model_dump_json())
+    except ChatgateError as exc:
+        yield event(json.dumps(exc.body()))
+        return
+    except Exception:
+        request_id = uuid.uuid4().hex
+        log.exception("stream failed (request %s)", request_id)
+        error = ChatgateError(f"The server had an error while streaming (request {request_id}).")
+        yield event(json.dumps(error.body()))
+        return
+    yield event("[DONE]")

@@ -1,0 +1,33 @@
+"""What the API server's routes are handed: serving objects built once in the lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from chatgate.api.auth import KeyChecker
+from chatgate.api.clients import Router
+from chatgate.api.serving.chat import ChatServing
+from chatgate.api.serving.completions import CompletionServing
+
+
+@dataclass(frozen=True)
+class ApiState:
+    """The API server's shared resources."""
+
+    router: Router
+    keys: KeyChecker
+    chat: ChatServing
+    completions: CompletionServing
+
+
+def api_state(request: Request) -> ApiState:
+    """The app's state, for route dependencies."""
+    state: ApiState = request.app.state.api
+    return state
+
+
+def require_key(request: Request) -> None:
+    """Route dependency: refuse requests without an accepted API key."""
+    api_state(request).keys.check(request.headers.get("authorization"))

@@ -1,0 +1,145 @@
+"""The `chatgate` command: one subcommand per process role, flags generated from settings.
+
+Every flag comes from a field of the process's settings class (`api_keys` -> `--api-keys`), and
+every field can also be set as `CHATGATE_<FIELD>` in the environment; a flag wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pydantic import BaseModel, ValidationError  # noqa: E402
+
+from chatgate.settings import (  # noqa: E402
+    ApiProcessSettings,
+    ApiSettings,
+    ControllerSettings,
+    ServeSettings,
+    WorkerSettings,
+)
+
+EPILOG = """examples:
+  chatgate serve                                   # everything in one process on :8000
+  chatgate serve --port 9000 --api-keys sk-a,sk-b
+  chatgate controller --port 21001
+  chatgate worker --controller-address http://localhost:21001 --port 21002
+  chatgate api --controller-address http://localhost:21001 --port 8000
+"""
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type[BaseModel]) -> None:
+    """One flag per settings field; unset flags fall back to the environment and defaults."""
+    for name, info in settings_cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"CHATGATE_{name.upper()}"
+        help_text = f"{info.description or ''} [env {env}]"
+        if info.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar="VALUE", help=help_text)
+
+
+def build_settings(settings_cls: type[BaseModel], args: argparse.Namespace) -> Any:
+    """Settings from the flags that were given, then the environment, then defaults."""
+    given = {k: v for k, v in vars(args).items() if k in settings_cls.model_fields and v is not None}
+    return settings_cls(**given)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _run_uvicorn(app: Any, *, host: str, port: int, log_level: str, tls: tuple[str | None, str | None] = (None, None)) -> None:
+    import uvicorn
+
+    keyfile, certfile = tls
+    uvicorn.run(app, host=host, port=port, log_level=log_level, ssl_keyfile=keyfile, ssl_certfile=certfile, timeout_graceful_shutdown=5)
+
+
+def _api_tls(settings: ApiSettings) -> tuple[str | None, str | None]:
+    keyfile, certfile = settings.tls_files()
+    if settings.ssl and not (keyfile and certfile):
+        raise SystemExit("--ssl needs SSL_KEYFILE and SSL_CERTFILE (or --ssl-keyfile/--ssl-certfile)")
+    return keyfile, certfile
+
+
+def run_serve(settings: ServeSettings) -> None:
+    """API server and worker in one process."""
+    from chatgate.api.app import create_api_app
+    from chatgate.api.backends import local_backend
+
+    app = create_api_app(settings, local_backend(settings))
+    _run_uvicorn(app, host=settings.host, port=settings.port, log_level=settings.log_level, tls=_api_tls(settings))
+
+
+def run_api(settings: ApiProcessSettings) -> None:
+    """API server in front of a controller."""
+    from chatgate.api.app import create_api_app
+    from chatgate.api.backends import controller_backend
+
+    app = create_api_app(settings, controller_backend(settings))
+    _run_uvicorn(app, host=settings.host, port=settings.port, log_level=settings.log_level, tls=_api_tls(settings))
+
+
+def run_controller(settings: ControllerSettings) -> None:
+    """The controller."""
+    from chatgate.controller.app import create_controller_app
+
+    _run_uvicorn(create_controller_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+def run_worker(settings: WorkerSettings) -> None:
+    """A model worker."""
+    from chatgate.worker.app import create_worker_app
+
+    _run_uvicorn(create_worker_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+COMMANDS: dict[str, tuple[type[BaseModel], Callable[[Any], None], str]] = {
+    "serve": (ServeSettings, run_serve, "Serve the default model (or --model-path) in one process."),
+    "api": (ApiProcessSettings, run_api, "Run the OpenAI API server in front of a controller."),
+    "controller": (ControllerSettings, run_controller, "Run the controller workers register with."),
+    "worker": (WorkerSettings, run_worker, "Run a model worker that registers with a controller."),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    """The full command-line parser."""
+    root = argparse.ArgumentParser(
+        prog="chatgate",
+        description="An OpenAI-compatible LLM serving stack.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (settings_cls, _, summary) in COMMANDS.items():
+        sub = commands.add_parser(name, help=summary, description=summary)
+        add_settings_flags(sub, settings_cls)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `chatgate` console script."""
+    args = parser().parse_args(argv)
+    settings_cls, run, _ = COMMANDS[args.command]
+    try:
+        settings = build_settings(settings_cls, args)
+    except ValidationError as exc:
+        messages = [f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
+        print("chatgate: invalid settings\n  " + "\n  ".join(messages), file=sys.stderr)
+        raise SystemExit(2) from None
+    _setup_logging(settings.log_level)
+    run(settings)
+
+
+if __name__ == "__main__":
+    main()

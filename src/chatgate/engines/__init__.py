@@ -1,0 +1,37 @@
+"""Engines by name: the one registry workers use to build the engine they serve."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from chatgate.engines.base import Engine
+from chatgate.settings import EngineSettings
+
+
+def _transformers(settings: EngineSettings) -> Engine:
+    from chatgate.engines.transformers import TransformersEngine
+
+    return TransformersEngine(settings)
+
+
+def _fake(settings: EngineSettings) -> Engine:
+    from chatgate.engines.fake import FakeEngine
+
+    return FakeEngine()
+
+
+ENGINES: dict[str, Callable[[EngineSettings], Engine]] = {
+    "transformers": _transformers,
+    "fake": _fake,
+}
+
+
+def create_engine(settings: EngineSettings) -> Engine:
+    """Build the engine `settings.engine` names."""
+    try:
+        factory = ENGINES[settings.engine]
+    except KeyError:
+        raise ValueError(
+            f"unknown engine {settings.engine!r}; choose one of {', '.join(sorted(ENGINES))}"
+        ) from None
+    return factory(settings)

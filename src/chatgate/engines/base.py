@@ -1,0 +1,88 @@
+"""The engine contract: the one thing in chatgate that touches a model.
+
+An engine turns prompt token ids and sampling parameters into an async stream of text deltas,
+and knows its tokenizer, chat template and context length. Workers hold one engine; engines are
+found by name in `chatgate.engines.create_engine`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How one sequence is sampled and when it stops."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        """Whether sampling reduces to argmax."""
+        return self.temperature < 1e-5 or self.top_k == 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationOutput:
+    """What one sequence produced since its last output."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    """Static facts about the served model."""
+
+    name: str
+    context_length: int
+    has_chat_template: bool
+
+
+class Engine(abc.ABC):
+    """A loaded model that generates text. Compute never runs on the event loop."""
+
+    info: ModelInfo
+
+    async def start(self) -> None:
+        """Load the model and start background work."""
+
+    async def close(self) -> None:
+        """Stop background work and free the model."""
+
+    @abc.abstractmethod
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`."""
+
+    @abc.abstractmethod
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of `token_ids`, special tokens left out."""
+
+    @abc.abstractmethod
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        """The prompt text for a conversation, with the generation prompt appended."""
+
+    @abc.abstractmethod
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]:
+        """Stream the completion of `prompt_ids`; closing the iterator aborts the sequence."""
+
+    def pending(self) -> int:
+        """Sequences running or waiting in this engine."""
+        return 0

@@ -1,0 +1,163 @@
+"""The one exception hierarchy of chatgate, and its mapping to wire formats.
+
+    ChatgateError                       500 server_error
+    ├── InvalidRequestError             400 invalid_request_error
+    │   └── ContextLengthExceededError  400 invalid_request_error / context_length_exceeded
+    ├── AuthenticationError             401 invalid_api_key
+    ├── ModelNotFoundError              404 model_not_found
+    ├── RequestTooLargeError            413 request_too_large
+    ├── OverloadedError                 429 engine_overloaded (with Retry-After)
+    ├── NoHealthyWorkerError            503 service_unavailable (with Retry-After)
+    └── WorkerError                     502 upstream worker failed
+
+Serving code raises these; one handler in the API app turns them into OpenAI-shaped bodies.
+FastChat's numeric error codes exist only on the internal worker protocol and are mapped here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ChatgateError(Exception):
+    """Base of every error chatgate reports to a client."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = "server_error"
+    fastchat_code: ClassVar[int] = 50001
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+
+    def headers(self) -> dict[str, str]:
+        """Extra HTTP headers that go with this error."""
+        return {}
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI error body."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(ChatgateError):
+    """The request is malformed or asks for something out of range."""
+
+    status = 400
+    type = "invalid_request_error"
+    default_code = None
+    fastchat_code = 40302
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    """Prompt plus completion do not fit the model's context window."""
+
+    default_code = "context_length_exceeded"
+    fastchat_code = 40303
+
+    @classmethod
+    def for_tokens(
+        cls, *, context_length: int, prompt_tokens: int, completion_tokens: int, param: str
+    ) -> ContextLengthExceededError:
+        """Build the error with OpenAI's wording."""
+        total = prompt_tokens + completion_tokens
+        return cls(
+            f"This model's maximum context length is {context_length} tokens. However, you "
+            f"requested {total} tokens ({prompt_tokens} in the messages, {completion_tokens} in "
+            "the completion). Please reduce the length of the messages or completion.",
+            param=param,
+        )
+
+
+class AuthenticationError(ChatgateError):
+    """No API key, or one that is not accepted."""
+
+    status = 401
+    type = "invalid_request_error"
+    default_code = "invalid_api_key"
+    fastchat_code = 40101
+
+
+class ModelNotFoundError(ChatgateError):
+    """The requested model is not served here."""
+
+    status = 404
+    type = "invalid_request_error"
+    default_code = "model_not_found"
+    fastchat_code = 40301
+
+    @classmethod
+    def for_model(cls, model: str) -> ModelNotFoundError:
+        """Build the error with OpenAI's wording."""
+        return cls(f"The model `{model}` does not exist or you do not have access to it.", param="model")
+
+
+class RequestTooLargeError(ChatgateError):
+    """The request body is over the configured size cap."""
+
+    status = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+    fastchat_code = 40302
+
+
+class OverloadedError(ChatgateError):
+    """The worker's queue is full; try again shortly."""
+
+    status = 429
+    type = "rate_limit_error"
+    default_code = "engine_overloaded"
+    fastchat_code = 42903
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class NoHealthyWorkerError(ChatgateError):
+    """No worker is available for the model right now."""
+
+    status = 503
+    type = "server_error"
+    default_code = "service_unavailable"
+    fastchat_code = 50005
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "2"}
+
+
+class WorkerError(ChatgateError):
+    """A worker failed while serving a request."""
+
+    status = 502
+    type = "server_error"
+    default_code = "worker_error"
+    fastchat_code = 50001
+
+
+_BY_FASTCHAT_CODE: dict[int, type[ChatgateError]] = {
+    40001: InvalidRequestError,
+    40101: AuthenticationError,
+    40102: AuthenticationError,
+    40301: ModelNotFoundError,
+    40302: InvalidRequestError,
+    40303: ContextLengthExceededError,
+    42901: OverloadedError,
+    42902: OverloadedError,
+    42903: OverloadedError,
+    50005: NoHealthyWorkerError,
+}
+
+
+def from_fastchat_code(code: int, message: str, *, param: str | None = None) -> ChatgateError:
+    """Turn a worker-protocol error code and message back into a chatgate error."""
+    cls = _BY_FASTCHAT_CODE.get(code, WorkerError)
+    return cls(message, param=param)

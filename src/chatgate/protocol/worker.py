@@ -1,0 +1,130 @@
+"""The internal wire format between API server, controller and workers.
+
+It is FastChat's controller/worker protocol, so chatgate and FastChat processes can front each
+other. chatgate's additions are optional fields that FastChat ignores: `messages` (the worker
+applies the model's own chat template), `prompt_token_ids`, `delta` (stream deltas instead of
+cumulative text) and `param` on errors. A worker advertises them in `/model_details`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Extensions a chatgate worker advertises in /model_details under "chatgate_extensions".
+EXT_CHAT_TEMPLATE = "chat_template"
+EXT_DELTA = "delta"
+EXT_TOKEN_IDS = "prompt_token_ids"
+EXTENSIONS = (EXT_CHAT_TEMPLATE, EXT_DELTA, EXT_TOKEN_IDS)
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class GenerateParams(BaseModel):
+    """Body of `/worker_generate_stream` and `/worker_generate` (FastChat's `params`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    prompt_token_ids: list[int] | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    max_new_tokens: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    echo: bool = False
+    seed: int | None = None
+    delta: bool = False
+    # Which request field the prompt came from, so errors can name it.
+    prompt_param: str = "prompt"
+    max_tokens_param: str = "max_tokens"
+
+    def stop_list(self) -> list[str]:
+        """Stop strings as a list."""
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+
+
+class WorkerUsage(BaseModel):
+    """Token accounting of one generation."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class WorkerChunk(BaseModel):
+    """One NUL-delimited JSON object of `/worker_generate_stream` (FastChat's shape)."""
+
+    text: str = ""
+    error_code: int = 0
+    usage: WorkerUsage | None = None
+    finish_reason: str | None = None
+    param: str | None = None
+
+
+class CountTokenRequest(BaseModel):
+    """Body of `/count_token`."""
+
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+
+
+class WorkerStatus(BaseModel):
+    """A worker's status, as it reports it to the controller."""
+
+    model_names: list[str]
+    speed: float = 1.0
+    queue_length: int = 0
+
+
+class RegisterWorker(BaseModel):
+    """Body of the controller's `/register_worker`."""
+
+    worker_name: str
+    check_heart_beat: bool = True
+    worker_status: WorkerStatus | None = None
+    multimodal: bool = False
+
+
+class HeartBeat(BaseModel):
+    """Body of the controller's `/receive_heart_beat`."""
+
+    worker_name: str
+    queue_length: int = 0
+
+
+class WorkerEntry(BaseModel):
+    """One row of the controller's worker table (`/list_workers`, a chatgate extension)."""
+
+    address: str
+    model_names: list[str]
+    speed: float = 1.0
+    queue_length: int = 0
+
+
+class WorkerTable(BaseModel):
+    """Response of `/list_workers`."""
+
+    workers: list[WorkerEntry] = Field(default_factory=list)
+
+
+class ModelDetails(BaseModel):
+    """Response of `/model_details`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    context_length: int
+    chatgate_extensions: list[str] = Field(default_factory=list)

@@ -1,0 +1,153 @@
+"""Typed settings for each chatgate process, read from flags and `CHATGATE_*` environment.
+
+Each process has one settings class; the CLI builds its flags from the class's fields
+(`api_keys` becomes `--api-keys`), so a flag and its environment variable always agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+StrList = Annotated[list[str], NoDecode]
+
+DEFAULT_CHAT_MODEL = "default"
+
+
+def _split_list(value: Any) -> Any:
+    """Accept a JSON list (FastChat's form) or a comma-separated string."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+def default_cache_dir() -> Path:
+    """Where converted models are cached: `$XDG_CACHE_HOME/chatgate` or `~/.cache/chatgate`."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "chatgate"
+
+
+class _Base(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHATGATE_", extra="ignore")
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
+
+
+class ApiSettings(_Base):
+    """Settings of the OpenAI-compatible API server."""
+
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, description="Port to bind.")
+    api_keys: StrList = Field(
+        default_factory=list,
+        description="Accepted API keys, comma-separated; none means no key is checked.",
+    )
+    allowed_origins: StrList = Field(
+        default_factory=list, description="CORS allowed origins (JSON list or comma-separated)."
+    )
+    allowed_methods: StrList = Field(
+        default_factory=lambda: ["*"], description="CORS allowed methods."
+    )
+    allowed_headers: StrList = Field(
+        default_factory=lambda: ["*"], description="CORS allowed headers."
+    )
+    allow_credentials: bool = Field(False, description="CORS: allow credentials.")
+    ssl: bool = Field(
+        False, description="Serve HTTPS with the SSL_KEYFILE and SSL_CERTFILE environment files."
+    )
+    ssl_keyfile: str | None = Field(None, description="TLS private key file.")
+    ssl_certfile: str | None = Field(None, description="TLS certificate file.")
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
+    )
+    max_n: int = Field(16, ge=1, description="Largest `n` a request may ask for.")
+
+    _split = field_validator(
+        "api_keys", "allowed_origins", "allowed_methods", "allowed_headers", mode="before"
+    )(_split_list)
+
+    def tls_files(self) -> tuple[str | None, str | None]:
+        """Key and certificate files, taking FastChat's SSL_* variables when `--ssl` is set."""
+        key, cert = self.ssl_keyfile, self.ssl_certfile
+        if self.ssl:
+            key = key or os.environ.get("SSL_KEYFILE")
+            cert = cert or os.environ.get("SSL_CERTFILE")
+        return key, cert
+
+
+class EngineSettings(_Base):
+    """Settings of the model a worker serves."""
+
+    model_path: str = Field(
+        DEFAULT_CHAT_MODEL,
+        description="Model to serve: 'default' (embedded SmolLM2), a local HF folder or a .gguf file.",
+    )
+    model_names: StrList = Field(
+        default_factory=list, description="Names the model is served under (comma-separated)."
+    )
+    engine: str = Field("transformers", description="Engine: transformers or fake.")
+    device: str = Field("cpu", description="Torch device.")
+    num_threads: int = Field(0, ge=0, description="Torch threads (0: the number of cores).")
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir, description="Where converted models are cached."
+    )
+    limit_worker_concurrency: int = Field(
+        64, ge=1, description="Most requests a worker runs or queues at once (429 beyond)."
+    )
+
+    _split = field_validator("model_names", mode="before")(_split_list)
+
+
+class ServeSettings(ApiSettings, EngineSettings):
+    """Settings of `chatgate serve`: API server and worker in one process."""
+
+
+class ApiProcessSettings(ApiSettings):
+    """Settings of `chatgate api`: the API server in front of a controller."""
+
+    controller_address: str = Field("http://localhost:21001", description="Controller URL.")
+    worker_table_ttl: float = Field(
+        5.0, gt=0, description="Seconds the API server trusts its copy of the worker table."
+    )
+
+
+class WorkerSettings(EngineSettings):
+    """Settings of `chatgate worker`."""
+
+    host: str = Field("localhost", description="Address to bind.")
+    port: int = Field(21002, description="Port to bind.")
+    worker_address: str | None = Field(
+        None, description="URL the controller reaches this worker at (default from host/port)."
+    )
+    controller_address: str = Field("http://localhost:21001", description="Controller URL.")
+    no_register: bool = Field(False, description="Do not register with the controller.")
+    heartbeat_interval: float = Field(
+        5.0, gt=0, description="Seconds between heartbeats to the controller."
+    )
+
+    def address(self) -> str:
+        """The URL this worker announces."""
+        return self.worker_address or f"http://{self.host}:{self.port}"
+
+
+class ControllerSettings(_Base):
+    """Settings of `chatgate controller`."""
+
+    host: str = Field("localhost", description="Address to bind.")
+    port: int = Field(21001, description="Port to bind.")
+    dispatch_method: Literal["lottery", "shortest_queue"] = Field(
+        "shortest_queue", description="How a worker is picked for a model."
+    )
+    heartbeat_expiration: float = Field(
+        15.0, gt=0, description="Seconds without a heartbeat before a worker is dropped."
+    )

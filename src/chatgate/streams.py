@@ -1,0 +1,72 @@
+"""Helpers for async streams: start one early, and merge several into one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+async def chain(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Yield `first`, then everything from `rest`; closing this closes `rest`."""
+    try:
+        yield first
+        async for item in rest:
+            yield item
+    finally:
+        closer = getattr(rest, "aclose", None)
+        if closer is not None:
+            await closer()
+
+
+async def empty() -> AsyncIterator[T]:
+    """A stream with nothing in it."""
+    return
+    yield  # pragma: no cover
+
+
+async def primed(stream: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Run `stream` to its first item now, so its early errors raise here, not mid-response."""
+    iterator = aiter(stream)
+    try:
+        first = await anext(iterator)
+    except StopAsyncIteration:
+        return empty()
+    return chain(first, iterator)
+
+
+async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave several streams as items arrive, tagging each with its stream's index.
+
+    An error in any stream is raised here; closing the merged stream cancels all of them.
+    """
+    queue: asyncio.Queue[tuple[int, T] | BaseException | None] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((index, item))
+            await queue.put(None)
+        except Exception as exc:
+            await queue.put(exc)
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            entry = await queue.get()
+            if entry is None:
+                remaining -= 1
+            elif isinstance(entry, BaseException):
+                raise entry
+            else:
+                yield entry
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,64 @@
+"""A worker's registration with the controller and its periodic heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+
+from chatgate.protocol.worker import HeartBeat, RegisterWorker
+from chatgate.worker.service import WorkerService
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Registers the worker, then reports its queue length every interval."""
+
+    def __init__(
+        self,
+        *,
+        http: httpx.AsyncClient,
+        controller: str,
+        address: str,
+        service: WorkerService,
+        interval: float,
+    ) -> None:
+        self._http = http
+        self._controller = controller.rstrip("/")
+        self._address = address
+        self._service = service
+        self._interval = interval
+
+    async def register(self) -> None:
+        """Announce this worker and its models to the controller."""
+        body = RegisterWorker(worker_name=self._address, worker_status=self._service.status())
+        response = await self._http.post(
+            f"{self._controller}/register_worker", json=body.model_dump()
+        )
+        response.raise_for_status()
+
+    async def beat(self) -> None:
+        """Send one heartbeat; register again if the controller has forgotten us."""
+        body = HeartBeat(worker_name=self._address, queue_length=self._service.status().queue_length)
+        response = await self._http.post(
+            f"{self._controller}/receive_heart_beat", json=body.model_dump()
+        )
+        response.raise_for_status()
+        if not response.json().get("exist", False):
+            await self.register()
+
+    async def run(self) -> None:
+        """Register and beat until cancelled; a missing controller is retried, never fatal."""
+        registered = False
+        while True:
+            try:
+                if registered:
+                    await self.beat()
+                else:
+                    await self.register()
+                    registered = True
+            except httpx.HTTPError as exc:
+                log.warning("controller %s unreachable: %s", self._controller, exc)
+            await asyncio.sleep(self._interval)

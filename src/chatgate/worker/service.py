@@ -1,0 +1,142 @@
+"""What a model worker does, independent of transport: prompts in, worker-protocol chunks out.
+
+The HTTP worker app and the in-process client of `chatgate serve` both call this class, so a
+request behaves the same whichever way it arrives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from chatgate.engines.base import Engine, SamplingParams
+from chatgate.errors import (
+    ContextLengthExceededError,
+    InvalidRequestError,
+    OverloadedError,
+)
+from chatgate.protocol.worker import (
+    EXTENSIONS,
+    CountTokenRequest,
+    GenerateParams,
+    ModelDetails,
+    WorkerChunk,
+    WorkerStatus,
+    WorkerUsage,
+)
+
+# Roles the model's template may not know; they are rendered as the closest role it does.
+_ROLE_ALIASES = {"developer": "system"}
+
+
+class WorkerService:
+    """Serves one engine under one or more model names."""
+
+    def __init__(self, *, engine: Engine, model_names: list[str], limit_concurrency: int) -> None:
+        self.engine = engine
+        self.model_names = model_names or [engine.info.name]
+        self._limit = limit_concurrency
+        self._active = 0
+
+    # Prompts ---------------------------------------------------------------------------------
+
+    def _render(self, messages: list[dict[str, Any]]) -> str:
+        rendered = [{**m, "role": _ROLE_ALIASES.get(m.get("role", ""), m.get("role"))} for m in messages]
+        return self.engine.render_chat(rendered)
+
+    def prompt_ids(self, params: GenerateParams) -> tuple[list[int], str]:
+        """Token ids and text of the prompt, however the request gave it."""
+        if params.prompt_token_ids is not None:
+            ids = list(params.prompt_token_ids)
+            return ids, self.engine.decode(ids)
+        if params.messages is not None:
+            text = self._render(params.messages)
+            return self.engine.encode(text, add_special_tokens=False), text
+        text = params.prompt or ""
+        return self.engine.encode(text), text
+
+    def count_tokens(self, request: CountTokenRequest) -> int:
+        """Tokens the prompt (or templated conversation) takes."""
+        params = GenerateParams(prompt=request.prompt, messages=request.messages)
+        return len(self.prompt_ids(params)[0])
+
+    def _sampling(self, params: GenerateParams, prompt_len: int) -> SamplingParams:
+        context = self.engine.info.context_length
+        room = context - prompt_len
+        if params.max_new_tokens is None:
+            if room < 1:
+                raise ContextLengthExceededError.for_tokens(
+                    context_length=context, prompt_tokens=prompt_len, completion_tokens=1,
+                    param=params.prompt_param,
+                )
+            max_tokens = room
+        else:
+            max_tokens = params.max_new_tokens
+            if max_tokens < 1:
+                raise InvalidRequestError("max_tokens must be at least 1", param=params.max_tokens_param)
+            if max_tokens > room:
+                raise ContextLengthExceededError.for_tokens(
+                    context_length=context, prompt_tokens=prompt_len, completion_tokens=max_tokens,
+                    param=params.prompt_param,
+                )
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            min_p=params.min_p,
+            repetition_penalty=params.repetition_penalty,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            logit_bias=dict(params.logit_bias or {}),
+            stop=tuple(params.stop_list()),
+            stop_token_ids=tuple(params.stop_token_ids or ()),
+            seed=params.seed,
+        )
+
+    # Generation ------------------------------------------------------------------------------
+
+    async def generate(self, params: GenerateParams) -> AsyncIterator[WorkerChunk]:
+        """Stream a generation; errors in the request are raised before the first chunk."""
+        ids, prompt_text = self.prompt_ids(params)
+        if not ids:
+            raise InvalidRequestError("The prompt must not be empty.", param=params.prompt_param)
+        sampling = self._sampling(params, len(ids))
+        if self._active >= self._limit:
+            raise OverloadedError("The model is overloaded; retry shortly.")
+        self._active += 1
+        try:
+            cumulative = prompt_text if params.echo else ""
+            first = True
+            async for out in self.engine.generate(ids, sampling):
+                usage = WorkerUsage(
+                    prompt_tokens=out.prompt_tokens,
+                    completion_tokens=out.completion_tokens,
+                    total_tokens=out.prompt_tokens + out.completion_tokens,
+                )
+                text = out.text
+                if params.echo and first:
+                    text = prompt_text + text
+                first = False
+                cumulative += out.text
+                yield WorkerChunk(
+                    text=text if params.delta else cumulative,
+                    usage=usage,
+                    finish_reason=out.finish_reason,
+                )
+        finally:
+            self._active -= 1
+
+    # Status ----------------------------------------------------------------------------------
+
+    def status(self) -> WorkerStatus:
+        """What the worker reports to the controller."""
+        return WorkerStatus(
+            model_names=self.model_names, speed=1.0, queue_length=self._active
+        )
+
+    def details(self) -> ModelDetails:
+        """Context length and the chatgate protocol extensions this worker supports."""
+        return ModelDetails(
+            context_length=self.engine.info.context_length, chatgate_extensions=list(EXTENSIONS)
+        )

@@ -1,0 +1,46 @@
+"""Settings come from flags, then `CHATGATE_*` environment, then defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatgate.cli import build_settings, parser
+from chatgate.settings import ApiSettings, ServeSettings
+
+
+def settings_for(argv: list[str]) -> ServeSettings:
+    args = parser().parse_args(argv)
+    settings: ServeSettings = build_settings(ServeSettings, args)
+    return settings
+
+
+def test_flags_follow_fastchat_names() -> None:
+    s = settings_for(["serve", "--port", "9001", "--api-keys", "k1,k2", "--allowed-origins", '["http://a"]'])
+    assert s.port == 9001
+    assert s.api_keys == ["k1", "k2"]
+    assert s.allowed_origins == ["http://a"]
+
+
+def test_environment_is_used_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHATGATE_PORT", "9100")
+    monkeypatch.setenv("CHATGATE_API_KEYS", "env-key")
+    assert settings_for(["serve"]).port == 9100
+    assert settings_for(["serve"]).api_keys == ["env-key"]
+    assert settings_for(["serve", "--port", "9200"]).port == 9200
+
+
+def test_boolean_flags() -> None:
+    assert settings_for(["serve", "--ssl"]).ssl is True
+    assert settings_for(["serve"]).ssl is False
+
+
+def test_every_subcommand_parses() -> None:
+    for command in ("serve", "api", "controller", "worker"):
+        assert parser().parse_args([command]).command == command
+
+
+def test_ssl_takes_fastchat_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SSL_KEYFILE", "/k.pem")
+    monkeypatch.setenv("SSL_CERTFILE", "/c.pem")
+    assert ApiSettings(ssl=True).tls_files() == ("/k.pem", "/c.pem")
+    assert ApiSettings().tls_files() == (None, None)
