@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+import anyio
 import httpx
 
 from chatgate.errors import ChatgateError, ModelNotFoundError, NoHealthyWorkerError, WorkerError, from_fastchat_code
@@ -104,6 +105,29 @@ def _chunk_error(chunk: WorkerChunk) -> ChatgateError:
     return from_fastchat_code(chunk.error_code, chunk.text, param=chunk.param)
 
 
+async def _frames(response: httpx.Response) -> AsyncIterator[WorkerChunk]:
+    """The NUL-delimited JSON chunks of a worker's stream."""
+    buffer = b""
+    async for data in response.aiter_bytes():
+        buffer += data
+        *frames, buffer = buffer.split(b"\0")
+        for frame in frames:
+            if frame.strip():
+                yield WorkerChunk.model_validate_json(frame)
+
+
+async def _close(response: httpx.Response, *, drop_connection: bool) -> None:
+    """Close a worker response; an unfinished one also closes its connection.
+
+    Closing the connection is what tells the worker to stop generating. It is done directly
+    because httpx's own cleanup can itself be cancelled when the client's request is.
+    """
+    network_stream = response.extensions.get("network_stream") if drop_connection else None
+    if network_stream is not None:
+        await network_stream.aclose()
+    await response.aclose()
+
+
 class HttpWorkerClient:
     """Speaks FastChat's worker protocol (with chatgate's delta extension) to one worker."""
 
@@ -113,24 +137,27 @@ class HttpWorkerClient:
 
     async def generate_stream(self, params: GenerateParams) -> AsyncIterator[WorkerChunk]:
         body = params.model_copy(update={"delta": True}).model_dump(exclude_none=True)
+        request = self._http.build_request(
+            "POST", f"{self.address}/worker_generate_stream", json=body, timeout=None
+        )
         try:
-            async with self._http.stream(
-                "POST", f"{self.address}/worker_generate_stream", json=body, timeout=None
-            ) as response:
-                if response.status_code != 200:
-                    raise WorkerError(f"worker answered HTTP {response.status_code}")
-                buffer = b""
-                async for data in response.aiter_bytes():
-                    buffer += data
-                    *frames, buffer = buffer.split(b"\0")
-                    for frame in frames:
-                        if frame.strip():
-                            chunk = WorkerChunk.model_validate_json(frame)
-                            if chunk.error_code:
-                                raise _chunk_error(chunk)
-                            yield chunk
+            response = await self._http.send(request, stream=True)
         except httpx.TransportError as exc:
             raise WorkerError(f"worker {self.address} failed: {exc}") from exc
+        complete = False
+        try:
+            if response.status_code != 200:
+                raise WorkerError(f"worker answered HTTP {response.status_code}")
+            async for chunk in _frames(response):
+                if chunk.error_code:
+                    raise _chunk_error(chunk)
+                yield chunk
+            complete = True
+        except httpx.TransportError as exc:
+            raise WorkerError(f"worker {self.address} failed: {exc}") from exc
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _close(response, drop_connection=not complete)
 
     async def _post(self, path: str, body: dict[str, object]) -> dict[str, object]:
         try:

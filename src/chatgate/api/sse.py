@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import uuid
@@ -22,8 +23,9 @@ def event(payload: str) -> str:
 async def sse(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
     """Encode a stream of response chunks; an error mid-stream becomes an `error` event."""
     try:
-        async for chunk in chunks:
-            yield event(chunk.model_dump_json())
+        async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+            async for chunk in chunks:
+                yield event(chunk.model_dump_json())
     except ChatgateError as exc:
         yield event(json.dumps(exc.body()))
         return

@@ -56,7 +56,8 @@ class TransformersEngine(Engine):
         self.info = ModelInfo(name=self._source.name, context_length=0, has_chat_template=False)
 
     async def start(self) -> None:
-        await asyncio.to_thread(self._load)
+        if self._model is None:
+            await asyncio.to_thread(self._load)
         self._thread = threading.Thread(target=self._loop, name="chatgate-engine", daemon=True)
         self._thread.start()
 

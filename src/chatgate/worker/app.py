@@ -9,12 +9,13 @@ from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from chatgate.engines import create_engine
 from chatgate.engines.base import Engine
 from chatgate.errors import ChatgateError
 from chatgate.protocol.worker import CountTokenRequest, GenerateParams, WorkerChunk, WorkerUsage
+from chatgate.responses import ClosingStreamingResponse
 from chatgate.settings import WorkerSettings
 from chatgate.streams import chain, empty, primed
 from chatgate.worker.heartbeat import Heartbeat
@@ -33,8 +34,9 @@ def _error_chunk(exc: Exception) -> WorkerChunk:
 async def _encoded(chunks: AsyncIterator[WorkerChunk]) -> AsyncIterator[bytes]:
     """NUL-delimited JSON, as FastChat's /worker_generate_stream sends it."""
     try:
-        async for chunk in chunks:
-            yield chunk.model_dump_json().encode() + b"\0"
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk.model_dump_json().encode() + b"\0"
     except Exception as exc:
         yield _error_chunk(exc).model_dump_json().encode() + b"\0"
 
@@ -82,12 +84,12 @@ def create_worker_app(settings: WorkerSettings, *, engine: Engine | None = None)
         return {"status": "ok"}
 
     @app.post("/worker_generate_stream")
-    async def generate_stream(params: GenerateParams) -> StreamingResponse:
+    async def generate_stream(params: GenerateParams) -> ClosingStreamingResponse:
         try:
             chunks = await primed(service().generate(params))
         except Exception as exc:
             chunks = chain(_error_chunk(exc), empty())
-        return StreamingResponse(_encoded(chunks), media_type="application/octet-stream")
+        return ClosingStreamingResponse(_encoded(chunks), media_type="application/octet-stream")
 
     @app.post("/worker_generate")
     async def generate(params: GenerateParams) -> JSONResponse:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from chatgate.api.sse import sse
 from chatgate.api.state import ApiState, api_state, require_key
 from chatgate.errors import ModelNotFoundError
+from chatgate.responses import ClosingStreamingResponse
 from chatgate.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -25,7 +26,7 @@ def respond(result: BaseModel | AsyncIterator[BaseModel]) -> Response:
     """A JSON response, or an SSE stream for a streamed result."""
     if isinstance(result, BaseModel):
         return JSONResponse(result.model_dump(mode="json"))
-    return StreamingResponse(
+    return ClosingStreamingResponse(
         sse(result),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

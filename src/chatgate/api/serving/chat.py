@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 from chatgate.api.serving.generation import Choice, GenerationServing, sampling_params, total_usage, with_seeds
@@ -81,12 +82,13 @@ class ChatServing(GenerationServing):
         choices = [Choice() for _ in streams]
         for index in range(len(streams)):
             yield chunk(index, ChatDelta(role="assistant", content=""))
-        async for index, part in merge(streams):
-            choices[index].add(part)
-            if part.text:
-                yield chunk(index, ChatDelta(content=part.text))
-            if part.finish_reason:
-                yield chunk(index, ChatDelta(), part.finish_reason)
+        async with contextlib.aclosing(merge(streams)) as merged:
+            async for index, part in merged:
+                choices[index].add(part)
+                if part.text:
+                    yield chunk(index, ChatDelta(content=part.text))
+                if part.finish_reason:
+                    yield chunk(index, ChatDelta(), part.finish_reason)
         if include_usage:
             yield ChatCompletionChunk(
                 id=response_id,

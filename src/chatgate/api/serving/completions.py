@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 from chatgate.api.serving.generation import Choice, GenerationServing, sampling_params, total_usage, with_seeds
@@ -75,17 +76,18 @@ class CompletionServing(GenerationServing):
         include_usage: bool,
     ) -> AsyncIterator[CompletionResponse]:
         choices = [Choice() for _ in streams]
-        async for index, part in merge(streams):
-            choices[index].add(part)
-            if part.text or part.finish_reason:
-                yield CompletionResponse(
-                    id=response_id,
-                    created=created,
-                    model=request.model,
-                    choices=[
-                        CompletionChoice(index=index, text=part.text, finish_reason=part.finish_reason)  # type: ignore[arg-type]
-                    ],
-                )
+        async with contextlib.aclosing(merge(streams)) as merged:
+            async for index, part in merged:
+                choices[index].add(part)
+                if part.text or part.finish_reason:
+                    yield CompletionResponse(
+                        id=response_id,
+                        created=created,
+                        model=request.model,
+                        choices=[
+                            CompletionChoice(index=index, text=part.text, finish_reason=part.finish_reason)  # type: ignore[arg-type]
+                        ],
+                    )
         if include_usage:
             yield CompletionResponse(
                 id=response_id,

@@ -1,0 +1,118 @@
+"""The default model, served in-process and driven through the official openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from fastapi import FastAPI
+
+from chatgate.engines.base import SamplingParams
+from chatgate.engines.transformers import TransformersEngine
+from chatgate.settings import EngineSettings
+from tests.conftest import make_app, running, sdk
+
+pytestmark = [pytest.mark.anyio, pytest.mark.model]
+
+MODEL = "SmolLM2-135M-Instruct"
+PARIS = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def engine() -> TransformersEngine:
+    return TransformersEngine(EngineSettings())
+
+
+@pytest.fixture
+async def app(engine: TransformersEngine) -> AsyncIterator[FastAPI]:
+    async with running(make_app(engine)) as app:
+        yield app
+
+
+async def test_answers_paris_with_exact_usage(app: FastAPI, engine: TransformersEngine) -> None:
+    response = await sdk(app).chat.completions.create(model=MODEL, messages=PARIS, temperature=0)  # type: ignore[arg-type]
+    assert "Paris" in (response.choices[0].message.content or "")
+    assert response.choices[0].finish_reason == "stop"
+    templated = engine._tokenizer.apply_chat_template(PARIS, add_generation_prompt=True, tokenize=True)
+    ids = templated["input_ids"] if hasattr(templated, "keys") else templated
+    assert response.usage is not None
+    assert response.usage.prompt_tokens == len(ids)
+    text = response.choices[0].message.content or ""
+    # The completion is the answer's tokens plus the end-of-turn token.
+    assert response.usage.completion_tokens == len(engine.encode(text, add_special_tokens=False)) + 1
+
+
+async def test_stream_matches_non_stream_exactly(app: FastAPI) -> None:
+    client = sdk(app)
+    messages = [{"role": "user", "content": "Write one sentence about the sea."}]
+    whole = await client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=40)  # type: ignore[arg-type]
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, max_tokens=40, stream=True,  # type: ignore[arg-type]
+        stream_options={"include_usage": True},
+    )
+    chunks = [c async for c in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage == whole.usage
+
+
+async def test_stop_spanning_two_tokens(app: FastAPI, engine: TransformersEngine) -> None:
+    client = sdk(app)
+    answer = "The capital of France is Paris."
+    tokens = [engine.decode([t]) for t in engine.encode(answer, add_special_tokens=False)]
+    assert "is" in tokens[-3] and "Paris" in tokens[-2]  # " is" and " Paris" are separate tokens
+    for stream in (False, True):
+        kwargs = {"model": MODEL, "messages": PARIS, "temperature": 0, "stop": ["s Pa"]}
+        if stream:
+            s = await client.chat.completions.create(stream=True, **kwargs)  # type: ignore[call-overload]
+            chunks = [c async for c in s]
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        else:
+            r = await client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+            text, finish = r.choices[0].message.content, [r.choices[0].finish_reason]
+        assert text == "The capital of France i"
+        assert finish == ["stop"]
+
+
+async def test_completions_list_n_echo_length(app: FastAPI) -> None:
+    client = sdk(app)
+    prompts = ["Once upon a time", "The weather today"]
+    response = await client.completions.create(model=MODEL, prompt=prompts, max_tokens=8, n=2, echo=True, temperature=0)
+    assert len(response.choices) == 4
+    for choice in response.choices:
+        assert choice.text.startswith(prompts[choice.index // 2])
+        assert choice.finish_reason == "length"
+    assert response.choices[0].text == response.choices[1].text  # greedy: both choices agree
+    assert response.usage is not None and response.usage.completion_tokens == 4 * 8
+    stream = await client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0, stream=True)
+    streamed = "".join([c.choices[0].text async for c in stream if c.choices])
+    assert "Once upon a time" + streamed == response.choices[0].text
+
+
+async def test_seed_reproduces_sampled_text(app: FastAPI) -> None:
+    client = sdk(app)
+    kwargs = {"model": MODEL, "prompt": "My favourite food is", "max_tokens": 12, "temperature": 1.0, "seed": 1234}
+    first = await client.completions.create(**kwargs)  # type: ignore[arg-type]
+    second = await client.completions.create(**kwargs)  # type: ignore[arg-type]
+    assert first.choices[0].text == second.choices[0].text
+
+
+async def test_closing_a_stream_frees_its_slot(engine: TransformersEngine) -> None:
+    await engine.start()
+    try:
+        stream = engine.generate(engine.encode("Count to one hundred:"), SamplingParams(max_tokens=500, temperature=0))
+        seen = [await anext(stream) for _ in range(2)]
+        assert seen[0].completion_tokens >= 1
+        await stream.aclose()  # type: ignore[attr-defined]
+        for _ in range(100):
+            if engine.pending() == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.pending() == 0
+    finally:
+        await engine.close()

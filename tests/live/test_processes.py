@@ -1,0 +1,119 @@
+"""Real processes on free ports, driven by the official openai SDK: `serve`, and the
+three-process mode (controller, worker, api) that must give the same greedy answers."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+
+from tests.live.conftest import Process, free_port
+
+pytestmark = pytest.mark.live
+
+MODEL = "SmolLM2-135M-Instruct"
+PARIS = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@dataclass
+class Stack:
+    serve: str
+    api: str
+    controller: str
+    worker: str
+
+
+@pytest.fixture(scope="module")
+def stack(processes: list[Process], tmp_path_factory: pytest.TempPathFactory) -> Stack:
+    logs = tmp_path_factory.mktemp("logs")
+    ports = {name: free_port() for name in ("serve", "api", "controller", "worker")}
+    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    controller = Process(["controller", "--host", "127.0.0.1", "--port", str(ports["controller"]),
+                          "--heartbeat-expiration", "6"], logs / "controller.log")
+    processes.append(controller)
+    serve = Process(["serve", "--port", str(ports["serve"])], logs / "serve.log")
+    processes.append(serve)
+    worker = Process(["worker", "--host", "127.0.0.1", "--port", str(ports["worker"]),
+                      "--controller-address", urls["controller"], "--heartbeat-interval", "1"], logs / "worker.log")
+    processes.append(worker)
+    api = Process(["api", "--port", str(ports["api"]), "--controller-address", urls["controller"],
+                   "--worker-table-ttl", "1"], logs / "api.log")
+    processes.append(api)
+    for name, process in (("controller", controller), ("serve", serve), ("worker", worker), ("api", api)):
+        process.wait_healthy(urls[name])
+    # The worker registers right after its model loads; wait until the API server sees it.
+    deadline = time.monotonic() + 30
+    while MODEL not in [m.id for m in client(urls["api"]).models.list().data]:
+        assert time.monotonic() < deadline, "worker never appeared behind the API server"
+        time.sleep(0.3)
+    return Stack(**urls)
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="anything", max_retries=0, timeout=120)
+
+
+def test_every_process_answers_health(stack: Stack) -> None:
+    for url in (stack.serve, stack.api, stack.controller, stack.worker):
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+@pytest.mark.parametrize("mode", ["serve", "api"])
+def test_sdk_against_both_modes(stack: Stack, mode: str) -> None:
+    c = client(getattr(stack, mode))
+    assert MODEL in [m.id for m in c.models.list().data]
+    assert c.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("no-such-model")
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="no-such-model", messages=PARIS)  # type: ignore[arg-type]
+    answer = c.chat.completions.create(model=MODEL, messages=PARIS, temperature=0)  # type: ignore[arg-type]
+    assert "Paris" in (answer.choices[0].message.content or "")
+    stream = c.chat.completions.create(model=MODEL, messages=PARIS, temperature=0, stream=True)  # type: ignore[arg-type]
+    text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    assert text == answer.choices[0].message.content
+    completion = c.completions.create(model=MODEL, prompt=["Once upon a time", "Hello"], max_tokens=8, n=2, temperature=0)
+    assert len(completion.choices) == 4 and all(ch.finish_reason == "length" for ch in completion.choices)
+
+
+def test_three_process_mode_gives_the_same_greedy_answers(stack: Stack) -> None:
+    prompts = [
+        [{"role": "user", "content": "Name three colours."}],
+        [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2+2?"}],
+    ]
+    for messages in prompts:
+        a = client(stack.serve).chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=30)  # type: ignore[arg-type]
+        b = client(stack.api).chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=30)  # type: ignore[arg-type]
+        assert a.choices[0].message.content == b.choices[0].message.content
+        assert a.usage == b.usage
+    a = client(stack.serve).completions.create(model=MODEL, prompt="The sky is", max_tokens=16, temperature=0)
+    b = client(stack.api).completions.create(model=MODEL, prompt="The sky is", max_tokens=16, temperature=0)
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_errors_cross_the_worker_protocol(stack: Stack) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client(stack.api).completions.create(model=MODEL, prompt="hi", max_tokens=100_000)
+    assert err.value.code == "context_length_exceeded"
+
+
+def test_disconnected_stream_stops_generation_on_the_worker(stack: Stack) -> None:
+    c = client(stack.api)
+    stream = c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me a very long story."}],  # type: ignore[list-item]
+        max_tokens=2000, temperature=0, stream=True,
+    )
+    for i, _ in enumerate(stream):
+        if i >= 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 10
+    while True:
+        queue = httpx.post(f"{stack.worker}/worker_get_status").json()["queue_length"]
+        if queue == 0:
+            break
+        assert time.monotonic() < deadline, "generation kept running after the client left"
+        time.sleep(0.1)
