@@ -31,6 +31,7 @@ serve: $(STAMP)
 	$(BIN)/chatgate serve
 
 test: $(TEST_STAMP)
+	$(BIN)/mypy src
 	$(BIN)/python -m pytest -q
 
 test-fast: $(TEST_STAMP)

@@ -54,7 +54,7 @@ class InvalidRequestError(ChatgateError):
 
     status = 400
     type = "invalid_request_error"
-    default_code = None
+    default_code: ClassVar[str | None] = None
     fastchat_code = 40302
 
 

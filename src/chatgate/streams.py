@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
 
 
-async def chain(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+async def chain(first: T, rest: AsyncIterator[T]) -> AsyncGenerator[T, None]:
     """Yield `first`, then everything from `rest`; closing this closes `rest`."""
     try:
         yield first
@@ -22,13 +22,13 @@ async def chain(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
             await closer()
 
 
-async def empty() -> AsyncIterator[T]:
+async def empty() -> AsyncGenerator[T, None]:
     """A stream with nothing in it."""
     return
     yield  # pragma: no cover
 
 
-async def primed(stream: AsyncIterator[T]) -> AsyncIterator[T]:
+async def primed(stream: AsyncIterator[T]) -> AsyncGenerator[T, None]:
     """Run `stream` to its first item now, so its early errors raise here, not mid-response."""
     iterator = aiter(stream)
     try:
@@ -38,7 +38,7 @@ async def primed(stream: AsyncIterator[T]) -> AsyncIterator[T]:
     return chain(first, iterator)
 
 
-async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+async def merge(streams: Sequence[AsyncIterator[T]]) -> AsyncGenerator[tuple[int, T], None]:
     """Interleave several streams as items arrive, tagging each with its stream's index.
 
     An error in any stream is raised here; closing the merged stream cancels all of them.

@@ -75,7 +75,7 @@ class TransformersEngine(Engine):
         path = cached_checkpoint(self._source, self._settings.cache_dir)
         self._tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        self._model = model.to(self._settings.device).eval()
+        self._model = model.to(self._settings.device).eval()  # type: ignore[arg-type]
         config = self._model.config
         eos = config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

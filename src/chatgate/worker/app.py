@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import httpx
 from fastapi import FastAPI
@@ -31,7 +31,7 @@ def _error_chunk(exc: Exception) -> WorkerChunk:
     return WorkerChunk(text="The worker failed while generating.", error_code=50001)
 
 
-async def _encoded(chunks: AsyncIterator[WorkerChunk]) -> AsyncIterator[bytes]:
+async def _encoded(chunks: AsyncGenerator[WorkerChunk, None]) -> AsyncIterator[bytes]:
     """NUL-delimited JSON, as FastChat's /worker_generate_stream sends it."""
     try:
         async with contextlib.aclosing(chunks):

@@ -6,7 +6,7 @@ request behaves the same whichever way it arrives.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from chatgate.engines.base import Engine, SamplingParams
@@ -96,7 +96,7 @@ class WorkerService:
 
     # Generation ------------------------------------------------------------------------------
 
-    async def generate(self, params: GenerateParams) -> AsyncIterator[WorkerChunk]:
+    async def generate(self, params: GenerateParams) -> AsyncGenerator[WorkerChunk, None]:
         """Stream a generation; errors in the request are raised before the first chunk."""
         ids, prompt_text = self.prompt_ids(params)
         if not ids:

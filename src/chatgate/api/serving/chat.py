@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from chatgate.api.serving.generation import Choice, GenerationServing, sampling_params, total_usage, with_seeds
 from chatgate.protocol.openai import (
@@ -65,7 +65,7 @@ class ChatServing(GenerationServing):
 
     async def _stream(
         self,
-        streams: list[AsyncIterator[WorkerChunk]],
+        streams: list[AsyncGenerator[WorkerChunk, None]],
         request: ChatCompletionRequest,
         response_id: str,
         created: int,

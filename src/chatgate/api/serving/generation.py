@@ -7,7 +7,7 @@ become response objects; both live in their own modules on top of this one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from chatgate.api.clients import Router
@@ -90,7 +90,9 @@ class GenerationServing:
         if n > self._max_n:
             raise InvalidRequestError(f"n must be at most {self._max_n}.", param="n")
 
-    async def start(self, model: str, params: list[GenerateParams]) -> list[AsyncIterator[WorkerChunk]]:
+    async def start(
+        self, model: str, params: list[GenerateParams]
+    ) -> list[AsyncGenerator[WorkerChunk, None]]:
         """Start every generation and wait for each one's first chunk, so errors raise here."""
         worker = await self._router.worker_for(model)
         results = await asyncio.gather(
@@ -100,12 +102,12 @@ class GenerationServing:
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             for stream in streams:
-                await stream.aclose()  # type: ignore[attr-defined]
+                await stream.aclose()
             raise errors[0]
         return streams
 
     @staticmethod
-    async def collect(streams: list[AsyncIterator[WorkerChunk]]) -> list[Choice]:
+    async def collect(streams: Sequence[AsyncIterator[WorkerChunk]]) -> list[Choice]:
         """Run every stream to its end, concurrently."""
         choices = [Choice() for _ in streams]
         async for index, chunk in merge(streams):
