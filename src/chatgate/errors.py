@@ -68,12 +68,17 @@ class ContextLengthExceededError(InvalidRequestError):
     def for_tokens(
         cls, *, context_length: int, prompt_tokens: int, completion_tokens: int, param: str
     ) -> ContextLengthExceededError:
-        """Build the error with OpenAI's wording."""
+        """Build the error with OpenAI's wording (chat says messages, completions prompt)."""
         total = prompt_tokens + completion_tokens
+        if param == "messages":
+            split = f"{prompt_tokens} in the messages, {completion_tokens} in the completion"
+            advice = "Please reduce the length of the messages or completion."
+        else:
+            split = f"{prompt_tokens} in your prompt; {completion_tokens} for the completion"
+            advice = "Please reduce your prompt; or completion length."
         return cls(
             f"This model's maximum context length is {context_length} tokens. However, you "
-            f"requested {total} tokens ({prompt_tokens} in the messages, {completion_tokens} in "
-            "the completion). Please reduce the length of the messages or completion.",
+            f"requested {total} tokens ({split}). {advice}",
             param=param,
         )
 

@@ -68,7 +68,7 @@ class ApiSettings(_Base):
     ssl_keyfile: str | None = Field(None, description="TLS private key file.")
     ssl_certfile: str | None = Field(None, description="TLS certificate file.")
     max_request_bytes: int = Field(
-        4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
+        8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
     )
     max_n: int = Field(16, ge=1, description="Largest `n` a request may ask for.")
 

@@ -48,3 +48,13 @@ def test_frequency_penalty_counts_occurrences() -> None:
     p = SamplingParams(max_tokens=1, temperature=0.0, frequency_penalty=1.0)
     token = sample(LOGITS, p, prompt_ids=[], output_ids=[1, 1], generator=make_generator(0))
     assert token == 2
+
+
+def test_top_p_zero_keeps_the_most_likely_token() -> None:
+    assert set(draw(LOGITS, 3, temperature=1.0, top_p=0.0)) == {1}
+
+
+def test_extreme_but_valid_parameters_still_sample() -> None:
+    for params in ({"temperature": 2e-5}, {"min_p": 1.0}, {"repetition_penalty": 0.01}, {"top_k": 10_000}):
+        tokens = draw(LOGITS, 3, temperature=params.pop("temperature", 1.0), **params)
+        assert all(0 <= t < len(LOGITS) for t in tokens)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatgate.api import handlers
 from chatgate.api.auth import KeyChecker
@@ -16,31 +14,9 @@ from chatgate.api.backends import Backend
 from chatgate.api.routes import openai as openai_routes
 from chatgate.api.serving.chat import ChatServing
 from chatgate.api.serving.completions import CompletionServing
+from chatgate.api.serving.tokens import TokenCheckServing
 from chatgate.api.state import ApiState
 from chatgate.settings import ApiSettings
-
-
-class RequestIdMiddleware:
-    """Gives every response an `x-request-id`: the client's own, or a fresh one."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id") or f"req_{uuid.uuid4().hex}".encode()
-        if b"x-request-id" not in headers:
-            scope["headers"] = [*scope.get("headers", []), (b"x-request-id", request_id)]
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
 
 
 def create_api_app(settings: ApiSettings, backend: Backend) -> FastAPI:
@@ -54,6 +30,7 @@ def create_api_app(settings: ApiSettings, backend: Backend) -> FastAPI:
                 keys=KeyChecker(settings.api_keys),
                 chat=ChatServing(router=router, max_n=settings.max_n),
                 completions=CompletionServing(router=router, max_n=settings.max_n),
+                tokens=TokenCheckServing(router=router),
             )
             yield
 
@@ -73,5 +50,5 @@ def create_api_app(settings: ApiSettings, backend: Backend) -> FastAPI:
             allow_headers=settings.allowed_headers,
             allow_credentials=settings.allow_credentials,
         )
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(handlers.GuardMiddleware, max_body=settings.max_request_bytes)
     return app

@@ -143,7 +143,7 @@ class HttpWorkerClient:
         try:
             response = await self._http.send(request, stream=True)
         except httpx.TransportError as exc:
-            raise WorkerError(f"worker {self.address} failed: {exc}") from exc
+            raise NoHealthyWorkerError(f"The worker for {params.model!r} cannot be reached.") from exc
         complete = False
         try:
             if response.status_code != 200:

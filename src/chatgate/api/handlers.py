@@ -1,26 +1,42 @@
-"""The one place where exceptions become OpenAI-shaped HTTP error responses."""
+"""The one place where exceptions become OpenAI-shaped HTTP error responses.
+
+Validation errors from the request schema are turned into OpenAI's wording: `param` names the
+field as OpenAI does (`messages[0].role`) and `code` says what was wrong with it.
+"""
 
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chatgate.errors import ChatgateError, InvalidRequestError, ModelNotFoundError
+from chatgate.errors import ChatgateError, InvalidRequestError, RequestTooLargeError
 
 log = logging.getLogger(__name__)
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "null"}
 
+_LIMIT_CODES = {
+    "greater_than": "below_min_value",
+    "greater_than_equal": "below_min_value",
+    "less_than": "above_max_value",
+    "less_than_equal": "above_max_value",
+}
+
 
 def param_of(loc: tuple[Any, ...]) -> str | None:
     """`('body', 'messages', 0, 'role')` -> `messages[0].role`; union branch names are skipped."""
+    parts = list(loc[1:] if loc and loc[0] == "body" else loc)
+    if "[key]" in parts:  # an invalid dict key: name the dict, not the key
+        parts = parts[: parts.index("[key]") - 1]
     out = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
+    for part in parts:
         if isinstance(part, int):
             out += f"[{part}]"
         elif isinstance(part, str) and part.isidentifier() and part not in _TYPE_TAGS:
@@ -28,24 +44,66 @@ def param_of(loc: tuple[Any, ...]) -> str | None:
     return out or None
 
 
-def _validation_error(exc: RequestValidationError) -> ChatgateError:
-    errors = exc.errors()
+def code_of(error: dict[str, Any]) -> str:
+    """OpenAI's error code for one pydantic error."""
+    kind = str(error.get("type", ""))
+    if kind == "missing":
+        return "missing_required_parameter"
+    if kind in _LIMIT_CODES:
+        number = "integer" if isinstance(error.get("input"), int) else "decimal"
+        return f"{number}_{_LIMIT_CODES[kind]}"
+    if kind == "too_short":
+        return "empty_array" if not error.get("input") else "array_below_min_length"
+    if kind == "too_long":
+        return "array_above_max_length"
+    if kind.endswith("_type") or kind.endswith("_parsing") or kind in {"model_attributes_type", "int_from_float"}:
+        return "invalid_type"
+    return "invalid_value"
+
+
+def _best(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The most telling error: for a union, the branch that got deepest into the value."""
+    first_param = param_of(tuple(errors[0].get("loc", ())))
+    same_field = [e for e in errors if (param_of(tuple(e.get("loc", ()))) or "").startswith(first_param or "")]
+    # Deepest first; at equal depth, a branch whose type matched says more than a type error.
+    return max(
+        same_field or errors,
+        key=lambda e: (len(param_of(tuple(e.get("loc", ()))) or ""), code_of(e) != "invalid_type"),
+    )
+
+
+def validation_error(exc: RequestValidationError) -> ChatgateError:
+    """The chatgate error for a request that does not fit the schema."""
+    errors = list(exc.errors())
     if not errors:
         return InvalidRequestError("The request body is invalid.")
-    first = errors[0]
-    if first.get("type") == "json_invalid":
+    if any(e.get("type") == "json_invalid" for e in errors):
         return InvalidRequestError(
             "We could not parse the JSON body of your request. (HINT: This likely means you "
-            "aren't using your HTTP library correctly.)"
+            "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)"
         )
-    param = param_of(tuple(first.get("loc", ())))
-    message = str(first.get("msg", "Invalid value"))
-    return InvalidRequestError(f"{message} (param: {param})" if param else message, param=param)
+    error = _best(errors)
+    param = param_of(tuple(error.get("loc", ())))
+    code = code_of(error)
+    if param is None:
+        return InvalidRequestError("The request body must be a JSON object.", code="invalid_type")
+    if code == "missing_required_parameter":
+        return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param, code=code)
+    message = str(error.get("msg", "Invalid value")).removeprefix("Value error, ")
+    return InvalidRequestError(f"Invalid value for '{param}': {message}.", param=param, code=code)
 
 
-def error_response(exc: ChatgateError, request: Request) -> JSONResponse:
+def error_response(exc: ChatgateError) -> JSONResponse:
     """The HTTP response for a chatgate error."""
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+
+class _HttpStatusError(InvalidRequestError):
+    """A routing error (unknown URL, wrong method) with the status Starlette chose."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status  # type: ignore[misc]
 
 
 def install(app: FastAPI) -> None:
@@ -53,27 +111,85 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ChatgateError)
     async def on_chatgate(request: Request, exc: ChatgateError) -> JSONResponse:
-        return error_response(exc, request)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(_validation_error(exc), request)
+        return error_response(validation_error(exc))
 
     @app.exception_handler(HTTPException)
     async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
-        error: ChatgateError
+        if isinstance(exc.__cause__, ChatgateError):  # raised while FastAPI read the body
+            return error_response(exc.__cause__)
+        where = f"{request.method} {request.url.path}"
         if exc.status_code == 404:
-            error = ModelNotFoundError(f"Unknown URL: {request.url.path}", code="unknown_url")
+            message = f"Invalid URL ({where})"
+        elif exc.status_code == 405:
+            message = f"Method not allowed ({where})"
         else:
-            error = InvalidRequestError(str(exc.detail))
-            error.status = exc.status_code  # type: ignore[misc]
-        return error_response(error, request)
+            message = str(exc.detail)
+        return error_response(_HttpStatusError(message, exc.status_code))
 
-    @app.exception_handler(Exception)
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        request_id = request.headers.get("x-request-id", "")
-        log.exception("unhandled error (request %s)", request_id)
-        error = ChatgateError(
-            f"The server had an error while processing your request (request id {request_id})."
+
+class GuardMiddleware:
+    """Outermost layer: request ids, the body size cap, and a 500 for anything unexpected.
+
+    Every response carries `x-request-id` (the client's own, or a fresh one); an unexpected
+    error becomes an OpenAI-shaped 500 naming that id, never a traceback.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body: int) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id") or f"req_{uuid.uuid4().hex}".encode()
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
+            await send(message)
+
+        async def fail(error: ChatgateError) -> None:
+            if not started:
+                await error_response(error)(scope, receive, send_with_id)
+
+        length = headers.get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.max_body:
+            await fail(self._too_large())
+            return
+        received = 0
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise self._too_large()
+            return message
+
+        try:
+            await self.app(scope, counted_receive, send_with_id)
+        except RequestTooLargeError as exc:
+            await fail(exc)
+        except Exception:
+            log.exception("unhandled error (request %s)", request_id.decode(errors="replace"))
+            await fail(
+                ChatgateError(
+                    "The server had an error while processing your request. Sorry about that! "
+                    f"(request id {request_id.decode(errors='replace')})"
+                )
+            )
+
+    def _too_large(self) -> RequestTooLargeError:
+        return RequestTooLargeError(
+            f"The request body is larger than the limit of {self.max_body} bytes."
         )
-        return error_response(error, request)
+

@@ -10,6 +10,7 @@ from chatgate.api.auth import KeyChecker
 from chatgate.api.clients import Router
 from chatgate.api.serving.chat import ChatServing
 from chatgate.api.serving.completions import CompletionServing
+from chatgate.api.serving.tokens import TokenCheckServing
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class ApiState:
     keys: KeyChecker
     chat: ChatServing
     completions: CompletionServing
+    tokens: TokenCheckServing
 
 
 def api_state(request: Request) -> ApiState:

@@ -53,6 +53,7 @@ class ModelInfo:
 
     name: str
     context_length: int
+    vocab_size: int
     has_chat_template: bool
 
 

@@ -1,18 +1,22 @@
 """The `fake` engine: a deterministic stand-in model for testing everything around an engine.
 
 Its tokenizer is byte-level (one token per UTF-8 byte), so multi-byte characters arrive split
-across tokens as they do with real models. Its reply to a prompt is fixed and predictable:
-`FakeEngine.reply_for(prompt_text)`, then an end-of-sequence token.
+across tokens as they do with real models. Its greedy reply to a prompt is fixed and
+predictable: `FakeEngine.reply_for(prompt_text)`, then an end-of-sequence token. Each step gives
+the scripted token a high logit and leaves the choice to the real sampler, so every sampling
+parameter is exercised as it is with a real model.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import torch
+
 from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, SamplingParams
+from chatgate.engines.sampling import make_generator, sample
 from chatgate.engines.sequence import SequenceState
 
 EOS = 256
@@ -23,10 +27,18 @@ class FakeEngine(Engine):
     """A byte-level fake model whose answers tests can predict."""
 
     def __init__(
-        self, *, name: str = "fake-model", context_length: int = 1024, token_delay: float = 0.0
+        self,
+        *,
+        name: str = "fake-model",
+        context_length: int = 1024,
+        token_delay: float = 0.0,
+        fail_after: int | None = None,
     ) -> None:
-        self.info = ModelInfo(name=name, context_length=context_length, has_chat_template=True)
+        self.info = ModelInfo(
+            name=name, context_length=context_length, vocab_size=BOS + 1, has_chat_template=True
+        )
         self.token_delay = token_delay
+        self.fail_after = fail_after  # raise after this many tokens, to test error paths
         self.active = 0
 
     @staticmethod
@@ -51,23 +63,26 @@ class FakeEngine(Engine):
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[GenerationOutput]:
-        reply = self.reply_for(self.decode(prompt_ids))
-        if not params.greedy:
-            words = reply.split(" ")
-            random.Random(params.seed).shuffle(words)
-            reply = " ".join(words)
-        tokens = list(reply.encode("utf-8")) + [EOS]
+        script = list(self.reply_for(self.decode(prompt_ids)).encode("utf-8")) + [EOS]
         state = SequenceState(
             prompt_ids=prompt_ids, params=params, decode=self.decode, eos_token_ids=frozenset({EOS})
         )
+        generator = make_generator(params.seed)
         self.active += 1
         try:
-            for token in tokens:
+            while not state.finished:
+                step = len(state.output_ids)
+                if step == self.fail_after:
+                    raise RuntimeError("the fake engine failed as configured")
                 await asyncio.sleep(self.token_delay)
+                # The scripted token is far likelier than the rest; the real sampler decides.
+                logits = torch.zeros(self.info.vocab_size)
+                logits[script[min(step, len(script) - 1)]] = 10.0
+                token = sample(
+                    logits, params, prompt_ids=prompt_ids, output_ids=state.output_ids, generator=generator
+                )
                 output = state.append(token)
                 if output is not None:
                     yield output
-                if state.finished:
-                    return
         finally:
             self.active -= 1

@@ -59,6 +59,7 @@ def sample(
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).
         drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        drop[0] = False
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     if params.min_p > 0.0:

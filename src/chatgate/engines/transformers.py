@@ -53,7 +53,9 @@ class TransformersEngine(Engine):
         self._model: Any = None
         self._tokenizer: Any = None
         self._eos: frozenset[int] = frozenset()
-        self.info = ModelInfo(name=self._source.name, context_length=0, has_chat_template=False)
+        self.info = ModelInfo(
+            name=self._source.name, context_length=0, vocab_size=0, has_chat_template=False
+        )
 
     async def start(self) -> None:
         if self._model is None:
@@ -85,6 +87,7 @@ class TransformersEngine(Engine):
         self.info = ModelInfo(
             name=self._source.name,
             context_length=int(getattr(config, "max_position_embeddings", 2048)),
+            vocab_size=int(config.vocab_size),
             has_chat_template=bool(self._tokenizer.chat_template),
         )
 

@@ -14,9 +14,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    AfterValidator,
     SerializerFunctionWrapHandler,
+    ValidationInfo,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
@@ -33,7 +36,8 @@ def now() -> int:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Strict: a number sent as a string, or 1 for true, is refused as OpenAI refuses it.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Request):
@@ -58,6 +62,12 @@ class ChatMessage(_Request):
     tool_call_id: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a '{self.role}' message must have content")
+        return self
+
     def text(self) -> str:
         """The message's content as one string."""
         if self.content is None:
@@ -67,13 +77,22 @@ class ChatMessage(_Request):
         return "".join(part.text for part in self.content)
 
 
-Stop = str | Annotated[list[str], Field(max_length=4)] | None
+def _token_id_key(key: str) -> str:
+    if not key.lstrip("-").isdigit() or int(key) < 0:
+        raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+    return key
+
+
+StopList = Annotated[list[str], Field(min_length=1, max_length=4)]
+LogitBias = dict[
+    Annotated[str, AfterValidator(_token_id_key)], Annotated[float, Field(ge=-100, le=100)]
+]
 
 
 class SamplingRequest(_Request):
     """Fields shared by chat and completion requests."""
 
-    model: str
+    model: str = Field(min_length=1)
     n: int = Field(1, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
@@ -82,10 +101,10 @@ class SamplingRequest(_Request):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: LogitBias | None = None
     seed: int | None = None
-    stop: Stop = None
-    stream: bool = False
+    stop: str | StopList | None = None
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
@@ -96,15 +115,27 @@ class SamplingRequest(_Request):
             raise ValueError("top_k must be -1 (disabled) or at least 1")
         return value
 
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
     def stop_list(self) -> list[str]:
-        """Stop sequences as a list."""
+        """Stop sequences as a list, empty strings left out."""
         if self.stop is None:
             return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return [s for s in stops if s]
+
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
 class ChatCompletionRequest(SamplingRequest):
-    """`POST /v1/chat/completions`."""
+    """`POST /v1/chat/completions` (and FastChat's `/api/v1/chat/completions`)."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -115,17 +146,28 @@ class ChatCompletionRequest(SamplingRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-TokenIds = Annotated[list[int], Field(min_length=1)]
+def _no_empty_prompt(value: str) -> str:
+    if not value:
+        raise ValueError("prompt must not be empty")
+    return value
+
+
+PromptText = Annotated[str, AfterValidator(_no_empty_prompt)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+Prompt = (
+    PromptText
+    | Annotated[list[PromptText], Field(min_length=1)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1)]
+)
 
 
 class CompletionRequest(SamplingRequest):
     """`POST /v1/completions`."""
 
-    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[
-        list[TokenIds], Field(min_length=1)
-    ]
+    prompt: Prompt
     max_tokens: int | None = Field(16, ge=1)
-    echo: bool = False
+    echo: bool | None = False
     suffix: str | None = None
 
 

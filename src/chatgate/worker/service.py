@@ -48,6 +48,13 @@ class WorkerService:
         """Token ids and text of the prompt, however the request gave it."""
         if params.prompt_token_ids is not None:
             ids = list(params.prompt_token_ids)
+            vocab = self.engine.info.vocab_size
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequestError(
+                    f"Token id {bad} is outside this model's vocabulary (0 to {vocab - 1}).",
+                    param=params.prompt_param,
+                )
             return ids, self.engine.decode(ids)
         if params.messages is not None:
             text = self._render(params.messages)

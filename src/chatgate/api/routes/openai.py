@@ -1,4 +1,4 @@
-"""OpenAI routes: thin adapters from HTTP to the serving classes."""
+"""OpenAI's routes, and FastChat's extra ones: thin adapters from HTTP to the serving classes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from chatgate.api.sse import sse
 from chatgate.api.state import ApiState, api_state, require_key
 from chatgate.errors import ModelNotFoundError
 from chatgate.responses import ClosingStreamingResponse
+from chatgate.protocol.fastchat import TokenCheckRequest, TokenCheckResponse
 from chatgate.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -48,6 +49,7 @@ async def retrieve_model(model: str, state: ApiState = Depends(api_state)) -> Mo
 
 
 @router.post("/v1/chat/completions")
+@router.post("/api/v1/chat/completions")  # FastChat's path; same request and behaviour
 async def chat_completions(
     body: ChatCompletionRequest, state: ApiState = Depends(api_state)
 ) -> Response:
@@ -59,3 +61,9 @@ async def chat_completions(
 async def completions(body: CompletionRequest, state: ApiState = Depends(api_state)) -> Response:
     """Text completion, streamed or not."""
     return respond(await state.completions.create(body))
+
+
+@router.post("/api/v1/token_check")
+async def token_check(body: TokenCheckRequest, state: ApiState = Depends(api_state)) -> TokenCheckResponse:
+    """FastChat's token check: prompt token counts against each model's context."""
+    return await state.tokens.check(body)

@@ -52,8 +52,7 @@ class ChatServing(GenerationServing):
         streams = await self.start(request.model, params)
         response_id, created = new_id("chatcmpl"), now()
         if request.stream:
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return self._stream(streams, request, response_id, created, include_usage)
+            return self._stream(streams, request, response_id, created, request.include_usage())
         choices = await self.collect(streams)
         return ChatCompletionResponse(
             id=response_id,

@@ -32,7 +32,7 @@ def to_params(request: CompletionRequest) -> list[GenerateParams]:
     common = {
         **sampling_params(request),
         "max_new_tokens": request.max_tokens,
-        "echo": request.echo,
+        "echo": bool(request.echo),
         "prompt_param": "prompt",
     }
     params: list[GenerateParams] = []
@@ -53,8 +53,7 @@ class CompletionServing(GenerationServing):
         streams = await self.start(request.model, to_params(request))
         response_id, created = new_id("cmpl"), now()
         if request.stream:
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return self._stream(streams, request, response_id, created, include_usage)
+            return self._stream(streams, request, response_id, created, request.include_usage())
         choices = await self.collect(streams)
         return CompletionResponse(
             id=response_id,

@@ -44,17 +44,6 @@ def total_usage(choices: list[Choice], per_prompt: int) -> Usage:
     return usage
 
 
-def _logit_bias(request: SamplingRequest) -> dict[int, float] | None:
-    if not request.logit_bias:
-        return None
-    try:
-        return {int(token): bias for token, bias in request.logit_bias.items()}
-    except ValueError:
-        raise InvalidRequestError(
-            "logit_bias keys must be token ids (integers as strings).", param="logit_bias"
-        ) from None
-
-
 def sampling_params(request: SamplingRequest) -> dict[str, object]:
     """Worker-protocol sampling fields of an OpenAI request, OpenAI's defaults filled in."""
     return {
@@ -66,7 +55,7 @@ def sampling_params(request: SamplingRequest) -> dict[str, object]:
         "presence_penalty": request.presence_penalty or 0.0,
         "frequency_penalty": request.frequency_penalty or 0.0,
         "repetition_penalty": request.repetition_penalty or 1.0,
-        "logit_bias": _logit_bias(request),
+        "logit_bias": {int(k): v for k, v in (request.logit_bias or {}).items()} or None,
         "stop": request.stop_list() or None,
     }
 
