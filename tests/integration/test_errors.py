@@ -224,3 +224,53 @@ async def test_fastchat_chat_route_matches_openai_route(fake_app: FastAPI) -> No
         a = (await http.post(CHAT, json=chat(temperature=0, repetition_penalty=1.1))).json()
         b = (await http.post("/api/v1/chat/completions", json=chat(temperature=0, repetition_penalty=1.1))).json()
     assert a["choices"] == b["choices"] and a["usage"] == b["usage"]
+
+
+async def test_cors_preflight_needs_no_key(fake_engine: FakeEngine) -> None:
+    app = make_app(fake_engine, api_keys=["sk-1"], allowed_origins='["http://ui.example"]')
+    async with running(app), raw(app) as http:
+        preflight = await http.options(CHAT, headers={
+            "Origin": "http://ui.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        })
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "http://ui.example"
+        denied = await http.options(CHAT, headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert denied.status_code == 400
+        actual = await http.post(CHAT, json=chat(), headers={"Origin": "http://ui.example", "Authorization": "Bearer sk-1"})
+        assert actual.status_code == 200
+        assert actual.headers["access-control-allow-origin"] == "http://ui.example"
+
+
+async def test_overloaded_worker_answers_429_and_others_continue() -> None:
+    import asyncio
+
+    app = make_app(FakeEngine(token_delay=0.01), limit_worker_concurrency=1)
+    async with running(app):
+        client = sdk(app)
+        slow = asyncio.create_task(client.chat.completions.create(model=M, messages=MSG, temperature=0))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        with pytest.raises(openai.RateLimitError) as err:
+            await client.chat.completions.create(model=M, messages=MSG)  # type: ignore[arg-type]
+        assert err.value.response.headers["retry-after"]
+        assert (await slow).choices[0].finish_reason == "stop"
+        assert (await client.chat.completions.create(model=M, messages=MSG)).choices  # type: ignore[arg-type]
+
+
+async def test_bad_requests_do_not_disturb_a_stream_in_flight() -> None:
+    import asyncio
+
+    app = make_app(FakeEngine(token_delay=0.005))
+    async with running(app), raw(app) as http:
+        client = sdk(app)
+
+        async def streamed() -> str:
+            stream = await client.chat.completions.create(model=M, messages=MSG, temperature=0, stream=True)  # type: ignore[arg-type]
+            return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+        task = asyncio.create_task(streamed())
+        bad = [case[2] for case in CASES[:30]]
+        responses = await asyncio.gather(*(http.post(CHAT, json=b) for b in bad))
+        assert all(400 <= r.status_code < 500 for r in responses)
+        engine = FakeEngine()
+        assert await task == engine.reply_for(engine.render_chat(MSG))
