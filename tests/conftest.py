@@ -30,10 +30,10 @@ async def running(app: FastAPI) -> AsyncIterator[FastAPI]:
         yield app
 
 
-def make_app(engine: Engine, **settings: object) -> FastAPI:
-    """An API app serving `engine` in-process."""
+def make_app(*engines: Engine, **settings: object) -> FastAPI:
+    """An API app serving `engines` in-process."""
     serve = ServeSettings(**settings)  # type: ignore[arg-type]
-    return create_api_app(serve, local_backend(serve, engine=engine))
+    return create_api_app(serve, local_backend(serve, engines=list(engines)))
 
 
 def sdk(app: FastAPI, api_key: str = "sk-test") -> openai.AsyncOpenAI:

@@ -109,7 +109,26 @@ class EngineSettings(_Base):
 
 
 class ServeSettings(ApiSettings, EngineSettings):
-    """Settings of `chatgate serve`: API server and worker in one process."""
+    """Settings of `chatgate serve`: API server and workers in one process."""
+
+    embedding_model_path: str = Field(
+        "default",
+        description="Embedding model served beside the chat model: 'default' (embedded "
+        "all-MiniLM-L6-v2), a local sentence-transformers folder, or 'none'.",
+    )
+
+    def embedding_engine_settings(self) -> EngineSettings | None:
+        """Settings of the embedding engine, or None when it is turned off."""
+        if self.embedding_model_path.lower() in {"", "none"}:
+            return None
+        return EngineSettings(
+            **{
+                **{name: getattr(self, name) for name in EngineSettings.model_fields},
+                "engine": "sentence-transformers",
+                "model_path": self.embedding_model_path,
+                "model_names": [],
+            }
+        )
 
 
 class ApiProcessSettings(ApiSettings):

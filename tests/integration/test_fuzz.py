@@ -54,6 +54,10 @@ completion_body = st.fixed_dictionaries(
     {"model": sampling["model"], "prompt": st.text(max_size=30) | st.lists(st.text(max_size=10), max_size=3) | token_ids | st.lists(token_ids, max_size=2) | anything},
     optional={k: v for k, v in sampling.items() if k != "model"} | {"echo": st.booleans() | anything},
 )
+embedding_body = st.fixed_dictionaries(
+    {"model": sampling["model"], "input": st.text(max_size=20) | st.lists(st.text(max_size=8), max_size=4) | token_ids | st.lists(token_ids, max_size=3) | anything},
+    optional={"encoding_format": st.sampled_from(["float", "base64", "hex"]) | anything, "dimensions": st.integers(-1, 40) | anything, "user": anything},
+)
 token_check_body = st.fixed_dictionaries({"prompts": st.lists(st.fixed_dictionaries({"model": sampling["model"], "prompt": st.text(max_size=10) | anything, "max_tokens": numbers}), max_size=3) | anything})
 # Bodies inside the schema, near its edges, so generation paths are fuzzed too, not only validation.
 valid_message = st.fixed_dictionaries({"role": st.sampled_from(["system", "developer", "user", "assistant"]), "content": st.text(max_size=40)})
@@ -83,7 +87,8 @@ requests = st.one_of(
     st.tuples(st.sampled_from(["/v1/chat/completions", "/api/v1/chat/completions"]), chat_body),
     st.tuples(st.just("/v1/completions"), completion_body),
     st.tuples(st.just("/api/v1/token_check"), token_check_body),
-    st.tuples(st.sampled_from(["/v1/chat/completions", "/v1/completions"]), anything),
+    st.tuples(st.sampled_from(["/v1/embeddings", f"/v1/engines/{M}/embeddings"]), embedding_body),
+    st.tuples(st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]), anything),
 )
 
 

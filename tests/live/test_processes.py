@@ -94,6 +94,22 @@ def test_three_process_mode_gives_the_same_greedy_answers(stack: Stack) -> None:
     assert a.choices[0].text == b.choices[0].text
 
 
+def test_embeddings_in_both_modes(stack: Stack) -> None:
+    minilm = client(stack.serve).embeddings.create(model="all-MiniLM-L6-v2", input=["hello", "world"])
+    assert [len(d.embedding) for d in minilm.data] == [384, 384]
+    # The chat model's own embeddings, over the worker protocol in three-process mode.
+    texts = ["The cat sat.", "Stocks fell."]
+    remote = client(stack.api).embeddings.create(model=MODEL, input=texts)
+    local = client(stack.serve).embeddings.create(model=MODEL, input=texts)
+    assert [len(d.embedding) for d in remote.data] == [576, 576]
+    for a, b in zip(remote.data, local.data, strict=True):
+        assert max(abs(x - y) for x, y in zip(a.embedding, b.embedding, strict=True)) < 1e-4
+    assert remote.usage == local.usage
+    with pytest.raises(openai.BadRequestError) as err:
+        client(stack.api).embeddings.create(model=MODEL, input=[[1, 10**7]])
+    assert err.value.param == "input"
+
+
 def test_errors_cross_the_worker_protocol(stack: Stack) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         client(stack.api).completions.create(model=MODEL, prompt="hi", max_tokens=100_000)

@@ -41,7 +41,7 @@ def started(tmp_path: Path) -> Iterator[list[Process]]:
 def test_tls_serves_https(tls: tuple[Path, Path, Path], started: list[Process], tmp_path: Path, style: str) -> None:
     ca, key, cert = tls
     port = free_port()
-    args = ["serve", "--engine", "fake", "--port", str(port), "--api-keys", "sk-tls"]
+    args = ["serve", "--engine", "fake", "--embedding-model-path", "none", "--port", str(port), "--api-keys", "sk-tls"]
     env = {}
     if style == "fastchat-env":
         args.append("--ssl")

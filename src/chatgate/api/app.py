@@ -14,6 +14,7 @@ from chatgate.api.backends import Backend
 from chatgate.api.routes import openai as openai_routes
 from chatgate.api.serving.chat import ChatServing
 from chatgate.api.serving.completions import CompletionServing
+from chatgate.api.serving.embeddings import EmbeddingServing
 from chatgate.api.serving.tokens import TokenCheckServing
 from chatgate.api.state import ApiState
 from chatgate.settings import ApiSettings
@@ -31,6 +32,7 @@ def create_api_app(settings: ApiSettings, backend: Backend) -> FastAPI:
                 chat=ChatServing(router=router, max_n=settings.max_n),
                 completions=CompletionServing(router=router, max_n=settings.max_n),
                 tokens=TokenCheckServing(router=router),
+                embeddings=EmbeddingServing(router=router),
             )
             yield
 

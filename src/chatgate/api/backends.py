@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -11,28 +12,42 @@ import httpx
 from chatgate.api.clients import ControllerRouter, LocalRouter, Router
 from chatgate.engines import create_engine
 from chatgate.engines.base import Engine
-from chatgate.settings import ApiProcessSettings, EngineSettings
+from chatgate.settings import ApiProcessSettings, ServeSettings
 from chatgate.worker.service import WorkerService
 
 Backend = Callable[[], AbstractAsyncContextManager[Router]]
 
 
-def local_backend(settings: EngineSettings, *, engine: Engine | None = None) -> Backend:
-    """Serve an engine in this process (`chatgate serve`)."""
+def local_backend(settings: ServeSettings, *, engines: list[Engine] | None = None) -> Backend:
+    """Serve engines in this process (`chatgate serve`): by default the chat model from
+    `settings` and, unless turned off, the embedding model beside it."""
+
+    def build() -> list[tuple[Engine, list[str]]]:
+        if engines is not None:
+            return [(engine, []) for engine in engines]
+        built = [(create_engine(settings), settings.model_names)]
+        embedding = settings.embedding_engine_settings()
+        if embedding is not None:
+            built.append((create_engine(embedding), []))
+        return built
 
     @contextlib.asynccontextmanager
     async def backend() -> AsyncIterator[Router]:
-        model = engine or create_engine(settings)
-        await model.start()
-        try:
-            service = WorkerService(
-                engine=model,
-                model_names=settings.model_names,
-                limit_concurrency=settings.limit_worker_concurrency,
+        served = build()
+        await asyncio.gather(*(engine.start() for engine, _ in served))
+        services = [
+            WorkerService(
+                engine=engine, model_names=names, limit_concurrency=settings.limit_worker_concurrency
             )
-            yield LocalRouter([service])
+            for engine, names in served
+        ]
+        try:
+            yield LocalRouter(services)
         finally:
-            await model.close()
+            for service in services:
+                await service.close()
+            for engine, _ in served:
+                await engine.close()
 
     return backend
 

@@ -21,6 +21,8 @@ import httpx
 from chatgate.errors import ChatgateError, ModelNotFoundError, NoHealthyWorkerError, WorkerError, from_fastchat_code
 from chatgate.protocol.worker import (
     CountTokenRequest,
+    EmbedParams,
+    EmbedResult,
     GenerateParams,
     ModelDetails,
     WorkerChunk,
@@ -41,6 +43,10 @@ class WorkerClient(Protocol):
 
     async def count_tokens(self, request: CountTokenRequest) -> int:
         """Tokens the prompt takes on this worker's model."""
+        ...
+
+    async def embed(self, params: EmbedParams) -> EmbedResult:
+        """Embedding vectors of the inputs, in order."""
         ...
 
     async def model_details(self) -> ModelDetails:
@@ -74,6 +80,9 @@ class LocalWorkerClient:
 
     async def count_tokens(self, request: CountTokenRequest) -> int:
         return self._service.count_tokens(request)
+
+    async def embed(self, params: EmbedParams) -> EmbedResult:
+        return await self._service.embed(params)
 
     async def model_details(self) -> ModelDetails:
         return self._service.details()
@@ -171,6 +180,12 @@ class HttpWorkerClient:
     async def count_tokens(self, request: CountTokenRequest) -> int:
         result = await self._post("/count_token", request.model_dump(exclude_none=True))
         return int(str(result.get("count", 0)))
+
+    async def embed(self, params: EmbedParams) -> EmbedResult:
+        result = await self._post("/worker_get_embeddings", params.model_dump(exclude_none=True))
+        if result.get("error_code"):
+            raise _chunk_error(WorkerChunk.model_validate(result))
+        return EmbedResult.model_validate(result)
 
     async def model_details(self) -> ModelDetails:
         return ModelDetails.model_validate(await self._post("/model_details", {}))

@@ -61,15 +61,37 @@ def code_of(error: dict[str, Any]) -> str:
     return "invalid_value"
 
 
+def _branch(error: dict[str, Any]) -> tuple[Any, ...]:
+    """The union branch an error belongs to: its location up to the first branch tag."""
+    loc = tuple(error.get("loc", ()))
+    for index, part in enumerate(loc):
+        if isinstance(part, str) and part != "[key]" and not part.isidentifier():
+            return loc[: index + 1]
+    return ()
+
+
 def _best(errors: list[dict[str, Any]]) -> dict[str, Any]:
-    """The most telling error: for a union, the branch that got deepest into the value."""
-    first_param = param_of(tuple(errors[0].get("loc", ())))
-    same_field = [e for e in errors if (param_of(tuple(e.get("loc", ()))) or "").startswith(first_param or "")]
-    # Deepest first; at equal depth, a branch whose type matched says more than a type error.
-    return max(
-        same_field or errors,
-        key=lambda e: (len(param_of(tuple(e.get("loc", ()))) or ""), code_of(e) != "invalid_type"),
-    )
+    """The most telling error of the first bad field.
+
+    For a union (a prompt may be a string, strings, or token ids) pydantic reports every
+    branch; the branch with the fewest errors is the one the client meant, and within it an
+    error about a value says more than one about a type.
+    """
+    field = tuple(errors[0].get("loc", ()))[:2]
+    mine = [e for e in errors if tuple(e.get("loc", ()))[:2] == field]
+    branches: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for error in mine:
+        branches.setdefault(_branch(error), []).append(error)
+
+    def rank(error: dict[str, Any]) -> tuple[bool, int]:
+        return code_of(error) != "invalid_type", len(param_of(tuple(error.get("loc", ()))) or "")
+
+    def fit(group: list[dict[str, Any]]) -> tuple[int, bool, int]:
+        best = max(map(rank, group))
+        return -len(group), best[0], best[1]
+
+    group = max(list(branches.values()), key=fit)
+    return max(group, key=rank)
 
 
 def validation_error(exc: RequestValidationError) -> ChatgateError:

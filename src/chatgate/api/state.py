@@ -10,6 +10,7 @@ from chatgate.api.auth import KeyChecker
 from chatgate.api.clients import Router
 from chatgate.api.serving.chat import ChatServing
 from chatgate.api.serving.completions import CompletionServing
+from chatgate.api.serving.embeddings import EmbeddingServing
 from chatgate.api.serving.tokens import TokenCheckServing
 
 
@@ -22,6 +23,7 @@ class ApiState:
     chat: ChatServing
     completions: CompletionServing
     tokens: TokenCheckServing
+    embeddings: EmbeddingServing
 
 
 def api_state(request: Request) -> ApiState:

@@ -14,6 +14,12 @@ def _transformers(settings: EngineSettings) -> Engine:
     return TransformersEngine(settings)
 
 
+def _sentence_transformers(settings: EngineSettings) -> Engine:
+    from chatgate.engines.sentence_transformers import SentenceTransformersEngine
+
+    return SentenceTransformersEngine(settings)
+
+
 def _fake(settings: EngineSettings) -> Engine:
     from chatgate.engines.fake import FakeEngine
 
@@ -22,6 +28,7 @@ def _fake(settings: EngineSettings) -> Engine:
 
 ENGINES: dict[str, Callable[[EngineSettings], Engine]] = {
     "transformers": _transformers,
+    "sentence-transformers": _sentence_transformers,
     "fake": _fake,
 }
 

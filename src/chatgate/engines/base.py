@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatgate.errors import InvalidRequestError
+
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
@@ -55,6 +57,8 @@ class ModelInfo:
     context_length: int
     vocab_size: int
     has_chat_template: bool
+    generates: bool = True
+    embedding_dim: int = 0
 
 
 class Engine(abc.ABC):
@@ -87,3 +91,9 @@ class Engine(abc.ABC):
     def pending(self) -> int:
         """Sequences running or waiting in this engine."""
         return 0
+
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """One L2-normalised vector per token-id list, in order; batched by the engine."""
+        raise InvalidRequestError(
+            f"The model `{self.info.name}` does not serve embeddings.", param="model"
+        )

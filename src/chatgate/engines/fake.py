@@ -21,6 +21,7 @@ from chatgate.engines.sequence import SequenceState
 
 EOS = 256
 BOS = 257
+EMBEDDING_DIM = 16
 
 
 class FakeEngine(Engine):
@@ -35,10 +36,15 @@ class FakeEngine(Engine):
         fail_after: int | None = None,
     ) -> None:
         self.info = ModelInfo(
-            name=name, context_length=context_length, vocab_size=BOS + 1, has_chat_template=True
+            name=name,
+            context_length=context_length,
+            vocab_size=BOS + 1,
+            has_chat_template=True,
+            embedding_dim=EMBEDDING_DIM,
         )
         self.token_delay = token_delay
         self.fail_after = fail_after  # raise after this many tokens, to test error paths
+        self.embed_calls: list[int] = []  # batch sizes the engine was asked to embed
         self.active = 0
 
     @staticmethod
@@ -59,6 +65,16 @@ class FakeEngine(Engine):
 
     def pending(self) -> int:
         return self.active
+
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """A normalised histogram of token ids modulo the dimension: equal inputs, equal vectors."""
+        self.embed_calls.append(len(inputs))
+        await asyncio.sleep(self.token_delay)
+        vectors = torch.zeros((len(inputs), EMBEDDING_DIM))
+        for row, ids in enumerate(inputs):
+            for token in ids:
+                vectors[row, token % EMBEDDING_DIM] += 1.0
+        return torch.nn.functional.normalize(vectors, dim=-1).tolist()
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, SamplingParams
+from chatgate.engines.embedding import embed_in_batches, mean_pool
 from chatgate.engines.loading import cached_checkpoint, resolve_chat_model
 from chatgate.engines.sampling import make_generator, sample
 from chatgate.engines.sequence import OutputChannel, SequenceState
@@ -27,6 +28,7 @@ from chatgate.settings import EngineSettings
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 256
+EMBED_BATCH = 16
 
 
 @dataclass(eq=False)
@@ -41,13 +43,35 @@ class _Running:
     last_token: int | None = None
 
 
+@dataclass(eq=False)
+class _EmbedJob:
+    """An embedding batch for the scheduler thread to run between steps."""
+
+    inputs: list[list[int]]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[list[list[float]]]
+
+    def finish(self, result: list[list[float]] | BaseException) -> None:
+        """Hand the result back to the waiting coroutine (called from the engine thread)."""
+
+        def deliver() -> None:
+            if self.future.done():
+                return
+            if isinstance(result, BaseException):
+                self.future.set_exception(result)
+            else:
+                self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(deliver)
+
+
 class TransformersEngine(Engine):
     """Serves a causal LM with `transformers` on PyTorch."""
 
     def __init__(self, settings: EngineSettings) -> None:
         self._settings = settings
         self._source = resolve_chat_model(settings.model_path)
-        self._inbox: queue.Queue[_Running | None] = queue.Queue()
+        self._inbox: queue.Queue[_Running | _EmbedJob | None] = queue.Queue()
         self._running: list[_Running] = []
         self._thread: threading.Thread | None = None
         self._model: Any = None
@@ -88,6 +112,7 @@ class TransformersEngine(Engine):
             name=self._source.name,
             context_length=int(getattr(config, "max_position_embeddings", 2048)),
             vocab_size=int(config.vocab_size),
+            embedding_dim=int(config.hidden_size),
             has_chat_template=bool(self._tokenizer.chat_template),
         )
 
@@ -158,10 +183,45 @@ class TransformersEngine(Engine):
             while True:
                 if item is None:
                     return False
-                self._running.append(item)
+                if isinstance(item, _EmbedJob):
+                    self._run_embed(item)
+                else:
+                    self._running.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             return True
+
+    # Embeddings ---------------------------------------------------------------------------
+
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        loop = asyncio.get_running_loop()
+        job = _EmbedJob(inputs=inputs, loop=loop, future=loop.create_future())
+        self._inbox.put(job)
+        return await job.future
+
+    def _run_embed(self, job: _EmbedJob) -> None:
+        """Mean-pooled last hidden states, as FastChat's model_worker computes them."""
+
+        def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            hidden = self._model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            return mean_pool(hidden, mask)
+
+        try:
+            pad = self._tokenizer.pad_token_id
+            result = embed_in_batches(
+                job.inputs,
+                forward=forward,
+                pad_id=int(pad if pad is not None else 0),
+                batch_size=EMBED_BATCH,
+                device=self._settings.device,
+            )
+        except Exception as exc:  # reported to the caller; the scheduler keeps running
+            log.exception("embedding failed")
+            job.finish(exc)
+        else:
+            job.finish(result)
+
+    # Steps --------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def _step(self, seq: _Running) -> None:

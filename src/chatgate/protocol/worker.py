@@ -19,10 +19,6 @@ EXT_TOKEN_IDS = "prompt_token_ids"
 EXTENSIONS = (EXT_CHAT_TEMPLATE, EXT_DELTA, EXT_TOKEN_IDS)
 
 
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
 class GenerateParams(BaseModel):
     """Body of `/worker_generate_stream` and `/worker_generate` (FastChat's `params`)."""
 
@@ -73,6 +69,24 @@ class WorkerChunk(BaseModel):
     usage: WorkerUsage | None = None
     finish_reason: str | None = None
     param: str | None = None
+
+
+class EmbedParams(BaseModel):
+    """Body of `/worker_get_embeddings`: FastChat's texts, or chatgate's token ids."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    input: list[str] | None = None
+    input_token_ids: list[list[int]] | None = None
+
+
+class EmbedResult(BaseModel):
+    """Response of `/worker_get_embeddings` (FastChat's shape, plus per-input token counts)."""
+
+    embedding: list[list[float]]
+    token_num: int
+    token_counts: list[int] = Field(default_factory=list)
 
 
 class CountTokenRequest(BaseModel):
@@ -128,3 +142,5 @@ class ModelDetails(BaseModel):
 
     context_length: int
     chatgate_extensions: list[str] = Field(default_factory=list)
+    generates: bool = True
+    embedding_dim: int = 0

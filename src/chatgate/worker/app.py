@@ -14,7 +14,13 @@ from fastapi.responses import JSONResponse
 from chatgate.engines import create_engine
 from chatgate.engines.base import Engine
 from chatgate.errors import ChatgateError
-from chatgate.protocol.worker import CountTokenRequest, GenerateParams, WorkerChunk, WorkerUsage
+from chatgate.protocol.worker import (
+    CountTokenRequest,
+    EmbedParams,
+    GenerateParams,
+    WorkerChunk,
+    WorkerUsage,
+)
 from chatgate.responses import ClosingStreamingResponse
 from chatgate.settings import WorkerSettings
 from chatgate.streams import chain, empty, primed
@@ -72,6 +78,7 @@ def create_worker_app(settings: WorkerSettings, *, engine: Engine | None = None)
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                await service.close()
                 await model.close()
 
     app = FastAPI(title="chatgate worker", lifespan=lifespan)
@@ -102,6 +109,14 @@ def create_worker_app(settings: WorkerSettings, *, engine: Engine | None = None)
         except Exception as exc:
             return JSONResponse(_error_chunk(exc).model_dump())
         return JSONResponse(last.model_copy(update={"text": text}).model_dump())
+
+    @app.post("/worker_get_embeddings")
+    async def get_embeddings(params: EmbedParams) -> JSONResponse:
+        try:
+            result = await service().embed(params)
+        except Exception as exc:
+            return JSONResponse(_error_chunk(exc).model_dump())
+        return JSONResponse(result.model_dump())
 
     @app.post("/worker_get_status")
     async def status() -> dict[str, object]:

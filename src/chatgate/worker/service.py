@@ -18,12 +18,15 @@ from chatgate.errors import (
 from chatgate.protocol.worker import (
     EXTENSIONS,
     CountTokenRequest,
+    EmbedParams,
+    EmbedResult,
     GenerateParams,
     ModelDetails,
     WorkerChunk,
     WorkerStatus,
     WorkerUsage,
 )
+from chatgate.worker.batching import EmbeddingBatcher
 
 # Roles the model's template may not know; they are rendered as the closest role it does.
 _ROLE_ALIASES = {"developer": "system"}
@@ -37,6 +40,11 @@ class WorkerService:
         self.model_names = model_names or [engine.info.name]
         self._limit = limit_concurrency
         self._active = 0
+        self._batcher = EmbeddingBatcher(engine.embed)
+
+    async def close(self) -> None:
+        """Stop background work (the engine is closed by its owner)."""
+        await self._batcher.close()
 
     # Prompts ---------------------------------------------------------------------------------
 
@@ -47,20 +55,22 @@ class WorkerService:
     def prompt_ids(self, params: GenerateParams) -> tuple[list[int], str]:
         """Token ids and text of the prompt, however the request gave it."""
         if params.prompt_token_ids is not None:
-            ids = list(params.prompt_token_ids)
-            vocab = self.engine.info.vocab_size
-            bad = next((t for t in ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise InvalidRequestError(
-                    f"Token id {bad} is outside this model's vocabulary (0 to {vocab - 1}).",
-                    param=params.prompt_param,
-                )
+            ids = self._checked_ids(params.prompt_token_ids, params.prompt_param)
             return ids, self.engine.decode(ids)
         if params.messages is not None:
             text = self._render(params.messages)
             return self.engine.encode(text, add_special_tokens=False), text
         text = params.prompt or ""
         return self.engine.encode(text), text
+
+    def _checked_ids(self, ids: list[int], param: str) -> list[int]:
+        vocab = self.engine.info.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"Token id {bad} is outside this model's vocabulary (0 to {vocab - 1}).", param=param
+            )
+        return list(ids)
 
     def count_tokens(self, request: CountTokenRequest) -> int:
         """Tokens the prompt (or templated conversation) takes."""
@@ -134,6 +144,38 @@ class WorkerService:
         finally:
             self._active -= 1
 
+    # Embeddings ------------------------------------------------------------------------------
+
+    def _embedding_inputs(self, params: EmbedParams) -> list[list[int]]:
+        if params.input_token_ids is not None:
+            inputs = [self._checked_ids(ids, "input") for ids in params.input_token_ids]
+        else:
+            inputs = [self.engine.encode(text) for text in params.input or []]
+        if not inputs:
+            raise InvalidRequestError("'input' must not be empty.", param="input")
+        limit = self.engine.info.context_length
+        for index, ids in enumerate(inputs):
+            if not ids:
+                raise InvalidRequestError(f"Input {index} is empty.", param="input")
+            if len(ids) > limit:
+                raise ContextLengthExceededError(
+                    f"Input {index} is {len(ids)} tokens long, over this model's maximum of "
+                    f"{limit} tokens. Shorten it or split it into several inputs.",
+                    param="input",
+                )
+        return inputs
+
+    async def embed(self, params: EmbedParams) -> EmbedResult:
+        """Normalised vectors for every input, batched with concurrent requests."""
+        if not self.engine.info.embedding_dim:
+            raise InvalidRequestError(
+                f"The model `{self.engine.info.name}` does not serve embeddings.", param="model"
+            )
+        inputs = self._embedding_inputs(params)
+        vectors = await self._batcher.submit(inputs)
+        counts = [len(ids) for ids in inputs]
+        return EmbedResult(embedding=vectors, token_num=sum(counts), token_counts=counts)
+
     # Status ----------------------------------------------------------------------------------
 
     def status(self) -> WorkerStatus:
@@ -144,6 +186,10 @@ class WorkerService:
 
     def details(self) -> ModelDetails:
         """Context length and the chatgate protocol extensions this worker supports."""
+        info = self.engine.info
         return ModelDetails(
-            context_length=self.engine.info.context_length, chatgate_extensions=list(EXTENSIONS)
+            context_length=info.context_length,
+            chatgate_extensions=list(EXTENSIONS),
+            generates=info.generates,
+            embedding_dim=info.embedding_dim,
         )

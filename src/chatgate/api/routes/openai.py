@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from chatgate.api.sse import sse
@@ -16,6 +16,8 @@ from chatgate.protocol.fastchat import TokenCheckRequest, TokenCheckResponse
 from chatgate.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingRequest,
+    EmbeddingResponse,
     ModelCard,
     ModelList,
 )
@@ -26,7 +28,7 @@ router = APIRouter(dependencies=[Depends(require_key)])
 def respond(result: BaseModel | AsyncIterator[BaseModel]) -> Response:
     """A JSON response, or an SSE stream for a streamed result."""
     if isinstance(result, BaseModel):
-        return JSONResponse(result.model_dump(mode="json"))
+        return Response(result.model_dump_json(), media_type="application/json")
     return ClosingStreamingResponse(
         sse(result),
         media_type="text/event-stream",
@@ -61,6 +63,20 @@ async def chat_completions(
 async def completions(body: CompletionRequest, state: ApiState = Depends(api_state)) -> Response:
     """Text completion, streamed or not."""
     return respond(await state.completions.create(body))
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingResponse)
+async def embeddings(body: EmbeddingRequest, state: ApiState = Depends(api_state)) -> Response:
+    """Embeddings of the inputs."""
+    return respond(await state.embeddings.create(body))
+
+
+@router.post("/v1/engines/{model:path}/embeddings", response_model=EmbeddingResponse)
+async def engine_embeddings(
+    model: str, body: EmbeddingRequest, state: ApiState = Depends(api_state)
+) -> Response:
+    """Embeddings from the model the URL names (the legacy engines path)."""
+    return respond(await state.embeddings.create(body.model_copy(update={"model": model})))
 
 
 @router.post("/api/v1/token_check")

@@ -1,0 +1,61 @@
+"""`/v1/embeddings`: inputs in, one vector per input out, in input order."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+
+from chatgate.api.clients import Router
+from chatgate.errors import InvalidRequestError
+from chatgate.protocol.openai import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from chatgate.protocol.worker import EmbedParams
+
+
+def to_params(request: EmbeddingRequest) -> EmbedParams:
+    """Worker parameters: texts, or token-id lists for the worker's own tokenizer."""
+    value = request.input
+    if isinstance(value, str):
+        return EmbedParams(model=request.model, input=[value])
+    if all(isinstance(item, int) for item in value):
+        return EmbedParams(model=request.model, input_token_ids=[value])  # type: ignore[list-item]
+    if all(isinstance(item, str) for item in value):
+        return EmbedParams(model=request.model, input=value)  # type: ignore[arg-type]
+    return EmbedParams(model=request.model, input_token_ids=value)  # type: ignore[arg-type]
+
+
+def encode(vector: list[float], encoding_format: str) -> list[float] | str:
+    """A vector as OpenAI sends it: floats, or base64 of little-endian float32."""
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector
+
+
+class EmbeddingServing:
+    """Serves embeddings from the worker of the requested model."""
+
+    def __init__(self, *, router: Router) -> None:
+        self._router = router
+
+    async def create(self, request: EmbeddingRequest) -> EmbeddingResponse:
+        """Embed every input of the request."""
+        if not request.model:
+            raise InvalidRequestError("Missing required parameter: 'model'.", param="model",
+                                      code="missing_required_parameter")
+        worker = await self._router.worker_for(request.model)
+        details = await worker.model_details()
+        if request.dimensions is not None and request.dimensions != details.embedding_dim:
+            raise InvalidRequestError(
+                f"This model's embeddings have {details.embedding_dim} dimensions and cannot be "
+                f"shortened; 'dimensions' must be {details.embedding_dim} or left out.",
+                param="dimensions",
+            )
+        result = await worker.embed(to_params(request))
+        return EmbeddingResponse(
+            data=[
+                Embedding(embedding=encode(vector, request.encoding_format), index=index)
+                for index, vector in enumerate(result.embedding)
+            ],
+            model=request.model,
+            usage=EmbeddingUsage(prompt_tokens=result.token_num, total_tokens=result.token_num),
+        )
