@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError  # noqa: E402
 from chatgate.settings import (  # noqa: E402
     ApiProcessSettings,
     ApiSettings,
+    BenchSettings,
     ControllerSettings,
     ServeSettings,
     WorkerSettings,
@@ -31,6 +32,7 @@ EPILOG = """examples:
   chatgate controller --port 21001
   chatgate worker --controller-address http://localhost:21001 --port 21002
   chatgate api --controller-address http://localhost:21001 --port 8000
+  chatgate bench --url http://127.0.0.1:8000/v1 --concurrency 1,8,16 --raw --hf-baseline
 """
 
 
@@ -56,6 +58,8 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if level != "debug":  # one line per outgoing request is noise at info level
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _run_uvicorn(app: Any, *, host: str, port: int, log_level: str, tls: tuple[str | None, str | None] = (None, None)) -> None:
@@ -104,11 +108,19 @@ def run_worker(settings: WorkerSettings) -> None:
     _run_uvicorn(create_worker_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
 
 
+def run_bench(settings: BenchSettings) -> None:
+    """Closed-loop streaming load against a URL and, optionally, the engine in-process."""
+    from chatgate.bench.run import run_bench as bench
+
+    bench(settings)
+
+
 COMMANDS: dict[str, tuple[type[BaseModel], Callable[[Any], None], str]] = {
     "serve": (ServeSettings, run_serve, "Serve the default model (or --model-path) in one process."),
     "api": (ApiProcessSettings, run_api, "Run the OpenAI API server in front of a controller."),
     "controller": (ControllerSettings, run_controller, "Run the controller workers register with."),
     "worker": (WorkerSettings, run_worker, "Run a model worker that registers with a controller."),
+    "bench": (BenchSettings, run_bench, "Measure TTFT, latency and tokens/s at several concurrencies."),
 }
 
 

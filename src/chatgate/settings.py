@@ -104,6 +104,9 @@ class EngineSettings(_Base):
     limit_worker_concurrency: int = Field(
         64, ge=1, description="Most requests a worker runs or queues at once (429 beyond)."
     )
+    max_running: int = Field(
+        32, ge=1, description="Most sequences decoded together in one batch; the rest queue."
+    )
 
     _split = field_validator("model_names", mode="before")(_split_list)
 
@@ -170,3 +173,27 @@ class ControllerSettings(_Base):
     heartbeat_expiration: float = Field(
         15.0, gt=0, description="Seconds without a heartbeat before a worker is dropped."
     )
+
+
+class BenchSettings(EngineSettings):
+    """Settings of `chatgate bench`: closed-loop streaming load and the reference points."""
+
+    url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible base URL to load.")
+    model: str = Field("SmolLM2-135M-Instruct", description="Model name to request.")
+    api_key: str = Field("bench", description="API key to send.")
+    concurrency: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [1, 8, 16], description="Concurrency levels (comma-separated)."
+    )
+    max_tokens: int = Field(128, ge=1, description="max_tokens of every request.")
+    requests_per_client: int = Field(3, ge=1, description="Requests each client sends per level.")
+    ramp_up: float = Field(
+        4.0,
+        ge=0,
+        description="Seconds over which a level's clients start, evenly spaced (0: all at once).",
+    )
+    http: bool = Field(True, description="Load the URL over HTTP.")
+    raw: bool = Field(False, description="Also drive the engine in-process, with no HTTP (the ceiling).")
+    hf_baseline: bool = Field(False, description="Also time plain HF generate, one sequence.")
+    output_dir: str = Field("bench-results", description="Where bench.json and bench.png go.")
+
+    _split = field_validator("concurrency", mode="before")(_split_list)

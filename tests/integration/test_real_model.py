@@ -116,3 +116,47 @@ async def test_closing_a_stream_frees_its_slot(engine: TransformersEngine) -> No
         assert engine.pending() == 0
     finally:
         await engine.close()
+
+
+PROMPTS = [
+    "What is the capital of France?", "Name three colours.", "Write a haiku about rain.",
+    "Why is the sky blue?", "What is 12 times 7?", "Describe a cat in one sentence.",
+    "Give me a tip for learning Python.", "What do bees make?",
+]
+
+
+async def _greedy(engine: TransformersEngine, text: str, max_tokens: int = 32, **params: object) -> list[int]:
+    ids = engine.encode(engine.render_chat([{"role": "user", "content": text}]), add_special_tokens=False)
+    tokens: list[int] = []
+    async for out in engine.generate(ids, SamplingParams(max_tokens=max_tokens, **{"temperature": 0.0, **params})):  # type: ignore[arg-type]
+        tokens += out.token_ids
+    return tokens
+
+
+async def test_greedy_tokens_are_the_same_alone_and_among_15_others(engine: TransformersEngine) -> None:
+    await engine.start()
+    try:
+        alone = [await _greedy(engine, p) for p in PROMPTS[:4]]
+        seeded_alone = await _greedy(engine, PROMPTS[5], temperature=1.0, seed=7)
+        long_prompt = "Summarise this text. " + " ".join(f"Sentence {i} talks about the weather." for i in range(60))
+        fillers = [_greedy(engine, f"Tell me about the number {i}.", max_tokens=24 + i) for i in range(10)]
+        crowd = await asyncio.gather(
+            *(_greedy(engine, p) for p in PROMPTS[:4]),
+            _greedy(engine, PROMPTS[5], temperature=1.0, seed=7),
+            _greedy(engine, long_prompt, max_tokens=16),  # chunked prefill joins mid-flight
+            *fillers,
+        )
+        assert crowd[:4] == alone
+        assert crowd[4] == seeded_alone
+        assert all(len(tokens) > 0 for tokens in crowd)
+    finally:
+        await engine.close()
+
+
+async def test_n_choices_share_one_prefill(app: FastAPI, engine: TransformersEngine) -> None:
+    assert engine._scheduler is not None
+    before = engine._scheduler.prefill_tokens
+    response = await sdk(app).chat.completions.create(model=MODEL, messages=PARIS, n=4, temperature=0, max_tokens=8)  # type: ignore[arg-type]
+    assert len({c.message.content for c in response.choices}) == 1
+    assert response.usage is not None
+    assert engine._scheduler.prefill_tokens - before == response.usage.prompt_tokens

@@ -1,0 +1,258 @@
+"""Continuous batching: one loop owns the model and advances every live sequence each step.
+
+Each iteration of the loop:
+1. admits new sequences and embedding jobs, and drops sequences whose consumer went away;
+2. prefills waiting prompts: short ones together in one padded forward pass (a request's `n`
+   copies of one prompt share a single row), a long one a chunk at a time, so running streams
+   are never stalled for a whole long prompt;
+3. runs one decode step for the whole running batch, sampling each row under its own
+   parameters and random generator.
+A sequence that finishes or is cancelled leaves the batch before the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from chatgate.engines.kvcache import BatchKV
+from chatgate.engines.sampling import sample
+from chatgate.engines.sequence import OutputChannel, SequenceState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Slot:
+    """One sequence inside the scheduler."""
+
+    state: SequenceState
+    channel: OutputChannel
+    generator: torch.Generator
+    prefilled: int = 0
+    last_token: int = -1
+    kv: BatchKV | None = field(default=None, repr=False)  # partial cache of a chunked prefill
+
+    @property
+    def remaining(self) -> int:
+        """Prompt tokens not yet prefilled."""
+        return len(self.state.prompt_ids) - self.prefilled
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerLimits:
+    """How much work one iteration may take on."""
+
+    max_running: int = 32
+    prefill_chunk: int = 256
+    prefill_budget: int = 512
+    prompt_cache_entries: int = 4
+    prompt_cache_tokens: int = 2048
+
+
+Job = Callable[[], None]
+
+
+class Scheduler:
+    """Owns the model in one thread; fed through a thread-safe inbox."""
+
+    def __init__(self, *, model: Any, limits: SchedulerLimits, pad_token_id: int) -> None:
+        self._model = model
+        self._limits = limits
+        self._pad = pad_token_id
+        self._layers = int(model.config.num_hidden_layers)
+        self.inbox: queue.Queue[Slot | Job | None] = queue.Queue()
+        self._waiting: list[Slot] = []
+        self._running: list[Slot] = []
+        self._kv = BatchKV(self._layers)
+        # The last few prefilled prompts: the n choices of one request, or identical requests
+        # arriving together, reuse a prefill instead of repeating it.
+        self._prompt_cache: OrderedDict[tuple[int, ...], tuple[BatchKV, torch.Tensor]] = OrderedDict()
+        self.prefill_tokens = 0  # prompt tokens run through the model, shared rows counted once
+        self.decode_steps = 0
+
+    def pending(self) -> int:
+        """Sequences running or waiting."""
+        return len(self._running) + len(self._waiting) + self.inbox.qsize()
+
+    def run(self) -> None:
+        """The loop; returns when `None` arrives in the inbox."""
+        while self._admit(block=not (self._running or self._waiting)):
+            self._drop_cancelled()
+            try:
+                if self._waiting and len(self._running) < self._limits.max_running:
+                    self._prefill()
+                if self._running:
+                    self._decode()
+            except Exception as exc:  # a failed step fails its sequences, not the engine
+                log.exception("engine step failed")
+                for slot in self._waiting + self._running:
+                    slot.channel.put(exc)
+                self._waiting, self._running, self._kv = [], [], BatchKV(self._layers)
+
+    def _admit(self, *, block: bool) -> bool:
+        try:
+            item = self.inbox.get(block=block)
+            while True:
+                if item is None:
+                    return False
+                if isinstance(item, Slot):
+                    self._waiting.append(item)
+                else:
+                    item()
+                item = self.inbox.get_nowait()
+        except queue.Empty:
+            return True
+
+    def _drop_cancelled(self) -> None:
+        self._waiting = [s for s in self._waiting if not s.channel.cancelled]
+        keep = [i for i, s in enumerate(self._running) if not s.channel.cancelled]
+        if len(keep) < len(self._running):
+            self._keep_rows(keep)
+
+    def _keep_rows(self, rows: list[int]) -> None:
+        self._running = [self._running[r] for r in rows]
+        if rows:
+            self._kv.select(rows)
+        else:
+            self._kv = BatchKV(self._layers)
+
+    # Prefill ---------------------------------------------------------------------------------
+
+    def _prefill(self) -> None:
+        if self._reuse_prefills():
+            return
+        head = self._waiting[0]
+        if head.prefilled or head.remaining > self._limits.prefill_chunk:
+            self._prefill_chunk(head)
+        else:
+            self._prefill_group(self._short_group())
+
+    def _reuse_prefills(self) -> bool:
+        """Start waiting sequences whose prompt was just prefilled; True if any started."""
+        room = self._limits.max_running - len(self._running)
+        hits = [s for s in self._waiting if not s.prefilled and tuple(s.state.prompt_ids) in self._prompt_cache]
+        for slot in hits[:room]:
+            kv, logits = self._prompt_cache[tuple(slot.state.prompt_ids)]
+            slot.prefilled = len(slot.state.prompt_ids)
+            self._waiting.remove(slot)
+            self._start([slot], kv.copy([0]), logits.unsqueeze(0), [0])
+        return bool(hits[:room])
+
+    def _remember(self, prompts: list[tuple[int, ...]], kv: BatchKV, logits: torch.Tensor) -> None:
+        for row, prompt in enumerate(prompts):
+            if len(prompt) > self._limits.prompt_cache_tokens:
+                continue  # a long prompt's cache costs more memory than a repeat would save
+            self._prompt_cache[prompt] = (kv.copy([row]), logits[row].clone())
+            self._prompt_cache.move_to_end(prompt)
+        while len(self._prompt_cache) > self._limits.prompt_cache_entries:
+            self._prompt_cache.popitem(last=False)
+
+    def _short_group(self) -> list[Slot]:
+        room = self._limits.max_running - len(self._running)
+        group: list[Slot] = []
+        tokens = 0
+        for slot in self._waiting:
+            if len(group) >= room or slot.prefilled or slot.remaining > self._limits.prefill_chunk:
+                break
+            if group and tokens + slot.remaining > self._limits.prefill_budget:
+                break
+            group.append(slot)
+            tokens += slot.remaining
+        return group
+
+    def _forward(self, kv: BatchKV, ids: torch.Tensor) -> torch.Tensor:
+        steps = ids.shape[1]
+        out = self._model(
+            input_ids=ids.to(self._model.device),
+            attention_mask=kv.attention_mask(steps).to(self._model.device),
+            position_ids=kv.positions(steps).to(self._model.device),
+            past_key_values=kv.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits: torch.Tensor = out.logits[:, -1].float().cpu()
+        return logits
+
+    @torch.inference_mode()
+    def _prefill_chunk(self, slot: Slot) -> None:
+        """Advance one long prompt by a chunk, in a cache of its own."""
+        if slot.kv is None:
+            slot.kv = BatchKV(self._layers)
+            slot.kv.pads = [0]
+        chunk = slot.state.prompt_ids[slot.prefilled : slot.prefilled + self._limits.prefill_chunk]
+        logits = self._forward(slot.kv, torch.tensor([chunk]))
+        self.prefill_tokens += len(chunk)
+        slot.prefilled += len(chunk)
+        if slot.remaining == 0:
+            self._waiting.remove(slot)
+            kv, slot.kv = slot.kv, None
+            self._remember([tuple(slot.state.prompt_ids)], kv, logits)
+            self._start([slot], kv, logits, [0])
+
+    @torch.inference_mode()
+    def _prefill_group(self, group: list[Slot]) -> None:
+        """Prefill several short prompts in one left-padded pass; equal prompts share a row."""
+        unique: dict[tuple[int, ...], int] = {}
+        for slot in group:
+            unique.setdefault(tuple(slot.state.prompt_ids), len(unique))
+        prompts = list(unique)
+        width = max(len(p) for p in prompts)
+        kv = BatchKV(self._layers)
+        kv.pads = [width - len(p) for p in prompts]
+        ids = torch.full((len(prompts), width), self._pad, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        logits = self._forward(kv, ids)
+        self.prefill_tokens += sum(len(p) for p in prompts)
+        self._remember(prompts, kv, logits)
+        for slot in group:
+            slot.prefilled = len(slot.state.prompt_ids)
+        self._waiting = [s for s in self._waiting if s not in group]
+        self._start(group, kv, logits, [unique[tuple(s.state.prompt_ids)] for s in group])
+
+    def _start(self, slots: list[Slot], kv: BatchKV, logits: torch.Tensor, rows: list[int]) -> None:
+        """Sample each new sequence's first token and move the live ones into the batch."""
+        live = []
+        for slot, row in zip(slots, rows, strict=True):
+            if self._advance(slot, logits[row]):
+                live.append((slot, row))
+        if not live:
+            return
+        kv.select([row for _, row in live])
+        self._kv.extend(kv)
+        self._running.extend(slot for slot, _ in live)
+
+    # Decode ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        ids = torch.tensor([[slot.last_token] for slot in self._running])
+        logits = self._forward(self._kv, ids)
+        self.decode_steps += 1
+        keep = [row for row, slot in enumerate(self._running) if self._advance(slot, logits[row])]
+        if len(keep) < len(self._running):
+            self._keep_rows(keep)
+
+    def _advance(self, slot: Slot, logits: torch.Tensor) -> bool:
+        """Sample one token for `slot` and hand out its text; False once it has finished."""
+        state = slot.state
+        token = sample(
+            logits,
+            state.params,
+            prompt_ids=state.prompt_ids,
+            output_ids=state.output_ids,
+            generator=slot.generator,
+        )
+        slot.last_token = token
+        output = state.append(token)
+        if output is not None:
+            slot.channel.put(output)
+        return not state.finished and not slot.channel.cancelled
+
