@@ -8,6 +8,7 @@
     ├── RequestTooLargeError            413 request_too_large
     ├── OverloadedError                 429 engine_overloaded (with Retry-After)
     ├── NoHealthyWorkerError            503 service_unavailable (with Retry-After)
+    │   └── WorkerUnavailableError      a worker failed before answering: retried elsewhere
     └── WorkerError                     502 upstream worker failed
 
 Serving code raises these; one handler in the API app turns them into OpenAI-shaped bodies.
@@ -137,6 +138,10 @@ class NoHealthyWorkerError(ChatgateError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "2"}
+
+
+class WorkerUnavailableError(NoHealthyWorkerError):
+    """A worker could not be reached, or failed before its first byte; safe to retry elsewhere."""
 
 
 class WorkerError(ChatgateError):

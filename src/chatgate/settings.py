@@ -104,6 +104,9 @@ class EngineSettings(_Base):
     limit_worker_concurrency: int = Field(
         64, ge=1, description="Most requests a worker runs or queues at once (429 beyond)."
     )
+    fake_token_delay: float = Field(
+        0.0, ge=0, description="Seconds per token of the fake engine (for tests and demos)."
+    )
     max_running: int = Field(
         32, ge=1, description="Most sequences decoded together in one batch; the rest queue."
     )
@@ -138,8 +141,8 @@ class ApiProcessSettings(ApiSettings):
     """Settings of `chatgate api`: the API server in front of a controller."""
 
     controller_address: str = Field("http://localhost:21001", description="Controller URL.")
-    worker_table_ttl: float = Field(
-        5.0, gt=0, description="Seconds the API server trusts its copy of the worker table."
+    worker_table_refresh: float = Field(
+        1.0, gt=0, description="Seconds between refreshes of the API server's worker table."
     )
 
 

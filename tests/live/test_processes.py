@@ -40,7 +40,7 @@ def stack(processes: list[Process], tmp_path_factory: pytest.TempPathFactory) ->
                       "--controller-address", urls["controller"], "--heartbeat-interval", "1"], logs / "worker.log")
     processes.append(worker)
     api = Process(["api", "--port", str(ports["api"]), "--controller-address", urls["controller"],
-                   "--worker-table-ttl", "1"], logs / "api.log")
+                   "--worker-table-refresh", "0.5"], logs / "api.log")
     processes.append(api)
     for name, process in (("controller", controller), ("serve", serve), ("worker", worker), ("api", api)):
         process.wait_healthy(urls[name])

@@ -9,7 +9,8 @@ from contextlib import AbstractAsyncContextManager
 
 import httpx
 
-from chatgate.api.clients import ControllerRouter, LocalRouter, Router
+from chatgate.api.clients import LocalRouter, Router
+from chatgate.api.remote import ControllerRouter
 from chatgate.engines import create_engine
 from chatgate.engines.base import Engine
 from chatgate.settings import ApiProcessSettings, ServeSettings
@@ -59,8 +60,15 @@ def controller_backend(settings: ApiProcessSettings) -> Backend:
     async def backend() -> AsyncIterator[Router]:
         limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
         async with httpx.AsyncClient(timeout=httpx.Timeout(30.0), limits=limits) as http:
-            yield ControllerRouter(
-                http=http, controller=settings.controller_address, ttl=settings.worker_table_ttl
+            router = ControllerRouter(
+                http=http, controller=settings.controller_address, refresh=settings.worker_table_refresh
             )
+            refresher = asyncio.create_task(router.run())
+            try:
+                yield router
+            finally:
+                refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresher
 
     return backend

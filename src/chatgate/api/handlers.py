@@ -7,6 +7,7 @@ field as OpenAI does (`messages[0].role`) and `code` says what was wrong with it
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -17,6 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatgate.errors import ChatgateError, InvalidRequestError, RequestTooLargeError
+from chatgate.metrics import ApiMetrics
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +162,10 @@ class GuardMiddleware:
     error becomes an OpenAI-shaped 500 naming that id, never a traceback.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body: int, metrics: ApiMetrics | None = None) -> None:
         self.app = app
         self.max_body = max_body
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -171,11 +174,14 @@ class GuardMiddleware:
         headers = dict(scope.get("headers") or [])
         request_id = headers.get(b"x-request-id") or f"req_{uuid.uuid4().hex}".encode()
         started = False
+        status = 500
+        begin = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal started
+            nonlocal started, status
             if message["type"] == "http.response.start":
                 started = True
+                status = int(message["status"])
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
             await send(message)
 
@@ -209,6 +215,17 @@ class GuardMiddleware:
                     f"(request id {request_id.decode(errors='replace')})"
                 )
             )
+        finally:
+            self._observe(scope, status, time.perf_counter() - begin)
+
+    def _observe(self, scope: Scope, status: int, seconds: float) -> None:
+        if self.metrics is None:
+            return
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        # An unknown model's name is the client's to choose: keep it out of the label values.
+        model = "" if status == 404 else str((scope.get("state") or {}).get("model", ""))[:100]
+        self.metrics.requests.labels(route=route, model=model, status=str(status)).inc()
+        self.metrics.latency.labels(route=route, model=model).observe(seconds)
 
     def _too_large(self) -> RequestTooLargeError:
         return RequestTooLargeError(

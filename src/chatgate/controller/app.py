@@ -8,10 +8,18 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
 from chatgate.controller.dispatch import METHODS
 from chatgate.controller.registry import Clock, Registry
-from chatgate.protocol.worker import HeartBeat, RegisterWorker, WorkerStatus, WorkerTable
+from chatgate.metrics import FleetCollector, mount
+from chatgate.protocol.worker import (
+    HeartBeat,
+    RegisterWorker,
+    WorkerDown,
+    WorkerStatus,
+    WorkerTable,
+)
 from chatgate.settings import ControllerSettings
 
 log = logging.getLogger(__name__)
@@ -45,6 +53,22 @@ def create_controller_app(settings: ControllerSettings, *, clock: Clock | None =
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/ready")
+    async def ready() -> dict[str, str]:
+        return {"status": "ready"}
+
+    def workers_per_model() -> dict[str, int]:
+        return {model: len(registry.workers(model)) for model in registry.models()}
+
+    metrics = CollectorRegistry()
+    metrics.register(
+        FleetCollector(
+            workers_per_model=workers_per_model,
+            worker_load=lambda: [(w.address, w.queue_length, w.queue_length) for w in registry.workers()],
+        )
+    )
+    mount(app, metrics)
+
     @app.post("/register_worker")
     async def register_worker(body: RegisterWorker) -> dict[str, bool]:
         status = body.worker_status or WorkerStatus(model_names=[])
@@ -71,7 +95,17 @@ def create_controller_app(settings: ControllerSettings, *, clock: Clock | None =
 
     @app.post("/list_workers")
     async def list_workers() -> WorkerTable:
-        return WorkerTable(workers=[w.entry() for w in registry.workers()])
+        return WorkerTable(
+            workers=[w.entry() for w in registry.workers()],
+            dispatch_method=settings.dispatch_method,
+        )
+
+    @app.post("/report_worker_down")
+    async def report_worker_down(body: WorkerDown) -> dict[str, bool]:
+        # If the worker is in fact alive, its next heartbeat is refused and it registers again.
+        registry.remove(body.worker_name)
+        log.info("worker %s reported down", body.worker_name)
+        return {"ok": True}
 
     @app.post("/get_worker_address")
     async def get_worker_address(body: dict[str, str]) -> dict[str, str]:

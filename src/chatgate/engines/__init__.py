@@ -23,7 +23,8 @@ def _sentence_transformers(settings: EngineSettings) -> Engine:
 def _fake(settings: EngineSettings) -> Engine:
     from chatgate.engines.fake import FakeEngine
 
-    return FakeEngine()
+    names = settings.model_names
+    return FakeEngine(name=names[0] if names else "fake-model", token_delay=settings.fake_token_delay)
 
 
 ENGINES: dict[str, Callable[[EngineSettings], Engine]] = {

@@ -46,6 +46,10 @@ class GenerateParams(BaseModel):
     prompt_param: str = "prompt"
     max_tokens_param: str = "max_tokens"
 
+    def prompt_key(self) -> tuple[object, ...]:
+        """What identifies the prompt (choices of one prompt share it)."""
+        return (self.prompt, str(self.messages), tuple(self.prompt_token_ids or ()))
+
     def stop_list(self) -> list[str]:
         """Stop strings as a list."""
         if self.stop is None:
@@ -130,9 +134,16 @@ class WorkerEntry(BaseModel):
 
 
 class WorkerTable(BaseModel):
-    """Response of `/list_workers`."""
+    """Response of `/list_workers`: the live workers, and how the controller dispatches."""
 
     workers: list[WorkerEntry] = Field(default_factory=list)
+    dispatch_method: str = "shortest_queue"
+
+
+class WorkerDown(BaseModel):
+    """Body of the controller's `/report_worker_down` (a chatgate extension)."""
+
+    worker_name: str
 
 
 class ModelDetails(BaseModel):

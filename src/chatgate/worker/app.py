@@ -9,11 +9,13 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 import httpx
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 from fastapi.responses import JSONResponse
 
 from chatgate.engines import create_engine
 from chatgate.engines.base import Engine
 from chatgate.errors import ChatgateError
+from chatgate.metrics import FleetCollector, mount
 from chatgate.protocol.worker import (
     CountTokenRequest,
     EmbedParams,
@@ -86,9 +88,23 @@ def create_worker_app(settings: WorkerSettings, *, engine: Engine | None = None)
     def service() -> WorkerService:
         return app.state.service  # type: ignore[no-any-return]
 
+    registry = CollectorRegistry()
+    registry.register(
+        FleetCollector(
+            workers_per_model=lambda: {name: 1 for name in service().model_names},
+            worker_load=lambda: [(settings.address(), *service().load())],
+            served=lambda: {service().model_names[0]: service().served},
+        )
+    )
+    mount(app, registry)
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> dict[str, object]:
+        return {"status": "ready", "models": service().model_names}
 
     @app.post("/worker_generate_stream")
     async def generate_stream(params: GenerateParams) -> ClosingStreamingResponse:

@@ -40,6 +40,7 @@ class WorkerService:
         self.model_names = model_names or [engine.info.name]
         self._limit = limit_concurrency
         self._active = 0
+        self.served = 0  # requests taken, for metrics
         self._batcher = EmbeddingBatcher(engine.embed)
 
     async def close(self) -> None:
@@ -122,6 +123,7 @@ class WorkerService:
         if self._active >= self._limit:
             raise OverloadedError("The model is overloaded; retry shortly.")
         self._active += 1
+        self.served += 1
         try:
             cumulative = prompt_text if params.echo else ""
             first = True
@@ -172,11 +174,16 @@ class WorkerService:
                 f"The model `{self.engine.info.name}` does not serve embeddings.", param="model"
             )
         inputs = self._embedding_inputs(params)
+        self.served += 1
         vectors = await self._batcher.submit(inputs)
         counts = [len(ids) for ids in inputs]
         return EmbedResult(embedding=vectors, token_num=sum(counts), token_counts=counts)
 
     # Status ----------------------------------------------------------------------------------
+
+    def load(self) -> tuple[int, int]:
+        """Requests in flight, and sequences the engine is running or queueing."""
+        return self._active, self.engine.pending()
 
     def status(self) -> WorkerStatus:
         """What the worker reports to the controller."""

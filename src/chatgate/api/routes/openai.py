@@ -53,29 +53,37 @@ async def retrieve_model(model: str, state: ApiState = Depends(api_state)) -> Mo
 @router.post("/v1/chat/completions")
 @router.post("/api/v1/chat/completions")  # FastChat's path; same request and behaviour
 async def chat_completions(
-    body: ChatCompletionRequest, state: ApiState = Depends(api_state)
+    body: ChatCompletionRequest, request: Request, state: ApiState = Depends(api_state)
 ) -> Response:
     """Chat completion, streamed or not."""
+    request.state.model = body.model
     return respond(await state.chat.create(body))
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, state: ApiState = Depends(api_state)) -> Response:
+async def completions(
+    body: CompletionRequest, request: Request, state: ApiState = Depends(api_state)
+) -> Response:
     """Text completion, streamed or not."""
+    request.state.model = body.model
     return respond(await state.completions.create(body))
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)
-async def embeddings(body: EmbeddingRequest, state: ApiState = Depends(api_state)) -> Response:
+async def embeddings(
+    body: EmbeddingRequest, request: Request, state: ApiState = Depends(api_state)
+) -> Response:
     """Embeddings of the inputs."""
+    request.state.model = body.model
     return respond(await state.embeddings.create(body))
 
 
 @router.post("/v1/engines/{model:path}/embeddings", response_model=EmbeddingResponse)
 async def engine_embeddings(
-    model: str, body: EmbeddingRequest, state: ApiState = Depends(api_state)
+    model: str, body: EmbeddingRequest, request: Request, state: ApiState = Depends(api_state)
 ) -> Response:
     """Embeddings from the model the URL names (the legacy engines path)."""
+    request.state.model = model
     return respond(await state.embeddings.create(body.model_copy(update={"model": model})))
 
 

@@ -6,10 +6,11 @@ import base64
 
 import numpy as np
 
-from chatgate.api.clients import Router
+from chatgate.api.clients import Router, WorkerClient
+from chatgate.api.failover import with_failover
 from chatgate.errors import InvalidRequestError
 from chatgate.protocol.openai import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
-from chatgate.protocol.worker import EmbedParams
+from chatgate.protocol.worker import EmbedParams, EmbedResult
 
 
 def to_params(request: EmbeddingRequest) -> EmbedParams:
@@ -31,6 +32,17 @@ def encode(vector: list[float], encoding_format: str) -> list[float] | str:
     return vector
 
 
+async def _checked_embed(worker: WorkerClient, request: EmbeddingRequest) -> EmbedResult:
+    details = await worker.model_details()
+    if request.dimensions is not None and request.dimensions != details.embedding_dim:
+        raise InvalidRequestError(
+            f"This model's embeddings have {details.embedding_dim} dimensions and cannot be "
+            f"shortened; 'dimensions' must be {details.embedding_dim} or left out.",
+            param="dimensions",
+        )
+    return await worker.embed(to_params(request))
+
+
 class EmbeddingServing:
     """Serves embeddings from the worker of the requested model."""
 
@@ -42,15 +54,7 @@ class EmbeddingServing:
         if not request.model:
             raise InvalidRequestError("Missing required parameter: 'model'.", param="model",
                                       code="missing_required_parameter")
-        worker = await self._router.worker_for(request.model)
-        details = await worker.model_details()
-        if request.dimensions is not None and request.dimensions != details.embedding_dim:
-            raise InvalidRequestError(
-                f"This model's embeddings have {details.embedding_dim} dimensions and cannot be "
-                f"shortened; 'dimensions' must be {details.embedding_dim} or left out.",
-                param="dimensions",
-            )
-        result = await worker.embed(to_params(request))
+        result = await with_failover(self._router, request.model, lambda w: _checked_embed(w, request))
         return EmbeddingResponse(
             data=[
                 Embedding(embedding=encode(vector, request.encoding_format), index=index)

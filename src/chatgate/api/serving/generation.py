@@ -7,11 +7,15 @@ become response objects; both live in their own modules on top of this one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from chatgate.api.clients import Router
+from chatgate.api.clients import Router, WorkerClient
+from chatgate.api.failover import with_failover
 from chatgate.errors import InvalidRequestError
+from chatgate.metrics import ApiMetrics
 from chatgate.protocol.openai import Usage, SamplingRequest
 from chatgate.protocol.worker import GenerateParams, WorkerChunk
 from chatgate.streams import merge, primed
@@ -31,6 +35,29 @@ class Choice:
         self.finish_reason = chunk.finish_reason or self.finish_reason
         if chunk.usage is not None:
             self.usage = Usage.model_validate(chunk.usage.model_dump())
+
+
+async def _metered(
+    stream: AsyncGenerator[WorkerChunk, None], metrics: ApiMetrics, model: str, begin: float, *, count_prompt: bool
+) -> AsyncGenerator[WorkerChunk, None]:
+    """Pass chunks through, observing time to first text, gaps between texts and tokens."""
+    last: float | None = None
+    usage = None
+    async with contextlib.aclosing(stream):
+        async for chunk in stream:
+            now = time.perf_counter()
+            if chunk.text:
+                if last is None:
+                    metrics.ttft.labels(model=model).observe(now - begin)
+                else:
+                    metrics.itl.labels(model=model).observe(now - last)
+                last = now
+            usage = chunk.usage or usage
+            yield chunk
+    if usage is not None:
+        if count_prompt:
+            metrics.prompt_tokens.labels(model=model).inc(usage.prompt_tokens)
+        metrics.completion_tokens.labels(model=model).inc(usage.completion_tokens)
 
 
 def total_usage(choices: list[Choice], per_prompt: int) -> Usage:
@@ -70,9 +97,10 @@ def with_seeds(params: GenerateParams, n: int, seed: int | None) -> list[Generat
 class GenerationServing:
     """Starts generations on a worker and collects or merges their streams."""
 
-    def __init__(self, *, router: Router, max_n: int) -> None:
+    def __init__(self, *, router: Router, max_n: int, metrics: ApiMetrics | None = None) -> None:
         self._router = router
         self._max_n = max_n
+        self._metrics = metrics
 
     def check_n(self, n: int) -> None:
         """Refuse more choices than the server allows."""
@@ -82,8 +110,22 @@ class GenerationServing:
     async def start(
         self, model: str, params: list[GenerateParams]
     ) -> list[AsyncGenerator[WorkerChunk, None]]:
-        """Start every generation and wait for each one's first chunk, so errors raise here."""
-        worker = await self._router.worker_for(model)
+        """Start every generation and wait for each one's first chunk, so errors raise here;
+        if the worker fails before answering, all of them move to another worker."""
+        begin = time.perf_counter()
+        streams = await with_failover(self._router, model, lambda worker: self._start_on(worker, params))
+        if self._metrics is None:
+            return streams
+        first_of_prompt = [i == 0 or params[i].prompt_key() != params[i - 1].prompt_key() for i in range(len(params))]
+        return [
+            _metered(stream, self._metrics, model, begin, count_prompt=first)
+            for stream, first in zip(streams, first_of_prompt, strict=True)
+        ]
+
+    @staticmethod
+    async def _start_on(
+        worker: WorkerClient, params: list[GenerateParams]
+    ) -> list[AsyncGenerator[WorkerChunk, None]]:
         results = await asyncio.gather(
             *(primed(worker.generate_stream(p)) for p in params), return_exceptions=True
         )

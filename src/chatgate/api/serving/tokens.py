@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from chatgate.api.clients import Router
+from chatgate.api.clients import Router, WorkerClient
+from chatgate.api.failover import with_failover
 from chatgate.protocol.fastchat import TokenCheckRequest, TokenCheckResponse, TokenCheckResult
 from chatgate.protocol.worker import CountTokenRequest
 
@@ -17,12 +18,16 @@ class TokenCheckServing:
         """One result per prompt, in order."""
         results = []
         for item in request.prompts:
-            worker = await self._router.worker_for(item.model)
-            count = await worker.count_tokens(CountTokenRequest(prompt=item.prompt))
-            context = (await worker.model_details()).context_length
+            count, context = await with_failover(self._router, item.model, lambda w: _measure(w, item.prompt))
             results.append(
                 TokenCheckResult(
                     fits=count + item.max_tokens <= context, tokenCount=count, contextLength=context
                 )
             )
         return TokenCheckResponse(prompts=results)
+
+
+async def _measure(worker: WorkerClient, prompt: str) -> tuple[int, int]:
+    """Prompt tokens and context length, from the worker's own tokenizer."""
+    count = await worker.count_tokens(CountTokenRequest(prompt=prompt))
+    return count, (await worker.model_details()).context_length

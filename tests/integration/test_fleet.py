@@ -1,0 +1,147 @@
+"""The API server in front of a controller and two workers, all in one process (no ports):
+dispatch, failover, readiness and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI
+
+from chatgate.api.app import create_api_app
+from chatgate.api.clients import Router
+from chatgate.api.remote import ControllerRouter
+from chatgate.controller.app import create_controller_app
+from chatgate.engines.fake import FakeEngine
+from chatgate.settings import ApiProcessSettings, ControllerSettings, WorkerSettings
+from chatgate.worker.app import create_worker_app
+from tests.conftest import raw, running, sdk
+
+pytestmark = pytest.mark.anyio
+
+M = "fake-model"
+MSG = [{"role": "user", "content": "hi"}]
+
+
+class Dead(httpx.AsyncBaseTransport):
+    """A worker whose machine is gone: every connection is refused."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+
+class Fleet:
+    def __init__(self, dispatch: str, workers: dict[str, FastAPI | None]) -> None:
+        self.controller = create_controller_app(ControllerSettings(dispatch_method=dispatch))  # type: ignore[arg-type]
+        self.workers = workers
+        mounts: dict[str, httpx.AsyncBaseTransport] = {"http://controller": httpx.ASGITransport(app=self.controller)}
+        for address, app in workers.items():
+            mounts[address] = httpx.ASGITransport(app=app) if app is not None else Dead()
+        self.http = httpx.AsyncClient(mounts=mounts)
+        self.router = ControllerRouter(http=self.http, controller="http://controller", refresh=0.2)
+
+        @contextlib.asynccontextmanager
+        async def backend() -> AsyncIterator[Router]:
+            task = asyncio.create_task(self.router.run())
+            try:
+                yield self.router
+            finally:
+                task.cancel()
+
+        self.api = create_api_app(ApiProcessSettings(), backend)
+
+    async def register(self) -> None:
+        for address in self.workers:
+            body = {"worker_name": address, "worker_status": {"model_names": [M], "speed": 1, "queue_length": 0}}
+            assert (await self.http.post("http://controller/register_worker", json=body)).status_code == 200
+        await self.router.refresh()
+
+
+def worker_app(delay: float = 0.01) -> FastAPI:
+    return create_worker_app(WorkerSettings(no_register=True, engine="fake"), engine=FakeEngine(token_delay=delay))
+
+
+@contextlib.asynccontextmanager
+async def fleet(dispatch: str, workers: dict[str, FastAPI | None]) -> AsyncIterator[Fleet]:
+    f = Fleet(dispatch, workers)
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(running(f.controller))
+        for app in workers.values():
+            if app is not None:
+                await stack.enter_async_context(running(app))
+        await f.register()
+        await stack.enter_async_context(running(f.api))
+        yield f
+        await f.http.aclose()
+
+
+def served(app: FastAPI) -> int:
+    return int(app.state.service.served)
+
+
+@pytest.mark.parametrize("dispatch", ["shortest_queue", "lottery"])
+async def test_traffic_splits_between_two_workers(dispatch: str) -> None:
+    a, b = worker_app(), worker_app()
+    async with fleet(dispatch, {"http://w1": a, "http://w2": b}) as f:
+        client = sdk(f.api)
+        results = await asyncio.gather(*(client.chat.completions.create(model=M, messages=MSG) for _ in range(24)))  # type: ignore[arg-type]
+        assert all(r.choices[0].finish_reason for r in results)
+        assert served(a) + served(b) == 24
+        assert served(a) >= 4 and served(b) >= 4, (served(a), served(b))
+
+
+async def test_dead_worker_fails_over_and_leaves_rotation() -> None:
+    alive = worker_app()
+    async with fleet("shortest_queue", {"http://dead": None, "http://alive": alive}) as f:
+        client = sdk(f.api)
+        results = await asyncio.gather(*(client.chat.completions.create(model=M, messages=MSG) for _ in range(8)))  # type: ignore[arg-type]
+        assert len(results) == 8 and served(alive) == 8
+        assert [e.address for e in f.router._table] == ["http://alive"]
+        workers = (await f.http.post("http://controller/list_workers")).json()["workers"]
+        for _ in range(50):  # the report to the controller is sent in the background
+            if [w["address"] for w in workers] == ["http://alive"]:
+                break
+            await asyncio.sleep(0.02)
+            workers = (await f.http.post("http://controller/list_workers")).json()["workers"]
+        assert [w["address"] for w in workers] == ["http://alive"]
+        emb = await client.embeddings.create(model=M, input="x")
+        assert len(emb.data) == 1
+
+
+async def test_no_healthy_worker_is_503_with_retry_after() -> None:
+    async with fleet("shortest_queue", {"http://dead1": None, "http://dead2": None}) as f:
+        with pytest.raises(openai.InternalServerError) as err:
+            await sdk(f.api).chat.completions.create(model=M, messages=MSG)  # type: ignore[arg-type]
+        assert err.value.status_code == 503
+        assert err.value.response.headers["retry-after"]
+        async with raw(f.api) as http:
+            ready = await http.get("/ready")
+        assert ready.status_code == 503 and ready.json()["workers"] == {M: 0}
+
+
+async def test_ready_and_metrics() -> None:
+    async with fleet("shortest_queue", {"http://w1": worker_app(), "http://w2": worker_app()}) as f:
+        client = sdk(f.api)
+        stream = await client.chat.completions.create(model=M, messages=MSG, stream=True)  # type: ignore[arg-type]
+        assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        await client.completions.create(model=M, prompt="hello", max_tokens=5)
+        with pytest.raises(openai.NotFoundError):
+            await client.completions.create(model="nope", prompt="x")
+        async with raw(f.api) as http:
+            ready = await http.get("/ready")
+            text = (await http.get("/metrics")).text
+        assert ready.status_code == 200 and ready.json()["workers"] == {M: 2}
+        assert 'chatgate_requests_total{model="fake-model",route="/v1/chat/completions",status="200"} 1.0' in text
+        assert 'chatgate_requests_total{model="",route="/v1/completions",status="404"} 1.0' in text
+        assert 'chatgate_workers{model="fake-model"} 2.0' in text
+        assert 'chatgate_time_to_first_token_seconds_count{model="fake-model"} 2.0' in text
+        assert 'chatgate_completion_tokens_total{model="fake-model"}' in text
+        assert "chatgate_inter_token_latency_seconds_bucket" in text
+        assert "chatgate_worker_queue_length" in text
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=f.workers["http://w1"]), base_url="http://w") as w:
+            worker_text = (await w.get("/metrics")).text
+        assert 'chatgate_worker_requests_total{model="fake-model"}' in worker_text

@@ -1,0 +1,148 @@
+"""Chaos with real processes: a controller, two workers of one model, an API server and 16
+streaming clients; one worker is killed with SIGKILL mid-run, then restarted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.live.conftest import Process, free_port
+
+pytestmark = pytest.mark.live
+
+M = "fake-model"
+HEARTBEAT = 2.0
+
+
+@dataclass
+class Outcome:
+    ok: int = 0
+    failed_before_streaming: list[str] = field(default_factory=list)
+    failed_mid_stream: int = 0
+
+
+async def stream_once(http: httpx.AsyncClient, url: str, outcome: Outcome) -> None:
+    body = {"model": M, "messages": [{"role": "user", "content": "tell me something"}], "stream": True}
+    chunks = 0
+    try:
+        async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                outcome.failed_before_streaming.append(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+                return
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    if chunks <= 1:  # only the role chunk had arrived: nothing was generated yet
+                        outcome.failed_before_streaming.append(event["error"]["message"])
+                    else:
+                        outcome.failed_mid_stream += 1
+                    return
+                chunks += 1
+        outcome.ok += 1
+    except httpx.HTTPError as exc:
+        outcome.failed_before_streaming.append(repr(exc))
+
+
+async def clients(url: str, outcome: Outcome, until: float, count: int = 16) -> None:
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=count + 4)) as http:
+        async def loop() -> None:
+            while time.monotonic() < until:
+                await stream_once(http, url, outcome)
+
+        await asyncio.gather(*(loop() for _ in range(count)))
+
+
+def worker_count(url: str) -> int:
+    try:
+        return int(httpx.get(f"{url}/ready", timeout=1).json()["workers"].get(M, 0))
+    except (httpx.HTTPError, ValueError, KeyError):
+        return -1
+
+
+def served(worker: str) -> float:
+    text = httpx.get(f"{worker}/metrics", timeout=2).text
+    line = next(x for x in text.splitlines() if x.startswith("chatgate_worker_requests_total"))
+    return float(line.split()[-1])
+
+
+def wait_until(predicate, deadline: float) -> float:  # type: ignore[no-untyped-def]
+    start = time.monotonic()
+    while time.monotonic() - start < deadline:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met in {deadline}s")
+
+
+def test_kill_a_worker_mid_run(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in ("controller", "w1", "w2", "api")}
+    url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    processes: list[Process] = []
+
+    def worker(name: str) -> Process:
+        p = Process(["worker", "--engine", "fake", "--fake-token-delay", "0.02", "--model-names", M,
+                     "--host", "127.0.0.1", "--port", str(ports[name]), "--controller-address", url["controller"],
+                     "--heartbeat-interval", str(HEARTBEAT)], tmp_path / f"{name}.log")
+        processes.append(p)
+        return p
+
+    try:
+        controller = Process(["controller", "--host", "127.0.0.1", "--port", str(ports["controller"]),
+                              "--heartbeat-expiration", str(3 * HEARTBEAT)], tmp_path / "controller.log")
+        processes.append(controller)
+        controller.wait_healthy(url["controller"])
+        w1, w2 = worker("w1"), worker("w2")
+        w1.wait_healthy(url["w1"])
+        w2.wait_healthy(url["w2"])
+        api = Process(["api", "--port", str(ports["api"]), "--controller-address", url["controller"],
+                       "--worker-table-refresh", "0.5"], tmp_path / "api.log")
+        processes.append(api)
+        api.wait_healthy(url["api"])
+        wait_until(lambda: worker_count(url["api"]) == 2, 10)
+
+        outcome = Outcome()
+        loop = asyncio.new_event_loop()
+        start = time.monotonic()
+        load = loop.create_task(clients(url["api"], outcome, until=start + 9))
+
+        async def chaos() -> dict[str, float]:
+            await asyncio.sleep(3)
+            before = served(url["w1"]), served(url["w2"])
+            os.kill(w1.proc.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            while worker_count(url["api"]) != 1:
+                await asyncio.sleep(0.05)
+            return {"out_of_rotation_s": time.monotonic() - killed, "w1_before": before[0], "w2_before": before[1]}
+
+        figures = loop.run_until_complete(chaos())
+        loop.run_until_complete(load)
+        loop.close()
+        print("chaos figures:", figures, outcome)
+        assert figures["w1_before"] > 0 and figures["w2_before"] > 0  # both took traffic before the kill
+        assert figures["out_of_rotation_s"] < 2.0
+        assert outcome.failed_before_streaming == []
+        assert outcome.ok > 50
+
+        # The restarted worker rejoins within one heartbeat interval of coming up.
+        w1 = worker("w1")
+        w1.wait_healthy(url["w1"])
+        rejoin = wait_until(lambda: worker_count(url["api"]) == 2, 10)
+        print("rejoin after health:", rejoin)
+        assert rejoin <= HEARTBEAT
+        after = Outcome()
+        asyncio.run(clients(url["api"], after, until=time.monotonic() + 3))
+        assert after.failed_before_streaming == [] and after.ok > 10
+        assert served(url["w1"]) > 0  # the new process takes traffic again
+    finally:
+        for p in reversed(processes):
+            p.stop()
