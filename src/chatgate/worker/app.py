@@ -142,6 +142,10 @@ def create_worker_app(settings: WorkerSettings, *, engine: Engine | None = None)
     async def count_token(request: CountTokenRequest) -> dict[str, int]:
         return {"count": service().count_tokens(request), "error_code": 0}
 
+    @app.post("/worker_get_conv_template")
+    async def conv_template() -> dict[str, object]:
+        return {"conv": service().conversation().model_dump()}
+
     @app.post("/model_details")
     async def model_details() -> dict[str, object]:
         return service().details().model_dump()

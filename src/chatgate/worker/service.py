@@ -15,6 +15,7 @@ from chatgate.errors import (
     InvalidRequestError,
     OverloadedError,
 )
+from chatgate.protocol.conversation import Conversation, SeparatorStyle, chatml_conversation
 from chatgate.protocol.worker import (
     EXTENSIONS,
     CountTokenRequest,
@@ -189,6 +190,18 @@ class WorkerService:
         """What the worker reports to the controller."""
         return WorkerStatus(
             model_names=self.model_names, speed=1.0, queue_length=self._active
+        )
+
+    def conversation(self) -> Conversation:
+        """The model's chat template as a FastChat conversation, for FastChat's API server."""
+        probe = self._render([{"role": "user", "content": "{probe}"}]) if self.engine.info.generates else ""
+        eos = list(getattr(self.engine, "eos_token_ids", ()))
+        return chatml_conversation(probe, stop_token_ids=eos) or Conversation(
+            name="chatgate-generic",
+            system_template="{system_message}",
+            roles=["USER", "ASSISTANT"],
+            sep_style=SeparatorStyle.ADD_COLON_SINGLE,
+            sep="\n",
         )
 
     def details(self) -> ModelDetails:
