@@ -89,6 +89,7 @@ def chart(report: dict[str, Any], path: Path) -> Path:
     speed.set(title="Aggregate throughput", xlabel="concurrent streams", ylabel="completion tokens/s")
     ttft.set(title="Time to first token (p50)", xlabel="concurrent streams", ylabel="seconds")
     for axis in (speed, ttft):
+        axis.set_ylim(bottom=0)
         axis.grid(alpha=0.3)
         axis.legend()
     figure.suptitle(f"chatgate bench: {report.get('model', '')}, {report.get('max_tokens', '')} max tokens")
