@@ -31,6 +31,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    # A compiled decoding constraint from `Engine.compile_constraint`, owned by the engine.
+    constraint: Any = None
 
     @property
     def greedy(self) -> bool:
@@ -91,6 +93,12 @@ class Engine(abc.ABC):
     def pending(self) -> int:
         """Sequences running or waiting in this engine."""
         return 0
+
+    def compile_constraint(self, spec: dict[str, Any]) -> Any:
+        """Compile a `response_format` constraint for `SamplingParams.constraint`."""
+        raise InvalidRequestError(
+            f"The model `{self.info.name}` does not support structured output.", param="response_format"
+        )
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         """One L2-normalised vector per token-id list, in order; batched by the engine."""

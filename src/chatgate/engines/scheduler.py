@@ -37,6 +37,7 @@ class Slot:
     generator: torch.Generator
     prefilled: int = 0
     last_token: int = -1
+    constraint: Any = None  # a `constraints.Constraint` for structured output
     kv: BatchKV | None = field(default=None, repr=False)  # partial cache of a chunked prefill
 
     @property
@@ -69,6 +70,7 @@ class Scheduler:
         self._layers = int(model.config.num_hidden_layers)
         self.inbox: queue.Queue[Slot | Job | None] = queue.Queue()
         self._waiting: list[Slot] = []
+        self._live: set[Slot] = set()  # every admitted sequence not yet ended, wherever it is
         self._running: list[Slot] = []
         self._kv = BatchKV(self._layers)
         # The last few prefilled prompts: the n choices of one request, or identical requests
@@ -92,8 +94,9 @@ class Scheduler:
                     self._decode()
             except Exception as exc:  # a failed step fails its sequences, not the engine
                 log.exception("engine step failed")
-                for slot in self._waiting + self._running:
+                for slot in self._live:
                     slot.channel.put(exc)
+                self._live.clear()
                 self._waiting, self._running, self._kv = [], [], BatchKV(self._layers)
 
     def _admit(self, *, block: bool) -> bool:
@@ -104,6 +107,7 @@ class Scheduler:
                     return False
                 if isinstance(item, Slot):
                     self._waiting.append(item)
+                    self._live.add(item)
                 else:
                     item()
                 item = self.inbox.get_nowait()
@@ -111,6 +115,7 @@ class Scheduler:
             return True
 
     def _drop_cancelled(self) -> None:
+        self._live = {s for s in self._live if not s.channel.cancelled}
         self._waiting = [s for s in self._waiting if not s.channel.cancelled]
         keep = [i for i, s in enumerate(self._running) if not s.channel.cancelled]
         if len(keep) < len(self._running):
@@ -243,6 +248,9 @@ class Scheduler:
     def _advance(self, slot: Slot, logits: torch.Tensor) -> bool:
         """Sample one token for `slot` and hand out its text; False once it has finished."""
         state = slot.state
+        if slot.constraint is not None:
+            logits = logits.clone()  # the row may be shared (n choices, the prompt cache)
+            slot.constraint.mask(logits)
         token = sample(
             logits,
             state.params,
@@ -251,8 +259,16 @@ class Scheduler:
             generator=slot.generator,
         )
         slot.last_token = token
+        if slot.constraint is not None and not slot.constraint.accept(token):
+            # Only this sequence fails; the rest of the batch carries on.
+            slot.channel.put(RuntimeError(f"sampled token {token}, which the grammar forbids"))
+            self._live.discard(slot)
+            return False
         output = state.append(token)
         if output is not None:
             slot.channel.put(output)
-        return not state.finished and not slot.channel.cancelled
+        if state.finished or slot.channel.cancelled:
+            self._live.discard(slot)
+            return False
+        return True
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, SamplingParams
+from chatgate.engines.constraints import ConstraintCompiler
 from chatgate.engines.embedding import embed_in_batches, mean_pool
 from chatgate.engines.kernels import use_skinny_linears
 from chatgate.engines.loading import cached_checkpoint, resolve_chat_model
@@ -41,6 +42,7 @@ class TransformersEngine(Engine):
         self._model: Any = None
         self._tokenizer: Any = None
         self._eos: frozenset[int] = frozenset()
+        self._constraints: ConstraintCompiler | None = None
         self.info = ModelInfo(
             name=self._source.name, context_length=0, vocab_size=0, has_chat_template=False
         )
@@ -83,6 +85,7 @@ class TransformersEngine(Engine):
         if self._tokenizer.eos_token_id is not None:
             eos_ids.add(self._tokenizer.eos_token_id)
         self._eos = frozenset(eos_ids)
+        self._constraints = ConstraintCompiler(self._tokenizer, int(config.vocab_size))
         self.info = ModelInfo(
             name=self._source.name,
             context_length=int(getattr(config, "max_position_embeddings", 2048)),
@@ -107,6 +110,11 @@ class TransformersEngine(Engine):
     def pending(self) -> int:
         return self._scheduler.pending() if self._scheduler is not None else 0
 
+    def compile_constraint(self, spec: dict[str, Any]) -> Any:
+        if self._constraints is None:
+            raise RuntimeError("engine not started")
+        return self._constraints.compile(spec)
+
     @property
     def eos_token_ids(self) -> list[int]:
         """Tokens that end a turn."""
@@ -126,7 +134,17 @@ class TransformersEngine(Engine):
         state = SequenceState(
             prompt_ids=prompt_ids, params=params, decode=self.decode, eos_token_ids=self._eos
         )
-        self._submit(Slot(state=state, channel=channel, generator=make_generator(params.seed)))
+        constraint = (
+            params.constraint.start() if params.constraint is not None else None
+        )
+        self._submit(
+            Slot(
+                state=state,
+                channel=channel,
+                generator=make_generator(params.seed),
+                constraint=constraint,
+            )
+        )
         try:
             while True:
                 output = await channel.get()

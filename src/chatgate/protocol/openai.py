@@ -134,12 +134,43 @@ class SamplingRequest(_Request):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
+class JsonSchemaFormat(_Request):
+    """`response_format.json_schema`."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """`response_format`: free text, any JSON object, or JSON valid against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is 'json_schema'")
+        return self
+
+    def constraint(self) -> dict[str, Any] | None:
+        """The decoding constraint for the worker, or None for free text."""
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        if self.type == "json_schema" and self.json_schema is not None:
+            return {"type": "json_schema", "schema": self.json_schema.schema_}
+        return None
+
+
 class ChatCompletionRequest(SamplingRequest):
     """`POST /v1/chat/completions` (and FastChat's `/api/v1/chat/completions`)."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    response_format: ResponseFormat | None = None
 
     def completion_limit(self) -> int | None:
         """The requested completion budget, if any."""

@@ -42,6 +42,8 @@ class GenerateParams(BaseModel):
     echo: bool = False
     seed: int | None = None
     delta: bool = False
+    # chatgate extension: {"type": "json_object"} or {"type": "json_schema", "schema": {...}}.
+    response_format: dict[str, Any] | None = None
     # Which request field the prompt came from, so errors can name it.
     prompt_param: str = "prompt"
     max_tokens_param: str = "max_tokens"

@@ -111,6 +111,7 @@ class WorkerService:
             stop=tuple(params.stop_list()),
             stop_token_ids=tuple(params.stop_token_ids or ()),
             seed=params.seed,
+            constraint=self.engine.compile_constraint(params.response_format) if params.response_format else None,
         )
 
     # Generation ------------------------------------------------------------------------------

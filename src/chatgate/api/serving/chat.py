@@ -32,6 +32,7 @@ def to_params(request: ChatCompletionRequest) -> GenerateParams:
             **sampling_params(request),
             "messages": messages,
             "max_new_tokens": request.completion_limit(),
+            "response_format": request.response_format.constraint() if request.response_format else None,
             "prompt_param": "messages",
             "max_tokens_param": "max_completion_tokens"
             if request.max_completion_tokens is not None

@@ -1,0 +1,122 @@
+"""`response_format`: JSON mode and JSON-schema mode, constrained by a grammar, on the real model,
+inside the shared batch; plus the 400s for bad constraints."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import jsonschema
+import openai
+import pytest
+from fastapi import FastAPI
+from pydantic import BaseModel, Field
+
+from chatgate.engines.transformers import TransformersEngine
+from chatgate.settings import EngineSettings
+from tests.conftest import make_app, raw, running, sdk
+
+pytestmark = [pytest.mark.anyio, pytest.mark.model]
+
+MODEL = "SmolLM2-135M-Instruct"
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}, "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+ASK = [{"role": "user", "content": "Describe a person called Ada as JSON."}]
+
+
+@pytest.fixture(scope="module")
+def engine() -> TransformersEngine:
+    return TransformersEngine(EngineSettings())
+
+
+@pytest.fixture
+async def app(engine: TransformersEngine) -> AsyncIterator[FastAPI]:
+    async with running(make_app(engine)) as app:
+        yield app
+
+
+def schema_format(schema: dict[str, object]) -> dict[str, object]:
+    return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+
+
+async def test_json_object_mode_parses(app: FastAPI) -> None:
+    client = sdk(app)
+    for seed in (1, 2, 3):
+        r = await client.chat.completions.create(model=MODEL, messages=ASK, response_format={"type": "json_object"},  # type: ignore[arg-type]
+                                                 temperature=1.0, seed=seed, max_tokens=300)
+        if r.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
+
+
+async def test_json_schema_validates_streamed_and_not(app: FastAPI) -> None:
+    client = sdk(app)
+    r = await client.chat.completions.create(model=MODEL, messages=ASK, response_format=schema_format(PERSON),  # type: ignore[arg-type]
+                                             temperature=0, max_tokens=200)
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content or ""), PERSON)
+    stream = await client.chat.completions.create(model=MODEL, messages=ASK, response_format=schema_format(PERSON),  # type: ignore[arg-type]
+                                                  temperature=0, max_tokens=200, stream=True)
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == r.choices[0].message.content
+
+
+async def test_sdk_parse_with_a_pydantic_model(app: FastAPI) -> None:
+    class City(BaseModel):
+        name: str
+        country: str
+        population: int = Field(ge=0, le=100_000_000)  # bounded, or the tiny model runs on digits
+
+    completion = await sdk(app).chat.completions.parse(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me about Paris as JSON."}],
+        response_format=City, temperature=0, max_tokens=120,
+    )
+    city = completion.choices[0].message.parsed
+    assert isinstance(city, City)
+
+
+async def test_too_few_tokens_end_with_length_not_false_json(app: FastAPI) -> None:
+    r = await sdk(app).chat.completions.create(model=MODEL, messages=ASK, response_format=schema_format(PERSON),  # type: ignore[arg-type]
+                                               temperature=0, max_tokens=5)
+    assert r.choices[0].finish_reason == "length"
+
+
+async def test_constrained_and_free_requests_share_the_batch(app: FastAPI) -> None:
+    client = sdk(app)
+    free = [{"role": "user", "content": f"Say something about the number {i}."} for i in range(4)]
+    results = await asyncio.gather(
+        *(client.chat.completions.create(model=MODEL, messages=ASK, response_format=schema_format(PERSON),  # type: ignore[arg-type]
+                                         temperature=0.7, seed=i, max_tokens=200) for i in range(4)),
+        *(client.chat.completions.create(model=MODEL, messages=[m], temperature=0, max_tokens=30) for m in free),  # type: ignore[list-item]
+    )
+    for r in results[:4]:
+        if r.choices[0].finish_reason == "stop":
+            jsonschema.validate(json.loads(r.choices[0].message.content or ""), PERSON)
+    assert all(r.choices[0].message.content for r in results[4:])
+
+
+BAD = [
+    ({"type": "json_schema"}, "response_format"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}, "response_format.json_schema.schema"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"minimum": "zero"}}}}}, "response_format.json_schema.schema"),
+    ({"type": "xml"}, "response_format.type"),
+    ({"type": "json_schema", "json_schema": {"schema": {}}}, "response_format.json_schema.name"),
+]
+
+
+@pytest.mark.parametrize(("fmt", "param"), BAD)
+async def test_bad_constraints_are_400(app: FastAPI, fmt: dict[str, object], param: str) -> None:
+    async with raw(app) as http:
+        r = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "response_format": fmt})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+async def test_engine_without_grammars_refuses(fake_app: FastAPI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        await sdk(fake_app).chat.completions.create(model="fake-model", messages=ASK, response_format={"type": "json_object"})  # type: ignore[arg-type]
+    assert err.value.param == "response_format"
