@@ -94,6 +94,11 @@ class Engine(abc.ABC):
         """Sequences running or waiting in this engine."""
         return 0
 
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Tokens that end a turn."""
+        return []
+
     def compile_constraint(self, spec: dict[str, Any]) -> Any:
         """Compile a `response_format` constraint for `SamplingParams.constraint`."""
         raise InvalidRequestError(

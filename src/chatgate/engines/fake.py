@@ -66,6 +66,10 @@ class FakeEngine(Engine):
     def pending(self) -> int:
         return self.active
 
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return [EOS]
+
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         """A normalised histogram of token ids modulo the dimension: equal inputs, equal vectors."""
         self.embed_calls.append(len(inputs))

@@ -196,8 +196,7 @@ class WorkerService:
     def conversation(self) -> Conversation:
         """The model's chat template as a FastChat conversation, for FastChat's API server."""
         probe = self._render([{"role": "user", "content": "{probe}"}]) if self.engine.info.generates else ""
-        eos = list(getattr(self.engine, "eos_token_ids", ()))
-        return chatml_conversation(probe, stop_token_ids=eos) or Conversation(
+        return chatml_conversation(probe, stop_token_ids=self.engine.eos_token_ids) or Conversation(
             name="chatgate-generic",
             system_template="{system_message}",
             roles=["USER", "ASSISTANT"],
