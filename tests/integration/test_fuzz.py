@@ -49,10 +49,13 @@ sampling: dict[str, Any] = {
     "unknown_field": anything,
 }
 chat_body = st.fixed_dictionaries({"model": sampling["model"], "messages": st.lists(message, max_size=3) | anything},
-                                  optional={k: v for k, v in sampling.items() if k != "model"} | {"max_completion_tokens": numbers})
+                                  optional={k: v for k, v in sampling.items() if k != "model"}
+                                  | {"max_completion_tokens": numbers, "logprobs": st.booleans() | anything,
+                                     "top_logprobs": st.integers(-1, 25) | anything,
+                                     "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema", "x"])}) | anything})
 completion_body = st.fixed_dictionaries(
     {"model": sampling["model"], "prompt": st.text(max_size=30) | st.lists(st.text(max_size=10), max_size=3) | token_ids | st.lists(token_ids, max_size=2) | anything},
-    optional={k: v for k, v in sampling.items() if k != "model"} | {"echo": st.booleans() | anything},
+    optional={k: v for k, v in sampling.items() if k != "model"} | {"echo": st.booleans() | anything, "logprobs": st.integers(-1, 7) | anything},
 )
 embedding_body = st.fixed_dictionaries(
     {"model": sampling["model"], "input": st.text(max_size=20) | st.lists(st.text(max_size=8), max_size=4) | token_ids | st.lists(token_ids, max_size=3) | anything},

@@ -109,11 +109,13 @@ def validation_error(exc: RequestValidationError) -> ChatgateError:
     error = _best(errors)
     param = param_of(tuple(error.get("loc", ())))
     code = code_of(error)
-    if param is None:
+    if param is None and code == "invalid_type":
         return InvalidRequestError("The request body must be a JSON object.", code="invalid_type")
     if code == "missing_required_parameter":
         return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param, code=code)
     message = str(error.get("msg", "Invalid value")).removeprefix("Value error, ")
+    if param is None:
+        return InvalidRequestError(f"Invalid request: {message}.", code=code)
     return InvalidRequestError(f"Invalid value for '{param}': {message}.", param=param, code=code)
 
 

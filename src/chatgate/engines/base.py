@@ -33,11 +33,22 @@ class SamplingParams:
     seed: int | None = None
     # A compiled decoding constraint from `Engine.compile_constraint`, owned by the engine.
     constraint: Any = None
+    # Log-probabilities: None for none, else the chosen token's plus this many alternatives.
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
         """Whether sampling reduces to argmax."""
         return self.temperature < 1e-5 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability, and the most likely alternatives at its step."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +60,7 @@ class GenerationOutput:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token of the text, when asked for
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, SamplingParams
-from chatgate.engines.sampling import make_generator, sample
+from chatgate.engines.sampling import make_generator, sample_with_logprob
 from chatgate.engines.sequence import SequenceState
 
 EOS = 256
@@ -98,10 +98,10 @@ class FakeEngine(Engine):
                 # The scripted token is far likelier than the rest; the real sampler decides.
                 logits = torch.zeros(self.info.vocab_size)
                 logits[script[min(step, len(script) - 1)]] = 10.0
-                token = sample(
+                token, logprob = sample_with_logprob(
                     logits, params, prompt_ids=prompt_ids, output_ids=state.output_ids, generator=generator
                 )
-                output = state.append(token)
+                output = state.append(token, logprob)
                 if output is not None:
                     yield output
         finally:

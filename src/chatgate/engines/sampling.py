@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from chatgate.engines.base import SamplingParams
+from chatgate.engines.base import SamplingParams, TokenLogprob
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -38,6 +38,19 @@ def apply_penalties(
     return logits
 
 
+def token_logprob(processed: torch.Tensor, params: SamplingParams, token: int) -> TokenLogprob:
+    """The log-probability of `token` under the request's processed distribution (penalties,
+    logit bias and temperature applied; greedy requests use temperature 1), with the top
+    `params.logprobs` alternatives."""
+    scale = 1.0 if params.greedy else params.temperature
+    logprobs = torch.log_softmax(processed / scale, dim=-1)
+    top: list[tuple[int, float]] = []
+    if params.logprobs:
+        values, ids = torch.topk(logprobs, min(params.logprobs, logprobs.shape[-1]))
+        top = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    return TokenLogprob(token_id=token, logprob=float(logprobs[token]), top=top)
+
+
 def sample(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -47,7 +60,24 @@ def sample(
     generator: torch.Generator,
 ) -> int:
     """Pick the next token from a 1-D row of logits."""
-    logits = apply_penalties(logits.float().clone(), params, prompt_ids, output_ids)
+    return sample_with_logprob(logits, params, prompt_ids=prompt_ids, output_ids=output_ids, generator=generator)[0]
+
+
+def sample_with_logprob(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    *,
+    prompt_ids: list[int],
+    output_ids: list[int],
+    generator: torch.Generator,
+) -> tuple[int, TokenLogprob | None]:
+    """Pick the next token, and its log-probability when the request asks for them."""
+    processed = apply_penalties(logits.float().clone(), params, prompt_ids, output_ids)
+    token = _choose(processed, params, generator)
+    return token, token_logprob(processed, params, token) if params.logprobs is not None else None
+
+
+def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     if params.greedy:
         return int(torch.argmax(logits).item())
     logits = logits / params.temperature

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from chatgate.engines.kvcache import BatchKV
-from chatgate.engines.sampling import sample
+from chatgate.engines.sampling import sample_with_logprob
 from chatgate.engines.sequence import OutputChannel, SequenceState
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ class Scheduler:
         if slot.constraint is not None:
             logits = logits.clone()  # the row may be shared (n choices, the prompt cache)
             slot.constraint.mask(logits)
-        token = sample(
+        token, logprob = sample_with_logprob(
             logits,
             state.params,
             prompt_ids=state.prompt_ids,
@@ -264,7 +264,7 @@ class Scheduler:
             slot.channel.put(RuntimeError(f"sampled token {token}, which the grammar forbids"))
             self._live.discard(slot)
             return False
-        output = state.append(token)
+        output = state.append(token, logprob)
         if output is not None:
             slot.channel.put(output)
         if state.finished or slot.channel.cancelled:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence as Seq
-from chatgate.engines.base import GenerationOutput, SamplingParams
+from chatgate.engines.base import GenerationOutput, SamplingParams, TokenLogprob
 
 REPLACEMENT = "\ufffd"
 
@@ -34,19 +34,23 @@ class SequenceState:
         self._text_ids: list[int] = []
         self._emitted = 0
         self._last_emit_index = 0
+        self._logprobs: list[TokenLogprob] = []
+        self._logprobs_sent = 0
 
     @property
     def finished(self) -> bool:
         """Whether the sequence has ended."""
         return self.finish_reason is not None
 
-    def append(self, token_id: int) -> GenerationOutput | None:
+    def append(self, token_id: int, logprob: TokenLogprob | None = None) -> GenerationOutput | None:
         """Record a sampled token; return the output it releases, if any."""
         self.output_ids.append(token_id)
         if token_id in self._stop_ids:
             self.finish_reason = "stop"
             return self._flush(self._decode(self._text_ids))
         self._text_ids.append(token_id)
+        if logprob is not None:
+            self._logprobs.append(logprob)
         text = self._decode(self._text_ids)
         stop_at = self._find_stop(text)
         if stop_at is not None:
@@ -89,7 +93,12 @@ class SequenceState:
         self._emitted += len(delta)
         new_ids = self.output_ids[self._last_emit_index :]
         self._last_emit_index = len(self.output_ids)
+        logprobs = None
+        if self.params.logprobs is not None:
+            logprobs = self._logprobs[self._logprobs_sent :]
+            self._logprobs_sent = len(self._logprobs)
         return GenerationOutput(
+            logprobs=logprobs,
             text=delta,
             token_ids=new_ids,
             prompt_tokens=len(self.prompt_ids),

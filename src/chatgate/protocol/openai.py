@@ -171,6 +171,19 @@ class ChatCompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     response_format: ResponseFormat | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return value
+
+    def logprob_count(self) -> int | None:
+        """Alternatives per token to return, or None for no log-probabilities."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def completion_limit(self) -> int | None:
         """The requested completion budget, if any."""
@@ -200,6 +213,14 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(16, ge=1)
     echo: bool | None = False
     suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_prompt_logprobs_yet(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("echo"):
+            raise ValueError("logprobs together with echo (prompt log-probabilities) is not supported yet")
+        return value
 
 
 def _no_empty_input(value: str) -> str:
@@ -254,13 +275,42 @@ class AssistantMessage(BaseModel):
     content: str | None
 
 
+class TopLogprob(BaseModel):
+    """An alternative token and its log-probability."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    """A generated token's log-probability, with the most likely alternatives."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """`choices[].logprobs` of a chat completion (or chunk)."""
+
+    content: list[ChatTokenLogprob] | None
+
+
+class CompletionLogprobs(BaseModel):
+    """`choices[].logprobs` of a text completion (or chunk), in the legacy shape."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class ChatChoice(BaseModel):
     """One choice of a chat completion."""
 
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -292,7 +342,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: FinishReason = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -313,7 +363,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):

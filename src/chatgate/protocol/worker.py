@@ -44,6 +44,8 @@ class GenerateParams(BaseModel):
     delta: bool = False
     # chatgate extension: {"type": "json_object"} or {"type": "json_schema", "schema": {...}}.
     response_format: dict[str, Any] | None = None
+    # Log-probabilities: the chosen token's plus this many alternatives (None: none).
+    logprobs: int | None = None
     # Which request field the prompt came from, so errors can name it.
     prompt_param: str = "prompt"
     max_tokens_param: str = "max_tokens"
@@ -75,6 +77,20 @@ class WorkerUsage(BaseModel):
     total_tokens: int = 0
 
 
+class TokenAlternative(BaseModel):
+    """One candidate token at a step, with its log-probability."""
+
+    token_id: int
+    token: str
+    logprob: float
+
+
+class WorkerLogprob(TokenAlternative):
+    """A generated token's log-probability and the top alternatives at its step."""
+
+    top: list[TokenAlternative] = Field(default_factory=list)
+
+
 class WorkerChunk(BaseModel):
     """One NUL-delimited JSON object of `/worker_generate_stream` (FastChat's shape)."""
 
@@ -83,6 +99,7 @@ class WorkerChunk(BaseModel):
     usage: WorkerUsage | None = None
     finish_reason: str | None = None
     param: str | None = None
+    token_logprobs: list[WorkerLogprob] | None = None  # chatgate extension, one per token
 
 
 class EmbedParams(BaseModel):

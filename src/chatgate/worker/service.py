@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from chatgate.engines.base import Engine, SamplingParams
+from chatgate.engines.base import Engine, SamplingParams, TokenLogprob
 from chatgate.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -23,7 +23,9 @@ from chatgate.protocol.worker import (
     EmbedResult,
     GenerateParams,
     ModelDetails,
+    TokenAlternative,
     WorkerChunk,
+    WorkerLogprob,
     WorkerStatus,
     WorkerUsage,
 )
@@ -111,6 +113,7 @@ class WorkerService:
             stop=tuple(params.stop_list()),
             stop_token_ids=tuple(params.stop_token_ids or ()),
             seed=params.seed,
+            logprobs=params.logprobs,
             constraint=self.engine.compile_constraint(params.response_format) if params.response_format else None,
         )
 
@@ -144,6 +147,7 @@ class WorkerService:
                     text=text if params.delta else cumulative,
                     usage=usage,
                     finish_reason=out.finish_reason,
+                    token_logprobs=self._logprobs(out.logprobs),
                 )
         finally:
             self._active -= 1
@@ -180,6 +184,21 @@ class WorkerService:
         vectors = await self._batcher.submit(inputs)
         counts = [len(ids) for ids in inputs]
         return EmbedResult(embedding=vectors, token_num=sum(counts), token_counts=counts)
+
+    def _logprobs(self, logprobs: list[TokenLogprob] | None) -> list[WorkerLogprob] | None:
+        if logprobs is None:
+            return None
+
+        def alternative(token_id: int, logprob: float) -> TokenAlternative:
+            return TokenAlternative(token_id=token_id, token=self.engine.decode([token_id]), logprob=logprob)
+
+        return [
+            WorkerLogprob(
+                **alternative(lp.token_id, lp.logprob).model_dump(),
+                top=[alternative(i, v) for i, v in lp.top],
+            )
+            for lp in logprobs
+        ]
 
     # Status ----------------------------------------------------------------------------------
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 
-from chatgate.api.serving.generation import Choice, GenerationServing, sampling_params, total_usage, with_seeds
+from chatgate.api.serving.generation import (
+    Choice,
+    GenerationServing,
+    chat_logprobs,
+    sampling_params,
+    total_usage,
+    with_seeds,
+)
 from chatgate.protocol.openai import (
     AssistantMessage,
     ChatChoice,
@@ -14,6 +21,7 @@ from chatgate.protocol.openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
     new_id,
     now,
 )
@@ -33,6 +41,7 @@ def to_params(request: ChatCompletionRequest) -> GenerateParams:
             "messages": messages,
             "max_new_tokens": request.completion_limit(),
             "response_format": request.response_format.constraint() if request.response_format else None,
+            "logprobs": request.logprob_count(),
             "prompt_param": "messages",
             "max_tokens_param": "max_completion_tokens"
             if request.max_completion_tokens is not None
@@ -59,7 +68,7 @@ class ChatServing(GenerationServing):
             id=response_id,
             created=created,
             model=request.model,
-            choices=[_choice(i, c) for i, c in enumerate(choices)],
+            choices=[_choice(i, c, bool(request.logprobs)) for i, c in enumerate(choices)],
             usage=total_usage(choices, request.n),
         )
 
@@ -71,13 +80,11 @@ class ChatServing(GenerationServing):
         created: int,
         include_usage: bool,
     ) -> AsyncIterator[ChatCompletionChunk]:
-        def chunk(index: int, delta: ChatDelta, finish: str | None = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(
-                id=response_id,
-                created=created,
-                model=request.model,
-                choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
-            )
+        def chunk(
+            index: int, delta: ChatDelta, finish: str | None = None, logprobs: ChatLogprobs | None = None
+        ) -> ChatCompletionChunk:
+            choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
+            return ChatCompletionChunk(id=response_id, created=created, model=request.model, choices=[choice])
 
         choices = [Choice() for _ in streams]
         for index in range(len(streams)):
@@ -86,7 +93,8 @@ class ChatServing(GenerationServing):
             async for index, part in merged:
                 choices[index].add(part)
                 if part.text:
-                    yield chunk(index, ChatDelta(content=part.text))
+                    logprobs = chat_logprobs(part.token_logprobs or []) if request.logprobs else None
+                    yield chunk(index, ChatDelta(content=part.text), logprobs=logprobs)
                 if part.finish_reason:
                     yield chunk(index, ChatDelta(), part.finish_reason)
         if include_usage:
@@ -99,9 +107,10 @@ class ChatServing(GenerationServing):
             )
 
 
-def _choice(index: int, choice: Choice) -> ChatChoice:
+def _choice(index: int, choice: Choice, with_logprobs: bool) -> ChatChoice:
     return ChatChoice(
         index=index,
         message=AssistantMessage(content=choice.text),
         finish_reason=choice.finish_reason,  # type: ignore[arg-type]
+        logprobs=chat_logprobs(choice.logprobs) if with_logprobs else None,
     )

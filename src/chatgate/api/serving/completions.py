@@ -5,7 +5,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 
-from chatgate.api.serving.generation import Choice, GenerationServing, sampling_params, total_usage, with_seeds
+from chatgate.api.serving.generation import (
+    Choice,
+    GenerationServing,
+    completion_logprobs,
+    sampling_params,
+    total_usage,
+    with_seeds,
+)
 from chatgate.protocol.openai import (
     CompletionChoice,
     CompletionRequest,
@@ -33,6 +40,7 @@ def to_params(request: CompletionRequest) -> list[GenerateParams]:
         **sampling_params(request),
         "max_new_tokens": request.max_tokens,
         "echo": bool(request.echo),
+        "logprobs": request.logprobs,
         "prompt_param": "prompt",
     }
     params: list[GenerateParams] = []
@@ -60,7 +68,12 @@ class CompletionServing(GenerationServing):
             created=created,
             model=request.model,
             choices=[
-                CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason)  # type: ignore[arg-type]
+                CompletionChoice(
+                    index=i,
+                    text=c.text,
+                    finish_reason=c.finish_reason,  # type: ignore[arg-type]
+                    logprobs=completion_logprobs(c.logprobs, 0) if request.logprobs is not None else None,
+                )
                 for i, c in enumerate(choices)
             ],
             usage=total_usage(choices, request.n),
@@ -77,16 +90,16 @@ class CompletionServing(GenerationServing):
         choices = [Choice() for _ in streams]
         async with contextlib.aclosing(merge(streams)) as merged:
             async for index, part in merged:
+                offset = len(choices[index].text)
                 choices[index].add(part)
                 if part.text or part.finish_reason:
-                    yield CompletionResponse(
-                        id=response_id,
-                        created=created,
-                        model=request.model,
-                        choices=[
-                            CompletionChoice(index=index, text=part.text, finish_reason=part.finish_reason)  # type: ignore[arg-type]
-                        ],
+                    logprobs = None
+                    if request.logprobs is not None:
+                        logprobs = completion_logprobs(part.token_logprobs or [], offset)
+                    choice = CompletionChoice(
+                        index=index, text=part.text, finish_reason=part.finish_reason, logprobs=logprobs  # type: ignore[arg-type]
                     )
+                    yield CompletionResponse(id=response_id, created=created, model=request.model, choices=[choice])
         if include_usage:
             yield CompletionResponse(
                 id=response_id,

@@ -16,8 +16,15 @@ from chatgate.api.clients import Router, WorkerClient
 from chatgate.api.failover import with_failover
 from chatgate.errors import InvalidRequestError
 from chatgate.metrics import ApiMetrics
-from chatgate.protocol.openai import Usage, SamplingRequest
-from chatgate.protocol.worker import GenerateParams, WorkerChunk
+from chatgate.protocol.openai import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    SamplingRequest,
+    TopLogprob,
+    Usage,
+)
+from chatgate.protocol.worker import GenerateParams, WorkerChunk, WorkerLogprob
 from chatgate.streams import merge, primed
 
 
@@ -28,10 +35,12 @@ class Choice:
     text: str = ""
     finish_reason: str | None = None
     usage: Usage = field(default_factory=Usage)
+    logprobs: list[WorkerLogprob] = field(default_factory=list)
 
     def add(self, chunk: WorkerChunk) -> None:
         """Fold one worker chunk into the choice."""
         self.text += chunk.text
+        self.logprobs += chunk.token_logprobs or []
         self.finish_reason = chunk.finish_reason or self.finish_reason
         if chunk.usage is not None:
             self.usage = Usage.model_validate(chunk.usage.model_dump())
@@ -58,6 +67,37 @@ async def _metered(
         if count_prompt:
             metrics.prompt_tokens.labels(model=model).inc(usage.prompt_tokens)
         metrics.completion_tokens.labels(model=model).inc(usage.completion_tokens)
+
+
+def _bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8"))
+
+
+def chat_logprobs(items: list[WorkerLogprob]) -> ChatLogprobs:
+    """Per-token log-probabilities in the chat completion shape."""
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=item.token,
+                logprob=item.logprob,
+                bytes=_bytes(item.token),
+                top_logprobs=[TopLogprob(token=a.token, logprob=a.logprob, bytes=_bytes(a.token)) for a in item.top],
+            )
+            for item in items
+        ]
+    )
+
+
+def completion_logprobs(items: list[WorkerLogprob], offset: int) -> CompletionLogprobs:
+    """Per-token log-probabilities in the legacy completions shape, offsets from `offset`."""
+    out = CompletionLogprobs()
+    for item in items:
+        out.tokens.append(item.token)
+        out.token_logprobs.append(item.logprob)
+        out.top_logprobs.append({a.token: a.logprob for a in reversed(item.top)})
+        out.text_offset.append(offset)
+        offset += len(item.token)
+    return out
 
 
 def total_usage(choices: list[Choice], per_prompt: int) -> Usage:

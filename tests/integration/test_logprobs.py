@@ -1,0 +1,83 @@
+"""`logprobs` on chat (with `top_logprobs`) and completions, in OpenAI's shapes, streamed and not."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+
+import pytest
+import torch
+from fastapi import FastAPI
+
+from chatgate.engines.transformers import TransformersEngine
+from chatgate.settings import EngineSettings
+from tests.conftest import make_app, raw, running, sdk
+
+pytestmark = pytest.mark.anyio
+
+M = "fake-model"
+MSG = [{"role": "user", "content": "hi"}]
+
+
+async def test_chat_logprobs_shape_and_streaming(fake_app: FastAPI) -> None:
+    client = sdk(fake_app)
+    r = await client.chat.completions.create(model=M, messages=MSG, temperature=0, logprobs=True, top_logprobs=3)  # type: ignore[arg-type]
+    content = r.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == len((r.choices[0].message.content or "").encode())
+    for item in content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == 3
+        assert item.logprob == pytest.approx(max(t.logprob for t in item.top_logprobs))  # greedy picks the top
+        assert sum(math.exp(t.logprob) for t in item.top_logprobs) <= 1.0 + 1e-6
+    stream = await client.chat.completions.create(model=M, messages=MSG, temperature=0, logprobs=True, top_logprobs=3, stream=True)  # type: ignore[arg-type]
+    streamed = [lp for c in [c async for c in stream] if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.content or []]
+    assert [(x.token, x.logprob) for x in streamed] == [(x.token, x.logprob) for x in content]
+    plain = await client.chat.completions.create(model=M, messages=MSG)  # type: ignore[arg-type]
+    assert plain.choices[0].logprobs is None
+
+
+async def test_completion_logprobs_legacy_shape(fake_app: FastAPI) -> None:
+    client = sdk(fake_app)
+    r = await client.completions.create(model=M, prompt="Hello", max_tokens=12, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert lp is not None and len(lp.tokens or []) == 12 == len(lp.token_logprobs or [])
+    assert "".join(lp.tokens or []) == r.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in (lp.tokens or [])[:i]) for i in range(12)]
+    assert all(len(top) <= 2 for top in lp.top_logprobs or [])
+    stream = await client.completions.create(model=M, prompt="Hello", max_tokens=12, temperature=0, logprobs=2, stream=True)
+    tokens = [t for c in [c async for c in stream] if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens or []]
+    assert tokens == lp.tokens
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/chat/completions", {"messages": MSG, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": MSG, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": MSG, "logprobs": "yes"}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 6}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": -1}, "logprobs"),
+])
+async def test_bad_logprob_requests(fake_app: FastAPI, path: str, body: dict[str, object], param: str) -> None:
+    async with raw(fake_app) as http:
+        r = await http.post(path, json={"model": M, **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+async def test_echo_with_logprobs_is_refused_clearly(fake_app: FastAPI) -> None:
+    async with raw(fake_app) as http:
+        r = await http.post("/v1/completions", json={"model": M, "prompt": "x", "logprobs": 1, "echo": True})
+    assert r.status_code == 400 and "not supported" in r.json()["error"]["message"]
+
+
+@pytest.mark.model
+async def test_real_model_logprobs_are_the_models_own() -> None:
+    engine = TransformersEngine(EngineSettings())
+    async with running(make_app(engine)) as app:
+        r = await sdk(app).completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is",
+                                             max_tokens=1, temperature=0, logprobs=5)
+        got = r.choices[0].logprobs
+        assert got is not None and got.token_logprobs
+        ids = engine.encode("The capital of France is")
+        with torch.inference_mode():
+            logits = engine._model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        expected = torch.log_softmax(logits, dim=-1)
+        assert got.token_logprobs[0] == pytest.approx(float(expected.max()), abs=1e-3)
+        assert len(got.top_logprobs[0]) == 5  # type: ignore[index]
