@@ -52,7 +52,10 @@ chat_body = st.fixed_dictionaries({"model": sampling["model"], "messages": st.li
                                   optional={k: v for k, v in sampling.items() if k != "model"}
                                   | {"max_completion_tokens": numbers, "logprobs": st.booleans() | anything,
                                      "top_logprobs": st.integers(-1, 25) | anything,
-                                     "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema", "x"])}) | anything})
+                                     "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema", "x"])}) | anything,
+                                     "tools": st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries({"name": st.sampled_from(["f", "g", "bad name"])}, optional={"parameters": anything})}), max_size=2) | anything,
+                                     "tool_choice": st.sampled_from(["none", "auto", "required"]) | anything,
+                                     "functions": anything, "function_call": anything})
 completion_body = st.fixed_dictionaries(
     {"model": sampling["model"], "prompt": st.text(max_size=30) | st.lists(st.text(max_size=10), max_size=3) | token_ids | st.lists(token_ids, max_size=2) | anything},
     optional={k: v for k, v in sampling.items() if k != "model"} | {"echo": st.booleans() | anything, "logprobs": st.integers(-1, 7) | anything},

@@ -10,6 +10,8 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -164,6 +166,48 @@ class ResponseFormat(_Request):
         return None
 
 
+def _valid_schema(value: dict[str, Any]) -> dict[str, Any]:
+    try:
+        Draft202012Validator.check_schema(value)
+    except SchemaError as exc:
+        raise ValueError(f"invalid JSON schema: {exc.message}") from None
+    return value
+
+
+class FunctionDefinition(_Request):
+    """A function the model may call."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: Annotated[dict[str, Any], AfterValidator(_valid_schema)] = Field(
+        default_factory=lambda: {"type": "object", "properties": {}}
+    )
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    """`tools[]`: a function tool."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    """Names one function."""
+
+    name: str
+
+
+class NamedToolChoice(_Request):
+    """`tool_choice` naming the function to call."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
 class ChatCompletionRequest(SamplingRequest):
     """`POST /v1/chat/completions` (and FastChat's `/api/v1/chat/completions`)."""
 
@@ -173,6 +217,29 @@ class ChatCompletionRequest(SamplingRequest):
     response_format: ResponseFormat | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = True
+    functions: Annotated[list[FunctionDefinition], Field(max_length=128)] | None = None
+    function_call: Literal["none", "auto"] | FunctionName | None = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_names_a_tool(cls, value: Any, info: ValidationInfo) -> Any:
+        names = {t.function.name for t in info.data.get("tools") or []}
+        if value is not None and value != "none" and not names:
+            raise ValueError("tool_choice is only allowed when tools are given")
+        if isinstance(value, NamedToolChoice) and value.function.name not in names:
+            raise ValueError(f"tool_choice names '{value.function.name}', which is not in tools")
+        return value
+
+    @field_validator("function_call")
+    @classmethod
+    def _function_call_names_a_function(cls, value: Any, info: ValidationInfo) -> Any:
+        names = {f.name for f in info.data.get("functions") or []}
+        if isinstance(value, FunctionName) and value.name not in names:
+            raise ValueError(f"function_call names '{value.name}', which is not in functions")
+        return value
 
     @field_validator("top_logprobs")
     @classmethod
@@ -265,7 +332,22 @@ class Usage(BaseModel):
         self.total_tokens += other.total_tokens
 
 
-FinishReason = Literal["stop", "length", "tool_calls", "content_filter"] | None
+FinishReason = Literal["stop", "length", "tool_calls", "function_call", "content_filter"] | None
+
+
+class FunctionCall(BaseModel):
+    """A call's function: its name and its arguments as a JSON string."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """One tool call of an assistant message."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class AssistantMessage(BaseModel):
@@ -273,6 +355,13 @@ class AssistantMessage(BaseModel):
 
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unused_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if k == "content" or v is not None}
 
 
 class TopLogprob(BaseModel):
@@ -330,6 +419,8 @@ class ChatDelta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, Any] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -1,0 +1,137 @@
+"""Function calling: tools described to the model, calls constrained and parsed out of its reply.
+
+The model is shown the tools in a system message (below, `TOOL_PROMPT`) and replies either with
+plain text or with one JSON object, `{"tool_calls": [{"name": ..., "arguments": {...}}]}`. With
+`tool_choice` `"required"` or a named function, decoding is constrained by a grammar to exactly
+that object, with each call's arguments matching its function's JSON schema; with `"auto"` the
+reply is parsed, and counts as tool calls only if it is such an object naming known functions.
+Earlier turns with `tool_calls` are shown to the model in the same form, and `tool` messages as
+they are. Legacy `functions` / `function_call` map onto the same plan.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from chatgate.protocol.openai import ChatCompletionRequest, ChatMessage, FunctionCall, FunctionDefinition, ToolCall
+
+TOOL_PROMPT = (
+    "You can call these functions:\n{tools}\n"
+    "To call functions, reply with only a JSON object of the form "
+    '{{"tool_calls": [{{"name": <function name>, "arguments": <arguments object>}}]}}. '
+    "Otherwise, answer in plain text."
+)
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """How a request uses tools."""
+
+    functions: list[FunctionDefinition]
+    mode: str  # "auto", "required" or "named"
+    named: str | None
+    parallel: bool
+    legacy: bool  # the request used `functions` / `function_call`
+
+    def constraint(self) -> dict[str, Any] | None:
+        """The grammar constraint for `required` / named calls; None for `auto`."""
+        if self.mode == "auto":
+            return None
+        chosen = [f for f in self.functions if self.mode == "required" or f.name == self.named]
+        calls = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": f.name}, "arguments": f.parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for f in chosen
+        ]
+        items = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        array: dict[str, Any] = {"type": "array", "items": items, "minItems": 1}
+        if not self.parallel:
+            array["maxItems"] = 1
+        schema = {"type": "object", "properties": {"tool_calls": array}, "required": ["tool_calls"], "additionalProperties": False}
+        return {"type": "json_schema", "schema": schema}
+
+    def parse(self, text: str) -> list[ToolCall] | None:
+        """The tool calls in a reply, or None if it is plain text."""
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return None
+        calls = data.get("tool_calls") if isinstance(data, dict) else None
+        names = {f.name for f in self.functions}
+        if not isinstance(calls, list) or not calls:
+            return None
+        if not all(isinstance(c, dict) and c.get("name") in names and isinstance(c.get("arguments"), dict) for c in calls):
+            return None
+        if not self.parallel:
+            calls = calls[:1]
+        return [
+            ToolCall(
+                id=f"call_{uuid.uuid4().hex[:24]}",
+                function=FunctionCall(name=c["name"], arguments=json.dumps(c["arguments"])),
+            )
+            for c in calls
+        ]
+
+
+def plan(request: ChatCompletionRequest) -> ToolPlan | None:
+    """The tool plan of a request, or None when it offers no tools (or forbids calling them)."""
+    if request.functions:
+        legacy = request.function_call or "auto"
+        if legacy == "none":
+            return None
+        named = None if isinstance(legacy, str) else legacy.name
+        return ToolPlan(request.functions, "named" if named else "auto", named, False, True)
+    if not request.tools:
+        return None
+    choice = request.tool_choice or "auto"
+    if choice == "none":
+        return None
+    functions = [t.function for t in request.tools]
+    parallel = request.parallel_tool_calls is not False
+    if isinstance(choice, str):
+        return ToolPlan(functions, choice, None, parallel, False)
+    return ToolPlan(functions, "named", choice.function.name, parallel, False)
+
+
+def _call_text(calls: list[dict[str, Any]]) -> str:
+    out = []
+    for call in calls:
+        function = call.get("function") or {}
+        try:
+            arguments = json.loads(function.get("arguments") or "{}")
+        except ValueError:
+            arguments = function.get("arguments")
+        out.append({"name": function.get("name"), "arguments": arguments})
+    return json.dumps({"tool_calls": out})
+
+
+def render_messages(request: ChatCompletionRequest, tool_plan: ToolPlan | None) -> list[dict[str, Any]]:
+    """The conversation as the worker's chat template receives it."""
+    messages = [_message(m) for m in request.messages]
+    offered = tool_plan.functions if tool_plan else [t.function for t in request.tools or []] or request.functions or []
+    if offered:
+        described = json.dumps([f.model_dump(exclude_none=True, by_alias=True) for f in offered])
+        prompt = TOOL_PROMPT.format(tools=described)
+        # Templates want at most one system message, first: join the tool prompt to it.
+        if messages and messages[0]["role"] in ("system", "developer"):
+            messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{prompt}"}
+        else:
+            messages.insert(0, {"role": "system", "content": prompt})
+    return messages
+
+
+def _message(m: ChatMessage) -> dict[str, Any]:
+    content = m.text()
+    if m.role == "assistant" and m.tool_calls:
+        content = _call_text(m.tool_calls)
+    out: dict[str, Any] = {"role": m.role, "content": content}
+    if m.name:
+        out["name"] = m.name
+    return out

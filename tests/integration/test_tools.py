@@ -1,0 +1,129 @@
+"""Function calling: `tools` / `tool_choice` (and legacy `functions`) on the real model, through the
+openai SDK, streamed and not; plus the 400s for bad tool requests."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import jsonschema
+import pytest
+from fastapi import FastAPI
+
+from chatgate.engines.transformers import TransformersEngine
+from chatgate.settings import EngineSettings
+from tests.conftest import make_app, raw, running, sdk
+
+pytestmark = pytest.mark.anyio
+
+MODEL = "SmolLM2-135M-Instruct"
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 40}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TIME = {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 40}}, "required": ["timezone"], "additionalProperties": False}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "Current time in a timezone", "parameters": TIME}},
+]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+
+
+@pytest.fixture(scope="module")
+def engine() -> TransformersEngine:
+    return TransformersEngine(EngineSettings())
+
+
+@pytest.fixture
+async def app(engine: TransformersEngine) -> AsyncIterator[FastAPI]:
+    async with running(make_app(engine)) as app:
+        yield app
+
+
+@pytest.mark.model
+async def test_named_function_is_called_with_valid_arguments_streamed_and_not(app: FastAPI) -> None:
+    client = sdk(app)
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    r = await client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice, temperature=0, max_tokens=80)  # type: ignore[arg-type]
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None
+    calls = c.message.tool_calls or []
+    assert len(calls) >= 1 and all(call.function.name == "get_weather" for call in calls)  # type: ignore[union-attr]
+    for call in calls:
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER)  # type: ignore[union-attr]
+        assert call.id.startswith("call_")
+    stream = await client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice, temperature=0, max_tokens=80, stream=True)  # type: ignore[arg-type]
+    names: dict[int, str] = {}
+    args: dict[int, str] = {}
+    finish = None
+    async for chunk in stream:
+        for ch in chunk.choices:
+            finish = ch.finish_reason or finish
+            for delta in ch.delta.tool_calls or []:
+                if delta.function and delta.function.name:
+                    names[delta.index] = delta.function.name
+                if delta.function and delta.function.arguments:
+                    args[delta.index] = args.get(delta.index, "") + delta.function.arguments
+    assert finish == "tool_calls"
+    assert [names[i] for i in sorted(names)] == [call.function.name for call in calls]  # type: ignore[union-attr]
+    assert [args[i] for i in sorted(args)] == [call.function.arguments for call in calls]  # type: ignore[union-attr]
+
+
+@pytest.mark.model
+async def test_required_with_one_call_at_a_time(app: FastAPI) -> None:
+    r = await sdk(app).chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",  # type: ignore[arg-type]
+                                               parallel_tool_calls=False, temperature=0, max_tokens=80)
+    calls = r.choices[0].message.tool_calls or []
+    assert len(calls) == 1 and r.choices[0].finish_reason == "tool_calls"
+    name = calls[0].function.name  # type: ignore[union-attr]
+    jsonschema.validate(json.loads(calls[0].function.arguments), SCHEMAS[name])  # type: ignore[union-attr]
+
+
+@pytest.mark.model
+async def test_none_and_auto_and_a_tool_conversation(app: FastAPI) -> None:
+    client = sdk(app)
+    none = await client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=30)  # type: ignore[arg-type]
+    assert none.choices[0].message.tool_calls is None and none.choices[0].message.content
+    auto = await client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, temperature=0, max_tokens=60)  # type: ignore[arg-type]
+    message = auto.choices[0].message
+    assert message.content or message.tool_calls
+    history = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 18}'},
+    ]
+    follow = await client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=30)  # type: ignore[arg-type]
+    assert follow.choices[0].message.content
+
+
+@pytest.mark.model
+async def test_legacy_functions(app: FastAPI) -> None:
+    functions = [t["function"] for t in TOOLS]
+    r = await sdk(app).chat.completions.create(model=MODEL, messages=ASK, functions=functions,  # type: ignore[arg-type]
+                                               function_call={"name": "get_time"}, temperature=0, max_tokens=60)
+    c = r.choices[0]
+    assert c.finish_reason == "function_call" and c.message.function_call is not None
+    assert c.message.function_call.name == "get_time"
+    jsonschema.validate(json.loads(c.message.function_call.arguments), TIME)
+
+
+BAD = [
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "bogus"}}}]}, "tools[0].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools[0].type"),
+    ({"functions": [{"name": "f"}], "function_call": {"name": "g"}}, "function_call"),
+]
+
+
+@pytest.mark.parametrize(("extra", "param"), BAD)
+async def test_bad_tool_requests_are_400(fake_app: FastAPI, extra: dict[str, object], param: str) -> None:
+    async with raw(fake_app) as http:
+        r = await http.post("/v1/chat/completions", json={"model": "fake-model", "messages": ASK, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
