@@ -127,3 +127,20 @@ async def test_bad_tool_requests_are_400(fake_app: FastAPI, extra: dict[str, obj
         r = await http.post("/v1/chat/completions", json={"model": "fake-model", "messages": ASK, **extra})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+async def test_a_template_that_renders_tools_gets_them_and_others_get_the_generic_prompt() -> None:
+    from chatgate.engines.fake import FakeEngine
+
+    messages = [{"role": "user", "content": "weather?"}]
+    for native in (True, False):
+        engine = FakeEngine(tools_in_template=native)
+        async with running(make_app(engine)) as app:
+            r = await sdk(app).chat.completions.create(model="fake-model", messages=messages, tools=TOOLS, temperature=0)  # type: ignore[arg-type]
+        expected = engine.render_chat(messages, TOOLS) if native else None
+        assert r.usage is not None
+        if native:
+            assert expected is not None and expected.startswith("<tools> get_weather get_time")
+            assert r.usage.prompt_tokens == len(expected.encode())
+        else:
+            assert r.usage.prompt_tokens > len(engine.render_chat(messages).encode()) + 100  # the tool prompt

@@ -73,6 +73,7 @@ class ModelInfo:
     has_chat_template: bool
     generates: bool = True
     embedding_dim: int = 0
+    tools_in_template: bool = False  # the chat template renders `tools` itself
 
 
 class Engine(abc.ABC):
@@ -95,8 +96,9 @@ class Engine(abc.ABC):
         """Text of `token_ids`, special tokens left out."""
 
     @abc.abstractmethod
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        """The prompt text for a conversation, with the generation prompt appended."""
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt text for a conversation (and the tools on offer, if the model's template
+        renders them), with the generation prompt appended."""
 
     @abc.abstractmethod
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]:

@@ -34,6 +34,7 @@ class FakeEngine(Engine):
         context_length: int = 1024,
         token_delay: float = 0.0,
         fail_after: int | None = None,
+        tools_in_template: bool = False,
     ) -> None:
         self.info = ModelInfo(
             name=name,
@@ -41,6 +42,7 @@ class FakeEngine(Engine):
             vocab_size=BOS + 1,
             has_chat_template=True,
             embedding_dim=EMBEDDING_DIM,
+            tools_in_template=tools_in_template,
         )
         self.token_delay = token_delay
         self.fail_after = fail_after  # raise after this many tokens, to test error paths
@@ -59,8 +61,10 @@ class FakeEngine(Engine):
     def decode(self, token_ids: Sequence[int]) -> str:
         return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         lines = [f"<{m['role']}> {m.get('content') or ''}" for m in messages]
+        if tools and self.info.tools_in_template:
+            lines.insert(0, "<tools> " + " ".join(t["function"]["name"] for t in tools))
         return "\n".join(lines) + "\n<assistant>"
 
     def pending(self) -> int:

@@ -92,6 +92,7 @@ class TransformersEngine(Engine):
             vocab_size=int(config.vocab_size),
             embedding_dim=int(config.hidden_size),
             has_chat_template=bool(self._tokenizer.chat_template),
+            tools_in_template="tools" in str(self._tokenizer.chat_template or ""),
         )
 
     # Tokenizer ---------------------------------------------------------------------------
@@ -102,9 +103,11 @@ class TransformersEngine(Engine):
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         return str(
-            self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            self._tokenizer.apply_chat_template(
+                messages, tools=tools if self.info.tools_in_template else None, tokenize=False, add_generation_prompt=True
+            )
         )
 
     def pending(self) -> int:

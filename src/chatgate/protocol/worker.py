@@ -46,6 +46,10 @@ class GenerateParams(BaseModel):
     response_format: dict[str, Any] | None = None
     # Log-probabilities: the chosen token's plus this many alternatives (None: none).
     logprobs: int | None = None
+    # Tools on offer (OpenAI's `tools`) and the conversation without chatgate's generic tool
+    # prompt: a worker whose chat template renders tools itself uses these instead of `messages`.
+    tools: list[dict[str, Any]] | None = None
+    tool_messages: list[dict[str, Any]] | None = None
     # Which request field the prompt came from, so errors can name it.
     prompt_param: str = "prompt"
     max_tokens_param: str = "max_tokens"

@@ -52,15 +52,18 @@ class WorkerService:
 
     # Prompts ---------------------------------------------------------------------------------
 
-    def _render(self, messages: list[dict[str, Any]]) -> str:
+    def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         rendered = [{**m, "role": _ROLE_ALIASES.get(m.get("role", ""), m.get("role"))} for m in messages]
-        return self.engine.render_chat(rendered)
+        return self.engine.render_chat(rendered, tools)
 
     def prompt_ids(self, params: GenerateParams) -> tuple[list[int], str]:
         """Token ids and text of the prompt, however the request gave it."""
         if params.prompt_token_ids is not None:
             ids = self._checked_ids(params.prompt_token_ids, params.prompt_param)
             return ids, self.engine.decode(ids)
+        if params.tools and params.tool_messages is not None and self.engine.info.tools_in_template:
+            text = self._render(params.tool_messages, params.tools)
+            return self.engine.encode(text, add_special_tokens=False), text
         if params.messages is not None:
             text = self._render(params.messages)
             return self.engine.encode(text, add_special_tokens=False), text

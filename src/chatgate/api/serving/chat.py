@@ -25,7 +25,7 @@ from chatgate.protocol.openai import (
     new_id,
     now,
 )
-from chatgate.api.serving.tools import ToolPlan, plan, render_messages
+from chatgate.api.serving.tools import ToolPlan, native_tools, plan, render_messages
 from chatgate.protocol.worker import GenerateParams, WorkerChunk
 from chatgate.streams import merge
 
@@ -39,6 +39,7 @@ def to_params(request: ChatCompletionRequest, tool_plan: ToolPlan | None = None)
         {
             **sampling_params(request),
             "messages": render_messages(request, tool_plan),
+            **native_tools(request, tool_plan),
             "max_new_tokens": request.completion_limit(),
             "response_format": constraint,
             "logprobs": request.logprob_count(),

@@ -1,6 +1,8 @@
 """Function calling: tools described to the model, calls constrained and parsed out of its reply.
 
-The model is shown the tools in a system message (below, `TOOL_PROMPT`) and replies either with
+A model whose chat template renders tools gets them through its template (the worker decides,
+from `tools` and `tool_messages`); any other is shown them in a system message (below,
+`TOOL_PROMPT`), which works with FastChat workers too. The model replies either with
 plain text or with one JSON object, `{"tool_calls": [{"name": ..., "arguments": {...}}]}`. With
 `tool_choice` `"required"` or a named function, decoding is constrained by a grammar to exactly
 that object, with each call's arguments matching its function's JSON schema; with `"auto"` the
@@ -135,3 +137,15 @@ def _message(m: ChatMessage) -> dict[str, Any]:
     if m.name:
         out["name"] = m.name
     return out
+
+
+def native_tools(request: ChatCompletionRequest, tool_plan: ToolPlan | None) -> dict[str, Any]:
+    """Tools and the plain conversation, for workers whose chat template renders tools itself."""
+    if tool_plan is None:
+        return {}
+    tools = [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in tool_plan.functions]
+    messages = [
+        {k: v for k, v in m.model_dump(exclude_none=True).items() if k != "content"} | {"content": m.text()}
+        for m in request.messages
+    ]
+    return {"tools": tools, "tool_messages": messages}
