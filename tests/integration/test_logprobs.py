@@ -61,10 +61,10 @@ async def test_bad_logprob_requests(fake_app: FastAPI, path: str, body: dict[str
     assert r.status_code == 400 and r.json()["error"]["param"] == param
 
 
-async def test_echo_with_logprobs_is_refused_clearly(fake_app: FastAPI) -> None:
+async def test_echo_with_logprobs_needs_an_engine_that_scores_prompts(fake_app: FastAPI) -> None:
     async with raw(fake_app) as http:
         r = await http.post("/v1/completions", json={"model": M, "prompt": "x", "logprobs": 1, "echo": True})
-    assert r.status_code == 400 and "not supported" in r.json()["error"]["message"]
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
 
 
 @pytest.mark.model
@@ -81,3 +81,26 @@ async def test_real_model_logprobs_are_the_models_own() -> None:
         expected = torch.log_softmax(logits, dim=-1)
         assert got.token_logprobs[0] == pytest.approx(float(expected.max()), abs=1e-3)
         assert len(got.top_logprobs[0]) == 5  # type: ignore[index]
+
+
+@pytest.mark.model
+async def test_real_model_echo_scores_the_prompt_too() -> None:
+    engine = TransformersEngine(EngineSettings())
+    prompt = "The capital of France is"
+    async with running(make_app(engine)) as app:
+        client = sdk(app)
+        r = await client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=2,
+                                            temperature=0, logprobs=2, echo=True)
+        stream = await client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=2,
+                                                 temperature=0, logprobs=2, echo=True, stream=True)
+        streamed = [t for c in [c async for c in stream] if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs or []]
+    ids = engine.encode(prompt)
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None
+    assert len(lp.tokens) == len(ids) + 2 and r.choices[0].text.startswith(prompt)
+    assert lp.token_logprobs[0] is None and all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    with torch.inference_mode():
+        logits = engine._model(input_ids=torch.tensor([ids])).logits[0].float()
+    expected = torch.log_softmax(logits[0], dim=-1)[ids[1]]
+    assert lp.token_logprobs[1] == pytest.approx(float(expected), abs=1e-3)
+    assert streamed == lp.token_logprobs

@@ -144,3 +144,15 @@ async def test_a_template_that_renders_tools_gets_them_and_others_get_the_generi
             assert r.usage.prompt_tokens == len(expected.encode())
         else:
             assert r.usage.prompt_tokens > len(engine.render_chat(messages).encode()) + 100  # the tool prompt
+
+
+@pytest.mark.model
+async def test_sdk_stream_helper_reassembles_tool_calls(app: FastAPI) -> None:
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    async with sdk(app).chat.completions.stream(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice,  # type: ignore[arg-type]
+                                                temperature=0, max_tokens=80) as stream:
+        final = await stream.get_final_completion()
+    calls = final.choices[0].message.tool_calls or []
+    assert final.choices[0].finish_reason == "tool_calls" and calls
+    assert calls[0].function.name == "get_weather"  # type: ignore[union-attr]
+    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER)  # type: ignore[union-attr]

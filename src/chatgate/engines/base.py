@@ -113,6 +113,12 @@ class Engine(abc.ABC):
         """Tokens that end a turn."""
         return []
 
+    async def prompt_logprobs(self, prompt_ids: list[int], top: int) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given the tokens before it (None for the first)."""
+        raise InvalidRequestError(
+            f"The model `{self.info.name}` cannot score prompt tokens (echo with logprobs).", param="logprobs"
+        )
+
     def compile_constraint(self, spec: dict[str, Any]) -> Any:
         """Compile a `response_format` constraint for `SamplingParams.constraint`."""
         raise InvalidRequestError(

@@ -38,17 +38,21 @@ def apply_penalties(
     return logits
 
 
+def scored(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s entry in a row of log-probabilities, with the `top` most likely alternatives."""
+    alternatives: list[tuple[int, float]] = []
+    if top:
+        values, ids = torch.topk(logprobs, min(top, logprobs.shape[-1]))
+        alternatives = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    return TokenLogprob(token_id=token, logprob=float(logprobs[token]), top=alternatives)
+
+
 def token_logprob(processed: torch.Tensor, params: SamplingParams, token: int) -> TokenLogprob:
     """The log-probability of `token` under the request's processed distribution (penalties,
     logit bias and temperature applied; greedy requests use temperature 1), with the top
     `params.logprobs` alternatives."""
     scale = 1.0 if params.greedy else params.temperature
-    logprobs = torch.log_softmax(processed / scale, dim=-1)
-    top: list[tuple[int, float]] = []
-    if params.logprobs:
-        values, ids = torch.topk(logprobs, min(params.logprobs, logprobs.shape[-1]))
-        top = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
-    return TokenLogprob(token_id=token, logprob=float(logprobs[token]), top=top)
+    return scored(torch.log_softmax(processed / scale, dim=-1), token, params.logprobs or 0)
 
 
 def sample(

@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
-from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, SamplingParams
+from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, SamplingParams, TokenLogprob
 from chatgate.engines.constraints import ConstraintCompiler
 from chatgate.engines.embedding import embed_in_batches, mean_pool
 from chatgate.engines.kernels import use_skinny_linears
 from chatgate.engines.loading import cached_checkpoint, resolve_chat_model
-from chatgate.engines.sampling import make_generator
+from chatgate.engines.kvcache import BatchKV
+from chatgate.engines.sampling import make_generator, scored
 from chatgate.engines.scheduler import Scheduler, SchedulerLimits, Slot
 from chatgate.engines.sequence import OutputChannel, SequenceState
 from chatgate.settings import EngineSettings
@@ -29,6 +30,7 @@ from chatgate.settings import EngineSettings
 log = logging.getLogger(__name__)
 
 EMBED_BATCH = 16
+PROMPT_WINDOW = 256
 
 
 class TransformersEngine(Engine):
@@ -159,11 +161,36 @@ class TransformersEngine(Engine):
 
     # Embeddings ---------------------------------------------------------------------------
 
-    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[list[float]]] = loop.create_future()
+    async def prompt_logprobs(self, prompt_ids: list[int], top: int) -> list[TokenLogprob | None]:
+        result: list[TokenLogprob | None] = await self._in_scheduler(lambda: self._score_prompt(prompt_ids, top))
+        return result
 
-        def deliver(result: list[list[float]] | BaseException) -> None:
+    @torch.inference_mode()
+    def _score_prompt(self, prompt_ids: list[int], top: int) -> list[TokenLogprob | None]:
+        """Log-probabilities of each prompt token after its prefix, a window at a time."""
+        out: list[TokenLogprob | None] = [None]
+        cache = BatchKV(int(self._model.config.num_hidden_layers))
+        cache.pads = [0]
+        for start in range(0, len(prompt_ids), PROMPT_WINDOW):
+            window = prompt_ids[start : start + PROMPT_WINDOW]
+            logits = self._model(
+                input_ids=torch.tensor([window]),
+                attention_mask=cache.attention_mask(len(window)),
+                position_ids=cache.positions(len(window)),
+                past_key_values=cache.cache,
+                use_cache=True,
+            ).logits[0].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            following = prompt_ids[start + 1 : start + 1 + len(window)]
+            out += [scored(logprobs[i], token, top) for i, token in enumerate(following)]
+        return out
+
+    async def _in_scheduler(self, work: Any) -> Any:
+        """Run `work` in the scheduler thread between steps; the model is never shared."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def deliver(result: Any) -> None:
             if future.done():
                 return
             if isinstance(result, BaseException):
@@ -171,16 +198,20 @@ class TransformersEngine(Engine):
             else:
                 future.set_result(result)
 
-        def job() -> None:  # runs in the scheduler thread, between steps
+        def job() -> None:
             try:
-                result: list[list[float]] | BaseException = self._embed(inputs)
+                result = work()
             except Exception as exc:  # reported to the caller; the scheduler keeps running
-                log.exception("embedding failed")
+                log.exception("engine job failed")
                 result = exc
             loop.call_soon_threadsafe(deliver, result)
 
         self._submit(job)
         return await future
+
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        result: list[list[float]] = await self._in_scheduler(lambda: self._embed(inputs))
+        return result
 
     def _embed(self, inputs: list[list[int]]) -> list[list[float]]:
         """Mean-pooled last hidden states, as FastChat's model_worker computes them."""

@@ -282,13 +282,6 @@ class CompletionRequest(SamplingRequest):
     suffix: str | None = None
     logprobs: int | None = Field(None, ge=0, le=5)
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_prompt_logprobs_yet(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and info.data.get("echo"):
-            raise ValueError("logprobs together with echo (prompt log-probabilities) is not supported yet")
-        return value
-
 
 def _no_empty_input(value: str) -> str:
     if not value:
@@ -388,8 +381,8 @@ class CompletionLogprobs(BaseModel):
     """`choices[].logprobs` of a text completion (or chunk), in the legacy shape."""
 
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 

@@ -95,6 +95,15 @@ class WorkerLogprob(TokenAlternative):
     top: list[TokenAlternative] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """A prompt token's log-probability given the tokens before it (none for the first)."""
+
+    token_id: int
+    token: str
+    logprob: float | None
+    top: list[TokenAlternative] = Field(default_factory=list)
+
+
 class WorkerChunk(BaseModel):
     """One NUL-delimited JSON object of `/worker_generate_stream` (FastChat's shape)."""
 
@@ -104,6 +113,8 @@ class WorkerChunk(BaseModel):
     finish_reason: str | None = None
     param: str | None = None
     token_logprobs: list[WorkerLogprob] | None = None  # chatgate extension, one per token
+    # With echo and logprobs, on the first chunk: one per prompt token (None for the first).
+    prompt_logprobs: list[PromptLogprob] | None = None
 
 
 class EmbedParams(BaseModel):

@@ -23,6 +23,7 @@ from chatgate.protocol.worker import (
     EmbedResult,
     GenerateParams,
     ModelDetails,
+    PromptLogprob,
     TokenAlternative,
     WorkerChunk,
     WorkerLogprob,
@@ -133,6 +134,9 @@ class WorkerService:
         self._active += 1
         self.served += 1
         try:
+            prompt_logprobs = None
+            if params.echo and params.logprobs is not None:
+                prompt_logprobs = await self._prompt_logprobs(ids, params.logprobs)
             cumulative = prompt_text if params.echo else ""
             first = True
             async for out in self.engine.generate(ids, sampling):
@@ -151,7 +155,9 @@ class WorkerService:
                     usage=usage,
                     finish_reason=out.finish_reason,
                     token_logprobs=self._logprobs(out.logprobs),
+                    prompt_logprobs=prompt_logprobs,
                 )
+                prompt_logprobs = None
         finally:
             self._active -= 1
 
@@ -187,6 +193,21 @@ class WorkerService:
         vectors = await self._batcher.submit(inputs)
         counts = [len(ids) for ids in inputs]
         return EmbedResult(embedding=vectors, token_num=sum(counts), token_counts=counts)
+
+    async def _prompt_logprobs(self, ids: list[int], top: int) -> list[PromptLogprob]:
+        scored = await self.engine.prompt_logprobs(ids, top)
+        out = []
+        for token_id, lp in zip(ids, scored, strict=True):
+            entry = self._logprobs([lp])[0] if lp is not None else None  # type: ignore[index]
+            out.append(
+                PromptLogprob(
+                    token_id=token_id,
+                    token=self.engine.decode([token_id]),
+                    logprob=entry.logprob if entry else None,
+                    top=entry.top if entry else [],
+                )
+            )
+        return out
 
     def _logprobs(self, logprobs: list[TokenLogprob] | None) -> list[WorkerLogprob] | None:
         if logprobs is None:

@@ -72,7 +72,7 @@ class CompletionServing(GenerationServing):
                     index=i,
                     text=c.text,
                     finish_reason=c.finish_reason,  # type: ignore[arg-type]
-                    logprobs=completion_logprobs(c.logprobs, 0) if request.logprobs is not None else None,
+                    logprobs=completion_logprobs(c.logprobs, 0, c.prompt_logprobs) if request.logprobs is not None else None,
                 )
                 for i, c in enumerate(choices)
             ],
@@ -95,7 +95,7 @@ class CompletionServing(GenerationServing):
                 if part.text or part.finish_reason:
                     logprobs = None
                     if request.logprobs is not None:
-                        logprobs = completion_logprobs(part.token_logprobs or [], offset)
+                        logprobs = completion_logprobs(part.token_logprobs or [], offset, part.prompt_logprobs)
                     choice = CompletionChoice(
                         index=index, text=part.text, finish_reason=part.finish_reason, logprobs=logprobs  # type: ignore[arg-type]
                     )

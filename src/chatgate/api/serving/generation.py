@@ -24,7 +24,7 @@ from chatgate.protocol.openai import (
     TopLogprob,
     Usage,
 )
-from chatgate.protocol.worker import GenerateParams, WorkerChunk, WorkerLogprob
+from chatgate.protocol.worker import GenerateParams, PromptLogprob, WorkerChunk, WorkerLogprob
 from chatgate.streams import merge, primed
 
 
@@ -36,11 +36,13 @@ class Choice:
     finish_reason: str | None = None
     usage: Usage = field(default_factory=Usage)
     logprobs: list[WorkerLogprob] = field(default_factory=list)
+    prompt_logprobs: list[PromptLogprob] = field(default_factory=list)
 
     def add(self, chunk: WorkerChunk) -> None:
         """Fold one worker chunk into the choice."""
         self.text += chunk.text
         self.logprobs += chunk.token_logprobs or []
+        self.prompt_logprobs += chunk.prompt_logprobs or []
         self.finish_reason = chunk.finish_reason or self.finish_reason
         if chunk.usage is not None:
             self.usage = Usage.model_validate(chunk.usage.model_dump())
@@ -88,9 +90,18 @@ def chat_logprobs(items: list[WorkerLogprob]) -> ChatLogprobs:
     )
 
 
-def completion_logprobs(items: list[WorkerLogprob], offset: int) -> CompletionLogprobs:
-    """Per-token log-probabilities in the legacy completions shape, offsets from `offset`."""
+def completion_logprobs(
+    items: list[WorkerLogprob], offset: int, prompt: list[PromptLogprob] | None = None
+) -> CompletionLogprobs:
+    """Per-token log-probabilities in the legacy completions shape, offsets from `offset`;
+    with `echo`, the prompt's tokens come first (the very first has no log-probability)."""
     out = CompletionLogprobs()
+    for entry in prompt or []:
+        out.tokens.append(entry.token)
+        out.token_logprobs.append(entry.logprob)
+        out.top_logprobs.append({a.token: a.logprob for a in reversed(entry.top)} if entry.logprob is not None else None)
+        out.text_offset.append(offset)
+        offset += len(entry.token)
     for item in items:
         out.tokens.append(item.token)
         out.token_logprobs.append(item.logprob)
