@@ -245,11 +245,15 @@ async def test_cors_preflight_needs_no_key(fake_engine: FakeEngine) -> None:
 async def test_overloaded_worker_answers_429_and_others_continue() -> None:
     import asyncio
 
-    app = make_app(FakeEngine(token_delay=0.01), limit_worker_concurrency=1)
+    engine = FakeEngine(token_delay=0.01)
+    app = make_app(engine, limit_worker_concurrency=1)
     async with running(app):
         client = sdk(app)
         slow = asyncio.create_task(client.chat.completions.create(model=M, messages=MSG, temperature=0))  # type: ignore[arg-type]
-        await asyncio.sleep(0.05)
+        for _ in range(500):  # until the first request occupies the worker's only slot
+            if engine.active:
+                break
+            await asyncio.sleep(0.01)
         with pytest.raises(openai.RateLimitError) as err:
             await client.chat.completions.create(model=M, messages=MSG)  # type: ignore[arg-type]
         assert err.value.response.headers["retry-after"]
