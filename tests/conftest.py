@@ -59,3 +59,19 @@ def fake_engine() -> FakeEngine:
 async def fake_app(fake_engine: FakeEngine) -> AsyncIterator[FastAPI]:
     async with running(make_app(fake_engine)) as app:
         yield app
+
+
+@pytest.fixture(scope="session")
+def chat_engine() -> Engine:
+    """The default chat model, loaded once per test session (each app starts and stops it)."""
+    from chatgate.engines.transformers import TransformersEngine
+    from chatgate.settings import EngineSettings
+
+    return TransformersEngine(EngineSettings())
+
+
+@pytest.fixture
+async def chat_app(chat_engine: Engine) -> AsyncIterator[FastAPI]:
+    """An API app serving the real default chat model."""
+    async with running(make_app(chat_engine)) as app:
+        yield app

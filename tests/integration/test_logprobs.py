@@ -10,7 +10,6 @@ import torch
 from fastapi import FastAPI
 
 from chatgate.engines.transformers import TransformersEngine
-from chatgate.settings import EngineSettings
 from tests.conftest import make_app, raw, running, sdk
 
 pytestmark = pytest.mark.anyio
@@ -68,8 +67,8 @@ async def test_echo_with_logprobs_needs_an_engine_that_scores_prompts(fake_app: 
 
 
 @pytest.mark.model
-async def test_real_model_logprobs_are_the_models_own() -> None:
-    engine = TransformersEngine(EngineSettings())
+async def test_real_model_logprobs_are_the_models_own(chat_engine: TransformersEngine) -> None:
+    engine = chat_engine
     async with running(make_app(engine)) as app:
         r = await sdk(app).completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is",
                                              max_tokens=1, temperature=0, logprobs=5)
@@ -84,8 +83,8 @@ async def test_real_model_logprobs_are_the_models_own() -> None:
 
 
 @pytest.mark.model
-async def test_real_model_echo_scores_the_prompt_too() -> None:
-    engine = TransformersEngine(EngineSettings())
+async def test_real_model_echo_scores_the_prompt_too(chat_engine: TransformersEngine) -> None:
+    engine = chat_engine
     prompt = "The capital of France is"
     async with running(make_app(engine)) as app:
         client = sdk(app)

@@ -19,15 +19,14 @@ MODEL = "SmolLM2-135M-Instruct"
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module")
-def engine() -> TransformersEngine:
-    return TransformersEngine(EngineSettings())
+@pytest.fixture
+def engine(chat_engine: TransformersEngine) -> TransformersEngine:
+    return chat_engine
 
 
 @pytest.fixture
-async def app(engine: TransformersEngine) -> AsyncIterator[FastAPI]:
-    async with running(make_app(engine)) as app:
-        yield app
+def app(chat_app: FastAPI) -> FastAPI:
+    return chat_app
 
 
 async def test_answers_paris_with_exact_usage(app: FastAPI, engine: TransformersEngine) -> None:

@@ -29,15 +29,14 @@ PERSON = {
 ASK = [{"role": "user", "content": "Describe a person called Ada as JSON."}]
 
 
-@pytest.fixture(scope="module")
-def engine() -> TransformersEngine:
-    return TransformersEngine(EngineSettings())
+@pytest.fixture
+def engine(chat_engine: TransformersEngine) -> TransformersEngine:
+    return chat_engine
 
 
 @pytest.fixture
-async def app(engine: TransformersEngine) -> AsyncIterator[FastAPI]:
-    async with running(make_app(engine)) as app:
-        yield app
+def app(chat_app: FastAPI) -> FastAPI:
+    return chat_app
 
 
 def schema_format(schema: dict[str, object]) -> dict[str, object]:

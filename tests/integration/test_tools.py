@@ -32,15 +32,14 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 
 
-@pytest.fixture(scope="module")
-def engine() -> TransformersEngine:
-    return TransformersEngine(EngineSettings())
+@pytest.fixture
+def engine(chat_engine: TransformersEngine) -> TransformersEngine:
+    return chat_engine
 
 
 @pytest.fixture
-async def app(engine: TransformersEngine) -> AsyncIterator[FastAPI]:
-    async with running(make_app(engine)) as app:
-        yield app
+def app(chat_app: FastAPI) -> FastAPI:
+    return chat_app
 
 
 @pytest.mark.model

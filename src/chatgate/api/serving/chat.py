@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from chatgate.api.serving.generation import (
@@ -22,6 +23,7 @@ from chatgate.protocol.openai import (
     ChatCompletionResponse,
     ChatDelta,
     ChatLogprobs,
+    Usage,
     new_id,
     now,
 )
@@ -87,10 +89,7 @@ class ChatServing(GenerationServing):
         """With tools, a reply is known to be calls or text only once it is complete: each
         choice is sent when it ends, calls as OpenAI streams them (id and name, then arguments)."""
 
-        def chunk(index: int, delta: ChatDelta, finish: str | None = None) -> ChatCompletionChunk:
-            choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish)  # type: ignore[arg-type]
-            return ChatCompletionChunk(id=response_id, created=created, model=request.model, choices=[choice])
-
+        chunk = _Chunks(response_id, created, request.model)
         choices = [Choice() for _ in streams]
         for index in range(len(streams)):
             yield chunk(index, ChatDelta(role="assistant", content=""))
@@ -113,9 +112,7 @@ class ChatServing(GenerationServing):
                     yield chunk(index, ChatDelta(content=message.content))
                 yield chunk(index, ChatDelta(), done.finish_reason)
         if request.include_usage():
-            yield ChatCompletionChunk(
-                id=response_id, created=created, model=request.model, choices=[], usage=total_usage(choices, request.n)
-            )
+            yield chunk.usage(total_usage(choices, request.n))
 
     async def _stream(
         self,
@@ -125,12 +122,7 @@ class ChatServing(GenerationServing):
         created: int,
         include_usage: bool,
     ) -> AsyncIterator[ChatCompletionChunk]:
-        def chunk(
-            index: int, delta: ChatDelta, finish: str | None = None, logprobs: ChatLogprobs | None = None
-        ) -> ChatCompletionChunk:
-            choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
-            return ChatCompletionChunk(id=response_id, created=created, model=request.model, choices=[choice])
-
+        chunk = _Chunks(response_id, created, request.model)
         choices = [Choice() for _ in streams]
         for index in range(len(streams)):
             yield chunk(index, ChatDelta(role="assistant", content=""))
@@ -143,13 +135,26 @@ class ChatServing(GenerationServing):
                 if part.finish_reason:
                     yield chunk(index, ChatDelta(), part.finish_reason)
         if include_usage:
-            yield ChatCompletionChunk(
-                id=response_id,
-                created=created,
-                model=request.model,
-                choices=[],
-                usage=total_usage(choices, request.n),
-            )
+            yield chunk.usage(total_usage(choices, request.n))
+
+
+@dataclass(frozen=True)
+class _Chunks:
+    """Builds the chunks of one streamed response."""
+
+    response_id: str
+    created: int
+    model: str
+
+    def __call__(
+        self, index: int, delta: ChatDelta, finish: str | None = None, logprobs: ChatLogprobs | None = None
+    ) -> ChatCompletionChunk:
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
+        return ChatCompletionChunk(id=self.response_id, created=self.created, model=self.model, choices=[choice])
+
+    def usage(self, usage: Usage) -> ChatCompletionChunk:
+        """The final chunk carrying usage, with no choices."""
+        return ChatCompletionChunk(id=self.response_id, created=self.created, model=self.model, choices=[], usage=usage)
 
 
 def _choice(index: int, choice: Choice, with_logprobs: bool, tool_plan: ToolPlan | None = None) -> ChatChoice:
