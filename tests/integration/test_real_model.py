@@ -19,31 +19,21 @@ MODEL = "SmolLM2-135M-Instruct"
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture
-def engine(chat_engine: TransformersEngine) -> TransformersEngine:
-    return chat_engine
-
-
-@pytest.fixture
-def app(chat_app: FastAPI) -> FastAPI:
-    return chat_app
-
-
-async def test_answers_paris_with_exact_usage(app: FastAPI, engine: TransformersEngine) -> None:
-    response = await sdk(app).chat.completions.create(model=MODEL, messages=PARIS, temperature=0)  # type: ignore[arg-type]
+async def test_answers_paris_with_exact_usage(chat_app: FastAPI, chat_engine: TransformersEngine) -> None:
+    response = await sdk(chat_app).chat.completions.create(model=MODEL, messages=PARIS, temperature=0)  # type: ignore[arg-type]
     assert "Paris" in (response.choices[0].message.content or "")
     assert response.choices[0].finish_reason == "stop"
-    templated = engine._tokenizer.apply_chat_template(PARIS, add_generation_prompt=True, tokenize=True)
+    templated = chat_engine._tokenizer.apply_chat_template(PARIS, add_generation_prompt=True, tokenize=True)
     ids = templated["input_ids"] if hasattr(templated, "keys") else templated
     assert response.usage is not None
     assert response.usage.prompt_tokens == len(ids)
     text = response.choices[0].message.content or ""
     # The completion is the answer's tokens plus the end-of-turn token.
-    assert response.usage.completion_tokens == len(engine.encode(text, add_special_tokens=False)) + 1
+    assert response.usage.completion_tokens == len(chat_engine.encode(text, add_special_tokens=False)) + 1
 
 
-async def test_stream_matches_non_stream_exactly(app: FastAPI) -> None:
-    client = sdk(app)
+async def test_stream_matches_non_stream_exactly(chat_app: FastAPI) -> None:
+    client = sdk(chat_app)
     messages = [{"role": "user", "content": "Write one sentence about the sea."}]
     whole = await client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=40)  # type: ignore[arg-type]
     stream = await client.chat.completions.create(
@@ -59,10 +49,10 @@ async def test_stream_matches_non_stream_exactly(app: FastAPI) -> None:
     assert chunks[-1].usage == whole.usage
 
 
-async def test_stop_spanning_two_tokens(app: FastAPI, engine: TransformersEngine) -> None:
-    client = sdk(app)
+async def test_stop_spanning_two_tokens(chat_app: FastAPI, chat_engine: TransformersEngine) -> None:
+    client = sdk(chat_app)
     answer = "The capital of France is Paris."
-    tokens = [engine.decode([t]) for t in engine.encode(answer, add_special_tokens=False)]
+    tokens = [chat_engine.decode([t]) for t in chat_engine.encode(answer, add_special_tokens=False)]
     assert "is" in tokens[-3] and "Paris" in tokens[-2]  # " is" and " Paris" are separate tokens
     for stream in (False, True):
         kwargs = {"model": MODEL, "messages": PARIS, "temperature": 0, "stop": ["s Pa"]}
@@ -78,8 +68,8 @@ async def test_stop_spanning_two_tokens(app: FastAPI, engine: TransformersEngine
         assert finish == ["stop"]
 
 
-async def test_completions_list_n_echo_length(app: FastAPI) -> None:
-    client = sdk(app)
+async def test_completions_list_n_echo_length(chat_app: FastAPI) -> None:
+    client = sdk(chat_app)
     prompts = ["Once upon a time", "The weather today"]
     response = await client.completions.create(model=MODEL, prompt=prompts, max_tokens=8, n=2, echo=True, temperature=0)
     assert len(response.choices) == 4
@@ -93,28 +83,28 @@ async def test_completions_list_n_echo_length(app: FastAPI) -> None:
     assert "Once upon a time" + streamed == response.choices[0].text
 
 
-async def test_seed_reproduces_sampled_text(app: FastAPI) -> None:
-    client = sdk(app)
+async def test_seed_reproduces_sampled_text(chat_app: FastAPI) -> None:
+    client = sdk(chat_app)
     kwargs = {"model": MODEL, "prompt": "My favourite food is", "max_tokens": 12, "temperature": 1.0, "seed": 1234}
     first = await client.completions.create(**kwargs)  # type: ignore[arg-type]
     second = await client.completions.create(**kwargs)  # type: ignore[arg-type]
     assert first.choices[0].text == second.choices[0].text
 
 
-async def test_closing_a_stream_frees_its_slot(engine: TransformersEngine) -> None:
-    await engine.start()
+async def test_closing_a_stream_frees_its_slot(chat_engine: TransformersEngine) -> None:
+    await chat_engine.start()
     try:
-        stream = engine.generate(engine.encode("Count to one hundred:"), SamplingParams(max_tokens=500, temperature=0))
+        stream = chat_engine.generate(chat_engine.encode("Count to one hundred:"), SamplingParams(max_tokens=500, temperature=0))
         seen = [await anext(stream) for _ in range(2)]
         assert seen[0].completion_tokens >= 1
         await stream.aclose()  # type: ignore[attr-defined]
         for _ in range(100):
-            if engine.pending() == 0:
+            if chat_engine.pending() == 0:
                 break
             await asyncio.sleep(0.05)
-        assert engine.pending() == 0
+        assert chat_engine.pending() == 0
     finally:
-        await engine.close()
+        await chat_engine.close()
 
 
 PROMPTS = [
@@ -124,38 +114,38 @@ PROMPTS = [
 ]
 
 
-async def _greedy(engine: TransformersEngine, text: str, max_tokens: int = 32, **params: object) -> list[int]:
-    ids = engine.encode(engine.render_chat([{"role": "user", "content": text}]), add_special_tokens=False)
+async def _greedy(chat_engine: TransformersEngine, text: str, max_tokens: int = 32, **params: object) -> list[int]:
+    ids = chat_engine.encode(chat_engine.render_chat([{"role": "user", "content": text}]), add_special_tokens=False)
     tokens: list[int] = []
-    async for out in engine.generate(ids, SamplingParams(max_tokens=max_tokens, **{"temperature": 0.0, **params})):  # type: ignore[arg-type]
+    async for out in chat_engine.generate(ids, SamplingParams(max_tokens=max_tokens, **{"temperature": 0.0, **params})):  # type: ignore[arg-type]
         tokens += out.token_ids
     return tokens
 
 
-async def test_greedy_tokens_are_the_same_alone_and_among_15_others(engine: TransformersEngine) -> None:
-    await engine.start()
+async def test_greedy_tokens_are_the_same_alone_and_among_15_others(chat_engine: TransformersEngine) -> None:
+    await chat_engine.start()
     try:
-        alone = [await _greedy(engine, p) for p in PROMPTS[:4]]
-        seeded_alone = await _greedy(engine, PROMPTS[5], temperature=1.0, seed=7)
+        alone = [await _greedy(chat_engine, p) for p in PROMPTS[:4]]
+        seeded_alone = await _greedy(chat_engine, PROMPTS[5], temperature=1.0, seed=7)
         long_prompt = "Summarise this text. " + " ".join(f"Sentence {i} talks about the weather." for i in range(60))
-        fillers = [_greedy(engine, f"Tell me about the number {i}.", max_tokens=24 + i) for i in range(10)]
+        fillers = [_greedy(chat_engine, f"Tell me about the number {i}.", max_tokens=24 + i) for i in range(10)]
         crowd = await asyncio.gather(
-            *(_greedy(engine, p) for p in PROMPTS[:4]),
-            _greedy(engine, PROMPTS[5], temperature=1.0, seed=7),
-            _greedy(engine, long_prompt, max_tokens=16),  # chunked prefill joins mid-flight
+            *(_greedy(chat_engine, p) for p in PROMPTS[:4]),
+            _greedy(chat_engine, PROMPTS[5], temperature=1.0, seed=7),
+            _greedy(chat_engine, long_prompt, max_tokens=16),  # chunked prefill joins mid-flight
             *fillers,
         )
         assert crowd[:4] == alone
         assert crowd[4] == seeded_alone
         assert all(len(tokens) > 0 for tokens in crowd)
     finally:
-        await engine.close()
+        await chat_engine.close()
 
 
-async def test_n_choices_share_one_prefill(app: FastAPI, engine: TransformersEngine) -> None:
-    assert engine._scheduler is not None
-    before = engine._scheduler.prefill_tokens
-    response = await sdk(app).chat.completions.create(model=MODEL, messages=PARIS, n=4, temperature=0, max_tokens=8)  # type: ignore[arg-type]
+async def test_n_choices_share_one_prefill(chat_app: FastAPI, chat_engine: TransformersEngine) -> None:
+    assert chat_engine._scheduler is not None
+    before = chat_engine._scheduler.prefill_tokens
+    response = await sdk(chat_app).chat.completions.create(model=MODEL, messages=PARIS, n=4, temperature=0, max_tokens=8)  # type: ignore[arg-type]
     assert len({c.message.content for c in response.choices}) == 1
     assert response.usage is not None
-    assert engine._scheduler.prefill_tokens - before == response.usage.prompt_tokens
+    assert chat_engine._scheduler.prefill_tokens - before == response.usage.prompt_tokens

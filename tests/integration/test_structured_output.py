@@ -29,22 +29,12 @@ PERSON = {
 ASK = [{"role": "user", "content": "Describe a person called Ada as JSON."}]
 
 
-@pytest.fixture
-def engine(chat_engine: TransformersEngine) -> TransformersEngine:
-    return chat_engine
-
-
-@pytest.fixture
-def app(chat_app: FastAPI) -> FastAPI:
-    return chat_app
-
-
 def schema_format(schema: dict[str, object]) -> dict[str, object]:
     return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
 
 
-async def test_json_object_mode_parses(app: FastAPI) -> None:
-    client = sdk(app)
+async def test_json_object_mode_parses(chat_app: FastAPI) -> None:
+    client = sdk(chat_app)
     for seed in (1, 2, 3):
         r = await client.chat.completions.create(model=MODEL, messages=ASK, response_format={"type": "json_object"},  # type: ignore[arg-type]
                                                  temperature=1.0, seed=seed, max_tokens=300)
@@ -52,8 +42,8 @@ async def test_json_object_mode_parses(app: FastAPI) -> None:
             assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
 
 
-async def test_json_schema_validates_streamed_and_not(app: FastAPI) -> None:
-    client = sdk(app)
+async def test_json_schema_validates_streamed_and_not(chat_app: FastAPI) -> None:
+    client = sdk(chat_app)
     r = await client.chat.completions.create(model=MODEL, messages=ASK, response_format=schema_format(PERSON),  # type: ignore[arg-type]
                                              temperature=0, max_tokens=200)
     assert r.choices[0].finish_reason == "stop"
@@ -64,13 +54,13 @@ async def test_json_schema_validates_streamed_and_not(app: FastAPI) -> None:
     assert text == r.choices[0].message.content
 
 
-async def test_sdk_parse_with_a_pydantic_model(app: FastAPI) -> None:
+async def test_sdk_parse_with_a_pydantic_model(chat_app: FastAPI) -> None:
     class City(BaseModel):
         name: str
         country: str
         population: int = Field(ge=0, le=100_000_000)  # bounded, or the tiny model runs on digits
 
-    completion = await sdk(app).chat.completions.parse(
+    completion = await sdk(chat_app).chat.completions.parse(
         model=MODEL, messages=[{"role": "user", "content": "Tell me about Paris as JSON."}],
         response_format=City, temperature=0, max_tokens=120,
     )
@@ -78,14 +68,14 @@ async def test_sdk_parse_with_a_pydantic_model(app: FastAPI) -> None:
     assert isinstance(city, City)
 
 
-async def test_too_few_tokens_end_with_length_not_false_json(app: FastAPI) -> None:
-    r = await sdk(app).chat.completions.create(model=MODEL, messages=ASK, response_format=schema_format(PERSON),  # type: ignore[arg-type]
+async def test_too_few_tokens_end_with_length_not_false_json(chat_app: FastAPI) -> None:
+    r = await sdk(chat_app).chat.completions.create(model=MODEL, messages=ASK, response_format=schema_format(PERSON),  # type: ignore[arg-type]
                                                temperature=0, max_tokens=5)
     assert r.choices[0].finish_reason == "length"
 
 
-async def test_constrained_and_free_requests_share_the_batch(app: FastAPI) -> None:
-    client = sdk(app)
+async def test_constrained_and_free_requests_share_the_batch(chat_app: FastAPI) -> None:
+    client = sdk(chat_app)
     free = [{"role": "user", "content": f"Say something about the number {i}."} for i in range(4)]
     results = await asyncio.gather(
         *(client.chat.completions.create(model=MODEL, messages=ASK, response_format=schema_format(PERSON),  # type: ignore[arg-type]
@@ -108,8 +98,8 @@ BAD = [
 
 
 @pytest.mark.parametrize(("fmt", "param"), BAD)
-async def test_bad_constraints_are_400(app: FastAPI, fmt: dict[str, object], param: str) -> None:
-    async with raw(app) as http:
+async def test_bad_constraints_are_400(chat_app: FastAPI, fmt: dict[str, object], param: str) -> None:
+    async with raw(chat_app) as http:
         r = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "response_format": fmt})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param

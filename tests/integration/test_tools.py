@@ -32,19 +32,9 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 
 
-@pytest.fixture
-def engine(chat_engine: TransformersEngine) -> TransformersEngine:
-    return chat_engine
-
-
-@pytest.fixture
-def app(chat_app: FastAPI) -> FastAPI:
-    return chat_app
-
-
 @pytest.mark.model
-async def test_named_function_is_called_with_valid_arguments_streamed_and_not(app: FastAPI) -> None:
-    client = sdk(app)
+async def test_named_function_is_called_with_valid_arguments_streamed_and_not(chat_app: FastAPI) -> None:
+    client = sdk(chat_app)
     choice = {"type": "function", "function": {"name": "get_weather"}}
     r = await client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice, temperature=0, max_tokens=80)  # type: ignore[arg-type]
     c = r.choices[0]
@@ -72,8 +62,8 @@ async def test_named_function_is_called_with_valid_arguments_streamed_and_not(ap
 
 
 @pytest.mark.model
-async def test_required_with_one_call_at_a_time(app: FastAPI) -> None:
-    r = await sdk(app).chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",  # type: ignore[arg-type]
+async def test_required_with_one_call_at_a_time(chat_app: FastAPI) -> None:
+    r = await sdk(chat_app).chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",  # type: ignore[arg-type]
                                                parallel_tool_calls=False, temperature=0, max_tokens=80)
     calls = r.choices[0].message.tool_calls or []
     assert len(calls) == 1 and r.choices[0].finish_reason == "tool_calls"
@@ -82,8 +72,8 @@ async def test_required_with_one_call_at_a_time(app: FastAPI) -> None:
 
 
 @pytest.mark.model
-async def test_none_and_auto_and_a_tool_conversation(app: FastAPI) -> None:
-    client = sdk(app)
+async def test_none_and_auto_and_a_tool_conversation(chat_app: FastAPI) -> None:
+    client = sdk(chat_app)
     none = await client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=30)  # type: ignore[arg-type]
     assert none.choices[0].message.tool_calls is None and none.choices[0].message.content
     auto = await client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, temperature=0, max_tokens=60)  # type: ignore[arg-type]
@@ -100,9 +90,9 @@ async def test_none_and_auto_and_a_tool_conversation(app: FastAPI) -> None:
 
 
 @pytest.mark.model
-async def test_legacy_functions(app: FastAPI) -> None:
+async def test_legacy_functions(chat_app: FastAPI) -> None:
     functions = [t["function"] for t in TOOLS]
-    r = await sdk(app).chat.completions.create(model=MODEL, messages=ASK, functions=functions,  # type: ignore[arg-type]
+    r = await sdk(chat_app).chat.completions.create(model=MODEL, messages=ASK, functions=functions,  # type: ignore[arg-type]
                                                function_call={"name": "get_time"}, temperature=0, max_tokens=60)
     c = r.choices[0]
     assert c.finish_reason == "function_call" and c.message.function_call is not None
@@ -146,9 +136,9 @@ async def test_a_template_that_renders_tools_gets_them_and_others_get_the_generi
 
 
 @pytest.mark.model
-async def test_sdk_stream_helper_reassembles_tool_calls(app: FastAPI) -> None:
+async def test_sdk_stream_helper_reassembles_tool_calls(chat_app: FastAPI) -> None:
     choice = {"type": "function", "function": {"name": "get_weather"}}
-    async with sdk(app).chat.completions.stream(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice,  # type: ignore[arg-type]
+    async with sdk(chat_app).chat.completions.stream(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice,  # type: ignore[arg-type]
                                                 temperature=0, max_tokens=80) as stream:
         final = await stream.get_final_completion()
     calls = final.choices[0].message.tool_calls or []

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from chatgate.engines.base import SamplingParams
-from chatgate.engines.sampling import make_generator, sample
+from chatgate.engines.sampling import make_generator, sample_with_logprob
 
 
 def draw(logits: torch.Tensor, seed: int, n: int = 20, **params: object) -> list[int]:
     generator = make_generator(seed)
     p = SamplingParams(max_tokens=1, **params)  # type: ignore[arg-type]
-    return [sample(logits, p, prompt_ids=[], output_ids=[], generator=generator) for _ in range(n)]
+    return [sample_with_logprob(logits, p, prompt_ids=[], output_ids=[], generator=generator)[0] for _ in range(n)]
 
 
 LOGITS = torch.tensor([1.0, 3.0, 2.0, 0.5, -1.0])
@@ -40,13 +40,13 @@ def test_logit_bias_can_force_a_token() -> None:
 
 def test_repetition_penalty_discourages_seen_tokens() -> None:
     p = SamplingParams(max_tokens=1, temperature=0.0, repetition_penalty=10.0)
-    token = sample(LOGITS, p, prompt_ids=[1], output_ids=[], generator=make_generator(0))
+    token = sample_with_logprob(LOGITS, p, prompt_ids=[1], output_ids=[], generator=make_generator(0))[0]
     assert token == 2
 
 
 def test_frequency_penalty_counts_occurrences() -> None:
     p = SamplingParams(max_tokens=1, temperature=0.0, frequency_penalty=1.0)
-    token = sample(LOGITS, p, prompt_ids=[], output_ids=[1, 1], generator=make_generator(0))
+    token = sample_with_logprob(LOGITS, p, prompt_ids=[], output_ids=[1, 1], generator=make_generator(0))[0]
     assert token == 2
 
 

@@ -13,11 +13,6 @@ class KeyChecker:
     def __init__(self, keys: list[str]) -> None:
         self._keys = [k.encode() for k in keys if k]
 
-    @property
-    def enabled(self) -> bool:
-        """Whether any key is required."""
-        return bool(self._keys)
-
     def check(self, authorization: str | None) -> None:
         """Raise `AuthenticationError` unless the header carries an accepted key."""
         if not self._keys:

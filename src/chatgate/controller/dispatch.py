@@ -22,7 +22,6 @@ class Candidate(Protocol):
 
 
 W = TypeVar("W", bound=Candidate)
-Dispatch = Callable[[Sequence[W]], W]
 
 
 def lottery(workers: Sequence[W], rng: random.Random | None = None) -> W:

@@ -70,7 +70,6 @@ class ModelInfo:
     name: str
     context_length: int
     vocab_size: int
-    has_chat_template: bool
     generates: bool = True
     embedding_dim: int = 0
     tools_in_template: bool = False  # the chat template renders `tools` itself

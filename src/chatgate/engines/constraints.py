@@ -26,7 +26,6 @@ class ConstraintCompiler:
     """Turns `response_format` constraints into grammars for one tokenizer."""
 
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
-        self.vocab_size = vocab_size
         self.tokenizer: LLTokenizer = from_tokenizer(tokenizer, n_vocab=vocab_size)
 
     def compile(self, spec: dict[str, Any]) -> Grammar:
@@ -64,15 +63,14 @@ class Grammar:
 
     def start(self) -> Constraint:
         """A fresh matcher at the start of the grammar."""
-        return Constraint(LLMatcher(self._compiler.tokenizer, self._grammar), self._compiler.vocab_size)
+        return Constraint(LLMatcher(self._compiler.tokenizer, self._grammar))
 
 
 class Constraint:
     """One sequence's position in its grammar."""
 
-    def __init__(self, matcher: LLMatcher, vocab_size: int) -> None:
+    def __init__(self, matcher: LLMatcher) -> None:
         self._matcher = matcher
-        self._vocab_size = vocab_size
 
     def mask(self, logits: torch.Tensor) -> None:
         """Forbid, in place, every token the grammar does not allow next."""

@@ -40,7 +40,6 @@ class FakeEngine(Engine):
             name=name,
             context_length=context_length,
             vocab_size=BOS + 1,
-            has_chat_template=True,
             embedding_dim=EMBEDDING_DIM,
             tools_in_template=tools_in_template,
         )

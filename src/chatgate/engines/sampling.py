@@ -55,18 +55,6 @@ def token_logprob(processed: torch.Tensor, params: SamplingParams, token: int) -
     return scored(torch.log_softmax(processed / scale, dim=-1), token, params.logprobs or 0)
 
 
-def sample(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    *,
-    prompt_ids: list[int],
-    output_ids: list[int],
-    generator: torch.Generator,
-) -> int:
-    """Pick the next token from a 1-D row of logits."""
-    return sample_with_logprob(logits, params, prompt_ids=prompt_ids, output_ids=output_ids, generator=generator)[0]
-
-
 def sample_with_logprob(
     logits: torch.Tensor,
     params: SamplingParams,

@@ -77,7 +77,6 @@ class Scheduler:
         # arriving together, reuse a prefill instead of repeating it.
         self._prompt_cache: OrderedDict[tuple[int, ...], tuple[BatchKV, torch.Tensor]] = OrderedDict()
         self.prefill_tokens = 0  # prompt tokens run through the model, shared rows counted once
-        self.decode_steps = 0
 
     def pending(self) -> int:
         """Sequences running or waiting."""
@@ -240,7 +239,6 @@ class Scheduler:
     def _decode(self) -> None:
         ids = torch.tensor([[slot.last_token] for slot in self._running])
         logits = self._forward(self._kv, ids)
-        self.decode_steps += 1
         keep = [row for row, slot in enumerate(self._running) if self._advance(slot, logits[row])]
         if len(keep) < len(self._running):
             self._keep_rows(keep)

@@ -45,7 +45,7 @@ class SentenceTransformersEngine(Engine):
         self._tokenizer: Any = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.info = ModelInfo(
-            name=name, context_length=0, vocab_size=0, has_chat_template=False, generates=False
+            name=name, context_length=0, vocab_size=0, generates=False
         )
 
     async def start(self) -> None:
@@ -75,7 +75,6 @@ class SentenceTransformersEngine(Engine):
             name=self.info.name,
             context_length=int(self._model.max_seq_length),
             vocab_size=int(self._tokenizer.vocab_size),
-            has_chat_template=False,
             generates=False,
             embedding_dim=int(self._model.get_embedding_dimension()),
         )

@@ -46,7 +46,7 @@ class TransformersEngine(Engine):
         self._eos: frozenset[int] = frozenset()
         self._constraints: ConstraintCompiler | None = None
         self.info = ModelInfo(
-            name=self._source.name, context_length=0, vocab_size=0, has_chat_template=False
+            name=self._source.name, context_length=0, vocab_size=0
         )
 
     async def start(self) -> None:
@@ -93,7 +93,6 @@ class TransformersEngine(Engine):
             context_length=int(getattr(config, "max_position_embeddings", 2048)),
             vocab_size=int(config.vocab_size),
             embedding_dim=int(config.hidden_size),
-            has_chat_template=bool(self._tokenizer.chat_template),
             tools_in_template="tools" in str(self._tokenizer.chat_template or ""),
         )
 
