@@ -12,7 +12,7 @@ import pytest
 from fastapi import FastAPI
 
 from chatgate.api.app import create_api_app
-from chatgate.api.backends import local_backend
+from chatgate.api.workers.local import local_pool
 from chatgate.engines.base import Engine
 from chatgate.engines.fake import FakeEngine
 from chatgate.settings import ServeSettings
@@ -33,7 +33,7 @@ async def running(app: FastAPI) -> AsyncIterator[FastAPI]:
 def make_app(*engines: Engine, **settings: object) -> FastAPI:
     """An API app serving `engines` in-process."""
     serve = ServeSettings(**settings)  # type: ignore[arg-type]
-    return create_api_app(serve, local_backend(serve, engines=list(engines)))
+    return create_api_app(serve, local_pool(serve, engines=list(engines)))
 
 
 def sdk(app: FastAPI, api_key: str = "sk-test") -> openai.AsyncOpenAI:

@@ -79,18 +79,18 @@ def _api_tls(settings: ApiSettings) -> tuple[str | None, str | None]:
 def run_serve(settings: ServeSettings) -> None:
     """API server and worker in one process."""
     from chatgate.api.app import create_api_app
-    from chatgate.api.backends import local_backend
+    from chatgate.api.workers.local import local_pool
 
-    app = create_api_app(settings, local_backend(settings))
+    app = create_api_app(settings, local_pool(settings))
     _run_uvicorn(app, host=settings.host, port=settings.port, log_level=settings.log_level, tls=_api_tls(settings))
 
 
 def run_api(settings: ApiProcessSettings) -> None:
     """API server in front of a controller."""
     from chatgate.api.app import create_api_app
-    from chatgate.api.backends import controller_backend
+    from chatgate.api.workers.controller import controller_pool
 
-    app = create_api_app(settings, controller_backend(settings))
+    app = create_api_app(settings, controller_pool(settings))
     _run_uvicorn(app, host=settings.host, port=settings.port, log_level=settings.log_level, tls=_api_tls(settings))
 
 

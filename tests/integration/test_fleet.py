@@ -13,8 +13,8 @@ import pytest
 from fastapi import FastAPI
 
 from chatgate.api.app import create_api_app
-from chatgate.api.clients import Router
-from chatgate.api.remote import ControllerRouter
+from chatgate.api.workers.base import WorkerPool
+from chatgate.api.workers.controller import ControllerPool
 from chatgate.controller.app import create_controller_app
 from chatgate.engines.fake import FakeEngine
 from chatgate.settings import ApiProcessSettings, ControllerSettings, WorkerSettings
@@ -42,23 +42,23 @@ class Fleet:
         for address, app in workers.items():
             mounts[address] = httpx.ASGITransport(app=app) if app is not None else Dead()
         self.http = httpx.AsyncClient(mounts=mounts)
-        self.router = ControllerRouter(http=self.http, controller="http://controller", refresh=0.2)
+        self.pool = ControllerPool(http=self.http, controller="http://controller", refresh=0.2)
 
         @contextlib.asynccontextmanager
-        async def backend() -> AsyncIterator[Router]:
-            task = asyncio.create_task(self.router.run())
+        async def pool() -> AsyncIterator[WorkerPool]:
+            task = asyncio.create_task(self.pool.run())
             try:
-                yield self.router
+                yield self.pool
             finally:
                 task.cancel()
 
-        self.api = create_api_app(ApiProcessSettings(), backend)
+        self.api = create_api_app(ApiProcessSettings(), pool)
 
     async def register(self) -> None:
         for address in self.workers:
             body = {"worker_name": address, "worker_status": {"model_names": [M], "speed": 1, "queue_length": 0}}
             assert (await self.http.post("http://controller/register_worker", json=body)).status_code == 200
-        await self.router.refresh()
+        await self.pool.refresh()
 
 
 def worker_app(delay: float = 0.01) -> FastAPI:
@@ -100,7 +100,7 @@ async def test_dead_worker_fails_over_and_leaves_rotation() -> None:
         client = sdk(f.api)
         results = await asyncio.gather(*(client.chat.completions.create(model=M, messages=MSG) for _ in range(8)))  # type: ignore[arg-type]
         assert len(results) == 8 and served(alive) == 8
-        assert [e.address for e in f.router._table] == ["http://alive"]
+        assert [e.address for e in f.pool._table] == ["http://alive"]
         workers = (await f.http.post("http://controller/list_workers")).json()["workers"]
         for _ in range(50):  # the report to the controller is sent in the background
             if [w["address"] for w in workers] == ["http://alive"]:

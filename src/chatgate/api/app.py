@@ -1,4 +1,4 @@
-"""The API server app: OpenAI's HTTP API over a router of workers."""
+"""The API server app: OpenAI's HTTP API over a pool of workers."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.middleware.cors import CORSMiddleware
 
-from chatgate.api import handlers
+from chatgate.api import errors
 from chatgate.api.auth import KeyChecker
-from chatgate.api.backends import Backend
+from chatgate.api.middleware import GuardMiddleware
 from chatgate.api.routes import openai as openai_routes
 from chatgate.api.routes import ops as ops_routes
 from chatgate.api.serving.chat import ChatServing
@@ -19,28 +19,29 @@ from chatgate.api.serving.completions import CompletionServing
 from chatgate.api.serving.embeddings import EmbeddingServing
 from chatgate.api.serving.tokens import TokenCheckServing
 from chatgate.api.state import ApiState
+from chatgate.api.workers.base import PoolSource
 from chatgate.metrics import ApiMetrics, FleetCollector
 from chatgate.settings import ApiSettings
 
 
-def create_api_app(settings: ApiSettings, backend: Backend) -> FastAPI:
-    """Build the API server; `backend` supplies the router for the app's lifetime."""
+def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
+    """Build the API server; `workers` opens the worker pool for the app's lifetime."""
 
     registry = CollectorRegistry()
     metrics = ApiMetrics(registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with backend() as router:
-            fleet = FleetCollector(workers_per_model=router.readiness, worker_load=router.load)
+        async with workers() as pool:
+            fleet = FleetCollector(workers_per_model=pool.readiness, worker_load=pool.load)
             registry.register(fleet)
             app.state.api = ApiState(
-                router=router,
+                pool=pool,
                 keys=KeyChecker(settings.api_keys),
-                chat=ChatServing(router=router, max_n=settings.max_n, metrics=metrics),
-                completions=CompletionServing(router=router, max_n=settings.max_n, metrics=metrics),
-                tokens=TokenCheckServing(router=router),
-                embeddings=EmbeddingServing(router=router),
+                chat=ChatServing(pool=pool, max_n=settings.max_n, metrics=metrics),
+                completions=CompletionServing(pool=pool, max_n=settings.max_n, metrics=metrics),
+                tokens=TokenCheckServing(pool=pool),
+                embeddings=EmbeddingServing(pool=pool),
             )
             try:
                 yield
@@ -48,7 +49,7 @@ def create_api_app(settings: ApiSettings, backend: Backend) -> FastAPI:
                 registry.unregister(fleet)
 
     app = FastAPI(title="chatgate", lifespan=lifespan)
-    handlers.install(app)
+    errors.install(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -64,5 +65,5 @@ def create_api_app(settings: ApiSettings, backend: Backend) -> FastAPI:
             allow_headers=settings.allowed_headers,
             allow_credentials=settings.allow_credentials,
         )
-    app.add_middleware(handlers.GuardMiddleware, max_body=settings.max_request_bytes, metrics=metrics)
+    app.add_middleware(GuardMiddleware, max_body=settings.max_request_bytes, metrics=metrics)
     return app

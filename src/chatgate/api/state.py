@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from chatgate.api.auth import KeyChecker
-from chatgate.api.clients import Router
+from chatgate.api.workers.base import WorkerPool
 from chatgate.api.serving.chat import ChatServing
 from chatgate.api.serving.completions import CompletionServing
 from chatgate.api.serving.embeddings import EmbeddingServing
@@ -18,7 +18,7 @@ from chatgate.api.serving.tokens import TokenCheckServing
 class ApiState:
     """The API server's shared resources."""
 
-    router: Router
+    pool: WorkerPool
     keys: KeyChecker
     chat: ChatServing
     completions: CompletionServing

@@ -39,13 +39,13 @@ def respond(result: BaseModel | AsyncIterator[BaseModel]) -> Response:
 @router.get("/v1/models")
 async def list_models(state: ApiState = Depends(api_state)) -> ModelList:
     """The models served now."""
-    return ModelList(data=[ModelCard(id=name) for name in await state.router.models()])
+    return ModelList(data=[ModelCard(id=name) for name in await state.pool.models()])
 
 
 @router.get("/v1/models/{model:path}")
 async def retrieve_model(model: str, state: ApiState = Depends(api_state)) -> ModelCard:
     """One served model."""
-    if model not in await state.router.models():
+    if model not in await state.pool.models():
         raise ModelNotFoundError.for_model(model)
     return ModelCard(id=model)
 

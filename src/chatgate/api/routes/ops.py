@@ -16,7 +16,7 @@ def router(registry: CollectorRegistry) -> APIRouter:
     @routes.get("/ready")
     async def ready(state: ApiState = Depends(api_state)) -> JSONResponse:
         """200 when every served model has a healthy worker, else 503."""
-        workers = state.router.readiness()
+        workers = state.pool.readiness()
         ok = bool(workers) and all(count > 0 for count in workers.values())
         body = {"status": "ready" if ok else "not ready", "workers": workers}
         return JSONResponse(body, status_code=200 if ok else 503)

@@ -6,8 +6,8 @@ import base64
 
 import numpy as np
 
-from chatgate.api.clients import Router, WorkerClient
-from chatgate.api.failover import with_failover
+from chatgate.api.workers.base import Worker, WorkerPool
+from chatgate.api.workers.failover import with_failover
 from chatgate.errors import InvalidRequestError
 from chatgate.protocol.openai import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from chatgate.protocol.worker import EmbedParams, EmbedResult
@@ -32,7 +32,7 @@ def encode(vector: list[float], encoding_format: str) -> list[float] | str:
     return vector
 
 
-async def _checked_embed(worker: WorkerClient, request: EmbeddingRequest) -> EmbedResult:
+async def _checked_embed(worker: Worker, request: EmbeddingRequest) -> EmbedResult:
     details = await worker.model_details()
     if request.dimensions is not None and request.dimensions != details.embedding_dim:
         raise InvalidRequestError(
@@ -46,15 +46,15 @@ async def _checked_embed(worker: WorkerClient, request: EmbeddingRequest) -> Emb
 class EmbeddingServing:
     """Serves embeddings from the worker of the requested model."""
 
-    def __init__(self, *, router: Router) -> None:
-        self._router = router
+    def __init__(self, *, pool: WorkerPool) -> None:
+        self._pool = pool
 
     async def create(self, request: EmbeddingRequest) -> EmbeddingResponse:
         """Embed every input of the request."""
         if not request.model:
             raise InvalidRequestError("Missing required parameter: 'model'.", param="model",
                                       code="missing_required_parameter")
-        result = await with_failover(self._router, request.model, lambda w: _checked_embed(w, request))
+        result = await with_failover(self._pool, request.model, lambda w: _checked_embed(w, request))
         return EmbeddingResponse(
             data=[
                 Embedding(embedding=encode(vector, request.encoding_format), index=index)

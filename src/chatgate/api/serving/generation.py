@@ -12,8 +12,8 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from chatgate.api.clients import Router, WorkerClient
-from chatgate.api.failover import with_failover
+from chatgate.api.workers.base import Worker, WorkerPool
+from chatgate.api.workers.failover import with_failover
 from chatgate.errors import InvalidRequestError
 from chatgate.metrics import ApiMetrics
 from chatgate.protocol.openai import (
@@ -148,8 +148,8 @@ def with_seeds(params: GenerateParams, n: int, seed: int | None) -> list[Generat
 class GenerationServing:
     """Starts generations on a worker and collects or merges their streams."""
 
-    def __init__(self, *, router: Router, max_n: int, metrics: ApiMetrics | None = None) -> None:
-        self._router = router
+    def __init__(self, *, pool: WorkerPool, max_n: int, metrics: ApiMetrics | None = None) -> None:
+        self._pool = pool
         self._max_n = max_n
         self._metrics = metrics
 
@@ -164,7 +164,7 @@ class GenerationServing:
         """Start every generation and wait for each one's first chunk, so errors raise here;
         if the worker fails before answering, all of them move to another worker."""
         begin = time.perf_counter()
-        streams = await with_failover(self._router, model, lambda worker: self._start_on(worker, params))
+        streams = await with_failover(self._pool, model, lambda worker: self._start_on(worker, params))
         if self._metrics is None:
             return streams
         first_of_prompt = [i == 0 or params[i].prompt_key() != params[i - 1].prompt_key() for i in range(len(params))]
@@ -175,7 +175,7 @@ class GenerationServing:
 
     @staticmethod
     async def _start_on(
-        worker: WorkerClient, params: list[GenerateParams]
+        worker: Worker, params: list[GenerateParams]
     ) -> list[AsyncGenerator[WorkerChunk, None]]:
         results = await asyncio.gather(
             *(primed(worker.generate_stream(p)) for p in params), return_exceptions=True

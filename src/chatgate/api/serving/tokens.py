@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from chatgate.api.clients import Router, WorkerClient
-from chatgate.api.failover import with_failover
+from chatgate.api.workers.base import Worker, WorkerPool
+from chatgate.api.workers.failover import with_failover
 from chatgate.protocol.fastchat import TokenCheckRequest, TokenCheckResponse, TokenCheckResult
 from chatgate.protocol.worker import CountTokenRequest
 
@@ -11,14 +11,14 @@ from chatgate.protocol.worker import CountTokenRequest
 class TokenCheckServing:
     """Counts prompt tokens with each model's own tokenizer."""
 
-    def __init__(self, *, router: Router) -> None:
-        self._router = router
+    def __init__(self, *, pool: WorkerPool) -> None:
+        self._pool = pool
 
     async def check(self, request: TokenCheckRequest) -> TokenCheckResponse:
         """One result per prompt, in order."""
         results = []
         for item in request.prompts:
-            count, context = await with_failover(self._router, item.model, lambda w: _measure(w, item.prompt))
+            count, context = await with_failover(self._pool, item.model, lambda w: _measure(w, item.prompt))
             results.append(
                 TokenCheckResult(
                     fits=count + item.max_tokens <= context, tokenCount=count, contextLength=context
@@ -27,7 +27,7 @@ class TokenCheckServing:
         return TokenCheckResponse(prompts=results)
 
 
-async def _measure(worker: WorkerClient, prompt: str) -> tuple[int, int]:
+async def _measure(worker: Worker, prompt: str) -> tuple[int, int]:
     """Prompt tokens and context length, from the worker's own tokenizer."""
     count = await worker.count_tokens(CountTokenRequest(prompt=prompt))
     return count, (await worker.model_details()).context_length

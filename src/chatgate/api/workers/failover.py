@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from chatgate.api.clients import Router, WorkerClient
+from chatgate.api.workers.base import Worker, WorkerPool
 from chatgate.errors import NoHealthyWorkerError, WorkerUnavailableError
 
 T = TypeVar("T")
@@ -14,7 +14,7 @@ ATTEMPTS = 3
 
 
 async def with_failover(
-    router: Router, model: str, call: Callable[[WorkerClient], Awaitable[T]], *, attempts: int = ATTEMPTS
+    pool: WorkerPool, model: str, call: Callable[[Worker], Awaitable[T]], *, attempts: int = ATTEMPTS
 ) -> T:
     """`call` a worker for `model`; a worker that fails before answering is reported and
     another is tried, up to `attempts` workers."""
@@ -22,7 +22,7 @@ async def with_failover(
     last: WorkerUnavailableError | None = None
     for _ in range(attempts):
         try:
-            worker = await router.worker_for(model, exclude=frozenset(tried))
+            worker = await pool.worker_for(model, exclude=frozenset(tried))
         except NoHealthyWorkerError:
             if last is None:
                 raise
@@ -30,7 +30,7 @@ async def with_failover(
         try:
             return await call(worker)
         except WorkerUnavailableError as exc:
-            router.report_failure(worker)
+            pool.report_failure(worker)
             tried.add(worker.address)
             last = exc
     raise NoHealthyWorkerError(f"No healthy worker serves `{model}` right now.") from last

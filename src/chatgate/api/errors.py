@@ -1,4 +1,5 @@
-"""The one place where exceptions become OpenAI-shaped HTTP error responses.
+"""The one place where exceptions become OpenAI-shaped HTTP error responses (the hierarchy
+itself is `chatgate.errors`; the middleware that catches the unexpected is `middleware.py`).
 
 Validation errors from the request schema are turned into OpenAI's wording: `param` names the
 field as OpenAI does (`messages[0].role`) and `code` says what was wrong with it.
@@ -6,21 +7,14 @@ field as OpenAI does (`messages[0].role`) and `code` says what was wrong with it
 
 from __future__ import annotations
 
-import logging
-import time
-import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chatgate.errors import ChatgateError, InvalidRequestError, RequestTooLargeError
-from chatgate.metrics import ApiMetrics
-
-log = logging.getLogger(__name__)
+from chatgate.errors import ChatgateError, InvalidRequestError
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "null"}
 
@@ -155,82 +149,3 @@ def install(app: FastAPI) -> None:
         else:
             message = str(exc.detail)
         return error_response(_HttpStatusError(message, exc.status_code))
-
-
-class GuardMiddleware:
-    """Outermost layer: request ids, the body size cap, and a 500 for anything unexpected.
-
-    Every response carries `x-request-id` (the client's own, or a fresh one); an unexpected
-    error becomes an OpenAI-shaped 500 naming that id, never a traceback.
-    """
-
-    def __init__(self, app: ASGIApp, *, max_body: int, metrics: ApiMetrics | None = None) -> None:
-        self.app = app
-        self.max_body = max_body
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id") or f"req_{uuid.uuid4().hex}".encode()
-        started = False
-        status = 500
-        begin = time.perf_counter()
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal started, status
-            if message["type"] == "http.response.start":
-                started = True
-                status = int(message["status"])
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
-            await send(message)
-
-        async def fail(error: ChatgateError) -> None:
-            if not started:
-                await error_response(error)(scope, receive, send_with_id)
-
-        length = headers.get(b"content-length", b"0")
-        if length.isdigit() and int(length) > self.max_body:
-            await fail(self._too_large())
-            return
-        received = 0
-
-        async def counted_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_body:
-                raise self._too_large()
-            return message
-
-        try:
-            await self.app(scope, counted_receive, send_with_id)
-        except RequestTooLargeError as exc:
-            await fail(exc)
-        except Exception:
-            log.exception("unhandled error (request %s)", request_id.decode(errors="replace"))
-            await fail(
-                ChatgateError(
-                    "The server had an error while processing your request. Sorry about that! "
-                    f"(request id {request_id.decode(errors='replace')})"
-                )
-            )
-        finally:
-            self._observe(scope, status, time.perf_counter() - begin)
-
-    def _observe(self, scope: Scope, status: int, seconds: float) -> None:
-        if self.metrics is None:
-            return
-        route = getattr(scope.get("route"), "path", None) or "unmatched"
-        # An unknown model's name is the client's to choose: keep it out of the label values.
-        model = "" if status == 404 else str((scope.get("state") or {}).get("model", ""))[:100]
-        self.metrics.requests.labels(route=route, model=model, status=str(status)).inc()
-        self.metrics.latency.labels(route=route, model=model).observe(seconds)
-
-    def _too_large(self) -> RequestTooLargeError:
-        return RequestTooLargeError(
-            f"The request body is larger than the limit of {self.max_body} bytes."
-        )
-

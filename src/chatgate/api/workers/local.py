@@ -1,0 +1,105 @@
+"""In-process workers (`chatgate serve`): engines served by `WorkerService`s in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from chatgate.api.workers.base import PoolSource, Worker, WorkerPool
+from chatgate.engines import create_engine
+from chatgate.engines.base import Engine
+from chatgate.errors import ModelNotFoundError
+from chatgate.protocol.worker import (
+    CountTokenRequest,
+    EmbedParams,
+    EmbedResult,
+    GenerateParams,
+    ModelDetails,
+    WorkerChunk,
+)
+from chatgate.settings import ServeSettings
+from chatgate.worker.service import WorkerService
+
+
+class LocalWorker:
+    """Calls a `WorkerService` in the same process."""
+
+    def __init__(self, service: WorkerService) -> None:
+        self._service = service
+        self.address = "local"
+
+    def generate_stream(self, params: GenerateParams) -> AsyncIterator[WorkerChunk]:
+        return self._service.generate(params.model_copy(update={"delta": True}))
+
+    async def count_tokens(self, request: CountTokenRequest) -> int:
+        return self._service.count_tokens(request)
+
+    async def embed(self, params: EmbedParams) -> EmbedResult:
+        return await self._service.embed(params)
+
+    async def model_details(self) -> ModelDetails:
+        return self._service.details()
+
+
+class LocalPool:
+    """Picks among workers living in this process: one per model name."""
+
+    def __init__(self, services: list[WorkerService]) -> None:
+        self._workers: dict[str, LocalWorker] = {}
+        self._services = {service.model_names[0]: service for service in services}
+        for service in services:
+            for name in service.model_names:
+                self._workers[name] = LocalWorker(service)
+
+    async def models(self) -> list[str]:
+        return list(self._workers)
+
+    async def worker_for(self, model: str, *, exclude: frozenset[str] = frozenset()) -> Worker:
+        try:
+            return self._workers[model]
+        except KeyError:
+            raise ModelNotFoundError.for_model(model) from None
+
+    def report_failure(self, worker: Worker) -> None:
+        """In-process workers do not fail by connection."""
+
+    def readiness(self) -> dict[str, int]:
+        return {name: 1 for name in self._workers}
+
+    def load(self) -> list[tuple[str, int, int]]:
+        return [(name, *self._services[name].load()) for name in self._services]
+
+
+def local_pool(settings: ServeSettings, *, engines: list[Engine] | None = None) -> PoolSource:
+    """Serve engines in this process (`chatgate serve`): by default the chat model from
+    `settings` and, unless turned off, the embedding model beside it."""
+
+    def build() -> list[tuple[Engine, list[str]]]:
+        if engines is not None:
+            return [(engine, []) for engine in engines]
+        built = [(create_engine(settings), settings.model_names)]
+        embedding = settings.embedding_engine_settings()
+        if embedding is not None:
+            built.append((create_engine(embedding), []))
+        return built
+
+    @contextlib.asynccontextmanager
+    async def pool() -> AsyncIterator[WorkerPool]:
+        served = build()
+        await asyncio.gather(*(engine.start() for engine, _ in served))
+        services = [
+            WorkerService(
+                engine=engine, model_names=names, limit_concurrency=settings.limit_worker_concurrency
+            )
+            for engine, names in served
+        ]
+        try:
+            yield LocalPool(services)
+        finally:
+            for service in services:
+                await service.close()
+            for engine, _ in served:
+                await engine.close()
+
+    return pool
