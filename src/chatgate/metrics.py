@@ -1,16 +1,14 @@
 """Prometheus metrics of every chatgate process, each in a registry of its own (no globals).
 
 `chatgate serve` puts the API server's and the worker's metrics in one registry; the separate
-processes each expose theirs on `/metrics`.
+processes each expose theirs on `/metrics` (`chatgate.ops`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
-from fastapi import FastAPI
-from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -79,10 +77,3 @@ class FleetCollector(Collector):
                 served.add_metric([model], count)
             yield served
 
-
-def mount(app: FastAPI, registry: CollectorRegistry) -> None:
-    """Serve `registry` on `GET /metrics` in Prometheus' text format."""
-
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

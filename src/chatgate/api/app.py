@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.middleware.cors import CORSMiddleware
 
@@ -18,9 +18,10 @@ from chatgate.api.serving.chat import ChatServing
 from chatgate.api.serving.completions import CompletionServing
 from chatgate.api.serving.embeddings import EmbeddingServing
 from chatgate.api.serving.tokens import TokenCheckServing
-from chatgate.api.state import ApiState
+from chatgate.api.state import ApiState, require_key
 from chatgate.api.workers.base import PoolSource
 from chatgate.metrics import ApiMetrics, FleetCollector
+from chatgate.ops import health_routes, metrics_routes
 from chatgate.settings import ApiSettings
 
 
@@ -51,12 +52,10 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
     app = FastAPI(title="chatgate", lifespan=lifespan)
     errors.install(app)
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
+    app.include_router(health_routes())
+    app.include_router(metrics_routes(registry, dependencies=[Depends(require_key)]))
+    app.include_router(ops_routes.router)
     app.include_router(openai_routes.router)
-    app.include_router(ops_routes.router(registry))
     if settings.allowed_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from chatgate.engines.base import Engine, SamplingParams
+from chatgate.tasks import cancel_and_wait
 
 PROMPTS = [
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",
@@ -165,6 +166,6 @@ async def run_level(
     try:
         await asyncio.gather(*(client(i) for i in range(concurrency)))
     finally:
-        reporter.cancel()
+        await cancel_and_wait(reporter)
     show()
     return LevelResult(concurrency=concurrency, records=records, wall=time.perf_counter() - start)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+from chatgate.tasks import cancel_and_wait
 
 EmbedFn = Callable[[list[list[int]]], Awaitable[list[list[float]]]]
 
@@ -71,8 +72,5 @@ class EmbeddingBatcher:
 
     async def close(self) -> None:
         """Stop the batching task."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None

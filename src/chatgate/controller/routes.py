@@ -1,0 +1,112 @@
+"""FastChat's controller endpoints (and chatgate's `/list_workers`, `/report_worker_down`):
+thin adapters from HTTP to the app's `Registry`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Depends, Request
+
+from chatgate.controller.dispatch import METHODS
+from chatgate.controller.registry import Registry
+from chatgate.protocol.worker import HeartBeat, RegisterWorker, WorkerDown, WorkerStatus, WorkerTable
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+
+@dataclass(frozen=True)
+class ControllerState:
+    """What the controller's routes are handed: the registry and the dispatch method's name."""
+
+    registry: Registry
+    dispatch_method: str
+
+
+def controller_state(request: Request) -> ControllerState:
+    """Route dependency: the app's state."""
+    state: ControllerState = request.app.state.controller
+    return state
+
+
+def worker_registry(request: Request) -> Registry:
+    """Route dependency: the app's worker registry."""
+    return controller_state(request).registry
+
+
+Workers = Depends(worker_registry)
+
+
+@router.get("/ready")
+async def ready() -> dict[str, str]:
+    """The controller is ready as soon as it serves HTTP."""
+    return {"status": "ready"}
+
+
+@router.post("/register_worker")
+async def register_worker(body: RegisterWorker, registry: Registry = Workers) -> dict[str, bool]:
+    """Add or replace a worker."""
+    status = body.worker_status or WorkerStatus(model_names=[])
+    registry.register(body.worker_name, status, check_heart_beat=body.check_heart_beat)
+    log.info("registered worker %s for %s", body.worker_name, status.model_names)
+    return {"ok": True}
+
+
+@router.post("/receive_heart_beat")
+async def receive_heart_beat(body: HeartBeat, registry: Registry = Workers) -> dict[str, bool]:
+    """Record a heartbeat; `exist: false` tells a forgotten worker to register again."""
+    return {"exist": registry.heartbeat(body.worker_name, body.queue_length)}
+
+
+@router.post("/refresh_all_workers")
+async def refresh_all_workers(registry: Registry = Workers) -> dict[str, bool]:
+    """Drop workers whose heartbeats stopped."""
+    registry.expire()
+    return {"ok": True}
+
+
+@router.post("/list_models")
+@router.post("/list_language_models")
+async def list_models(registry: Registry = Workers) -> dict[str, list[str]]:
+    """Models some live worker serves."""
+    return {"models": registry.models()}
+
+
+@router.post("/list_workers")
+async def list_workers(state: ControllerState = Depends(controller_state)) -> WorkerTable:
+    """The worker table API servers dispatch from, with the dispatch method to use."""
+    return WorkerTable(
+        workers=[w.entry() for w in state.registry.workers()],
+        dispatch_method=state.dispatch_method,
+    )
+
+
+@router.post("/report_worker_down")
+async def report_worker_down(body: WorkerDown, registry: Registry = Workers) -> dict[str, bool]:
+    """Take a worker an API server could not reach out of the table."""
+    # If the worker is in fact alive, its next heartbeat is refused and it registers again.
+    registry.remove(body.worker_name)
+    log.info("worker %s reported down", body.worker_name)
+    return {"ok": True}
+
+
+@router.post("/get_worker_address")
+async def get_worker_address(
+    body: dict[str, str], state: ControllerState = Depends(controller_state)
+) -> dict[str, str]:
+    """One worker for the model, picked by the dispatch method ("" when none serves it)."""
+    workers = state.registry.workers(body.get("model"))
+    return {"address": METHODS[state.dispatch_method](workers).address if workers else ""}
+
+
+@router.post("/worker_get_status")
+async def worker_get_status(registry: Registry = Workers) -> dict[str, object]:
+    """The fleet's totals, as FastChat's controller reports them."""
+    workers = registry.workers()
+    return {
+        "model_names": registry.models(),
+        "speed": sum(w.speed for w in workers),
+        "queue_length": sum(w.queue_length for w in workers),
+    }
