@@ -486,6 +486,9 @@ class EmbeddingResponse(BaseModel):
     usage: EmbeddingUsage
 
 
+Capability = Literal["chat", "completions", "embeddings"]
+
+
 class ModelCard(BaseModel):
     """One entry of `/v1/models`."""
 
@@ -493,6 +496,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=now)
     owned_by: str = "chatgate"
+    # Extension: what the model serves, so a client (the playground) can offer chat models for
+    # chat and embedding models for embeddings; left out when the worker could not be asked.
+    capabilities: list[Capability] | None = None
 
 
 class ModelList(BaseModel):

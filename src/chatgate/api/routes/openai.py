@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
+from chatgate.api.serving.models import model_card
 from chatgate.api.sse import sse
 from chatgate.api.state import ApiState, api_state, require_key
 from chatgate.errors import ModelNotFoundError
@@ -36,18 +37,18 @@ def respond(result: BaseModel | AsyncIterator[BaseModel]) -> Response:
     )
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model_exclude_none=True)
 async def list_models(state: ApiState = Depends(api_state)) -> ModelList:
     """The models served now."""
-    return ModelList(data=[ModelCard(id=name) for name in await state.pool.models()])
+    return ModelList(data=[await model_card(state.pool, name) for name in await state.pool.models()])
 
 
-@router.get("/v1/models/{model:path}")
+@router.get("/v1/models/{model:path}", response_model_exclude_none=True)
 async def retrieve_model(model: str, state: ApiState = Depends(api_state)) -> ModelCard:
     """One served model."""
     if model not in await state.pool.models():
         raise ModelNotFoundError.for_model(model)
-    return ModelCard(id=model)
+    return await model_card(state.pool, model)
 
 
 @router.post("/v1/chat/completions")
