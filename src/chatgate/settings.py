@@ -71,6 +71,9 @@ class ApiSettings(_Base):
         8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
     )
     max_n: int = Field(16, ge=1, description="Largest `n` a request may ask for.")
+    playground: bool = Field(
+        True, description="Serve the browser playground at / (--no-playground turns it off)."
+    )
 
     _split = field_validator(
         "api_keys", "allowed_origins", "allowed_methods", "allowed_headers", mode="before"

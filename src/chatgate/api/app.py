@@ -14,6 +14,7 @@ from chatgate.api.auth import KeyChecker
 from chatgate.api.middleware import GuardMiddleware
 from chatgate.api.routes import openai as openai_routes
 from chatgate.api.routes import ops as ops_routes
+from chatgate.api.routes import playground
 from chatgate.api.serving.chat import ChatServing
 from chatgate.api.serving.completions import CompletionServing
 from chatgate.api.serving.embeddings import EmbeddingServing
@@ -56,6 +57,8 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
     app.include_router(metrics_routes(registry, dependencies=[Depends(require_key)]))
     app.include_router(ops_routes.router)
     app.include_router(openai_routes.router)
+    if settings.playground:
+        playground.mount(app)
     if settings.allowed_origins:
         app.add_middleware(
             CORSMiddleware,
