@@ -65,11 +65,12 @@ export function setupChat(panel) {
   }
 
   function finish({ outcome, timer, error }, reply, answer, usage, text) {
-    if (outcome === "error" && !answer) {
+    if (outcome !== "done" && !answer) {
       // Nothing came back: forget the question so it can be sent again (after fixing the key, say).
       history.pop();
       if (!box.value) box.value = text;
-      showError(reply.body, error);
+      if (error) showError(reply.body, error);
+      else reply.meta.textContent = "Stopped before any text";
       return;
     }
     history.push({ role: "assistant", content: answer });
