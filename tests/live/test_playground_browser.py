@@ -343,7 +343,14 @@ def test_narrow_window(browser: Any, server: str, tmp_path: Path) -> None:
     s = open_session(browser, server, tmp_path, width=390)
     page = s.page
     s.unlock()
+    # Settings start folded away on a narrow window, and unfold on demand.
+    temperature = page.locator("#panel-chat [name=temperature]")
+    sync_api.expect(temperature).to_be_hidden()
+    page.get_by_text("Settings").first.click()
+    sync_api.expect(temperature).to_be_visible()
     set_sampling(page, "chat", max_tokens=16)
+    s.shot("narrow-settings")
+    page.get_by_text("Settings").first.click()
     reply = s.ask("Hi!")
     sync_api.expect(reply.locator(".meta")).to_contain_text("completion tokens")
     overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
@@ -352,9 +359,6 @@ def test_narrow_window(browser: Any, server: str, tmp_path: Path) -> None:
         box = page.get_by_role("button", name=name).bounding_box()
         assert box is not None and box["x"] + box["width"] <= 390
     s.shot("narrow")
-    page.get_by_text("Settings").first.click()
-    sync_api.expect(page.locator("#panel-chat [name=temperature]")).to_be_visible()
-    s.shot("narrow-settings")
     assert s.external == [] and s.problems == []
     page.context.close()
 
