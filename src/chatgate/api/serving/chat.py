@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from chatgate.api.serving.generation import (
     Choice,
     GenerationServing,
+    Reply,
     chat_logprobs,
     sampling_params,
-    total_usage,
     with_seeds,
 )
 from chatgate.protocol.openai import (
@@ -29,7 +28,6 @@ from chatgate.protocol.openai import (
 )
 from chatgate.api.serving.tools import ToolPlan, native_tools, plan, render_messages
 from chatgate.protocol.worker import GenerateParams, WorkerChunk
-from chatgate.streams import merge
 
 
 def to_params(request: ChatCompletionRequest, tool_plan: ToolPlan | None = None) -> GenerateParams:
@@ -53,108 +51,73 @@ def to_params(request: ChatCompletionRequest, tool_plan: ToolPlan | None = None)
     )
 
 
-class ChatServing(GenerationServing):
-    """Serves chat completions, streamed or not."""
+@dataclass
+class ChatReply(Reply[ChatCompletionResponse, ChatCompletionChunk]):
+    """Builds a chat response, or its chunks: text as it comes, or, with tools, each choice
+    when it ends (a reply is known to be calls or text only once it is complete)."""
 
-    async def create(
-        self, request: ChatCompletionRequest
-    ) -> ChatCompletionResponse | AsyncIterator[ChatCompletionChunk]:
-        """Answer a chat request: a response, or a stream of chunks."""
-        self.check_n(request.n)
-        tool_plan = plan(request)
-        params = with_seeds(to_params(request, tool_plan), request.n, request.seed)
-        streams = await self.start(request.model, params)
-        response_id, created = new_id("chatcmpl"), now()
-        if request.stream:
-            if tool_plan is not None:
-                return self._tool_stream(streams, request, tool_plan, response_id, created)
-            return self._stream(streams, request, response_id, created, request.include_usage())
-        choices = await self.collect(streams)
-        return ChatCompletionResponse(
-            id=response_id,
-            created=created,
-            model=request.model,
-            choices=[_choice(i, c, bool(request.logprobs), tool_plan) for i, c in enumerate(choices)],
-            usage=total_usage(choices, request.n),
-        )
+    request: ChatCompletionRequest
+    tool_plan: ToolPlan | None
+    id: str = field(default_factory=lambda: new_id("chatcmpl"))
+    created: int = field(default_factory=now)
 
-    async def _tool_stream(
-        self,
-        streams: list[AsyncGenerator[WorkerChunk, None]],
-        request: ChatCompletionRequest,
-        tool_plan: ToolPlan,
-        response_id: str,
-        created: int,
-    ) -> AsyncIterator[ChatCompletionChunk]:
-        """With tools, a reply is known to be calls or text only once it is complete: each
-        choice is sent when it ends, calls as OpenAI streams them (id and name, then arguments)."""
-
-        chunk = _Chunks(response_id, created, request.model)
-        choices = [Choice() for _ in streams]
-        for index in range(len(streams)):
-            yield chunk(index, ChatDelta(role="assistant", content=""))
-        async with contextlib.aclosing(merge(streams)) as merged:
-            async for index, part in merged:
-                choices[index].add(part)
-                if not part.finish_reason:
-                    continue
-                done = _choice(index, choices[index], False, tool_plan)
-                message = done.message
-                if message.tool_calls:
-                    for i, call in enumerate(message.tool_calls):
-                        head = {"index": i, "id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": ""}}
-                        yield chunk(index, ChatDelta(tool_calls=[head]))
-                        yield chunk(index, ChatDelta(tool_calls=[{"index": i, "function": {"arguments": call.function.arguments}}]))
-                elif message.function_call:
-                    yield chunk(index, ChatDelta(function_call={"name": message.function_call.name, "arguments": ""}))
-                    yield chunk(index, ChatDelta(function_call={"arguments": message.function_call.arguments}))
-                elif message.content:
-                    yield chunk(index, ChatDelta(content=message.content))
-                yield chunk(index, ChatDelta(), done.finish_reason)
-        if request.include_usage():
-            yield chunk.usage(total_usage(choices, request.n))
-
-    async def _stream(
-        self,
-        streams: list[AsyncGenerator[WorkerChunk, None]],
-        request: ChatCompletionRequest,
-        response_id: str,
-        created: int,
-        include_usage: bool,
-    ) -> AsyncIterator[ChatCompletionChunk]:
-        chunk = _Chunks(response_id, created, request.model)
-        choices = [Choice() for _ in streams]
-        for index in range(len(streams)):
-            yield chunk(index, ChatDelta(role="assistant", content=""))
-        async with contextlib.aclosing(merge(streams)) as merged:
-            async for index, part in merged:
-                choices[index].add(part)
-                if part.text:
-                    logprobs = chat_logprobs(part.token_logprobs or []) if request.logprobs else None
-                    yield chunk(index, ChatDelta(content=part.text), logprobs=logprobs)
-                if part.finish_reason:
-                    yield chunk(index, ChatDelta(), part.finish_reason)
-        if include_usage:
-            yield chunk.usage(total_usage(choices, request.n))
-
-
-@dataclass(frozen=True)
-class _Chunks:
-    """Builds the chunks of one streamed response."""
-
-    response_id: str
-    created: int
-    model: str
-
-    def __call__(
+    def _chunk(
         self, index: int, delta: ChatDelta, finish: str | None = None, logprobs: ChatLogprobs | None = None
     ) -> ChatCompletionChunk:
         choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
-        return ChatCompletionChunk(id=self.response_id, created=self.created, model=self.model, choices=[choice])
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.request.model, choices=[choice])
 
-    def usage(self, usage: Usage) -> ChatCompletionChunk:
-        """The final chunk carrying usage, with no choices."""
-        return ChatCompletionChunk(id=self.response_id, created=self.created, model=self.model, choices=[], usage=usage)
+    def opening(self, choices: int) -> Iterable[ChatCompletionChunk]:
+        return [self._chunk(index, ChatDelta(role="assistant", content="")) for index in range(choices)]
+
+    def chunks(self, index: int, part: WorkerChunk, choice: Choice, sent: int) -> Iterable[ChatCompletionChunk]:
+        if self.tool_plan is not None:
+            if part.finish_reason:
+                yield from self._finished_with_tools(index, choice)
+            return
+        if part.text:
+            logprobs = chat_logprobs(part.token_logprobs or []) if self.request.logprobs else None
+            yield self._chunk(index, ChatDelta(content=part.text), logprobs=logprobs)
+        if part.finish_reason:
+            yield self._chunk(index, ChatDelta(), part.finish_reason)
+
+    def _finished_with_tools(self, index: int, choice: Choice) -> Iterable[ChatCompletionChunk]:
+        """A complete choice, calls streamed as OpenAI streams them (id and name, then arguments)."""
+        done = _choice(index, choice, False, self.tool_plan)
+        message = done.message
+        if message.tool_calls:
+            for i, call in enumerate(message.tool_calls):
+                head = {"index": i, "id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": ""}}
+                yield self._chunk(index, ChatDelta(tool_calls=[head]))
+                yield self._chunk(index, ChatDelta(tool_calls=[{"index": i, "function": {"arguments": call.function.arguments}}]))
+        elif message.function_call:
+            yield self._chunk(index, ChatDelta(function_call={"name": message.function_call.name, "arguments": ""}))
+            yield self._chunk(index, ChatDelta(function_call={"arguments": message.function_call.arguments}))
+        elif message.content:
+            yield self._chunk(index, ChatDelta(content=message.content))
+        yield self._chunk(index, ChatDelta(), done.finish_reason)
+
+    def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.request.model, choices=[], usage=usage)
+
+    def response(self, choices: list[Choice], usage: Usage) -> ChatCompletionResponse:
+        with_logprobs = bool(self.request.logprobs)
+        return ChatCompletionResponse(
+            id=self.id,
+            created=self.created,
+            model=self.request.model,
+            choices=[_choice(i, c, with_logprobs, self.tool_plan) for i, c in enumerate(choices)],
+            usage=usage,
+        )
+
+
+class ChatServing(GenerationServing[ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk]):
+    """Serves chat completions, streamed or not."""
+
+    def prepare(self, request: ChatCompletionRequest) -> tuple[list[GenerateParams], ChatReply]:
+        tool_plan = plan(request)
+        params = with_seeds(to_params(request, tool_plan), request.n, request.seed)
+        return params, ChatReply(request, tool_plan)
 
 
 def _choice(index: int, choice: Choice, with_logprobs: bool, tool_plan: ToolPlan | None = None) -> ChatChoice:

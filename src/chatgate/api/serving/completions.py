@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from chatgate.api.serving.generation import (
     Choice,
     GenerationServing,
+    Reply,
     completion_logprobs,
     sampling_params,
-    total_usage,
     with_seeds,
 )
 from chatgate.protocol.openai import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    Usage,
     new_id,
     now,
 )
 from chatgate.protocol.worker import GenerateParams, WorkerChunk
-from chatgate.streams import merge
 
 
 def prompts_of(request: CompletionRequest) -> list[dict[str, object]]:
@@ -50,61 +50,50 @@ def to_params(request: CompletionRequest) -> list[GenerateParams]:
     return params
 
 
-class CompletionServing(GenerationServing):
-    """Serves text completions, streamed or not."""
+@dataclass
+class CompletionReply(Reply[CompletionResponse, CompletionResponse]):
+    """Builds a completion response, or its chunks (which have the response's own shape)."""
 
-    async def create(
-        self, request: CompletionRequest
-    ) -> CompletionResponse | AsyncIterator[CompletionResponse]:
-        """Answer a completion request: a response, or a stream of chunks."""
-        self.check_n(request.n)
-        streams = await self.start(request.model, to_params(request))
-        response_id, created = new_id("cmpl"), now()
-        if request.stream:
-            return self._stream(streams, request, response_id, created, request.include_usage())
-        choices = await self.collect(streams)
+    request: CompletionRequest
+    id: str = field(default_factory=lambda: new_id("cmpl"))
+    created: int = field(default_factory=now)
+
+    def _response(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
         return CompletionResponse(
-            id=response_id,
-            created=created,
-            model=request.model,
-            choices=[
+            id=self.id, created=self.created, model=self.request.model, choices=choices, usage=usage
+        )
+
+    def chunks(self, index: int, part: WorkerChunk, choice: Choice, sent: int) -> Iterable[CompletionResponse]:
+        if not (part.text or part.finish_reason):
+            return
+        logprobs = None
+        if self.request.logprobs is not None:
+            logprobs = completion_logprobs(part.token_logprobs or [], sent, part.prompt_logprobs)
+        yield self._response(
+            [CompletionChoice(index=index, text=part.text, finish_reason=part.finish_reason, logprobs=logprobs)]  # type: ignore[arg-type]
+        )
+
+    def usage_chunk(self, usage: Usage) -> CompletionResponse:
+        return self._response([], usage)
+
+    def response(self, choices: list[Choice], usage: Usage) -> CompletionResponse:
+        with_logprobs = self.request.logprobs is not None
+        return self._response(
+            [
                 CompletionChoice(
                     index=i,
                     text=c.text,
                     finish_reason=c.finish_reason,  # type: ignore[arg-type]
-                    logprobs=completion_logprobs(c.logprobs, 0, c.prompt_logprobs) if request.logprobs is not None else None,
+                    logprobs=completion_logprobs(c.logprobs, 0, c.prompt_logprobs) if with_logprobs else None,
                 )
                 for i, c in enumerate(choices)
             ],
-            usage=total_usage(choices, request.n),
+            usage,
         )
 
-    async def _stream(
-        self,
-        streams: list[AsyncGenerator[WorkerChunk, None]],
-        request: CompletionRequest,
-        response_id: str,
-        created: int,
-        include_usage: bool,
-    ) -> AsyncIterator[CompletionResponse]:
-        choices = [Choice() for _ in streams]
-        async with contextlib.aclosing(merge(streams)) as merged:
-            async for index, part in merged:
-                offset = len(choices[index].text)
-                choices[index].add(part)
-                if part.text or part.finish_reason:
-                    logprobs = None
-                    if request.logprobs is not None:
-                        logprobs = completion_logprobs(part.token_logprobs or [], offset, part.prompt_logprobs)
-                    choice = CompletionChoice(
-                        index=index, text=part.text, finish_reason=part.finish_reason, logprobs=logprobs  # type: ignore[arg-type]
-                    )
-                    yield CompletionResponse(id=response_id, created=created, model=request.model, choices=[choice])
-        if include_usage:
-            yield CompletionResponse(
-                id=response_id,
-                created=created,
-                model=request.model,
-                choices=[],
-                usage=total_usage(choices, request.n),
-            )
+
+class CompletionServing(GenerationServing[CompletionRequest, CompletionResponse, CompletionResponse]):
+    """Serves text completions, streamed or not."""
+
+    def prepare(self, request: CompletionRequest) -> tuple[list[GenerateParams], CompletionReply]:
+        return to_params(request), CompletionReply(request)

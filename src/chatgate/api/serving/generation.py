@@ -1,7 +1,8 @@
-"""The request flow chat and text completions share: resolve a worker, start, stream or collect.
+"""The one request flow of chat and text completions: check, parameters, start, stream or collect.
 
-Chat and completions differ only in how a request becomes worker parameters and how results
-become response objects; both live in their own modules on top of this one.
+`GenerationServing.create` is written once. A serving class supplies `prepare` (request to
+worker parameters, and the `Reply` that builds its response objects); a `Reply` supplies the
+chunk building through four small hooks. Nothing else differs between chat and completions.
 """
 
 from __future__ import annotations
@@ -9,8 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from pydantic import BaseModel
 
 from chatgate.api.workers.base import Worker, WorkerPool
 from chatgate.api.workers.failover import with_failover
@@ -145,13 +150,68 @@ def with_seeds(params: GenerateParams, n: int, seed: int | None) -> list[Generat
     return [params.model_copy(update={"seed": seed + i}) for i in range(n)]
 
 
-class GenerationServing:
+RequestT = TypeVar("RequestT", bound=SamplingRequest)
+ResponseT = TypeVar("ResponseT", bound=BaseModel)
+ChunkT = TypeVar("ChunkT", bound=BaseModel)
+
+
+class Reply(ABC, Generic[ResponseT, ChunkT]):
+    """How one request's results become response objects: the hooks of the request flow."""
+
+    def opening(self, choices: int) -> Iterable[ChunkT]:
+        """Chunks sent before any generated text (none by default)."""
+        return ()
+
+    @abstractmethod
+    def chunks(self, index: int, part: WorkerChunk, choice: Choice, sent: int) -> Iterable[ChunkT]:
+        """Chunks for one worker chunk of choice `index`; `choice` already holds it, and
+        `sent` is how much of the choice's text came before it."""
+
+    @abstractmethod
+    def usage_chunk(self, usage: Usage) -> ChunkT:
+        """The last chunk of a stream that asked for usage."""
+
+    @abstractmethod
+    def response(self, choices: list[Choice], usage: Usage) -> ResponseT:
+        """The whole response of a request that did not stream."""
+
+
+class GenerationServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
     """Starts generations on a worker and collects or merges their streams."""
 
     def __init__(self, *, pool: WorkerPool, max_n: int, metrics: ApiMetrics | None = None) -> None:
         self._pool = pool
         self._max_n = max_n
         self._metrics = metrics
+
+    @abstractmethod
+    def prepare(self, request: RequestT) -> tuple[list[GenerateParams], Reply[ResponseT, ChunkT]]:
+        """Worker parameters for every choice, and the reply that builds the response."""
+
+    async def create(self, request: RequestT) -> ResponseT | AsyncIterator[ChunkT]:
+        """Answer a request: a response, or a stream of chunks."""
+        self.check_n(request.n)
+        params, reply = self.prepare(request)
+        streams = await self.start(request.model, params)
+        if request.stream:
+            return self._stream(streams, reply, request)
+        choices = await self.collect(streams)
+        return reply.response(choices, total_usage(choices, request.n))
+
+    async def _stream(
+        self, streams: list[AsyncGenerator[WorkerChunk, None]], reply: Reply[ResponseT, ChunkT], request: RequestT
+    ) -> AsyncIterator[ChunkT]:
+        choices = [Choice() for _ in streams]
+        for chunk in reply.opening(len(streams)):
+            yield chunk
+        async with contextlib.aclosing(merge(streams)) as merged:
+            async for index, part in merged:
+                sent = len(choices[index].text)
+                choices[index].add(part)
+                for chunk in reply.chunks(index, part, choices[index], sent):
+                    yield chunk
+        if request.include_usage():
+            yield reply.usage_chunk(total_usage(choices, request.n))
 
     def check_n(self, n: int) -> None:
         """Refuse more choices than the server allows."""
