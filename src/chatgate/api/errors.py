@@ -113,17 +113,9 @@ def validation_error(exc: RequestValidationError) -> ChatgateError:
     return InvalidRequestError(f"Invalid value for '{param}': {message}.", param=param, code=code)
 
 
-def error_response(exc: ChatgateError) -> JSONResponse:
-    """The HTTP response for a chatgate error."""
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
-
-
-class _HttpStatusError(InvalidRequestError):
-    """A routing error (unknown URL, wrong method) with the status Starlette chose."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status  # type: ignore[misc]
+def error_response(exc: ChatgateError, *, status: int | None = None) -> JSONResponse:
+    """The HTTP response for a chatgate error (with the error's own status unless given)."""
+    return JSONResponse(exc.body(), status_code=status or exc.status, headers=exc.headers())
 
 
 def install(app: FastAPI) -> None:
@@ -148,4 +140,5 @@ def install(app: FastAPI) -> None:
             message = f"Method not allowed ({where})"
         else:
             message = str(exc.detail)
-        return error_response(_HttpStatusError(message, exc.status_code))
+        # A routing error (unknown URL, wrong method) keeps the status Starlette chose.
+        return error_response(InvalidRequestError(message), status=exc.status_code)

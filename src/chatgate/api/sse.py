@@ -6,7 +6,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from pydantic import BaseModel
 
@@ -20,10 +20,10 @@ def event(payload: str) -> str:
     return f"data: {payload}\n\n"
 
 
-async def sse(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+async def sse(chunks: AsyncGenerator[BaseModel, None]) -> AsyncIterator[str]:
     """Encode a stream of response chunks; an error mid-stream becomes an `error` event."""
     try:
-        async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+        async with contextlib.aclosing(chunks):
             async for chunk in chunks:
                 yield event(chunk.model_dump_json())
     except ChatgateError as exc:

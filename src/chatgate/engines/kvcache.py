@@ -21,7 +21,7 @@ class _BufferLayer(DynamicLayer):
     """One layer's keys and values: `[rows, heads, capacity, head_dim]`, valid up to `length`."""
 
     def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()  # type: ignore[no-untyped-call]  # transformers leaves DynamicLayer.__init__ unannotated
         self.length = 0
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
@@ -77,7 +77,7 @@ class BatchKV:
 
     def __init__(self, num_layers: int) -> None:
         self.layers = [_BufferLayer() for _ in range(num_layers)]
-        self.cache = Cache(layers=self.layers)  # type: ignore[arg-type]
+        self.cache = Cache(layers=self.layers)  # type: ignore[arg-type]  # transformers annotates layers as list[CacheLayerMixin], not a covariant Sequence
         self.pads: list[int] = []
 
     @property

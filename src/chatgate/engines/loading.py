@@ -79,7 +79,7 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **kwargs)
     # save_pretrained refuses a model still marked as GGUF-quantized; it is plain float32 now.
-    model.hf_quantizer = None  # type: ignore[assignment]
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it non-optional; clearing it is what lets save_pretrained run
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))

@@ -8,9 +8,9 @@ cumulative text) and `param` on errors. A worker advertises them in `/model_deta
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 # Extensions a chatgate worker advertises in /model_details under "chatgate_extensions".
 EXT_CHAT_TEMPLATE = "chat_template"
@@ -73,6 +73,18 @@ class GenerateParams(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
 
 
+FinishReason = Literal["stop", "length"]
+
+
+def finish_reason_of(value: object) -> FinishReason | None:
+    """Why a generation ended, as the API knows it: None while it runs, "length" at the token
+    limit, and "stop" for any other end a worker reports (an engine or FastChat worker may
+    name a stop token or string its own way)."""
+    if not value:
+        return None
+    return "length" if value == "length" else "stop"
+
+
 class WorkerUsage(BaseModel):
     """Token accounting of one generation."""
 
@@ -110,7 +122,7 @@ class WorkerChunk(BaseModel):
     text: str = ""
     error_code: int = 0
     usage: WorkerUsage | None = None
-    finish_reason: str | None = None
+    finish_reason: Annotated[FinishReason | None, BeforeValidator(finish_reason_of)] = None
     param: str | None = None
     token_logprobs: list[WorkerLogprob] | None = None  # chatgate extension, one per token
     # With echo and logprobs, on the first chunk: one per prompt token (None for the first).

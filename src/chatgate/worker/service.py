@@ -29,6 +29,7 @@ from chatgate.protocol.worker import (
     WorkerLogprob,
     WorkerStatus,
     WorkerUsage,
+    finish_reason_of,
 )
 from chatgate.worker.batching import EmbeddingBatcher
 
@@ -153,7 +154,7 @@ class WorkerService:
                 yield WorkerChunk(
                     text=text if params.delta else cumulative,
                     usage=usage,
-                    finish_reason=out.finish_reason,
+                    finish_reason=finish_reason_of(out.finish_reason),
                     token_logprobs=self._logprobs(out.logprobs),
                     prompt_logprobs=prompt_logprobs,
                 )
@@ -198,7 +199,7 @@ class WorkerService:
         scored = await self.engine.prompt_logprobs(ids, top)
         out = []
         for token_id, lp in zip(ids, scored, strict=True):
-            entry = self._logprobs([lp])[0] if lp is not None else None  # type: ignore[index]
+            entry = self._logprob(lp) if lp is not None else None
             out.append(
                 PromptLogprob(
                     token_id=token_id,
@@ -210,19 +211,15 @@ class WorkerService:
         return out
 
     def _logprobs(self, logprobs: list[TokenLogprob] | None) -> list[WorkerLogprob] | None:
-        if logprobs is None:
-            return None
+        return None if logprobs is None else [self._logprob(lp) for lp in logprobs]
 
+    def _logprob(self, lp: TokenLogprob) -> WorkerLogprob:
         def alternative(token_id: int, logprob: float) -> TokenAlternative:
             return TokenAlternative(token_id=token_id, token=self.engine.decode([token_id]), logprob=logprob)
 
-        return [
-            WorkerLogprob(
-                **alternative(lp.token_id, lp.logprob).model_dump(),
-                top=[alternative(i, v) for i, v in lp.top],
-            )
-            for lp in logprobs
-        ]
+        return WorkerLogprob(
+            **alternative(lp.token_id, lp.logprob).model_dump(), top=[alternative(i, v) for i, v in lp.top]
+        )
 
     # Status ----------------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -26,7 +26,7 @@ from chatgate.protocol.openai import (
 router = APIRouter(dependencies=[Depends(require_key)])
 
 
-def respond(result: BaseModel | AsyncIterator[BaseModel]) -> Response:
+def respond(result: BaseModel | AsyncGenerator[BaseModel, None]) -> Response:
     """A JSON response, or an SSE stream for a streamed result."""
     if isinstance(result, BaseModel):
         return Response(result.model_dump_json(), media_type="application/json")

@@ -22,6 +22,7 @@ from chatgate.protocol.openai import (
     ChatCompletionResponse,
     ChatDelta,
     ChatLogprobs,
+    FinishReason,
     Usage,
     new_id,
     now,
@@ -62,9 +63,9 @@ class ChatReply(Reply[ChatCompletionResponse, ChatCompletionChunk]):
     created: int = field(default_factory=now)
 
     def _chunk(
-        self, index: int, delta: ChatDelta, finish: str | None = None, logprobs: ChatLogprobs | None = None
+        self, index: int, delta: ChatDelta, finish: FinishReason = None, logprobs: ChatLogprobs | None = None
     ) -> ChatCompletionChunk:
-        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.request.model, choices=[choice])
 
     def opening(self, choices: int) -> Iterable[ChatCompletionChunk]:
@@ -131,6 +132,6 @@ def _choice(index: int, choice: Choice, with_logprobs: bool, tool_plan: ToolPlan
     return ChatChoice(
         index=index,
         message=message,
-        finish_reason=finish,  # type: ignore[arg-type]
+        finish_reason=finish,
         logprobs=chat_logprobs(choice.logprobs) if with_logprobs else None,
     )

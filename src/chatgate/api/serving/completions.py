@@ -70,7 +70,7 @@ class CompletionReply(Reply[CompletionResponse, CompletionResponse]):
         if self.request.logprobs is not None:
             logprobs = completion_logprobs(part.token_logprobs or [], sent, part.prompt_logprobs)
         yield self._response(
-            [CompletionChoice(index=index, text=part.text, finish_reason=part.finish_reason, logprobs=logprobs)]  # type: ignore[arg-type]
+            [CompletionChoice(index=index, text=part.text, finish_reason=part.finish_reason, logprobs=logprobs)]
         )
 
     def usage_chunk(self, usage: Usage) -> CompletionResponse:
@@ -83,7 +83,7 @@ class CompletionReply(Reply[CompletionResponse, CompletionResponse]):
                 CompletionChoice(
                     index=i,
                     text=c.text,
-                    finish_reason=c.finish_reason,  # type: ignore[arg-type]
+                    finish_reason=c.finish_reason,
                     logprobs=completion_logprobs(c.logprobs, 0, c.prompt_logprobs) if with_logprobs else None,
                 )
                 for i, c in enumerate(choices)

@@ -18,11 +18,13 @@ def to_params(request: EmbeddingRequest) -> EmbedParams:
     value = request.input
     if isinstance(value, str):
         return EmbedParams(model=request.model, input=[value])
-    if all(isinstance(item, int) for item in value):
-        return EmbedParams(model=request.model, input_token_ids=[value])  # type: ignore[list-item]
-    if all(isinstance(item, str) for item in value):
-        return EmbedParams(model=request.model, input=value)  # type: ignore[arg-type]
-    return EmbedParams(model=request.model, input_token_ids=value)  # type: ignore[arg-type]
+    texts = [item for item in value if isinstance(item, str)]
+    if len(texts) == len(value):
+        return EmbedParams(model=request.model, input=texts)
+    ids = [item for item in value if isinstance(item, int)]
+    if len(ids) == len(value):
+        return EmbedParams(model=request.model, input_token_ids=[ids])
+    return EmbedParams(model=request.model, input_token_ids=[item for item in value if isinstance(item, list)])
 
 
 def encode(vector: list[float], encoding_format: str) -> list[float] | str:

@@ -25,6 +25,7 @@ from chatgate.protocol.openai import (
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,
+    FinishReason,
     SamplingRequest,
     TopLogprob,
     Usage,
@@ -38,7 +39,7 @@ class Choice:
     """What one choice produced, collected from its stream."""
 
     text: str = ""
-    finish_reason: str | None = None
+    finish_reason: FinishReason = None
     usage: Usage = field(default_factory=Usage)
     logprobs: list[WorkerLogprob] = field(default_factory=list)
     prompt_logprobs: list[PromptLogprob] = field(default_factory=list)
@@ -188,7 +189,7 @@ class GenerationServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
     def prepare(self, request: RequestT) -> tuple[list[GenerateParams], Reply[ResponseT, ChunkT]]:
         """Worker parameters for every choice, and the reply that builds the response."""
 
-    async def create(self, request: RequestT) -> ResponseT | AsyncIterator[ChunkT]:
+    async def create(self, request: RequestT) -> ResponseT | AsyncGenerator[ChunkT, None]:
         """Answer a request: a response, or a stream of chunks."""
         self.check_n(request.n)
         params, reply = self.prepare(request)
@@ -200,7 +201,7 @@ class GenerationServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
 
     async def _stream(
         self, streams: list[AsyncGenerator[WorkerChunk, None]], reply: Reply[ResponseT, ChunkT], request: RequestT
-    ) -> AsyncIterator[ChunkT]:
+    ) -> AsyncGenerator[ChunkT, None]:
         choices = [Choice() for _ in streams]
         for chunk in reply.opening(len(streams)):
             yield chunk
