@@ -164,3 +164,22 @@ async def test_raw_sse_format(fake_app: FastAPI) -> None:
     assert events[-1] == "data: [DONE]"
     first = json.loads(events[0][6:])
     assert first["object"] == "chat.completion.chunk"
+
+
+BAD_RESPONSE_FORMATS = [
+    ({"type": "json_schema"}, "response_format"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}, "response_format.json_schema.schema"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"properties": {"a": {"minimum": "zero"}}}}}, "response_format.json_schema.schema"),
+    ({"type": "xml"}, "response_format.type"),
+    ({"type": "json_schema", "json_schema": {"schema": {}}}, "response_format.json_schema.name"),
+]
+
+
+@pytest.mark.parametrize(("fmt", "param"), BAD_RESPONSE_FORMATS)
+async def test_bad_response_format_is_400_before_any_engine(fake_app: FastAPI, fmt: dict[str, object], param: str) -> None:
+    """The schema is checked in the protocol, so an engine without grammars gives the same 400."""
+    async with raw(fake_app) as http:
+        r = await http.post("/v1/chat/completions", json={"model": "fake-model", "messages": USER, "response_format": fmt})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert r.json()["error"]["type"] == "invalid_request_error"

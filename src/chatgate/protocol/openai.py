@@ -136,12 +136,21 @@ class SamplingRequest(_Request):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
+def _valid_schema(value: dict[str, Any]) -> dict[str, Any]:
+    """A JSON schema (tool parameters, `response_format`), refused here when malformed."""
+    try:
+        Draft202012Validator.check_schema(value)
+    except SchemaError as exc:
+        raise ValueError(f"invalid JSON schema: {exc.message}") from None
+    return value
+
+
 class JsonSchemaFormat(_Request):
     """`response_format.json_schema`."""
 
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    schema_: Annotated[dict[str, Any], AfterValidator(_valid_schema)] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
 
@@ -164,14 +173,6 @@ class ResponseFormat(_Request):
         if self.type == "json_schema" and self.json_schema is not None:
             return {"type": "json_schema", "schema": self.json_schema.schema_}
         return None
-
-
-def _valid_schema(value: dict[str, Any]) -> dict[str, Any]:
-    try:
-        Draft202012Validator.check_schema(value)
-    except SchemaError as exc:
-        raise ValueError(f"invalid JSON schema: {exc.message}") from None
-    return value
 
 
 class FunctionDefinition(_Request):
