@@ -19,15 +19,13 @@ EXT_TOKEN_IDS = "prompt_token_ids"
 EXTENSIONS = (EXT_CHAT_TEMPLATE, EXT_DELTA, EXT_TOKEN_IDS)
 
 
-class GenerateParams(BaseModel):
-    """Body of `/worker_generate_stream` and `/worker_generate` (FastChat's `params`)."""
+class Sampling(BaseModel):
+    """How tokens are drawn: the one declaration of the sampling knobs and their defaults
+    (OpenAI's, and what a request leaves out). `engines.base.SamplingParams` mirrors them for
+    the engine contract; a unit test keeps the two alike."""
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = ""
-    prompt: str | None = None
-    messages: list[dict[str, Any]] | None = None
-    prompt_token_ids: list[int] | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -36,11 +34,26 @@ class GenerateParams(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+
+    @classmethod
+    def of(cls, source: BaseModel) -> dict[str, Any]:
+        """The sampling fields `source` sets, defaults for the rest (None counts as unset)."""
+        given = source.model_dump(include=set(cls.model_fields), exclude_none=True)
+        return cls.model_validate(given).model_dump()
+
+
+class GenerateParams(Sampling):
+    """Body of `/worker_generate_stream` and `/worker_generate` (FastChat's `params`)."""
+
+    model: str = ""
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    prompt_token_ids: list[int] | None = None
     max_new_tokens: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     echo: bool = False
-    seed: int | None = None
     delta: bool = False
     # chatgate extension: {"type": "json_object"} or {"type": "json_schema", "schema": {...}}.
     response_format: dict[str, Any] | None = None

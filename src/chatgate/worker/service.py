@@ -24,6 +24,7 @@ from chatgate.protocol.worker import (
     GenerateParams,
     ModelDetails,
     PromptLogprob,
+    Sampling,
     TokenAlternative,
     WorkerChunk,
     WorkerLogprob,
@@ -105,19 +106,12 @@ class WorkerService:
                     context_length=context, prompt_tokens=prompt_len, completion_tokens=max_tokens,
                     param=params.prompt_param,
                 )
+        knobs = Sampling.of(params)
         return SamplingParams(
+            **knobs | {"logit_bias": knobs["logit_bias"] or {}},
             max_tokens=max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            min_p=params.min_p,
-            repetition_penalty=params.repetition_penalty,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            logit_bias=dict(params.logit_bias or {}),
             stop=tuple(params.stop_list()),
             stop_token_ids=tuple(params.stop_token_ids or ()),
-            seed=params.seed,
             logprobs=params.logprobs,
             constraint=self.engine.compile_constraint(params.response_format) if params.response_format else None,
         )

@@ -30,7 +30,7 @@ from chatgate.protocol.openai import (
     TopLogprob,
     Usage,
 )
-from chatgate.protocol.worker import GenerateParams, PromptLogprob, WorkerChunk, WorkerLogprob
+from chatgate.protocol.worker import GenerateParams, PromptLogprob, Sampling, WorkerChunk, WorkerLogprob
 from chatgate.streams import merge, primed
 
 
@@ -129,19 +129,9 @@ def total_usage(choices: list[Choice], per_prompt: int) -> Usage:
 
 
 def sampling_params(request: SamplingRequest) -> dict[str, object]:
-    """Worker-protocol sampling fields of an OpenAI request, OpenAI's defaults filled in."""
-    return {
-        "model": request.model,
-        "temperature": 1.0 if request.temperature is None else request.temperature,
-        "top_p": 1.0 if request.top_p is None else request.top_p,
-        "top_k": -1 if request.top_k is None else request.top_k,
-        "min_p": request.min_p or 0.0,
-        "presence_penalty": request.presence_penalty or 0.0,
-        "frequency_penalty": request.frequency_penalty or 0.0,
-        "repetition_penalty": request.repetition_penalty or 1.0,
-        "logit_bias": {int(k): v for k, v in (request.logit_bias or {}).items()} or None,
-        "stop": request.stop_list() or None,
-    }
+    """Worker-protocol fields every choice of an OpenAI request shares: model, stops, and the
+    sampling knobs (defaults from the protocol's one declaration)."""
+    return {**Sampling.of(request), "model": request.model, "stop": request.stop_list() or None}
 
 
 def with_seeds(params: GenerateParams, n: int, seed: int | None) -> list[GenerateParams]:
