@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from chatgate.engines.fake import FakeEngine
 from tests.conftest import make_app, raw, running, sdk
+from tests.polling import apoll
 
 pytestmark = pytest.mark.anyio
 
@@ -250,10 +251,7 @@ async def test_overloaded_worker_answers_429_and_others_continue() -> None:
     async with running(app):
         client = sdk(app)
         slow = asyncio.create_task(client.chat.completions.create(model=M, messages=MSG, temperature=0))  # type: ignore[arg-type]
-        for _ in range(500):  # until the first request occupies the worker's only slot
-            if engine.active:
-                break
-            await asyncio.sleep(0.01)
+        await apoll(lambda: bool(engine.active), what="the first request occupies the only slot", timeout=5)
         with pytest.raises(openai.RateLimitError) as err:
             await client.chat.completions.create(model=M, messages=MSG)  # type: ignore[arg-type]
         assert err.value.response.headers["retry-after"]

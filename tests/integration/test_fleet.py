@@ -20,6 +20,7 @@ from chatgate.engines.fake import FakeEngine
 from chatgate.settings import ApiProcessSettings, ControllerSettings, WorkerSettings
 from chatgate.worker.app import create_worker_app
 from tests.conftest import raw, running, sdk
+from tests.polling import apoll
 
 pytestmark = pytest.mark.anyio
 
@@ -101,13 +102,12 @@ async def test_dead_worker_fails_over_and_leaves_rotation() -> None:
         results = await asyncio.gather(*(client.chat.completions.create(model=M, messages=MSG) for _ in range(8)))  # type: ignore[arg-type]
         assert len(results) == 8 and served(alive) == 8
         assert [e.address for e in f.pool._table] == ["http://alive"]
-        workers = (await f.http.post("http://controller/list_workers")).json()["workers"]
-        for _ in range(50):  # the report to the controller is sent in the background
-            if [w["address"] for w in workers] == ["http://alive"]:
-                break
-            await asyncio.sleep(0.02)
+
+        async def controller_dropped_the_dead() -> bool:  # the report is sent in the background
             workers = (await f.http.post("http://controller/list_workers")).json()["workers"]
-        assert [w["address"] for w in workers] == ["http://alive"]
+            return [w["address"] for w in workers] == ["http://alive"]
+
+        await apoll(controller_dropped_the_dead, what="the controller drops the dead worker", timeout=1)
         emb = await client.embeddings.create(model=M, input="x")
         assert len(emb.data) == 1
 

@@ -12,6 +12,7 @@ from chatgate.engines.base import SamplingParams
 from chatgate.engines.transformers import TransformersEngine
 from chatgate.settings import EngineSettings
 from tests.conftest import make_app, running, sdk
+from tests.polling import apoll
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 
@@ -98,11 +99,7 @@ async def test_closing_a_stream_frees_its_slot(chat_engine: TransformersEngine) 
         seen = [await anext(stream) for _ in range(2)]
         assert seen[0].completion_tokens >= 1
         await stream.aclose()  # type: ignore[attr-defined]
-        for _ in range(100):
-            if chat_engine.pending() == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert chat_engine.pending() == 0
+        await apoll(lambda: chat_engine.pending() == 0, what="the closed stream's slot freed", timeout=5)
     finally:
         await chat_engine.close()
 

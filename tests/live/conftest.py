@@ -6,12 +6,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.polling import poll
 
 CHATGATE = [sys.executable, "-m", "chatgate.cli"]
 
@@ -34,17 +35,17 @@ class Process:
 
     def wait_healthy(self, url: str, deadline: float = 120.0, verify: bool | str = True) -> None:
         """Poll `url`/health until it answers 200; fail with the log if the process dies."""
-        end = time.monotonic() + deadline
-        while time.monotonic() < end:
+
+        def healthy() -> bool:
             if self.proc.poll() is not None:
-                pytest.fail(f"process exited early:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1.0, verify=verify).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        pytest.fail(f"{url} not healthy in {deadline}s:\n{self.log.read_text()[-3000:]}")
+                pytest.fail(f"process exited early:\n{self.tail()}")
+            return httpx.get(f"{url}/health", timeout=1.0, verify=verify).status_code == 200
+
+        poll(healthy, what=f"{url} healthy", timeout=deadline, interval=0.2, ignore=(httpx.HTTPError,), details=self.tail)
+
+    def tail(self) -> str:
+        """The end of the process's log."""
+        return self.log.read_text()[-3000:]
 
     def stop(self) -> None:
         if self.proc.poll() is None:

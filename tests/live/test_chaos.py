@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.live.conftest import Process, free_port
+from tests.polling import apoll, poll
 
 pytestmark = pytest.mark.live
 
@@ -63,8 +64,17 @@ async def clients(url: str, outcome: Outcome, until: float, count: int = 16) -> 
 
 
 def worker_count(url: str) -> int:
+    """Workers the API server has for M (-1 when it cannot tell), for polling outside the loop."""
     try:
         return int(httpx.get(f"{url}/ready", timeout=1).json()["workers"].get(M, 0))
+    except (httpx.HTTPError, ValueError, KeyError):
+        return -1
+
+
+async def aworker_count(http: httpx.AsyncClient, url: str) -> int:
+    """`worker_count` without blocking the event loop that drives the load clients."""
+    try:
+        return int((await http.get(f"{url}/ready", timeout=1)).json()["workers"].get(M, 0))
     except (httpx.HTTPError, ValueError, KeyError):
         return -1
 
@@ -73,15 +83,6 @@ def served(worker: str) -> float:
     text = httpx.get(f"{worker}/metrics", timeout=2).text
     line = next(x for x in text.splitlines() if x.startswith("chatgate_worker_requests_total"))
     return float(line.split()[-1])
-
-
-def wait_until(predicate, deadline: float) -> float:  # type: ignore[no-untyped-def]
-    start = time.monotonic()
-    while time.monotonic() - start < deadline:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met in {deadline}s")
 
 
 def test_kill_a_worker_mid_run(tmp_path: Path) -> None:
@@ -108,7 +109,7 @@ def test_kill_a_worker_mid_run(tmp_path: Path) -> None:
                        "--worker-table-refresh", "0.5"], tmp_path / "api.log")
         processes.append(api)
         api.wait_healthy(url["api"])
-        wait_until(lambda: worker_count(url["api"]) == 2, 10)
+        poll(lambda: worker_count(url["api"]) == 2, what="the API server sees both workers", timeout=10)
 
         outcome = Outcome()
         loop = asyncio.new_event_loop()
@@ -116,13 +117,17 @@ def test_kill_a_worker_mid_run(tmp_path: Path) -> None:
         load = loop.create_task(clients(url["api"], outcome, until=start + 9))
 
         async def chaos() -> dict[str, float]:
+            # Let the clients run on both workers first; counted, so polling for it is moot.
             await asyncio.sleep(3)
             before = served(url["w1"]), served(url["w2"])
             os.kill(w1.proc.pid, signal.SIGKILL)
-            killed = time.monotonic()
-            while worker_count(url["api"]) != 1:
-                await asyncio.sleep(0.05)
-            return {"out_of_rotation_s": time.monotonic() - killed, "w1_before": before[0], "w2_before": before[1]}
+            async with httpx.AsyncClient() as http:
+
+                async def one_left() -> bool:
+                    return await aworker_count(http, url["api"]) == 1
+
+                gone = await apoll(one_left, what="the killed worker out of rotation", timeout=5)
+            return {"out_of_rotation_s": gone, "w1_before": before[0], "w2_before": before[1]}
 
         figures = loop.run_until_complete(chaos())
         loop.run_until_complete(load)
@@ -136,7 +141,7 @@ def test_kill_a_worker_mid_run(tmp_path: Path) -> None:
         # The restarted worker rejoins within one heartbeat interval of coming up.
         w1 = worker("w1")
         w1.wait_healthy(url["w1"])
-        rejoin = wait_until(lambda: worker_count(url["api"]) == 2, 10)
+        rejoin = poll(lambda: worker_count(url["api"]) == 2, what="the restarted worker rejoins", timeout=10)
         print("rejoin after health:", rejoin)
         assert rejoin <= HEARTBEAT
         after = Outcome()

@@ -9,8 +9,7 @@ import json
 import os
 import shutil
 import subprocess
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from chatgate.engines.loading import cached_checkpoint, resolve_chat_model
 from chatgate.protocol.conversation import Conversation, SeparatorStyle, render
 from chatgate.settings import EngineSettings
 from tests.live.conftest import Process, free_port
+from tests.polling import poll
 
 ROOT = Path(__file__).resolve().parents[2]
 FASTCHAT_PYTHON = Path(os.environ.get("CHATGATE_FASTCHAT_PYTHON", ROOT / ".venv-fastchat" / "bin" / "python"))
@@ -47,18 +47,13 @@ class FastChatProcess(Process):
                                      stderr=subprocess.STDOUT, env=env, cwd=log.parent)
 
 
-def wait_for(check, what: str, process: Process, deadline: float = 120) -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
+def wait_for(check: Callable[[], bool], what: str, process: Process, deadline: float = 120) -> None:
+    def ready() -> bool:
         if process.proc.poll() is not None:
-            pytest.fail(f"{what} exited:\n{process.log.read_text()[-3000:]}")
-        try:
-            if check():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    pytest.fail(f"{what} not ready in {deadline}s:\n{process.log.read_text()[-3000:]}")
+            pytest.fail(f"{what} exited:\n{process.tail()}")
+        return check()
+
+    poll(ready, what=f"{what} ready", timeout=deadline, interval=0.3, ignore=(httpx.HTTPError,), details=process.tail)
 
 
 def fastchat_model_dir(tmp: Path) -> Path:

@@ -3,7 +3,6 @@ three-process mode (controller, worker, api) that must give the same greedy answ
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import httpx
@@ -11,6 +10,7 @@ import openai
 import pytest
 
 from tests.live.conftest import Process, free_port
+from tests.polling import poll
 
 pytestmark = pytest.mark.live
 
@@ -45,10 +45,8 @@ def stack(processes: list[Process], tmp_path_factory: pytest.TempPathFactory) ->
     for name, process in (("controller", controller), ("serve", serve), ("worker", worker), ("api", api)):
         process.wait_healthy(urls[name])
     # The worker registers right after its model loads; wait until the API server sees it.
-    deadline = time.monotonic() + 30
-    while MODEL not in [m.id for m in client(urls["api"]).models.list().data]:
-        assert time.monotonic() < deadline, "worker never appeared behind the API server"
-        time.sleep(0.3)
+    poll(lambda: MODEL in [m.id for m in client(urls["api"]).models.list().data],
+         what="the worker appears behind the API server", timeout=30, interval=0.3)
     return Stack(**urls)
 
 
@@ -126,10 +124,5 @@ def test_disconnected_stream_stops_generation_on_the_worker(stack: Stack) -> Non
         if i >= 3:
             break
     stream.close()
-    deadline = time.monotonic() + 10
-    while True:
-        queue = httpx.post(f"{stack.worker}/worker_get_status").json()["queue_length"]
-        if queue == 0:
-            break
-        assert time.monotonic() < deadline, "generation kept running after the client left"
-        time.sleep(0.1)
+    poll(lambda: httpx.post(f"{stack.worker}/worker_get_status").json()["queue_length"] == 0,
+         what="generation stops after the client left", timeout=10, interval=0.1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -26,7 +26,10 @@ from chatgate.protocol.openai import (
 router = APIRouter(dependencies=[Depends(require_key)])
 
 
-def respond(result: BaseModel | AsyncGenerator[BaseModel, None]) -> Response:
+Served = BaseModel | AsyncGenerator[BaseModel, None]
+
+
+def respond(result: Served) -> Response:
     """A JSON response, or an SSE stream for a streamed result."""
     if isinstance(result, BaseModel):
         return Response(result.model_dump_json(), media_type="application/json")
@@ -51,32 +54,29 @@ async def retrieve_model(model: str, state: ApiState = Depends(api_state)) -> Mo
     return await model_card(state.pool, model)
 
 
+async def answer(request: Request, model: str, result: Awaitable[Served]) -> Response:
+    """Label the request's metrics with `model`, then respond with what serving returns."""
+    request.state.model = model
+    return respond(await result)
+
+
 @router.post("/v1/chat/completions")
 @router.post("/api/v1/chat/completions")  # FastChat's path; same request and behaviour
-async def chat_completions(
-    body: ChatCompletionRequest, request: Request, state: ApiState = Depends(api_state)
-) -> Response:
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: ApiState = Depends(api_state)) -> Response:
     """Chat completion, streamed or not."""
-    request.state.model = body.model
-    return respond(await state.chat.create(body))
+    return await answer(request, body.model, state.chat.create(body))
 
 
 @router.post("/v1/completions")
-async def completions(
-    body: CompletionRequest, request: Request, state: ApiState = Depends(api_state)
-) -> Response:
+async def completions(body: CompletionRequest, request: Request, state: ApiState = Depends(api_state)) -> Response:
     """Text completion, streamed or not."""
-    request.state.model = body.model
-    return respond(await state.completions.create(body))
+    return await answer(request, body.model, state.completions.create(body))
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)
-async def embeddings(
-    body: EmbeddingRequest, request: Request, state: ApiState = Depends(api_state)
-) -> Response:
+async def embeddings(body: EmbeddingRequest, request: Request, state: ApiState = Depends(api_state)) -> Response:
     """Embeddings of the inputs."""
-    request.state.model = body.model
-    return respond(await state.embeddings.create(body))
+    return await answer(request, body.model, state.embeddings.create(body))
 
 
 @router.post("/v1/engines/{model:path}/embeddings", response_model=EmbeddingResponse)
@@ -84,8 +84,7 @@ async def engine_embeddings(
     model: str, body: EmbeddingRequest, request: Request, state: ApiState = Depends(api_state)
 ) -> Response:
     """Embeddings from the model the URL names (the legacy engines path)."""
-    request.state.model = model
-    return respond(await state.embeddings.create(body.model_copy(update={"model": model})))
+    return await answer(request, model, state.embeddings.create(body.model_copy(update={"model": model})))
 
 
 @router.post("/api/v1/token_check")

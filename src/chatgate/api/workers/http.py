@@ -25,13 +25,7 @@ from chatgate.errors import (
 )
 from chatgate.protocol.conversation import Conversation, render
 from chatgate.protocol.worker import (
-    EXT_CHAT_TEMPLATE,
-    CountTokenRequest,
-    EmbedParams,
-    EmbedResult,
-    GenerateParams,
-    ModelDetails,
-    WorkerChunk,
+    EXT_CHAT_TEMPLATE, CountTokenRequest, EmbedParams, EmbedResult, GenerateParams, ModelDetails, WorkerChunk,
 )
 
 log = logging.getLogger(__name__)

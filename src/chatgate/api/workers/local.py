@@ -11,12 +11,7 @@ from chatgate.engines import create_engine
 from chatgate.engines.base import Engine
 from chatgate.errors import ModelNotFoundError
 from chatgate.protocol.worker import (
-    CountTokenRequest,
-    EmbedParams,
-    EmbedResult,
-    GenerateParams,
-    ModelDetails,
-    WorkerChunk,
+    CountTokenRequest, EmbedParams, EmbedResult, GenerateParams, ModelDetails, WorkerChunk,
 )
 from chatgate.settings import ServeSettings
 from chatgate.worker.service import WorkerService
