@@ -101,6 +101,11 @@ class EngineSettings(_Base):
     engine: str = Field("transformers", description="Engine: transformers or fake.")
     device: str = Field("cpu", description="Torch device.")
     num_threads: int = Field(0, ge=0, description="Torch threads (0: the number of cores).")
+    dtype: Literal["float32", "bfloat16", "int8"] = Field(
+        "float32",
+        description="Chat model weights: float32 (exact), bfloat16 or int8 (dynamic-quantized "
+        "linears, CPU only); the smaller ones are faster and answer worse (see the README).",
+    )
     cache_dir: Path = Field(
         default_factory=default_cache_dir, description="Where converted models are cached."
     )
@@ -197,9 +202,17 @@ class BenchSettings(EngineSettings):
         ge=0,
         description="Seconds over which a level's clients start, evenly spaced (0: all at once).",
     )
-    http: bool = Field(True, description="Load the URL over HTTP.")
+    target: StrList = Field(
+        default_factory=list,
+        description="Named URLs to load side by side, NAME=URL (repeat the flag or separate with "
+        "commas); the first is compared with the others. Default: --url, named http.",
+    )
+    http: bool = Field(True, description="Load --url over HTTP when no --target is named.")
     raw: bool = Field(False, description="Also drive the engine in-process, with no HTTP (the ceiling).")
     hf_baseline: bool = Field(False, description="Also time plain HF generate, one sequence.")
+    quality: bool = Field(
+        False, description="Also compare --dtype's greedy tokens and log-probabilities with float32's."
+    )
     output_dir: str = Field("bench-results", description="Where bench.json and bench.png go.")
 
-    _split = field_validator("concurrency", mode="before")(_split_list)
+    _split = field_validator("model_names", "concurrency", "target", mode="before")(_split_list)

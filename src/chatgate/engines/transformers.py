@@ -18,6 +18,7 @@ import torch
 
 from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, SamplingParams, TokenLogprob
 from chatgate.engines.constraints import ConstraintCompiler
+from chatgate.engines.decoder import FastDecoder
 from chatgate.engines.embedding import embed_in_batches, mean_pool
 from chatgate.engines.kernels import use_skinny_linears
 from chatgate.engines.loading import cached_checkpoint, resolve_chat_model
@@ -42,6 +43,7 @@ class TransformersEngine(Engine):
         self._scheduler: Scheduler | None = None
         self._thread: threading.Thread | None = None
         self._model: Any = None
+        self._runner: Any = None  # what the scheduler calls: a FastDecoder, or the model itself
         self._tokenizer: Any = None
         self._eos: frozenset[int] = frozenset()
         self._constraints: ConstraintCompiler | None = None
@@ -55,7 +57,7 @@ class TransformersEngine(Engine):
         if self._thread is None:
             pad = self._tokenizer.pad_token_id
             self._scheduler = Scheduler(
-                model=self._model,
+                model=self._runner,
                 limits=SchedulerLimits(max_running=self._settings.max_running),
                 pad_token_id=int(pad if pad is not None else 0),
             )
@@ -77,10 +79,10 @@ class TransformersEngine(Engine):
             torch.set_num_threads(self._settings.num_threads)
         path = cached_checkpoint(self._source, self._settings.cache_dir)
         self._tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        dtype = torch.bfloat16 if self._settings.dtype == "bfloat16" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         self._model = model.to(self._settings.device).eval()  # type: ignore[arg-type]
-        if self._settings.device == "cpu":
-            use_skinny_linears(self._model)
+        self._runner = self._decoder()
         config = self._model.config
         eos = config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -95,6 +97,17 @@ class TransformersEngine(Engine):
             embedding_dim=int(config.hidden_size),
             tools_in_template="tools" in str(self._tokenizer.chat_template or ""),
         )
+
+    def _decoder(self) -> Any:
+        """The fast forward where the model has one; else Hugging Face's, with skinny linears on CPU."""
+        if FastDecoder.supports(self._model):
+            return FastDecoder(self._model, weight_format=self._settings.dtype)
+        if self._settings.dtype == "int8":
+            raise ValueError(f"--dtype int8 needs a Llama-family model, not {type(self._model).__name__}")
+        log.info("%s has no fast decoder; using the Hugging Face forward", type(self._model).__name__)
+        if self._settings.device == "cpu":
+            use_skinny_linears(self._model)
+        return self._model
 
     # Tokenizer ---------------------------------------------------------------------------
 
