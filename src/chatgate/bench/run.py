@@ -1,4 +1,10 @@
-"""`chatgate bench`: the whole measurement in one run, so its ratios share the same conditions."""
+"""`chatgate bench`: the whole measurement in one run, so its ratios share the same conditions.
+
+Targets are named: any number of OpenAI-compatible URLs (`--target chatgate=URL --target
+vllm=URL`, or just `--url`, named `http`) and optionally the engine in this process (`raw`).
+Each concurrency level runs every target in turn before the next level, so a change in the
+machine's load during the run hits all targets alike instead of whichever ran last.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ import concurrent.futures
 import json
 import multiprocessing
 import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,43 +22,74 @@ import httpx
 
 from chatgate.bench.baseline import hf_generate_tokens_per_s
 from chatgate.bench.load import Target, engine_target, http_target, run_level
+from chatgate.bench.quality import quality_report
 from chatgate.bench.report import chart, ratios, summarize, table
 from chatgate.engines import create_engine
 from chatgate.settings import BenchSettings
 
-
-async def _levels(target: Target, settings: BenchSettings, label: str) -> list[dict[str, Any]]:
-    results = []
-    for concurrency in settings.concurrency:
-        print(f"{label}: {concurrency} concurrent stream(s)", file=sys.stderr, flush=True)
-        # One short request first, so the level measures a warm path.
-        await run_level(target, concurrency=1, requests_per_client=1, max_tokens=4, label="warm-up")
-        level = await run_level(
-            target,
-            concurrency=concurrency,
-            requests_per_client=settings.requests_per_client,
-            max_tokens=settings.max_tokens,
-            label=label,
-            ramp_up=settings.ramp_up,
-        )
-        results.append(summarize(level))
-    return results
+RAW = "raw"
 
 
-async def _raw(settings: BenchSettings) -> list[dict[str, Any]]:
-    engine = create_engine(settings)
-    await engine.start()
-    try:
-        return await _levels(engine_target(engine), settings, "raw")
-    finally:
-        await engine.close()
+def named_urls(settings: BenchSettings) -> dict[str, str]:
+    """`--target NAME=URL` entries in order; `--url` as `http` when no target is named."""
+    if not settings.target:
+        return {"http": settings.url} if settings.http else {}
+    urls: dict[str, str] = {}
+    for entry in settings.target:
+        name, sep, url = entry.partition("=")
+        if not sep or not name or not url or name == RAW or name in urls:
+            raise ValueError(f"--target wants distinct NAME=URL entries (not {RAW!r}), got {entry!r}")
+        urls[name] = url
+    return urls
 
 
-async def _http(settings: BenchSettings) -> list[dict[str, Any]]:
+@asynccontextmanager
+async def _targets(settings: BenchSettings) -> AsyncIterator[dict[str, Target]]:
+    urls = named_urls(settings)
     limits = httpx.Limits(max_connections=max(settings.concurrency) + 8)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as http:
-        target = http_target(http, settings.url.rstrip("/"), settings.model, settings.api_key)
-        return await _levels(target, settings, "http")
+    async with AsyncExitStack() as stack:
+        targets: dict[str, Target] = {}
+        if urls:
+            http = await stack.enter_async_context(httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits))
+            for name, url in urls.items():
+                targets[name] = http_target(http, url.rstrip("/"), settings.model, settings.api_key)
+        if settings.raw:
+            engine = create_engine(settings)
+            await engine.start()
+            stack.push_async_callback(engine.close)
+            targets[RAW] = engine_target(engine)
+        yield targets
+
+
+async def _level(target: Target, settings: BenchSettings, concurrency: int, label: str) -> dict[str, Any]:
+    print(f"{label}: {concurrency} concurrent stream(s)", file=sys.stderr, flush=True)
+    # One short request first, so the level measures a warm path.
+    await run_level(target, concurrency=1, requests_per_client=1, max_tokens=4, label="warm-up")
+    level = await run_level(
+        target,
+        concurrency=concurrency,
+        requests_per_client=settings.requests_per_client,
+        max_tokens=settings.max_tokens,
+        label=label,
+        ramp_up=settings.ramp_up,
+    )
+    return summarize(level)
+
+
+async def _measure(settings: BenchSettings) -> dict[str, list[dict[str, Any]]]:
+    async with _targets(settings) as targets:
+        results: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+        for concurrency in settings.concurrency:
+            for name, target in targets.items():
+                results[name].append(await _level(target, settings, concurrency, name))
+        return results
+
+
+def _in_own_process(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run `function` in a fresh process: its model and thread pools must not slow the load runs."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(function, *args, **kwargs).result()
 
 
 def run_bench(settings: BenchSettings) -> dict[str, Any]:
@@ -60,19 +99,16 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         "max_tokens": settings.max_tokens,
         "requests_per_client": settings.requests_per_client,
         "ramp_up_s": settings.ramp_up,
-        "url": settings.url if settings.http else None,
+        "urls": named_urls(settings),
+        "raw_engine": {"dtype": settings.dtype, "num_threads": settings.num_threads} if settings.raw else None,
     }
     if settings.hf_baseline:
         print("baseline: Hugging Face generate, one sequence", file=sys.stderr, flush=True)
-        # In a process of its own: a second model and its thread pools would slow the raw run.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-            baseline = pool.submit(hf_generate_tokens_per_s, settings, max_tokens=settings.max_tokens)
-            report["hf_generate_tokens_per_s"] = baseline.result()
-    if settings.raw:
-        report["raw"] = asyncio.run(_raw(settings))
-    if settings.http:
-        report["http"] = asyncio.run(_http(settings))
+        report["hf_generate_tokens_per_s"] = _in_own_process(hf_generate_tokens_per_s, settings, max_tokens=settings.max_tokens)
+    if settings.quality:
+        report["quality"] = _in_own_process(quality_report, settings)
+        print(json.dumps(report["quality"], indent=2), file=sys.stderr)
+    report["targets"] = asyncio.run(_measure(settings))
     report["ratios"] = ratios(report)
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,134 @@
+"""What smaller weights cost in answers: a weight format's next-token choices against float32's.
+
+For each of 50 fixed chat prompts, float32 continues greedily for a few dozen tokens. The
+candidate format then reads the same prompt and continuation in one pass (teacher forcing), so
+every position is compared on the same prefix:
+- greedy token agreement: how often the candidate's most likely next token is float32's;
+- mean |Δ logprob|: how far apart the two log-probabilities of float32's chosen token are.
+A format can agree on 99% of tokens and still change an answer once it picks differently, so
+the report also counts prompts whose whole greedy continuation is unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import sys
+from typing import Any
+
+import torch
+
+from chatgate.engines.decoder import FastDecoder
+from chatgate.engines.kvcache import BatchKV
+from chatgate.engines.loading import cached_checkpoint, resolve_chat_model
+from chatgate.settings import EngineSettings
+
+_COUNTRIES = ["France", "Japan", "Brazil", "Canada", "Egypt", "Italy", "Kenya", "Norway", "Peru", "India"]
+_TOPICS = ["photosynthesis", "gravity", "inflation", "vaccines", "tides", "rainbows", "volcanoes",
+           "the internet", "democracy", "recycling"]
+_THINGS = ["the sea", "autumn leaves", "a city at night", "an old clock", "the moon", "a garden",
+           "winter mornings", "a mountain", "rain", "a library"]
+_ACTIVITIES = ["learning a language", "sleeping well", "saving money", "running a marathon",
+               "cooking rice", "studying for exams", "writing clearly", "keeping plants alive",
+               "public speaking", "travelling cheaply"]
+_QUESTIONS = ["What is 12 times 7?", "Who wrote Romeo and Juliet?", "What is the boiling point of water?",
+              "How many legs does a spider have?", "What colour is the sky on a clear day?",
+              "Name the largest planet in the solar system.", "What is the opposite of hot?",
+              "How many days are in a leap year?", "What language is spoken in Spain?",
+              "What do bees make?"]
+
+QUALITY_PROMPTS: list[str] = list(
+    itertools.chain(
+        (f"What is the capital of {country}?" for country in _COUNTRIES),
+        (f"Explain {topic} in two sentences." for topic in _TOPICS),
+        (f"Write a short poem about {thing}." for thing in _THINGS),
+        (f"Give three tips for {activity}." for activity in _ACTIVITIES),
+        _QUESTIONS,
+    )
+)
+
+
+@torch.inference_mode()
+def forward_logprobs(decoder: Any, ids: list[int], keep: int) -> torch.Tensor:
+    """Log-probabilities after each of the last `keep` positions of `ids`, in a fresh cache."""
+    kv = BatchKV(int(decoder.config.num_hidden_layers))
+    kv.pads = [0]
+    logits = decoder(
+        input_ids=torch.tensor([ids], device=decoder.device),
+        attention_mask=kv.attention_mask(len(ids)).to(decoder.device),
+        position_ids=kv.positions(len(ids)).to(decoder.device),
+        past_key_values=kv.cache,
+        logits_to_keep=keep,
+    ).logits[0]
+    return torch.log_softmax(logits.float().cpu(), dim=-1)
+
+
+@torch.inference_mode()
+def greedy(decoder: Any, prompts: list[list[int]], tokens: int, *, pad: int = 0) -> list[list[int]]:
+    """`tokens` greedy tokens for each prompt, all prompts decoded together in one batch."""
+    kv = BatchKV(int(decoder.config.num_hidden_layers))
+    width = max(len(p) for p in prompts)
+    kv.pads = [width - len(p) for p in prompts]
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+    out: list[list[int]] = [[] for _ in prompts]
+    for _ in range(tokens):
+        steps = ids.shape[1]
+        logits = decoder(
+            input_ids=ids.to(decoder.device),
+            attention_mask=kv.attention_mask(steps).to(decoder.device),
+            position_ids=kv.positions(steps).to(decoder.device),
+            past_key_values=kv.cache,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        ids = logits.argmax(-1).cpu()[:, None]
+        for row, token in enumerate(ids[:, 0].tolist()):
+            out[row].append(int(token))
+    return out
+
+
+def compare(reference: Any, candidate: Any, prompts: list[list[int]], tokens: int) -> dict[str, float]:
+    """Agreement and log-probability distance of `candidate` with `reference` on greedy continuations."""
+    continuations = greedy(reference, prompts, tokens)
+    agree = total = unchanged = 0
+    delta = 0.0
+    for prompt, continuation in zip(prompts, continuations, strict=True):
+        ids = prompt + continuation
+        target = torch.tensor(continuation)
+        mine = forward_logprobs(reference, ids[:-1], len(continuation))
+        theirs = forward_logprobs(candidate, ids[:-1], len(continuation))
+        matches = theirs.argmax(-1) == target
+        agree += int(matches.sum())
+        unchanged += int(bool(matches.all()))
+        total += len(continuation)
+        picked = torch.arange(len(continuation))
+        delta += float((mine[picked, target] - theirs[picked, target]).abs().sum())
+    return {
+        "greedy_token_agreement": agree / total,
+        "mean_abs_delta_logprob": delta / total,
+        "prompts_unchanged": unchanged / len(prompts),
+    }
+
+
+def quality_report(settings: EngineSettings, *, tokens: int = 32) -> dict[str, Any]:
+    """`settings.dtype` against float32 on `QUALITY_PROMPTS`, `tokens` greedy tokens each."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"quality: {settings.dtype} against float32 on {len(QUALITY_PROMPTS)} prompts", file=sys.stderr, flush=True)
+    path = cached_checkpoint(resolve_chat_model(settings.model_path), settings.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = model.to(settings.device).eval()
+    shadow = copy.deepcopy(model)
+    if settings.dtype == "bfloat16":
+        shadow = shadow.to(torch.bfloat16)
+    reference = FastDecoder(model)
+    candidate = FastDecoder(shadow, weight_format=settings.dtype)
+    prompts = [
+        list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False))
+        for text in QUALITY_PROMPTS
+    ]
+    result: dict[str, Any] = {"dtype": settings.dtype, "prompts": len(prompts), "tokens_per_prompt": tokens}
+    result.update(compare(reference, candidate, prompts, tokens))
+    return result
