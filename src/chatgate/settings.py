@@ -100,7 +100,7 @@ class EngineSettings(_Base):
     )
     engine: str = Field("transformers", description="Engine: transformers or fake.")
     device: str = Field("cpu", description="Torch device.")
-    num_threads: int = Field(0, ge=0, description="Torch threads (0: the number of cores).")
+    num_threads: int = Field(0, ge=0, description="Torch threads (0: every core but one, which serves HTTP).")
     dtype: Literal["float32", "bfloat16", "int8"] = Field(
         "float32",
         description="Chat model weights: float32 (exact), bfloat16 or int8 (dynamic-quantized "
