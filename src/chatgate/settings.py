@@ -216,3 +216,14 @@ class BenchSettings(EngineSettings):
     output_dir: str = Field("bench-results", description="Where bench.json and bench.png go.")
 
     _split = field_validator("model_names", "concurrency", "target", mode="before")(_split_list)
+
+    @field_validator("target")
+    @classmethod
+    def _named_targets(cls, targets: list[str]) -> list[str]:
+        names = [entry.partition("=")[0] for entry in targets]
+        for entry, name in zip(targets, names, strict=True):
+            if "=" not in entry or not name or not entry.partition("=")[2]:
+                raise ValueError(f"want NAME=URL, got {entry!r}")
+        if len(set(names)) < len(names) or "raw" in names:
+            raise ValueError("target names must be distinct and not 'raw' (the in-process engine)")
+        return targets

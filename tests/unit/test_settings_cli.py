@@ -55,3 +55,13 @@ def test_list_flags_repeat_or_take_commas() -> None:
     bench = build_settings(BenchSettings, args)
     assert bench.target == ["a=http://x/v1", "b=http://y/v1"] and bench.concurrency == [1, 4]
     assert settings_for(["serve", "--api-keys", "k1", "--api-keys", "k2"]).api_keys == ["k1", "k2"]
+
+
+def test_targets_must_be_distinct_names_with_urls() -> None:
+    from pydantic import ValidationError
+
+    from chatgate.settings import BenchSettings
+
+    for bad in (["a"], ["=http://x"], ["a="], ["a=http://x", "a=http://y"], ["raw=http://x"]):
+        with pytest.raises(ValidationError):
+            BenchSettings(target=bad)
