@@ -21,6 +21,7 @@ import torch
 from chatgate.engines.decoder import FastDecoder
 from chatgate.engines.kvcache import BatchKV
 from chatgate.engines.loading import cached_checkpoint, resolve_chat_model
+from chatgate.engines.transformers import engine_threads
 from chatgate.settings import EngineSettings
 
 _COUNTRIES = ["France", "Japan", "Brazil", "Canada", "Egypt", "Italy", "Kenya", "Norway", "Peru", "India"]
@@ -116,6 +117,7 @@ def quality_report(settings: EngineSettings, *, tokens: int = 32) -> dict[str, A
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"quality: {settings.dtype} against float32 on {len(QUALITY_PROMPTS)} prompts", file=sys.stderr, flush=True)
+    torch.set_num_threads(engine_threads(settings.num_threads))
     path = cached_checkpoint(resolve_chat_model(settings.model_path), settings.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
