@@ -99,7 +99,8 @@ def chart(report: dict[str, Any], path: Path) -> Path:
     for axis in (speed, ttft):
         axis.set_ylim(bottom=0)
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.get_legend_handles_labels()[0]:  # a quality-only run draws no lines
+            axis.legend()
     figure.suptitle(f"chatgate bench: {report.get('model', '')}, {report.get('max_tokens', '')} max tokens")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
