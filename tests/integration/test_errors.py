@@ -30,6 +30,18 @@ def comp(**fields: Any) -> dict[str, Any]:
     return {"model": M, "prompt": "hi", **fields}
 
 
+def tool(parameters: dict[str, Any], name: str = "f") -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+
+def nested(depth: int) -> dict[str, Any]:
+    """A JSON schema `depth` objects deep."""
+    schema: dict[str, Any] = {"type": "object"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
 # (id, path, body, status, type, code, param)
 CASES: list[tuple[str, str, Any, int, str, str | None, str | None]] = [
     ("no model", CHAT, {"messages": MSG}, 400, INVALID, "missing_required_parameter", "model"),
@@ -92,13 +104,49 @@ CASES: list[tuple[str, str, Any, int, str, str | None, str | None]] = [
     ("token_check bad max", "/api/v1/token_check", {"prompts": [{"model": M, "prompt": "x", "max_tokens": -1}]}, 400, INVALID, "integer_below_min_value", "prompts[0].max_tokens"),
     ("token_check unknown model", "/api/v1/token_check", {"prompts": [{"model": "nope", "prompt": "x", "max_tokens": 1}]}, 404, INVALID, "model_not_found", "model"),
     ("fastchat chat bad role", "/api/v1/chat/completions", chat(messages=[{"role": "x", "content": "y"}]), 400, INVALID, "invalid_value", "messages[0].role"),
+    # Inputs that once reached the engine and failed there (500 or a broken stream).
+    ("tool schema 300 deep", CHAT, chat(tools=[tool(nested(300))]), 400, INVALID, "invalid_value", "tools[0].function.parameters"),
+    ("tool schema too large", CHAT, chat(tools=[tool({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(12000)}})]), 400, INVALID, "invalid_value", "tools[0].function.parameters"),
+    ("response schema 300 deep", CHAT, chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": nested(300)}}), 400, INVALID, "invalid_value", "response_format.json_schema.schema"),
+    ("logit_bias key 2**64", CHAT, chat(logit_bias={str(2**64): 1}), 400, INVALID, "invalid_value", "logit_bias"),
+    ("logit_bias key unicode digit", CHAT, chat(logit_bias={"\u0663": 1}), 400, INVALID, "invalid_value", "logit_bias"),
+    ("logit_bias key at vocab size", CHAT, chat(logit_bias={"258": 1}), 400, INVALID, None, "logit_bias"),
+    ("logit_bias over 300 entries", CHAT, chat(logit_bias={str(i): 1 for i in range(301)}), 400, INVALID, "array_above_max_length", "logit_bias"),
+    ("seed 2**63", CHAT, chat(seed=2**63), 400, INVALID, "integer_above_max_value", "seed"),
+    ("seed below -2**63", COMP, comp(seed=-(2**63) - 1), 400, INVALID, "integer_below_min_value", "seed"),
+    ("repetition 1e-300", CHAT, chat(repetition_penalty=1e-300), 400, INVALID, "decimal_below_min_value", "repetition_penalty"),
+    ("repetition 1e-300 streamed", CHAT, chat(repetition_penalty=1e-300, stream=True), 400, INVALID, "decimal_below_min_value", "repetition_penalty"),
+    ("repetition 1e999", CHAT, b'{"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1e999}', 400, INVALID, "invalid_value", "repetition_penalty"),
+    ("repetition huge", COMP, comp(repetition_penalty=1e6), 400, INVALID, "decimal_above_max_value", "repetition_penalty"),
+    ("NaN penalty", CHAT, b'{"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": NaN}', 400, INVALID, "invalid_value", "frequency_penalty"),
+    ("Infinity temperature", COMP, b'{"model": "fake-model", "prompt": "hi", "temperature": -Infinity}', 400, INVALID, "invalid_value", "temperature"),
+    ("NaN in tool parameters", CHAT, b'{"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "minProperties": NaN}}}]}', 400, INVALID, "invalid_value", "tools[0].function.parameters"),
+    ("tool_calls function not object", CHAT, chat(messages=[{"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": "x"}]}, *MSG]), 400, INVALID, "invalid_type", "messages[0].tool_calls[0].function"),
+    ("tool_calls arguments number", CHAT, chat(messages=[{"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": 5}}]}, *MSG]), 400, INVALID, "invalid_type", "messages[0].tool_calls[0].function.arguments"),
+    ("tool_calls not a list", CHAT, chat(messages=[{"role": "assistant", "tool_calls": {"id": "c1"}}, *MSG]), 400, INVALID, "invalid_type", "messages[0].tool_calls"),
+    ("lone surrogate in content", CHAT, b'{"model": "fake-model", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, INVALID, "invalid_value", "messages[0].content"),
+    ("lone surrogate in a part", CHAT, b'{"model": "fake-model", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}', 400, INVALID, "invalid_value", "messages[0].content[0].text"),
+    ("lone surrogate in prompt", COMP, b'{"model": "fake-model", "prompt": ["ok", "\\ud83d"]}', 400, INVALID, "invalid_value", "prompt"),
+    ("lone surrogate in stop", COMP, b'{"model": "fake-model", "prompt": "hi", "stop": "\\ud800"}', 400, INVALID, "invalid_value", "stop"),
+    ("lone surrogate in embedding", "/v1/embeddings", b'{"model": "fake-model", "input": "\\ud800"}', 400, INVALID, "invalid_value", "input"),
+    # Caps.
+    ("stop too long", CHAT, chat(stop=["x" * 257]), 400, INVALID, "invalid_value", "stop[0]"),
+    ("tools over 128", CHAT, chat(tools=[tool({}, f"f{i}") for i in range(129)]), 400, INVALID, "array_above_max_length", "tools"),
+    ("messages over 2048", CHAT, chat(messages=MSG * 2049), 400, INVALID, "array_above_max_length", "messages"),
+    ("prompts × n over 128", COMP, comp(prompt=["a"] * 20, n=8), 400, INVALID, "invalid_value", "prompt"),
+    ("token_check over 128 prompts", "/api/v1/token_check", {"prompts": [{"model": M, "prompt": "x", "max_tokens": 1}] * 129}, 400, INVALID, "array_above_max_length", "prompts"),
+    ("logprob response too large", CHAT, chat(n=16, logprobs=True, top_logprobs=20, max_tokens=2000), 400, INVALID, "invalid_value", "top_logprobs"),
+    ("completion logprobs too large", COMP, comp(prompt=["a"] * 16, n=8, logprobs=5, max_tokens=1000), 400, INVALID, "invalid_value", "logprobs"),
 ]
 
 
 @pytest.mark.parametrize(("path", "body", "status", "etype", "code", "param"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 async def test_bad_request(fake_app: FastAPI, path: str, body: Any, status: int, etype: str, code: str | None, param: str | None) -> None:
     async with raw(fake_app) as http:
-        response = await http.post(path, json=body)
+        if isinstance(body, bytes):  # JSON that Python's encoder would not write (NaN, surrogates)
+            response = await http.post(path, content=body, headers={"content-type": "application/json"})
+        else:
+            response = await http.post(path, json=body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from chatgate.protocol.limits import MAX_TOKEN_CHECK_PROMPTS, PublicRequest
 
 
-class TokenCheckItem(BaseModel):
+class TokenCheckItem(PublicRequest):
     """One prompt to check."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(min_length=1)
     prompt: str
     max_tokens: int = Field(ge=0)
 
 
-class TokenCheckRequest(BaseModel):
+class TokenCheckRequest(PublicRequest):
     """Body of `POST /api/v1/token_check`."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    prompts: list[TokenCheckItem] = Field(min_length=1)
+    prompts: list[TokenCheckItem] = Field(min_length=1, max_length=MAX_TOKEN_CHECK_PROMPTS)
 
 
 class TokenCheckResult(BaseModel):

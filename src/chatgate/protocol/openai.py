@@ -12,9 +12,11 @@ from typing import Annotated, Any, Literal
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
+
+from chatgate.protocol import limits
+from chatgate.protocol.limits import PublicRequest
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     AfterValidator,
     SerializerFunctionWrapHandler,
@@ -37,32 +39,42 @@ def now() -> int:
     return int(time.time())
 
 
-class _Request(BaseModel):
-    # Strict: a number sent as a string, or 1 for true, is refused as OpenAI refuses it.
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-
-class StreamOptions(_Request):
+class StreamOptions(PublicRequest):
     """`stream_options` of a streamed request."""
 
     include_usage: bool = False
 
 
-class TextPart(_Request):
+class TextPart(PublicRequest):
     """A text part of a message's content list."""
 
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Request):
+class CalledFunction(PublicRequest):
+    """The function of an earlier tool call: its name and its arguments as a JSON string."""
+
+    name: str
+    arguments: str
+
+
+class MessageToolCall(PublicRequest):
+    """A tool call of an earlier assistant message, as the client sends it back."""
+
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
+class ChatMessage(PublicRequest):
     """One message of a chat conversation."""
 
     role: Role
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: Annotated[list[MessageToolCall], Field(max_length=limits.MAX_TOOLS)] | None = None
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
@@ -80,18 +92,20 @@ class ChatMessage(_Request):
 
 
 def _token_id_key(key: str) -> str:
-    if not key.lstrip("-").isdigit() or int(key) < 0:
-        raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+    if not (key.isascii() and key.isdigit() and len(key) <= 10 and int(key) <= limits.MAX_TOKEN_ID):
+        raise ValueError(f"logit_bias keys must be token ids (0 to {limits.MAX_TOKEN_ID}), got {key[:20]!r}")
     return key
 
 
-StopList = Annotated[list[str], Field(min_length=1, max_length=4)]
-LogitBias = dict[
-    Annotated[str, AfterValidator(_token_id_key)], Annotated[float, Field(ge=-100, le=100)]
+StopString = Annotated[str, Field(max_length=limits.MAX_STOP_CHARS)]
+StopList = Annotated[list[StopString], Field(min_length=1, max_length=limits.MAX_STOP_SEQUENCES)]
+LogitBias = Annotated[
+    dict[Annotated[str, AfterValidator(_token_id_key)], Annotated[float, Field(ge=-100, le=100)]],
+    Field(max_length=limits.MAX_LOGIT_BIAS),
 ]
 
 
-class SamplingRequest(_Request):
+class SamplingRequest(PublicRequest):
     """Fields shared by chat and completion requests."""
 
     model: str = Field(min_length=1)
@@ -102,10 +116,11 @@ class SamplingRequest(_Request):
     min_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0)
+    # Beyond these, one step's logits overflow to inf or collapse to 0 (HF's penalty divides).
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
     logit_bias: LogitBias | None = None
-    seed: int | None = None
-    stop: str | StopList | None = None
+    seed: int | None = Field(None, ge=limits.SEED_MIN, le=limits.SEED_MAX)
+    stop: StopString | StopList | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -145,16 +160,18 @@ def _valid_schema(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
-class JsonSchemaFormat(_Request):
+class JsonSchemaFormat(PublicRequest):
     """`response_format.json_schema`."""
 
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
-    schema_: Annotated[dict[str, Any], AfterValidator(_valid_schema)] = Field(default_factory=dict, alias="schema")
+    schema_: Annotated[dict[str, Any], AfterValidator(limits.bounded_schema), AfterValidator(_valid_schema)] = Field(
+        default_factory=dict, alias="schema"
+    )
     strict: bool | None = None
 
 
-class ResponseFormat(_Request):
+class ResponseFormat(PublicRequest):
     """`response_format`: free text, any JSON object, or JSON valid against a schema."""
 
     type: Literal["text", "json_object", "json_schema"]
@@ -175,31 +192,31 @@ class ResponseFormat(_Request):
         return None
 
 
-class FunctionDefinition(_Request):
+class FunctionDefinition(PublicRequest):
     """A function the model may call."""
 
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
-    parameters: Annotated[dict[str, Any], AfterValidator(_valid_schema)] = Field(
+    parameters: Annotated[dict[str, Any], AfterValidator(limits.bounded_schema), AfterValidator(_valid_schema)] = Field(
         default_factory=lambda: {"type": "object", "properties": {}}
     )
     strict: bool | None = None
 
 
-class Tool(_Request):
+class Tool(PublicRequest):
     """`tools[]`: a function tool."""
 
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class FunctionName(_Request):
+class FunctionName(PublicRequest):
     """Names one function."""
 
     name: str
 
 
-class NamedToolChoice(_Request):
+class NamedToolChoice(PublicRequest):
     """`tool_choice` naming the function to call."""
 
     type: Literal["function"]
@@ -212,16 +229,16 @@ ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 class ChatCompletionRequest(SamplingRequest):
     """`POST /v1/chat/completions` (and FastChat's `/api/v1/chat/completions`)."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=limits.MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     response_format: ResponseFormat | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tools: Annotated[list[Tool], Field(max_length=limits.MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = True
-    functions: Annotated[list[FunctionDefinition], Field(max_length=128)] | None = None
+    functions: Annotated[list[FunctionDefinition], Field(max_length=limits.MAX_TOOLS)] | None = None
     function_call: Literal["none", "auto"] | FunctionName | None = None
 
     @field_validator("tool_choice")
@@ -247,6 +264,9 @@ class ChatCompletionRequest(SamplingRequest):
     def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs to be true")
+        if value is not None and not info.data.get("stream"):
+            budget = info.data.get("max_completion_tokens") or info.data.get("max_tokens")
+            limits.check_logprob_volume(choices=info.data.get("n", 1), alternatives=value, budget=budget)
         return value
 
     def logprob_count(self) -> int | None:
@@ -283,6 +303,32 @@ class CompletionRequest(SamplingRequest):
     suffix: str | None = None
     logprobs: int | None = Field(None, ge=0, le=5)
 
+    @field_validator("prompt")
+    @classmethod
+    def _choices_capped(cls, value: Any, info: ValidationInfo) -> Any:
+        choices = prompt_count(value) * info.data.get("n", 1)
+        if choices > limits.MAX_COMPLETION_CHOICES:
+            raise ValueError(
+                f"{prompt_count(value)} prompts × n={info.data.get('n', 1)} would make {choices} "
+                f"completions; at most {limits.MAX_COMPLETION_CHOICES} are allowed"
+            )
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs_capped(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("stream") and "prompt" in info.data:
+            choices = prompt_count(info.data["prompt"]) * info.data.get("n", 1)
+            limits.check_logprob_volume(choices=choices, alternatives=value, budget=info.data.get("max_tokens"))
+        return value
+
+
+def prompt_count(prompt: Any) -> int:
+    """How many prompts a completions `prompt` holds (one string or token list, or a list)."""
+    if isinstance(prompt, str) or all(isinstance(p, int) for p in prompt):
+        return 1
+    return len(prompt)
+
 
 def _no_empty_input(value: str) -> str:
     if not value:
@@ -294,7 +340,7 @@ InputText = Annotated[str, AfterValidator(_no_empty_input)]
 MAX_EMBEDDING_INPUTS = 2048
 
 
-class EmbeddingRequest(_Request):
+class EmbeddingRequest(PublicRequest):
     """`POST /v1/embeddings` (and `/v1/engines/{model}/embeddings`)."""
 
     model: str = Field("", description="Required, unless the URL names the model.")

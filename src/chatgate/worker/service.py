@@ -82,6 +82,15 @@ class WorkerService:
             )
         return list(ids)
 
+    def _check_logit_bias(self, bias: dict[int, float] | None) -> None:
+        vocab = self.engine.info.vocab_size
+        bad = next((t for t in bias or {} if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"logit_bias names token {bad}, outside this model's vocabulary (0 to {vocab - 1}).",
+                param="logit_bias",
+            )
+
     def count_tokens(self, request: CountTokenRequest) -> int:
         """Tokens the prompt (or templated conversation) takes."""
         params = GenerateParams(prompt=request.prompt, messages=request.messages)
@@ -106,6 +115,7 @@ class WorkerService:
                     context_length=context, prompt_tokens=prompt_len, completion_tokens=max_tokens,
                     param=params.prompt_param,
                 )
+        self._check_logit_bias(params.logit_bias)
         knobs = Sampling.of(params)
         return SamplingParams(
             **knobs | {"logit_bias": knobs["logit_bias"] or {}},

@@ -135,10 +135,11 @@ def sampling_params(request: SamplingRequest) -> dict[str, object]:
 
 
 def with_seeds(params: GenerateParams, n: int, seed: int | None) -> list[GenerateParams]:
-    """`n` copies of `params`; with a seed, choice i uses seed + i so choices differ."""
+    """`n` copies of `params`; with a seed, choice i uses seed + i so choices differ (wrapping
+    within signed 64 bits, so the largest seed stays a valid seed)."""
     if seed is None:
         return [params] * n
-    return [params.model_copy(update={"seed": seed + i}) for i in range(n)]
+    return [params.model_copy(update={"seed": (seed + i + 2**63) % 2**64 - 2**63}) for i in range(n)]
 
 
 RequestT = TypeVar("RequestT", bound=SamplingRequest)

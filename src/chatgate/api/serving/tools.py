@@ -18,7 +18,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from chatgate.protocol.openai import ChatCompletionRequest, ChatMessage, FunctionCall, FunctionDefinition, ToolCall
+from chatgate.protocol.openai import (
+    ChatCompletionRequest,
+    ChatMessage,
+    FunctionCall,
+    FunctionDefinition,
+    MessageToolCall,
+    ToolCall,
+)
 
 TOOL_PROMPT = (
     "You can call these functions:\n{tools}\n"
@@ -63,7 +70,7 @@ class ToolPlan:
         """The tool calls in a reply, or None if it is plain text."""
         try:
             data = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's limit
             return None
         calls = data.get("tool_calls") if isinstance(data, dict) else None
         names = {f.name for f in self.functions}
@@ -102,15 +109,14 @@ def plan(request: ChatCompletionRequest) -> ToolPlan | None:
     return ToolPlan(functions, "named", choice.function.name, parallel, False)
 
 
-def _call_text(calls: list[dict[str, Any]]) -> str:
+def _call_text(calls: list[MessageToolCall]) -> str:
     out = []
     for call in calls:
-        function = call.get("function") or {}
         try:
-            arguments = json.loads(function.get("arguments") or "{}")
-        except ValueError:
-            arguments = function.get("arguments")
-        out.append({"name": function.get("name"), "arguments": arguments})
+            arguments = json.loads(call.function.arguments or "{}")
+        except (ValueError, RecursionError):  # shown to the model as the client sent it
+            arguments = call.function.arguments
+        out.append({"name": call.function.name, "arguments": arguments})
     return json.dumps({"tool_calls": out})
 
 
