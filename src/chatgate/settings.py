@@ -71,6 +71,9 @@ class ApiSettings(_Base):
         8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
     )
     max_n: int = Field(16, ge=1, description="Largest `n` a request may ask for.")
+    docs: bool = Field(
+        False, description="Serve /docs, /redoc and /openapi.json (behind the API key)."
+    )
     playground: bool = Field(
         True, description="Serve the browser playground at / (--no-playground turns it off)."
     )

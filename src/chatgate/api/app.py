@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.middleware.cors import CORSMiddleware
 
 from chatgate.api import errors
-from chatgate.api.auth import KeyChecker
+from chatgate.api.auth import KeyChecker, KeyMiddleware
 from chatgate.api.middleware import GuardMiddleware
 from chatgate.api.routes import openai as openai_routes
 from chatgate.api.routes import ops as ops_routes
@@ -19,7 +19,7 @@ from chatgate.api.serving.chat import ChatServing
 from chatgate.api.serving.completions import CompletionServing
 from chatgate.api.serving.embeddings import EmbeddingServing
 from chatgate.api.serving.tokens import TokenCheckServing
-from chatgate.api.state import ApiState, require_key
+from chatgate.api.state import ApiState
 from chatgate.api.workers.base import PoolSource
 from chatgate.metrics import ApiMetrics, FleetCollector
 from chatgate.ops import health_routes, metrics_routes
@@ -39,7 +39,6 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
             registry.register(fleet)
             app.state.api = ApiState(
                 pool=pool,
-                keys=KeyChecker(settings.api_keys),
                 chat=ChatServing(pool=pool, max_n=settings.max_n, metrics=metrics),
                 completions=CompletionServing(pool=pool, max_n=settings.max_n, metrics=metrics),
                 tokens=TokenCheckServing(pool=pool),
@@ -50,15 +49,25 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
             finally:
                 registry.unregister(fleet)
 
-    app = FastAPI(title="chatgate", lifespan=lifespan)
+    # The interactive docs describe every route: off unless asked for, and then behind the key.
+    docs = settings.docs
+    app = FastAPI(
+        title="chatgate",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     errors.install(app)
 
     app.include_router(health_routes())
-    app.include_router(metrics_routes(registry, dependencies=[Depends(require_key)]))
+    app.include_router(metrics_routes(registry))
     app.include_router(ops_routes.router)
     app.include_router(openai_routes.router)
     if settings.playground:
         playground.mount(app)
+    # Outermost last: Guard (ids, size cap, 500s), then CORS (preflights), then the key check.
+    app.add_middleware(KeyMiddleware, keys=KeyChecker(settings.api_keys), public=_public_paths(settings))
     if settings.allowed_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -69,3 +78,12 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
         )
     app.add_middleware(GuardMiddleware, max_body=settings.max_request_bytes, metrics=metrics)
     return app
+
+
+def _public_paths(settings: ApiSettings) -> Callable[[str], bool]:
+    """Which paths answer without a key: liveness, and the playground page when it is served."""
+
+    def public(path: str) -> bool:
+        return path == "/health" or (settings.playground and playground.is_playground_path(path))
+
+    return public

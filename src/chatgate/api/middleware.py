@@ -4,6 +4,7 @@ for anything unexpected."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 
@@ -14,6 +15,16 @@ from chatgate.errors import ChatgateError, RequestTooLargeError
 from chatgate.metrics import ApiMetrics
 
 log = logging.getLogger(__name__)
+
+# A client's own request id is kept only if it is short and plainly printable: it is echoed in
+# headers, logs and error bodies.
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_of(headers: dict[bytes, bytes]) -> bytes:
+    """The client's `x-request-id` if it is acceptable, else a fresh id."""
+    given = headers.get(b"x-request-id", b"")
+    return given if _REQUEST_ID.fullmatch(given) else f"req_{uuid.uuid4().hex}".encode()
 
 
 class GuardMiddleware:
@@ -33,7 +44,9 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id") or f"req_{uuid.uuid4().hex}".encode()
+        request_id = request_id_of(headers)
+        # Routes read it as `request.state.request_id` (an SSE error event names it too).
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
         started = False
         status = 500
         begin = time.perf_counter()
@@ -83,8 +96,8 @@ class GuardMiddleware:
         if self.metrics is None:
             return
         route = getattr(scope.get("route"), "path", None) or "unmatched"
-        # An unknown model's name is the client's to choose: keep it out of the label values.
-        model = "" if status == 404 else str((scope.get("state") or {}).get("model", ""))[:100]
+        # Routes name the model only when it is served (see `label_model`).
+        model = str((scope.get("state") or {}).get("model", ""))
         self.metrics.requests.labels(route=route, model=model, status=str(status)).inc()
         self.metrics.latency.labels(route=route, model=model).observe(seconds)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from pydantic import BaseModel
@@ -20,8 +19,9 @@ def event(payload: str) -> str:
     return f"data: {payload}\n\n"
 
 
-async def sse(chunks: AsyncGenerator[BaseModel, None]) -> AsyncIterator[str]:
-    """Encode a stream of response chunks; an error mid-stream becomes an `error` event."""
+async def sse(chunks: AsyncGenerator[BaseModel, None], request_id: str) -> AsyncIterator[str]:
+    """Encode a stream of response chunks; an error mid-stream becomes an `error` event
+    (an unexpected one names `request_id`, the id in the response's `x-request-id` header)."""
     try:
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
@@ -30,9 +30,8 @@ async def sse(chunks: AsyncGenerator[BaseModel, None]) -> AsyncIterator[str]:
         yield event(json.dumps(exc.body()))
         return
     except Exception:
-        request_id = uuid.uuid4().hex
         log.exception("stream failed (request %s)", request_id)
-        error = ChatgateError(f"The server had an error while streaming (request {request_id}).")
+        error = ChatgateError(f"The server had an error while streaming (request id {request_id}).")
         yield event(json.dumps(error.body()))
         return
     yield event("[DONE]")

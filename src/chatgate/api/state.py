@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from chatgate.api.auth import KeyChecker
 from chatgate.api.workers.base import WorkerPool
 from chatgate.api.serving.chat import ChatServing
 from chatgate.api.serving.completions import CompletionServing
@@ -19,7 +18,6 @@ class ApiState:
     """The API server's shared resources."""
 
     pool: WorkerPool
-    keys: KeyChecker
     chat: ChatServing
     completions: CompletionServing
     tokens: TokenCheckServing
@@ -31,7 +29,3 @@ def api_state(request: Request) -> ApiState:
     state: ApiState = request.app.state.api
     return state
 
-
-def require_key(request: Request) -> None:
-    """Route dependency: refuse requests without an accepted API key."""
-    api_state(request).keys.check(request.headers.get("authorization"))

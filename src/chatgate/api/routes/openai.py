@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from chatgate.api.serving.models import model_card
 from chatgate.api.sse import sse
-from chatgate.api.state import ApiState, api_state, require_key
+from chatgate.api.state import ApiState, api_state
 from chatgate.errors import ModelNotFoundError
 from chatgate.responses import ClosingStreamingResponse
 from chatgate.protocol.fastchat import TokenCheckRequest, TokenCheckResponse
@@ -23,21 +23,28 @@ from chatgate.protocol.openai import (
     ModelList,
 )
 
-router = APIRouter(dependencies=[Depends(require_key)])
+router = APIRouter()  # the API key is checked in middleware, before the body is read
 
 
 Served = BaseModel | AsyncGenerator[BaseModel, None]
 
 
-def respond(result: Served) -> Response:
+def respond(result: Served, request: Request) -> Response:
     """A JSON response, or an SSE stream for a streamed result."""
     if isinstance(result, BaseModel):
         return Response(result.model_dump_json(), media_type="application/json")
     return ClosingStreamingResponse(
-        sse(result),
+        sse(result, str(getattr(request.state, "request_id", ""))),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+def label_model(request: Request, state: ApiState, model: str) -> None:
+    """Name the model in this request's metrics, if it is served: the client chooses the name,
+    and label values it invents would grow `/metrics` without bound."""
+    if model in state.pool.readiness():
+        request.state.model = model
 
 
 @router.get("/v1/models", response_model_exclude_none=True)
@@ -54,29 +61,29 @@ async def retrieve_model(model: str, state: ApiState = Depends(api_state)) -> Mo
     return await model_card(state.pool, model)
 
 
-async def answer(request: Request, model: str, result: Awaitable[Served]) -> Response:
-    """Label the request's metrics with `model`, then respond with what serving returns."""
-    request.state.model = model
-    return respond(await result)
+async def answer(request: Request, state: ApiState, model: str, result: Awaitable[Served]) -> Response:
+    """Label the request's metrics with `model` (if served), then respond with what serving returns."""
+    label_model(request, state, model)
+    return respond(await result, request)
 
 
 @router.post("/v1/chat/completions")
 @router.post("/api/v1/chat/completions")  # FastChat's path; same request and behaviour
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: ApiState = Depends(api_state)) -> Response:
     """Chat completion, streamed or not."""
-    return await answer(request, body.model, state.chat.create(body))
+    return await answer(request, state, body.model, state.chat.create(body))
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, state: ApiState = Depends(api_state)) -> Response:
     """Text completion, streamed or not."""
-    return await answer(request, body.model, state.completions.create(body))
+    return await answer(request, state, body.model, state.completions.create(body))
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)
 async def embeddings(body: EmbeddingRequest, request: Request, state: ApiState = Depends(api_state)) -> Response:
     """Embeddings of the inputs."""
-    return await answer(request, body.model, state.embeddings.create(body))
+    return await answer(request, state, body.model, state.embeddings.create(body))
 
 
 @router.post("/v1/engines/{model:path}/embeddings", response_model=EmbeddingResponse)
@@ -84,7 +91,7 @@ async def engine_embeddings(
     model: str, body: EmbeddingRequest, request: Request, state: ApiState = Depends(api_state)
 ) -> Response:
     """Embeddings from the model the URL names (the legacy engines path)."""
-    return await answer(request, model, state.embeddings.create(body.model_copy(update={"model": model})))
+    return await answer(request, state, model, state.embeddings.create(body.model_copy(update={"model": model})))
 
 
 @router.post("/api/v1/token_check")

@@ -1,13 +1,14 @@
-"""The API server's readiness route (key-checked); `/health` and `/metrics` are `chatgate.ops`'s."""
+"""The API server's readiness route (key-checked in middleware); `/health` and `/metrics` are
+`chatgate.ops`'s."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from chatgate.api.state import ApiState, api_state, require_key
+from chatgate.api.state import ApiState, api_state
 
-router = APIRouter(dependencies=[Depends(require_key)])
+router = APIRouter()
 
 
 @router.get("/ready")
