@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from chatgate.errors import ChatgateError
-from chatgate.protocol.worker import CountTokenRequest, EmbedParams, GenerateParams, WorkerChunk, WorkerUsage
+from chatgate.protocol.worker import (
+    CountTokenRequest,
+    EmbedParams,
+    EmbedResult,
+    GenerateParams,
+    WorkerChunk,
+    WorkerUsage,
+)
 from chatgate.responses import ClosingStreamingResponse
 from chatgate.streams import chain, empty, primed
 from chatgate.worker.service import WorkerService
@@ -22,6 +30,8 @@ from chatgate.worker.service import WorkerService
 log = logging.getLogger(__name__)
 
 router = APIRouter()
+
+T = TypeVar("T")
 
 
 def worker_service(request: Request) -> WorkerService:
@@ -38,6 +48,14 @@ def _error_chunk(exc: Exception) -> WorkerChunk:
         return WorkerChunk(text=exc.message, error_code=exc.fastchat_code, param=exc.param)
     log.exception("generation failed", exc_info=exc)
     return WorkerChunk(text="The worker failed while generating.", error_code=50001)
+
+
+async def _answer(work: Awaitable[T], body: Callable[[T], Any]) -> JSONResponse:
+    """The JSON answer to `work`, or FastChat's error object (an error code, status 200) if it fails."""
+    try:
+        return JSONResponse(body(await work))
+    except Exception as exc:
+        return JSONResponse(_error_chunk(exc).model_dump())
 
 
 async def _encoded(chunks: AsyncGenerator[WorkerChunk, None]) -> AsyncIterator[bytes]:
@@ -83,11 +101,7 @@ async def generate(params: GenerateParams, service: WorkerService = Service) -> 
 @router.post("/worker_get_embeddings")
 async def get_embeddings(params: EmbedParams, service: WorkerService = Service) -> JSONResponse:
     """Embedding vectors of the inputs."""
-    try:
-        result = await service.embed(params)
-    except Exception as exc:
-        return JSONResponse(_error_chunk(exc).model_dump())
-    return JSONResponse(result.model_dump())
+    return await _answer(service.embed(params), EmbedResult.model_dump)
 
 
 @router.post("/worker_get_status")
@@ -97,9 +111,9 @@ async def status(service: WorkerService = Service) -> dict[str, object]:
 
 
 @router.post("/count_token")
-async def count_token(request: CountTokenRequest, service: WorkerService = Service) -> dict[str, int]:
-    """Tokens the prompt takes."""
-    return {"count": service.count_tokens(request), "error_code": 0}
+async def count_token(request: CountTokenRequest, service: WorkerService = Service) -> JSONResponse:
+    """Tokens the prompt takes (or an error: a prompt too long to possibly fit is not counted)."""
+    return await _answer(service.count_tokens(request), lambda count: {"count": count, "error_code": 0})
 
 
 @router.post("/worker_get_conv_template")

@@ -32,6 +32,7 @@ from chatgate.protocol.worker import (
     WorkerUsage,
     finish_reason_of,
 )
+from chatgate.worker.admission import Admission
 from chatgate.worker.batching import EmbeddingBatcher
 
 # Roles the model's template may not know; they are rendered as the closest role it does.
@@ -48,6 +49,7 @@ class WorkerService:
         self._active = 0
         self.served = 0  # requests taken, for metrics
         self._batcher = EmbeddingBatcher(engine.embed)
+        self._admission = Admission(engine)
 
     async def close(self) -> None:
         """Stop background work (the engine is closed by its owner)."""
@@ -91,10 +93,31 @@ class WorkerService:
                 param="logit_bias",
             )
 
-    def count_tokens(self, request: CountTokenRequest) -> int:
+    async def count_tokens(self, request: CountTokenRequest) -> int:
         """Tokens the prompt (or templated conversation) takes."""
         params = GenerateParams(prompt=request.prompt, messages=request.messages)
-        return len(self.prompt_ids(params)[0])
+        await self._check_prompt_length(params)
+        return len((await self._admission.run(lambda: self.prompt_ids(params)))[0])
+
+    async def _check_prompt_length(self, params: GenerateParams) -> None:
+        """Refuse, before tokenising, a prompt whose length alone shows it cannot fit."""
+        if params.prompt_token_ids is not None:
+            context = self.engine.info.context_length
+            if len(params.prompt_token_ids) > context:
+                raise ContextLengthExceededError.for_tokens(
+                    context_length=context, prompt_tokens=len(params.prompt_token_ids),
+                    completion_tokens=params.max_new_tokens or 1, param=params.prompt_param,
+                )
+            return
+        texts = [str(m.get("content") or "") for m in params.messages or []] + [params.prompt or ""]
+        await self._admission.check_length(texts, param=params.prompt_param)
+
+    def _prepared(self, params: GenerateParams) -> tuple[list[int], str, SamplingParams]:
+        """Prompt ids and text and the sampling parameters (CPU work: run it in a thread)."""
+        ids, prompt_text = self.prompt_ids(params)
+        if not ids:
+            raise InvalidRequestError("The prompt must not be empty.", param=params.prompt_param)
+        return ids, prompt_text, self._sampling(params, len(ids))
 
     def _sampling(self, params: GenerateParams, prompt_len: int) -> SamplingParams:
         context = self.engine.info.context_length
@@ -129,16 +152,17 @@ class WorkerService:
     # Generation ------------------------------------------------------------------------------
 
     async def generate(self, params: GenerateParams) -> AsyncGenerator[WorkerChunk, None]:
-        """Stream a generation; errors in the request are raised before the first chunk."""
-        ids, prompt_text = self.prompt_ids(params)
-        if not ids:
-            raise InvalidRequestError("The prompt must not be empty.", param=params.prompt_param)
-        sampling = self._sampling(params, len(ids))
+        """Stream a generation; errors in the request are raised before the first chunk.
+
+        The concurrency limit is checked first and the slot held while the prompt is prepared,
+        so a flood of large prompts is refused before any of them costs CPU."""
         if self._active >= self._limit:
             raise OverloadedError("The model is overloaded; retry shortly.")
         self._active += 1
-        self.served += 1
         try:
+            await self._check_prompt_length(params)
+            ids, prompt_text, sampling = await self._admission.run(lambda: self._prepared(params))
+            self.served += 1
             prompt_logprobs = None
             if params.echo and params.logprobs is not None:
                 prompt_logprobs = await self._prompt_logprobs(ids, params.logprobs)
@@ -169,6 +193,7 @@ class WorkerService:
     # Embeddings ------------------------------------------------------------------------------
 
     def _embedding_inputs(self, params: EmbedParams) -> list[list[int]]:
+        """Token ids of every input, checked (CPU work: run it in a thread)."""
         if params.input_token_ids is not None:
             inputs = [self._checked_ids(ids, "input") for ids in params.input_token_ids]
         else:
@@ -193,7 +218,8 @@ class WorkerService:
             raise InvalidRequestError(
                 f"The model `{self.engine.info.name}` does not serve embeddings.", param="model"
             )
-        inputs = self._embedding_inputs(params)
+        await self._admission.check_length(params.input or [], param="input", each=True)
+        inputs = await self._admission.run(lambda: self._embedding_inputs(params))
         self.served += 1
         vectors = await self._batcher.submit(inputs)
         counts = [len(ids) for ids in inputs]

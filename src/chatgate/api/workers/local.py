@@ -28,7 +28,7 @@ class LocalWorker:
         return self._service.generate(params.model_copy(update={"delta": True}))
 
     async def count_tokens(self, request: CountTokenRequest) -> int:
-        return self._service.count_tokens(request)
+        return await self._service.count_tokens(request)
 
     async def embed(self, params: EmbedParams) -> EmbedResult:
         return await self._service.embed(params)
