@@ -75,3 +75,18 @@ async def test_tokenising_runs_off_the_event_loop_after_the_concurrency_check() 
         assert len(engine.encoded) == 1
         assert (await first).status_code == 200
         assert threading.get_ident() not in engine.threads
+
+
+async def test_a_large_embeddings_response_is_written_in_pieces_and_parses(fake_app: object) -> None:
+    from tests.conftest import sdk
+
+    texts = [f"text {i}" for i in range(300)]
+    async with raw(fake_app) as http:  # type: ignore[arg-type]
+        response = await http.post("/v1/embeddings", json={"model": M, "input": texts})
+        assert "content-length" not in response.headers  # written in pieces
+        small = (await http.post("/v1/embeddings", json={"model": M, "input": texts[7]})).json()
+    body = response.json()
+    assert [d["index"] for d in body["data"]] == list(range(300))
+    assert body["data"][7]["embedding"] == small["data"][0]["embedding"]
+    parsed = await sdk(fake_app).embeddings.create(model=M, input=texts, encoding_format="base64")  # type: ignore[arg-type]
+    assert len(parsed.data) == 300 and parsed.usage.prompt_tokens == body["usage"]["prompt_tokens"]

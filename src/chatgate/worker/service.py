@@ -223,7 +223,8 @@ class WorkerService:
         self.served += 1
         vectors = await self._batcher.submit(inputs)
         counts = [len(ids) for ids in inputs]
-        return EmbedResult(embedding=vectors, token_num=sum(counts), token_counts=counts)
+        # The engine's own vectors: validating every float would hold the event loop for nothing.
+        return EmbedResult.model_construct(embedding=vectors, token_num=sum(counts), token_counts=counts)
 
     async def _prompt_logprobs(self, ids: list[int], top: int) -> list[PromptLogprob]:
         scored = await self.engine.prompt_logprobs(ids, top)

@@ -57,9 +57,10 @@ class EmbeddingServing:
             raise InvalidRequestError("Missing required parameter: 'model'.", param="model",
                                       code="missing_required_parameter")
         result = await with_failover(self._pool, request.model, lambda w: _checked_embed(w, request))
+        # The vectors were validated as the worker result: not again, per float, on the loop.
         return EmbeddingResponse(
             data=[
-                Embedding(embedding=encode(vector, request.encoding_format), index=index)
+                Embedding.model_construct(embedding=encode(vector, request.encoding_format), index=index)
                 for index, vector in enumerate(result.embedding)
             ],
             model=request.model,
