@@ -68,11 +68,24 @@ def _setup_logging(level: str) -> None:
         logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def _run_uvicorn(app: Any, *, host: str, port: int, log_level: str, tls: tuple[str | None, str | None] = (None, None)) -> None:
+def _run_uvicorn(
+    app: Any, *, host: str, port: int, log_level: str, tls: tuple[str | None, str | None] = (None, None), **limits: Any
+) -> None:
     import uvicorn
 
     keyfile, certfile = tls
-    uvicorn.run(app, host=host, port=port, log_level=log_level, ssl_keyfile=keyfile, ssl_certfile=certfile, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, ssl_keyfile=keyfile, ssl_certfile=certfile,
+                timeout_graceful_shutdown=5, **limits)
+
+
+def _api_limits(settings: ApiSettings) -> dict[str, Any]:
+    """uvicorn's connection limits for a public endpoint (slow clients cannot pile up forever)."""
+    return {
+        "limit_concurrency": settings.limit_concurrency,
+        "timeout_keep_alive": settings.timeout_keep_alive,
+        # Request line and headers larger than this are refused (h11's default is 16 KB).
+        "h11_max_incomplete_event_size": 64 * 1024,
+    }
 
 
 def _api_tls(settings: ApiSettings) -> tuple[str | None, str | None]:
@@ -88,7 +101,8 @@ def run_serve(settings: ServeSettings) -> None:
     from chatgate.api.workers.local import local_pool
 
     app = create_api_app(settings, local_pool(settings))
-    _run_uvicorn(app, host=settings.host, port=settings.port, log_level=settings.log_level, tls=_api_tls(settings))
+    _run_uvicorn(app, host=settings.host, port=settings.port, log_level=settings.log_level, tls=_api_tls(settings),
+                 **_api_limits(settings))
 
 
 def run_api(settings: ApiProcessSettings) -> None:
@@ -97,7 +111,8 @@ def run_api(settings: ApiProcessSettings) -> None:
     from chatgate.api.workers.controller import controller_pool
 
     app = create_api_app(settings, controller_pool(settings))
-    _run_uvicorn(app, host=settings.host, port=settings.port, log_level=settings.log_level, tls=_api_tls(settings))
+    _run_uvicorn(app, host=settings.host, port=settings.port, log_level=settings.log_level, tls=_api_tls(settings),
+                 **_api_limits(settings))
 
 
 def run_controller(settings: ControllerSettings) -> None:

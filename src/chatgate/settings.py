@@ -71,6 +71,15 @@ class ApiSettings(_Base):
         8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 beyond)."
     )
     max_n: int = Field(16, ge=1, description="Largest `n` a request may ask for.")
+    stream_write_timeout: float = Field(
+        30.0, gt=0, description="Seconds a client may leave its stream unread before it is cancelled."
+    )
+    limit_concurrency: int = Field(
+        1024, ge=1, description="Most open connections and requests (uvicorn answers 503 beyond)."
+    )
+    timeout_keep_alive: int = Field(
+        5, ge=1, description="Seconds an idle keep-alive connection stays open."
+    )
     docs: bool = Field(
         False, description="Serve /docs, /redoc and /openapi.json (behind the API key)."
     )

@@ -10,6 +10,8 @@ from chatgate.tasks import cancel_and_wait
 
 T = TypeVar("T")
 
+MERGE_BUFFER = 64  # items `merge` holds for a slow reader before its streams wait
+
 
 async def chain(first: T, rest: AsyncIterator[T]) -> AsyncGenerator[T, None]:
     """Yield `first`, then everything from `rest`; closing this closes `rest`."""
@@ -43,8 +45,10 @@ async def merge(streams: Sequence[AsyncIterator[T]]) -> AsyncGenerator[tuple[int
     """Interleave several streams as items arrive, tagging each with its stream's index.
 
     An error in any stream is raised here; closing the merged stream cancels all of them.
+    The queue between them is bounded: a reader that falls behind holds the streams back
+    instead of their output piling up in memory.
     """
-    queue: asyncio.Queue[tuple[int, T] | BaseException | None] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, T] | BaseException | None] = asyncio.Queue(maxsize=MERGE_BUFFER)
 
     async def pump(index: int, stream: AsyncIterator[T]) -> None:
         try:

@@ -39,6 +39,7 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
             registry.register(fleet)
             app.state.api = ApiState(
                 pool=pool,
+                stream_write_timeout=settings.stream_write_timeout,
                 chat=ChatServing(pool=pool, max_n=settings.max_n, metrics=metrics),
                 completions=CompletionServing(pool=pool, max_n=settings.max_n, metrics=metrics),
                 tokens=TokenCheckServing(pool=pool),

@@ -18,6 +18,7 @@ class ApiState:
     """The API server's shared resources."""
 
     pool: WorkerPool
+    stream_write_timeout: float
     chat: ChatServing
     completions: CompletionServing
     tokens: TokenCheckServing

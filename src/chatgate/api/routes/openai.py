@@ -9,6 +9,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from chatgate.api.serving.models import model_card
+from chatgate.api.disconnect import ClientGone, unless_disconnected
+from chatgate.api.pieces import is_large, json_in_pieces
 from chatgate.api.sse import sse
 from chatgate.api.state import ApiState, api_state
 from chatgate.errors import ModelNotFoundError
@@ -31,11 +33,17 @@ Served = BaseModel | AsyncGenerator[BaseModel, None]
 
 def respond(result: Served, request: Request) -> Response:
     """A JSON response, or an SSE stream for a streamed result."""
+    write_timeout = api_state(request).stream_write_timeout
+    if isinstance(result, EmbeddingResponse) and is_large(result.data):
+        return ClosingStreamingResponse(
+            json_in_pieces(result, "data"), media_type="application/json", write_timeout=write_timeout
+        )
     if isinstance(result, BaseModel):
         return Response(result.model_dump_json(), media_type="application/json")
     return ClosingStreamingResponse(
         sse(result, str(getattr(request.state, "request_id", ""))),
         media_type="text/event-stream",
+        write_timeout=write_timeout,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
@@ -61,10 +69,14 @@ async def retrieve_model(model: str, state: ApiState = Depends(api_state)) -> Mo
     return await model_card(state.pool, model)
 
 
-async def answer(request: Request, state: ApiState, model: str, result: Awaitable[Served]) -> Response:
-    """Label the request's metrics with `model` (if served), then respond with what serving returns."""
+async def answer(request: Request, state: ApiState, model: str, work: Awaitable[Served]) -> Response:
+    """Label the request's metrics with `model` (if served), then respond with what serving
+    returns; if the client leaves first, the work is cancelled."""
     label_model(request, state, model)
-    return respond(await result, request)
+    try:
+        return respond(await unless_disconnected(request, work), request)
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it; nginx's code for a client that left
 
 
 @router.post("/v1/chat/completions")

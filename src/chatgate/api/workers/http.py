@@ -35,12 +35,18 @@ def _chunk_error(chunk: WorkerChunk) -> ChatgateError:
     return from_fastchat_code(chunk.error_code, chunk.text, param=chunk.param)
 
 
+# Largest worker stream frame accepted: one chunk of text and log-probabilities is far smaller.
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+
 async def _frames(response: httpx.Response) -> AsyncIterator[WorkerChunk]:
     """The NUL-delimited JSON chunks of a worker's stream."""
     buffer = b""
     async for data in response.aiter_bytes():
         buffer += data
         *frames, buffer = buffer.split(b"\0")
+        if len(buffer) > MAX_FRAME_BYTES:
+            raise WorkerError(f"A worker stream frame is over {MAX_FRAME_BYTES} bytes.")
         for frame in frames:
             if frame.strip():
                 yield WorkerChunk.model_validate_json(frame)
