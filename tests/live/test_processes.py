@@ -126,3 +126,24 @@ def test_disconnected_stream_stops_generation_on_the_worker(stack: Stack) -> Non
     stream.close()
     poll(lambda: httpx.post(f"{stack.worker}/worker_get_status").json()["queue_length"] == 0,
          what="generation stops after the client left", timeout=10, interval=0.1)
+
+
+@pytest.mark.parametrize("mode", ["serve", "api"])
+def test_values_json_cannot_carry_are_a_400_in_both_modes(stack: Stack, mode: str) -> None:
+    """NaN, Infinity and lone surrogates once made the API server fail to forward the request."""
+    head = '{"model": "%s", "messages": [{"role": "user", "content": "hi"}]' % MODEL
+    cases = {
+        "presence_penalty": head + ', "presence_penalty": NaN}',
+        "repetition_penalty": head + ', "repetition_penalty": Infinity}',
+        "tools[0].function.parameters": head + ', "tools": [{"type": "function", "function": {"name": "f", '
+                                                '"parameters": {"type": "object", "maximum": -Infinity}}}]}',
+        "messages[0].content": '{"model": "%s", "messages": [{"role": "user", "content": "\\ud800"}]}' % MODEL,
+    }
+    url = getattr(stack, mode)
+    for param, body in cases.items():
+        response = httpx.post(f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param
+    response = httpx.post(f"{url}/v1/chat/completions", timeout=120,
+                          json={"model": MODEL, "messages": PARIS, "max_tokens": 4, "logit_bias": {"49152": 1}})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "logit_bias"
