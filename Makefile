@@ -63,7 +63,7 @@ bench-peers: $(STAMP) $(VLLM_STAMP)
 # The FastChat venv is optional: where it cannot be installed, its interop tests skip themselves.
 test: $(TEST_STAMP)
 	-$(MAKE) --no-print-directory fastchat
-	$(BIN)/mypy src
+	$(BIN)/mypy src tests
 	$(BIN)/python -m pytest -q
 
 test-fast: $(TEST_STAMP)
