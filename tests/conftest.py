@@ -1,15 +1,28 @@
-"""Shared fixtures: the whole API stack in one process, reached through in-process transports."""
+"""Shared fixtures: the whole API stack in one process, reached through in-process transports.
+
+Typed helpers for the openai SDK live here too, so tests type-check under `mypy --strict`:
+annotate message lists as `Messages` (or build one with `user("...")`), tools with `function_tool`,
+`response_format` with `json_schema_format`, and narrow returned tool calls with `function_calls`.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
 
 import httpx
 import httpx2
 import openai
 import pytest
 from fastapi import FastAPI
+from openai.types.chat import (
+    ChatCompletionFunctionToolParam,
+    ChatCompletionMessage,
+    ChatCompletionMessageFunctionToolCall,
+    ChatCompletionMessageParam,
+)
+from openai.types.shared_params import ResponseFormatJSONSchema
 
 from chatgate.api.app import create_api_app
 from chatgate.api.workers.local import local_pool
@@ -30,9 +43,9 @@ async def running(app: FastAPI) -> AsyncIterator[FastAPI]:
         yield app
 
 
-def make_app(*engines: Engine, **settings: object) -> FastAPI:
-    """An API app serving `engines` in-process."""
-    serve = ServeSettings(**settings)  # type: ignore[arg-type]
+def make_app(*engines: Engine, **settings: Any) -> FastAPI:
+    """An API app serving `engines` in-process; `settings` are `ServeSettings` fields."""
+    serve = ServeSettings(**settings)
     return create_api_app(serve, local_pool(serve, engines=list(engines)))
 
 
@@ -43,6 +56,37 @@ def sdk(app: FastAPI, api_key: str = "sk-test") -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(
         base_url="http://chatgate/v1", api_key=api_key, http_client=http_client, max_retries=0
     )
+
+
+Messages = list[ChatCompletionMessageParam]
+"""A conversation as the SDK takes it: `ASK: Messages = [{"role": "user", "content": "..."}]`."""
+
+
+def user(content: str) -> Messages:
+    """A one-turn conversation: `messages=user("hi")`."""
+    return [{"role": "user", "content": content}]
+
+
+def as_dicts(items: Iterable[Mapping[str, object]]) -> list[dict[str, Any]]:
+    """SDK params (messages, tools) as the plain dicts an engine renders: `engine.render_chat(as_dicts(USER))`."""
+    return [dict(item) for item in items]
+
+
+def function_tool(name: str, description: str, parameters: dict[str, object]) -> ChatCompletionFunctionToolParam:
+    """A `tools` entry offering one function."""
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": parameters}}
+
+
+def json_schema_format(name: str, schema: dict[str, object], strict: bool = True) -> ResponseFormatJSONSchema:
+    """A JSON-schema `response_format`."""
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": strict}}
+
+
+def function_calls(message: ChatCompletionMessage) -> list[ChatCompletionMessageFunctionToolCall]:
+    """A reply's tool calls, each checked to be a function call (the SDK also types custom-tool calls)."""
+    calls = message.tool_calls or []
+    assert all(isinstance(call, ChatCompletionMessageFunctionToolCall) for call in calls), calls
+    return [call for call in calls if isinstance(call, ChatCompletionMessageFunctionToolCall)]
 
 
 def raw(app: FastAPI) -> httpx.AsyncClient:

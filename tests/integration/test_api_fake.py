@@ -9,17 +9,17 @@ import pytest
 from fastapi import FastAPI
 
 from chatgate.engines.fake import FakeEngine
-from tests.conftest import make_app, raw, running, sdk
+from tests.conftest import Messages, as_dicts, make_app, raw, running, sdk
 
 pytestmark = pytest.mark.anyio
 
 MODEL = "fake-model"
-USER = [{"role": "user", "content": "What is up?"}]
+USER: Messages = [{"role": "user", "content": "What is up?"}]
 
 
-def expected_reply(messages: list[dict[str, str]]) -> str:
+def expected_reply(messages: Messages) -> str:
     engine = FakeEngine()
-    return engine.reply_for(engine.render_chat(messages))
+    return engine.reply_for(engine.render_chat(as_dicts(messages)))
 
 
 async def test_models_list_and_retrieve(fake_app: FastAPI) -> None:
@@ -33,12 +33,12 @@ async def test_models_list_and_retrieve(fake_app: FastAPI) -> None:
 
 
 async def test_chat_completion(fake_app: FastAPI) -> None:
-    response = await sdk(fake_app).chat.completions.create(model=MODEL, messages=USER, temperature=0)  # type: ignore[arg-type]
+    response = await sdk(fake_app).chat.completions.create(model=MODEL, messages=USER, temperature=0)
     choice = response.choices[0]
     assert choice.message.content == expected_reply(USER)
     assert choice.message.role == "assistant"
     assert choice.finish_reason == "stop"
-    prompt = FakeEngine().render_chat(USER)
+    prompt = FakeEngine().render_chat(as_dicts(USER))
     assert response.usage is not None
     assert response.usage.prompt_tokens == len(prompt.encode())
     assert response.usage.completion_tokens == len(expected_reply(USER).encode()) + 1  # + EOS
@@ -48,7 +48,7 @@ async def test_chat_completion(fake_app: FastAPI) -> None:
 async def test_chat_stream_equals_non_stream(fake_app: FastAPI) -> None:
     client = sdk(fake_app)
     stream = await client.chat.completions.create(
-        model=MODEL, messages=USER, temperature=0, stream=True, stream_options={"include_usage": True}  # type: ignore[arg-type]
+        model=MODEL, messages=USER, temperature=0, stream=True, stream_options={"include_usage": True}
     )
     chunks = [c async for c in stream]
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -62,11 +62,11 @@ async def test_chat_stream_equals_non_stream(fake_app: FastAPI) -> None:
 
 async def test_chat_n_choices_streamed_interleave_by_index(fake_app: FastAPI) -> None:
     client = sdk(fake_app)
-    response = await client.chat.completions.create(model=MODEL, messages=USER, n=3, temperature=0)  # type: ignore[arg-type]
+    response = await client.chat.completions.create(model=MODEL, messages=USER, n=3, temperature=0)
     assert [c.index for c in response.choices] == [0, 1, 2]
     assert response.usage is not None
     assert response.usage.completion_tokens == 3 * (len(expected_reply(USER).encode()) + 1)
-    stream = await client.chat.completions.create(model=MODEL, messages=USER, n=3, temperature=0, stream=True)  # type: ignore[arg-type]
+    stream = await client.chat.completions.create(model=MODEL, messages=USER, n=3, temperature=0, stream=True)
     texts = {0: "", 1: "", 2: ""}
     async for chunk in stream:
         for c in chunk.choices:
@@ -75,14 +75,14 @@ async def test_chat_n_choices_streamed_interleave_by_index(fake_app: FastAPI) ->
 
 
 async def test_max_tokens_gives_length(fake_app: FastAPI) -> None:
-    response = await sdk(fake_app).chat.completions.create(model=MODEL, messages=USER, max_tokens=5)  # type: ignore[arg-type]
+    response = await sdk(fake_app).chat.completions.create(model=MODEL, messages=USER, max_tokens=5)
     assert response.choices[0].finish_reason == "length"
     assert response.usage is not None and response.usage.completion_tokens == 5
 
 
 async def test_stop_sequence_is_not_returned(fake_app: FastAPI) -> None:
     reply = expected_reply(USER)
-    response = await sdk(fake_app).chat.completions.create(model=MODEL, messages=USER, stop=["✓"], temperature=0)  # type: ignore[arg-type]
+    response = await sdk(fake_app).chat.completions.create(model=MODEL, messages=USER, stop=["✓"], temperature=0)
     assert response.choices[0].message.content == reply.split("✓")[0]
     assert response.choices[0].finish_reason == "stop"
 
@@ -119,7 +119,7 @@ async def test_completions_stream_and_token_prompts(fake_app: FastAPI) -> None:
 
 async def test_unknown_model_is_404(fake_app: FastAPI) -> None:
     with pytest.raises(openai.NotFoundError) as err:
-        await sdk(fake_app).chat.completions.create(model="gpt-9", messages=USER)  # type: ignore[arg-type]
+        await sdk(fake_app).chat.completions.create(model="gpt-9", messages=USER)
     assert err.value.code == "model_not_found"
 
 

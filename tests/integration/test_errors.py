@@ -10,13 +10,13 @@ import pytest
 from fastapi import FastAPI
 
 from chatgate.engines.fake import FakeEngine
-from tests.conftest import make_app, raw, running, sdk
+from tests.conftest import Messages, as_dicts, make_app, raw, running, sdk
 from tests.polling import apoll
 
 pytestmark = pytest.mark.anyio
 
 M = "fake-model"
-MSG = [{"role": "user", "content": "hi"}]
+MSG: Messages = [{"role": "user", "content": "hi"}]
 CHAT = "/v1/chat/completions"
 COMP = "/v1/completions"
 INVALID = "invalid_request_error"
@@ -183,16 +183,16 @@ async def test_wrong_method_is_405(fake_app: FastAPI) -> None:
 async def test_sdk_raises_the_matching_exceptions(fake_engine: FakeEngine) -> None:
     async with running(make_app(fake_engine, api_keys=["sk-1"])) as app:
         with pytest.raises(openai.AuthenticationError) as auth:
-            await sdk(app, "sk-wrong").chat.completions.create(model=M, messages=MSG)  # type: ignore[arg-type]
+            await sdk(app, "sk-wrong").chat.completions.create(model=M, messages=MSG)
         assert auth.value.code == "invalid_api_key"
         good = sdk(app, "sk-1")
         with pytest.raises(openai.BadRequestError) as bad:
-            await good.chat.completions.create(model=M, messages=MSG, temperature=3)  # type: ignore[arg-type]
+            await good.chat.completions.create(model=M, messages=MSG, temperature=3)
         assert bad.value.param == "temperature"
         with pytest.raises(openai.NotFoundError):
-            await good.chat.completions.create(model="missing", messages=MSG)  # type: ignore[arg-type]
+            await good.chat.completions.create(model="missing", messages=MSG)
         with pytest.raises(openai.BadRequestError) as ctx:
-            await good.chat.completions.create(model=M, messages=MSG, max_tokens=2000)  # type: ignore[arg-type]
+            await good.chat.completions.create(model=M, messages=MSG, max_tokens=2000)
         assert ctx.value.code == "context_length_exceeded"
         assert "maximum context length is 1024 tokens. However, you requested" in ctx.value.message
 
@@ -233,7 +233,7 @@ async def test_request_id_is_echoed(fake_app: FastAPI) -> None:
 
 async def test_error_mid_stream_becomes_an_error_event() -> None:
     async with running(make_app(FakeEngine(fail_after=5))) as app:
-        stream = await sdk(app).chat.completions.create(model=M, messages=MSG, stream=True)  # type: ignore[arg-type]
+        stream = await sdk(app).chat.completions.create(model=M, messages=MSG, stream=True)
         with pytest.raises(openai.APIError) as err:
             async for _ in stream:
                 pass
@@ -298,13 +298,13 @@ async def test_overloaded_worker_answers_429_and_others_continue() -> None:
     app = make_app(engine, limit_worker_concurrency=1)
     async with running(app):
         client = sdk(app)
-        slow = asyncio.create_task(client.chat.completions.create(model=M, messages=MSG, temperature=0))  # type: ignore[arg-type]
+        slow = asyncio.create_task(client.chat.completions.create(model=M, messages=MSG, temperature=0))
         await apoll(lambda: bool(engine.active), what="the first request occupies the only slot", timeout=5)
         with pytest.raises(openai.RateLimitError) as err:
-            await client.chat.completions.create(model=M, messages=MSG)  # type: ignore[arg-type]
+            await client.chat.completions.create(model=M, messages=MSG)
         assert err.value.response.headers["retry-after"]
         assert (await slow).choices[0].finish_reason == "stop"
-        assert (await client.chat.completions.create(model=M, messages=MSG)).choices  # type: ignore[arg-type]
+        assert (await client.chat.completions.create(model=M, messages=MSG)).choices
 
 
 async def test_bad_requests_do_not_disturb_a_stream_in_flight() -> None:
@@ -315,7 +315,7 @@ async def test_bad_requests_do_not_disturb_a_stream_in_flight() -> None:
         client = sdk(app)
 
         async def streamed() -> str:
-            stream = await client.chat.completions.create(model=M, messages=MSG, temperature=0, stream=True)  # type: ignore[arg-type]
+            stream = await client.chat.completions.create(model=M, messages=MSG, temperature=0, stream=True)
             return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
         task = asyncio.create_task(streamed())
@@ -323,4 +323,4 @@ async def test_bad_requests_do_not_disturb_a_stream_in_flight() -> None:
         responses = await asyncio.gather(*(http.post(CHAT, json=b) for b in bad))
         assert all(400 <= r.status_code < 500 for r in responses)
         engine = FakeEngine()
-        assert await task == engine.reply_for(engine.render_chat(MSG))
+        assert await task == engine.reply_for(engine.render_chat(as_dicts(MSG)))

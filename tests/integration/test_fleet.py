@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Literal
 
 import httpx
 import openai
@@ -19,13 +20,14 @@ from chatgate.controller.app import create_controller_app
 from chatgate.engines.fake import FakeEngine
 from chatgate.settings import ApiProcessSettings, ControllerSettings, WorkerSettings
 from chatgate.worker.app import create_worker_app
-from tests.conftest import raw, running, sdk
+from tests.conftest import Messages, raw, running, sdk
 from tests.polling import apoll
 
 pytestmark = pytest.mark.anyio
 
 M = "fake-model"
-MSG = [{"role": "user", "content": "hi"}]
+Dispatch = Literal["lottery", "shortest_queue"]
+MSG: Messages = [{"role": "user", "content": "hi"}]
 
 
 class Dead(httpx.AsyncBaseTransport):
@@ -36,8 +38,8 @@ class Dead(httpx.AsyncBaseTransport):
 
 
 class Fleet:
-    def __init__(self, dispatch: str, workers: dict[str, FastAPI | None]) -> None:
-        self.controller = create_controller_app(ControllerSettings(dispatch_method=dispatch))  # type: ignore[arg-type]
+    def __init__(self, dispatch: Dispatch, workers: dict[str, FastAPI | None]) -> None:
+        self.controller = create_controller_app(ControllerSettings(dispatch_method=dispatch))
         self.workers = workers
         mounts: dict[str, httpx.AsyncBaseTransport] = {"http://controller": httpx.ASGITransport(app=self.controller)}
         for address, app in workers.items():
@@ -67,7 +69,7 @@ def worker_app(delay: float = 0.01) -> FastAPI:
 
 
 @contextlib.asynccontextmanager
-async def fleet(dispatch: str, workers: dict[str, FastAPI | None]) -> AsyncIterator[Fleet]:
+async def fleet(dispatch: Dispatch, workers: dict[str, FastAPI | None]) -> AsyncIterator[Fleet]:
     f = Fleet(dispatch, workers)
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(running(f.controller))
@@ -85,11 +87,11 @@ def served(app: FastAPI) -> int:
 
 
 @pytest.mark.parametrize("dispatch", ["shortest_queue", "lottery"])
-async def test_traffic_splits_between_two_workers(dispatch: str) -> None:
+async def test_traffic_splits_between_two_workers(dispatch: Dispatch) -> None:
     a, b = worker_app(), worker_app()
     async with fleet(dispatch, {"http://w1": a, "http://w2": b}) as f:
         client = sdk(f.api)
-        results = await asyncio.gather(*(client.chat.completions.create(model=M, messages=MSG) for _ in range(24)))  # type: ignore[arg-type]
+        results = await asyncio.gather(*(client.chat.completions.create(model=M, messages=MSG) for _ in range(24)))
         assert all(r.choices[0].finish_reason for r in results)
         assert served(a) + served(b) == 24
         assert served(a) >= 4 and served(b) >= 4, (served(a), served(b))
@@ -99,7 +101,7 @@ async def test_dead_worker_fails_over_and_leaves_rotation() -> None:
     alive = worker_app()
     async with fleet("shortest_queue", {"http://dead": None, "http://alive": alive}) as f:
         client = sdk(f.api)
-        results = await asyncio.gather(*(client.chat.completions.create(model=M, messages=MSG) for _ in range(8)))  # type: ignore[arg-type]
+        results = await asyncio.gather(*(client.chat.completions.create(model=M, messages=MSG) for _ in range(8)))
         assert len(results) == 8 and served(alive) == 8
         assert [e.address for e in f.pool._table] == ["http://alive"]
 
@@ -115,7 +117,7 @@ async def test_dead_worker_fails_over_and_leaves_rotation() -> None:
 async def test_no_healthy_worker_is_503_with_retry_after() -> None:
     async with fleet("shortest_queue", {"http://dead1": None, "http://dead2": None}) as f:
         with pytest.raises(openai.InternalServerError) as err:
-            await sdk(f.api).chat.completions.create(model=M, messages=MSG)  # type: ignore[arg-type]
+            await sdk(f.api).chat.completions.create(model=M, messages=MSG)
         assert err.value.status_code == 503
         assert err.value.response.headers["retry-after"]
         async with raw(f.api) as http:
@@ -126,7 +128,7 @@ async def test_no_healthy_worker_is_503_with_retry_after() -> None:
 async def test_ready_and_metrics() -> None:
     async with fleet("shortest_queue", {"http://w1": worker_app(), "http://w2": worker_app()}) as f:
         client = sdk(f.api)
-        stream = await client.chat.completions.create(model=M, messages=MSG, stream=True)  # type: ignore[arg-type]
+        stream = await client.chat.completions.create(model=M, messages=MSG, stream=True)
         assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
         await client.completions.create(model=M, prompt="hello", max_tokens=5)
         with pytest.raises(openai.NotFoundError):
@@ -142,6 +144,8 @@ async def test_ready_and_metrics() -> None:
         assert 'chatgate_completion_tokens_total{model="fake-model"}' in text
         assert "chatgate_inter_token_latency_seconds_bucket" in text
         assert "chatgate_worker_queue_length" in text
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=f.workers["http://w1"]), base_url="http://w") as w:
+        w1 = f.workers["http://w1"]
+        assert w1 is not None
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=w1), base_url="http://w") as w:
             worker_text = (await w.get("/metrics")).text
         assert 'chatgate_worker_requests_total{model="fake-model"}' in worker_text

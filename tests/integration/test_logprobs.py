@@ -10,27 +10,29 @@ import torch
 from fastapi import FastAPI
 
 from chatgate.engines.transformers import TransformersEngine
-from tests.conftest import make_app, raw, running, sdk
+from tests.conftest import Messages, make_app, raw, running, sdk
 
 pytestmark = pytest.mark.anyio
 
 M = "fake-model"
-MSG = [{"role": "user", "content": "hi"}]
+MSG: Messages = [{"role": "user", "content": "hi"}]
 
 
 async def test_chat_logprobs_shape_and_streaming(fake_app: FastAPI) -> None:
     client = sdk(fake_app)
-    r = await client.chat.completions.create(model=M, messages=MSG, temperature=0, logprobs=True, top_logprobs=3)  # type: ignore[arg-type]
-    content = r.choices[0].logprobs.content  # type: ignore[union-attr]
+    r = await client.chat.completions.create(model=M, messages=MSG, temperature=0, logprobs=True, top_logprobs=3)
+    logprobs = r.choices[0].logprobs
+    assert logprobs is not None
+    content = logprobs.content
     assert content is not None and len(content) == len((r.choices[0].message.content or "").encode())
     for item in content:
         assert item.logprob <= 0 and len(item.top_logprobs) == 3
         assert item.logprob == pytest.approx(max(t.logprob for t in item.top_logprobs))  # greedy picks the top
         assert sum(math.exp(t.logprob) for t in item.top_logprobs) <= 1.0 + 1e-6
-    stream = await client.chat.completions.create(model=M, messages=MSG, temperature=0, logprobs=True, top_logprobs=3, stream=True)  # type: ignore[arg-type]
+    stream = await client.chat.completions.create(model=M, messages=MSG, temperature=0, logprobs=True, top_logprobs=3, stream=True)
     streamed = [lp for c in [c async for c in stream] if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.content or []]
     assert [(x.token, x.logprob) for x in streamed] == [(x.token, x.logprob) for x in content]
-    plain = await client.chat.completions.create(model=M, messages=MSG)  # type: ignore[arg-type]
+    plain = await client.chat.completions.create(model=M, messages=MSG)
     assert plain.choices[0].logprobs is None
 
 
@@ -79,7 +81,7 @@ async def test_real_model_logprobs_are_the_models_own(chat_engine: TransformersE
             logits = engine._model(input_ids=torch.tensor([ids])).logits[0, -1].float()
         expected = torch.log_softmax(logits, dim=-1)
         assert got.token_logprobs[0] == pytest.approx(float(expected.max()), abs=1e-3)
-        assert len(got.top_logprobs[0]) == 5  # type: ignore[index]
+        assert got.top_logprobs is not None and len(got.top_logprobs[0]) == 5
 
 
 @pytest.mark.model

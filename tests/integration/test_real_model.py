@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
 from fastapi import FastAPI
@@ -11,20 +11,20 @@ from fastapi import FastAPI
 from chatgate.engines.base import SamplingParams
 from chatgate.engines.transformers import TransformersEngine
 from chatgate.settings import EngineSettings
-from tests.conftest import make_app, running, sdk
+from tests.conftest import Messages, as_dicts, make_app, running, sdk, user
 from tests.polling import apoll
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 
 MODEL = "SmolLM2-135M-Instruct"
-PARIS = [{"role": "user", "content": "What is the capital of France?"}]
+PARIS: Messages = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 async def test_answers_paris_with_exact_usage(chat_app: FastAPI, chat_engine: TransformersEngine) -> None:
-    response = await sdk(chat_app).chat.completions.create(model=MODEL, messages=PARIS, temperature=0)  # type: ignore[arg-type]
+    response = await sdk(chat_app).chat.completions.create(model=MODEL, messages=PARIS, temperature=0)
     assert "Paris" in (response.choices[0].message.content or "")
     assert response.choices[0].finish_reason == "stop"
-    templated = chat_engine._tokenizer.apply_chat_template(PARIS, add_generation_prompt=True, tokenize=True)
+    templated = chat_engine._tokenizer.apply_chat_template(as_dicts(PARIS), add_generation_prompt=True, tokenize=True)
     ids = templated["input_ids"] if hasattr(templated, "keys") else templated
     assert response.usage is not None
     assert response.usage.prompt_tokens == len(ids)
@@ -35,10 +35,10 @@ async def test_answers_paris_with_exact_usage(chat_app: FastAPI, chat_engine: Tr
 
 async def test_stream_matches_non_stream_exactly(chat_app: FastAPI) -> None:
     client = sdk(chat_app)
-    messages = [{"role": "user", "content": "Write one sentence about the sea."}]
-    whole = await client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=40)  # type: ignore[arg-type]
+    messages = user("Write one sentence about the sea.")
+    whole = await client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=40)
     stream = await client.chat.completions.create(
-        model=MODEL, messages=messages, temperature=0, max_tokens=40, stream=True,  # type: ignore[arg-type]
+        model=MODEL, messages=messages, temperature=0, max_tokens=40, stream=True,
         stream_options={"include_usage": True},
     )
     chunks = [c async for c in stream]
@@ -56,14 +56,13 @@ async def test_stop_spanning_two_tokens(chat_app: FastAPI, chat_engine: Transfor
     tokens = [chat_engine.decode([t]) for t in chat_engine.encode(answer, add_special_tokens=False)]
     assert "is" in tokens[-3] and "Paris" in tokens[-2]  # " is" and " Paris" are separate tokens
     for stream in (False, True):
-        kwargs = {"model": MODEL, "messages": PARIS, "temperature": 0, "stop": ["s Pa"]}
         if stream:
-            s = await client.chat.completions.create(stream=True, **kwargs)  # type: ignore[call-overload]
+            s = await client.chat.completions.create(model=MODEL, messages=PARIS, temperature=0, stop=["s Pa"], stream=True)
             chunks = [c async for c in s]
             text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
             finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
         else:
-            r = await client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+            r = await client.chat.completions.create(model=MODEL, messages=PARIS, temperature=0, stop=["s Pa"])
             text, finish = r.choices[0].message.content, [r.choices[0].finish_reason]
         assert text == "The capital of France i"
         assert finish == ["stop"]
@@ -86,9 +85,10 @@ async def test_completions_list_n_echo_length(chat_app: FastAPI) -> None:
 
 async def test_seed_reproduces_sampled_text(chat_app: FastAPI) -> None:
     client = sdk(chat_app)
-    kwargs = {"model": MODEL, "prompt": "My favourite food is", "max_tokens": 12, "temperature": 1.0, "seed": 1234}
-    first = await client.completions.create(**kwargs)  # type: ignore[arg-type]
-    second = await client.completions.create(**kwargs)  # type: ignore[arg-type]
+    first, second = [
+        await client.completions.create(model=MODEL, prompt="My favourite food is", max_tokens=12, temperature=1.0, seed=1234)
+        for _ in range(2)
+    ]
     assert first.choices[0].text == second.choices[0].text
 
 
@@ -96,9 +96,10 @@ async def test_closing_a_stream_frees_its_slot(chat_engine: TransformersEngine) 
     await chat_engine.start()
     try:
         stream = chat_engine.generate(chat_engine.encode("Count to one hundred:"), SamplingParams(max_tokens=500, temperature=0))
+        assert isinstance(stream, AsyncGenerator)  # Engine.generate promises an iterator; this one is a generator
         seen = [await anext(stream) for _ in range(2)]
         assert seen[0].completion_tokens >= 1
-        await stream.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
         await apoll(lambda: chat_engine.pending() == 0, what="the closed stream's slot freed", timeout=5)
     finally:
         await chat_engine.close()
@@ -111,10 +112,11 @@ PROMPTS = [
 ]
 
 
-async def _greedy(chat_engine: TransformersEngine, text: str, max_tokens: int = 32, **params: object) -> list[int]:
+async def _greedy(chat_engine: TransformersEngine, text: str, max_tokens: int = 32, temperature: float = 0.0,
+                  seed: int | None = None) -> list[int]:
     ids = chat_engine.encode(chat_engine.render_chat([{"role": "user", "content": text}]), add_special_tokens=False)
     tokens: list[int] = []
-    async for out in chat_engine.generate(ids, SamplingParams(max_tokens=max_tokens, **{"temperature": 0.0, **params})):  # type: ignore[arg-type]
+    async for out in chat_engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)):
         tokens += out.token_ids
     return tokens
 
@@ -142,7 +144,7 @@ async def test_greedy_tokens_are_the_same_alone_and_among_15_others(chat_engine:
 async def test_n_choices_share_one_prefill(chat_app: FastAPI, chat_engine: TransformersEngine) -> None:
     assert chat_engine._scheduler is not None
     before = chat_engine._scheduler.prefill_tokens
-    response = await sdk(chat_app).chat.completions.create(model=MODEL, messages=PARIS, n=4, temperature=0, max_tokens=8)  # type: ignore[arg-type]
+    response = await sdk(chat_app).chat.completions.create(model=MODEL, messages=PARIS, n=4, temperature=0, max_tokens=8)
     assert len({c.message.content for c in response.choices}) == 1
     assert response.usage is not None
     assert chat_engine._scheduler.prefill_tokens - before == response.usage.prompt_tokens

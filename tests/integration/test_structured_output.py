@@ -11,32 +11,33 @@ import jsonschema
 import openai
 import pytest
 from fastapi import FastAPI
+from openai.types.shared_params import ResponseFormatJSONSchema
 from pydantic import BaseModel, Field
 
 from chatgate.engines.transformers import TransformersEngine
 from chatgate.settings import EngineSettings
-from tests.conftest import make_app, raw, running, sdk
+from tests.conftest import Messages, json_schema_format, make_app, raw, running, sdk, user
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 
 MODEL = "SmolLM2-135M-Instruct"
-PERSON = {
+PERSON: dict[str, object] = {
     "type": "object",
     "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}, "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
     "required": ["name", "age", "tags"],
     "additionalProperties": False,
 }
-ASK = [{"role": "user", "content": "Describe a person called Ada as JSON."}]
+ASK: Messages = [{"role": "user", "content": "Describe a person called Ada as JSON."}]
 
 
-def schema_format(schema: dict[str, object]) -> dict[str, object]:
-    return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+def schema_format(schema: dict[str, object]) -> ResponseFormatJSONSchema:
+    return json_schema_format("person", schema)
 
 
 async def test_json_object_mode_parses(chat_app: FastAPI) -> None:
     client = sdk(chat_app)
     for seed in (1, 2, 3):
-        r = await client.chat.completions.create(model=MODEL, messages=ASK, response_format={"type": "json_object"},  # type: ignore[arg-type]
+        r = await client.chat.completions.create(model=MODEL, messages=ASK, response_format={"type": "json_object"},
                                                  temperature=1.0, seed=seed, max_tokens=300)
         choice = r.choices[0]
         if choice.finish_reason == "stop":
@@ -47,11 +48,11 @@ async def test_json_object_mode_parses(chat_app: FastAPI) -> None:
 
 async def test_json_schema_validates_streamed_and_not(chat_app: FastAPI) -> None:
     client = sdk(chat_app)
-    r = await client.chat.completions.create(model=MODEL, messages=ASK, response_format=schema_format(PERSON),  # type: ignore[arg-type]
+    r = await client.chat.completions.create(model=MODEL, messages=ASK, response_format=schema_format(PERSON),
                                              temperature=0, max_tokens=200)
     assert r.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(r.choices[0].message.content or ""), PERSON)
-    stream = await client.chat.completions.create(model=MODEL, messages=ASK, response_format=schema_format(PERSON),  # type: ignore[arg-type]
+    stream = await client.chat.completions.create(model=MODEL, messages=ASK, response_format=schema_format(PERSON),
                                                   temperature=0, max_tokens=200, stream=True)
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     assert text == r.choices[0].message.content
@@ -72,18 +73,18 @@ async def test_sdk_parse_with_a_pydantic_model(chat_app: FastAPI) -> None:
 
 
 async def test_too_few_tokens_end_with_length_not_false_json(chat_app: FastAPI) -> None:
-    r = await sdk(chat_app).chat.completions.create(model=MODEL, messages=ASK, response_format=schema_format(PERSON),  # type: ignore[arg-type]
+    r = await sdk(chat_app).chat.completions.create(model=MODEL, messages=ASK, response_format=schema_format(PERSON),
                                                temperature=0, max_tokens=5)
     assert r.choices[0].finish_reason == "length"
 
 
 async def test_constrained_and_free_requests_share_the_batch(chat_app: FastAPI) -> None:
     client = sdk(chat_app)
-    free = [{"role": "user", "content": f"Say something about the number {i}."} for i in range(4)]
+    free = [user(f"Say something about the number {i}.") for i in range(4)]
     results = await asyncio.gather(
-        *(client.chat.completions.create(model=MODEL, messages=ASK, response_format=schema_format(PERSON),  # type: ignore[arg-type]
+        *(client.chat.completions.create(model=MODEL, messages=ASK, response_format=schema_format(PERSON),
                                          temperature=0.7, seed=i, max_tokens=200) for i in range(4)),
-        *(client.chat.completions.create(model=MODEL, messages=[m], temperature=0, max_tokens=30) for m in free),  # type: ignore[list-item]
+        *(client.chat.completions.create(model=MODEL, messages=m, temperature=0, max_tokens=30) for m in free),
     )
     for r in results[:4]:
         if r.choices[0].finish_reason == "stop":
@@ -110,5 +111,5 @@ async def test_bad_constraints_are_400(chat_app: FastAPI, fmt: dict[str, object]
 
 async def test_engine_without_grammars_refuses(fake_app: FastAPI) -> None:
     with pytest.raises(openai.BadRequestError) as err:
-        await sdk(fake_app).chat.completions.create(model="fake-model", messages=ASK, response_format={"type": "json_object"})  # type: ignore[arg-type]
+        await sdk(fake_app).chat.completions.create(model="fake-model", messages=ASK, response_format={"type": "json_object"})
     assert err.value.param == "response_format"

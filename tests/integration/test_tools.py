@@ -9,42 +9,44 @@ from collections.abc import AsyncIterator
 import jsonschema
 import pytest
 from fastapi import FastAPI
+from openai.types.chat import ChatCompletionNamedToolChoiceParam
+from openai.types.chat.completion_create_params import Function
 
 from chatgate.engines.transformers import TransformersEngine
 from chatgate.settings import EngineSettings
-from tests.conftest import make_app, raw, running, sdk
+from tests.conftest import Messages, as_dicts, function_calls, function_tool, make_app, raw, running, sdk
 
 pytestmark = pytest.mark.anyio
 
 MODEL = "SmolLM2-135M-Instruct"
-WEATHER = {
+WEATHER: dict[str, object] = {
     "type": "object",
     "properties": {"city": {"type": "string", "maxLength": 40}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
     "required": ["city", "unit"],
     "additionalProperties": False,
 }
-TIME = {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 40}}, "required": ["timezone"], "additionalProperties": False}
+TIME: dict[str, object] = {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 40}}, "required": ["timezone"], "additionalProperties": False}
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city", "parameters": WEATHER}},
-    {"type": "function", "function": {"name": "get_time", "description": "Current time in a timezone", "parameters": TIME}},
+    function_tool("get_weather", "Current weather in a city", WEATHER),
+    function_tool("get_time", "Current time in a timezone", TIME),
 ]
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+ASK: Messages = [{"role": "user", "content": "What is the weather in Paris?"}]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 
 
 @pytest.mark.model
 async def test_named_function_is_called_with_valid_arguments_streamed_and_not(chat_app: FastAPI) -> None:
     client = sdk(chat_app)
-    choice = {"type": "function", "function": {"name": "get_weather"}}
-    r = await client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice, temperature=0, max_tokens=80)  # type: ignore[arg-type]
+    choice: ChatCompletionNamedToolChoiceParam = {"type": "function", "function": {"name": "get_weather"}}
+    r = await client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice, temperature=0, max_tokens=80)
     c = r.choices[0]
     assert c.finish_reason == "tool_calls" and c.message.content is None
-    calls = c.message.tool_calls or []
-    assert len(calls) >= 1 and all(call.function.name == "get_weather" for call in calls)  # type: ignore[union-attr]
+    calls = function_calls(c.message)
+    assert len(calls) >= 1 and all(call.function.name == "get_weather" for call in calls)
     for call in calls:
-        jsonschema.validate(json.loads(call.function.arguments), WEATHER)  # type: ignore[union-attr]
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER)
         assert call.id.startswith("call_")
-    stream = await client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice, temperature=0, max_tokens=80, stream=True)  # type: ignore[arg-type]
+    stream = await client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice, temperature=0, max_tokens=80, stream=True)
     names: dict[int, str] = {}
     args: dict[int, str] = {}
     finish = None
@@ -57,42 +59,44 @@ async def test_named_function_is_called_with_valid_arguments_streamed_and_not(ch
                 if delta.function and delta.function.arguments:
                     args[delta.index] = args.get(delta.index, "") + delta.function.arguments
     assert finish == "tool_calls"
-    assert [names[i] for i in sorted(names)] == [call.function.name for call in calls]  # type: ignore[union-attr]
-    assert [args[i] for i in sorted(args)] == [call.function.arguments for call in calls]  # type: ignore[union-attr]
+    assert [names[i] for i in sorted(names)] == [call.function.name for call in calls]
+    assert [args[i] for i in sorted(args)] == [call.function.arguments for call in calls]
 
 
 @pytest.mark.model
 async def test_required_with_one_call_at_a_time(chat_app: FastAPI) -> None:
-    r = await sdk(chat_app).chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",  # type: ignore[arg-type]
+    r = await sdk(chat_app).chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
                                                parallel_tool_calls=False, temperature=0, max_tokens=80)
-    calls = r.choices[0].message.tool_calls or []
+    calls = function_calls(r.choices[0].message)
     assert len(calls) == 1 and r.choices[0].finish_reason == "tool_calls"
-    name = calls[0].function.name  # type: ignore[union-attr]
-    jsonschema.validate(json.loads(calls[0].function.arguments), SCHEMAS[name])  # type: ignore[union-attr]
+    name = calls[0].function.name
+    jsonschema.validate(json.loads(calls[0].function.arguments), SCHEMAS[name])
 
 
 @pytest.mark.model
 async def test_none_and_auto_and_a_tool_conversation(chat_app: FastAPI) -> None:
     client = sdk(chat_app)
-    none = await client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=30)  # type: ignore[arg-type]
+    none = await client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=30)
     assert none.choices[0].message.tool_calls is None and none.choices[0].message.content
-    auto = await client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, temperature=0, max_tokens=60)  # type: ignore[arg-type]
+    auto = await client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, temperature=0, max_tokens=60)
     message = auto.choices[0].message
     assert message.content or message.tool_calls
-    history = [
+    history: Messages = [
         *ASK,
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 18}'},
     ]
-    follow = await client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=30)  # type: ignore[arg-type]
+    follow = await client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=30)
     assert follow.choices[0].message.content
 
 
 @pytest.mark.model
 async def test_legacy_functions(chat_app: FastAPI) -> None:
-    functions = [t["function"] for t in TOOLS]
-    r = await sdk(chat_app).chat.completions.create(model=MODEL, messages=ASK, functions=functions,  # type: ignore[arg-type]
+    functions: list[Function] = [
+        {"name": f["name"], "description": f["description"], "parameters": f["parameters"]} for f in (t["function"] for t in TOOLS)
+    ]
+    r = await sdk(chat_app).chat.completions.create(model=MODEL, messages=ASK, functions=functions,
                                                function_call={"name": "get_time"}, temperature=0, max_tokens=60)
     c = r.choices[0]
     assert c.finish_reason == "function_call" and c.message.function_call is not None
@@ -121,27 +125,27 @@ async def test_bad_tool_requests_are_400(fake_app: FastAPI, extra: dict[str, obj
 async def test_a_template_that_renders_tools_gets_them_and_others_get_the_generic_prompt() -> None:
     from chatgate.engines.fake import FakeEngine
 
-    messages = [{"role": "user", "content": "weather?"}]
+    messages: Messages = [{"role": "user", "content": "weather?"}]
     for native in (True, False):
         engine = FakeEngine(tools_in_template=native)
         async with running(make_app(engine)) as app:
-            r = await sdk(app).chat.completions.create(model="fake-model", messages=messages, tools=TOOLS, temperature=0)  # type: ignore[arg-type]
-        expected = engine.render_chat(messages, TOOLS) if native else None
+            r = await sdk(app).chat.completions.create(model="fake-model", messages=messages, tools=TOOLS, temperature=0)
+        expected = engine.render_chat(as_dicts(messages), as_dicts(TOOLS)) if native else None
         assert r.usage is not None
         if native:
             assert expected is not None and expected.startswith("<tools> get_weather get_time")
             assert r.usage.prompt_tokens == len(expected.encode())
         else:
-            assert r.usage.prompt_tokens > len(engine.render_chat(messages).encode()) + 100  # the tool prompt
+            assert r.usage.prompt_tokens > len(engine.render_chat(as_dicts(messages)).encode()) + 100  # the tool prompt
 
 
 @pytest.mark.model
 async def test_sdk_stream_helper_reassembles_tool_calls(chat_app: FastAPI) -> None:
-    choice = {"type": "function", "function": {"name": "get_weather"}}
-    async with sdk(chat_app).chat.completions.stream(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice,  # type: ignore[arg-type]
+    choice: ChatCompletionNamedToolChoiceParam = {"type": "function", "function": {"name": "get_weather"}}
+    async with sdk(chat_app).chat.completions.stream(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice,
                                                 temperature=0, max_tokens=80) as stream:
         final = await stream.get_final_completion()
-    calls = final.choices[0].message.tool_calls or []
+    calls = function_calls(final.choices[0].message)
     assert final.choices[0].finish_reason == "tool_calls" and calls
-    assert calls[0].function.name == "get_weather"  # type: ignore[union-attr]
-    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER)  # type: ignore[union-attr]
+    assert calls[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER)
