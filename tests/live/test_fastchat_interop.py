@@ -20,13 +20,14 @@ import pytest
 from chatgate.engines.loading import cached_checkpoint, resolve_chat_model
 from chatgate.protocol.conversation import Conversation, SeparatorStyle, render
 from chatgate.settings import EngineSettings
+from tests.conftest import Messages
 from tests.live.conftest import Process, free_port
 from tests.polling import poll
 
 ROOT = Path(__file__).resolve().parents[2]
 FASTCHAT_PYTHON = Path(os.environ.get("CHATGATE_FASTCHAT_PYTHON", ROOT / ".venv-fastchat" / "bin" / "python"))
 MODEL = "SmolLM2-135M-Instruct"
-PARIS = [{"role": "user", "content": "What is the capital of France?"}]
+PARIS: Messages = [{"role": "user", "content": "What is the capital of France?"}]
 
 pytestmark = [
     pytest.mark.live,
@@ -136,10 +137,10 @@ def exercise(url: str) -> str:
     """Chat, streaming, completions and embeddings through the openai SDK; returns the chat answer."""
     c = client(url)
     assert MODEL in [m.id for m in c.models.list().data]
-    answer = c.chat.completions.create(model=MODEL, messages=PARIS, temperature=0, max_tokens=40)  # type: ignore[arg-type]
+    answer = c.chat.completions.create(model=MODEL, messages=PARIS, temperature=0, max_tokens=40)
     text = answer.choices[0].message.content or ""
     assert text and answer.usage is not None and answer.usage.completion_tokens > 0
-    stream = c.chat.completions.create(model=MODEL, messages=PARIS, temperature=0, max_tokens=40, stream=True)  # type: ignore[arg-type]
+    stream = c.chat.completions.create(model=MODEL, messages=PARIS, temperature=0, max_tokens=40, stream=True)
     assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == text
     completion = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0)
     assert completion.choices[0].text and completion.choices[0].finish_reason == "length"
@@ -159,7 +160,7 @@ def test_fastchat_api_server_in_front_of_chatgate(fastchat_api_over_chatgate: St
 def test_chatgate_api_server_in_front_of_fastchat(chatgate_api_over_fastchat: Stack) -> None:
     exercise(chatgate_api_over_fastchat.api)
     with pytest.raises(openai.NotFoundError):
-        client(chatgate_api_over_fastchat.api).chat.completions.create(model="nope", messages=PARIS)  # type: ignore[arg-type]
+        client(chatgate_api_over_fastchat.api).chat.completions.create(model="nope", messages=PARIS)
 
 
 def test_prompts_match_fastchat_conversation_templates() -> None:

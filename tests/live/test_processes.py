@@ -9,13 +9,14 @@ import httpx
 import openai
 import pytest
 
+from tests.conftest import Messages
 from tests.live.conftest import Process, free_port
 from tests.polling import poll
 
 pytestmark = pytest.mark.live
 
 MODEL = "SmolLM2-135M-Instruct"
-PARIS = [{"role": "user", "content": "What is the capital of France?"}]
+PARIS: Messages = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @dataclass
@@ -67,10 +68,10 @@ def test_sdk_against_both_modes(stack: Stack, mode: str) -> None:
     with pytest.raises(openai.NotFoundError):
         c.models.retrieve("no-such-model")
     with pytest.raises(openai.NotFoundError):
-        c.chat.completions.create(model="no-such-model", messages=PARIS)  # type: ignore[arg-type]
-    answer = c.chat.completions.create(model=MODEL, messages=PARIS, temperature=0)  # type: ignore[arg-type]
+        c.chat.completions.create(model="no-such-model", messages=PARIS)
+    answer = c.chat.completions.create(model=MODEL, messages=PARIS, temperature=0)
     assert "Paris" in (answer.choices[0].message.content or "")
-    stream = c.chat.completions.create(model=MODEL, messages=PARIS, temperature=0, stream=True)  # type: ignore[arg-type]
+    stream = c.chat.completions.create(model=MODEL, messages=PARIS, temperature=0, stream=True)
     text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
     assert text == answer.choices[0].message.content
     completion = c.completions.create(model=MODEL, prompt=["Once upon a time", "Hello"], max_tokens=8, n=2, temperature=0)
@@ -78,18 +79,18 @@ def test_sdk_against_both_modes(stack: Stack, mode: str) -> None:
 
 
 def test_three_process_mode_gives_the_same_greedy_answers(stack: Stack) -> None:
-    prompts = [
+    prompts: list[Messages] = [
         [{"role": "user", "content": "Name three colours."}],
         [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2+2?"}],
     ]
     for messages in prompts:
-        a = client(stack.serve).chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=30)  # type: ignore[arg-type]
-        b = client(stack.api).chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=30)  # type: ignore[arg-type]
+        a = client(stack.serve).chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=30)
+        b = client(stack.api).chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=30)
         assert a.choices[0].message.content == b.choices[0].message.content
         assert a.usage == b.usage
-    a = client(stack.serve).completions.create(model=MODEL, prompt="The sky is", max_tokens=16, temperature=0)
-    b = client(stack.api).completions.create(model=MODEL, prompt="The sky is", max_tokens=16, temperature=0)
-    assert a.choices[0].text == b.choices[0].text
+    ca = client(stack.serve).completions.create(model=MODEL, prompt="The sky is", max_tokens=16, temperature=0)
+    cb = client(stack.api).completions.create(model=MODEL, prompt="The sky is", max_tokens=16, temperature=0)
+    assert ca.choices[0].text == cb.choices[0].text
 
 
 def test_embeddings_in_both_modes(stack: Stack) -> None:
@@ -117,7 +118,7 @@ def test_errors_cross_the_worker_protocol(stack: Stack) -> None:
 def test_disconnected_stream_stops_generation_on_the_worker(stack: Stack) -> None:
     c = client(stack.api)
     stream = c.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Tell me a very long story."}],  # type: ignore[list-item]
+        model=MODEL, messages=[{"role": "user", "content": "Tell me a very long story."}],
         max_tokens=2000, temperature=0, stream=True,
     )
     for i, _ in enumerate(stream):

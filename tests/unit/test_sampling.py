@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from chatgate.engines.base import SamplingParams
 from chatgate.engines.sampling import make_generator, sample_with_logprob
 
 
-def draw(logits: torch.Tensor, seed: int, n: int = 20, **params: object) -> list[int]:
+def draw(logits: torch.Tensor, seed: int, n: int = 20, **params: Any) -> list[int]:
+    """`n` draws under `params` (`SamplingParams` fields)."""
     generator = make_generator(seed)
-    p = SamplingParams(max_tokens=1, **params)  # type: ignore[arg-type]
+    p = SamplingParams(max_tokens=1, **params)
     return [sample_with_logprob(logits, p, prompt_ids=[], output_ids=[], generator=generator)[0] for _ in range(n)]
 
 

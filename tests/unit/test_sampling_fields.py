@@ -14,7 +14,8 @@ def test_engine_sampling_params_mirror_the_protocol_knobs() -> None:
     engine = {f.name: f for f in dataclasses.fields(SamplingParams)}
     for name, field in Sampling.model_fields.items():
         assert name in engine, name
-        default = engine[name].default_factory() if engine[name].default_factory is not dataclasses.MISSING else engine[name].default
+        factory = engine[name].default_factory  # MISSING, the only non-callable it can be, when there is none
+        default = factory() if callable(factory) else engine[name].default
         assert (default or None) == (field.default or None), name
 
 

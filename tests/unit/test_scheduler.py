@@ -29,7 +29,8 @@ def tiny_model() -> LlamaForCausalLM:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         bos_token_id=None, eos_token_id=None, pad_token_id=0,
     )
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config)
+    model.train(False)  # what .eval() does; transformers leaves eval() unannotated and untyped for mypy
     # Sharpen the output layer so greedy choices are far from ties.
     with torch.no_grad():
         model.lm_head.weight.mul_(20)
@@ -84,7 +85,7 @@ def prompts() -> list[list[int]]:
 
 
 def reference(model: LlamaForCausalLM, prompt: list[int], max_tokens: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),  # type: ignore[misc]  # transformers types self as a protocol its own models miss
                          max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 

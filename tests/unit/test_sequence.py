@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from chatgate.engines.base import SamplingParams
 from chatgate.engines.fake import EOS, FakeEngine
 from chatgate.engines.sequence import SequenceState
@@ -9,10 +11,11 @@ from chatgate.engines.sequence import SequenceState
 decode = FakeEngine().decode
 
 
-def run(text: str, **params: object) -> tuple[list[str], str | None]:
+def run(text: str, **params: Any) -> tuple[list[str], str | None]:
+    """`text` fed through a sequence under `params` (`SamplingParams` fields; `max_tokens` 1000 unless given)."""
     state = SequenceState(
         prompt_ids=[1, 2],
-        params=SamplingParams(**{"max_tokens": 1000, **params}),  # type: ignore[arg-type]
+        params=SamplingParams(**{"max_tokens": 1000, **params}),
         decode=decode,
         eos_token_ids=frozenset({EOS}),
     )
