@@ -59,7 +59,7 @@ async def test_stop_spanning_two_tokens(chat_app: FastAPI, chat_engine: Transfor
         if stream:
             s = await client.chat.completions.create(model=MODEL, messages=PARIS, temperature=0, stop=["s Pa"], stream=True)
             chunks = [c async for c in s]
-            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            text: str | None = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
             finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
         else:
             r = await client.chat.completions.create(model=MODEL, messages=PARIS, temperature=0, stop=["s Pa"])
