@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -21,16 +23,19 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
         initializer_range=0.3,  # far from uniform logits, so different weights pick different tokens
     )
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config)
+    model.train(False)  # what .eval() does; transformers leaves eval() unannotated and untyped for mypy
+    return model
 
 
-def step_logits(model: object, kv: BatchKV, ids: torch.Tensor) -> torch.Tensor:
+def step_logits(model: Callable[..., Any], kv: BatchKV, ids: torch.Tensor) -> torch.Tensor:
     steps = ids.shape[1]
-    out = model(  # type: ignore[operator]
+    out = model(
         input_ids=ids, attention_mask=kv.attention_mask(steps), position_ids=kv.positions(steps),
         past_key_values=kv.cache, use_cache=True, logits_to_keep=1,
     )
-    return out.logits[:, -1]
+    logits: torch.Tensor = out.logits[:, -1]
+    return logits
 
 
 @torch.inference_mode()
