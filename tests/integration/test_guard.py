@@ -56,7 +56,7 @@ async def test_docs_are_off_by_default_and_behind_the_key_when_on() -> None:
 )
 async def test_an_unacceptable_request_id_is_replaced(fake_app: object, given: str) -> None:
     async with raw(fake_app) as http:  # type: ignore[arg-type]
-        headers = {"x-request-id": given.encode("utf-8")} if given else {}
+        headers = {b"x-request-id": given.encode("utf-8")} if given else {}
         response = await http.post(CHAT, json={"model": M, "messages": MSG}, headers=headers)
     returned = response.headers["x-request-id"]
     assert returned != given and returned.startswith("req_") and len(returned) <= 128

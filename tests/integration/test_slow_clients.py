@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 import pytest
@@ -43,14 +43,14 @@ async def call(app: FastAPI, body: dict[str, Any], *, leave: asyncio.Event, sent
     """Drive the app as a server would: the body, then a disconnect once `leave` is set."""
     messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> MutableMapping[str, Any]:
         if messages:
             return messages.pop()
         await leave.wait()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
         if block_body and message["type"] == "http.response.body" and len(sent) > 3:
             await asyncio.Event().wait()  # a client that stopped reading: the write never completes
 
@@ -60,7 +60,7 @@ async def call(app: FastAPI, body: dict[str, Any], *, leave: asyncio.Event, sent
 async def test_a_non_streaming_client_that_leaves_cancels_its_generation() -> None:
     engine = FakeEngine(token_delay=0.05)  # ~2 s for the whole reply
     async with running(make_app(engine)) as app:
-        leave, sent = asyncio.Event(), []
+        leave, sent = asyncio.Event(), list[dict[str, Any]]()
         task = asyncio.create_task(call(app, {"model": M, "messages": LONG, "n": 3}, leave=leave, sent=sent))
         await until(lambda: engine.active == 3)
         begin = time.monotonic()
@@ -74,7 +74,7 @@ async def test_a_non_streaming_client_that_leaves_cancels_its_generation() -> No
 async def test_a_stream_nobody_reads_is_cancelled_after_the_write_timeout() -> None:
     engine = FakeEngine(token_delay=0.01)
     async with running(make_app(engine, stream_write_timeout=0.3)) as app:
-        leave, sent = asyncio.Event(), []
+        leave, sent = asyncio.Event(), list[dict[str, Any]]()
         body = {"model": M, "messages": LONG, "stream": True, "n": 4, "max_tokens": 500}
         task = asyncio.create_task(call(app, body, leave=leave, sent=sent, block_body=True))
         await until(lambda: len(sent) > 3)
