@@ -1,21 +1,26 @@
 """Per-sequence bookkeeping shared by engines: tokens to safe text deltas, and stop conditions.
 
-A delta never ends in half a UTF-8 character (decoders show it as U+FFFD until the rest of its
-bytes arrive) and never shows text that could still turn out to be the start of a stop string;
-such text is held back until it is known. A stop string is never part of the returned text.
+A delta never ends in half a UTF-8 character (see `detokenize.py`) and never shows text that
+could still turn out to be the start of a stop string; such text is held back until it is known.
+A stop string is never part of the returned text.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence as Seq
-from chatgate.engines.base import GenerationOutput, SamplingParams, TokenLogprob
 
-REPLACEMENT = "\ufffd"
+from chatgate.engines.base import GenerationOutput, SamplingParams, TokenLogprob
+from chatgate.engines.detokenize import IncrementalDecoder
 
 
 class SequenceState:
-    """Tokens generated so far for one prompt, and the text already handed out."""
+    """Tokens generated so far for one prompt, and the text already handed out.
+
+    Work per token is bounded: text comes from an `IncrementalDecoder`, and only the text not
+    handed out yet is searched for stop strings. That is enough: text that ends in the start of
+    a stop string is held back, so a stop string never begins in text already handed out.
+    """
 
     def __init__(
         self,
@@ -29,10 +34,10 @@ class SequenceState:
         self.params = params
         self.output_ids: list[int] = []
         self.finish_reason: str | None = None
-        self._decode = decode
+        self._text = IncrementalDecoder(decode)
         self._stop_ids = eos_token_ids | frozenset(params.stop_token_ids)
-        self._text_ids: list[int] = []
-        self._emitted = 0
+        self._longest_stop = max((len(s) for s in params.stop), default=0)
+        self._pending = ""  # settled text not handed out yet
         self._last_emit_index = 0
         self._logprobs: list[TokenLogprob] = []
         self._logprobs_sent = 0
@@ -47,50 +52,39 @@ class SequenceState:
         self.output_ids.append(token_id)
         if token_id in self._stop_ids:
             self.finish_reason = "stop"
-            return self._flush(self._decode(self._text_ids))
-        self._text_ids.append(token_id)
+            return self._output(self._pending + self._text.flush())
         if logprob is not None:
             self._logprobs.append(logprob)
-        text = self._decode(self._text_ids)
-        stop_at = self._find_stop(text)
+        self._pending += self._text.push(token_id)
+        if len(self.output_ids) >= self.params.max_tokens:
+            self.finish_reason = "length"  # unless a stop string ends it first, below
+            self._pending += self._text.flush()
+        stop_at = self._find_stop()
         if stop_at is not None:
             self.finish_reason = "stop"
-            return self._flush(text[:stop_at])
-        if len(self.output_ids) >= self.params.max_tokens:
-            self.finish_reason = "length"
-            return self._flush(text)
-        safe = self._safe_end(text)
-        if safe <= self._emitted:
+            return self._output(self._pending[:stop_at])
+        if self.finished:
+            return self._output(self._pending)
+        safe = len(self._pending) - self._held_back()
+        if safe <= 0:
             return None
-        return self._output(text[self._emitted : safe])
+        return self._output(self._pending[:safe])
 
-    def _find_stop(self, text: str) -> int | None:
-        """Index of the earliest stop string that newly appeared in `text`."""
-        if not self.params.stop:
-            return None
-        longest = max(len(s) for s in self.params.stop)
-        start = max(0, self._emitted - longest)
-        hits = [i for i in (text.find(s, start) for s in self.params.stop) if i >= 0]
+    def _find_stop(self) -> int | None:
+        """Index in the pending text where the earliest stop string starts, if one appeared."""
+        hits = [i for i in (self._pending.find(s) for s in self.params.stop) if i >= 0]
         return min(hits) if hits else None
 
-    def _safe_end(self, text: str) -> int:
-        """How much of `text` can be shown without risking a broken character or stop string."""
-        end = len(text)
-        while end > self._emitted and text[end - 1] == REPLACEMENT:
-            end -= 1
-        hold = 0
-        for stop in self.params.stop:
-            for keep in range(min(len(stop) - 1, end), hold, -1):
-                if text.endswith(stop[:keep], 0, end):
-                    hold = keep
-                    break
-        return max(end - hold, self._emitted)
-
-    def _flush(self, text: str) -> GenerationOutput:
-        return self._output(text[self._emitted :] if len(text) > self._emitted else "")
+    def _held_back(self) -> int:
+        """Characters at the end of the pending text that may start a stop string."""
+        for keep in range(min(self._longest_stop - 1, len(self._pending)), 0, -1):
+            if any(s.startswith(self._pending[-keep:]) for s in self.params.stop):
+                return keep
+        return 0
 
     def _output(self, delta: str) -> GenerationOutput:
-        self._emitted += len(delta)
+        """Hand out `delta`, the start of the pending text, with the tokens since the last output."""
+        self._pending = self._pending[len(delta) :]
         new_ids = self.output_ids[self._last_emit_index :]
         self._last_emit_index = len(self.output_ids)
         logprobs = None
