@@ -6,16 +6,23 @@ Each iteration of the loop:
    copies of one prompt share a single row), a long one a chunk at a time, so running streams
    are never stalled for a whole long prompt;
 3. runs one decode step for the whole running batch, sampling each row under its own
-   parameters and random generator.
+   parameters and random generator;
+4. runs one bounded chunk of the oldest background job (prompt scoring, embeddings), so a big
+   job never stalls running streams for longer than a chunk.
 A sequence that finishes or is cancelled leaves the batch before the next step.
+
+Failures stay as small as they can: an error while sampling, constraining, detokenising or
+scoring the logprobs of one sequence ends that sequence only. A failed prefill forward pass
+ends the sequences it was prefilling. A failed decode forward pass ends every running
+sequence, since the shared KV cache may hold half a step; waiting sequences carry on.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +64,8 @@ class SchedulerLimits:
     prompt_cache_tokens: int = 2048
 
 
-Job = Callable[[], None]
+# Background work run in the scheduler thread: each `next()` does one bounded chunk.
+Job = Iterator[None]
 
 
 class Scheduler:
@@ -72,6 +80,7 @@ class Scheduler:
         self._waiting: list[Slot] = []
         self._live: set[Slot] = set()  # every admitted sequence not yet ended, wherever it is
         self._running: list[Slot] = []
+        self._jobs: deque[Job] = deque()
         self._kv = BatchKV(self._layers)
         # The last few prefilled prompts: the n choices of one request, or identical requests
         # arriving together, reuse a prefill instead of repeating it.
@@ -84,19 +93,38 @@ class Scheduler:
 
     def run(self) -> None:
         """The loop; returns when `None` arrives in the inbox."""
-        while self._admit(block=not (self._running or self._waiting)):
+        while self._admit(block=not (self._running or self._waiting or self._jobs)):
             self._drop_cancelled()
             try:
                 if self._waiting and len(self._running) < self._limits.max_running:
                     self._prefill()
                 if self._running:
                     self._decode()
-            except Exception as exc:  # a failed step fails its sequences, not the engine
-                log.exception("engine step failed")
-                for slot in self._live:
-                    slot.channel.put(exc)
-                self._live.clear()
+            except Exception as exc:  # bookkeeping itself broke: fail everything, keep serving
+                self._fail(self._live, exc)
                 self._waiting, self._running, self._kv = [], [], BatchKV(self._layers)
+            self._run_job()
+
+    def _fail(self, slots: Iterable[Slot], exc: Exception) -> None:
+        """End `slots` with `exc`; the caller takes them out of the waiting or running lists."""
+        slots = list(slots)
+        log.error("engine step failed for %d sequence(s)", len(slots), exc_info=exc)
+        for slot in slots:
+            slot.channel.put(exc)
+            slot.kv = None
+            self._live.discard(slot)
+
+    def _run_job(self) -> None:
+        """One chunk of the oldest job; jobs catch their own errors, so one that escapes is logged."""
+        if not self._jobs:
+            return
+        try:
+            next(self._jobs[0])
+        except StopIteration:
+            self._jobs.popleft()
+        except Exception:
+            log.exception("engine job failed")
+            self._jobs.popleft()
 
     def _admit(self, *, block: bool) -> bool:
         try:
@@ -108,7 +136,7 @@ class Scheduler:
                     self._waiting.append(item)
                     self._live.add(item)
                 else:
-                    item()
+                    self._jobs.append(item)
                 item = self.inbox.get_nowait()
         except queue.Empty:
             return True
@@ -133,10 +161,17 @@ class Scheduler:
         if self._reuse_prefills():
             return
         head = self._waiting[0]
-        if head.prefilled or head.remaining > self._limits.prefill_chunk:
-            self._prefill_chunk(head)
-        else:
-            self._prefill_group(self._short_group())
+        chunked = bool(head.prefilled) or head.remaining > self._limits.prefill_chunk
+        group = [head] if chunked else self._short_group()
+        try:
+            if chunked:
+                self._prefill_chunk(head)
+            else:
+                self._prefill_group(group)
+        except Exception as exc:  # the running batch's cache is untouched by a prefill
+            failed = [s for s in group if s in self._live]
+            self._fail(failed, exc)
+            self._waiting = [s for s in self._waiting if s not in failed]
 
     def _reuse_prefills(self) -> bool:
         """Start waiting sequences whose prompt was just prefilled; True if any started."""
@@ -238,13 +273,26 @@ class Scheduler:
     @torch.inference_mode()
     def _decode(self) -> None:
         ids = torch.tensor([[slot.last_token] for slot in self._running])
-        logits = self._forward(self._kv, ids)
+        try:
+            logits = self._forward(self._kv, ids)
+        except Exception as exc:  # the shared cache may hold half a step: no row can go on
+            self._fail(self._running, exc)
+            self._running, self._kv = [], BatchKV(self._layers)
+            return
         keep = [row for row, slot in enumerate(self._running) if self._advance(slot, logits[row])]
         if len(keep) < len(self._running):
             self._keep_rows(keep)
 
     def _advance(self, slot: Slot, logits: torch.Tensor) -> bool:
-        """Sample one token for `slot` and hand out its text; False once it has finished."""
+        """Sample one token for `slot` and hand out its text; False once it has finished or
+        failed (a failure ends this sequence only)."""
+        try:
+            return self._step(slot, logits)
+        except Exception as exc:
+            self._fail([slot], exc)
+            return False
+
+    def _step(self, slot: Slot, logits: torch.Tensor) -> bool:
         state = slot.state
         if slot.constraint is not None:
             logits = logits.clone()  # the row may be shared (n choices, the prompt cache)
@@ -258,10 +306,7 @@ class Scheduler:
         )
         slot.last_token = token
         if slot.constraint is not None and not slot.constraint.accept(token):
-            # Only this sequence fails; the rest of the batch carries on.
-            slot.channel.put(RuntimeError(f"sampled token {token}, which the grammar forbids"))
-            self._live.discard(slot)
-            return False
+            raise RuntimeError(f"sampled token {token}, which the grammar forbids")
         output = state.append(token, logprob)
         if output is not None:
             slot.channel.put(output)
