@@ -2,37 +2,75 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 
 import torch
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Work done a chunk at a time: each `yield` is a point where other work may run.
+Steps = Generator[None, None, list[list[float]]]
 
 
 def embed_in_batches(
     inputs: list[list[int]], *, forward: Forward, pad_id: int, batch_size: int, device: str = "cpu"
 ) -> list[list[float]]:
-    """Vectors for token-id lists, in input order.
+    """Vectors for token-id lists, in input order, all batches at once."""
+    steps = embed_steps(inputs, forward=forward, pad_id=pad_id, batch_size=batch_size, device=device)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            vectors: list[list[float]] = done.value
+            return vectors
 
-    Inputs of similar length share a batch so little work goes to padding; `forward` maps
-    (input_ids, attention_mask) to one vector per row.
+
+def embed_steps(
+    inputs: list[list[int]],
+    *,
+    forward: Forward,
+    pad_id: int,
+    batch_size: int,
+    max_tokens: int | None = None,
+    device: str = "cpu",
+) -> Steps:
+    """Vectors for token-id lists, in input order, yielding after each batch.
+
+    Inputs of similar length share a batch so little work goes to padding; a batch holds at
+    most `batch_size` rows and, beyond its first row, `max_tokens` padded tokens. `forward`
+    maps (input_ids, attention_mask) to one vector per row.
     """
     out: list[list[float]] = [[] for _ in inputs]
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            width = max(len(inputs[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, index in enumerate(batch):
-                ids[row, : len(inputs[index])] = torch.tensor(inputs[index])
-                mask[row, : len(inputs[index])] = 1
-            vectors = forward(ids.to(device), mask.to(device))
-            vectors = torch.nn.functional.normalize(vectors.float(), dim=-1).cpu()
-            for row, index in enumerate(batch):
-                out[index] = vectors[row].tolist()
+    while order:
+        batch = _take_batch(order, [len(inputs[i]) for i in order], batch_size, max_tokens)
+        order = order[len(batch) :]
+        with torch.inference_mode():
+            vectors = _forward_batch([inputs[i] for i in batch], forward, pad_id, device)
+        for row, index in enumerate(batch):
+            out[index] = vectors[row].tolist()
+        yield
     return out
+
+
+def _take_batch(order: list[int], lengths: list[int], rows: int, max_tokens: int | None) -> list[int]:
+    """The next batch from the front of `order` (sorted by length, so the last row is widest)."""
+    take = 1
+    while take < min(rows, len(order)):
+        if max_tokens is not None and (take + 1) * lengths[take] > max_tokens:
+            break
+        take += 1
+    return order[:take]
+
+
+def _forward_batch(batch: list[list[int]], forward: Forward, pad_id: int, device: str) -> torch.Tensor:
+    width = max(len(ids) for ids in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, tokens in enumerate(batch):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+    vectors = forward(ids.to(device), mask.to(device))
+    return torch.nn.functional.normalize(vectors.float(), dim=-1).cpu()
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

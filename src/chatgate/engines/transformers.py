@@ -1,9 +1,10 @@
 """The `transformers` engine: a Hugging Face causal LM served with continuous batching.
 
 A `Scheduler` in its own thread owns the model (see `scheduler.py`); this module loads the
-model, tokenizes, and bridges the scheduler's thread to asyncio callers. Embedding requests for
-the chat model run in the same thread between steps, so the model is never used from two
-threads at once.
+model, tokenizes, and bridges the scheduler's thread to asyncio callers. Embedding and
+prompt-scoring requests for the chat model run in the same thread, a chunk at a time between
+steps, so the model is never used from two threads at once and running streams never wait for
+a whole job.
 """
 
 from __future__ import annotations
@@ -12,27 +13,25 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 
+from chatgate.engines import chunked
 from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, SamplingParams, TokenLogprob
 from chatgate.engines.constraints import ConstraintCompiler
 from chatgate.engines.decoder import FastDecoder
-from chatgate.engines.embedding import embed_in_batches, mean_pool
 from chatgate.engines.kernels import use_skinny_linears
 from chatgate.engines.loading import cached_checkpoint, model_construction, resolve_chat_model
-from chatgate.engines.kvcache import BatchKV
-from chatgate.engines.sampling import make_generator, scored
+from chatgate.engines.sampling import make_generator
 from chatgate.engines.scheduler import Scheduler, SchedulerLimits, Slot
 from chatgate.engines.sequence import OutputChannel, SequenceState
 from chatgate.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 
-EMBED_BATCH = 16
-PROMPT_WINDOW = 256
+T = TypeVar("T")
 
 
 def engine_threads(requested: int) -> int:
@@ -183,38 +182,25 @@ class TransformersEngine(Engine):
         finally:
             channel.cancelled = True  # the scheduler drops it before its next step
 
-    # Embeddings ---------------------------------------------------------------------------
+    # Background jobs ------------------------------------------------------------------------
 
     async def prompt_logprobs(self, prompt_ids: list[int], top: int) -> list[TokenLogprob | None]:
-        result: list[TokenLogprob | None] = await self._in_scheduler(lambda: self._score_prompt(prompt_ids, top))
-        return result
+        return await self._in_scheduler(lambda: chunked.score_prompt(self._model, prompt_ids, top))
 
-    @torch.inference_mode()
-    def _score_prompt(self, prompt_ids: list[int], top: int) -> list[TokenLogprob | None]:
-        """Log-probabilities of each prompt token after its prefix, a window at a time."""
-        out: list[TokenLogprob | None] = [None]
-        cache = BatchKV(int(self._model.config.num_hidden_layers))
-        cache.pads = [0]
-        for start in range(0, len(prompt_ids), PROMPT_WINDOW):
-            window = prompt_ids[start : start + PROMPT_WINDOW]
-            logits = self._model(
-                input_ids=torch.tensor([window]),
-                attention_mask=cache.attention_mask(len(window)),
-                position_ids=cache.positions(len(window)),
-                past_key_values=cache.cache,
-                use_cache=True,
-            ).logits[0].float()
-            logprobs = torch.log_softmax(logits, dim=-1)
-            following = prompt_ids[start + 1 : start + 1 + len(window)]
-            out += [scored(logprobs[i], token, top) for i, token in enumerate(following)]
-        return out
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        pad = self._tokenizer.pad_token_id
+        pad_id = int(pad if pad is not None else 0)
+        return await self._in_scheduler(
+            lambda: chunked.embed(self._model, inputs, pad_id=pad_id, device=self._settings.device)
+        )
 
-    async def _in_scheduler(self, work: Any) -> Any:
-        """Run `work` in the scheduler thread between steps; the model is never shared."""
+    async def _in_scheduler(self, work: Callable[[], Generator[None, None, T]]) -> T:
+        """Run `work` in the scheduler thread a chunk at a time, between decode steps; the
+        model is never shared, and a caller that goes away stops it at the next chunk."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[T] = loop.create_future()
 
-        def deliver(result: Any) -> None:
+        def deliver(result: T | BaseException) -> None:
             if future.done():
                 return
             if isinstance(result, BaseException):
@@ -222,33 +208,23 @@ class TransformersEngine(Engine):
             else:
                 future.set_result(result)
 
-        def job() -> None:
+        def job() -> Iterator[None]:
+            result: T | BaseException
             try:
-                result = work()
+                steps = work()
+                while not future.done():  # done early only if the caller was cancelled
+                    try:
+                        next(steps)
+                    except StopIteration as finished:
+                        result = finished.value
+                        break
+                    yield
+                else:
+                    return
             except Exception as exc:  # reported to the caller; the scheduler keeps running
                 log.exception("engine job failed")
                 result = exc
             loop.call_soon_threadsafe(deliver, result)
 
-        self._submit(job)
+        self._submit(job())
         return await future
-
-    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        result: list[list[float]] = await self._in_scheduler(lambda: self._embed(inputs))
-        return result
-
-    def _embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        """Mean-pooled last hidden states, as FastChat's model_worker computes them."""
-
-        def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            hidden = self._model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            return mean_pool(hidden, mask)
-
-        pad = self._tokenizer.pad_token_id
-        return embed_in_batches(
-            inputs,
-            forward=forward,
-            pad_id=int(pad if pad is not None else 0),
-            batch_size=EMBED_BATCH,
-            device=self._settings.device,
-        )
