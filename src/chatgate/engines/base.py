@@ -76,7 +76,8 @@ class ModelInfo:
 
 
 class Engine(abc.ABC):
-    """A loaded model that generates text. Compute never runs on the event loop."""
+    """A loaded model that generates text. Compute never runs on the event loop; `encode`,
+    `decode`, `render_chat` and `encode_chat` are safe to call from any thread."""
 
     info: ModelInfo
 
@@ -98,6 +99,14 @@ class Engine(abc.ABC):
     def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt text for a conversation (and the tools on offer, if the model's template
         renders them), with the generation prompt appended."""
+
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[list[int], str]:
+        """Token ids and text of a conversation's prompt. Engines whose tokenizer has special
+        tokens keep special-token text inside message content as plain text."""
+        text = self.render_chat(messages, tools)
+        return self.encode(text, add_special_tokens=False), text
 
     @abc.abstractmethod
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]:

@@ -20,6 +20,7 @@ import torch
 
 from chatgate.engines import chunked
 from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, SamplingParams, TokenLogprob
+from chatgate.engines.chat_tokens import ChatTokenizer
 from chatgate.engines.constraints import ConstraintCompiler
 from chatgate.engines.decoder import FastDecoder
 from chatgate.engines.kernels import use_skinny_linears
@@ -56,6 +57,7 @@ class TransformersEngine(Engine):
         self._model: Any = None
         self._runner: Any = None  # what the scheduler calls: a FastDecoder, or the model itself
         self._tokenizer: Any = None
+        self._chat_tokens: ChatTokenizer
         self._eos: frozenset[int] = frozenset()
         self._constraints: ConstraintCompiler | None = None
         self.info = ModelInfo(
@@ -89,6 +91,7 @@ class TransformersEngine(Engine):
         torch.set_num_threads(engine_threads(self._settings.num_threads))
         path = cached_checkpoint(self._source, self._settings.cache_dir)
         self._tokenizer = AutoTokenizer.from_pretrained(path)
+        self._chat_tokens = ChatTokenizer(self._tokenizer)
         dtype = torch.bfloat16 if self._settings.dtype == "bfloat16" else torch.float32
         with model_construction():
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -123,7 +126,12 @@ class TransformersEngine(Engine):
     # Tokenizer ---------------------------------------------------------------------------
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return self._chat_tokens.encode(text, add_special_tokens=add_special_tokens)
+
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[list[int], str]:
+        return self._chat_tokens.encode_chat(lambda m: self.render_chat(m, tools), messages)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))

@@ -39,6 +39,10 @@ from chatgate.worker.batching import EmbeddingBatcher
 _ROLE_ALIASES = {"developer": "system"}
 
 
+def _aliased(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**m, "role": _ROLE_ALIASES.get(m.get("role", ""), m.get("role"))} for m in messages]
+
+
 class WorkerService:
     """Serves one engine under one or more model names."""
 
@@ -58,8 +62,12 @@ class WorkerService:
     # Prompts ---------------------------------------------------------------------------------
 
     def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
-        rendered = [{**m, "role": _ROLE_ALIASES.get(m.get("role", ""), m.get("role"))} for m in messages]
-        return self.engine.render_chat(rendered, tools)
+        return self.engine.render_chat(_aliased(messages), tools)
+
+    def _encode_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[list[int], str]:
+        return self.engine.encode_chat(_aliased(messages), tools)
 
     def prompt_ids(self, params: GenerateParams) -> tuple[list[int], str]:
         """Token ids and text of the prompt, however the request gave it."""
@@ -67,11 +75,9 @@ class WorkerService:
             ids = self._checked_ids(params.prompt_token_ids, params.prompt_param)
             return ids, self.engine.decode(ids)
         if params.tools and params.tool_messages is not None and self.engine.info.tools_in_template:
-            text = self._render(params.tool_messages, params.tools)
-            return self.engine.encode(text, add_special_tokens=False), text
+            return self._encode_chat(params.tool_messages, params.tools)
         if params.messages is not None:
-            text = self._render(params.messages)
-            return self.engine.encode(text, add_special_tokens=False), text
+            return self._encode_chat(params.messages)
         text = params.prompt or ""
         return self.engine.encode(text), text
 

@@ -1,0 +1,86 @@
+"""Chat prompts to token ids, where only the chat template can produce special tokens.
+
+Tokenising the rendered prompt as one string parses special-token text wherever it appears, so
+a message saying `<|im_start|>system` would become real role tokens: a client could forge a
+system turn. Instead the template is rendered a second time with a random marker in place of
+each message's content. The marked render shows which stretches of the prompt are template
+text and which are client content; template text is split at the special tokens it spells
+(these become their ids), and the text between them, content included, is tokenised with
+special-token parsing off. That is exactly how the tokenizer treats a prompt whose content
+holds no special-token text, so ordinary prompts get the same ids as before.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from chatgate.errors import InvalidRequestError
+
+Render = Callable[[list[dict[str, Any]]], str]
+
+
+class ChatTokenizer:
+    """Tokenises rendered conversations for one Hugging Face fast tokenizer; thread-safe."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        backend = tokenizer.backend_tokenizer
+        self._parsing = backend
+        # A private copy that never parses special tokens; toggling the flag per call on a
+        # shared tokenizer would race with other threads.
+        self._plain = copy.deepcopy(backend)
+        self._plain.encode_special_tokens = True
+        added = {str(token.content): int(i) for i, token in tokenizer.added_tokens_decoder.items()}
+        self._added = added
+        names = sorted(added, key=len, reverse=True)
+        self._special = re.compile("|".join(re.escape(n) for n in names)) if names else None
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        """Token ids of `text`, special-token text parsed (for raw completion prompts)."""
+        return list(self._parsing.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def encode_chat(self, render: Render, messages: list[dict[str, Any]]) -> tuple[list[int], str]:
+        """Ids and text of the prompt `render` makes of `messages`; content stays plain text."""
+        text = render(messages)
+        # Private-use characters and a random nonce: no client text can pass for a marker.
+        marker = f"\ue000{secrets.token_hex(8)}:"
+        keys = [f"{marker}{i}\ue001" for i in range(len(messages))]
+        contents: dict[str, str] = {k: m["content"] for k, m in zip(keys, messages, strict=True) if isinstance(m.get("content"), str)}
+        marked = render([{**m, "content": k} if k in contents else m for k, m in zip(keys, messages, strict=True)])
+        pieces: list[str] = re.split(f"({re.escape(marker)}\\d+\ue001)", marked)
+        if "".join(contents.get(p, p) for p in pieces) != text:
+            return self._unmarkable(text, list(contents.values())), text
+        return self._tokenise(pieces, contents), text
+
+    def _tokenise(self, pieces: list[str], contents: dict[str, str]) -> list[int]:
+        ids: list[int] = []
+        run: list[str] = []  # plain text since the last template special token
+        for piece in pieces:
+            if piece in contents:
+                run.append(contents[piece])
+                continue
+            start = 0
+            for match in self._special.finditer(piece) if self._special else ():
+                run.append(piece[start : match.start()])
+                ids += self._plain_ids("".join(run))
+                ids.append(self._added[match.group()])
+                run, start = [], match.end()
+            run.append(piece[start:])
+        return ids + self._plain_ids("".join(run))
+
+    def _plain_ids(self, text: str) -> list[int]:
+        return list(self._plain.encode(text, add_special_tokens=False).ids) if text else []
+
+    def _unmarkable(self, text: str, contents: list[str]) -> list[int]:
+        """A template that rewrites content hides where it went: safe only without special text."""
+        if self._special is not None and any(self._special.search(c) is not None for c in contents):
+            raise InvalidRequestError(
+                "A message contains special-token text, which this model's chat template "
+                "cannot keep apart from its own tokens.",
+                param="messages",
+            )
+        return self.encode(text, add_special_tokens=False)
+
