@@ -4,7 +4,6 @@ results as one pass."""
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Generator, Iterator
 
 import pytest
@@ -17,7 +16,7 @@ from chatgate.engines.embedding import mean_pool
 from chatgate.engines.sampling import make_generator
 from chatgate.engines.scheduler import Scheduler, SchedulerLimits, Slot
 from chatgate.engines.sequence import OutputChannel, SequenceState
-from tests.unit.test_scheduler import VOCAB, tiny_model
+from tests.unit.test_scheduler import VOCAB, scheduler_thread, tiny_model
 
 pytestmark = pytest.mark.anyio
 LONG = chunked.CHUNK_TOKENS * 3 + 17
@@ -69,12 +68,8 @@ def test_embedding_long_and_short_inputs_in_chunks_equals_one_pass(model: LlamaF
 
 @pytest.fixture
 def scheduler(model: LlamaForCausalLM) -> Iterator[Scheduler]:
-    s = Scheduler(model=model, limits=SchedulerLimits(max_running=4), pad_token_id=0)
-    thread = threading.Thread(target=s.run, daemon=True)
-    thread.start()
-    yield s
-    s.inbox.put(None)
-    thread.join(timeout=30)
+    with scheduler_thread(model, SchedulerLimits(max_running=4)) as s:
+        yield s
 
 
 async def test_a_long_job_never_holds_decoding_for_more_than_one_chunk(

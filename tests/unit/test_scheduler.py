@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Iterator
 
@@ -40,6 +41,19 @@ def tiny_model() -> LlamaForCausalLM:
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
     return tiny_model()
+
+
+@contextlib.contextmanager
+def scheduler_thread(model: LlamaForCausalLM, limits: SchedulerLimits) -> Iterator[Scheduler]:
+    """A scheduler running in its own thread until the block ends."""
+    scheduler = Scheduler(model=model, limits=limits, pad_token_id=0)
+    thread = threading.Thread(target=scheduler.run, daemon=True)
+    thread.start()
+    try:
+        yield scheduler
+    finally:
+        scheduler.inbox.put(None)
+        thread.join(timeout=30)
 
 
 class Harness:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,7 @@ from chatgate.engines.base import SamplingParams
 from chatgate.engines.sampling import make_generator
 from chatgate.engines.scheduler import Scheduler, SchedulerLimits, Slot
 from chatgate.engines.sequence import OutputChannel, SequenceState
-from tests.unit.test_scheduler import VOCAB, prompts, tiny_model
+from tests.unit.test_scheduler import VOCAB, prompts, scheduler_thread, tiny_model
 
 pytestmark = pytest.mark.anyio
 FAIL_AT = 4  # the faulty sequence fails at its fifth token
@@ -64,12 +63,8 @@ def model() -> LlamaForCausalLM:
 
 @pytest.fixture
 def scheduler(model: LlamaForCausalLM) -> Iterator[Scheduler]:
-    s = Scheduler(model=model, limits=SchedulerLimits(max_running=8, prefill_chunk=16, prefill_budget=200), pad_token_id=0)
-    thread = threading.Thread(target=s.run, daemon=True)
-    thread.start()
-    yield s
-    s.inbox.put(None)
-    thread.join(timeout=30)
+    with scheduler_thread(model, SchedulerLimits(max_running=8, prefill_chunk=16, prefill_budget=200)) as s:
+        yield s
 
 
 async def run(
