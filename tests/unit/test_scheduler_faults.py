@@ -15,6 +15,7 @@ from chatgate.engines.base import SamplingParams
 from chatgate.engines.sampling import make_generator
 from chatgate.engines.scheduler import Scheduler, SchedulerLimits, Slot
 from chatgate.engines.sequence import OutputChannel, SequenceState
+from tests.polling import apoll
 from tests.unit.test_scheduler import VOCAB, prompts, scheduler_thread, tiny_model
 
 pytestmark = pytest.mark.anyio
@@ -101,7 +102,7 @@ async def test_one_failing_sequence_of_eight_fails_alone(scheduler: Scheduler, k
     )
     assert isinstance(results[faulty], (Boom, RuntimeError)), results[faulty]
     assert [r for i, r in enumerate(results) if i != faulty] == [e for i, e in enumerate(expected) if i != faulty]
-    assert scheduler.pending() == 0 or await drained(scheduler)
+    await apoll(lambda: scheduler.pending() == 0, what="the scheduler drained", timeout=10)
 
 
 async def test_a_failed_prefill_fails_only_the_prompts_it_was_prefilling(scheduler: Scheduler) -> None:
@@ -116,12 +117,3 @@ async def test_a_failed_prefill_fails_only_the_prompts_it_was_prefilling(schedul
         await bad
     assert await asyncio.gather(*running) == expected
     assert await run(scheduler, batch[0], max_tokens=40) == expected[0]
-
-
-async def drained(scheduler: Scheduler) -> bool:
-    """Poll, with a deadline, until the scheduler holds no sequence."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while scheduler.pending() and loop.time() < deadline:
-        await asyncio.sleep(0.01)
-    return scheduler.pending() == 0
