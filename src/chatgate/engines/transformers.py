@@ -95,7 +95,7 @@ class TransformersEngine(Engine):
         dtype = torch.bfloat16 if self._settings.dtype == "bfloat16" else torch.float32
         with model_construction():
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        self._model = model.to(self._settings.device).eval()  # type: ignore[arg-type]
+        self._model = model.to(self._settings.device).eval()  # type: ignore[arg-type]  # transformers wraps `to` in a decorator whose stub takes the model, not a device
         self._runner = self._decoder()
         config = self._model.config
         eos = config.eos_token_id
