@@ -119,14 +119,20 @@ def run_controller(settings: ControllerSettings) -> None:
     """The controller."""
     from chatgate.controller.app import create_controller_app
 
-    _run_uvicorn(create_controller_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    _run_uvicorn(
+        create_controller_app(settings), host=settings.host, port=settings.port,
+        log_level=settings.log_level, tls=(settings.ssl_keyfile, settings.ssl_certfile),
+    )
 
 
 def run_worker(settings: WorkerSettings) -> None:
     """A model worker."""
     from chatgate.worker.app import create_worker_app
 
-    _run_uvicorn(create_worker_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    _run_uvicorn(
+        create_worker_app(settings), host=settings.host, port=settings.port,
+        log_level=settings.log_level, tls=(settings.ssl_keyfile, settings.ssl_certfile),
+    )
 
 
 def run_bench(settings: BenchSettings) -> None:

@@ -157,16 +157,66 @@ class ServeSettings(ApiSettings, EngineSettings):
         )
 
 
-class ApiProcessSettings(ApiSettings):
+class FleetSettings(_Base):
+    """How a fleet process trusts its peers: the shared key, and a CA bundle for HTTPS."""
+
+    fleet_key: str | None = Field(
+        None,
+        description="Shared secret of the fleet: sent to, and required by, controller and "
+        "workers (Bearer). Unset: no key (a fleet with FastChat parts runs keyless).",
+    )
+    fleet_ca_bundle: str | None = Field(
+        None, description="CA bundle (PEM) to verify the fleet's HTTPS certificates with."
+    )
+
+    def fleet_headers(self) -> dict[str, str]:
+        """Headers that carry the fleet key, if there is one."""
+        return {"Authorization": f"Bearer {self.fleet_key}"} if self.fleet_key else {}
+
+
+
+class FleetServerSettings(FleetSettings):
+    """A controller's or worker's own TLS files."""
+
+    ssl_keyfile: str | None = Field(None, description="TLS private key file (serve HTTPS).")
+    ssl_certfile: str | None = Field(None, description="TLS certificate file (serve HTTPS).")
+
+    def scheme(self) -> str:
+        """`https` when this process serves TLS."""
+        return "https" if self.ssl_certfile else "http"
+
+
+class ApiProcessSettings(ApiSettings, FleetSettings):
     """Settings of `chatgate api`: the API server in front of a controller."""
 
     controller_address: str = Field("http://localhost:21001", description="Controller URL.")
     worker_table_refresh: float = Field(
         1.0, gt=0, description="Seconds between refreshes of the API server's worker table."
     )
+    controller_timeout: float = Field(
+        2.0, gt=0, description="Seconds a call to the controller may take (the table is kept meanwhile)."
+    )
+    worker_connect_timeout: float = Field(
+        3.0, gt=0, description="Seconds to connect to a worker before trying another."
+    )
+    worker_first_frame_timeout: float = Field(
+        60.0, gt=0, description="Seconds a worker may take to its first answer before another is tried."
+    )
+    worker_frame_timeout: float = Field(
+        30.0, gt=0, description="Seconds a worker may stay silent between two stream frames."
+    )
+    worker_max_frame_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest stream frame accepted from a worker."
+    )
+    worker_max_connections: int = Field(
+        512, ge=1, description="Most connections open to workers at once."
+    )
+    worker_pool_timeout: float = Field(
+        5.0, gt=0, description="Seconds to wait for a free worker connection before a 503."
+    )
 
 
-class WorkerSettings(EngineSettings):
+class WorkerSettings(EngineSettings, FleetServerSettings):
     """Settings of `chatgate worker`."""
 
     host: str = Field("localhost", description="Address to bind.")
@@ -182,10 +232,10 @@ class WorkerSettings(EngineSettings):
 
     def address(self) -> str:
         """The URL this worker announces."""
-        return self.worker_address or f"http://{self.host}:{self.port}"
+        return self.worker_address or f"{self.scheme()}://{self.host}:{self.port}"
 
 
-class ControllerSettings(_Base):
+class ControllerSettings(FleetServerSettings):
     """Settings of `chatgate controller`."""
 
     host: str = Field("localhost", description="Address to bind.")
@@ -196,6 +246,10 @@ class ControllerSettings(_Base):
     heartbeat_expiration: float = Field(
         15.0, gt=0, description="Seconds without a heartbeat before a worker is dropped."
     )
+    probe_timeout: float = Field(
+        2.0, gt=0, description="Seconds a worker has to answer the controller's status probe."
+    )
+    max_workers: int = Field(1024, ge=1, description="Most workers the controller keeps.")
 
 
 class BenchSettings(EngineSettings):

@@ -30,20 +30,32 @@ Dispatch = Literal["lottery", "shortest_queue"]
 MSG: Messages = [{"role": "user", "content": "hi"}]
 
 
-class Dead(httpx.AsyncBaseTransport):
-    """A worker whose machine is gone: every connection is refused."""
+class Machine(httpx.AsyncBaseTransport):
+    """A worker's machine: passes requests to the worker app until it `dies` (connections
+    refused from then on)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = httpx.ASGITransport(app=app)
+        self.dead = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("connection refused", request=request)
+        if self.dead:
+            raise httpx.ConnectError("connection refused", request=request)
+        return await self.app.handle_async_request(request)
 
 
 class Fleet:
-    def __init__(self, dispatch: Dispatch, workers: dict[str, FastAPI | None]) -> None:
-        self.controller = create_controller_app(ControllerSettings(dispatch_method=dispatch))
+    def __init__(self, dispatch: Dispatch, workers: dict[str, FastAPI], dead: tuple[str, ...] = ()) -> None:
+        self.machines = {address: Machine(app) for address, app in workers.items()}
+        self.dead = dead
+        # The controller reaches the workers (to confirm them) through a client of its own.
+        self.to_workers = httpx.AsyncClient(mounts=dict(self.machines))
+        self.controller = create_controller_app(
+            ControllerSettings(dispatch_method=dispatch), http=self.to_workers
+        )
         self.workers = workers
         mounts: dict[str, httpx.AsyncBaseTransport] = {"http://controller": httpx.ASGITransport(app=self.controller)}
-        for address, app in workers.items():
-            mounts[address] = httpx.ASGITransport(app=app) if app is not None else Dead()
+        mounts.update(self.machines)
         self.http = httpx.AsyncClient(mounts=mounts)
         self.pool = ControllerPool(http=self.http, controller="http://controller", refresh=0.2)
 
@@ -61,6 +73,8 @@ class Fleet:
         for address in self.workers:
             body = {"worker_name": address, "worker_status": {"model_names": [M], "speed": 1, "queue_length": 0}}
             assert (await self.http.post("http://controller/register_worker", json=body)).status_code == 200
+        for address in self.dead:  # machines that die after their worker joined
+            self.machines[address].dead = True
         await self.pool.refresh()
 
 
@@ -69,17 +83,17 @@ def worker_app(delay: float = 0.01) -> FastAPI:
 
 
 @contextlib.asynccontextmanager
-async def fleet(dispatch: Dispatch, workers: dict[str, FastAPI | None]) -> AsyncIterator[Fleet]:
-    f = Fleet(dispatch, workers)
+async def fleet(dispatch: Dispatch, workers: dict[str, FastAPI], dead: tuple[str, ...] = ()) -> AsyncIterator[Fleet]:
+    f = Fleet(dispatch, workers, dead)
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(running(f.controller))
         for app in workers.values():
-            if app is not None:
-                await stack.enter_async_context(running(app))
+            await stack.enter_async_context(running(app))
         await f.register()
         await stack.enter_async_context(running(f.api))
         yield f
         await f.http.aclose()
+        await f.to_workers.aclose()
 
 
 def served(app: FastAPI) -> int:
@@ -99,11 +113,11 @@ async def test_traffic_splits_between_two_workers(dispatch: Dispatch) -> None:
 
 async def test_dead_worker_fails_over_and_leaves_rotation() -> None:
     alive = worker_app()
-    async with fleet("shortest_queue", {"http://dead": None, "http://alive": alive}) as f:
+    async with fleet("shortest_queue", {"http://dead": worker_app(), "http://alive": alive}, dead=("http://dead",)) as f:
         client = sdk(f.api)
         results = await asyncio.gather(*(client.chat.completions.create(model=M, messages=MSG) for _ in range(8)))
         assert len(results) == 8 and served(alive) == 8
-        assert [e.address for e in f.pool._table] == ["http://alive"]
+        assert [address for address, *_ in f.pool.load()] == ["http://alive"]
 
         async def controller_dropped_the_dead() -> bool:  # the report is sent in the background
             workers = (await f.http.post("http://controller/list_workers")).json()["workers"]
@@ -115,7 +129,8 @@ async def test_dead_worker_fails_over_and_leaves_rotation() -> None:
 
 
 async def test_no_healthy_worker_is_503_with_retry_after() -> None:
-    async with fleet("shortest_queue", {"http://dead1": None, "http://dead2": None}) as f:
+    dead = ("http://dead1", "http://dead2")
+    async with fleet("shortest_queue", {a: worker_app() for a in dead}, dead=dead) as f:
         with pytest.raises(openai.InternalServerError) as err:
             await sdk(f.api).chat.completions.create(model=M, messages=MSG)
         assert err.value.status_code == 503

@@ -1,4 +1,5 @@
-"""The controller process: FastChat's controller endpoints (`routes.py`) over one `Registry`."""
+"""The controller process: FastChat's controller endpoints (`routes.py`) over one `Registry`,
+with `Membership` confirming who joins and who leaves, behind the fleet key."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import httpx
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from chatgate.controller import routes
+from chatgate.controller.membership import Membership
 from chatgate.controller.registry import Clock, Registry
+from chatgate.fleet import fleet_client, secure
 from chatgate.metrics import FleetCollector
 from chatgate.ops import health_routes, metrics_routes
 from chatgate.settings import ControllerSettings
@@ -35,17 +39,29 @@ def _collector(registry: Registry) -> FleetCollector:
     )
 
 
-def create_controller_app(settings: ControllerSettings, *, clock: Clock | None = None) -> FastAPI:
-    """Build the controller app."""
-    registry = Registry(expiration=settings.heartbeat_expiration, **({"clock": clock} if clock else {}))
+def create_controller_app(
+    settings: ControllerSettings, *, clock: Clock | None = None, http: httpx.AsyncClient | None = None
+) -> FastAPI:
+    """Build the controller app; `http` (for tests) is how it reaches workers to probe them."""
+    registry = Registry(
+        expiration=settings.heartbeat_expiration,
+        max_workers=settings.max_workers,
+        **({"clock": clock} if clock else {}),
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(_expire_loop(registry, min(settings.heartbeat_expiration / 3, 1.0)))
-        try:
-            yield
-        finally:
-            await cancel_and_wait(task)
+        async with contextlib.AsyncExitStack() as stack:
+            client = http if http is not None else await stack.enter_async_context(
+                fleet_client(settings, timeout=httpx.Timeout(settings.probe_timeout))
+            )
+            app.state.membership = Membership(registry=registry, http=client, probe_timeout=settings.probe_timeout)
+            try:
+                yield
+            finally:
+                await app.state.membership.close()
+                await cancel_and_wait(task)
 
     app = FastAPI(title="chatgate controller", lifespan=lifespan)
     app.state.controller = routes.ControllerState(registry=registry, dispatch_method=settings.dispatch_method)
@@ -54,4 +70,5 @@ def create_controller_app(settings: ControllerSettings, *, clock: Clock | None =
     app.include_router(health_routes())
     app.include_router(metrics_routes(metrics))
     app.include_router(routes.router)
+    secure(app, settings)
     return app

@@ -35,10 +35,17 @@ class WorkerRecord:
 class Registry:
     """All registered workers; time comes from an injectable clock."""
 
-    def __init__(self, *, expiration: float, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self, *, expiration: float, clock: Clock = time.monotonic, max_workers: int = 1024
+    ) -> None:
         self._expiration = expiration
         self._clock = clock
+        self._max_workers = max_workers
         self._workers: dict[str, WorkerRecord] = {}
+
+    def has_room_for(self, address: str) -> bool:
+        """Whether `address` may register: it is known already, or the registry is not full."""
+        return address in self._workers or len(self._workers) < self._max_workers
 
     def register(self, address: str, status: WorkerStatus, *, check_heart_beat: bool) -> None:
         """Add or replace a worker."""

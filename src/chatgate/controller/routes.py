@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Depends, Request
 
 from chatgate.controller.dispatch import METHODS
+from chatgate.controller.membership import Membership
 from chatgate.controller.registry import Registry
-from chatgate.protocol.worker import HeartBeat, RegisterWorker, WorkerDown, WorkerStatus, WorkerTable
+from chatgate.protocol.worker import HeartBeat, RegisterWorker, WorkerDown, WorkerTable
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,15 @@ def worker_registry(request: Request) -> Registry:
 Workers = Depends(worker_registry)
 
 
+def membership(request: Request) -> Membership:
+    """Route dependency: who admits and drops workers (made in the app's lifespan)."""
+    service: Membership = request.app.state.membership
+    return service
+
+
+Members = Depends(membership)
+
+
 @router.get("/ready")
 async def ready() -> dict[str, str]:
     """The controller is ready as soon as it serves HTTP."""
@@ -46,10 +56,9 @@ async def ready() -> dict[str, str]:
 
 
 @router.post("/register_worker")
-async def register_worker(body: RegisterWorker, registry: Registry = Workers) -> dict[str, bool]:
-    """Add or replace a worker."""
-    status = body.worker_status or WorkerStatus(model_names=[])
-    registry.register(body.worker_name, status, check_heart_beat=body.check_heart_beat)
+async def register_worker(body: RegisterWorker, members: Membership = Members) -> dict[str, bool]:
+    """Add or replace a worker, as its own status probe describes it (400 if it cannot)."""
+    status = await members.admit(body)
     log.info("registered worker %s for %s", body.worker_name, status.model_names)
     return {"ok": True}
 
@@ -84,10 +93,9 @@ async def list_workers(state: ControllerState = Depends(controller_state)) -> Wo
 
 
 @router.post("/report_worker_down")
-async def report_worker_down(body: WorkerDown, registry: Registry = Workers) -> dict[str, bool]:
-    """Take a worker an API server could not reach out of the table."""
-    # If the worker is in fact alive, its next heartbeat is refused and it registers again.
-    registry.remove(body.worker_name)
+async def report_worker_down(body: WorkerDown, members: Membership = Members) -> dict[str, bool]:
+    """Probe a worker an API server could not reach; it leaves the table only if the probe fails."""
+    members.suspect(body.worker_name)
     log.info("worker %s reported down", body.worker_name)
     return {"ok": True}
 

@@ -9,8 +9,9 @@ cumulative text) and `param` on errors. A worker advertises them in `/model_deta
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 # Extensions a chatgate worker advertises in /model_details under "chatgate_extensions".
 EXT_CHAT_TEMPLATE = "chat_template"
@@ -167,28 +168,59 @@ class CountTokenRequest(BaseModel):
     messages: list[dict[str, Any]] | None = None
 
 
-class WorkerStatus(BaseModel):
-    """A worker's status, as it reports it to the controller."""
+# Bounds on what a worker may claim: dispatch divides by speed and sums queues, and every
+# model name ends up in each API server's /v1/models.
+MAX_MODEL_NAMES = 64
+MAX_MODEL_NAME_LENGTH = 256
+MAX_SPEED = 1e9
+MAX_QUEUE_LENGTH = 1_000_000
+MAX_ADDRESS_LENGTH = 2048
 
-    model_names: list[str]
-    speed: float = 1.0
-    queue_length: int = 0
+ModelName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_MODEL_NAME_LENGTH)]
+QueueLength = Annotated[int, Field(ge=0, le=MAX_QUEUE_LENGTH)]
+
+
+def check_worker_address(address: str) -> str:
+    """An http(s) URL with a host, or ValueError."""
+    if len(address) > MAX_ADDRESS_LENGTH:
+        raise ValueError(f"a worker address is at most {MAX_ADDRESS_LENGTH} characters")
+    try:
+        parts = urlsplit(address)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("the worker address must be an http:// or https:// URL with a host")
+    return address
+
+
+WorkerAddress = Annotated[str, Field(max_length=MAX_ADDRESS_LENGTH)]
+
+
+class WorkerStatus(BaseModel):
+    """A worker's status, as it reports it to the controller (bounded: see MAX_*)."""
+
+    model_names: list[ModelName] = Field(max_length=MAX_MODEL_NAMES)
+    speed: float = Field(1.0, gt=0, le=MAX_SPEED, allow_inf_nan=False)
+    queue_length: QueueLength = 0
 
 
 class RegisterWorker(BaseModel):
     """Body of the controller's `/register_worker`."""
 
-    worker_name: str
+    worker_name: WorkerAddress
     check_heart_beat: bool = True
     worker_status: WorkerStatus | None = None
     multimodal: bool = False
+
+    _address = field_validator("worker_name")(check_worker_address)
 
 
 class HeartBeat(BaseModel):
     """Body of the controller's `/receive_heart_beat`."""
 
-    worker_name: str
-    queue_length: int = 0
+    worker_name: WorkerAddress
+    queue_length: QueueLength = 0
 
 
 class WorkerEntry(BaseModel):
@@ -210,7 +242,7 @@ class WorkerTable(BaseModel):
 class WorkerDown(BaseModel):
     """Body of the controller's `/report_worker_down` (a chatgate extension)."""
 
-    worker_name: str
+    worker_name: WorkerAddress
 
 
 class ModelDetails(BaseModel):

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from chatgate.engines import create_engine
 from chatgate.engines.base import Engine
+from chatgate.fleet import fleet_client, secure
 from chatgate.metrics import FleetCollector
 from chatgate.ops import health_routes, metrics_routes
 from chatgate.settings import WorkerSettings
@@ -45,7 +46,7 @@ def create_worker_app(settings: WorkerSettings, *, engine: Engine | None = None)
         app.state.service = service
         collector = _collector(service, settings.address())
         registry.register(collector)
-        async with httpx.AsyncClient(timeout=10.0) as http:
+        async with fleet_client(settings, timeout=httpx.Timeout(10.0)) as http:
             task = None
             if not settings.no_register:
                 beat = Heartbeat(
@@ -68,4 +69,5 @@ def create_worker_app(settings: WorkerSettings, *, engine: Engine | None = None)
     app.include_router(health_routes())
     app.include_router(metrics_routes(registry))
     app.include_router(routes.router)
+    secure(app, settings)
     return app

@@ -37,6 +37,8 @@ class Heartbeat:
         response = await self._http.post(
             f"{self._controller}/register_worker", json=body.model_dump()
         )
+        if response.status_code in (400, 401):  # the controller says why: log it, retry later
+            log.warning("the controller refused this worker: %s", response.text[:500])
         response.raise_for_status()
 
     async def beat(self) -> None:

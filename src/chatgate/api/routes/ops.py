@@ -13,8 +13,12 @@ router = APIRouter()
 
 @router.get("/ready")
 async def ready(state: ApiState = Depends(api_state)) -> JSONResponse:
-    """200 when every served model has a healthy worker, else 503."""
+    """200 when every served model has a healthy worker (`degraded` if the worker table may be
+    stale), else 503."""
     workers = state.pool.readiness()
     ok = bool(workers) and all(count > 0 for count in workers.values())
-    body = {"status": "ready" if ok else "not ready", "workers": workers}
+    degraded = state.pool.degraded()
+    body: dict[str, object] = {"status": "not ready" if not ok else "degraded" if degraded else "ready", "workers": workers}
+    if degraded:
+        body["reason"] = degraded
     return JSONResponse(body, status_code=200 if ok else 503)

@@ -67,6 +67,10 @@ class WorkerPool(Protocol):
         """Healthy workers per served model."""
         ...
 
+    def degraded(self) -> str | None:
+        """Why the pool routes from possibly stale knowledge (e.g. its controller is gone), or None."""
+        ...
+
     def load(self) -> list[tuple[str, int, int]]:
         """(worker, queued or running requests, running sequences) for each known worker."""
         ...

@@ -1,4 +1,4 @@
-"""Retrying a call on another worker when the one picked fails before answering."""
+"""Retrying a call on another worker when the one picked fails or is busy before answering."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from chatgate.api.workers.base import Worker, WorkerPool
-from chatgate.errors import NoHealthyWorkerError, WorkerUnavailableError
+from chatgate.errors import NoHealthyWorkerError, OverloadedError, WorkerUnavailableError
 
 T = TypeVar("T")
 
@@ -16,10 +16,11 @@ ATTEMPTS = 3
 async def with_failover(
     pool: WorkerPool, model: str, call: Callable[[Worker], Awaitable[T]], *, attempts: int = ATTEMPTS
 ) -> T:
-    """`call` a worker for `model`; a worker that fails before answering is reported and
-    another is tried, up to `attempts` workers."""
+    """`call` a worker for `model`, trying up to `attempts` workers: one that fails before
+    answering is reported and skipped; one that is overloaded is skipped without a report
+    (busy is not down), and if every worker tried was busy the client gets the 429."""
     tried: set[str] = set()
-    last: WorkerUnavailableError | None = None
+    last: WorkerUnavailableError | OverloadedError | None = None
     for _ in range(attempts):
         try:
             worker = await pool.worker_for(model, exclude=frozenset(tried))
@@ -29,8 +30,12 @@ async def with_failover(
             break
         try:
             return await call(worker)
+        except OverloadedError as exc:
+            last = exc
         except WorkerUnavailableError as exc:
             pool.report_failure(worker)
-            tried.add(worker.address)
             last = exc
+        tried.add(worker.address)
+    if isinstance(last, OverloadedError):
+        raise last
     raise NoHealthyWorkerError(f"No healthy worker serves `{model}` right now.") from last

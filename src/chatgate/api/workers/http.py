@@ -1,15 +1,25 @@
 """A worker over HTTP: FastChat's worker protocol, to a chatgate or a FastChat worker.
 
-Transport failures become chatgate errors here, at the boundary: a worker that cannot be
-reached, or fails before its first byte, raises `WorkerUnavailableError` so the pool can take
-it out of rotation and the caller can retry elsewhere.
+Transport failures become chatgate errors here, at the boundary:
+
+- a worker that cannot be reached, times out before its first frame or answers 5xx raises
+  `WorkerUnavailableError`: the pool takes it out of rotation and the caller retries elsewhere;
+- a 429 (or an overloaded error frame) raises `OverloadedError`: busy, not down, so the caller
+  tries another worker without reporting this one;
+- any other 4xx is about the request and goes back to the client as it is;
+- no free connection within the pool timeout is a 503 of this server, not the worker's fault.
+
+Every call is bounded: connect timeout, time to the first frame, silence between frames, and
+the size of one frame.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -19,6 +29,9 @@ from chatgate.errors import (
     ChatgateError,
     ContextLengthExceededError,
     InvalidRequestError,
+    NoHealthyWorkerError,
+    OverloadedError,
+    RequestTooLargeError,
     WorkerError,
     WorkerUnavailableError,
     from_fastchat_code,
@@ -35,21 +48,60 @@ def _chunk_error(chunk: WorkerChunk) -> ChatgateError:
     return from_fastchat_code(chunk.error_code, chunk.text, param=chunk.param)
 
 
-# Largest worker stream frame accepted: one chunk of text and log-probabilities is far smaller.
-MAX_FRAME_BYTES = 16 * 1024 * 1024
+@dataclass(frozen=True)
+class Bounds:
+    """How long and how much a worker call may take (see the `worker_*` API settings)."""
+
+    connect: float = 3.0
+    first_frame: float = 60.0
+    between_frames: float = 30.0
+    max_frame_bytes: int = 8 * 1024 * 1024
+    pool: float = 5.0
+
+    def timeout(self, read: float | None) -> httpx.Timeout:
+        """httpx's timeouts for one call; `read` None when the caller keeps its own deadlines."""
+        return httpx.Timeout(connect=self.connect, read=read, write=self.connect, pool=self.pool)
 
 
-async def _frames(response: httpx.Response) -> AsyncIterator[WorkerChunk]:
-    """The NUL-delimited JSON chunks of a worker's stream."""
+class FrameTooLarge(Exception):
+    """A worker's stream frame is over the cap."""
+
+
+async def _frames(response: httpx.Response, bounds: Bounds) -> AsyncIterator[WorkerChunk]:
+    """The NUL-delimited JSON chunks of a worker's stream, each within its deadline
+    (`TimeoutError`) and size cap (`FrameTooLarge`)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + bounds.first_frame
+    data = aiter(response.aiter_bytes())
     buffer = b""
-    async for data in response.aiter_bytes():
-        buffer += data
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                buffer += await anext(data)
+        except StopAsyncIteration:
+            return
         *frames, buffer = buffer.split(b"\0")
-        if len(buffer) > MAX_FRAME_BYTES:
-            raise WorkerError(f"A worker stream frame is over {MAX_FRAME_BYTES} bytes.")
+        if len(buffer) > bounds.max_frame_bytes or any(len(f) > bounds.max_frame_bytes for f in frames):
+            raise FrameTooLarge(f"a stream frame over {bounds.max_frame_bytes} bytes")
         for frame in frames:
             if frame.strip():
                 yield WorkerChunk.model_validate_json(frame)
+        if frames:
+            deadline = loop.time() + bounds.between_frames
+
+
+def _detail(response: httpx.Response) -> str:
+    """The reason a worker gave for refusing a request, from whichever body shape it uses."""
+    try:
+        body = json.loads(response.content)
+    except ValueError:
+        return response.text[:500]
+    if isinstance(body, dict):
+        error = body.get("error")
+        for value in (error.get("message") if isinstance(error, dict) else error, body.get("text"), body.get("detail")):
+            if value:
+                return str(value)[:500]
+    return response.text[:500]
 
 
 async def _deltas(chunks: AsyncIterator[WorkerChunk]) -> AsyncIterator[WorkerChunk]:
@@ -82,6 +134,21 @@ class WorkerFacts:
     details: dict[str, ModelDetails] = field(default_factory=dict)
     conversations: dict[tuple[str, str], Conversation] = field(default_factory=dict)
 
+    def forget(self, *, keep: set[str] | None = None, drop: str | None = None) -> None:
+        """Forget workers: all but those in `keep`, or just `drop`.
+
+        Counts of requests still in flight stay until they end, so they are never negative.
+        """
+        def gone(address: str) -> bool:
+            return address == drop if keep is None else address not in keep
+
+        for address in [a for a in self.details if gone(a)]:
+            del self.details[address]
+        for key in [k for k in self.conversations if gone(k[0])]:
+            del self.conversations[key]
+        for address in [a for a, n in self.in_flight.items() if n <= 0 and gone(a)]:
+            del self.in_flight[address]
+
 
 class HttpWorker:
     """Speaks FastChat's worker protocol to one worker.
@@ -92,14 +159,42 @@ class HttpWorker:
     sizes `max_new_tokens` to the context, and turns cumulative text into deltas.
     """
 
-    def __init__(self, *, http: httpx.AsyncClient, address: str, facts: WorkerFacts) -> None:
+    def __init__(
+        self,
+        *,
+        http: httpx.AsyncClient,
+        address: str,
+        facts: WorkerFacts,
+        bounds: Bounds = Bounds(),
+        on_stall: Callable[[HttpWorker], None] | None = None,
+    ) -> None:
         self._http = http
         self.address = address.rstrip("/")
         self._facts = facts
         self._in_flight = facts.in_flight
+        self._bounds = bounds
+        self._on_stall = on_stall
 
     def _unavailable(self, exc: Exception | str) -> WorkerUnavailableError:
         return WorkerUnavailableError(f"The worker at {self.address} is unavailable: {exc}")
+
+    def _transport_error(self, exc: httpx.TransportError) -> ChatgateError:
+        if isinstance(exc, httpx.PoolTimeout):  # our own connections are all busy, not the worker
+            return NoHealthyWorkerError("Every connection to the workers is busy; retry shortly.")
+        return self._unavailable(f"{type(exc).__name__} {exc}".strip())
+
+    def _refused(self, response: httpx.Response) -> ChatgateError:
+        """The error for a non-200 answer (see the module docstring for which is which)."""
+        status, detail = response.status_code, _detail(response)
+        if status >= 500:
+            return self._unavailable(f"HTTP {status}")
+        if status == 429:
+            return OverloadedError(detail or "The model is overloaded; retry shortly.")
+        if status in (401, 403):
+            return WorkerError(f"The worker at {self.address} refused this server's fleet key (HTTP {status}).")
+        if status == 413:
+            return RequestTooLargeError(detail or "The request is too large for the worker.")
+        return InvalidRequestError(f"The worker refused the request: {detail or f'HTTP {status}'}")
 
     async def generate_stream(self, params: GenerateParams) -> AsyncIterator[WorkerChunk]:
         self._in_flight[self.address] += 1
@@ -110,7 +205,7 @@ class HttpWorker:
                 params = await self._fastchat_params(params, details)
             body = params.model_copy(update={"delta": native}).model_dump(exclude_none=True)
             request = self._http.build_request(
-                "POST", f"{self.address}/worker_generate_stream", json=body, timeout=None
+                "POST", f"{self.address}/worker_generate_stream", json=body, timeout=self._bounds.timeout(None)
             )
             chunks = self._stream(request)
             async for chunk in chunks if native else _deltas(chunks):
@@ -150,39 +245,56 @@ class HttpWorker:
 
     async def _stream(self, request: httpx.Request) -> AsyncIterator[WorkerChunk]:
         try:
-            response = await self._http.send(request, stream=True)
+            async with asyncio.timeout(self._bounds.first_frame):
+                response = await self._http.send(request, stream=True)
         except httpx.TransportError as exc:
-            raise self._unavailable(exc) from exc
+            raise self._transport_error(exc) from exc
+        except TimeoutError as exc:
+            raise self._unavailable(f"no answer in {self._bounds.first_frame:g}s") from exc
         started = complete = False
         try:
             if response.status_code != 200:
-                raise self._unavailable(f"HTTP {response.status_code}")
-            async for chunk in _frames(response):
+                await response.aread()
+                raise self._refused(response)
+            async for chunk in _frames(response, self._bounds):
                 if chunk.error_code:
                     raise _chunk_error(chunk)
                 started = True
                 yield chunk
             complete = True
-        except httpx.TransportError as exc:
-            if not started:
-                raise self._unavailable(exc) from exc
-            raise WorkerError(f"The worker at {self.address} failed mid-stream: {exc}") from exc
+        except (httpx.TransportError, TimeoutError) as exc:
+            raise self._broken(exc, started=started) from exc
+        except FrameTooLarge as exc:
+            raise WorkerError(f"The worker at {self.address} sent {exc}; the request was ended.") from exc
         finally:
             with anyio.CancelScope(shield=True):
                 await _close(response, drop_connection=not complete)
 
+    def _broken(self, exc: Exception, *, started: bool) -> ChatgateError:
+        """The error for a stream that broke or went silent, before or after its first frame."""
+        silent = isinstance(exc, TimeoutError)
+        what = "stopped answering" if silent else f"failed ({type(exc).__name__} {exc})"
+        if not started:
+            return self._unavailable(what)
+        if silent and self._on_stall is not None:
+            self._on_stall(self)  # a frozen worker: nothing else should be sent its way
+        return WorkerError(f"The worker at {self.address} {what} mid-stream.")
+
     async def _post(self, path: str, body: dict[str, object]) -> dict[str, object]:
         try:
-            response = await self._http.post(f"{self.address}{path}", json=body)
+            response = await self._http.post(
+                f"{self.address}{path}", json=body, timeout=self._bounds.timeout(self._bounds.first_frame)
+            )
         except httpx.TransportError as exc:
-            raise self._unavailable(exc) from exc
-        if response.status_code >= 500:
-            raise self._unavailable(f"HTTP {response.status_code}")
+            raise self._transport_error(exc) from exc
+        if response.status_code != 200:
+            raise self._refused(response)
         try:
-            response.raise_for_status()
-            result: dict[str, object] = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
+            result = response.json()
+        except ValueError as exc:
             raise WorkerError(f"The worker at {self.address} answered badly: {exc}") from exc
+        if not isinstance(result, dict):
+            raise WorkerError(f"The worker at {self.address} answered badly: not a JSON object")
         if isinstance(result.get("error_code"), int) and result["error_code"]:
             raise _chunk_error(WorkerChunk.model_validate(result))
         return result

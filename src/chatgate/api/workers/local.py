@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from chatgate.api.workers.base import PoolSource, Worker, WorkerPool
 from chatgate.engines import create_engine
 from chatgate.engines.base import Engine
-from chatgate.errors import ModelNotFoundError
+from chatgate.errors import ModelNotFoundError, NoHealthyWorkerError
 from chatgate.protocol.worker import (
     CountTokenRequest, EmbedParams, EmbedResult, GenerateParams, ModelDetails, WorkerChunk,
 )
@@ -52,15 +52,21 @@ class LocalPool:
 
     async def worker_for(self, model: str, *, exclude: frozenset[str] = frozenset()) -> Worker:
         try:
-            return self._workers[model]
+            worker = self._workers[model]
         except KeyError:
             raise ModelNotFoundError.for_model(model) from None
+        if worker.address in exclude:  # tried already (it was busy): there is no other
+            raise NoHealthyWorkerError(f"No other worker serves `{model}`.")
+        return worker
 
     def report_failure(self, worker: Worker) -> None:
         """In-process workers do not fail by connection."""
 
     def readiness(self) -> dict[str, int]:
         return {name: 1 for name in self._workers}
+
+    def degraded(self) -> str | None:
+        return None
 
     def load(self) -> list[tuple[str, int, int]]:
         return [(name, *self._services[name].load()) for name in self._services]
