@@ -45,16 +45,26 @@ class Machine(httpx.AsyncBaseTransport):
 
 
 class Fleet:
-    def __init__(self, dispatch: Dispatch, workers: dict[str, FastAPI], dead: tuple[str, ...] = ()) -> None:
-        self.machines = {address: Machine(app) for address, app in workers.items()}
+    def __init__(
+        self,
+        dispatch: Dispatch,
+        workers: dict[str, FastAPI],
+        dead: tuple[str, ...] = (),
+        models: dict[str, str] | None = None,
+        strangers: dict[str, FastAPI] | None = None,
+    ) -> None:
+        self.models = models or {}
+        self.strangers = strangers or {}  # reachable, but never registered
+        self.machines = {address: Machine(app) for address, app in {**workers, **self.strangers}.items()}
         self.dead = dead
         # The controller reaches the workers (to confirm them) through a client of its own.
         self.to_workers = httpx.AsyncClient(mounts=dict(self.machines))
         self.controller = create_controller_app(
             ControllerSettings(dispatch_method=dispatch), http=self.to_workers
         )
-        self.workers = workers
-        mounts: dict[str, httpx.AsyncBaseTransport] = {"http://controller": httpx.ASGITransport(app=self.controller)}
+        self.workers = {**workers, **self.strangers}
+        self.controller_machine = Machine(self.controller)
+        mounts: dict[str, httpx.AsyncBaseTransport] = {"http://controller": self.controller_machine}
         mounts.update(self.machines)
         self.http = httpx.AsyncClient(mounts=mounts)
         self.pool = ControllerPool(http=self.http, controller="http://controller", refresh=0.2)
@@ -70,24 +80,32 @@ class Fleet:
         self.api = create_api_app(ApiProcessSettings(), pool)
 
     async def register(self) -> None:
-        for address in self.workers:
-            body = {"worker_name": address, "worker_status": {"model_names": [M], "speed": 1, "queue_length": 0}}
+        for address in set(self.workers) - set(self.strangers):
+            names = [self.models.get(address, M)]
+            body = {"worker_name": address, "worker_status": {"model_names": names, "speed": 1, "queue_length": 0}}
             assert (await self.http.post("http://controller/register_worker", json=body)).status_code == 200
         for address in self.dead:  # machines that die after their worker joined
             self.machines[address].dead = True
         await self.pool.refresh()
 
 
-def worker_app(delay: float = 0.01) -> FastAPI:
-    return create_worker_app(WorkerSettings(no_register=True, engine="fake"), engine=FakeEngine(token_delay=delay))
+def worker_app(delay: float = 0.01, model: str = M) -> FastAPI:
+    settings = WorkerSettings(no_register=True, engine="fake", model_names=[model])
+    return create_worker_app(settings, engine=FakeEngine(name=model, token_delay=delay))
 
 
 @contextlib.asynccontextmanager
-async def fleet(dispatch: Dispatch, workers: dict[str, FastAPI], dead: tuple[str, ...] = ()) -> AsyncIterator[Fleet]:
-    f = Fleet(dispatch, workers, dead)
+async def fleet(
+    dispatch: Dispatch,
+    workers: dict[str, FastAPI],
+    dead: tuple[str, ...] = (),
+    models: dict[str, str] | None = None,
+    strangers: dict[str, FastAPI] | None = None,
+) -> AsyncIterator[Fleet]:
+    f = Fleet(dispatch, workers, dead, models, strangers)
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(running(f.controller))
-        for app in workers.values():
+        for app in f.workers.values():
             await stack.enter_async_context(running(app))
         await f.register()
         await stack.enter_async_context(running(f.api))
