@@ -1,0 +1,125 @@
+"""A live fleet for fault tests: a controller, fake-engine workers and API servers as real
+processes on free ports, optionally with a fleet key and HTTPS between them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tests.live.conftest import Process, free_port
+
+M = "fake-model"
+
+
+@dataclass
+class Tls:
+    """A trustme CA and one certificate for 127.0.0.1, written as PEM files."""
+
+    ca: str
+    key: str
+    cert: str
+
+    @classmethod
+    def make(cls, directory: Path) -> Tls:
+        import trustme
+
+        ca = trustme.CA()
+        leaf = ca.issue_cert("127.0.0.1", "localhost")
+        paths = cls(ca=str(directory / "ca.pem"), key=str(directory / "key.pem"), cert=str(directory / "cert.pem"))
+        ca.cert_pem.write_to_path(paths.ca)
+        leaf.private_key_pem.write_to_path(paths.key)
+        leaf.cert_chain_pems[0].write_to_path(paths.cert)
+        return paths
+
+
+@dataclass
+class LiveFleet:
+    """Starts and stops the fleet's processes; `url[name]` is where each one listens."""
+
+    logs: Path
+    key: str | None = None
+    tls: Tls | None = None
+    heartbeat: float = 1.0
+    processes: dict[str, Process] = field(default_factory=dict)
+    url: dict[str, str] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def _address(self, name: str) -> str:
+        if name not in self.ports:
+            self.ports[name] = free_port()
+        scheme = "https" if self.tls and not name.startswith("api") else "http"
+        self.url[name] = f"{scheme}://127.0.0.1:{self.ports[name]}"
+        return self.url[name]
+
+    def _fleet_args(self, *, serves_tls: bool) -> list[str]:
+        args = ["--fleet-key", self.key] if self.key else []
+        if self.tls:
+            args += ["--fleet-ca-bundle", self.tls.ca]
+            if serves_tls:
+                args += ["--ssl-keyfile", self.tls.key, "--ssl-certfile", self.tls.cert]
+        return args
+
+    def _start(self, name: str, args: list[str]) -> Process:
+        if name in self.processes:  # a restart: the old process is gone (or going)
+            self.processes[name].stop()
+        process = Process(args, self.logs / f"{name}-{int(time.monotonic() * 1000)}.log")
+        self.processes[name] = process
+        process.wait_healthy(self.url[name], verify=self.tls.ca if self.tls and not name.startswith("api") else True)
+        return process
+
+    def controller(self, *extra: str) -> Process:
+        self._address("controller")
+        return self._start("controller", ["controller", "--host", "127.0.0.1", "--port", str(self.ports["controller"]),
+                                          "--heartbeat-expiration", str(3 * self.heartbeat),
+                                          *self._fleet_args(serves_tls=True), *extra])
+
+    def worker(self, name: str, *extra: str, delay: float = 0.02) -> Process:
+        self._address(name)
+        return self._start(name, ["worker", "--engine", "fake", "--fake-token-delay", str(delay), "--model-names", M,
+                                  "--host", "127.0.0.1", "--port", str(self.ports[name]),
+                                  "--controller-address", self.url["controller"],
+                                  "--heartbeat-interval", str(self.heartbeat), *self._fleet_args(serves_tls=True), *extra])
+
+    def api(self, name: str = "api", *extra: str) -> Process:
+        self._address(name)
+        return self._start(name, ["api", "--host", "127.0.0.1", "--port", str(self.ports[name]),
+                                  "--controller-address", self.url["controller"], "--worker-table-refresh", "0.5",
+                                  *self._fleet_args(serves_tls=False), *extra])
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+
+    def client(self) -> httpx.Client:
+        """A raw client that trusts the fleet's CA and sends no key."""
+        return httpx.Client(verify=self.tls.ca if self.tls else True, timeout=5)
+
+    def table(self) -> list[str]:
+        """Worker addresses in the controller's table."""
+        with self.client() as http:
+            workers = http.post(f"{self.url['controller']}/list_workers", headers=self.auth()).json()["workers"]
+        return sorted(w["address"] for w in workers)
+
+    def ready(self, name: str = "api") -> dict[str, object]:
+        try:
+            body: dict[str, object] = httpx.get(f"{self.url[name]}/ready", timeout=2).json()
+            return body
+        except (httpx.HTTPError, ValueError):
+            return {}
+
+    def stop(self) -> None:
+        for process in reversed(list(self.processes.values())):
+            process.stop()
+
+
+def wait_until(predicate: Callable[[], bool], deadline: float, what: str) -> float:
+    """Poll `predicate` until it holds; return the seconds it took (fail after `deadline`)."""
+    start = time.monotonic()
+    while time.monotonic() - start < deadline:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {deadline}s")
