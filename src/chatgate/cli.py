@@ -23,6 +23,7 @@ from chatgate.settings import (  # noqa: E402
     BenchSettings,
     ControllerSettings,
     ServeSettings,
+    SoakSettings,
     WorkerSettings,
 )
 
@@ -34,6 +35,7 @@ EPILOG = """examples:
   chatgate api --controller-address http://localhost:21001 --port 8000
   chatgate bench --url http://127.0.0.1:8000/v1 --concurrency 1,8,16 --raw --hf-baseline
   chatgate bench --target chatgate=http://127.0.0.1:8000/v1 --target vllm=http://127.0.0.1:8001/v1
+  chatgate soak --minutes 10 --kill-every 120 --output-dir soak-results
 """
 
 
@@ -142,12 +144,20 @@ def run_bench(settings: BenchSettings) -> None:
     bench(settings)
 
 
+def run_soak(settings: SoakSettings) -> None:
+    """A fleet under mixed traffic with kills and restarts; a JSON report and a timeline."""
+    from chatgate.bench.soak import run_soak as soak
+
+    soak(settings)
+
+
 COMMANDS: dict[str, tuple[type[BaseModel], Callable[[Any], None], str]] = {
     "serve": (ServeSettings, run_serve, "Serve the default model (or --model-path) in one process."),
     "api": (ApiProcessSettings, run_api, "Run the OpenAI API server in front of a controller."),
     "controller": (ControllerSettings, run_controller, "Run the controller workers register with."),
     "worker": (WorkerSettings, run_worker, "Run a model worker that registers with a controller."),
     "bench": (BenchSettings, run_bench, "Measure TTFT, latency and tokens/s at several concurrencies."),
+    "soak": (SoakSettings, run_soak, "Soak a fake-engine fleet under mixed traffic, killing and restarting processes."),
 }
 
 

@@ -293,3 +293,18 @@ class BenchSettings(EngineSettings):
         if len(set(names)) < len(names) or "raw" in names:
             raise ValueError("target names must be distinct and not 'raw' (the in-process engine)")
         return targets
+
+
+class SoakSettings(_Base):
+    """Settings of `chatgate soak`: a fleet under mixed traffic, with kills and restarts."""
+
+    minutes: float = Field(10.0, ge=1, description="How long the soak runs.")
+    kill_every: float = Field(120.0, gt=0, description="Seconds between kill -9 and restart of a worker.")
+    controller_restart_at: float | None = Field(
+        None, ge=0, description="Second at which the controller is killed and restarted (default: halfway)."
+    )
+    clients: int = Field(6, ge=1, description="Concurrent closed-loop clients.")
+    request_timeout: float = Field(30.0, gt=0, description="Seconds after which a request counts as hung.")
+    grace: float = Field(3.0, ge=0, description="Seconds after a kill within which failures are explained by it.")
+    token_delay: float = Field(0.01, ge=0, description="Seconds per token of the workers' fake engine.")
+    output_dir: str = Field("soak-results", description="Where soak.json and soak.png go.")
