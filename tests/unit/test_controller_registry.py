@@ -46,3 +46,9 @@ def test_lottery_weights_by_speed() -> None:
     rng = random.Random(0)
     picks = Counter(lottery(registry.workers("m"), rng).address for _ in range(2000))
     assert 0.68 < picks["http://a"] / 2000 < 0.82
+
+
+def test_a_full_registry_takes_no_new_worker_but_keeps_refreshing_known_ones() -> None:
+    registry = Registry(expiration=10, clock=Clock(), max_workers=1)
+    registry.register("http://a", WorkerStatus(model_names=["m"]), check_heart_beat=True)
+    assert registry.has_room_for("http://a") and not registry.has_room_for("http://b")
