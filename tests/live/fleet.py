@@ -115,7 +115,7 @@ class LiveFleet:
             process.stop()
 
 
-def wait_until(predicate: Callable[[], bool], deadline: float, what: str) -> float:
+def wait_until(predicate: Callable[[], bool], deadline: float, what: str = "condition") -> float:
     """Poll `predicate` until it holds; return the seconds it took (fail after `deadline`)."""
     start = time.monotonic()
     while time.monotonic() - start < deadline:
