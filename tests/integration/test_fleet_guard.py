@@ -318,3 +318,11 @@ async def test_models_whose_workers_are_gone_are_forgotten() -> None:
         with pytest.raises(openai.NotFoundError):
             await client.chat.completions.create(model="beta", messages=MSG)  # type: ignore[arg-type]
         assert served(workers["http://a"]) == 0 and served(workers["http://b"]) == 1
+
+
+async def test_a_malformed_answer_is_the_workers_error_not_a_500() -> None:
+    from chatgate.errors import WorkerError
+
+    api = Api({"http://w": await answers(200, b'{"text": 5, "usage": "none"}\0')})
+    with pytest.raises(WorkerError, match="malformed frame"):
+        await api.chat()

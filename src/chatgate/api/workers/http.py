@@ -21,9 +21,11 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import anyio
 import httpx
+from pydantic import BaseModel, ValidationError
 
 from chatgate.errors import (
     ChatgateError,
@@ -42,6 +44,8 @@ from chatgate.protocol.worker import (
 )
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def _chunk_error(chunk: WorkerChunk) -> ChatgateError:
@@ -90,18 +94,29 @@ async def _frames(response: httpx.Response, bounds: Bounds) -> AsyncIterator[Wor
             deadline = loop.time() + bounds.between_frames
 
 
-def _detail(response: httpx.Response) -> str:
+def _detail(content: bytes) -> str:
     """The reason a worker gave for refusing a request, from whichever body shape it uses."""
+    text = content.decode(errors="replace")[:500]
     try:
-        body = json.loads(response.content)
+        body = json.loads(content)
     except ValueError:
-        return response.text[:500]
+        return text
     if isinstance(body, dict):
         error = body.get("error")
         for value in (error.get("message") if isinstance(error, dict) else error, body.get("text"), body.get("detail")):
             if value:
                 return str(value)[:500]
-    return response.text[:500]
+    return text
+
+
+async def _head(response: httpx.Response, limit: int = 65536) -> bytes:
+    """At most `limit` bytes of a streamed body (an error's reason is short)."""
+    content = b""
+    async for data in response.aiter_bytes():
+        content += data
+        if len(content) >= limit:
+            break
+    return content[:limit]
 
 
 async def _deltas(chunks: AsyncIterator[WorkerChunk]) -> AsyncIterator[WorkerChunk]:
@@ -183,9 +198,9 @@ class HttpWorker:
             return NoHealthyWorkerError("Every connection to the workers is busy; retry shortly.")
         return self._unavailable(f"{type(exc).__name__} {exc}".strip())
 
-    def _refused(self, response: httpx.Response) -> ChatgateError:
+    def _refused(self, status: int, content: bytes) -> ChatgateError:
         """The error for a non-200 answer (see the module docstring for which is which)."""
-        status, detail = response.status_code, _detail(response)
+        detail = _detail(content)
         if status >= 500:
             return self._unavailable(f"HTTP {status}")
         if status == 429:
@@ -254,8 +269,8 @@ class HttpWorker:
         started = complete = False
         try:
             if response.status_code != 200:
-                await response.aread()
-                raise self._refused(response)
+                async with asyncio.timeout(self._bounds.between_frames):
+                    raise self._refused(response.status_code, await _head(response))
             async for chunk in _frames(response, self._bounds):
                 if chunk.error_code:
                     raise _chunk_error(chunk)
@@ -266,6 +281,8 @@ class HttpWorker:
             raise self._broken(exc, started=started) from exc
         except FrameTooLarge as exc:
             raise WorkerError(f"The worker at {self.address} sent {exc}; the request was ended.") from exc
+        except ValidationError as exc:
+            raise WorkerError(f"The worker at {self.address} sent a malformed frame.") from exc
         finally:
             with anyio.CancelScope(shield=True):
                 await _close(response, drop_connection=not complete)
@@ -288,7 +305,7 @@ class HttpWorker:
         except httpx.TransportError as exc:
             raise self._transport_error(exc) from exc
         if response.status_code != 200:
-            raise self._refused(response)
+            raise self._refused(response.status_code, response.content)
         try:
             result = response.json()
         except ValueError as exc:
@@ -296,19 +313,29 @@ class HttpWorker:
         if not isinstance(result, dict):
             raise WorkerError(f"The worker at {self.address} answered badly: not a JSON object")
         if isinstance(result.get("error_code"), int) and result["error_code"]:
-            raise _chunk_error(WorkerChunk.model_validate(result))
+            raise _chunk_error(self._parse(WorkerChunk, result))
         return result
+
+    def _parse(self, model: type[M], result: dict[str, object]) -> M:
+        """A worker's answer as `model`; a malformed one is the worker's error, not ours."""
+        try:
+            return model.model_validate(result)
+        except ValidationError as exc:
+            raise WorkerError(f"The worker at {self.address} answered badly: {exc.errors()[0]['msg']}") from exc
 
     async def count_tokens(self, request: CountTokenRequest) -> int:
         result = await self._post("/count_token", request.model_dump(exclude_none=True))
-        return int(str(result.get("count", 0)))
+        count = result.get("count", 0)
+        if not isinstance(count, int):
+            raise WorkerError(f"The worker at {self.address} answered badly: a token count of {count!r}")
+        return count
 
     async def embed(self, params: EmbedParams) -> EmbedResult:
         result = await self._post("/worker_get_embeddings", params.model_dump(exclude_none=True))
-        return EmbedResult.model_validate(result)
+        return self._parse(EmbedResult, result)
 
     async def model_details(self) -> ModelDetails:
         if self.address not in self._facts.details:
-            details = ModelDetails.model_validate(await self._post("/model_details", {}))
+            details = self._parse(ModelDetails, await self._post("/model_details", {}))
             self._facts.details[self.address] = details
         return self._facts.details[self.address]
