@@ -326,3 +326,17 @@ async def test_a_malformed_answer_is_the_workers_error_not_a_500() -> None:
     api = Api({"http://w": await answers(200, b'{"text": 5, "usage": "none"}\0')})
     with pytest.raises(WorkerError, match="malformed frame"):
         await api.chat()
+
+
+async def test_a_restarted_controllers_table_drops_nobody_while_it_settles() -> None:
+    tables = [{"workers": [{"address": "http://w", "model_names": [M]}]}, {"workers": [], "settling": True}, {"workers": []}]
+
+    async def controller(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=tables.pop(0))
+
+    pool = ControllerPool(http=httpx.AsyncClient(transport=httpx.MockTransport(controller)), controller="http://c", refresh=60)
+    await pool.refresh()
+    await pool.refresh()  # the controller restarted: its workers have not registered again yet
+    assert await pool.models() == [M] and pool.readiness() == {M: 1}
+    await pool.refresh()  # settled: the worker did not come back
+    assert await pool.models() == [] and pool.readiness() == {}

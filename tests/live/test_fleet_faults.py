@@ -200,6 +200,12 @@ def test_no_free_worker_connection_is_503_with_retry_after(tmp_path: Path) -> No
         client = sdk(fleet.url["api"])
         client.models.list()
         client.chat.completions.create(model=M, messages=MSG, max_tokens=1)  # type: ignore[arg-type]  # details cached
+        # Clients that leave mid-stream give their worker connection back (it used to leak,
+        # until the pool was full): with one connection, every one of these needs it.
+        for _ in range(6):
+            with client.chat.completions.create(model=M, messages=MSG, stream=True) as stream:  # type: ignore[arg-type]
+                next(iter(stream))
+        assert client.chat.completions.create(model=M, messages=MSG, max_tokens=2).choices  # type: ignore[arg-type]
 
         with client.chat.completions.create(model=M, messages=MSG, stream=True) as stream:  # type: ignore[arg-type]
             next(iter(stream))  # the one connection is now busy

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -64,7 +65,12 @@ def create_controller_app(
                 await cancel_and_wait(task)
 
     app = FastAPI(title="chatgate controller", lifespan=lifespan)
-    app.state.controller = routes.ControllerState(registry=registry, dispatch_method=settings.dispatch_method)
+    # Every live worker heartbeats within the expiration, so by then all have registered again.
+    app.state.controller = routes.ControllerState(
+        registry=registry,
+        dispatch_method=settings.dispatch_method,
+        settle_until=time.monotonic() + settings.heartbeat_expiration,
+    )
     metrics = CollectorRegistry()
     metrics.register(_collector(registry))
     app.include_router(health_routes())

@@ -4,6 +4,7 @@ thin adapters from HTTP to the app's `Registry`."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request
@@ -20,10 +21,12 @@ router = APIRouter()
 
 @dataclass(frozen=True)
 class ControllerState:
-    """What the controller's routes are handed: the registry and the dispatch method's name."""
+    """What the controller's routes are handed: the registry, the dispatch method's name, and
+    until when (monotonic) the table may still be missing workers that have not re-registered."""
 
     registry: Registry
     dispatch_method: str
+    settle_until: float = 0.0
 
 
 def controller_state(request: Request) -> ControllerState:
@@ -89,6 +92,7 @@ async def list_workers(state: ControllerState = Depends(controller_state)) -> Wo
     return WorkerTable(
         workers=[w.entry() for w in state.registry.workers()],
         dispatch_method=state.dispatch_method,
+        settling=time.monotonic() < state.settle_until,
     )
 
 

@@ -237,6 +237,9 @@ class WorkerTable(BaseModel):
 
     workers: list[WorkerEntry] = Field(default_factory=list)
     dispatch_method: str = "shortest_queue"
+    # The controller started moments ago and its workers are still registering again, so the
+    # table may be incomplete: an API server adds to its copy but drops nothing from it yet.
+    settling: bool = False
 
 
 class WorkerDown(BaseModel):

@@ -96,7 +96,11 @@ class ControllerPool:
                     log.warning("controller %s unreachable: %s", self._controller, exc)
                 self._reachable = False
                 raise NoHealthyWorkerError("The controller cannot be reached.") from exc
-            self._table, self._dispatch = table.workers, table.dispatch_method
+            workers = table.workers
+            if table.settling:  # a restarted controller: keep the workers not seen failing
+                known = set(self._down) | {entry.address for entry in workers}
+                workers = workers + [entry for entry in self._table if entry.address not in known]
+            self._table, self._dispatch = workers, table.dispatch_method
             self._fetched, self._reachable = time.monotonic(), True
             self._forget_departed()
 

@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import anyio
 import httpx
 from pydantic import BaseModel, ValidationError
 
@@ -71,27 +70,63 @@ class FrameTooLarge(Exception):
     """A worker's stream frame is over the cap."""
 
 
-async def _frames(response: httpx.Response, bounds: Bounds) -> AsyncIterator[WorkerChunk]:
+async def _next(data: AsyncIterator[bytes]) -> bytes | None:
+    try:
+        return await anext(data)
+    except StopAsyncIteration:
+        return None
+
+
+class _FrameReader:
     """The NUL-delimited JSON chunks of a worker's stream, each within its deadline
-    (`TimeoutError`) and size cap (`FrameTooLarge`)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + bounds.first_frame
-    data = aiter(response.aiter_bytes())
-    buffer = b""
-    while True:
-        try:
-            async with asyncio.timeout_at(deadline):
-                buffer += await anext(data)
-        except StopAsyncIteration:
-            return
-        *frames, buffer = buffer.split(b"\0")
-        if len(buffer) > bounds.max_frame_bytes or any(len(f) > bounds.max_frame_bytes for f in frames):
-            raise FrameTooLarge(f"a stream frame over {bounds.max_frame_bytes} bytes")
-        for frame in frames:
-            if frame.strip():
-                yield WorkerChunk.model_validate_json(frame)
-        if frames:
-            deadline = loop.time() + bounds.between_frames
+    (`TimeoutError`) and size cap (`FrameTooLarge`).
+
+    Each read runs in a task of its own: a client that goes away cancels the request's task,
+    and a cancellation landing inside httpx's read leaves the pooled connection marked busy
+    forever (the pool fills up with dead connections). `abandon` ends an unfinished stream
+    instead: it closes the socket under the pending read and lets that read unwind.
+    """
+
+    def __init__(self, response: httpx.Response, bounds: Bounds) -> None:
+        self._response = response
+        self._bounds = bounds
+        self._data = aiter(response.aiter_bytes())
+        self._pending: asyncio.Task[bytes | None] | None = None
+
+    async def _read(self, deadline: float) -> bytes | None:
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(_next(self._data))
+        async with asyncio.timeout_at(deadline):
+            data = await asyncio.shield(self._pending)
+        self._pending = None
+        return data
+
+    async def frames(self) -> AsyncIterator[WorkerChunk]:
+        """The chunks, as they arrive."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._bounds.first_frame
+        buffer = b""
+        cap = self._bounds.max_frame_bytes
+        while (data := await self._read(deadline)) is not None:
+            *frames, buffer = (buffer + data).split(b"\0")
+            if len(buffer) > cap or any(len(f) > cap for f in frames):
+                raise FrameTooLarge(f"a stream frame over {cap} bytes")
+            for frame in frames:
+                if frame.strip():
+                    yield WorkerChunk.model_validate_json(frame)
+            if frames:
+                deadline = loop.time() + self._bounds.between_frames
+
+    async def abandon(self) -> None:
+        """Drop the connection of an unfinished stream (which tells the worker to stop)."""
+        network_stream = self._response.extensions.get("network_stream")
+        if network_stream is not None:
+            await network_stream.aclose()
+        if self._pending is not None:
+            await asyncio.wait([self._pending])
+            if not self._pending.cancelled():
+                self._pending.exception()  # retrieved: the read failed as the socket closed
+        await self._response.aclose()
 
 
 def _detail(content: bytes) -> str:
@@ -129,18 +164,6 @@ async def _deltas(chunks: AsyncIterator[WorkerChunk]) -> AsyncIterator[WorkerChu
         yield chunk.model_copy(update={"text": delta})
 
 
-async def _close(response: httpx.Response, *, drop_connection: bool) -> None:
-    """Close a worker response; an unfinished one also closes its connection.
-
-    Closing the connection is what tells the worker to stop generating. It is done directly
-    because httpx's own cleanup can itself be cancelled when the client's request is.
-    """
-    network_stream = response.extensions.get("network_stream") if drop_connection else None
-    if network_stream is not None:
-        await network_stream.aclose()
-    await response.aclose()
-
-
 @dataclass
 class WorkerFacts:
     """What an API server learns about each worker once: its details and conversation."""
@@ -148,6 +171,14 @@ class WorkerFacts:
     in_flight: Counter[str] = field(default_factory=Counter)
     details: dict[str, ModelDetails] = field(default_factory=dict)
     conversations: dict[tuple[str, str], Conversation] = field(default_factory=dict)
+    # Unfinished worker streams being closed in the background (referenced until done).
+    closing: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def close_later(self, reader: _FrameReader) -> None:
+        """Abandon an unfinished stream in a task of its own, which no client can cancel."""
+        task = asyncio.get_running_loop().create_task(reader.abandon())
+        self.closing.add(task)
+        task.add_done_callback(self.closing.discard)
 
     def forget(self, *, keep: set[str] | None = None, drop: str | None = None) -> None:
         """Forget workers: all but those in `keep`, or just `drop`.
@@ -267,11 +298,12 @@ class HttpWorker:
         except TimeoutError as exc:
             raise self._unavailable(f"no answer in {self._bounds.first_frame:g}s") from exc
         started = complete = False
+        reader = _FrameReader(response, self._bounds)
         try:
             if response.status_code != 200:
                 async with asyncio.timeout(self._bounds.between_frames):
                     raise self._refused(response.status_code, await _head(response))
-            async for chunk in _frames(response, self._bounds):
+            async for chunk in reader.frames():
                 if chunk.error_code:
                     raise _chunk_error(chunk)
                 started = True
@@ -284,8 +316,10 @@ class HttpWorker:
         except ValidationError as exc:
             raise WorkerError(f"The worker at {self.address} sent a malformed frame.") from exc
         finally:
-            with anyio.CancelScope(shield=True):
-                await _close(response, drop_connection=not complete)
+            if complete:
+                await asyncio.shield(response.aclose())
+            else:
+                self._facts.close_later(reader)
 
     def _broken(self, exc: Exception, *, started: bool) -> ChatgateError:
         """The error for a stream that broke or went silent, before or after its first frame."""
