@@ -19,21 +19,13 @@ from chatgate.settings import ControllerSettings, WorkerSettings
 from chatgate.worker.app import create_worker_app
 from chatgate.engines.fake import FakeEngine
 from tests.conftest import raw, running, sdk
+from tests.polling import apoll
 from tests.integration.test_fleet import MSG, M, fleet, served, worker_app
 
 pytestmark = pytest.mark.anyio
 
 KEY = "s3cret-fleet-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-async def poll(check: Callable[[], Awaitable[bool]], deadline: float = 5.0) -> None:
-    """Wait until `check()` holds, failing after `deadline` seconds."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline
-    while not await check():
-        assert loop.time() < end, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 # The fleet key ---------------------------------------------------------------------------------
@@ -225,10 +217,6 @@ async def test_5xx_and_silence_are_reported_and_retried_within_the_timeout() -> 
     assert [address for address, *_ in api.pool.load()] == ["http://fine"]
 
 
-async def _true(value: bool) -> bool:
-    return value
-
-
 async def test_silence_mid_stream_ends_the_request_and_reports_the_worker() -> None:
     from chatgate.errors import WorkerError
 
@@ -243,7 +231,7 @@ async def test_silence_mid_stream_ends_the_request_and_reports_the_worker() -> N
     api = Api({"http://w": stalls}, Bounds(between_frames=0.2))
     with pytest.raises(WorkerError, match="stopped answering mid-stream"):
         await api.chat()
-    await poll(lambda: _true(api.reports == ["http://w"]))
+    await apoll(lambda: api.reports == ["http://w"], what="the stalled worker reported", timeout=5)
 
 
 async def test_an_oversized_frame_ends_the_request_with_an_error_not_an_empty_200() -> None:
@@ -308,7 +296,7 @@ async def test_models_whose_workers_are_gone_are_forgotten() -> None:
             workers = (await f.http.post("http://controller/list_workers")).json()["workers"]
             return [w["address"] for w in workers] == ["http://a"]
 
-        await poll(dropped)
+        await apoll(dropped, what="the controller drops the dead worker", timeout=5)
         await f.pool.refresh()
         assert [m.id for m in (await client.models.list()).data] == ["alpha"]
         async with raw(f.api) as http:

@@ -4,7 +4,6 @@ processes on free ports, optionally with a fleet key and HTTPS between them."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,16 +109,14 @@ class LiveFleet:
         except (httpx.HTTPError, ValueError):
             return {}
 
+    async def aready(self, *, want: dict[str, int], name: str = "api") -> bool:
+        """Whether `/ready` counts `want` workers per model (without blocking the loop)."""
+        try:
+            async with httpx.AsyncClient(timeout=2) as http:
+                return bool((await http.get(f"{self.url[name]}/ready")).json().get("workers") == want)
+        except (httpx.HTTPError, ValueError):
+            return False
+
     def stop(self) -> None:
         for process in reversed(list(self.processes.values())):
             process.stop()
-
-
-def wait_until(predicate: Callable[[], bool], deadline: float, what: str = "condition") -> float:
-    """Poll `predicate` until it holds; return the seconds it took (fail after `deadline`)."""
-    start = time.monotonic()
-    while time.monotonic() - start < deadline:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {deadline}s")

@@ -16,7 +16,8 @@ import httpx
 import openai
 import pytest
 
-from tests.live.fleet import M, LiveFleet, Tls, wait_until
+from tests.live.fleet import M, LiveFleet, Tls
+from tests.polling import apoll, poll
 
 pytestmark = pytest.mark.live
 
@@ -34,7 +35,7 @@ def test_keyed_https_fleet_serves_and_refuses_strangers(tmp_path: Path) -> None:
         fleet.controller()
         fleet.worker("w1")
         fleet.api()
-        wait_until(lambda: fleet.ready().get("workers") == {M: 1}, 15, "worker behind the API")
+        poll(lambda: fleet.ready().get("workers") == {M: 1}, what="worker behind the API", timeout=15)
         assert fleet.url["w1"].startswith("https://") and fleet.table() == [fleet.url["w1"]]
 
         client = sdk(fleet.url["api"])
@@ -56,7 +57,7 @@ def test_keyed_https_fleet_serves_and_refuses_strangers(tmp_path: Path) -> None:
             report = {"worker_name": fleet.url["w1"]}
             assert http.post(f"{fleet.url['controller']}/report_worker_down", json=report, headers=fleet.auth()).status_code == 200
         log = fleet.processes["controller"].log
-        wait_until(lambda: "answers its status probe: kept" in log.read_text(), 5, "probe of the reported worker")
+        poll(lambda: "answers its status probe: kept" in log.read_text(), what="probe of the reported worker", timeout=5)
         assert fleet.table() == [fleet.url["w1"]]
         # Without the CA bundle nothing in the fleet trusts these certificates.
         with pytest.raises(httpx.ConnectError):
@@ -109,7 +110,7 @@ def test_a_frozen_worker_leaves_rotation_and_rejoins_after_sigcont(tmp_path: Pat
         w1 = fleet.worker("w1")
         fleet.worker("w2")
         fleet.api("api", "--worker-first-frame-timeout", str(FIRST_FRAME), "--worker-frame-timeout", str(FIRST_FRAME))
-        wait_until(lambda: fleet.ready().get("workers") == {M: 2}, 15, "both workers behind the API")
+        poll(lambda: fleet.ready().get("workers") == {M: 2}, what="both workers behind the API", timeout=15)
 
         load = Load()
         start = time.monotonic()
@@ -119,9 +120,9 @@ def test_a_frozen_worker_leaves_rotation_and_rejoins_after_sigcont(tmp_path: Pat
             await asyncio.sleep(2)  # steady load on both workers first
             os.kill(w1.proc.pid, signal.SIGSTOP)
             frozen = time.monotonic()
-            while fleet.ready().get("workers") != {M: 1}:
-                await asyncio.sleep(0.05)
-            out_of_rotation = time.monotonic() - frozen
+            # Polled without blocking the loop that drives the clients.
+            out_of_rotation = await apoll(lambda: fleet.aready(want={M: 1}), what="the frozen worker out of rotation",
+                                          timeout=FIRST_FRAME + 5)
             await driving
             return frozen, out_of_rotation
 
@@ -138,7 +139,7 @@ def test_a_frozen_worker_leaves_rotation_and_rejoins_after_sigcont(tmp_path: Pat
         assert fleet.table() == [fleet.url["w2"]]  # the controller probed it and dropped it
 
         os.kill(w1.proc.pid, signal.SIGCONT)
-        rejoin = wait_until(lambda: fleet.ready().get("workers") == {M: 2}, 10, "the thawed worker rejoining")
+        rejoin = poll(lambda: fleet.ready().get("workers") == {M: 2}, what="the thawed worker rejoining", timeout=10)
         print(f"rejoined {rejoin:.2f}s after SIGCONT")
         assert sorted(fleet.table()) == sorted([fleet.url["w1"], fleet.url["w2"]])
     finally:
@@ -153,7 +154,7 @@ def test_a_frozen_then_killed_controller(tmp_path: Path) -> None:
         fleet.worker("w1")
         fleet.worker("w2")
         fleet.api("api", "--controller-timeout", "1")
-        wait_until(lambda: fleet.ready().get("workers") == {M: 2}, 15, "both workers behind the API")
+        poll(lambda: fleet.ready().get("workers") == {M: 2}, what="both workers behind the API", timeout=15)
 
         client = sdk(fleet.url["api"])
 
@@ -168,7 +169,7 @@ def test_a_frozen_then_killed_controller(tmp_path: Path) -> None:
         before = chats(1)
         os.kill(controller.proc.pid, signal.SIGSTOP)
         try:
-            wait_until(lambda: fleet.ready().get("status") == "degraded", 5, "/ready saying degraded")
+            poll(lambda: fleet.ready().get("status") == "degraded", what="/ready saying degraded", timeout=5)
             during = chats(4)
             ready = httpx.get(f"{fleet.url['api']}/ready", timeout=2)
             slowest = max(t for _, t in during)
@@ -183,8 +184,9 @@ def test_a_frozen_then_killed_controller(tmp_path: Path) -> None:
         os.kill(controller.proc.pid, signal.SIGKILL)
         controller.proc.wait()
         fleet.controller()
-        whole = wait_until(lambda: len(fleet.table()) == 2, heartbeat + 1, "workers re-registering")
-        wait_until(lambda: fleet.ready().get("status") == "ready", 2, "the API's table whole again")
+        whole = poll(lambda: len(fleet.table()) == 2, what="workers re-registering", timeout=heartbeat + 1,
+                     ignore=(httpx.HTTPError,))
+        poll(lambda: fleet.ready().get("status") == "ready", what="the API's table whole again", timeout=2)
         print(f"table whole {whole:.2f}s after the restarted controller was healthy")
     finally:
         fleet.stop()
@@ -196,7 +198,7 @@ def test_no_free_worker_connection_is_503_with_retry_after(tmp_path: Path) -> No
         fleet.controller()
         fleet.worker("w1", delay=0.2)
         fleet.api("api", "--worker-max-connections", "1", "--worker-pool-timeout", "0.5")
-        wait_until(lambda: fleet.ready().get("workers") == {M: 1}, 15, "worker behind the API")
+        poll(lambda: fleet.ready().get("workers") == {M: 1}, what="worker behind the API", timeout=15)
         client = sdk(fleet.url["api"])
         client.models.list()
         client.chat.completions.create(model=M, messages=MSG, max_tokens=1)  # type: ignore[arg-type]  # details cached
