@@ -271,7 +271,7 @@ async def test_without_its_controller_the_api_serves_from_its_table_and_says_deg
         with pytest.raises(Exception):
             await f.pool.refresh()
         client = sdk(f.api)
-        results = await asyncio.gather(*(client.chat.completions.create(model=M, messages=MSG) for _ in range(6)))  # type: ignore[arg-type]
+        results = await asyncio.gather(*(client.chat.completions.create(model=M, messages=MSG) for _ in range(6)))
         assert all(r.choices[0].message.content for r in results)
         async with raw(f.api) as http:
             ready = await http.get("/ready")
@@ -287,11 +287,11 @@ async def test_models_whose_workers_are_gone_are_forgotten() -> None:
     workers = {"http://a": worker_app(model="alpha"), "http://b": worker_app(model="beta")}
     async with fleet("shortest_queue", workers, models={"http://a": "alpha", "http://b": "beta"}) as f:
         client = sdk(f.api)
-        await client.chat.completions.create(model="beta", messages=MSG)  # type: ignore[arg-type]
+        await client.chat.completions.create(model="beta", messages=MSG)
         assert "http://b" in f.pool._facts.details
         f.machines["http://b"].dead = True
         with pytest.raises(openai.InternalServerError):
-            await client.chat.completions.create(model="beta", messages=MSG)  # type: ignore[arg-type]
+            await client.chat.completions.create(model="beta", messages=MSG)
         async def dropped() -> bool:  # the report goes out in the background, then the probe
             workers = (await f.http.post("http://controller/list_workers")).json()["workers"]
             return [w["address"] for w in workers] == ["http://a"]
@@ -304,7 +304,7 @@ async def test_models_whose_workers_are_gone_are_forgotten() -> None:
         assert ready.status_code == 200 and ready.json()["workers"] == {"alpha": 1}
         assert "http://b" not in f.pool._facts.details and "http://b" not in f.pool._facts.in_flight
         with pytest.raises(openai.NotFoundError):
-            await client.chat.completions.create(model="beta", messages=MSG)  # type: ignore[arg-type]
+            await client.chat.completions.create(model="beta", messages=MSG)
         assert served(workers["http://a"]) == 0 and served(workers["http://b"]) == 1
 
 

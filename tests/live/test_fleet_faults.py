@@ -16,12 +16,13 @@ import httpx
 import openai
 import pytest
 
+from tests.conftest import Messages
 from tests.live.fleet import M, LiveFleet, Tls
 from tests.polling import apoll, poll
 
 pytestmark = pytest.mark.live
 
-MSG = [{"role": "user", "content": "tell me something"}]
+MSG: Messages = [{"role": "user", "content": "tell me something"}]
 KEY = "fleet-secret-123"
 
 
@@ -39,8 +40,8 @@ def test_keyed_https_fleet_serves_and_refuses_strangers(tmp_path: Path) -> None:
         assert fleet.url["w1"].startswith("https://") and fleet.table() == [fleet.url["w1"]]
 
         client = sdk(fleet.url["api"])
-        assert client.chat.completions.create(model=M, messages=MSG).choices[0].message.content  # type: ignore[arg-type]
-        stream = client.chat.completions.create(model=M, messages=MSG, stream=True)  # type: ignore[arg-type]
+        assert client.chat.completions.create(model=M, messages=MSG).choices[0].message.content
+        stream = client.chat.completions.create(model=M, messages=MSG, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
         with fleet.client() as http:
@@ -162,7 +163,7 @@ def test_a_frozen_then_killed_controller(tmp_path: Path) -> None:
             statuses, end = [], time.monotonic() + seconds
             while time.monotonic() < end:
                 begin = time.monotonic()
-                response = client.chat.completions.with_raw_response.create(model=M, messages=MSG, max_tokens=4)  # type: ignore[arg-type]
+                response = client.chat.completions.with_raw_response.create(model=M, messages=MSG, max_tokens=4)
                 statuses.append((response.status_code, time.monotonic() - begin))
             return statuses
 
@@ -201,19 +202,19 @@ def test_no_free_worker_connection_is_503_with_retry_after(tmp_path: Path) -> No
         poll(lambda: fleet.ready().get("workers") == {M: 1}, what="worker behind the API", timeout=15)
         client = sdk(fleet.url["api"])
         client.models.list()
-        client.chat.completions.create(model=M, messages=MSG, max_tokens=1)  # type: ignore[arg-type]  # details cached
+        client.chat.completions.create(model=M, messages=MSG, max_tokens=1)  # details cached
         # Clients that leave mid-stream give their worker connection back (it used to leak,
         # until the pool was full): with one connection, every one of these needs it.
         for _ in range(6):
-            with client.chat.completions.create(model=M, messages=MSG, stream=True) as stream:  # type: ignore[arg-type]
+            with client.chat.completions.create(model=M, messages=MSG, stream=True) as stream:
                 next(iter(stream))
-        assert client.chat.completions.create(model=M, messages=MSG, max_tokens=2).choices  # type: ignore[arg-type]
+        assert client.chat.completions.create(model=M, messages=MSG, max_tokens=2).choices
 
-        with client.chat.completions.create(model=M, messages=MSG, stream=True) as stream:  # type: ignore[arg-type]
+        with client.chat.completions.create(model=M, messages=MSG, stream=True) as stream:
             next(iter(stream))  # the one connection is now busy
             begin = time.monotonic()
             with pytest.raises(openai.InternalServerError) as err:
-                client.chat.completions.create(model=M, messages=MSG)  # type: ignore[arg-type]
+                client.chat.completions.create(model=M, messages=MSG)
             waited = time.monotonic() - begin
         assert err.value.status_code == 503 and err.value.response.headers["retry-after"]
         assert 0.4 < waited < 3, waited
