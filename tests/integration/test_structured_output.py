@@ -113,3 +113,12 @@ async def test_engine_without_grammars_refuses(fake_app: FastAPI) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         await sdk(fake_app).chat.completions.create(model="fake-model", messages=ASK, response_format={"type": "json_object"})
     assert err.value.param == "response_format"
+
+
+async def test_json_object_is_compact_and_finishes(chat_app: FastAPI) -> None:
+    """The issue's try: with whitespace allowed, the model looped on indentation until the limit."""
+    r = await sdk(chat_app).chat.completions.create(model=MODEL, messages=user("Give me a JSON object about cats."),
+                                                    response_format={"type": "json_object"}, temperature=0, max_tokens=120)
+    text = r.choices[0].message.content or ""
+    assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(text), dict)
+    assert "\n" not in text  # no indentation: a raw newline can only be whitespace between tokens

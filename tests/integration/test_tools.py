@@ -149,3 +149,18 @@ async def test_sdk_stream_helper_reassembles_tool_calls(chat_app: FastAPI) -> No
     assert final.choices[0].finish_reason == "tool_calls" and calls
     assert calls[0].function.name == "get_weather"
     jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER)
+
+
+@pytest.mark.model
+async def test_one_parameter_tool_required_finishes_within_100_tokens(chat_app: FastAPI) -> None:
+    """The issue's try: a small model used to invent properties (`"type"`, ...) until the limit."""
+    city: dict[str, object] = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    tool = [function_tool("get_weather", "Get the weather in a city", city)]
+    client = sdk(chat_app)
+    for seed in (None, 1):
+        r = await client.chat.completions.create(model=MODEL, messages=ASK, tools=tool, tool_choice="required", max_tokens=100, seed=seed)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls", c
+        for call in function_calls(c.message):
+            arguments = json.loads(call.function.arguments)
+            assert set(arguments) == {"city"} and isinstance(arguments["city"], str)

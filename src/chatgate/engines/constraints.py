@@ -7,7 +7,7 @@ the tokens sampled, so every request in a shared batch carries its own constrain
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,8 +18,14 @@ from llguidance.hf import from_tokenizer
 
 from chatgate.errors import InvalidRequestError
 
+if TYPE_CHECKING:  # a TypedDict that exists only in llguidance's stubs
+    from llguidance._lib import JsonCompileOptions
+
 SCHEMA_PARAM = "response_format.json_schema.schema"
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
+# Compact JSON: a small model given room for whitespace spends its tokens indenting (and often
+# loops on newlines and spaces until max_tokens); with none allowed, every token says something.
+COMPACT: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 
 
 class ConstraintCompiler:
@@ -45,7 +51,7 @@ class ConstraintCompiler:
         else:
             raise InvalidRequestError(f"Unknown response_format type {kind!r}.", param="response_format.type")
         try:
-            grammar = LLMatcher.grammar_from_json_schema(schema)
+            grammar = LLMatcher.grammar_from_json_schema(schema, overrides=COMPACT)
         except ValueError as exc:
             raise InvalidRequestError(f"Invalid JSON schema: {exc}", param=SCHEMA_PARAM) from None
         failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)

@@ -5,7 +5,8 @@ from `tools` and `tool_messages`); any other is shown them in a system message (
 `TOOL_PROMPT`), which works with FastChat workers too. The model replies either with
 plain text or with one JSON object, `{"tool_calls": [{"name": ..., "arguments": {...}}]}`. With
 `tool_choice` `"required"` or a named function, decoding is constrained by a grammar to exactly
-that object, with each call's arguments matching its function's JSON schema; with `"auto"` the
+that object, with each call's arguments matching its function's JSON schema (closed to
+properties it does not declare, as in OpenAI's strict mode); with `"auto"` the
 reply is parsed, and counts as tool calls only if it is such an object naming known functions.
 Earlier turns with `tool_calls` are shown to the model in the same form, and `tool` messages as
 they are. Legacy `functions` / `function_call` map onto the same plan.
@@ -53,7 +54,7 @@ class ToolPlan:
         calls = [
             {
                 "type": "object",
-                "properties": {"name": {"const": f.name}, "arguments": f.parameters},
+                "properties": {"name": {"const": f.name}, "arguments": closed(f.parameters)},
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }
@@ -87,6 +88,33 @@ class ToolPlan:
             )
             for c in calls
         ]
+
+
+def closed(schema: Any) -> Any:
+    """`schema` with every object that declares `properties` closed to other properties, unless
+    it says otherwise (as OpenAI's strict mode does): a small model otherwise keeps inventing
+    properties (often the schema's own words, `"type"`, `"properties"`) until `max_tokens`."""
+    if isinstance(schema, list):
+        return [closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _closed_child(key, value) for key, value in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+# Keywords whose values are schemas, or maps / lists of schemas.
+_SCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "patternProperties"})
+_SCHEMA_VALUES = frozenset({"items", "prefixItems", "anyOf", "oneOf", "allOf", "not", "additionalProperties"})
+
+
+def _closed_child(key: str, value: Any) -> Any:
+    if key in _SCHEMA_MAPS and isinstance(value, dict):
+        return {name: closed(sub) for name, sub in value.items()}
+    if key in _SCHEMA_VALUES:
+        return closed(value)
+    return value
 
 
 def plan(request: ChatCompletionRequest) -> ToolPlan | None:
