@@ -10,6 +10,7 @@ from chatgate.api.workers.base import WorkerPool
 from chatgate.api.serving.chat import ChatServing
 from chatgate.api.serving.completions import CompletionServing
 from chatgate.api.serving.embeddings import EmbeddingServing
+from chatgate.api.serving.tokenize import TokenizeServing
 from chatgate.api.serving.tokens import TokenCheckServing
 
 
@@ -23,6 +24,7 @@ class ApiState:
     completions: CompletionServing
     tokens: TokenCheckServing
     embeddings: EmbeddingServing
+    tokenizer: TokenizeServing
 
 
 def api_state(request: Request) -> ApiState:

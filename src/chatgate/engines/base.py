@@ -92,13 +92,19 @@ class Engine(abc.ABC):
         """Token ids of `text`."""
 
     @abc.abstractmethod
-    def decode(self, token_ids: Sequence[int]) -> str:
-        """Text of `token_ids`, special tokens left out."""
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        """Text of `token_ids`, special tokens left out unless asked for."""
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token's own string, as the tokenizer's vocabulary spells it."""
+        return [self.decode([token], skip_special_tokens=False) for token in token_ids]
 
     @abc.abstractmethod
-    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, add_generation_prompt: bool = True
+    ) -> str:
         """The prompt text for a conversation (and the tools on offer, if the model's template
-        renders them), with the generation prompt appended."""
+        renders them), with the generation prompt appended unless told not to."""
 
     def encode_chat(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None

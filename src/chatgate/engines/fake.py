@@ -57,14 +57,16 @@ class FakeEngine(Engine):
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decode(self, token_ids: Sequence[int]) -> str:
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
 
-    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, add_generation_prompt: bool = True
+    ) -> str:
         lines = [f"<{m['role']}> {m.get('content') or ''}" for m in messages]
         if tools and self.info.tools_in_template:
             lines.insert(0, "<tools> " + " ".join(t["function"]["name"] for t in tools))
-        return "\n".join(lines) + "\n<assistant>"
+        return "\n".join(lines) + ("\n<assistant>" if add_generation_prompt else "")
 
     def pending(self) -> int:
         return self.active

@@ -133,15 +133,21 @@ class TransformersEngine(Engine):
     ) -> tuple[list[int], str]:
         return self._chat_tokens.encode_chat(lambda m: self.render_chat(m, tools), messages)
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
 
-    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, add_generation_prompt: bool = True
+    ) -> str:
         return str(
             self._tokenizer.apply_chat_template(
-                messages, tools=tools if self.info.tools_in_template else None, tokenize=False, add_generation_prompt=True
+                messages, tools=tools if self.info.tools_in_template else None, tokenize=False,
+                add_generation_prompt=add_generation_prompt,
             )
         )
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        return [str(t) for t in self._tokenizer.convert_ids_to_tokens(list(token_ids))]
 
     def pending(self) -> int:
         return self._scheduler.pending() if self._scheduler is not None else 0

@@ -17,7 +17,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstr
 EXT_CHAT_TEMPLATE = "chat_template"
 EXT_DELTA = "delta"
 EXT_TOKEN_IDS = "prompt_token_ids"
-EXTENSIONS = (EXT_CHAT_TEMPLATE, EXT_DELTA, EXT_TOKEN_IDS)
+EXT_TOKENIZE = "tokenize"  # /tokenize and /detokenize
+EXTENSIONS = (EXT_CHAT_TEMPLATE, EXT_DELTA, EXT_TOKEN_IDS, EXT_TOKENIZE)
 
 
 class Sampling(BaseModel):
@@ -166,6 +167,40 @@ class CountTokenRequest(BaseModel):
 
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
+
+
+class TokenizeParams(BaseModel):
+    """Body of a chatgate worker's `/tokenize`: a prompt, or a conversation to template."""
+
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeResult(BaseModel):
+    """Response of `/tokenize`: the token ids, and each token's text when asked for."""
+
+    tokens: list[int]
+    token_strs: list[str] | None = None
+    context_length: int
+
+
+class DetokenizeParams(BaseModel):
+    """Body of a chatgate worker's `/detokenize`."""
+
+    tokens: list[int]
+
+
+class DetokenizeResult(BaseModel):
+    """Response of `/detokenize`."""
+
+    prompt: str
+
+
+class WorkerStatus(BaseModel):
+    """A worker's status, as it reports it to the controller."""
 
 
 # Bounds on what a worker may claim: dispatch divides by speed and sums queues, and every

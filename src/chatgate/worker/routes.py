@@ -17,9 +17,11 @@ from fastapi.responses import JSONResponse
 from chatgate.errors import ChatgateError
 from chatgate.protocol.worker import (
     CountTokenRequest,
+    DetokenizeParams,
     EmbedParams,
     EmbedResult,
     GenerateParams,
+    TokenizeParams,
     WorkerChunk,
     WorkerUsage,
 )
@@ -114,6 +116,18 @@ async def status(service: WorkerService = Service) -> dict[str, object]:
 async def count_token(request: CountTokenRequest, service: WorkerService = Service) -> JSONResponse:
     """Tokens the prompt takes (or an error: a prompt too long to possibly fit is not counted)."""
     return await _answer(service.count_tokens(request), lambda count: {"count": count, "error_code": 0})
+
+
+@router.post("/tokenize")
+async def tokenize(params: TokenizeParams, service: WorkerService = Service) -> JSONResponse:
+    """Token ids as generation encodes the prompt (the `tokenize` extension)."""
+    return await _answer(service.tokenize(params), lambda r: r.model_dump(exclude_none=True))
+
+
+@router.post("/detokenize")
+async def detokenize(params: DetokenizeParams, service: WorkerService = Service) -> JSONResponse:
+    """The text of token ids (the `tokenize` extension)."""
+    return await _answer(service.detokenize(params), lambda r: r.model_dump())
 
 
 @router.post("/worker_get_conv_template")

@@ -6,6 +6,7 @@ request behaves the same whichever way it arrives.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -19,6 +20,8 @@ from chatgate.protocol.conversation import Conversation, SeparatorStyle, chatml_
 from chatgate.protocol.worker import (
     EXTENSIONS,
     CountTokenRequest,
+    DetokenizeParams,
+    DetokenizeResult,
     EmbedParams,
     EmbedResult,
     GenerateParams,
@@ -26,6 +29,8 @@ from chatgate.protocol.worker import (
     PromptLogprob,
     Sampling,
     TokenAlternative,
+    TokenizeParams,
+    TokenizeResult,
     WorkerChunk,
     WorkerLogprob,
     WorkerStatus,
@@ -61,8 +66,10 @@ class WorkerService:
 
     # Prompts ---------------------------------------------------------------------------------
 
-    def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
-        return self.engine.render_chat(_aliased(messages), tools)
+    def _render(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, generation_prompt: bool = True
+    ) -> str:
+        return self.engine.render_chat(_aliased(messages), tools, add_generation_prompt=generation_prompt)
 
     def _encode_chat(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
@@ -124,6 +131,31 @@ class WorkerService:
         if not ids:
             raise InvalidRequestError("The prompt must not be empty.", param=params.prompt_param)
         return ids, prompt_text, self._sampling(params, len(ids))
+
+    async def tokenize(self, params: TokenizeParams) -> TokenizeResult:
+        """Token ids of a prompt or templated conversation, exactly as generation encodes it
+        (vLLM's `/tokenize`); tokenized in a thread, as a long prompt takes a while."""
+        return await asyncio.to_thread(self._tokenize, params)
+
+    def _tokenize(self, params: TokenizeParams) -> TokenizeResult:
+        if params.messages is not None and params.add_generation_prompt and not params.add_special_tokens:
+            ids = self._encode_chat(params.messages)[0]  # exactly as generation encodes a chat
+        else:
+            if params.messages is not None:
+                text = self._render(params.messages, generation_prompt=params.add_generation_prompt)
+            else:
+                text = params.prompt or ""
+            ids = self.engine.encode(text, add_special_tokens=params.add_special_tokens)
+        return TokenizeResult(
+            tokens=ids,
+            token_strs=self.engine.token_strings(ids) if params.return_token_strs else None,
+            context_length=self.engine.info.context_length,
+        )
+
+    async def detokenize(self, params: DetokenizeParams) -> DetokenizeResult:
+        """The text of token ids, special tokens included (vLLM's `/detokenize`)."""
+        ids = self._checked_ids(params.tokens, "tokens")
+        return DetokenizeResult(prompt=await asyncio.to_thread(self.engine.decode, ids, skip_special_tokens=False))
 
     def _sampling(self, params: GenerateParams, prompt_len: int) -> SamplingParams:
         context = self.engine.info.context_length

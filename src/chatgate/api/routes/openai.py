@@ -1,4 +1,4 @@
-"""OpenAI's routes, and FastChat's extra ones: thin adapters from HTTP to the serving classes."""
+"""OpenAI's routes, and FastChat's and vLLM's extra ones: thin adapters from HTTP to the serving classes."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from chatgate.api.state import ApiState, api_state
 from chatgate.errors import ModelNotFoundError
 from chatgate.responses import ClosingStreamingResponse
 from chatgate.protocol.fastchat import TokenCheckRequest, TokenCheckResponse
+from chatgate.protocol.vllm import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from chatgate.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -28,6 +29,7 @@ from chatgate.protocol.openai import (
 router = APIRouter()  # the API key is checked in middleware, before the body is read
 
 
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 Served = BaseModel | AsyncGenerator[BaseModel, None]
 
 
@@ -44,7 +46,7 @@ def respond(result: Served, request: Request) -> Response:
         sse(result, str(getattr(request.state, "request_id", ""))),
         media_type="text/event-stream",
         write_timeout=write_timeout,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers=_SSE_HEADERS,
     )
 
 
@@ -110,3 +112,17 @@ async def engine_embeddings(
 async def token_check(body: TokenCheckRequest, state: ApiState = Depends(api_state)) -> TokenCheckResponse:
     """FastChat's token check: prompt token counts against each model's context."""
     return await state.tokens.check(body)
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request, state: ApiState = Depends(api_state)) -> TokenizeResponse:
+    """vLLM's tokenize: a prompt's (or a templated conversation's) token ids and count."""
+    label_model(request, state, body.model)
+    return await state.tokenizer.tokenize(body)
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request, state: ApiState = Depends(api_state)) -> DetokenizeResponse:
+    """vLLM's detokenize: the text of token ids."""
+    label_model(request, state, body.model)
+    return await state.tokenizer.detokenize(body)

@@ -150,7 +150,7 @@ def _call_text(calls: list[MessageToolCall]) -> str:
 
 def render_messages(request: ChatCompletionRequest, tool_plan: ToolPlan | None) -> list[dict[str, Any]]:
     """The conversation as the worker's chat template receives it."""
-    messages = [_message(m) for m in request.messages]
+    messages = [message_dict(m) for m in request.messages]
     offered = tool_plan.functions if tool_plan else [t.function for t in request.tools or []] or request.functions or []
     if offered:
         described = json.dumps([f.model_dump(exclude_none=True, by_alias=True) for f in offered])
@@ -163,7 +163,8 @@ def render_messages(request: ChatCompletionRequest, tool_plan: ToolPlan | None) 
     return messages
 
 
-def _message(m: ChatMessage) -> dict[str, Any]:
+def message_dict(m: ChatMessage) -> dict[str, Any]:
+    """A message as the worker's chat template receives it; earlier calls in chatgate's tool form."""
     content = m.text()
     if m.role == "assistant" and m.tool_calls:
         content = _call_text(m.tool_calls)

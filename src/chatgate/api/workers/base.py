@@ -14,10 +14,14 @@ from typing import Protocol
 
 from chatgate.protocol.worker import (
     CountTokenRequest,
+    DetokenizeParams,
+    DetokenizeResult,
     EmbedParams,
     EmbedResult,
     GenerateParams,
     ModelDetails,
+    TokenizeParams,
+    TokenizeResult,
     WorkerChunk,
 )
 
@@ -37,6 +41,15 @@ class Worker(Protocol):
 
     async def embed(self, params: EmbedParams) -> EmbedResult:
         """Embedding vectors of the inputs, in order."""
+        ...
+
+    async def tokenize(self, params: TokenizeParams) -> TokenizeResult:
+        """Token ids as generation would encode the prompt; `InvalidRequestError` from a
+        worker without the extension."""
+        ...
+
+    async def detokenize(self, params: DetokenizeParams) -> DetokenizeResult:
+        """The text of token ids."""
         ...
 
     async def model_details(self) -> ModelDetails:

@@ -39,7 +39,18 @@ from chatgate.errors import (
 )
 from chatgate.protocol.conversation import Conversation, render
 from chatgate.protocol.worker import (
-    EXT_CHAT_TEMPLATE, CountTokenRequest, EmbedParams, EmbedResult, GenerateParams, ModelDetails, WorkerChunk,
+    EXT_CHAT_TEMPLATE,
+    EXT_TOKENIZE,
+    CountTokenRequest,
+    DetokenizeParams,
+    DetokenizeResult,
+    EmbedParams,
+    EmbedResult,
+    GenerateParams,
+    ModelDetails,
+    TokenizeParams,
+    TokenizeResult,
+    WorkerChunk,
 )
 
 log = logging.getLogger(__name__)
@@ -367,6 +378,19 @@ class HttpWorker:
     async def embed(self, params: EmbedParams) -> EmbedResult:
         result = await self._post("/worker_get_embeddings", params.model_dump(exclude_none=True))
         return self._parse(EmbedResult, result)
+
+    async def tokenize(self, params: TokenizeParams) -> TokenizeResult:
+        await self._require(EXT_TOKENIZE, "/tokenize")
+        return TokenizeResult.model_validate(await self._post("/tokenize", params.model_dump(exclude_none=True)))
+
+    async def detokenize(self, params: DetokenizeParams) -> DetokenizeResult:
+        await self._require(EXT_TOKENIZE, "/detokenize")
+        return DetokenizeResult.model_validate(await self._post("/detokenize", params.model_dump()))
+
+    async def _require(self, extension: str, what: str) -> None:
+        """Refuse what a worker does not advertise (a FastChat worker, or an older chatgate)."""
+        if extension not in (await self.model_details()).chatgate_extensions:
+            raise InvalidRequestError(f"{what} is not supported by this worker.", param="model")
 
     async def model_details(self) -> ModelDetails:
         if self.address not in self._facts.details:

@@ -11,7 +11,16 @@ from chatgate.engines import create_engine
 from chatgate.engines.base import Engine
 from chatgate.errors import ModelNotFoundError, NoHealthyWorkerError
 from chatgate.protocol.worker import (
-    CountTokenRequest, EmbedParams, EmbedResult, GenerateParams, ModelDetails, WorkerChunk,
+    CountTokenRequest,
+    DetokenizeParams,
+    DetokenizeResult,
+    EmbedParams,
+    EmbedResult,
+    GenerateParams,
+    ModelDetails,
+    TokenizeParams,
+    TokenizeResult,
+    WorkerChunk,
 )
 from chatgate.settings import ServeSettings
 from chatgate.worker.service import WorkerService
@@ -32,6 +41,12 @@ class LocalWorker:
 
     async def embed(self, params: EmbedParams) -> EmbedResult:
         return await self._service.embed(params)
+
+    async def tokenize(self, params: TokenizeParams) -> TokenizeResult:
+        return await self._service.tokenize(params)
+
+    async def detokenize(self, params: DetokenizeParams) -> DetokenizeResult:
+        return await self._service.detokenize(params)
 
     async def model_details(self) -> ModelDetails:
         return self._service.details()
