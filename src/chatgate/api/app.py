@@ -18,6 +18,7 @@ from chatgate.api.routes import playground
 from chatgate.api.serving.chat import ChatServing
 from chatgate.api.serving.completions import CompletionServing
 from chatgate.api.serving.embeddings import EmbeddingServing
+from chatgate.api.serving.responses import ResponsesServing
 from chatgate.api.serving.tokenize import TokenizeServing
 from chatgate.api.serving.tokens import TokenCheckServing
 from chatgate.api.state import ApiState
@@ -43,6 +44,7 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
                 stream_write_timeout=settings.stream_write_timeout,
                 chat=ChatServing(pool=pool, max_n=settings.max_n, metrics=metrics),
                 completions=CompletionServing(pool=pool, max_n=settings.max_n, metrics=metrics),
+                responses=ResponsesServing(pool=pool, max_n=settings.max_n, metrics=metrics),
                 tokens=TokenCheckServing(pool=pool),
                 embeddings=EmbeddingServing(pool=pool),
                 tokenizer=TokenizeServing(pool=pool),

@@ -1,4 +1,5 @@
-"""Server-sent events in the form OpenAI streams them: `data: {json}` lines, then `[DONE]`."""
+"""Server-sent events in the forms OpenAI streams them: chat and completions send `data: {json}`
+lines, then `[DONE]`; the Responses API sends named events (`event:` and `data:`), no `[DONE]`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from pydantic import BaseModel
 
 from chatgate.errors import ChatgateError
+from chatgate.protocol.responses import StreamEvent
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +19,11 @@ log = logging.getLogger(__name__)
 def event(payload: str) -> str:
     """One SSE event carrying `payload`."""
     return f"data: {payload}\n\n"
+
+
+def _unexpected(request_id: str) -> ChatgateError:
+    log.exception("stream failed (request %s)", request_id)
+    return ChatgateError(f"The server had an error while streaming (request id {request_id}).")
 
 
 async def sse(chunks: AsyncGenerator[BaseModel, None], request_id: str) -> AsyncIterator[str]:
@@ -30,8 +37,20 @@ async def sse(chunks: AsyncGenerator[BaseModel, None], request_id: str) -> Async
         yield event(json.dumps(exc.body()))
         return
     except Exception:
-        log.exception("stream failed (request %s)", request_id)
-        error = ChatgateError(f"The server had an error while streaming (request id {request_id}).")
-        yield event(json.dumps(error.body()))
+        yield event(json.dumps(_unexpected(request_id).body()))
         return
     yield event("[DONE]")
+
+
+async def named_sse(events: AsyncGenerator[StreamEvent, None], request_id: str) -> AsyncIterator[str]:
+    """Encode Responses API events; an error mid-stream becomes an `error` event numbered next."""
+    sequence = -1
+    try:
+        async with contextlib.aclosing(events):
+            async for item in events:
+                sequence = item.sequence_number
+                yield f"event: {item.type}\ndata: {item.model_dump_json()}\n\n"
+    except Exception as exc:
+        error = exc if isinstance(exc, ChatgateError) else _unexpected(request_id)
+        body = {"type": "error", **error.body()["error"], "sequence_number": sequence + 1}
+        yield f"event: error\ndata: {json.dumps(body)}\n\n"

@@ -10,6 +10,7 @@ from chatgate.api.workers.base import WorkerPool
 from chatgate.api.serving.chat import ChatServing
 from chatgate.api.serving.completions import CompletionServing
 from chatgate.api.serving.embeddings import EmbeddingServing
+from chatgate.api.serving.responses import ResponsesServing
 from chatgate.api.serving.tokenize import TokenizeServing
 from chatgate.api.serving.tokens import TokenCheckServing
 
@@ -22,6 +23,7 @@ class ApiState:
     stream_write_timeout: float
     chat: ChatServing
     completions: CompletionServing
+    responses: ResponsesServing
     tokens: TokenCheckServing
     embeddings: EmbeddingServing
     tokenizer: TokenizeServing

@@ -151,7 +151,7 @@ class SamplingRequest(PublicRequest):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-def _valid_schema(value: dict[str, Any]) -> dict[str, Any]:
+def valid_schema(value: dict[str, Any]) -> dict[str, Any]:
     """A JSON schema (tool parameters, `response_format`), refused here when malformed."""
     try:
         Draft202012Validator.check_schema(value)
@@ -165,7 +165,7 @@ class JsonSchemaFormat(PublicRequest):
 
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
-    schema_: Annotated[dict[str, Any], AfterValidator(limits.bounded_schema), AfterValidator(_valid_schema)] = Field(
+    schema_: Annotated[dict[str, Any], AfterValidator(limits.bounded_schema), AfterValidator(valid_schema)] = Field(
         default_factory=dict, alias="schema"
     )
     strict: bool | None = None
@@ -197,7 +197,7 @@ class FunctionDefinition(PublicRequest):
 
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
-    parameters: Annotated[dict[str, Any], AfterValidator(limits.bounded_schema), AfterValidator(_valid_schema)] = Field(
+    parameters: Annotated[dict[str, Any], AfterValidator(limits.bounded_schema), AfterValidator(valid_schema)] = Field(
         default_factory=lambda: {"type": "object", "properties": {}}
     )
     strict: bool | None = None

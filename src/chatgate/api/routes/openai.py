@@ -11,10 +11,12 @@ from pydantic import BaseModel
 from chatgate.api.serving.models import model_card
 from chatgate.api.disconnect import ClientGone, unless_disconnected
 from chatgate.api.pieces import is_large, json_in_pieces
-from chatgate.api.sse import sse
+from chatgate.api.serving.responses import to_chat
+from chatgate.api.sse import named_sse, sse
 from chatgate.api.state import ApiState, api_state
 from chatgate.errors import ModelNotFoundError
 from chatgate.responses import ClosingStreamingResponse
+from chatgate.protocol.responses import ResponsesRequest, StreamEvent
 from chatgate.protocol.fastchat import TokenCheckRequest, TokenCheckResponse
 from chatgate.protocol.vllm import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from chatgate.protocol.openai import (
@@ -92,6 +94,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 async def completions(body: CompletionRequest, request: Request, state: ApiState = Depends(api_state)) -> Response:
     """Text completion, streamed or not."""
     return await answer(request, state, body.model, state.completions.create(body))
+
+
+@router.post("/v1/responses")
+async def responses(body: ResponsesRequest, request: Request, state: ApiState = Depends(api_state)) -> Response:
+    """A model response (the stateless Responses API), streamed as named events or not."""
+    label_model(request, state, body.model)
+    result = await state.responses.create(to_chat(body))
+    if isinstance(result, BaseModel):
+        return respond(result, request)
+    events: AsyncGenerator[StreamEvent, None] = result
+    return ClosingStreamingResponse(
+        named_sse(events, str(getattr(request.state, "request_id", ""))),
+        media_type="text/event-stream",
+        write_timeout=state.stream_write_timeout,
+        headers=_SSE_HEADERS,
+    )
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)

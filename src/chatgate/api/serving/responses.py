@@ -1,0 +1,251 @@
+"""`/v1/responses` (stateless): a Responses request becomes a chat request, so the chat template,
+tool plan and constraints are chat's; its result becomes a `response` object or named events.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncGenerator, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import Field
+
+from chatgate.api.serving.chat import to_params
+from chatgate.api.serving.generation import Choice, GenerationServing, Reply
+from chatgate.api.serving.tools import ToolPlan, plan
+from chatgate.errors import ChatgateError
+from chatgate.protocol.openai import ChatCompletionRequest, Usage, now
+from chatgate.protocol.responses import (
+    FunctionCallInput,
+    FunctionCallOutput,
+    IncompleteDetails,
+    InputMessage,
+    OutputItem,
+    OutputMessage,
+    OutputText,
+    ResponseObject,
+    ResponsesRequest,
+    ResponseUsage,
+    StreamEvent,
+)
+from chatgate.protocol.worker import GenerateParams, WorkerChunk
+
+# Chat's parameter names in errors raised below this module, as a Responses request names them.
+_PARAMS = {
+    "messages": "input",
+    "max_completion_tokens": "max_output_tokens",
+    "max_tokens": "max_output_tokens",
+    "response_format.json_schema.schema": "text.format.schema",
+    "response_format": "text.format",
+}
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def to_chat(request: ResponsesRequest) -> ResponsesAsChat:
+    """The chat request a Responses request amounts to."""
+    fmt = request.text.format if request.text else None
+    response_format: dict[str, Any] | None = None
+    if fmt is not None and fmt.type == "json_object":
+        response_format = {"type": "json_object"}
+    elif fmt is not None and fmt.type == "json_schema":
+        schema = {"name": fmt.name, "schema": fmt.schema_, "strict": fmt.strict, "description": fmt.description}
+        response_format = {"type": "json_schema", "json_schema": {k: v for k, v in schema.items() if v is not None}}
+    choice: Any = request.tool_choice
+    if choice is not None and not isinstance(choice, str):
+        choice = {"type": "function", "function": {"name": choice.name}}
+    body = {
+        "model": request.model,
+        "messages": _messages(request),
+        "max_completion_tokens": request.max_output_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "tools": [{"type": "function", "function": t.definition().model_dump(exclude_none=True)} for t in request.tools or []] or None,
+        "tool_choice": choice,
+        "parallel_tool_calls": request.parallel_tool_calls,
+        "response_format": response_format,
+        "stream": request.stream,
+    }
+    return ResponsesAsChat.model_validate({**{k: v for k, v in body.items() if v is not None}, "source": request})
+
+
+def _messages(request: ResponsesRequest) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if request.instructions:
+        out.append({"role": "system", "content": request.instructions})
+    if isinstance(request.input, str):
+        return [*out, {"role": "user", "content": request.input}]
+    for item in request.input:
+        if isinstance(item, InputMessage):
+            out.append({"role": item.role, "content": item.text()})
+        elif isinstance(item, FunctionCallInput):
+            call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
+            if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls"):
+                out[-1]["tool_calls"].append(call)  # parallel calls: one assistant turn
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        else:
+            out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+    return out
+
+
+def output_items(choice: Choice, tool_plan: ToolPlan | None) -> list[OutputItem]:
+    """A finished reply as output items: its function calls, or one message."""
+    calls = tool_plan.parse(choice.text) if tool_plan is not None and choice.finish_reason == "stop" else None
+    if calls:
+        return [
+            FunctionCallOutput(id=_id("fc"), call_id=c.id, name=c.function.name, arguments=c.function.arguments)
+            for c in calls
+        ]
+    message = OutputMessage(id=_id("msg"), content=[OutputText(text=choice.text)])
+    if choice.finish_reason == "length":
+        message.status = "incomplete"
+    return [message]
+
+
+@dataclass(frozen=True)
+class _Head:
+    """What every `response` object of one request repeats."""
+
+    id: str
+    created_at: int
+    request: ResponsesRequest
+
+    def response(self, choice: Choice | None = None, output: list[OutputItem] | None = None) -> ResponseObject:
+        """The response in progress (no choice yet), or finished with `choice`'s `output`."""
+        r = self.request
+        done = choice is not None
+        cut = done and choice.finish_reason == "length"  # type: ignore[union-attr]
+        return ResponseObject(
+            id=self.id,
+            created_at=self.created_at,
+            status=("incomplete" if cut else "completed") if done else "in_progress",
+            model=r.model,
+            output=output or [],
+            usage=_usage(choice) if choice is not None else None,
+            incomplete_details=IncompleteDetails(reason="max_output_tokens") if cut else None,
+            instructions=r.instructions,
+            max_output_tokens=r.max_output_tokens,
+            temperature=1.0 if r.temperature is None else r.temperature,
+            top_p=1.0 if r.top_p is None else r.top_p,
+            tools=[t.model_dump(exclude_none=True) for t in r.tools or []],
+            tool_choice=r.tool_choice.model_dump() if r.tool_choice is not None and not isinstance(r.tool_choice, str) else (r.tool_choice or "auto"),
+            parallel_tool_calls=r.parallel_tool_calls is not False,
+            text={"format": r.text.format.model_dump(exclude_none=True, by_alias=True)} if r.text and r.text.format else {"format": {"type": "text"}},
+            metadata=r.metadata or {},
+        )
+
+
+def _usage(choice: Choice) -> ResponseUsage:
+    u = choice.usage
+    return ResponseUsage(input_tokens=u.prompt_tokens, output_tokens=u.completion_tokens, total_tokens=u.prompt_tokens + u.completion_tokens)
+
+
+class _Events:
+    """Numbers the events of one stream."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def __call__(self, kind: str, **fields: Any) -> StreamEvent:
+        event = StreamEvent(type=kind, sequence_number=self._next, **fields)
+        self._next += 1
+        return event
+
+    def message_open(self, index: int, item_id: str) -> Iterator[StreamEvent]:
+        """A message item and its (empty) text part begin."""
+        yield self("response.output_item.added", output_index=index, item=OutputMessage(id=item_id, status="in_progress"))
+        yield self("response.content_part.added", item_id=item_id, output_index=index, content_index=0, part=OutputText())
+
+    def delta(self, index: int, item_id: str, text: str) -> StreamEvent:
+        """More text of a message."""
+        return self("response.output_text.delta", item_id=item_id, output_index=index, content_index=0, delta=text, logprobs=[])
+
+    def message_close(self, index: int, message: OutputMessage) -> Iterator[StreamEvent]:
+        """A message's text part and the item end."""
+        part = message.content[0]
+        place = {"item_id": message.id, "output_index": index, "content_index": 0}
+        yield self("response.output_text.done", **place, text=part.text, logprobs=[])
+        yield self("response.content_part.done", **place, part=part)
+        yield self("response.output_item.done", output_index=index, item=message)
+
+    def call(self, index: int, call: FunctionCallOutput) -> Iterator[StreamEvent]:
+        """A function call item, whole: added, its arguments, done."""
+        yield self("response.output_item.added", output_index=index, item=call.model_copy(update={"arguments": "", "status": "in_progress"}))
+        place = {"item_id": call.id, "output_index": index}
+        yield self("response.function_call_arguments.delta", **place, delta=call.arguments)
+        yield self("response.function_call_arguments.done", **place, arguments=call.arguments)
+        yield self("response.output_item.done", output_index=index, item=call)
+
+
+class ResponsesAsChat(ChatCompletionRequest):
+    """A Responses request as the chat request it amounts to, carrying the original for the reply."""
+
+    source: ResponsesRequest = Field(exclude=True)
+
+
+@dataclass
+class ResponsesReply(Reply[ResponseObject, StreamEvent]):
+    """Builds the `response` object, or its events: text as it comes, or, with tools, every
+    output item when the reply ends (only then is it known to be calls or text)."""
+
+    head: _Head
+    tool_plan: ToolPlan | None
+    events: _Events = field(default_factory=_Events)
+    item_id: str = field(default_factory=lambda: _id("msg"))
+
+    def opening(self, choices: int) -> Iterable[StreamEvent]:
+        yield self.events("response.created", response=self.head.response())
+        yield self.events("response.in_progress", response=self.head.response())
+        if self.tool_plan is None:
+            yield from self.events.message_open(0, self.item_id)
+
+    def chunks(self, index: int, part: WorkerChunk, choice: Choice, sent: int) -> Iterable[StreamEvent]:
+        if part.text and self.tool_plan is None:
+            yield self.events.delta(0, self.item_id, part.text)
+        if part.finish_reason:
+            yield from self._closing(choice)
+
+    def _closing(self, choice: Choice) -> Iterable[StreamEvent]:
+        output = output_items(choice, self.tool_plan)
+        for index, item in enumerate(output):
+            if isinstance(item, FunctionCallOutput):
+                yield from self.events.call(index, item)
+                continue
+            if self.tool_plan is None:  # its text has streamed already, under this id
+                output[index] = item = item.model_copy(update={"id": self.item_id})
+            else:
+                yield from self.events.message_open(index, item.id)
+                yield self.events.delta(index, item.id, item.content[0].text)
+            yield from self.events.message_close(index, item)
+        final = self.head.response(choice, output)
+        yield self.events("response.completed" if final.status == "completed" else "response.incomplete", response=final)
+
+    def usage_chunk(self, usage: Usage) -> StreamEvent:
+        # Never asked for: the converted request has no stream_options; usage rides on
+        # response.completed.
+        raise NotImplementedError("a Responses stream carries usage in response.completed")
+
+    def response(self, choices: list[Choice], usage: Usage) -> ResponseObject:
+        return self.head.response(choices[0], output_items(choices[0], self.tool_plan))
+
+
+class ResponsesServing(GenerationServing[ResponsesAsChat, ResponseObject, StreamEvent]):
+    """Serves `/v1/responses` on the shared request flow: conversion and events only."""
+
+    def prepare(self, request: ResponsesAsChat) -> tuple[list[GenerateParams], ResponsesReply]:
+        tool_plan = plan(request)
+        params = to_params(request, tool_plan).model_copy(update={"prompt_param": "input", "max_tokens_param": "max_output_tokens"})
+        head = _Head(id=_id("resp"), created_at=now(), request=request.source)
+        return [params], ResponsesReply(head, tool_plan)
+
+    async def start(self, model: str, params: list[GenerateParams]) -> list[AsyncGenerator[WorkerChunk, None]]:
+        """As the flow starts generations, with errors naming the Responses request's fields."""
+        try:
+            return await super().start(model, params)
+        except ChatgateError as exc:
+            exc.param = _PARAMS.get(exc.param or "", exc.param)
+            raise

@@ -1,0 +1,259 @@
+"""The public wire format of OpenAI's Responses API (`POST /v1/responses`), stateless.
+
+Requests are validated here like chat's; responses and stream events carry the fields the
+official SDK reads (`output_text`, `usage`, `status`, `sequence_number`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
+
+from chatgate.protocol import limits
+from chatgate.protocol.openai import FunctionDefinition, valid_schema
+
+InputRole = Literal["user", "system", "developer", "assistant"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class InputTextPart(_Request):
+    """A text part of an input message (`output_text` when an earlier answer is sent back)."""
+
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class InputMessage(_Request):
+    """A message item of `input` (the `type` may be left out, as in OpenAI's easy form)."""
+
+    type: Literal["message"] = "message"
+    role: InputRole
+    content: str | list[InputTextPart]
+
+    def text(self) -> str:
+        """The message's content as one string."""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionCallInput(_Request):
+    """An earlier `function_call` output item, sent back with its result."""
+
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class FunctionCallOutputInput(_Request):
+    """`function_call_output`: what a function the model called returned."""
+
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1)
+    output: str
+
+
+def _item_kind(value: Any) -> str:
+    kind = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", "message")
+    # Tags that are not identifiers, so error locations (`input[0].role`) leave them out.
+    return f"{kind} item"
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("message item")]
+    | Annotated[FunctionCallInput, Tag("function_call item")]
+    | Annotated[FunctionCallOutputInput, Tag("function_call_output item")],
+    Discriminator(_item_kind),
+]
+
+
+class FunctionTool(_Request):
+    """A function tool (the only kind a stateless local server can run)."""
+
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: Annotated[dict[str, Any], AfterValidator(limits.bounded_schema), AfterValidator(valid_schema)] = Field(
+        default_factory=lambda: {"type": "object", "properties": {}}
+    )
+    strict: bool | None = None
+
+    def definition(self) -> FunctionDefinition:
+        """The chat-completions form of this tool."""
+        return FunctionDefinition(name=self.name, description=self.description, parameters=self.parameters, strict=self.strict)
+
+
+class NamedFunction(_Request):
+    """`tool_choice: {"type": "function", "name": ...}`."""
+
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(_Request):
+    """`text.format`: free text, any JSON object, or JSON valid against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(None, min_length=1, max_length=64)
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> TextFormat:
+        if self.type == "json_schema":
+            if self.schema_ is None or self.name is None:
+                raise ValueError("name and schema are required when type is 'json_schema'")
+            valid_schema(limits.bounded_schema(self.schema_))
+        return self
+
+
+class TextConfig(_Request):
+    """`text`: how the output text is formatted."""
+
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(_Request):
+    """`POST /v1/responses`, the stateless part of it."""
+
+    model: str = Field(min_length=1)
+    input: str | Annotated[list[InputItem], Field(min_length=1)]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    tools: Annotated[list[FunctionTool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    stream: bool | None = False
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    # Refused: they need state this server does not keep.
+    store: bool | None = None
+    previous_response_id: str | None = None
+    background: bool | None = None
+
+    @field_validator("store", "background")
+    @classmethod
+    def _stateless(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+        if value:
+            raise ValueError(f"this server is stateless: {info.field_name} must be false or left out")
+        return value
+
+    @field_validator("previous_response_id")
+    @classmethod
+    def _no_previous(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise ValueError("this server is stateless and keeps no earlier responses; send the whole conversation as input")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_names_a_tool(cls, value: Any, info: ValidationInfo) -> Any:
+        names = {t.name for t in info.data.get("tools") or []}
+        if value not in (None, "none", "auto") and not names:
+            raise ValueError("tool_choice requires tools")
+        if isinstance(value, NamedFunction) and value.name not in names:
+            raise ValueError(f"tool_choice names '{value.name}', which is not in tools")
+        return value
+
+
+class OutputText(BaseModel):
+    """An `output_text` content part."""
+
+    type: Literal["output_text"] = "output_text"
+    text: str = ""
+    annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[Any] = Field(default_factory=list)
+
+
+class OutputMessage(BaseModel):
+    """A `message` output item."""
+
+    type: Literal["message"] = "message"
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
+    role: Literal["assistant"] = "assistant"
+    content: list[OutputText] = Field(default_factory=list)
+
+
+class FunctionCallOutput(BaseModel):
+    """A `function_call` output item: a call the client should run and answer."""
+
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
+
+
+OutputItem = OutputMessage | FunctionCallOutput
+
+
+class InputTokensDetails(BaseModel):
+    """`usage.input_tokens_details`."""
+
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(BaseModel):
+    """`usage.output_tokens_details`."""
+
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(BaseModel):
+    """`usage` of a response."""
+
+    input_tokens: int = 0
+    input_tokens_details: InputTokensDetails = Field(default_factory=InputTokensDetails)
+    output_tokens: int = 0
+    output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
+    total_tokens: int = 0
+
+
+class IncompleteDetails(BaseModel):
+    """Why a response is incomplete."""
+
+    reason: Literal["max_output_tokens", "content_filter"]
+
+
+class ResponseObject(BaseModel):
+    """The `response` object, complete or (in stream events) in progress."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    model: str
+    output: list[OutputItem] = Field(default_factory=list)
+    usage: ResponseUsage | None = None
+    incomplete_details: IncompleteDetails | None = None
+    error: dict[str, Any] | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    tool_choice: Any = "auto"
+    parallel_tool_calls: bool = True
+    text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
+    metadata: dict[str, str] = Field(default_factory=dict)
+    store: bool = False
+    background: bool = False
+    previous_response_id: str | None = None
+
+
+class StreamEvent(BaseModel):
+    """One event of a streamed response; `type` names it, the rest depends on the type."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    sequence_number: int
