@@ -7,6 +7,7 @@
     ├── ModelNotFoundError              404 model_not_found
     ├── RequestTooLargeError            413 request_too_large
     ├── OverloadedError                 429 engine_overloaded (with Retry-After)
+    ├── RateLimitExceededError          429 rate_limit_exceeded: a per-key limit (with Retry-After)
     ├── NoHealthyWorkerError            503 service_unavailable (with Retry-After)
     │   └── WorkerUnavailableError      a worker failed before answering: retried elsewhere
     └── WorkerError                     502 upstream worker failed
@@ -17,6 +18,7 @@ FastChat's numeric error codes exist only on the internal worker protocol and ar
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 
@@ -126,6 +128,22 @@ class OverloadedError(ChatgateError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1"}
+
+
+class RateLimitExceededError(ChatgateError):
+    """A per-key limit (requests or tokens per minute, parallel requests) is reached."""
+
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+    fastchat_code = 42904
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
 class NoHealthyWorkerError(ChatgateError):

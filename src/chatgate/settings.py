@@ -52,6 +52,14 @@ class ApiSettings(_Base):
         default_factory=list,
         description="Accepted API keys, comma-separated; none means no key is checked.",
     )
+    api_keys_file: Path | None = Field(
+        None,
+        description="YAML or JSON file of API keys, each with optional name, rpm, tpm, "
+        "max_parallel_requests and models; accepted beside --api-keys.",
+    )
+    redis_url: str | None = Field(
+        None, description="Keep per-key rate-limit counters in this Redis (shared by replicas)."
+    )
     allowed_origins: StrList = Field(
         default_factory=list, description="CORS allowed origins (JSON list or comma-separated)."
     )

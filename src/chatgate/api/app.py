@@ -11,6 +11,11 @@ from starlette.middleware.cors import CORSMiddleware
 
 from chatgate.api import errors
 from chatgate.api.auth import KeyChecker, KeyMiddleware
+from chatgate.api.limits.middleware import RateLimitMiddleware
+from chatgate.api.limits.policy import load_keys_file
+from chatgate.api.limits.redis_store import RedisStore
+from chatgate.api.limits.scoped import KeyScopedPool
+from chatgate.api.limits.store import LimitStore, MemoryStore
 from chatgate.api.middleware import GuardMiddleware
 from chatgate.api.routes import openai as openai_routes
 from chatgate.api.routes import ops as ops_routes
@@ -33,10 +38,13 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
 
     registry = CollectorRegistry()
     metrics = ApiMetrics(registry)
+    policies = load_keys_file(settings.api_keys_file) if settings.api_keys_file else {}
+    store: LimitStore = RedisStore(settings.redis_url) if settings.redis_url else MemoryStore()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with workers() as pool:
+        async with workers() as served:
+            pool = KeyScopedPool(served) if any(p.models is not None for p in policies.values()) else served
             fleet = FleetCollector(workers_per_model=pool.readiness, worker_load=pool.load)
             registry.register(fleet)
             app.state.api = ApiState(
@@ -53,6 +61,7 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
                 yield
             finally:
                 registry.unregister(fleet)
+                await store.close()
 
     # The interactive docs describe every route: off unless asked for, and then behind the key.
     docs = settings.docs
@@ -72,7 +81,7 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
     if settings.playground:
         playground.mount(app)
     # Outermost last: Guard (ids, size cap, 500s), then CORS (preflights), then the key check.
-    app.add_middleware(KeyMiddleware, keys=KeyChecker(settings.api_keys), public=_public_paths(settings))
+    app.add_middleware(KeyMiddleware, keys=KeyChecker([*settings.api_keys, *policies]), public=_public_paths(settings))
     if settings.allowed_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -81,6 +90,8 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
             allow_headers=settings.allowed_headers,
             allow_credentials=settings.allow_credentials,
         )
+    if policies:  # inside the guard, so a 429 carries a request id like any other error
+        app.add_middleware(RateLimitMiddleware, policies=policies, store=store)
     app.add_middleware(GuardMiddleware, max_body=settings.max_request_bytes, metrics=metrics)
     return app
 

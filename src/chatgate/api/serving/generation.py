@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 
 from pydantic import BaseModel
 
+from chatgate.api.limits import grant as limits
 from chatgate.api.workers.base import Worker, WorkerPool
 from chatgate.api.workers.failover import with_failover
 from chatgate.errors import InvalidRequestError
@@ -30,7 +31,7 @@ from chatgate.protocol.openai import (
     TopLogprob,
     Usage,
 )
-from chatgate.protocol.worker import GenerateParams, PromptLogprob, Sampling, WorkerChunk, WorkerLogprob
+from chatgate.protocol.worker import GenerateParams, PromptLogprob, Sampling, WorkerChunk, WorkerLogprob, WorkerUsage
 from chatgate.streams import merge, primed
 
 
@@ -55,25 +56,34 @@ class Choice:
 
 
 async def _metered(
-    stream: AsyncGenerator[WorkerChunk, None], metrics: ApiMetrics, model: str, begin: float, *, count_prompt: bool
+    stream: AsyncGenerator[WorkerChunk, None], metrics: ApiMetrics | None, model: str, begin: float, *, count_prompt: bool
 ) -> AsyncGenerator[WorkerChunk, None]:
-    """Pass chunks through, observing time to first text, gaps between texts and tokens."""
+    """Pass chunks through, observing time to first text, gaps between texts and tokens, and
+    charging the tokens to the request's key (its tokens-per-minute limit)."""
     last: float | None = None
     usage = None
-    async with contextlib.aclosing(stream):
-        async for chunk in stream:
-            now = time.perf_counter()
-            if chunk.text:
-                if last is None:
-                    metrics.ttft.labels(model=model).observe(now - begin)
-                else:
-                    metrics.itl.labels(model=model).observe(now - last)
-                last = now
-            usage = chunk.usage or usage
-            yield chunk
-    if usage is not None:
-        if count_prompt:
-            metrics.prompt_tokens.labels(model=model).inc(usage.prompt_tokens)
+    try:
+        async with contextlib.aclosing(stream):
+            async for chunk in stream:
+                now = time.perf_counter()
+                if chunk.text and metrics is not None:
+                    if last is None:
+                        metrics.ttft.labels(model=model).observe(now - begin)
+                    else:
+                        metrics.itl.labels(model=model).observe(now - last)
+                    last = now
+                usage = chunk.usage or usage
+                yield chunk
+    finally:  # a stream the client left still used its tokens
+        if usage is not None:
+            await _account(usage, metrics, model, count_prompt)
+
+
+async def _account(usage: WorkerUsage, metrics: ApiMetrics | None, model: str, count_prompt: bool) -> None:
+    prompt = usage.prompt_tokens if count_prompt else 0
+    await limits.charge(prompt + usage.completion_tokens)
+    if metrics is not None:
+        metrics.prompt_tokens.labels(model=model).inc(prompt)
         metrics.completion_tokens.labels(model=model).inc(usage.completion_tokens)
 
 
@@ -217,8 +227,6 @@ class GenerationServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
         if the worker fails before answering, all of them move to another worker."""
         begin = time.perf_counter()
         streams = await with_failover(self._pool, model, lambda worker: self._start_on(worker, params))
-        if self._metrics is None:
-            return streams
         first_of_prompt = [i == 0 or params[i].prompt_key() != params[i - 1].prompt_key() for i in range(len(params))]
         return [
             _metered(stream, self._metrics, model, begin, count_prompt=first)

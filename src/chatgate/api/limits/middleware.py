@@ -1,0 +1,86 @@
+"""The ASGI layer of per-key limits: admit or refuse (429) before the body is read, add
+OpenAI's `x-ratelimit-*` headers to every response of a limited key, free the parallel slot
+when the response is done."""
+
+from __future__ import annotations
+
+import hashlib
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from chatgate.api.errors import error_response
+from chatgate.api.limits import grant
+from chatgate.api.limits.policy import KeyPolicy
+from chatgate.api.limits.store import LimitStore, Usage
+from chatgate.errors import ChatgateError, RateLimitExceededError
+
+_NAMES = {"requests": "requests per minute (rpm)", "tokens": "tokens per minute (tpm)", "parallel": "parallel requests"}
+
+
+def bearer(scope: Scope) -> str | None:
+    """The Bearer token of a request, if any."""
+    for name, value in scope.get("headers") or []:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() or None if scheme.lower() == "bearer" else None
+    return None
+
+
+def store_key(key: str) -> str:
+    """The name counters are kept under: a digest, so a key never sits in Redis or in memory dumps."""
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+class RateLimitMiddleware:
+    """Applies each key's policy; requests with other keys (or none) pass untouched."""
+
+    def __init__(self, app: ASGIApp, *, policies: dict[str, KeyPolicy], store: LimitStore) -> None:
+        self.app = app
+        self.policies = policies
+        self.store = store
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key = bearer(scope) if scope["type"] == "http" else None
+        policy = self.policies.get(key) if key else None
+        if key is None or policy is None:
+            await self.app(scope, receive, send)
+            return
+        name = store_key(key)
+        try:
+            usage = await self.store.admit(name, policy) if policy.limited() else None
+        except ChatgateError as exc:
+            await error_response(exc)(scope, receive, send)
+            return
+        headers = [(k.encode(), v.encode()) for k, v in usage.headers(policy)] if usage else []
+        if usage is not None and usage.refused is not None:
+            await self._refuse(policy, usage, headers, scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *headers]}
+            await send(message)
+
+        token = grant.current.set(grant.Grant(key=name, policy=policy, store=self.store))
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            grant.current.reset(token)
+            if usage is not None:
+                await self.store.release(name, policy)
+
+    async def _refuse(
+        self, policy: KeyPolicy, usage: Usage, headers: list[tuple[bytes, bytes]], scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        refused = usage.refused or "requests"
+        limit = {"requests": policy.rpm, "tokens": policy.tpm, "parallel": policy.max_parallel_requests}[refused]
+        used = {"requests": usage.requests, "tokens": usage.tokens}.get(refused, limit)
+        wait = usage.retry_after()
+        error = RateLimitExceededError(
+            f"Rate limit reached for {_NAMES[refused]} on {policy.label()}: Limit {limit}, Used {used}. "
+            f"Please try again in {wait:.1f}s.",
+            retry_after=wait,
+        )
+        response = error_response(error)
+        response.raw_headers.extend(headers)
+        await response(scope, receive, send)
