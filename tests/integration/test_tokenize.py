@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chatgate.engines.fake import BOS, FakeEngine
 from tests.conftest import make_app, raw, running, sdk
@@ -16,6 +18,19 @@ pytestmark = pytest.mark.anyio
 
 M = "fake-model"
 MSG = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo"}]
+
+
+class NoExtensions:
+    """Makes a worker look like FastChat's: the same endpoints, no chatgate extensions advertised."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/model_details":
+            await JSONResponse({"context_length": 1024})(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 async def post(app: FastAPI, path: str, body: Any, key: str | None = None) -> tuple[int, Any]:
@@ -97,13 +112,7 @@ async def test_over_the_worker_protocol_and_a_fastchat_worker() -> None:
         status, err = await post(f.api, "/detokenize", {"model": M, "tokens": [BOS + 5]})
         assert status == 400 and err["error"]["param"] == "tokens"
     fastchat = worker_app()
-    # A FastChat worker: the same endpoints, but no chatgate extensions advertised.
-    fastchat.router.routes = [r for r in fastchat.router.routes if getattr(r, "path", "") != "/model_details"]
-
-    @fastchat.post("/model_details")
-    async def details() -> dict[str, int]:
-        return {"context_length": 1024}
-
+    fastchat.add_middleware(NoExtensions)
     async with fleet("shortest_queue", {"http://fc": fastchat}) as f:
         for path, body in (("/tokenize", {"model": M, "prompt": "x"}), ("/detokenize", {"model": M, "tokens": [97]})):
             status, err = await post(f.api, path, body)
