@@ -10,7 +10,6 @@ import json
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from fastapi import FastAPI
 
 from chatgate.engines.fake import FakeEngine
 from tests.conftest import make_app, raw, running, sdk
+from tests.polling import apoll, poll
 
 pytestmark = pytest.mark.anyio
 
@@ -90,10 +90,7 @@ async def test_parallel_requests_limit_frees_its_slot_when_the_stream_ends(tmp_p
     async with limited_app(tmp_path, slow) as app:
         client = sdk(app, api_key="sk-par")
         first = asyncio.create_task(chat(app, "sk-par", stream=True, max_tokens=20))
-        deadline = time.monotonic() + 10
-        while slow.active == 0:  # the first request holds the key's only slot
-            assert time.monotonic() < deadline and not first.done()
-            await asyncio.sleep(0.01)
+        await apoll(lambda: slow.active > 0, what="the first request holds the key's only slot", timeout=10)
         with pytest.raises(openai.RateLimitError) as err:
             await client.chat.completions.create(model=M, messages=MSG, max_tokens=2)
         assert "parallel requests" in err.value.message
@@ -153,12 +150,13 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
     port = _free_port()
     proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            break
-        assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.05)  # polling a port with a deadline, not waiting for readiness blindly
+
+    def accepting() -> bool:
+        assert proc.poll() is None, "redis-server exited"
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+
+    poll(accepting, what="redis-server accepting connections", timeout=20, ignore=(OSError,))
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)

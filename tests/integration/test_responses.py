@@ -150,11 +150,11 @@ async def test_real_model_calls_a_function_and_answers_its_result(chat_app: Fast
     model = "SmolLM2-135M-Instruct"
     client = sdk(chat_app)
     ask = "What is the weather in Paris?"
-    r = await client.responses.create(model=model, input=ask, tools=TOOLS, tool_choice="required", max_output_tokens=60, temperature=0)
+    r = await client.responses.create(model=model, input=ask, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_output_tokens=100, temperature=0)
     call = r.output[0]
     assert r.status == "completed" and call.type == "function_call" and call.name == "get_weather", r
     assert set(json.loads(call.arguments)) == {"city"} and call.call_id.startswith("call_")
-    async with client.responses.stream(model=model, input=ask, tools=TOOLS, tool_choice="required", max_output_tokens=60, temperature=0) as stream:
+    async with client.responses.stream(model=model, input=ask, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_output_tokens=100, temperature=0) as stream:
         kinds = [e.type async for e in stream]
         final = await stream.get_final_response()
     assert "response.function_call_arguments.done" in kinds and final.output[0].type == "function_call"
