@@ -118,7 +118,7 @@ class _Head:
         """The response in progress (no choice yet), or finished with `choice`'s `output`."""
         r = self.request
         done = choice is not None
-        cut = done and choice.finish_reason == "length"  # type: ignore[union-attr]
+        cut = choice is not None and choice.finish_reason == "length"
         return ResponseObject(
             id=self.id,
             created_at=self.created_at,
