@@ -11,12 +11,12 @@ import pytest
 from fastapi import FastAPI
 
 from chatgate.engines.fake import FakeEngine
-from tests.conftest import make_app, raw, running, sdk
+from tests.conftest import function_tool, make_app, raw, running, sdk
 
 pytestmark = pytest.mark.anyio
 
 M = "fake-model"
-WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+WEATHER: dict[str, object] = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 TOOLS: list[Any] = [{"type": "function", "name": "get_weather", "description": "Weather in a city", "parameters": WEATHER}]
 
 
@@ -62,7 +62,7 @@ async def test_stream_events_in_order_through_the_sdk(fake_app: FastAPI) -> None
     assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"]
     assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done", "response.completed"]
     deltas = [e for e in events if e.type == "response.output_text.delta"]
-    assert len(deltas) > 3 and "".join(d.delta for d in deltas) == final.output_text  # type: ignore[union-attr]
+    assert len(deltas) > 3 and "".join(d.delta for d in deltas) == final.output_text
     numbers = [e.sequence_number for e in events]
     assert numbers == list(range(len(events)))
     assert final.output_text == FakeEngine.reply_for("<user> hello there\n<assistant>") and final.status == "completed"
@@ -135,7 +135,7 @@ async def test_function_call_items_come_back_as_chat_tool_turns(fake_app: FastAP
     ]
     r = await client.responses.create(model=M, input=items, tools=TOOLS, temperature=0)
     chat = await client.chat.completions.create(
-        model=M, temperature=0, tools=[{"type": "function", "function": {k: v for k, v in TOOLS[0].items() if k != "type"}}],
+        model=M, temperature=0, tools=[function_tool("get_weather", "Weather in a city", WEATHER)],
         messages=[{"role": "user", "content": "Weather in Paris?"},
                   {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
                   {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}],
@@ -158,7 +158,7 @@ async def test_real_model_calls_a_function_and_answers_its_result(chat_app: Fast
         kinds = [e.type async for e in stream]
         final = await stream.get_final_response()
     assert "response.function_call_arguments.done" in kinds and final.output[0].type == "function_call"
-    assert final.output[0].arguments == call.arguments  # type: ignore[union-attr]
+    assert final.output[0].arguments == call.arguments
     back: Any = [{"role": "user", "content": ask}, call.model_dump(exclude_none=True),
                  {"type": "function_call_output", "call_id": call.call_id, "output": '{"sky":"sunny","celsius":21}'}]
     answer = await client.responses.create(model=model, input=back, tools=TOOLS, max_output_tokens=40, temperature=0)
