@@ -199,10 +199,6 @@ class DetokenizeResult(BaseModel):
     prompt: str
 
 
-class WorkerStatus(BaseModel):
-    """A worker's status, as it reports it to the controller."""
-
-
 # Bounds on what a worker may claim: dispatch divides by speed and sums queues, and every
 # model name ends up in each API server's /v1/models.
 MAX_MODEL_NAMES = 64
