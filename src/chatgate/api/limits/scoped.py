@@ -28,5 +28,8 @@ class KeyScopedPool:
     def readiness(self) -> dict[str, int]:
         return self._pool.readiness()
 
+    def degraded(self) -> str | None:
+        return self._pool.degraded()
+
     def load(self) -> list[tuple[str, int, int]]:
         return self._pool.load()
