@@ -12,18 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
-from chatgate.protocol.worker import (
-    CountTokenRequest,
-    DetokenizeParams,
-    DetokenizeResult,
-    EmbedParams,
-    EmbedResult,
-    GenerateParams,
-    ModelDetails,
-    TokenizeParams,
-    TokenizeResult,
-    WorkerChunk,
-)
+from chatgate.protocol import worker as wire
 
 
 class Worker(Protocol):
@@ -31,28 +20,28 @@ class Worker(Protocol):
 
     address: str
 
-    def generate_stream(self, params: GenerateParams) -> AsyncIterator[WorkerChunk]:
+    def generate_stream(self, params: wire.GenerateParams) -> AsyncIterator[wire.WorkerChunk]:
         """Stream delta chunks; a request error raises `ChatgateError` before the first one."""
         ...
 
-    async def count_tokens(self, request: CountTokenRequest) -> int:
+    async def count_tokens(self, request: wire.CountTokenRequest) -> int:
         """Tokens the prompt takes on this worker's model."""
         ...
 
-    async def embed(self, params: EmbedParams) -> EmbedResult:
+    async def embed(self, params: wire.EmbedParams) -> wire.EmbedResult:
         """Embedding vectors of the inputs, in order."""
         ...
 
-    async def tokenize(self, params: TokenizeParams) -> TokenizeResult:
+    async def tokenize(self, params: wire.TokenizeParams) -> wire.TokenizeResult:
         """Token ids as generation would encode the prompt; `InvalidRequestError` from a
         worker without the extension."""
         ...
 
-    async def detokenize(self, params: DetokenizeParams) -> DetokenizeResult:
+    async def detokenize(self, params: wire.DetokenizeParams) -> wire.DetokenizeResult:
         """The text of token ids."""
         ...
 
-    async def model_details(self) -> ModelDetails:
+    async def model_details(self) -> wire.ModelDetails:
         """Context length and supported extensions."""
         ...
 

@@ -10,18 +10,7 @@ from chatgate.api.workers.base import PoolSource, Worker, WorkerPool
 from chatgate.engines import create_engine
 from chatgate.engines.base import Engine
 from chatgate.errors import ModelNotFoundError, NoHealthyWorkerError
-from chatgate.protocol.worker import (
-    CountTokenRequest,
-    DetokenizeParams,
-    DetokenizeResult,
-    EmbedParams,
-    EmbedResult,
-    GenerateParams,
-    ModelDetails,
-    TokenizeParams,
-    TokenizeResult,
-    WorkerChunk,
-)
+from chatgate.protocol import worker as wire
 from chatgate.settings import ServeSettings
 from chatgate.worker.service import WorkerService
 
@@ -33,22 +22,22 @@ class LocalWorker:
         self._service = service
         self.address = "local"
 
-    def generate_stream(self, params: GenerateParams) -> AsyncIterator[WorkerChunk]:
+    def generate_stream(self, params: wire.GenerateParams) -> AsyncIterator[wire.WorkerChunk]:
         return self._service.generate(params.model_copy(update={"delta": True}))
 
-    async def count_tokens(self, request: CountTokenRequest) -> int:
+    async def count_tokens(self, request: wire.CountTokenRequest) -> int:
         return await self._service.count_tokens(request)
 
-    async def embed(self, params: EmbedParams) -> EmbedResult:
+    async def embed(self, params: wire.EmbedParams) -> wire.EmbedResult:
         return await self._service.embed(params)
 
-    async def tokenize(self, params: TokenizeParams) -> TokenizeResult:
+    async def tokenize(self, params: wire.TokenizeParams) -> wire.TokenizeResult:
         return await self._service.tokenize(params)
 
-    async def detokenize(self, params: DetokenizeParams) -> DetokenizeResult:
+    async def detokenize(self, params: wire.DetokenizeParams) -> wire.DetokenizeResult:
         return await self._service.detokenize(params)
 
-    async def model_details(self) -> ModelDetails:
+    async def model_details(self) -> wire.ModelDetails:
         return self._service.details()
 
 
