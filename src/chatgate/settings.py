@@ -118,7 +118,10 @@ class EngineSettings(_Base):
     model_names: StrList = Field(
         default_factory=list, description="Names the model is served under (comma-separated)."
     )
-    engine: str = Field("transformers", description="Engine: transformers or fake.")
+    engine: str = Field(
+        "transformers",
+        description="Engine: transformers, fake, or openai (forward to an OpenAI-compatible --upstream-url).",
+    )
     device: str = Field("cpu", description="Torch device.")
     num_threads: int = Field(0, ge=0, description="Torch threads (0: every core but one, which serves HTTP).")
     dtype: Literal["float32", "bfloat16", "int8"] = Field(
@@ -139,7 +142,22 @@ class EngineSettings(_Base):
         32, ge=1, description="Most sequences decoded together in one batch; the rest queue."
     )
 
-    _split = field_validator("model_names", mode="before")(_split_list)
+    upstream_url: str | None = Field(
+        None, description="openai engine: base URL of the OpenAI-compatible server (e.g. http://host:8000/v1)."
+    )
+    upstream_api_key: str | None = Field(None, description="openai engine: API key sent to the upstream.")
+    upstream_model: str | None = Field(
+        None, description="openai engine: model name sent upstream (default: the name requested)."
+    )
+    upstream_wait: float = Field(
+        300.0, ge=0, description="openai engine: seconds to wait at start for the upstream's /v1/models."
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="Context length, where the engine cannot tell (openai: when the upstream does not say)."
+    )
+
+    # Named apart from ApiSettings' validator: ServeSettings inherits both, and one name would hide the other.
+    _split_names = field_validator("model_names", mode="before")(_split_list)
 
 
 class ServeSettings(ApiSettings, EngineSettings):

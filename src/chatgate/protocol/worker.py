@@ -65,6 +65,8 @@ class GenerateParams(Sampling):
     # prompt: a worker whose chat template renders tools itself uses these instead of `messages`.
     tools: list[dict[str, Any]] | None = None
     tool_messages: list[dict[str, Any]] | None = None
+    # OpenAI's `tool_choice` for those tools, for workers that forward them to an upstream.
+    tool_choice: str | dict[str, Any] | None = None
     # Which request field the prompt came from, so errors can name it.
     prompt_param: str = "prompt"
     max_tokens_param: str = "max_tokens"

@@ -1,4 +1,4 @@
-"""The model worker process: FastChat's worker endpoints (`routes.py`) over one `WorkerService`."""
+"""The model worker process: FastChat's worker endpoints (`routes.py`) over one `WorkerBackend`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import httpx
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from chatgate.engines import create_engine
 from chatgate.engines.base import Engine
 from chatgate.fleet import fleet_client, secure
 from chatgate.metrics import FleetCollector
@@ -19,10 +18,10 @@ from chatgate.settings import WorkerSettings
 from chatgate.tasks import cancel_and_wait
 from chatgate.worker import routes
 from chatgate.worker.heartbeat import Heartbeat
-from chatgate.worker.service import WorkerService
+from chatgate.worker.backend import WorkerBackend, open_backend
 
 
-def _collector(service: WorkerService, address: str) -> FleetCollector:
+def _collector(service: WorkerBackend, address: str) -> FleetCollector:
     return FleetCollector(
         workers_per_model=lambda: {name: 1 for name in service.model_names},
         worker_load=lambda: [(address, *service.load())],
@@ -31,39 +30,14 @@ def _collector(service: WorkerService, address: str) -> FleetCollector:
 
 
 def create_worker_app(settings: WorkerSettings, *, engine: Engine | None = None) -> FastAPI:
-    """Build the worker app; the engine is created from settings unless one is given."""
+    """Build the worker app; the backend is opened from settings unless an engine is given."""
     registry = CollectorRegistry()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        model = engine or create_engine(settings)
-        await model.start()
-        service = WorkerService(
-            engine=model,
-            model_names=settings.model_names,
-            limit_concurrency=settings.limit_worker_concurrency,
-        )
-        app.state.service = service
-        collector = _collector(service, settings.address())
-        registry.register(collector)
-        async with fleet_client(settings, timeout=httpx.Timeout(10.0)) as http:
-            task = None
-            if not settings.no_register:
-                beat = Heartbeat(
-                    http=http,
-                    controller=settings.controller_address,
-                    address=settings.address(),
-                    service=service,
-                    interval=settings.heartbeat_interval,
-                )
-                task = asyncio.create_task(beat.run())
-            try:
+        async with open_backend(settings, engine=engine) as service:
+            async with _serving(app, settings, registry, service):
                 yield
-            finally:
-                await cancel_and_wait(task)
-                registry.unregister(collector)
-                await service.close()
-                await model.close()
 
     app = FastAPI(title="chatgate worker", lifespan=lifespan)
     app.include_router(health_routes())
@@ -71,3 +45,29 @@ def create_worker_app(settings: WorkerSettings, *, engine: Engine | None = None)
     app.include_router(routes.router)
     secure(app, settings)
     return app
+
+
+@contextlib.asynccontextmanager
+async def _serving(
+    app: FastAPI, settings: WorkerSettings, registry: CollectorRegistry, service: WorkerBackend
+) -> AsyncIterator[None]:
+    """Expose the backend to the routes, meter it, and keep it registered with the controller."""
+    app.state.service = service
+    collector = _collector(service, settings.address())
+    registry.register(collector)
+    async with fleet_client(settings, timeout=httpx.Timeout(10.0)) as http:
+        task = None
+        if not settings.no_register:
+            beat = Heartbeat(
+                http=http,
+                controller=settings.controller_address,
+                address=settings.address(),
+                service=service,
+                interval=settings.heartbeat_interval,
+            )
+            task = asyncio.create_task(beat.run())
+        try:
+            yield
+        finally:
+            await cancel_and_wait(task)
+            registry.unregister(collector)

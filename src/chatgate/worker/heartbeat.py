@@ -8,7 +8,7 @@ import logging
 import httpx
 
 from chatgate.protocol.worker import HeartBeat, RegisterWorker
-from chatgate.worker.service import WorkerService
+from chatgate.worker.backend import WorkerBackend
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ class Heartbeat:
         http: httpx.AsyncClient,
         controller: str,
         address: str,
-        service: WorkerService,
+        service: WorkerBackend,
         interval: float,
     ) -> None:
         self._http = http

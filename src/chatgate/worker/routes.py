@@ -1,7 +1,8 @@
-"""FastChat's worker endpoints: thin adapters from HTTP to the app's `WorkerService`.
+"""FastChat's worker endpoints: thin adapters from HTTP to the app's `WorkerBackend`.
 
 Errors go back the way FastChat's API server expects them: as a chunk with an `error_code`
-(NUL-delimited in a stream), never as an HTTP error status.
+(NUL-delimited in a stream). The one exception is a worker that cannot serve at all right now
+(its upstream is down): that answers HTTP 503, so an API server tries another worker.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from chatgate.errors import ChatgateError
+from chatgate.errors import ChatgateError, WorkerUnavailableError
 from chatgate.protocol.worker import (
     CountTokenRequest,
     DetokenizeParams,
@@ -27,7 +28,7 @@ from chatgate.protocol.worker import (
 )
 from chatgate.responses import ClosingStreamingResponse
 from chatgate.streams import chain, empty, primed
-from chatgate.worker.service import WorkerService
+from chatgate.worker.backend import WorkerBackend
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,9 @@ router = APIRouter()
 T = TypeVar("T")
 
 
-def worker_service(request: Request) -> WorkerService:
+def worker_service(request: Request) -> WorkerBackend:
     """Route dependency: the service the app's lifespan built."""
-    service: WorkerService = request.app.state.service
+    service: WorkerBackend = request.app.state.service
     return service
 
 
@@ -52,12 +53,19 @@ def _error_chunk(exc: Exception) -> WorkerChunk:
     return WorkerChunk(text="The worker failed while generating.", error_code=50001)
 
 
+def _error_response(exc: Exception) -> JSONResponse:
+    """The error as a worker-protocol body: HTTP 503 when the worker cannot serve, else 200."""
+    status = 503 if isinstance(exc, WorkerUnavailableError) else 200
+    return JSONResponse(_error_chunk(exc).model_dump(), status_code=status)
+
+
 async def _answer(work: Awaitable[T], body: Callable[[T], Any]) -> JSONResponse:
-    """The JSON answer to `work`, or FastChat's error object (an error code, status 200) if it fails."""
+    """The JSON answer to `work`, or FastChat's error object if it fails (status 200, or 503
+    when the worker cannot serve at all)."""
     try:
         return JSONResponse(body(await work))
     except Exception as exc:
-        return JSONResponse(_error_chunk(exc).model_dump())
+        return _error_response(exc)
 
 
 async def _encoded(chunks: AsyncGenerator[WorkerChunk, None]) -> AsyncIterator[bytes]:
@@ -71,23 +79,27 @@ async def _encoded(chunks: AsyncGenerator[WorkerChunk, None]) -> AsyncIterator[b
 
 
 @router.get("/ready")
-async def ready(service: WorkerService = Service) -> dict[str, object]:
+async def ready(service: WorkerBackend = Service) -> dict[str, object]:
     """The worker is ready once its engine has started (the lifespan waits for it)."""
     return {"status": "ready", "models": service.model_names}
 
 
 @router.post("/worker_generate_stream")
-async def generate_stream(params: GenerateParams, service: WorkerService = Service) -> ClosingStreamingResponse:
+async def generate_stream(
+    params: GenerateParams, service: WorkerBackend = Service
+) -> ClosingStreamingResponse | JSONResponse:
     """Stream a generation as NUL-delimited chunks."""
     try:
         chunks = await primed(service.generate(params))
+    except WorkerUnavailableError as exc:
+        return _error_response(exc)
     except Exception as exc:
         chunks = chain(_error_chunk(exc), empty())
     return ClosingStreamingResponse(_encoded(chunks), media_type="application/octet-stream")
 
 
 @router.post("/worker_generate")
-async def generate(params: GenerateParams, service: WorkerService = Service) -> JSONResponse:
+async def generate(params: GenerateParams, service: WorkerBackend = Service) -> JSONResponse:
     """A whole generation as one chunk: all the text, the last chunk's usage and finish."""
     last = WorkerChunk(usage=WorkerUsage())
     text = ""
@@ -96,25 +108,26 @@ async def generate(params: GenerateParams, service: WorkerService = Service) -> 
             text += chunk.text
             last = chunk
     except Exception as exc:
-        return JSONResponse(_error_chunk(exc).model_dump())
+        return _error_response(exc)
     return JSONResponse(last.model_copy(update={"text": text}).model_dump())
 
 
 @router.post("/worker_get_embeddings")
-async def get_embeddings(params: EmbedParams, service: WorkerService = Service) -> JSONResponse:
+async def get_embeddings(params: EmbedParams, service: WorkerBackend = Service) -> JSONResponse:
     """Embedding vectors of the inputs."""
     return await _answer(service.embed(params), EmbedResult.model_dump)
 
 
 @router.post("/worker_get_status")
-async def status(service: WorkerService = Service) -> dict[str, object]:
+async def status(service: WorkerBackend = Service) -> dict[str, object]:
     """Model names, speed and queue length, as the controller wants them."""
     return service.status().model_dump()
 
 
 @router.post("/count_token")
-async def count_token(request: CountTokenRequest, service: WorkerService = Service) -> JSONResponse:
-    """Tokens the prompt takes (or an error: a prompt too long to possibly fit is not counted)."""
+async def count_token(request: CountTokenRequest, service: WorkerBackend = Service) -> JSONResponse:
+    """Tokens the prompt takes (or an error: a prompt too long to possibly fit is not counted);
+    an estimate where `/model_details` says `token_count: estimate`."""
     return await _answer(service.count_tokens(request), lambda count: {"count": count, "error_code": 0})
 
 
@@ -131,12 +144,12 @@ async def detokenize(params: DetokenizeParams, service: WorkerService = Service)
 
 
 @router.post("/worker_get_conv_template")
-async def conv_template(service: WorkerService = Service) -> dict[str, object]:
+async def conv_template(service: WorkerBackend = Service) -> dict[str, object]:
     """The model's chat template as a FastChat conversation."""
     return {"conv": service.conversation().model_dump()}
 
 
 @router.post("/model_details")
-async def model_details(service: WorkerService = Service) -> dict[str, object]:
+async def model_details(service: WorkerBackend = Service) -> dict[str, object]:
     """Context length and the chatgate extensions this worker supports."""
     return service.details().model_dump()

@@ -67,6 +67,12 @@ class ToolPlan:
         schema = {"type": "object", "properties": {"tool_calls": array}, "required": ["tool_calls"], "additionalProperties": False}
         return {"type": "json_schema", "schema": schema}
 
+    def tool_choice(self) -> str | dict[str, Any]:
+        """OpenAI's `tool_choice` for this plan (legacy `function_call` included)."""
+        if self.mode == "named":
+            return {"type": "function", "function": {"name": self.named}}
+        return self.mode
+
     def parse(self, text: str) -> list[ToolCall] | None:
         """The tool calls in a reply, or None if it is plain text."""
         try:
@@ -183,4 +189,4 @@ def native_tools(request: ChatCompletionRequest, tool_plan: ToolPlan | None) -> 
         {k: v for k, v in m.model_dump(exclude_none=True).items() if k != "content"} | {"content": m.text()}
         for m in request.messages
     ]
-    return {"tools": tools, "tool_messages": messages}
+    return {"tools": tools, "tool_messages": messages, "tool_choice": tool_plan.tool_choice()}

@@ -1,4 +1,4 @@
-"""In-process workers (`chatgate serve`): engines served by `WorkerService`s in this process."""
+"""In-process workers (`chatgate serve`): worker backends (engines or an upstream) in this process."""
 
 from __future__ import annotations
 
@@ -7,18 +7,17 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from chatgate.api.workers.base import PoolSource, Worker, WorkerPool
-from chatgate.engines import create_engine
 from chatgate.engines.base import Engine
 from chatgate.errors import ModelNotFoundError, NoHealthyWorkerError
 from chatgate.protocol import worker as wire
-from chatgate.settings import ServeSettings
-from chatgate.worker.service import WorkerService
+from chatgate.settings import EngineSettings, ServeSettings
+from chatgate.worker.backend import WorkerBackend, open_backend
 
 
 class LocalWorker:
-    """Calls a `WorkerService` in the same process."""
+    """Calls a `WorkerBackend` in the same process."""
 
-    def __init__(self, service: WorkerService) -> None:
+    def __init__(self, service: WorkerBackend) -> None:
         self._service = service
         self.address = "local"
 
@@ -44,7 +43,7 @@ class LocalWorker:
 class LocalPool:
     """Picks among workers living in this process: one per model name."""
 
-    def __init__(self, services: list[WorkerService]) -> None:
+    def __init__(self, services: list[WorkerBackend]) -> None:
         self._workers: dict[str, LocalWorker] = {}
         self._services = {service.model_names[0]: service for service in services}
         for service in services:
@@ -77,34 +76,25 @@ class LocalPool:
 
 
 def local_pool(settings: ServeSettings, *, engines: list[Engine] | None = None) -> PoolSource:
-    """Serve engines in this process (`chatgate serve`): by default the chat model from
-    `settings` and, unless turned off, the embedding model beside it."""
+    """Serve models in this process (`chatgate serve`): by default the chat model from
+    `settings` (an engine, or an upstream with `--engine openai`) and, unless turned off, the
+    embedding model beside it."""
 
-    def build() -> list[tuple[Engine, list[str]]]:
+    def backends() -> list[tuple[EngineSettings, Engine | None]]:
         if engines is not None:
-            return [(engine, []) for engine in engines]
-        built = [(create_engine(settings), settings.model_names)]
+            return [(settings.model_copy(update={"model_names": []}), engine) for engine in engines]
+        built: list[tuple[EngineSettings, Engine | None]] = [(settings, None)]
         embedding = settings.embedding_engine_settings()
         if embedding is not None:
-            built.append((create_engine(embedding), []))
+            built.append((embedding, None))
         return built
 
     @contextlib.asynccontextmanager
     async def pool() -> AsyncIterator[WorkerPool]:
-        served = build()
-        await asyncio.gather(*(engine.start() for engine, _ in served))
-        services = [
-            WorkerService(
-                engine=engine, model_names=names, limit_concurrency=settings.limit_worker_concurrency
-            )
-            for engine, names in served
-        ]
-        try:
-            yield LocalPool(services)
-        finally:
-            for service in services:
-                await service.close()
-            for engine, _ in served:
-                await engine.close()
+        async with contextlib.AsyncExitStack() as stack:
+            opened = [open_backend(config, engine=engine) for config, engine in backends()]
+            # Engines load concurrently: the chat and embedding models take seconds each.
+            services = await asyncio.gather(*(stack.enter_async_context(backend) for backend in opened))
+            yield LocalPool(list(services))
 
     return pool

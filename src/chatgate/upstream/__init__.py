@@ -1,0 +1,1 @@
+"""The `openai` engine: a worker backend that forwards to any OpenAI-compatible server."""

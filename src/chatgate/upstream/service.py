@@ -1,0 +1,239 @@
+"""`UpstreamService`: a worker backend that forwards each request to an OpenAI-compatible server.
+
+The upstream (vLLM, SGLang, TGI, Ollama, llama.cpp, a hosted API or another chatgate) templates,
+tokenizes and generates; this backend registers its models, forwards chat, completions and
+embeddings as streamed requests over one pooled HTTP client, and translates errors at this one
+boundary (`wire.error_from`). Closing a generation closes the upstream stream, which is how
+every OpenAI-compatible server learns the client went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+from chatgate.errors import ChatgateError, OverloadedError, WorkerError, WorkerUnavailableError
+from chatgate.protocol.conversation import Conversation, SeparatorStyle
+from chatgate.protocol.worker import (
+    EXT_CHAT_TEMPLATE,
+    EXT_DELTA,
+    CountTokenRequest,
+    EmbedParams,
+    EmbedResult,
+    GenerateParams,
+    ModelDetails,
+    WorkerChunk,
+    WorkerStatus,
+)
+from chatgate.settings import EngineSettings
+from chatgate.upstream import wire
+from chatgate.upstream.tokens import TokenCounter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 4096  # assumed when neither the upstream nor --max-model-len says
+
+
+class UpstreamService:
+    """Serves the models of one OpenAI-compatible upstream under their names (or given ones)."""
+
+    def __init__(
+        self,
+        *,
+        http: httpx.AsyncClient,
+        url: str,
+        model_names: list[str],
+        upstream_model: str | None,
+        context_length: tuple[int, str],
+        counter: TokenCounter,
+        limit_concurrency: int,
+    ) -> None:
+        self._http = http
+        self.url = url.rstrip("/")
+        self.model_names = model_names
+        self._upstream_model = upstream_model
+        self._context, self._context_source = context_length
+        self._counter = counter
+        self._limit = limit_concurrency
+        self._active = 0
+        self.served = 0
+
+    # Generation ------------------------------------------------------------------------------
+
+    async def generate(self, params: GenerateParams) -> AsyncGenerator[WorkerChunk, None]:
+        """Stream the upstream's completion as delta chunks; errors before the first raise."""
+        if self._active >= self._limit:
+            raise OverloadedError("The model is overloaded; retry shortly.")
+        path, body = wire.request(params, self._upstream_model or params.model)
+        self._active += 1
+        self.served += 1
+        try:
+            reader = wire.StreamReader(chat=path == "/chat/completions")
+            async for data in self._events(path, body):
+                chunk = reader.event(data)
+                if chunk is not None:
+                    yield chunk
+            yield reader.last()
+        finally:
+            self._active -= 1
+
+    async def _events(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The JSON events of a streamed upstream response; the stream closes when this does."""
+        request = self._http.build_request("POST", f"{self.url}{path}", json=body)
+        response = await self._send(request)
+        complete = False
+        try:
+            if response.status_code != 200:
+                raise wire.error_from(response.status_code, await response.aread(), self.url)
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                yield json.loads(payload)
+            complete = True
+        except httpx.TransportError as exc:
+            raise WorkerError(f"The upstream {self.url} failed mid-stream: {exc}") from exc
+        finally:
+            # Shielded: a cancelled client must still close the upstream stream, or the upstream
+            # keeps generating for nobody.
+            with anyio.CancelScope(shield=True):
+                if not complete:
+                    network = response.extensions.get("network_stream")
+                    if network is not None:
+                        await network.aclose()
+                await response.aclose()
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await self._http.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise WorkerUnavailableError(f"The upstream {self.url} is unreachable: {exc}") from exc
+
+    # Embeddings and tokens -------------------------------------------------------------------
+
+    async def embed(self, params: EmbedParams) -> EmbedResult:
+        """The upstream's embeddings of the inputs, in input order."""
+        inputs: Any = params.input_token_ids if params.input_token_ids is not None else params.input
+        body = {"model": self._upstream_model or params.model, "input": inputs}
+        self.served += 1
+        try:
+            response = await self._http.post(f"{self.url}/embeddings", json=body)
+        except httpx.TransportError as exc:
+            raise WorkerUnavailableError(f"The upstream {self.url} is unreachable: {exc}") from exc
+        if response.status_code != 200:
+            raise wire.error_from(response.status_code, response.content, self.url)
+        data = response.json()
+        vectors = [item["embedding"] for item in sorted(data["data"], key=lambda item: item["index"])]
+        tokens = int((data.get("usage") or {}).get("prompt_tokens", 0))
+        return EmbedResult(embedding=vectors, token_num=tokens)
+
+    async def count_tokens(self, request: CountTokenRequest) -> int:
+        """Tokens of the prompt by the model's tokenizer if known, else a character estimate."""
+        return self._counter.count(request)
+
+    # Status ----------------------------------------------------------------------------------
+
+    def load(self) -> tuple[int, int]:
+        """Requests in flight here (the upstream's own queue is not visible)."""
+        return self._active, self._active
+
+    def status(self) -> WorkerStatus:
+        """What the worker reports to the controller."""
+        return WorkerStatus(model_names=self.model_names, speed=1.0, queue_length=self._active)
+
+    def conversation(self) -> Conversation:
+        """A generic conversation for FastChat's API server: the upstream's template is unseen."""
+        return Conversation(
+            name="chatgate-upstream",
+            system_template="{system_message}",
+            roles=["USER", "ASSISTANT"],
+            sep_style=SeparatorStyle.ADD_COLON_SINGLE,
+            sep="\n",
+        )
+
+    def details(self) -> ModelDetails:
+        """Context length, how tokens are counted, and the extensions (the upstream templates)."""
+        return ModelDetails.model_validate(
+            {
+                "context_length": self._context,
+                "context_length_source": self._context_source,
+                "chatgate_extensions": [EXT_CHAT_TEMPLATE, EXT_DELTA],
+                "generates": True,
+                "token_count": self._counter.method,
+                "upstream": self.url,
+            }
+        )
+
+
+async def _upstream_models(http: httpx.AsyncClient, url: str, wait: float) -> list[dict[str, Any]]:
+    """The upstream's `/v1/models` entries, retried until `wait` seconds have passed."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            response = await http.get(f"{url}/models", timeout=10.0)
+            response.raise_for_status()
+            return list(response.json().get("data") or [])
+        except (httpx.HTTPError, ValueError) as exc:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"the upstream {url} did not list its models: {exc}") from exc
+            log.info("waiting for the upstream %s: %s", url, exc)
+            await asyncio.sleep(1.0)
+
+
+def _context(models: list[dict[str, Any]], flag: int | None) -> tuple[int, str]:
+    """The context length and where it came from: the upstream, the flag, or an assumption."""
+    reported = [int(m["max_model_len"]) for m in models if isinstance(m.get("max_model_len"), int)]
+    if reported:
+        return min(reported), "upstream"
+    if flag is not None:
+        return flag, "flag"
+    return DEFAULT_CONTEXT, "assumed"
+
+
+def _client(settings: EngineSettings) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {settings.upstream_api_key}"} if settings.upstream_api_key else {}
+    # No read timeout: a long generation may pause between tokens; connecting must be quick.
+    timeout = httpx.Timeout(None, connect=10.0)
+    limits = httpx.Limits(max_connections=settings.limit_worker_concurrency + 8)
+    return httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits)
+
+
+@contextlib.asynccontextmanager
+async def open_upstream(settings: EngineSettings) -> AsyncIterator[UpstreamService]:
+    """Connect to `settings.upstream_url`, learn its models, and serve them until exit."""
+    if not settings.upstream_url:
+        raise ChatgateError("--engine openai needs --upstream-url (e.g. http://host:8000/v1)")
+    url = settings.upstream_url.rstrip("/")
+    async with _client(settings) as http:
+        models: list[dict[str, Any]] = []
+        if not settings.model_names or settings.max_model_len is None:
+            try:
+                models = await _upstream_models(http, url, settings.upstream_wait if not settings.model_names else 0)
+            except RuntimeError:
+                if not settings.model_names:
+                    raise
+        names = settings.model_names or [str(m["id"]) for m in models]
+        tokenizer = settings.model_path if Path(settings.model_path).is_dir() else None
+        counter = await asyncio.to_thread(TokenCounter.load, tokenizer)
+        log.info("serving %s from the upstream %s (token counts: %s)", names, url, counter.method)
+        yield UpstreamService(
+            http=http,
+            url=url,
+            model_names=names,
+            upstream_model=settings.upstream_model,
+            context_length=_context(models, settings.max_model_len),
+            counter=counter,
+            limit_concurrency=settings.limit_worker_concurrency,
+        )
+

@@ -1,0 +1,215 @@
+"""Translation between chatgate's worker protocol and an OpenAI-compatible upstream's API.
+
+Requests: `GenerateParams` become `/chat/completions` (with `messages`) or `/completions` bodies,
+always streamed with usage. Responses: the upstream's SSE events become delta `WorkerChunk`s; tool
+calls are turned into the JSON text the API server's tool plan parses (so its tool handling is
+the same for every worker). Errors: the upstream's status picks the chatgate error, so a 4xx
+reaches the client as that 4xx and a 5xx counts as the worker being unavailable.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatgate.errors import (
+    AuthenticationError,
+    ChatgateError,
+    ContextLengthExceededError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    OverloadedError,
+    RequestTooLargeError,
+    WorkerError,
+    WorkerUnavailableError,
+)
+from chatgate.protocol.worker import GenerateParams, TokenAlternative, WorkerChunk, WorkerLogprob, WorkerUsage
+
+_BY_STATUS: dict[int, type[ChatgateError]] = {
+    400: InvalidRequestError,
+    401: AuthenticationError,
+    404: ModelNotFoundError,
+    413: RequestTooLargeError,
+    422: InvalidRequestError,
+    429: OverloadedError,
+}
+
+# Sampling fields OpenAI does not define: sent only when set, since strict upstreams reject them.
+_EXTRA_DEFAULTS: dict[str, Any] = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def _sampling(params: GenerateParams, model: str) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+    }
+    optional = {
+        "presence_penalty": params.presence_penalty or None,
+        "frequency_penalty": params.frequency_penalty or None,
+        "logit_bias": {str(k): v for k, v in params.logit_bias.items()} if params.logit_bias else None,
+        "stop": params.stop_list() or None,
+        "seed": params.seed,
+        "max_tokens": params.max_new_tokens,
+        "stop_token_ids": params.stop_token_ids or None,
+    }
+    body |= {k: v for k, v in optional.items() if v is not None}
+    body |= {k: getattr(params, k) for k, default in _EXTRA_DEFAULTS.items() if getattr(params, k) != default}
+    return body
+
+
+def _response_format(constraint: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's `response_format` from the worker protocol's constraint form."""
+    if constraint.get("type") == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": "response", "schema": constraint.get("schema", {})}}
+    return {"type": "json_object"}
+
+
+def _chat_body(params: GenerateParams, model: str) -> dict[str, Any]:
+    body = _sampling(params, model)
+    if params.tools and params.tool_messages is not None:
+        # The upstream calls tools natively; the API server's grammar for them is not needed.
+        body |= {"messages": params.tool_messages, "tools": params.tools}
+        if params.tool_choice is not None:
+            body["tool_choice"] = params.tool_choice
+    else:
+        body["messages"] = params.messages
+        if params.response_format:
+            body["response_format"] = _response_format(params.response_format)
+    if params.logprobs is not None:
+        body |= {"logprobs": True, "top_logprobs": params.logprobs}
+    return body
+
+
+def _completion_body(params: GenerateParams, model: str) -> dict[str, Any]:
+    body = _sampling(params, model)
+    body["prompt"] = params.prompt_token_ids if params.prompt_token_ids is not None else (params.prompt or "")
+    if params.echo:
+        body["echo"] = True
+    if params.logprobs is not None:
+        body["logprobs"] = params.logprobs
+    if params.response_format:
+        body["response_format"] = _response_format(params.response_format)
+    return body
+
+
+def request(params: GenerateParams, model: str) -> tuple[str, dict[str, Any]]:
+    """The upstream path and JSON body for a generation."""
+    if params.messages is not None:
+        return "/chat/completions", _chat_body(params, model)
+    return "/completions", _completion_body(params, model)
+
+
+def error_from(status: int, content: bytes, upstream: str) -> ChatgateError:
+    """The chatgate error for an upstream's error response."""
+    message, param, code = f"The upstream {upstream} answered HTTP {status}.", None, None
+    try:
+        error = json.loads(content).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict):
+        message = str(error.get("message") or message)
+        param, code = error.get("param"), error.get("code")
+    elif isinstance(error, str):  # some servers send {"error": "text"}
+        message = error
+    if status >= 500:
+        return WorkerUnavailableError(f"The upstream {upstream} failed: {message}")
+    if code == "context_length_exceeded":
+        return ContextLengthExceededError(message, param=param)
+    cls = _BY_STATUS.get(status, InvalidRequestError)
+    return cls(message, param=param if isinstance(param, str) else None)
+
+
+def _alternatives(top: Any) -> list[TokenAlternative]:
+    """Top alternatives, in either the chat form (a list) or the completions form (a dict)."""
+    if isinstance(top, dict):
+        pairs = list(top.items())
+    else:
+        pairs = [(t.get("token", ""), t.get("logprob", 0.0)) for t in top or []]
+    return [TokenAlternative(token_id=-1, token=tok, logprob=float(lp)) for tok, lp in pairs]
+
+
+def _chat_logprobs(logprobs: Any) -> list[WorkerLogprob] | None:
+    if not isinstance(logprobs, dict) or logprobs.get("content") is None:
+        return None
+    return [
+        WorkerLogprob(
+            token_id=-1, token=item["token"], logprob=float(item["logprob"]), top=_alternatives(item.get("top_logprobs"))
+        )
+        for item in logprobs["content"]
+    ]
+
+
+def _completion_logprobs(logprobs: Any) -> list[WorkerLogprob] | None:
+    if not isinstance(logprobs, dict) or not logprobs.get("tokens"):
+        return None
+    tops = logprobs.get("top_logprobs") or [None] * len(logprobs["tokens"])
+    return [
+        WorkerLogprob(token_id=-1, token=token, logprob=float(lp or 0.0), top=_alternatives(top))
+        for token, lp, top in zip(logprobs["tokens"], logprobs["token_logprobs"], tops, strict=False)
+    ]
+
+
+@dataclass
+class StreamReader:
+    """Turns one upstream stream's events into delta chunks.
+
+    The finish reason is held back until the usage event (which comes after it), so the last
+    chunk carries both, as an engine's last output does.
+    """
+
+    chat: bool
+    finish: str | None = None
+    usage: WorkerUsage | None = None
+    calls: dict[int, dict[str, str]] = field(default_factory=dict)
+
+    def event(self, data: dict[str, Any]) -> WorkerChunk | None:
+        """The chunk to pass on for one event, if it carries text or log-probabilities."""
+        if "error" in data:
+            error = data["error"]
+            message = error.get("message") if isinstance(error, dict) else str(error)
+            raise WorkerError(f"The upstream failed mid-stream: {message}")
+        if data.get("usage"):
+            self.usage = WorkerUsage.model_validate(data["usage"])
+        choices = data.get("choices") or []
+        if not choices:
+            return None
+        choice = choices[0]
+        self.finish = choice.get("finish_reason") or self.finish
+        if self.chat:
+            delta = choice.get("delta") or {}
+            self._collect_calls(delta.get("tool_calls") or [])
+            text, logprobs = delta.get("content") or "", _chat_logprobs(choice.get("logprobs"))
+        else:
+            text, logprobs = choice.get("text") or "", _completion_logprobs(choice.get("logprobs"))
+        if not text and not logprobs:
+            return None
+        return WorkerChunk(text=text, token_logprobs=logprobs)
+
+    def _collect_calls(self, deltas: list[dict[str, Any]]) -> None:
+        for delta in deltas:
+            call = self.calls.setdefault(int(delta.get("index", 0)), {"name": "", "arguments": ""})
+            function = delta.get("function") or {}
+            call["name"] += function.get("name") or ""
+            call["arguments"] += function.get("arguments") or ""
+
+    def last(self) -> WorkerChunk:
+        """The closing chunk: tool calls as the tool plan's JSON text, finish reason and usage."""
+        text, finish = "", self.finish or "stop"
+        if self.calls:
+            calls = [{"name": c["name"], "arguments": _arguments(c["arguments"])} for _, c in sorted(self.calls.items())]
+            # The API server parses calls out of a reply that stopped normally.
+            text, finish = json.dumps({"tool_calls": calls}), "stop"
+        elif finish in ("tool_calls", "function_call"):
+            finish = "stop"
+        return WorkerChunk(text=text, finish_reason=finish, usage=self.usage or WorkerUsage())
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text or "{}")
+    except ValueError:
+        return text

@@ -1,0 +1,87 @@
+"""What the worker endpoints serve: a `WorkerBackend`, and how a worker opens one by engine name.
+
+Most engines are token-level (`engines/base.py`) and are served by `WorkerService`, which applies
+the chat template, tokenizes and enforces the context window. An OpenAI-compatible upstream works
+at the request level instead (it templates and tokenizes itself), so it is a backend of its own,
+`chatgate.upstream.service.UpstreamService`, behind the same worker endpoints and in-process seam.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Protocol
+
+from chatgate.engines.base import Engine
+from chatgate.protocol.conversation import Conversation
+from chatgate.protocol.worker import (
+    CountTokenRequest,
+    EmbedParams,
+    EmbedResult,
+    GenerateParams,
+    ModelDetails,
+    WorkerChunk,
+    WorkerStatus,
+)
+from chatgate.settings import EngineSettings
+
+UPSTREAM_ENGINE = "openai"
+
+
+class WorkerBackend(Protocol):
+    """One worker's model(s), as its endpoints and the in-process client call them."""
+
+    model_names: list[str]
+    served: int
+
+    def generate(self, params: GenerateParams) -> AsyncGenerator[WorkerChunk, None]:
+        """Stream a generation; request errors raise before the first chunk."""
+        ...
+
+    async def embed(self, params: EmbedParams) -> EmbedResult:
+        """Embedding vectors of the inputs, in order."""
+        ...
+
+    async def count_tokens(self, request: CountTokenRequest) -> int:
+        """Tokens the prompt (or templated conversation) takes."""
+        ...
+
+    def load(self) -> tuple[int, int]:
+        """Requests in flight, and sequences running or queued."""
+        ...
+
+    def status(self) -> WorkerStatus:
+        """What the worker reports to the controller."""
+        ...
+
+    def conversation(self) -> Conversation:
+        """The chat template as a FastChat conversation."""
+        ...
+
+    def details(self) -> ModelDetails:
+        """Context length and supported extensions."""
+        ...
+
+
+@contextlib.asynccontextmanager
+async def open_backend(settings: EngineSettings, *, engine: Engine | None = None) -> AsyncIterator[WorkerBackend]:
+    """Start the backend `settings.engine` names (or serve the `engine` given), and stop it on exit."""
+    if engine is None and settings.engine == UPSTREAM_ENGINE:
+        from chatgate.upstream.service import open_upstream
+
+        async with open_upstream(settings) as upstream:
+            yield upstream
+        return
+    from chatgate.engines import create_engine
+    from chatgate.worker.service import WorkerService
+
+    engine = engine or create_engine(settings)
+    await engine.start()
+    service = WorkerService(
+        engine=engine, model_names=settings.model_names, limit_concurrency=settings.limit_worker_concurrency
+    )
+    try:
+        yield service
+    finally:
+        await service.close()
+        await engine.close()
