@@ -175,17 +175,22 @@ def test_worker_details_and_token_estimate(fleet: Fleet) -> None:
 
 
 def _running(url: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=2).text
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=2).text
     return sum(float(line.split()[-1]) for line in text.splitlines()
                if line.startswith("chatgate_worker_running_sequences"))
 
 
 @pytest.mark.parametrize("front", FRONTS)
 def test_a_closed_stream_closes_the_upstream_stream(fleet: Fleet, front: str) -> None:
-    body = {"model": M, "messages": [{"role": "user", "content": "long " * 200}], "stream": True}
+    body = {"model": M, "messages": [{"role": "user", "content": "a reply long enough to close early"}], "stream": True}
     with httpx.stream("POST", f"{fleet.url[front]}/v1/chat/completions", json=body, timeout=30) as response:
-        for line in response.iter_lines():
-            if '"content":"E' in line:  # the upstream has started generating
+        lines = response.iter_lines()
+        while '"content":"' not in next(lines):  # the role chunk
+            pass
+        generating = _running(fleet.url["upstream"])
+        for line in lines:  # read one more token, then leave with the reply unfinished
+            if '"content":"' in line:
                 break
-        _wait(lambda: _running(fleet.url["upstream"]) == 1, 10)
-    _wait(lambda: _running(fleet.url["upstream"]) == 0, 10)
+    assert generating == 1
+    # About 50 tokens at 0.05 s remain: finishing on its own would take over 2 s.
+    _wait(lambda: _running(fleet.url["upstream"]) == 0, 1.2)

@@ -84,7 +84,7 @@ async def ready(service: WorkerBackend = Service) -> dict[str, object]:
     return {"status": "ready", "models": service.model_names}
 
 
-@router.post("/worker_generate_stream")
+@router.post("/worker_generate_stream", response_model=None)
 async def generate_stream(
     params: GenerateParams, service: WorkerBackend = Service
 ) -> ClosingStreamingResponse | JSONResponse:
