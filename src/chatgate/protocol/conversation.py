@@ -117,3 +117,14 @@ def chatml_conversation(rendered_probe: str, *, stop_token_ids: list[int]) -> Co
         stop_str=end,
         stop_token_ids=stop_token_ids,
     )
+
+
+def generic_conversation() -> Conversation:
+    """A plain `USER:` / `ASSISTANT:` conversation, for a worker whose template is unknown here."""
+    return Conversation(
+        name="chatgate-generic",
+        system_template="{system_message}",
+        roles=["USER", "ASSISTANT"],
+        sep_style=SeparatorStyle.ADD_COLON_SINGLE,
+        sep="\n",
+    )

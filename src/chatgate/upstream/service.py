@@ -22,7 +22,7 @@ import anyio
 import httpx
 
 from chatgate.errors import ChatgateError, OverloadedError, WorkerError, WorkerUnavailableError
-from chatgate.protocol.conversation import Conversation, SeparatorStyle
+from chatgate.protocol.conversation import Conversation, generic_conversation
 from chatgate.protocol.worker import (
     EXT_CHAT_TEMPLATE,
     EXT_DELTA,
@@ -154,13 +154,7 @@ class UpstreamService:
 
     def conversation(self) -> Conversation:
         """A generic conversation for FastChat's API server: the upstream's template is unseen."""
-        return Conversation(
-            name="chatgate-upstream",
-            system_template="{system_message}",
-            roles=["USER", "ASSISTANT"],
-            sep_style=SeparatorStyle.ADD_COLON_SINGLE,
-            sep="\n",
-        )
+        return generic_conversation()
 
     def details(self) -> ModelDetails:
         """Context length, how tokens are counted, and the extensions (the upstream templates)."""

@@ -16,7 +16,7 @@ from chatgate.errors import (
     InvalidRequestError,
     OverloadedError,
 )
-from chatgate.protocol.conversation import Conversation, SeparatorStyle, chatml_conversation
+from chatgate.protocol.conversation import Conversation, chatml_conversation, generic_conversation
 from chatgate.protocol.worker import (
     EXTENSIONS,
     CountTokenRequest,
@@ -305,13 +305,7 @@ class WorkerService:
     def conversation(self) -> Conversation:
         """The model's chat template as a FastChat conversation, for FastChat's API server."""
         probe = self._render([{"role": "user", "content": "{probe}"}]) if self.engine.info.generates else ""
-        return chatml_conversation(probe, stop_token_ids=self.engine.eos_token_ids) or Conversation(
-            name="chatgate-generic",
-            system_template="{system_message}",
-            roles=["USER", "ASSISTANT"],
-            sep_style=SeparatorStyle.ADD_COLON_SINGLE,
-            sep="\n",
-        )
+        return chatml_conversation(probe, stop_token_ids=self.engine.eos_token_ids) or generic_conversation()
 
     def details(self) -> ModelDetails:
         """Context length and the chatgate protocol extensions this worker supports."""
