@@ -24,7 +24,7 @@ from chatgate.errors import (
     WorkerError,
     WorkerUnavailableError,
 )
-from chatgate.protocol.worker import GenerateParams, TokenAlternative, WorkerChunk, WorkerLogprob, WorkerUsage
+from chatgate.protocol.worker import GenerateParams, finish_reason_of, TokenAlternative, WorkerChunk, WorkerLogprob, WorkerUsage
 
 _BY_STATUS: dict[int, type[ChatgateError]] = {
     400: InvalidRequestError,
@@ -198,13 +198,12 @@ class StreamReader:
 
     def last(self) -> WorkerChunk:
         """The closing chunk: tool calls as the tool plan's JSON text, finish reason and usage."""
-        text, finish = "", self.finish or "stop"
+        # "tool_calls" and "function_call" become "stop": the API server parses calls out of a
+        # reply that stopped normally.
+        text, finish = "", finish_reason_of(self.finish or "stop")
         if self.calls:
             calls = [{"name": c["name"], "arguments": _arguments(c["arguments"])} for _, c in sorted(self.calls.items())]
-            # The API server parses calls out of a reply that stopped normally.
             text, finish = json.dumps({"tool_calls": calls}), "stop"
-        elif finish in ("tool_calls", "function_call"):
-            finish = "stop"
         return WorkerChunk(text=text, finish_reason=finish, usage=self.usage or WorkerUsage())
 
 
