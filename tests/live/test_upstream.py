@@ -149,7 +149,7 @@ def test_upstream_4xx_reach_the_client_with_their_status(fleet: Fleet, front: st
         client.chat.completions.create(model=M, messages=CHAT, max_tokens=100_000)  # type: ignore[arg-type]
     assert too_long.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as unsupported:  # the fake engine has no structured output
-        client.chat.completions.create(model=M, messages=CHAT, response_format={"type": "json_object"})  # type: ignore[arg-type]
+        client.chat.completions.create(model=M, messages=CHAT, response_format={"type": "json_object"})  # type: ignore[call-overload]
     assert "structured output" in unsupported.value.message
 
 

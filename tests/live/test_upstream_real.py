@@ -35,12 +35,12 @@ def test_paris_and_a_tool_call_through_the_openai_engine(tmp_path: Path) -> None
 
         tool = {"type": "function", "function": {"name": "weather", "parameters": {
             "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-        called = client.chat.completions.create(
-            model=M, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[tool],  # type: ignore[list-item]
+        called = client.chat.completions.create(  # type: ignore[call-overload]
+            model=M, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[tool],
             tool_choice={"type": "function", "function": {"name": "weather"}}, temperature=0, max_tokens=60)
         choice = called.choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
-        assert "city" in json.loads(choice.message.tool_calls[0].function.arguments)  # type: ignore[union-attr]
+        assert "city" in json.loads(choice.message.tool_calls[0].function.arguments)
     finally:
         forward.stop()
         upstream.stop()

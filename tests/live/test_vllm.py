@@ -99,18 +99,18 @@ def test_completions_n_seed_stop_and_logprobs(url: str) -> None:
 def test_response_format_and_required_tool(url: str) -> None:
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
               "additionalProperties": False}
-    answer = client(url).chat.completions.create(
-        model=M, messages=FRANCE, temperature=0, max_tokens=40,  # type: ignore[arg-type]
+    answer = client(url).chat.completions.create(  # type: ignore[call-overload]
+        model=M, messages=FRANCE, temperature=0, max_tokens=40,
         response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
     assert set(json.loads(answer.choices[0].message.content or "")) == {"city"}
     tool = {"type": "function", "function": {"name": "weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-    called = client(url).chat.completions.create(
-        model=M, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[tool],  # type: ignore[list-item]
+    called = client(url).chat.completions.create(  # type: ignore[call-overload]
+        model=M, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[tool],
         tool_choice="required", temperature=0, max_tokens=60)
     calls = called.choices[0].message.tool_calls
-    assert calls and calls[0].function.name == "weather"  # type: ignore[union-attr]
-    assert "city" in json.loads(calls[0].function.arguments)  # type: ignore[union-attr]
+    assert calls and calls[0].function.name == "weather"
+    assert "city" in json.loads(calls[0].function.arguments)
 
 
 def test_context_length_and_token_count(url: str) -> None:
