@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pytest
-import yaml  # type: ignore[import-untyped]
+import yaml
 
 from chatgate.cli import COMMANDS, build_settings, parser
 

@@ -21,16 +21,20 @@ from typing import Any
 import anyio
 import httpx
 
-from chatgate.errors import ChatgateError, OverloadedError, WorkerError, WorkerUnavailableError
+from chatgate.errors import ChatgateError, InvalidRequestError, OverloadedError, WorkerError, WorkerUnavailableError
 from chatgate.protocol.conversation import Conversation, generic_conversation
 from chatgate.protocol.worker import (
     EXT_CHAT_TEMPLATE,
     EXT_DELTA,
     CountTokenRequest,
+    DetokenizeParams,
+    DetokenizeResult,
     EmbedParams,
     EmbedResult,
     GenerateParams,
     ModelDetails,
+    TokenizeParams,
+    TokenizeResult,
     WorkerChunk,
     WorkerStatus,
 )
@@ -141,6 +145,14 @@ class UpstreamService:
     async def count_tokens(self, request: CountTokenRequest) -> int:
         """Tokens of the prompt by the model's tokenizer if known, else a character estimate."""
         return self._counter.count(request)
+
+    async def tokenize(self, params: TokenizeParams) -> TokenizeResult:
+        """Not offered: an upstream's exact token ids are not known here (no `tokenize` extension)."""
+        raise InvalidRequestError("Tokenizing is not supported by this worker.", param="model")
+
+    async def detokenize(self, params: DetokenizeParams) -> DetokenizeResult:
+        """Not offered, as `tokenize`."""
+        raise InvalidRequestError("Detokenizing is not supported by this worker.", param="model")
 
     # Status ----------------------------------------------------------------------------------
 

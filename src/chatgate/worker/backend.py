@@ -16,10 +16,14 @@ from chatgate.engines.base import Engine
 from chatgate.protocol.conversation import Conversation
 from chatgate.protocol.worker import (
     CountTokenRequest,
+    DetokenizeParams,
+    DetokenizeResult,
     EmbedParams,
     EmbedResult,
     GenerateParams,
     ModelDetails,
+    TokenizeParams,
+    TokenizeResult,
     WorkerChunk,
     WorkerStatus,
 )
@@ -44,6 +48,14 @@ class WorkerBackend(Protocol):
 
     async def count_tokens(self, request: CountTokenRequest) -> int:
         """Tokens the prompt (or templated conversation) takes."""
+        ...
+
+    async def tokenize(self, params: TokenizeParams) -> TokenizeResult:
+        """Token ids of a prompt or conversation, as generation encodes it (the `tokenize` extension)."""
+        ...
+
+    async def detokenize(self, params: DetokenizeParams) -> DetokenizeResult:
+        """The text of token ids (the `tokenize` extension)."""
         ...
 
     def load(self) -> tuple[int, int]:

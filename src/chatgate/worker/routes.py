@@ -132,13 +132,13 @@ async def count_token(request: CountTokenRequest, service: WorkerBackend = Servi
 
 
 @router.post("/tokenize")
-async def tokenize(params: TokenizeParams, service: WorkerService = Service) -> JSONResponse:
+async def tokenize(params: TokenizeParams, service: WorkerBackend = Service) -> JSONResponse:
     """Token ids as generation encodes the prompt (the `tokenize` extension)."""
     return await _answer(service.tokenize(params), lambda r: r.model_dump(exclude_none=True))
 
 
 @router.post("/detokenize")
-async def detokenize(params: DetokenizeParams, service: WorkerService = Service) -> JSONResponse:
+async def detokenize(params: DetokenizeParams, service: WorkerBackend = Service) -> JSONResponse:
     """The text of token ids (the `tokenize` extension)."""
     return await _answer(service.detokenize(params), lambda r: r.model_dump())
 

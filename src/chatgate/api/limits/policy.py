@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml  # type: ignore[import-untyped]  # PyYAML ships no types; types-PyYAML is not a dependency
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
