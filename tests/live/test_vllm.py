@@ -22,12 +22,14 @@ from tests.live.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("CHATGATE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+# `make vllm` stamps the venv once every install step has passed; a half-built venv is skipped.
+VLLM_READY = "CHATGATE_VLLM_PYTHON" in os.environ or (ROOT / ".venv-vllm" / ".installed").exists()
 M = "SmolLM2-135M-Instruct"
 
 pytestmark = [
     pytest.mark.live,
     pytest.mark.model,
-    pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="vLLM venv not installed (make vllm)"),
+    pytest.mark.skipif(not VLLM_READY, reason="vLLM venv not installed (make vllm)"),
 ]
 
 
