@@ -13,7 +13,6 @@ from chatgate.api import errors
 from chatgate.api.auth import KeyChecker, KeyMiddleware
 from chatgate.api.limits.middleware import RateLimitMiddleware
 from chatgate.api.limits.policy import load_keys_file
-from chatgate.api.limits.redis_store import RedisStore
 from chatgate.api.limits.scoped import KeyScopedPool
 from chatgate.api.limits.store import LimitStore, MemoryStore
 from chatgate.api.middleware import GuardMiddleware
@@ -33,13 +32,24 @@ from chatgate.ops import health_routes, metrics_routes
 from chatgate.settings import ApiSettings
 
 
+def _limit_store(redis_url: str | None) -> LimitStore:
+    """Per-key counters: in Redis when a URL is given (shared by replicas), else in memory."""
+    if not redis_url:
+        return MemoryStore()
+    # Imported only here: Redis is needed only with --redis-url, and some environments
+    # (the vLLM venv) run chatgate without it.
+    from chatgate.api.limits.redis_store import RedisStore
+
+    return RedisStore(redis_url)
+
+
 def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
     """Build the API server; `workers` opens the worker pool for the app's lifetime."""
 
     registry = CollectorRegistry()
     metrics = ApiMetrics(registry)
     policies = load_keys_file(settings.api_keys_file) if settings.api_keys_file else {}
-    store: LimitStore = RedisStore(settings.redis_url) if settings.redis_url else MemoryStore()
+    store = _limit_store(settings.redis_url)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
