@@ -114,7 +114,6 @@ def test_streams_and_health_keep_pace_during_huge_requests(url: str) -> None:
     # On a quiet machine every probe is well under 100 ms; on a loaded one, no worse than the
     # probes beside the streams alone (the loop is not what delays them).
     assert max(health) < max(0.1, 1.5 * max(quiet)), report
-    if p99(during) >= 2 * p99(normal):
-        # The loop is free (above); what remains is CPU: the embedding model's compute shares the
-        # cores with decoding. Bounding that is the scheduler's part of issue 11 (item 4).
-        pytest.xfail(f"streams slowed by embedding compute, not by the event loop: {report}")
+    # Decoding shares the two cores with the embedding model's compute; the engine runs its
+    # model on every core but one and chunks its own jobs, so streams keep within 2x their pace.
+    assert p99(during) < 2 * p99(normal), report
