@@ -46,6 +46,12 @@ class ToolPlan:
     parallel: bool
     legacy: bool  # the request used `functions` / `function_call`
 
+    @property
+    def single(self) -> bool:
+        """One call at most: parallel calls are off, or a named `tool_choice` forces that one
+        call (a small model left an open array repeats the same call until `max_tokens`)."""
+        return not self.parallel or self.mode == "named"
+
     def constraint(self) -> dict[str, Any] | None:
         """The grammar constraint for `required` / named calls; None for `auto`."""
         if self.mode == "auto":
@@ -62,7 +68,7 @@ class ToolPlan:
         ]
         items = calls[0] if len(calls) == 1 else {"anyOf": calls}
         array: dict[str, Any] = {"type": "array", "items": items, "minItems": 1}
-        if not self.parallel:
+        if self.single:
             array["maxItems"] = 1
         schema = {"type": "object", "properties": {"tool_calls": array}, "required": ["tool_calls"], "additionalProperties": False}
         return {"type": "json_schema", "schema": schema}
@@ -85,7 +91,7 @@ class ToolPlan:
             return None
         if not all(isinstance(c, dict) and c.get("name") in names and isinstance(c.get("arguments"), dict) for c in calls):
             return None
-        if not self.parallel:
+        if self.single:
             calls = calls[:1]
         return [
             ToolCall(
