@@ -23,21 +23,7 @@ import httpx
 
 from chatgate.errors import ChatgateError, InvalidRequestError, OverloadedError, WorkerError, WorkerUnavailableError
 from chatgate.protocol.conversation import Conversation, generic_conversation
-from chatgate.protocol.worker import (
-    EXT_CHAT_TEMPLATE,
-    EXT_DELTA,
-    CountTokenRequest,
-    DetokenizeParams,
-    DetokenizeResult,
-    EmbedParams,
-    EmbedResult,
-    GenerateParams,
-    ModelDetails,
-    TokenizeParams,
-    TokenizeResult,
-    WorkerChunk,
-    WorkerStatus,
-)
+from chatgate.protocol import worker as proto
 from chatgate.settings import EngineSettings
 from chatgate.upstream import wire
 from chatgate.upstream.tokens import TokenCounter
@@ -73,7 +59,7 @@ class UpstreamService:
 
     # Generation ------------------------------------------------------------------------------
 
-    async def generate(self, params: GenerateParams) -> AsyncGenerator[WorkerChunk, None]:
+    async def generate(self, params: proto.GenerateParams) -> AsyncGenerator[proto.WorkerChunk, None]:
         """Stream the upstream's completion as delta chunks; errors before the first raise."""
         if self._active >= self._limit:
             raise OverloadedError("The model is overloaded; retry shortly.")
@@ -126,7 +112,7 @@ class UpstreamService:
 
     # Embeddings and tokens -------------------------------------------------------------------
 
-    async def embed(self, params: EmbedParams) -> EmbedResult:
+    async def embed(self, params: proto.EmbedParams) -> proto.EmbedResult:
         """The upstream's embeddings of the inputs, in input order."""
         inputs: Any = params.input_token_ids if params.input_token_ids is not None else params.input
         body = {"model": self._upstream_model or params.model, "input": inputs}
@@ -140,17 +126,17 @@ class UpstreamService:
         data = response.json()
         vectors = [item["embedding"] for item in sorted(data["data"], key=lambda item: item["index"])]
         tokens = int((data.get("usage") or {}).get("prompt_tokens", 0))
-        return EmbedResult(embedding=vectors, token_num=tokens)
+        return proto.EmbedResult(embedding=vectors, token_num=tokens)
 
-    async def count_tokens(self, request: CountTokenRequest) -> int:
+    async def count_tokens(self, request: proto.CountTokenRequest) -> int:
         """Tokens of the prompt by the model's tokenizer if known, else a character estimate."""
         return self._counter.count(request)
 
-    async def tokenize(self, params: TokenizeParams) -> TokenizeResult:
+    async def tokenize(self, params: proto.TokenizeParams) -> proto.TokenizeResult:
         """Not offered: an upstream's exact token ids are not known here (no `tokenize` extension)."""
         raise InvalidRequestError("Tokenizing is not supported by this worker.", param="model")
 
-    async def detokenize(self, params: DetokenizeParams) -> DetokenizeResult:
+    async def detokenize(self, params: proto.DetokenizeParams) -> proto.DetokenizeResult:
         """Not offered, as `tokenize`."""
         raise InvalidRequestError("Detokenizing is not supported by this worker.", param="model")
 
@@ -160,21 +146,21 @@ class UpstreamService:
         """Requests in flight here (the upstream's own queue is not visible)."""
         return self._active, self._active
 
-    def status(self) -> WorkerStatus:
+    def status(self) -> proto.WorkerStatus:
         """What the worker reports to the controller."""
-        return WorkerStatus(model_names=self.model_names, speed=1.0, queue_length=self._active)
+        return proto.WorkerStatus(model_names=self.model_names, speed=1.0, queue_length=self._active)
 
     def conversation(self) -> Conversation:
         """A generic conversation for FastChat's API server: the upstream's template is unseen."""
         return generic_conversation()
 
-    def details(self) -> ModelDetails:
+    def details(self) -> proto.ModelDetails:
         """Context length, how tokens are counted, and the extensions (the upstream templates)."""
-        return ModelDetails.model_validate(
+        return proto.ModelDetails.model_validate(
             {
                 "context_length": self._context,
                 "context_length_source": self._context_source,
-                "chatgate_extensions": [EXT_CHAT_TEMPLATE, EXT_DELTA],
+                "chatgate_extensions": [proto.EXT_CHAT_TEMPLATE, proto.EXT_DELTA],
                 "generates": True,
                 "token_count": self._counter.method,
                 "upstream": self.url,

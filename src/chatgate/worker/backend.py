@@ -14,19 +14,7 @@ from typing import Protocol
 
 from chatgate.engines.base import Engine
 from chatgate.protocol.conversation import Conversation
-from chatgate.protocol.worker import (
-    CountTokenRequest,
-    DetokenizeParams,
-    DetokenizeResult,
-    EmbedParams,
-    EmbedResult,
-    GenerateParams,
-    ModelDetails,
-    TokenizeParams,
-    TokenizeResult,
-    WorkerChunk,
-    WorkerStatus,
-)
+from chatgate.protocol import worker as wire
 from chatgate.settings import EngineSettings
 
 UPSTREAM_ENGINE = "openai"
@@ -38,23 +26,23 @@ class WorkerBackend(Protocol):
     model_names: list[str]
     served: int
 
-    def generate(self, params: GenerateParams) -> AsyncGenerator[WorkerChunk, None]:
+    def generate(self, params: wire.GenerateParams) -> AsyncGenerator[wire.WorkerChunk, None]:
         """Stream a generation; request errors raise before the first chunk."""
         ...
 
-    async def embed(self, params: EmbedParams) -> EmbedResult:
+    async def embed(self, params: wire.EmbedParams) -> wire.EmbedResult:
         """Embedding vectors of the inputs, in order."""
         ...
 
-    async def count_tokens(self, request: CountTokenRequest) -> int:
+    async def count_tokens(self, request: wire.CountTokenRequest) -> int:
         """Tokens the prompt (or templated conversation) takes."""
         ...
 
-    async def tokenize(self, params: TokenizeParams) -> TokenizeResult:
+    async def tokenize(self, params: wire.TokenizeParams) -> wire.TokenizeResult:
         """Token ids of a prompt or conversation, as generation encodes it (the `tokenize` extension)."""
         ...
 
-    async def detokenize(self, params: DetokenizeParams) -> DetokenizeResult:
+    async def detokenize(self, params: wire.DetokenizeParams) -> wire.DetokenizeResult:
         """The text of token ids (the `tokenize` extension)."""
         ...
 
@@ -62,7 +50,7 @@ class WorkerBackend(Protocol):
         """Requests in flight, and sequences running or queued."""
         ...
 
-    def status(self) -> WorkerStatus:
+    def status(self) -> wire.WorkerStatus:
         """What the worker reports to the controller."""
         ...
 
@@ -70,7 +58,7 @@ class WorkerBackend(Protocol):
         """The chat template as a FastChat conversation."""
         ...
 
-    def details(self) -> ModelDetails:
+    def details(self) -> wire.ModelDetails:
         """Context length and supported extensions."""
         ...
 

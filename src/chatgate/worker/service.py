@@ -6,7 +6,6 @@ request behaves the same whichever way it arrives.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -134,8 +133,10 @@ class WorkerService:
 
     async def tokenize(self, params: TokenizeParams) -> TokenizeResult:
         """Token ids of a prompt or templated conversation, exactly as generation encodes it
-        (vLLM's `/tokenize`); tokenized in a thread, as a long prompt takes a while."""
-        return await asyncio.to_thread(self._tokenize, params)
+        (vLLM's `/tokenize`); checked by length first, then tokenized in the bounded pool
+        every other prompt goes through."""
+        await self._check_prompt_length(GenerateParams(prompt=params.prompt, messages=params.messages))
+        return await self._admission.run(lambda: self._tokenize(params))
 
     def _tokenize(self, params: TokenizeParams) -> TokenizeResult:
         if params.messages is not None and params.add_generation_prompt and not params.add_special_tokens:
@@ -155,7 +156,8 @@ class WorkerService:
     async def detokenize(self, params: DetokenizeParams) -> DetokenizeResult:
         """The text of token ids, special tokens included (vLLM's `/detokenize`)."""
         ids = self._checked_ids(params.tokens, "tokens")
-        return DetokenizeResult(prompt=await asyncio.to_thread(self.engine.decode, ids, skip_special_tokens=False))
+        text = await self._admission.run(lambda: self.engine.decode(ids, skip_special_tokens=False))
+        return DetokenizeResult(prompt=text)
 
     def _sampling(self, params: GenerateParams, prompt_len: int) -> SamplingParams:
         context = self.engine.info.context_length

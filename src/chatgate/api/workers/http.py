@@ -38,27 +38,14 @@ from chatgate.errors import (
     from_fastchat_code,
 )
 from chatgate.protocol.conversation import Conversation, render
-from chatgate.protocol.worker import (
-    EXT_CHAT_TEMPLATE,
-    EXT_TOKENIZE,
-    CountTokenRequest,
-    DetokenizeParams,
-    DetokenizeResult,
-    EmbedParams,
-    EmbedResult,
-    GenerateParams,
-    ModelDetails,
-    TokenizeParams,
-    TokenizeResult,
-    WorkerChunk,
-)
+from chatgate.protocol import worker as wire
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
 
-def _chunk_error(chunk: WorkerChunk) -> ChatgateError:
+def _chunk_error(chunk: wire.WorkerChunk) -> ChatgateError:
     return from_fastchat_code(chunk.error_code, chunk.text, param=chunk.param)
 
 
@@ -112,7 +99,7 @@ class _FrameReader:
         self._pending = None
         return data
 
-    async def frames(self) -> AsyncIterator[WorkerChunk]:
+    async def frames(self) -> AsyncIterator[wire.WorkerChunk]:
         """The chunks, as they arrive."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._bounds.first_frame
@@ -124,7 +111,7 @@ class _FrameReader:
                 raise FrameTooLarge(f"a stream frame over {cap} bytes")
             for frame in frames:
                 if frame.strip():
-                    yield WorkerChunk.model_validate_json(frame)
+                    yield wire.WorkerChunk.model_validate_json(frame)
             if frames:
                 deadline = loop.time() + self._bounds.between_frames
 
@@ -165,7 +152,7 @@ async def _head(response: httpx.Response, limit: int = 65536) -> bytes:
     return content[:limit]
 
 
-async def _deltas(chunks: AsyncIterator[WorkerChunk]) -> AsyncIterator[WorkerChunk]:
+async def _deltas(chunks: AsyncIterator[wire.WorkerChunk]) -> AsyncIterator[wire.WorkerChunk]:
     """Cumulative text (FastChat's stream) as deltas; a trailing half character waits."""
     sent = ""
     async for chunk in chunks:
@@ -180,7 +167,7 @@ class WorkerFacts:
     """What an API server learns about each worker once: its details and conversation."""
 
     in_flight: Counter[str] = field(default_factory=Counter)
-    details: dict[str, ModelDetails] = field(default_factory=dict)
+    details: dict[str, wire.ModelDetails] = field(default_factory=dict)
     conversations: dict[tuple[str, str], Conversation] = field(default_factory=dict)
     # Unfinished worker streams being closed in the background (referenced until done).
     closing: set[asyncio.Task[None]] = field(default_factory=set)
@@ -253,11 +240,11 @@ class HttpWorker:
             return RequestTooLargeError(detail or "The request is too large for the worker.")
         return InvalidRequestError(f"The worker refused the request: {detail or f'HTTP {status}'}")
 
-    async def generate_stream(self, params: GenerateParams) -> AsyncIterator[WorkerChunk]:
+    async def generate_stream(self, params: wire.GenerateParams) -> AsyncIterator[wire.WorkerChunk]:
         self._in_flight[self.address] += 1
         try:
             details = await self.model_details()
-            native = EXT_CHAT_TEMPLATE in details.chatgate_extensions
+            native = wire.EXT_CHAT_TEMPLATE in details.chatgate_extensions
             if not native:
                 params = await self._fastchat_params(params, details)
             body = params.model_copy(update={"delta": native}).model_dump(exclude_none=True)
@@ -270,7 +257,7 @@ class HttpWorker:
         finally:
             self._in_flight[self.address] -= 1
 
-    async def _fastchat_params(self, params: GenerateParams, details: ModelDetails) -> GenerateParams:
+    async def _fastchat_params(self, params: wire.GenerateParams, details: wire.ModelDetails) -> wire.GenerateParams:
         """Parameters a FastChat worker understands: a rendered prompt and a sized budget."""
         if params.prompt_token_ids is not None:
             raise InvalidRequestError(
@@ -283,7 +270,7 @@ class HttpWorker:
             prompt = render(conv, params.messages)
             stops = [conv.stop_str] if isinstance(conv.stop_str, str) else list(conv.stop_str or [])
             update |= {"stop": params.stop_list() + stops, "stop_token_ids": conv.stop_token_ids}
-        count = await self.count_tokens(CountTokenRequest(prompt=prompt))
+        count = await self.count_tokens(wire.CountTokenRequest(prompt=prompt))
         room = details.context_length - count
         wanted = params.max_new_tokens if params.max_new_tokens is not None else room
         if wanted > room or room < 1:
@@ -300,7 +287,7 @@ class HttpWorker:
             self._facts.conversations[key] = Conversation.model_validate(result.get("conv") or {})
         return self._facts.conversations[key]
 
-    async def _stream(self, request: httpx.Request) -> AsyncIterator[WorkerChunk]:
+    async def _stream(self, request: httpx.Request) -> AsyncIterator[wire.WorkerChunk]:
         try:
             async with asyncio.timeout(self._bounds.first_frame):
                 response = await self._http.send(request, stream=True)
@@ -358,7 +345,7 @@ class HttpWorker:
         if not isinstance(result, dict):
             raise WorkerError(f"The worker at {self.address} answered badly: not a JSON object")
         if isinstance(result.get("error_code"), int) and result["error_code"]:
-            raise _chunk_error(self._parse(WorkerChunk, result))
+            raise _chunk_error(self._parse(wire.WorkerChunk, result))
         return result
 
     def _parse(self, model: type[M], result: dict[str, object]) -> M:
@@ -368,32 +355,32 @@ class HttpWorker:
         except ValidationError as exc:
             raise WorkerError(f"The worker at {self.address} answered badly: {exc.errors()[0]['msg']}") from exc
 
-    async def count_tokens(self, request: CountTokenRequest) -> int:
+    async def count_tokens(self, request: wire.CountTokenRequest) -> int:
         result = await self._post("/count_token", request.model_dump(exclude_none=True))
         count = result.get("count", 0)
         if not isinstance(count, int):
             raise WorkerError(f"The worker at {self.address} answered badly: a token count of {count!r}")
         return count
 
-    async def embed(self, params: EmbedParams) -> EmbedResult:
+    async def embed(self, params: wire.EmbedParams) -> wire.EmbedResult:
         result = await self._post("/worker_get_embeddings", params.model_dump(exclude_none=True))
-        return self._parse(EmbedResult, result)
+        return self._parse(wire.EmbedResult, result)
 
-    async def tokenize(self, params: TokenizeParams) -> TokenizeResult:
-        await self._require(EXT_TOKENIZE, "/tokenize")
-        return TokenizeResult.model_validate(await self._post("/tokenize", params.model_dump(exclude_none=True)))
+    async def tokenize(self, params: wire.TokenizeParams) -> wire.TokenizeResult:
+        await self._require(wire.EXT_TOKENIZE, "/tokenize")
+        return wire.TokenizeResult.model_validate(await self._post("/tokenize", params.model_dump(exclude_none=True)))
 
-    async def detokenize(self, params: DetokenizeParams) -> DetokenizeResult:
-        await self._require(EXT_TOKENIZE, "/detokenize")
-        return DetokenizeResult.model_validate(await self._post("/detokenize", params.model_dump()))
+    async def detokenize(self, params: wire.DetokenizeParams) -> wire.DetokenizeResult:
+        await self._require(wire.EXT_TOKENIZE, "/detokenize")
+        return wire.DetokenizeResult.model_validate(await self._post("/detokenize", params.model_dump()))
 
     async def _require(self, extension: str, what: str) -> None:
         """Refuse what a worker does not advertise (a FastChat worker, or an older chatgate)."""
         if extension not in (await self.model_details()).chatgate_extensions:
             raise InvalidRequestError(f"{what} is not supported by this worker.", param="model")
 
-    async def model_details(self) -> ModelDetails:
+    async def model_details(self) -> wire.ModelDetails:
         if self.address not in self._facts.details:
-            details = self._parse(ModelDetails, await self._post("/model_details", {}))
+            details = self._parse(wire.ModelDetails, await self._post("/model_details", {}))
             self._facts.details[self.address] = details
         return self._facts.details[self.address]
