@@ -234,6 +234,25 @@ async def test_silence_mid_stream_ends_the_request_and_reports_the_worker() -> N
     await apoll(lambda: api.reports == ["http://w"], what="the stalled worker reported", timeout=5)
 
 
+async def test_a_stream_broken_mid_way_ends_the_request_and_reports_the_worker() -> None:
+    """A killed worker resets its streams at once: the next requests must not wait for the
+    heartbeat to learn it is gone."""
+    from chatgate.errors import WorkerError
+
+    async def dies(request: httpx.Request) -> httpx.Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield frames({"text": "a"})
+            raise httpx.ReadError("connection reset by peer")
+
+        return httpx.Response(200, content=body())
+
+    api = Api({"http://w": dies})
+    with pytest.raises(WorkerError, match="failed .*ReadError.* mid-stream"):
+        await api.chat()
+    await apoll(lambda: api.reports == ["http://w"], what="the broken worker reported", timeout=5)
+    assert api.pool.load() == []
+
+
 async def test_an_oversized_frame_ends_the_request_with_an_error_not_an_empty_200() -> None:
     from chatgate.errors import WorkerError
 

@@ -7,6 +7,8 @@ Transport failures become chatgate errors here, at the boundary:
 - a 429 (or an overloaded error frame) raises `OverloadedError`: busy, not down, so the caller
   tries another worker without reporting this one;
 - any other 4xx is about the request and goes back to the client as it is;
+- a stream that breaks or goes silent after its first frame ends that request with a
+  `WorkerError` (it cannot move elsewhere) and takes the worker out of rotation;
 - no free connection within the pool timeout is a 503 of this server, not the worker's fault.
 
 Every call is bounded: connect timeout, time to the first frame, silence between frames, and
@@ -210,14 +212,14 @@ class HttpWorker:
         address: str,
         facts: WorkerFacts,
         bounds: Bounds = Bounds(),
-        on_stall: Callable[[HttpWorker], None] | None = None,
+        on_failure: Callable[[HttpWorker], None] | None = None,
     ) -> None:
         self._http = http
         self.address = address.rstrip("/")
         self._facts = facts
         self._in_flight = facts.in_flight
         self._bounds = bounds
-        self._on_stall = on_stall
+        self._on_failure = on_failure
 
     def _unavailable(self, exc: Exception | str) -> WorkerUnavailableError:
         return WorkerUnavailableError(f"The worker at {self.address} is unavailable: {exc}")
@@ -325,8 +327,11 @@ class HttpWorker:
         what = "stopped answering" if silent else f"failed ({type(exc).__name__} {exc})"
         if not started:
             return self._unavailable(what)
-        if silent and self._on_stall is not None:
-            self._on_stall(self)  # a frozen worker: nothing else should be sent its way
+        # Mid-stream, the request cannot move to another worker, but the next ones should not
+        # go to this one: a frozen worker, or one whose connection broke (a killed process resets
+        # every stream at once, long before the controller's heartbeat notices).
+        if self._on_failure is not None:
+            self._on_failure(self)
         return WorkerError(f"The worker at {self.address} {what} mid-stream.")
 
     async def _post(self, path: str, body: dict[str, object]) -> dict[str, object]:
