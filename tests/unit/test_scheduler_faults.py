@@ -38,8 +38,10 @@ class Fault:
         if self.steps > FAIL_AT:
             raise Boom(self.kind)
 
+    cut = False
+
     # A constraint that allows everything until it breaks.
-    def mask(self, logits: torch.Tensor) -> None:
+    def mask(self, logits: torch.Tensor, remaining: int) -> None:
         if self.kind == "grammar mask":
             self.tick()
 

@@ -1,8 +1,20 @@
-"""Constrained decoding for `response_format`: JSON, or JSON valid against a schema.
+"""Constrained decoding for `response_format` and forced tool calls: JSON, or JSON valid
+against a schema, that is finished before the token limit.
 
 Grammars come from llguidance, built against the model's own tokenizer; each constrained
 sequence gets a matcher that masks the tokens its grammar forbids before sampling and follows
 the tokens sampled, so every request in a shared batch carries its own constraint.
+
+Two things a grammar cannot say are added here, with a `JsonCursor` following the text:
+- *Budget*: once the tokens left come close to what closing every open string, array and object
+  takes, no new key, item or value may start (the string being written may go on while there is
+  room), and at the end only the closing text is allowed. The reply is then complete JSON, and
+  the sequence ends with `finish_reason` `"length"`: it was still cut by the limit, and clients
+  that check for that (as they must with OpenAI and vLLM, whose JSON is then unterminated) still
+  see it.
+- *Repeats*: a spec with `"distinct": <property>` (the tool-call grammar sets it for its
+  `tool_calls` array) closes that array as soon as an item repeats an earlier one. A small model
+  otherwise repeats the same call until `max_tokens`; the caller drops the repeated item.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ from jsonschema.exceptions import SchemaError
 from llguidance import LLMatcher, LLTokenizer
 from llguidance.hf import from_tokenizer
 
+from chatgate.engines.json_cursor import JsonCursor
 from chatgate.errors import InvalidRequestError
 
 if TYPE_CHECKING:  # a TypedDict that exists only in llguidance's stubs
@@ -26,6 +39,11 @@ ANY_OBJECT: dict[str, Any] = {"type": "object"}
 # Compact JSON: a small model given room for whitespace spends its tokens indenting (and often
 # loops on newlines and spaces until max_tokens); with none allowed, every token says something.
 COMPACT: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+# Tokens kept in hand, beyond the closing text, before nothing new may be opened: one token can
+# open a few things at once (`[{"` ...), and each then needs closing.
+WINDOW = 8
+# Bytes that may change what closing takes: a string token without them only extends the string.
+_STRUCTURAL = frozenset(b'"\\{}[],:')
 
 
 class ConstraintCompiler:
@@ -33,6 +51,7 @@ class ConstraintCompiler:
 
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         self.tokenizer: LLTokenizer = from_tokenizer(tokenizer, n_vocab=vocab_size)
+        self.vocabulary = Vocabulary(self.tokenizer)
 
     def compile(self, spec: dict[str, Any]) -> Grammar:
         """The grammar for `{"type": "json_object"}` or `{"type": "json_schema", "schema": ...}`."""
@@ -57,33 +76,83 @@ class ConstraintCompiler:
         failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
         if failed:
             raise InvalidRequestError(f"Unsupported JSON schema: {messages[0]}", param=SCHEMA_PARAM)
-        return Grammar(self, grammar)
+        distinct = spec.get("distinct")
+        return Grammar(self, grammar, distinct if isinstance(distinct, str) else None)
+
+
+class Vocabulary:
+    """Each token's bytes, looked up both ways, for the closing text and the budget window."""
+
+    def __init__(self, tokenizer: LLTokenizer) -> None:
+        self.size = tokenizer.vocab_size
+        self.bytes = [tokenizer.decode_bytes([i]) for i in range(self.size)]
+        self._ids: dict[bytes, list[int]] = {}
+        plain = np.zeros(self.size, dtype=bool)
+        for token, data in enumerate(self.bytes):
+            self._ids.setdefault(data, []).append(token)
+            # llguidance spells special tokens with a leading 0xFF, which no text contains.
+            plain[token] = bool(data) and data[0] != 0xFF and not _STRUCTURAL.intersection(data)
+        self.plain = plain  # tokens that only extend a string
+
+    def prefixes(self, text: str) -> np.ndarray:
+        """Tokens spelling a start of `text`."""
+        data = text.encode()
+        out = np.zeros(self.size, dtype=bool)
+        for end in range(1, len(data) + 1):
+            out[self._ids.get(data[:end], [])] = True
+        return out
 
 
 class Grammar:
     """A compiled grammar; each sequence starts its own `Constraint` from it."""
 
-    def __init__(self, compiler: ConstraintCompiler, grammar: str) -> None:
+    def __init__(self, compiler: ConstraintCompiler, grammar: str, distinct: str | None = None) -> None:
         self._compiler = compiler
         self._grammar = grammar
+        self._distinct = distinct
 
     def start(self) -> Constraint:
         """A fresh matcher at the start of the grammar."""
-        return Constraint(LLMatcher(self._compiler.tokenizer, self._grammar))
+        matcher = LLMatcher(self._compiler.tokenizer, self._grammar)
+        return Constraint(matcher, self._compiler.vocabulary, JsonCursor(watch=self._distinct))
 
 
 class Constraint:
-    """One sequence's position in its grammar."""
+    """One sequence's position in its grammar, and in the JSON it spells."""
 
-    def __init__(self, matcher: LLMatcher) -> None:
+    def __init__(self, matcher: LLMatcher, vocabulary: Vocabulary, cursor: JsonCursor) -> None:
         self._matcher = matcher
+        self._vocabulary = vocabulary
+        self._cursor = cursor
+        self._budgeted = False  # the token limit has narrowed the choice
 
-    def mask(self, logits: torch.Tensor) -> None:
-        """Forbid, in place, every token the grammar does not allow next."""
+    @property
+    def cut(self) -> bool:
+        """Complete, but only because the token limit closed it: end with `"length"` now."""
+        return self._budgeted and self._cursor.complete
+
+    def mask(self, logits: torch.Tensor, remaining: int) -> None:
+        """Forbid, in place, every token the grammar does not allow next, nor the closing when
+        `remaining` tokens (this one included) are all that is left, or an item has repeated."""
         bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
         allowed = np.unpackbits(bits, bitorder="little")[: logits.shape[-1]].astype(bool)
+        closing = self._cursor.closing()
+        if closing and (self._cursor.repeated or remaining <= len(closing) + WINDOW):
+            narrowed = allowed & self._closers(closing, remaining)[: allowed.shape[0]]
+            if narrowed.any():  # else the schema wants more than closers: the grammar decides
+                self._budgeted = self._budgeted or not self._cursor.repeated
+                allowed = narrowed
         logits[~torch.from_numpy(allowed)] = float("-inf")
+
+    def _closers(self, closing: str, remaining: int) -> np.ndarray:
+        tokens = self._vocabulary.prefixes(closing)
+        if self._cursor.in_string and remaining > len(closing) and not self._cursor.repeated:
+            tokens |= self._vocabulary.plain  # the string being written may go on while there is room
+        return tokens
 
     def accept(self, token: int) -> bool:
         """Advance past `token`; False if the grammar does not allow it."""
-        return bool(self._matcher.consume_token(token)) and not self._matcher.is_error()
+        if not self._matcher.consume_token(token) or self._matcher.is_error():
+            return False
+        self._cursor.feed(self._vocabulary.bytes[token])
+        return True

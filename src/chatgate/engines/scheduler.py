@@ -296,7 +296,7 @@ class Scheduler:
         state = slot.state
         if slot.constraint is not None:
             logits = logits.clone()  # the row may be shared (n choices, the prompt cache)
-            slot.constraint.mask(logits)
+            slot.constraint.mask(logits, state.params.max_tokens - len(state.output_ids))
         token, logprob = sample_with_logprob(
             logits,
             state.params,
@@ -307,7 +307,9 @@ class Scheduler:
         slot.last_token = token
         if slot.constraint is not None and not slot.constraint.accept(token):
             raise RuntimeError(f"sampled token {token}, which the grammar forbids")
-        output = state.append(token, logprob)
+        # A constraint that closed its JSON early to fit the limit ends the sequence as the limit would.
+        cut = slot.constraint is not None and slot.constraint.cut
+        output = state.append(token, logprob, last=cut)
         if output is not None:
             slot.channel.put(output)
         if state.finished or slot.channel.cancelled:

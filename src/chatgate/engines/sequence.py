@@ -47,8 +47,9 @@ class SequenceState:
         """Whether the sequence has ended."""
         return self.finish_reason is not None
 
-    def append(self, token_id: int, logprob: TokenLogprob | None = None) -> GenerationOutput | None:
-        """Record a sampled token; return the output it releases, if any."""
+    def append(self, token_id: int, logprob: TokenLogprob | None = None, *, last: bool = False) -> GenerationOutput | None:
+        """Record a sampled token; return the output it releases, if any. `last` ends the
+        sequence at this token as reaching `max_tokens` would."""
         self.output_ids.append(token_id)
         if token_id in self._stop_ids:
             self.finish_reason = "stop"
@@ -56,7 +57,7 @@ class SequenceState:
         if logprob is not None:
             self._logprobs.append(logprob)
         self._pending += self._text.push(token_id)
-        if len(self.output_ids) >= self.params.max_tokens:
+        if last or len(self.output_ids) >= self.params.max_tokens:
             self.finish_reason = "length"  # unless a stop string ends it first, below
             self._pending += self._text.flush()
         stop_at = self._find_stop()

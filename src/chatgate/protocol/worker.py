@@ -57,7 +57,8 @@ class GenerateParams(Sampling):
     stop_token_ids: list[int] | None = None
     echo: bool = False
     delta: bool = False
-    # chatgate extension: {"type": "json_object"} or {"type": "json_schema", "schema": {...}}.
+    # chatgate extension: {"type": "json_object"} or {"type": "json_schema", "schema": {...}},
+    # optionally with "distinct": <property>, the top-level array whose first repeated item ends it.
     response_format: dict[str, Any] | None = None
     # Log-probabilities: the chosen token's plus this many alternatives (None: none).
     logprobs: int | None = None

@@ -6,8 +6,9 @@ from `tools` and `tool_messages`); any other is shown them in a system message (
 plain text or with one JSON object, `{"tool_calls": [{"name": ..., "arguments": {...}}]}`. With
 `tool_choice` `"required"` or a named function, decoding is constrained by a grammar to exactly
 that object, with each call's arguments matching its function's JSON schema (closed to
-properties it does not declare, as in OpenAI's strict mode); with `"auto"` the
-reply is parsed, and counts as tool calls only if it is such an object naming known functions.
+properties it does not declare, as in OpenAI's strict mode), and a call that repeats an earlier
+one ends the list (see `constraints.py`); with `"auto"` the reply is parsed, and counts as tool
+calls only if it is such an object naming known functions. Exact repeats are dropped either way.
 Earlier turns with `tool_calls` are shown to the model in the same form, and `tool` messages as
 they are. Legacy `functions` / `function_call` map onto the same plan.
 """
@@ -71,7 +72,9 @@ class ToolPlan:
         if self.single:
             array["maxItems"] = 1
         schema = {"type": "object", "properties": {"tool_calls": array}, "required": ["tool_calls"], "additionalProperties": False}
-        return {"type": "json_schema", "schema": schema}
+        # An exact repeat of a call already made is never useful, and a small model makes one
+        # until `max_tokens`: the engine closes the array at the first repeat (`parse` drops it).
+        return {"type": "json_schema", "schema": schema, "distinct": "tool_calls"}
 
     def tool_choice(self) -> str | dict[str, Any]:
         """OpenAI's `tool_choice` for this plan (legacy `function_call` included)."""
@@ -94,12 +97,21 @@ class ToolPlan:
         if self.single:
             calls = calls[:1]
         return [
-            ToolCall(
-                id=f"call_{uuid.uuid4().hex[:24]}",
-                function=FunctionCall(name=c["name"], arguments=json.dumps(c["arguments"])),
-            )
-            for c in calls
+            ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=name, arguments=arguments))
+            for name, arguments in _distinct(calls)
         ]
+
+
+def _distinct(calls: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Each call's name and arguments, in order, without exact repeats (same name, equal arguments)."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for call in calls:
+        key = (call["name"], json.dumps(call["arguments"], sort_keys=True))
+        if key not in seen:
+            seen.add(key)
+            out.append((call["name"], json.dumps(call["arguments"])))
+    return out
 
 
 def closed(schema: Any) -> Any:
