@@ -36,14 +36,12 @@ def schema_format(schema: dict[str, object]) -> ResponseFormatJSONSchema:
 
 async def test_json_object_mode_parses(chat_app: FastAPI) -> None:
     client = sdk(chat_app)
-    for seed in (1, 2, 3):
-        r = await client.chat.completions.create(model=MODEL, messages=ASK, response_format={"type": "json_object"},
-                                                 temperature=1.0, seed=seed, max_tokens=300)
+    replies = await asyncio.gather(*(client.chat.completions.create(model=MODEL, messages=ASK, response_format={"type": "json_object"},
+                                                                    temperature=1.0, seed=seed, max_tokens=120) for seed in (1, 2, 3)))
+    for r in replies:
         choice = r.choices[0]
-        if choice.finish_reason == "stop":
-            assert isinstance(json.loads(choice.message.content or ""), dict)
-        else:  # cut off by max_tokens: still the start of an object, never free text
-            assert choice.finish_reason == "length" and (choice.message.content or "").lstrip().startswith("{")
+        # Cut off by max_tokens or not, the object is closed in time.
+        assert choice.finish_reason in ("stop", "length") and isinstance(json.loads(choice.message.content or ""), dict)
 
 
 async def test_json_schema_validates_streamed_and_not(chat_app: FastAPI) -> None:
@@ -122,3 +120,25 @@ async def test_json_object_is_compact_and_finishes(chat_app: FastAPI) -> None:
     text = r.choices[0].message.content or ""
     assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(text), dict)
     assert "\n" not in text  # no indentation: a raw newline can only be whitespace between tokens
+
+
+async def test_json_object_at_temperature_1_is_closed_before_the_limit(chat_app: FastAPI) -> None:
+    """The issue's try at the SDK's default temperature: seeds 1 and 5 used to run past 120
+    tokens inside a string; the object is now closed in time, and `length` says it was cut."""
+    client = sdk(chat_app)
+    replies = await asyncio.gather(*(client.chat.completions.create(model=MODEL, messages=user("Give me a JSON object about cats."),
+                                                                    response_format={"type": "json_object"}, seed=seed, max_tokens=120)
+                                     for seed in (1, 5)))
+    for r in replies:
+        choice = r.choices[0]
+        assert isinstance(json.loads(choice.message.content or ""), dict), choice
+        assert choice.finish_reason == "length" and r.usage is not None and r.usage.completion_tokens <= 120
+
+
+async def test_a_tiny_budget_still_gives_a_closed_object(chat_app: FastAPI) -> None:
+    for max_tokens in (1, 2, 6):
+        r = await sdk(chat_app).chat.completions.create(model=MODEL, messages=ASK, response_format={"type": "json_object"},
+                                                        temperature=0, max_tokens=max_tokens)
+        assert r.choices[0].finish_reason == "length" and r.usage is not None and r.usage.completion_tokens <= max_tokens
+        if max_tokens > 1:  # `{}` needs two tokens
+            assert isinstance(json.loads(r.choices[0].message.content or ""), dict)

@@ -6,10 +6,14 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
+import httpx2
 import jsonschema
 import pytest
 from fastapi import FastAPI
-from openai.types.chat import ChatCompletionNamedToolChoiceParam
+from langchain_core.messages import AIMessage
+from langchain_openai import ChatOpenAI
+from openai.types.chat import ChatCompletionMessage, ChatCompletionNamedToolChoiceParam
+from pydantic import SecretStr
 from openai.types.chat.completion_create_params import Function
 
 from chatgate.engines.transformers import TransformersEngine
@@ -151,16 +155,47 @@ async def test_sdk_stream_helper_reassembles_tool_calls(chat_app: FastAPI) -> No
     jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER)
 
 
+CITY: dict[str, object] = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+def assert_distinct_city_calls(message: ChatCompletionMessage) -> list[str]:
+    """The calls' cities, each call to get_weather with exactly `city`, no call made twice."""
+    calls = function_calls(message)
+    arguments = [json.loads(call.function.arguments) for call in calls]
+    assert calls and all(call.function.name == "get_weather" and set(a) == {"city"} for call, a in zip(calls, arguments)), calls
+    assert len({call.function.arguments for call in calls}) == len(calls)
+    return [a["city"] for a in arguments]
+
+
 @pytest.mark.model
 async def test_one_parameter_tool_required_finishes_within_100_tokens(chat_app: FastAPI) -> None:
-    """The issue's try: a small model used to invent properties (`"type"`, ...) until the limit."""
-    city: dict[str, object] = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-    tool = [function_tool("get_weather", "Get the weather in a city", city)]
+    """The issue's try, parallel calls on: the model used to invent properties (`"type"`, ...),
+    then to repeat `get_weather(Paris)` inside the open list until the limit. A repeat now ends
+    the list, and is dropped."""
+    tool = [function_tool("get_weather", "Get the weather in a city", CITY)]
     client = sdk(chat_app)
-    for seed in (None, 1):
+    greedy = await client.chat.completions.create(model=MODEL, messages=ASK, tools=tool, tool_choice="required", max_tokens=100, temperature=0)
+    assert greedy.choices[0].finish_reason == "tool_calls" and greedy.usage is not None and greedy.usage.completion_tokens < 100
+    assert assert_distinct_city_calls(greedy.choices[0].message)[0] == "Paris"
+    for seed in (1, 5):  # at the SDK's default temperature; seed 5 repeated Paris too
         r = await client.chat.completions.create(model=MODEL, messages=ASK, tools=tool, tool_choice="required", max_tokens=100, seed=seed)
-        c = r.choices[0]
-        assert c.finish_reason == "tool_calls", c
-        for call in function_calls(c.message):
-            arguments = json.loads(call.function.arguments)
-            assert set(arguments) == {"city"} and isinstance(arguments["city"], str)
+        assert r.choices[0].finish_reason == "tool_calls", r.choices[0]
+        assert_distinct_city_calls(r.choices[0].message)
+
+
+@pytest.mark.model
+async def test_langchain_bind_tools_required(chat_app: FastAPI) -> None:
+    """The issue's LangChain try: `bind_tools(..., tool_choice="required")`, 100 tokens."""
+
+    def get_weather(city: str) -> str:
+        """Get the weather in a city."""
+        return "sunny"
+
+    http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=chat_app), base_url="http://chatgate")
+    for temperature in (0.0, None):  # None: LangChain sends none, so the server's default (1) applies
+        llm = ChatOpenAI(model=MODEL, base_url="http://chatgate/v1", api_key=SecretStr("sk-test"), http_async_client=http,
+                         max_completion_tokens=100, temperature=temperature, seed=1, max_retries=0)
+        reply = await llm.bind_tools([get_weather], tool_choice="required").ainvoke("What is the weather in Paris?")
+        assert isinstance(reply, AIMessage) and reply.tool_calls, reply
+        assert reply.response_metadata["finish_reason"] == "tool_calls"
+        assert all(call["name"] == "get_weather" and set(call["args"]) == {"city"} for call in reply.tool_calls)

@@ -1,4 +1,5 @@
-"""Tool-call arguments are constrained to the declared properties, as OpenAI's strict mode does."""
+"""Tool-call arguments are constrained to the declared properties, as OpenAI's strict mode does;
+a forced call list ends at its first repeated call, which is dropped."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from chatgate.api.serving.tools import closed
+from chatgate.api.serving.tools import ToolPlan, closed
+from chatgate.protocol.openai import FunctionDefinition
 
 CITY: dict[str, Any] = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 
@@ -44,3 +46,14 @@ def test_explicit_permission_and_free_form_objects_kept() -> None:
     # A property *named* like a keyword is a property, not a schema keyword.
     named = {"type": "object", "properties": {"items": {"type": "string"}, "properties": {"type": "integer"}}}
     assert closed(named)["properties"] == named["properties"]
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_required_calls_are_marked_distinct_and_repeats_are_dropped(parallel: bool) -> None:
+    plan = ToolPlan([FunctionDefinition(name="get_weather", parameters=CITY)], "required", None, parallel, False)
+    assert (plan.constraint() or {})["distinct"] == "tool_calls"
+    reply = ('{"tool_calls":[{"name":"get_weather","arguments":{"city":"Paris"}},{"name":"get_weather","arguments":{"city":"Rome"}},'
+             '{"arguments":{"city":"Paris"},"name":"get_weather"}]}')
+    calls = plan.parse(reply) or []
+    expected = ['{"city": "Paris"}', '{"city": "Rome"}'] if parallel else ['{"city": "Paris"}']
+    assert [c.function.arguments for c in calls] == expected
