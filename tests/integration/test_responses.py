@@ -9,6 +9,7 @@ from typing import Any
 import openai
 import pytest
 from fastapi import FastAPI
+from openai.types.responses import Response, ResponseOutputMessage, ResponseOutputText
 
 from chatgate.engines.fake import FakeEngine
 from tests.conftest import function_tool, make_app, raw, running, sdk
@@ -167,3 +168,35 @@ async def test_real_model_calls_a_function_and_answers_its_result(chat_app: Fast
     r = await client.responses.create(model=model, input=ask, max_output_tokens=60, temperature=0,
                                       text={"format": {"type": "json_schema", "name": "weather", "schema": schema, "strict": True}})
     assert set(json.loads(r.output_text)) == {"city", "sunny"}
+
+
+def text_part(r: Response) -> ResponseOutputText:
+    """The text part of a response's message."""
+    message = r.output[0]
+    assert isinstance(message, ResponseOutputMessage) and isinstance(message.content[0], ResponseOutputText), r
+    return message.content[0]
+
+
+async def test_output_text_logprobs_through_include(fake_app: FastAPI) -> None:
+    """`include: ["message.output_text.logprobs"]` with `top_logprobs`: chat's numbers, in the
+    Responses shape, on the message and on each streamed delta."""
+    client = sdk(fake_app)
+    r = await client.responses.create(model=M, input="hello there", temperature=0, top_logprobs=2, include=["message.output_text.logprobs"])
+    chat = await client.chat.completions.create(model=M, messages=[{"role": "user", "content": "hello there"}], temperature=0, logprobs=True, top_logprobs=2)
+    part = text_part(r)
+    assert part.logprobs
+    expected = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert [(p.token, p.logprob, [t.token for t in p.top_logprobs]) for p in part.logprobs] == [
+        (p.token, p.logprob, [t.token for t in p.top_logprobs]) for p in expected or []]
+    async with client.responses.stream(model=M, input="hello there", temperature=0, top_logprobs=2, include=["message.output_text.logprobs"]) as stream:
+        streamed = [lp.token for e in [e async for e in stream] if e.type == "response.output_text.delta" for lp in e.logprobs]
+        final = await stream.get_final_response()
+    assert streamed == [p.token for p in part.logprobs] and final.output_text == r.output_text
+    plain = await client.responses.create(model=M, input="hello there", temperature=0, top_logprobs=2)
+    assert text_part(plain).logprobs == []  # top_logprobs alone asks for none, as with OpenAI
+
+
+async def test_unknown_include_is_400(fake_app: FastAPI) -> None:
+    async with raw(fake_app) as http:
+        r = await http.post("/v1/responses", json={"model": M, "input": "hi", "include": ["message.output_text.logprob"]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "include[0]", r.text

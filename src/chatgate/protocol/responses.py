@@ -14,6 +14,19 @@ from chatgate.protocol import limits
 from chatgate.protocol.openai import FunctionDefinition, valid_schema
 
 InputRole = Literal["user", "system", "developer", "assistant"]
+# OpenAI's `include` values. Only output logprobs apply to a text-only server; the others name
+# outputs it never makes (searches, images, reasoning), so they add nothing, as with OpenAI when
+# no such item is produced.
+Includable = Literal[
+    "message.output_text.logprobs",
+    "file_search_call.results",
+    "web_search_call.results",
+    "web_search_call.action.sources",
+    "message.input_image.image_url",
+    "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs",
+    "reasoning.encrypted_content",
+]
 
 
 class _Request(BaseModel):
@@ -131,12 +144,19 @@ class ResponsesRequest(_Request):
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     stream: bool | None = False
+    include: list[Includable] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     metadata: dict[str, str] | None = None
     user: str | None = None
     # Refused: they need state this server does not keep.
     store: bool | None = None
     previous_response_id: str | None = None
     background: bool | None = None
+
+    @property
+    def logprobs(self) -> bool:
+        """Whether output text comes with log-probabilities (`top_logprobs` alone asks for none)."""
+        return "message.output_text.logprobs" in (self.include or [])
 
     @field_validator("store", "background")
     @classmethod

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import Field
 
 from chatgate.api.serving.chat import to_params
-from chatgate.api.serving.generation import Choice, GenerationServing, Reply
+from chatgate.api.serving.generation import Choice, GenerationServing, Reply, chat_logprobs
 from chatgate.api.serving.tools import ToolPlan, plan
 from chatgate.errors import ChatgateError
 from chatgate.protocol.openai import ChatCompletionRequest, Usage, now
@@ -29,7 +29,7 @@ from chatgate.protocol.responses import (
     ResponseUsage,
     StreamEvent,
 )
-from chatgate.protocol.worker import GenerateParams, WorkerChunk
+from chatgate.protocol.worker import GenerateParams, WorkerChunk, WorkerLogprob
 
 # Chat's parameter names in errors raised below this module, as a Responses request names them.
 _PARAMS = {
@@ -67,6 +67,8 @@ def to_chat(request: ResponsesRequest) -> ResponsesAsChat:
         "tool_choice": choice,
         "parallel_tool_calls": request.parallel_tool_calls,
         "response_format": response_format,
+        "logprobs": request.logprobs or None,
+        "top_logprobs": request.top_logprobs if request.logprobs else None,
         "stream": request.stream,
     }
     return ResponsesAsChat.model_validate({**{k: v for k, v in body.items() if v is not None}, "source": request})
@@ -92,7 +94,7 @@ def _messages(request: ResponsesRequest) -> list[dict[str, Any]]:
     return out
 
 
-def output_items(choice: Choice, tool_plan: ToolPlan | None) -> list[OutputItem]:
+def output_items(choice: Choice, tool_plan: ToolPlan | None, with_logprobs: bool = False) -> list[OutputItem]:
     """A finished reply as output items: its function calls, or one message."""
     calls = tool_plan.parse(choice.text) if tool_plan is not None and choice.finish_reason == "stop" else None
     if calls:
@@ -100,10 +102,15 @@ def output_items(choice: Choice, tool_plan: ToolPlan | None) -> list[OutputItem]
             FunctionCallOutput(id=_id("fc"), call_id=c.id, name=c.function.name, arguments=c.function.arguments)
             for c in calls
         ]
-    message = OutputMessage(id=_id("msg"), content=[OutputText(text=choice.text)])
+    message = OutputMessage(id=_id("msg"), content=[OutputText(text=choice.text, logprobs=_logprobs(choice.logprobs, with_logprobs))])
     if choice.finish_reason == "length":
         message.status = "incomplete"
     return [message]
+
+
+def _logprobs(items: list[WorkerLogprob] | None, wanted: bool) -> list[Any]:
+    """Output text log-probabilities in OpenAI's shape (chat's, per token), or none."""
+    return (chat_logprobs(items or []).content or []) if wanted else []
 
 
 @dataclass(frozen=True)
@@ -160,15 +167,15 @@ class _Events:
         yield self("response.output_item.added", output_index=index, item=OutputMessage(id=item_id, status="in_progress"))
         yield self("response.content_part.added", item_id=item_id, output_index=index, content_index=0, part=OutputText())
 
-    def delta(self, index: int, item_id: str, text: str) -> StreamEvent:
-        """More text of a message."""
-        return self("response.output_text.delta", item_id=item_id, output_index=index, content_index=0, delta=text, logprobs=[])
+    def delta(self, index: int, item_id: str, text: str, logprobs: list[Any] | None = None) -> StreamEvent:
+        """More text of a message (with its tokens' log-probabilities when asked for)."""
+        return self("response.output_text.delta", item_id=item_id, output_index=index, content_index=0, delta=text, logprobs=logprobs or [])
 
     def message_close(self, index: int, message: OutputMessage) -> Iterator[StreamEvent]:
         """A message's text part and the item end."""
         part = message.content[0]
         place = {"item_id": message.id, "output_index": index, "content_index": 0}
-        yield self("response.output_text.done", **place, text=part.text, logprobs=[])
+        yield self("response.output_text.done", **place, text=part.text, logprobs=part.logprobs)
         yield self("response.content_part.done", **place, part=part)
         yield self("response.output_item.done", output_index=index, item=message)
 
@@ -205,12 +212,12 @@ class ResponsesReply(Reply[ResponseObject, StreamEvent]):
 
     def chunks(self, index: int, part: WorkerChunk, choice: Choice, sent: int) -> Iterable[StreamEvent]:
         if part.text and self.tool_plan is None:
-            yield self.events.delta(0, self.item_id, part.text)
+            yield self.events.delta(0, self.item_id, part.text, _logprobs(part.token_logprobs, self.head.request.logprobs))
         if part.finish_reason:
             yield from self._closing(choice)
 
     def _closing(self, choice: Choice) -> Iterable[StreamEvent]:
-        output = output_items(choice, self.tool_plan)
+        output = output_items(choice, self.tool_plan, self.head.request.logprobs)
         for index, item in enumerate(output):
             if isinstance(item, FunctionCallOutput):
                 yield from self.events.call(index, item)
@@ -219,7 +226,7 @@ class ResponsesReply(Reply[ResponseObject, StreamEvent]):
                 output[index] = item = item.model_copy(update={"id": self.item_id})
             else:
                 yield from self.events.message_open(index, item.id)
-                yield self.events.delta(index, item.id, item.content[0].text)
+                yield self.events.delta(index, item.id, item.content[0].text, item.content[0].logprobs)
             yield from self.events.message_close(index, item)
         final = self.head.response(choice, output)
         yield self.events("response.completed" if final.status == "completed" else "response.incomplete", response=final)
@@ -230,7 +237,7 @@ class ResponsesReply(Reply[ResponseObject, StreamEvent]):
         raise NotImplementedError("a Responses stream carries usage in response.completed")
 
     def response(self, choices: list[Choice], usage: Usage) -> ResponseObject:
-        return self.head.response(choices[0], output_items(choices[0], self.tool_plan))
+        return self.head.response(choices[0], output_items(choices[0], self.tool_plan, self.head.request.logprobs))
 
 
 class ResponsesServing(GenerationServing[ResponsesAsChat, ResponseObject, StreamEvent]):
