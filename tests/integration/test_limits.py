@@ -85,6 +85,16 @@ async def test_tpm_counts_prompt_and_completion_tokens(tmp_path: Path) -> None:
         assert second.headers["x-ratelimit-remaining-tokens"] == "0"
 
 
+async def test_embedding_tokens_count_against_tpm(tmp_path: Path) -> None:
+    async with limited_app(tmp_path) as app, raw(app) as http:
+        headers = {"Authorization": "Bearer sk-tpm"}
+        first = await http.post("/v1/embeddings", json={"model": M, "input": "x" * 25}, headers=headers)
+        assert first.status_code == 200 and first.json()["usage"]["prompt_tokens"] >= 20, first.text
+        second = await http.post("/v1/embeddings", json={"model": M, "input": "hi"}, headers=headers)
+        assert second.status_code == 429 and "tokens per minute" in second.json()["error"]["message"]
+        assert (await chat(app, "sk-tpm")).status_code == 429  # one budget for every endpoint
+
+
 async def test_parallel_requests_limit_frees_its_slot_when_the_stream_ends(tmp_path: Path) -> None:
     slow = FakeEngine(token_delay=0.05)
     async with limited_app(tmp_path, slow) as app:

@@ -6,6 +6,7 @@ import base64
 
 import numpy as np
 
+from chatgate.api.limits import grant as limits
 from chatgate.api.workers.base import Worker, WorkerPool
 from chatgate.api.workers.failover import with_failover
 from chatgate.errors import InvalidRequestError
@@ -57,6 +58,7 @@ class EmbeddingServing:
             raise InvalidRequestError("Missing required parameter: 'model'.", param="model",
                                       code="missing_required_parameter")
         result = await with_failover(self._pool, request.model, lambda w: _checked_embed(w, request))
+        await limits.charge(result.token_num)  # input tokens count against the key's tpm, as chat's do
         # The vectors were validated as the worker result: not again, per float, on the loop.
         return EmbeddingResponse(
             data=[
