@@ -142,3 +142,7 @@ async def test_a_tiny_budget_still_gives_a_closed_object(chat_app: FastAPI) -> N
         assert r.choices[0].finish_reason == "length" and r.usage is not None and r.usage.completion_tokens <= max_tokens
         if max_tokens > 1:  # `{}` needs two tokens
             assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
+    stream = await sdk(chat_app).chat.completions.create(model=MODEL, messages=ASK, response_format={"type": "json_object"},
+                                                         temperature=0, max_tokens=6, stream=True)
+    chunks = [c.choices[0] async for c in stream if c.choices]
+    assert "".join(c.delta.content or "" for c in chunks) == r.choices[0].message.content and chunks[-1].finish_reason == "length"
