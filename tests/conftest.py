@@ -8,8 +8,10 @@ annotate message lists as `Messages` (or build one with `user("...")`), tools wi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import httpx2
@@ -29,6 +31,12 @@ from chatgate.api.workers.local import local_pool
 from chatgate.engines.base import Engine
 from chatgate.engines.fake import FakeEngine
 from chatgate.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from tests.vllm_procs import Fleet
+
+Target = FastAPI | str
+"""Where a test's requests go: an app in this process, or a live server's base URL."""
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -58,8 +66,10 @@ def make_app(*engines: Engine, **settings: Any) -> FastAPI:
     return create_api_app(serve, local_pool(serve, engines=list(engines)))
 
 
-def sdk(app: FastAPI, api_key: str = "sk-test") -> openai.AsyncOpenAI:
-    """The official SDK, talking to `app` without a network."""
+def sdk(app: Target, api_key: str = "sk-test") -> openai.AsyncOpenAI:
+    """The official SDK, talking to `app` without a network (or to a live server at that URL)."""
+    if isinstance(app, str):
+        return openai.AsyncOpenAI(base_url=f"{app}/v1", api_key=api_key, max_retries=0, timeout=300)
     transport = httpx2.ASGITransport(app=app)
     http_client = httpx2.AsyncClient(transport=transport, base_url="http://chatgate")
     return openai.AsyncOpenAI(
@@ -98,8 +108,10 @@ def function_calls(message: ChatCompletionMessage) -> list[ChatCompletionMessage
     return [call for call in calls if isinstance(call, ChatCompletionMessageFunctionToolCall)]
 
 
-def raw(app: FastAPI) -> httpx.AsyncClient:
-    """A raw HTTP client for `app`."""
+def raw(app: Target) -> httpx.AsyncClient:
+    """A raw HTTP client for `app` (or a live server at that URL)."""
+    if isinstance(app, str):
+        return httpx.AsyncClient(base_url=app, timeout=300)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://chatgate")
 
 
@@ -128,3 +140,56 @@ async def chat_app(chat_engine: Engine) -> AsyncIterator[FastAPI]:
     """An API app serving the real default chat model."""
     async with running(make_app(chat_engine)) as app:
         yield app
+
+
+@pytest.fixture(scope="session")
+def model_folder() -> Path:
+    """The default chat model's converted float32 folder (tokenizer and weights)."""
+    from chatgate.engines.loading import cached_checkpoint, resolve_chat_model
+    from chatgate.settings import default_cache_dir
+
+    return cached_checkpoint(resolve_chat_model("default"), default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_folder: Path) -> Any:
+    """The default model's own Hugging Face tokenizer, for expected token counts under any engine."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_folder)
+
+
+@pytest.fixture(scope="session")
+def vllm_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """controller + `worker --engine vllm` + API server, started once per session (or skipped)."""
+    from tests.vllm_procs import vllm_fleet
+
+    fleet = vllm_fleet(tmp_path_factory.mktemp("vllm-fleet"))
+    yield fleet
+    fleet.stop()
+
+
+@dataclass
+class Served:
+    """The default model behind chatgate's API through one engine: `api` takes the requests,
+    `worker` reports the engine's running sequences in its `/metrics`."""
+
+    engine: str
+    api: Target
+    worker: Target
+
+
+ENGINES = ["transformers", pytest.param("vllm", marks=pytest.mark.live)]
+
+
+@pytest.fixture(params=ENGINES)
+async def served(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
+    """The API behaviour checks run once per engine: `transformers` in this process, `vllm` as
+    a live fleet in the optional vLLM venv (shared by the session; skipped where it is missing)."""
+    if request.param == "vllm":
+        fleet: Fleet = request.getfixturevalue("vllm_fleet")
+        yield Served("vllm", fleet.url["api"], fleet.url["vllm"])
+        return
+    engine: Engine = request.getfixturevalue("chat_engine")
+    async with running(make_app(engine)) as app:
+        yield Served("transformers", app, app)

@@ -1,9 +1,11 @@
-"""The default model, served in-process and driven through the official openai SDK."""
+"""The default model driven through the official openai SDK: the API checks run over each engine
+(`served`: transformers in-process, vllm as a live fleet); the rest test the transformers engine."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -11,7 +13,7 @@ from fastapi import FastAPI
 from chatgate.engines.base import SamplingParams
 from chatgate.engines.transformers import TransformersEngine
 from chatgate.settings import EngineSettings
-from tests.conftest import Messages, as_dicts, make_app, running, sdk, user
+from tests.conftest import Messages, Served, Target, as_dicts, make_app, raw, running, sdk, user
 from tests.polling import apoll
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
@@ -20,21 +22,21 @@ MODEL = "SmolLM2-135M-Instruct"
 PARIS: Messages = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-async def test_answers_paris_with_exact_usage(chat_app: FastAPI, chat_engine: TransformersEngine) -> None:
-    response = await sdk(chat_app).chat.completions.create(model=MODEL, messages=PARIS, temperature=0)
+async def test_answers_paris_with_exact_usage(served: Served, tokenizer: Any) -> None:
+    response = await sdk(served.api).chat.completions.create(model=MODEL, messages=PARIS, temperature=0)
     assert "Paris" in (response.choices[0].message.content or "")
     assert response.choices[0].finish_reason == "stop"
-    templated = chat_engine._tokenizer.apply_chat_template(as_dicts(PARIS), add_generation_prompt=True, tokenize=True)
+    templated = tokenizer.apply_chat_template(as_dicts(PARIS), add_generation_prompt=True, tokenize=True)
     ids = templated["input_ids"] if hasattr(templated, "keys") else templated
     assert response.usage is not None
-    assert response.usage.prompt_tokens == len(ids)
+    assert response.usage.prompt_tokens == len(ids)  # the model's own template
     text = response.choices[0].message.content or ""
     # The completion is the answer's tokens plus the end-of-turn token.
-    assert response.usage.completion_tokens == len(chat_engine.encode(text, add_special_tokens=False)) + 1
+    assert response.usage.completion_tokens == len(tokenizer.encode(text, add_special_tokens=False)) + 1
 
 
-async def test_stream_matches_non_stream_exactly(chat_app: FastAPI) -> None:
-    client = sdk(chat_app)
+async def test_stream_matches_non_stream_exactly(served: Served) -> None:
+    client = sdk(served.api)
     messages = user("Write one sentence about the sea.")
     whole = await client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=40)
     stream = await client.chat.completions.create(
@@ -50,10 +52,10 @@ async def test_stream_matches_non_stream_exactly(chat_app: FastAPI) -> None:
     assert chunks[-1].usage == whole.usage
 
 
-async def test_stop_spanning_two_tokens(chat_app: FastAPI, chat_engine: TransformersEngine) -> None:
-    client = sdk(chat_app)
+async def test_stop_spanning_two_tokens(served: Served, tokenizer: Any) -> None:
+    client = sdk(served.api)
     answer = "The capital of France is Paris."
-    tokens = [chat_engine.decode([t]) for t in chat_engine.encode(answer, add_special_tokens=False)]
+    tokens = [tokenizer.decode([t]) for t in tokenizer.encode(answer, add_special_tokens=False)]
     assert "is" in tokens[-3] and "Paris" in tokens[-2]  # " is" and " Paris" are separate tokens
     for stream in (False, True):
         if stream:
@@ -68,8 +70,8 @@ async def test_stop_spanning_two_tokens(chat_app: FastAPI, chat_engine: Transfor
         assert finish == ["stop"]
 
 
-async def test_completions_list_n_echo_length(chat_app: FastAPI) -> None:
-    client = sdk(chat_app)
+async def test_completions_list_n_echo_length(served: Served) -> None:
+    client = sdk(served.api)
     prompts = ["Once upon a time", "The weather today"]
     response = await client.completions.create(model=MODEL, prompt=prompts, max_tokens=8, n=2, echo=True, temperature=0)
     assert len(response.choices) == 4
@@ -83,13 +85,66 @@ async def test_completions_list_n_echo_length(chat_app: FastAPI) -> None:
     assert "Once upon a time" + streamed == response.choices[0].text
 
 
-async def test_seed_reproduces_sampled_text(chat_app: FastAPI) -> None:
-    client = sdk(chat_app)
-    first, second = [
-        await client.completions.create(model=MODEL, prompt="My favourite food is", max_tokens=12, temperature=1.0, seed=1234)
-        for _ in range(2)
+async def test_seed_reproduces_sampled_text(served: Served) -> None:
+    client = sdk(served.api)
+    first, second, other = [
+        await client.completions.create(model=MODEL, prompt="My favourite food is", max_tokens=12, temperature=1.0, seed=seed)
+        for seed in (1234, 1234, 99)
     ]
     assert first.choices[0].text == second.choices[0].text
+    assert other.choices[0].text != first.choices[0].text  # the seed, not greedy decoding, fixed it
+
+
+async def _tokens(served: Served, prompt: str, **extra: Any) -> list[str]:
+    """The greedy completion's tokens, as its log-probabilities name them."""
+    response = await sdk(served.api).completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
+                                                        logprobs=1, **extra)
+    logprobs = response.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens is not None
+    return list(logprobs.tokens)
+
+
+async def test_logit_bias_bans_the_greedy_token(served: Served, tokenizer: Any) -> None:
+    prompt = "The capital of France is"
+    free = await _tokens(served, prompt)
+    banned = tokenizer.encode(free[0], add_special_tokens=False)
+    assert len(banned) == 1, free  # the first token's text round-trips to its id
+    biased = await _tokens(served, prompt, logit_bias={str(banned[0]): -100})
+    assert biased[0] != free[0] and free[0] not in biased
+
+
+async def test_penalties_cut_repetition(served: Served) -> None:
+    prompt = "hello hello hello hello hello hello hello hello"
+    free = await _tokens(served, prompt)
+    assert free.count(" hello") >= 8, free  # greedy decoding repeats it
+    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        penalised = await _tokens(served, prompt, **penalty)
+        assert penalised.count(" hello") < free.count(" hello") // 2, (penalty, penalised)
+
+
+async def _running(worker: Target) -> float:
+    async with raw(worker) as http:
+        text = (await http.get("/metrics")).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("chatgate_worker_running_sequences"))
+
+
+async def test_a_client_that_leaves_cancels_its_sequence(served: Served) -> None:
+    stream = await sdk(served.api).completions.create(model=MODEL, prompt="Write a very long story.", max_tokens=2000,
+                                                      temperature=1.0, stream=True)
+    seen = 0
+    async for _ in stream:
+        seen += 1
+        if seen == 4:
+            break
+    assert await _running(served.worker) == 1
+    await stream.close()
+
+    async def freed() -> bool:
+        return await _running(served.worker) == 0
+
+    # 2000 tokens would take minutes on CPU: the engine must drop the sequence when the client goes.
+    await apoll(freed, what="the sequence freed after the client left", timeout=10)
 
 
 async def test_closing_a_stream_frees_its_slot(chat_engine: TransformersEngine) -> None:

@@ -26,11 +26,12 @@ def free_port() -> int:
 class Process:
     """A chatgate subcommand running in the background, its output kept in a log file."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None, *, command: list[str] | None = None) -> None:
+        """Start `chatgate args` (or `command args`, e.g. chatgate under another venv's Python)."""
         self.log = log
         self._file = log.open("wb")
         self.proc = subprocess.Popen(
-            [*CHATGATE, *args], stdout=self._file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            [*(command or CHATGATE), *args], stdout=self._file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
 
     def wait_healthy(self, url: str, deadline: float = 120.0, verify: bool | str = True) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, SamplingParams, TokenLogprob
+from chatgate.engines.chat_tokens import ChatTokenizer
 from chatgate.errors import ChatgateError, InvalidRequestError
 from chatgate.settings import EngineSettings
 
@@ -26,6 +27,7 @@ PASS_THROUGH = (
     "distributed_executor_backend",
     "gpu_memory_utilization",
     "max_model_len",
+    "enforce_eager",
 )
 
 
@@ -62,6 +64,7 @@ class VllmEngine(Engine):
         self._settings = settings
         self._llm: Any = None
         self._tokenizer: Any = None
+        self._chat_tokens: ChatTokenizer
         self._running = 0
 
     async def start(self) -> None:
@@ -76,6 +79,7 @@ class VllmEngine(Engine):
         args = AsyncEngineArgs(model=str(folder), served_model_name=names or None, dtype=_dtype(self._settings), **flags)
         self._llm = AsyncLLM.from_engine_args(args)
         self._tokenizer = self._llm.get_tokenizer()
+        self._chat_tokens = ChatTokenizer(self._tokenizer)
         template = str(getattr(self._tokenizer, "chat_template", "") or "")
         self.info = ModelInfo(
             name=names[0] if names else folder.name.split(".")[0],
@@ -91,7 +95,14 @@ class VllmEngine(Engine):
             self._llm = None
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return self._chat_tokens.encode(text, add_special_tokens=add_special_tokens)
+
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[list[int], str]:
+        # As the transformers engine: special-token text in a message stays text, so a client
+        # cannot forge a system turn (vLLM is handed token ids, never the rendered string).
+        return self._chat_tokens.encode_chat(lambda m: self.render_chat(m, tools), messages)
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
@@ -145,6 +156,18 @@ class VllmEngine(Engine):
             structured_outputs=params.constraint,
             output_kind=RequestOutputKind.DELTA,
         )
+
+    async def prompt_logprobs(self, prompt_ids: list[int], top: int) -> list[TokenLogprob | None]:
+        """vLLM's own prompt scoring (one generated token, discarded), for echo with logprobs."""
+        from vllm.sampling_params import SamplingParams as VllmSampling
+
+        sampling = VllmSampling(max_tokens=1, temperature=0.0, prompt_logprobs=top)
+        scored: Any = None
+        async for output in self._llm.generate({"prompt_token_ids": prompt_ids}, sampling, uuid.uuid4().hex):
+            scored = output.prompt_logprobs
+        steps = list(scored or [])
+        # vLLM's first entry is None (nothing precedes the first token), as chatgate's contract.
+        return [None, *_logprobs(prompt_ids[1:], steps[1:], top)][: len(prompt_ids)]
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]:
         """Stream vLLM's delta outputs; closing this aborts the request in vLLM."""

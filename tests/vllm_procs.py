@@ -1,0 +1,123 @@
+"""vLLM processes for the tests, in the optional `.venv-vllm`, each started at most once per session.
+
+Two kinds, because they test different things: a chatgate fleet whose worker runs `--engine vllm`
+(controller + vllm worker + API server; the parametrised integration tests and the mixed fleet
+share it), and vLLM's own OpenAI server (what the `openai` engine forwards to). Both run eagerly
+(`--enforce-eager`): vLLM CPU's torch.compile warm-up tripled the start (99.6 s against 28.7 s to
+healthy, measured in one run) for ~8% faster decoding, which tests do not need.
+
+Skipped with the reason where `.venv-vllm` was not built (`make vllm`); `CHATGATE_VLLM_PYTHON`
+points at another vLLM Python (a git worktree uses the main checkout's venv).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.live.conftest import Process, free_port
+from tests.polling import poll
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = Path(os.environ.get("CHATGATE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+# `make vllm` stamps the venv once every install step has passed; a half-built venv is skipped.
+VLLM_READY = "CHATGATE_VLLM_PYTHON" in os.environ or (ROOT / ".venv-vllm" / ".installed").exists()
+SKIP_REASON = "vLLM venv not installed (make vllm builds .venv-vllm; or set CHATGATE_VLLM_PYTHON)"
+M = "SmolLM2-135M-Instruct"
+# chatgate runs from src/ in the vLLM venv; vLLM CPU's KV cache is sized for a shared machine.
+VLLM_ENV = {"PYTHONPATH": str(ROOT / "src"), "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
+START_DEADLINE = 600.0  # vLLM CPU starts in ~30 s eagerly on a quiet machine; the suite is not quiet
+HEARTBEAT = 1.0
+
+
+def require_vllm() -> None:
+    """Skip the calling test (with the reason) where no vLLM venv exists."""
+    if not VLLM_READY:
+        pytest.skip(SKIP_REASON)
+
+
+def weights(directory: Path) -> Path:
+    """A copy of the float32 folder chatgate converts, so vLLM can never alter chatgate's cache."""
+    from chatgate.engines.loading import cached_checkpoint, resolve_chat_model
+    from chatgate.settings import default_cache_dir
+
+    target = directory / "weights"
+    if not target.exists():
+        shutil.copytree(cached_checkpoint(resolve_chat_model("default"), default_cache_dir()), target)
+    return target
+
+
+def vllm_openai_server(logs: Path) -> tuple[Process, str]:
+    """vLLM's own OpenAI server on the default model, float32, healthy; and its base URL."""
+    require_vllm()
+    port = free_port()
+    args = ["-m", "vllm.entrypoints.openai.api_server", "--model", str(weights(logs)), "--served-model-name", M,
+            "--max-model-len", "4096", "--dtype", "float32", "--enforce-eager", "--host", "127.0.0.1",
+            "--port", str(port)]
+    server = Process(args, logs / "vllm-openai.log", env=VLLM_ENV, command=[str(VLLM_PYTHON)])
+    url = f"http://127.0.0.1:{port}"
+    server.wait_healthy(url, deadline=START_DEADLINE)
+    return server, url
+
+
+@dataclass
+class Fleet:
+    """A controller, workers and one API server as processes; `url[name]` is where each listens."""
+
+    logs: Path
+    processes: dict[str, Process] = field(default_factory=dict)
+    url: dict[str, str] = field(default_factory=dict)
+
+    def start(self, name: str, args: list[str], *, vllm: bool = False, deadline: float = 120.0) -> Process:
+        """Run `chatgate args --port P` (in the vLLM venv if `vllm`) and wait until it is healthy."""
+        port = free_port()
+        self.url[name] = f"http://127.0.0.1:{port}"
+        command = [str(VLLM_PYTHON), "-m", "chatgate.cli"] if vllm else None
+        process = Process([*args, "--port", str(port)], self.logs / f"{name}.log", env=VLLM_ENV if vllm else None,
+                          command=command)
+        self.processes[name] = process
+        process.wait_healthy(self.url[name], deadline=deadline)
+        return process
+
+    def worker(self, name: str, *args: str, vllm: bool = False, deadline: float = 120.0) -> Process:
+        """A worker registered with this fleet's controller."""
+        return self.start(name, ["worker", "--host", "127.0.0.1", "--controller-address", self.url["controller"],
+                                 "--heartbeat-interval", str(HEARTBEAT), *args], vllm=vllm, deadline=deadline)
+
+    def workers(self) -> int:
+        """Workers the API server has for M (-1 when it cannot tell)."""
+        try:
+            return int(httpx.get(f"{self.url['api']}/ready", timeout=2).json()["workers"].get(M, 0))
+        except (httpx.HTTPError, ValueError, KeyError):
+            return -1
+
+    def wait_workers(self, count: int) -> None:
+        """Poll until the API server's table holds `count` workers for M."""
+        poll(lambda: self.workers() == count, what=f"{count} workers for {M}", timeout=30, interval=0.2)
+
+    def stop(self, *names: str) -> None:
+        """Stop the named processes (all of them, last started first, when none is named)."""
+        for name in names or reversed(list(self.processes)):
+            self.processes.pop(name).stop()
+
+
+def vllm_fleet(logs: Path) -> Fleet:
+    """controller + `worker --engine vllm` (float32, eager) + API server, all healthy."""
+    require_vllm()
+    fleet = Fleet(logs)
+    try:
+        fleet.start("controller", ["controller", "--host", "127.0.0.1", "--heartbeat-expiration", str(3 * HEARTBEAT)])
+        fleet.worker("vllm", "--engine", "vllm", "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",
+                     "--model-names", M, vllm=True, deadline=START_DEADLINE)
+        fleet.start("api", ["api", "--host", "127.0.0.1", "--controller-address", fleet.url["controller"],
+                            "--worker-table-refresh", "0.5"])
+        fleet.wait_workers(1)
+    except BaseException:
+        fleet.stop()
+        raise
+    return fleet
