@@ -69,7 +69,10 @@ def make_app(*engines: Engine, **settings: Any) -> FastAPI:
 def sdk(app: Target, api_key: str = "sk-test") -> openai.AsyncOpenAI:
     """The official SDK, talking to `app` without a network (or to a live server at that URL)."""
     if isinstance(app, str):
-        return openai.AsyncOpenAI(base_url=f"{app}/v1", api_key=api_key, max_retries=0, timeout=300)
+        # No kept-alive connections: a client the test never closes leaves nothing for the
+        # garbage collector to close on a later test's event loop.
+        http = httpx2.AsyncClient(timeout=300, limits=httpx2.Limits(max_keepalive_connections=0))
+        return openai.AsyncOpenAI(base_url=f"{app}/v1", api_key=api_key, http_client=http, max_retries=0)
     transport = httpx2.ASGITransport(app=app)
     http_client = httpx2.AsyncClient(transport=transport, base_url="http://chatgate")
     return openai.AsyncOpenAI(

@@ -179,20 +179,22 @@ class ServeSettings(ApiSettings, EngineSettings):
     """Settings of `chatgate serve`: API server and workers in one process."""
 
     embedding_model_path: str = Field(
-        "default",
+        "auto",
         description="Embedding model served beside the chat model: 'default' (embedded "
-        "all-MiniLM-L6-v2), a local sentence-transformers folder, or 'none'.",
+        "all-MiniLM-L6-v2), a local sentence-transformers folder, 'none', or 'auto' (the default "
+        "one, except with --engine openai, whose upstream serves its own embeddings if any).",
     )
 
     def embedding_engine_settings(self) -> EngineSettings | None:
         """Settings of the embedding engine, or None when it is turned off."""
-        if self.embedding_model_path.lower() in {"", "none"}:
+        path = self.embedding_model_path.lower()
+        if path in {"", "none"} or (path == "auto" and self.engine == "openai"):
             return None
         return EngineSettings(
             **{
                 **{name: getattr(self, name) for name in EngineSettings.model_fields},
                 "engine": "sentence-transformers",
-                "model_path": self.embedding_model_path,
+                "model_path": "default" if path == "auto" else self.embedding_model_path,
                 "model_names": [],
             }
         )

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from fastapi import FastAPI
 
 from chatgate.engines.transformers import TransformersEngine
-from tests.conftest import Messages, make_app, raw, running, sdk
+from tests.conftest import Messages, Served, make_app, raw, running, sdk
 
 pytestmark = pytest.mark.anyio
 
@@ -68,40 +70,43 @@ async def test_echo_with_logprobs_needs_an_engine_that_scores_prompts(fake_app: 
     assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
 
 
-@pytest.mark.model
-async def test_real_model_logprobs_are_the_models_own(chat_engine: TransformersEngine) -> None:
-    engine = chat_engine
-    async with running(make_app(engine)) as app:
-        r = await sdk(app).completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is",
-                                             max_tokens=1, temperature=0, logprobs=5)
-        got = r.choices[0].logprobs
-        assert got is not None and got.token_logprobs
-        ids = engine.encode("The capital of France is")
-        with torch.inference_mode():
-            logits = engine._model(input_ids=torch.tensor([ids])).logits[0, -1].float()
-        expected = torch.log_softmax(logits, dim=-1)
-        assert got.token_logprobs[0] == pytest.approx(float(expected.max()), abs=1e-3)
-        assert got.top_logprobs is not None and len(got.top_logprobs[0]) == 5
+@pytest.fixture(scope="module")
+def reference(model_folder: Path) -> Any:
+    """The default model in plain transformers, float32: the log-probabilities every engine must give."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).eval()
+
+
+def _log_softmax(reference: Any, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.log_softmax(reference(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
 
 
 @pytest.mark.model
-async def test_real_model_echo_scores_the_prompt_too(chat_engine: TransformersEngine) -> None:
-    engine = chat_engine
+async def test_real_model_logprobs_are_the_models_own(served: Served, reference: Any, tokenizer: Any) -> None:
+    r = await sdk(served.api).completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is",
+                                                 max_tokens=1, temperature=0, logprobs=5)
+    got = r.choices[0].logprobs
+    assert got is not None and got.token_logprobs
+    expected = _log_softmax(reference, tokenizer.encode("The capital of France is"))[-1]
+    assert got.token_logprobs[0] == pytest.approx(float(expected.max()), abs=1e-3)
+    assert got.top_logprobs is not None and len(got.top_logprobs[0]) == 5
+
+
+@pytest.mark.model
+async def test_real_model_echo_scores_the_prompt_too(served: Served, reference: Any, tokenizer: Any) -> None:
     prompt = "The capital of France is"
-    async with running(make_app(engine)) as app:
-        client = sdk(app)
-        r = await client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=2,
-                                            temperature=0, logprobs=2, echo=True)
-        stream = await client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=2,
-                                                 temperature=0, logprobs=2, echo=True, stream=True)
-        streamed = [t for c in [c async for c in stream] if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs or []]
-    ids = engine.encode(prompt)
+    client = sdk(served.api)
+    r = await client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=2,
+                                        temperature=0, logprobs=2, echo=True)
+    stream = await client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=2,
+                                             temperature=0, logprobs=2, echo=True, stream=True)
+    streamed = [t for c in [c async for c in stream] if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs or []]
+    ids = tokenizer.encode(prompt)
     lp = r.choices[0].logprobs
     assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None
     assert len(lp.tokens) == len(ids) + 2 and r.choices[0].text.startswith(prompt)
     assert lp.token_logprobs[0] is None and all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
-    with torch.inference_mode():
-        logits = engine._model(input_ids=torch.tensor([ids])).logits[0].float()
-    expected = torch.log_softmax(logits[0], dim=-1)[ids[1]]
-    assert lp.token_logprobs[1] == pytest.approx(float(expected), abs=1e-3)
-    assert streamed == lp.token_logprobs
+    assert lp.token_logprobs[1] == pytest.approx(float(_log_softmax(reference, ids)[0, ids[1]]), abs=1e-3)
+    assert streamed == pytest.approx(lp.token_logprobs, abs=1e-4)

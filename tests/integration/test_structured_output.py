@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from chatgate.engines.transformers import TransformersEngine
 from chatgate.settings import EngineSettings
-from tests.conftest import Messages, json_schema_format, make_app, raw, running, sdk, user
+from tests.conftest import Messages, Served, json_schema_format, make_app, raw, running, sdk, user
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 
@@ -34,6 +34,8 @@ def schema_format(schema: dict[str, object]) -> ResponseFormatJSONSchema:
     return json_schema_format("person", schema)
 
 
+# transformers only: closing the object before max_tokens runs out is chatgate's grammar; vLLM's
+# structured outputs stop mid-object at max_tokens (its schema mode is checked below, over both).
 async def test_json_object_mode_parses(chat_app: FastAPI) -> None:
     client = sdk(chat_app)
     replies = await asyncio.gather(*(client.chat.completions.create(model=MODEL, messages=ASK, response_format={"type": "json_object"},
@@ -44,8 +46,8 @@ async def test_json_object_mode_parses(chat_app: FastAPI) -> None:
         assert choice.finish_reason in ("stop", "length") and isinstance(json.loads(choice.message.content or ""), dict)
 
 
-async def test_json_schema_validates_streamed_and_not(chat_app: FastAPI) -> None:
-    client = sdk(chat_app)
+async def test_json_schema_validates_streamed_and_not(served: Served) -> None:
+    client = sdk(served.api)
     r = await client.chat.completions.create(model=MODEL, messages=ASK, response_format=schema_format(PERSON),
                                              temperature=0, max_tokens=200)
     assert r.choices[0].finish_reason == "stop"
@@ -56,13 +58,13 @@ async def test_json_schema_validates_streamed_and_not(chat_app: FastAPI) -> None
     assert text == r.choices[0].message.content
 
 
-async def test_sdk_parse_with_a_pydantic_model(chat_app: FastAPI) -> None:
+async def test_sdk_parse_with_a_pydantic_model(served: Served) -> None:
     class City(BaseModel):
         name: str
         country: str
         population: int = Field(ge=0, le=100_000_000)  # bounded, or the tiny model runs on digits
 
-    completion = await sdk(chat_app).chat.completions.parse(
+    completion = await sdk(served.api).chat.completions.parse(
         model=MODEL, messages=[{"role": "user", "content": "Tell me about Paris as JSON."}],
         response_format=City, temperature=0, max_tokens=120,
     )
@@ -70,9 +72,9 @@ async def test_sdk_parse_with_a_pydantic_model(chat_app: FastAPI) -> None:
     assert isinstance(city, City)
 
 
-async def test_too_few_tokens_end_with_length_not_false_json(chat_app: FastAPI) -> None:
-    r = await sdk(chat_app).chat.completions.create(model=MODEL, messages=ASK, response_format=schema_format(PERSON),
-                                               temperature=0, max_tokens=5)
+async def test_too_few_tokens_end_with_length_not_false_json(served: Served) -> None:
+    r = await sdk(served.api).chat.completions.create(model=MODEL, messages=ASK, response_format=schema_format(PERSON),
+                                                      temperature=0, max_tokens=5)
     assert r.choices[0].finish_reason == "length"
 
 

@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chatgate.engines.fake import BOS, FakeEngine
-from tests.conftest import make_app, raw, running, sdk
+from tests.conftest import Served, Target, make_app, raw, running, sdk
 from tests.integration.test_fleet import fleet, worker_app
 
 pytestmark = pytest.mark.anyio
@@ -33,7 +33,7 @@ class NoExtensions:
         await self.app(scope, receive, send)
 
 
-async def post(app: FastAPI, path: str, body: Any, key: str | None = None) -> tuple[int, Any]:
+async def post(app: Target, path: str, body: Any, key: str | None = None) -> tuple[int, Any]:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     async with raw(app) as http:
         r = await http.post(path, json=body, headers=headers)
@@ -120,9 +120,9 @@ async def test_over_the_worker_protocol_and_a_fastchat_worker() -> None:
 
 
 @pytest.mark.model
-async def test_real_model_counts_what_chat_and_completions_take(chat_app: FastAPI) -> None:
+async def test_real_model_counts_what_chat_and_completions_take(served: Served) -> None:
     model = "SmolLM2-135M-Instruct"
-    client = sdk(chat_app)
+    client, chat_app = sdk(served.api), served.api
     _, tok = await post(chat_app, "/tokenize", {"model": model, "messages": MSG, "return_token_strs": True})
     chat = await client.chat.completions.create(model=model, messages=MSG, max_tokens=1)  # type: ignore[arg-type]
     assert tok["count"] == chat.usage.prompt_tokens and tok["max_model_len"] >= 2048  # type: ignore[union-attr]

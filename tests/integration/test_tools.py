@@ -18,7 +18,7 @@ from openai.types.chat.completion_create_params import Function
 
 from chatgate.engines.transformers import TransformersEngine
 from chatgate.settings import EngineSettings
-from tests.conftest import Messages, as_dicts, function_calls, function_tool, make_app, raw, running, sdk
+from tests.conftest import Messages, Served, as_dicts, function_calls, function_tool, make_app, raw, running, sdk
 
 pytestmark = pytest.mark.anyio
 
@@ -39,8 +39,8 @@ SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 
 
 @pytest.mark.model
-async def test_named_function_is_called_with_valid_arguments_streamed_and_not(chat_app: FastAPI) -> None:
-    client = sdk(chat_app)
+async def test_named_function_is_called_with_valid_arguments_streamed_and_not(served: Served) -> None:
+    client = sdk(served.api)
     choice: ChatCompletionNamedToolChoiceParam = {"type": "function", "function": {"name": "get_weather"}}
     r = await client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice, temperature=0, max_tokens=80)
     c = r.choices[0]
@@ -68,9 +68,9 @@ async def test_named_function_is_called_with_valid_arguments_streamed_and_not(ch
 
 
 @pytest.mark.model
-async def test_required_with_one_call_at_a_time(chat_app: FastAPI) -> None:
-    r = await sdk(chat_app).chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
-                                               parallel_tool_calls=False, temperature=0, max_tokens=80)
+async def test_required_with_one_call_at_a_time(served: Served) -> None:
+    r = await sdk(served.api).chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                                      parallel_tool_calls=False, temperature=0, max_tokens=80)
     calls = function_calls(r.choices[0].message)
     assert len(calls) == 1 and r.choices[0].finish_reason == "tool_calls"
     name = calls[0].function.name

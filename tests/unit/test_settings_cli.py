@@ -65,3 +65,15 @@ def test_targets_must_be_distinct_names_with_urls() -> None:
     for bad in (["a"], ["=http://x"], ["a="], ["a=http://x", "a=http://y"], ["raw=http://x"]):
         with pytest.raises(ValidationError):
             BenchSettings(target=bad)
+
+
+def test_serve_embeds_beside_a_local_engine_but_not_in_front_of_an_upstream() -> None:
+    def embedding(*argv: str) -> str | None:
+        settings = settings_for(["serve", *argv]).embedding_engine_settings()
+        return None if settings is None else settings.model_path
+
+    assert embedding() == "default"
+    assert embedding("--engine", "openai", "--upstream-url", "http://u/v1") is None
+    assert embedding("--engine", "openai", "--embedding-model-path", "default") == "default"  # asked for
+    assert embedding("--embedding-model-path", "none") is None
+    assert embedding("--enforce-eager") == "default" and settings_for(["serve", "--enforce-eager"]).enforce_eager

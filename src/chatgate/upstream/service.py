@@ -67,7 +67,7 @@ class UpstreamService:
         self._active += 1
         self.served += 1
         try:
-            reader = wire.StreamReader(chat=path == "/chat/completions")
+            reader = wire.StreamReader(chat=path == "/chat/completions", echoed=wire.echoed_prompt(params))
             async for data in self._events(path, body):
                 chunk = reader.event(data)
                 if chunk is not None:

@@ -24,7 +24,15 @@ from chatgate.errors import (
     WorkerError,
     WorkerUnavailableError,
 )
-from chatgate.protocol.worker import GenerateParams, finish_reason_of, TokenAlternative, WorkerChunk, WorkerLogprob, WorkerUsage
+from chatgate.protocol.worker import (
+    GenerateParams,
+    PromptLogprob,
+    TokenAlternative,
+    WorkerChunk,
+    WorkerLogprob,
+    WorkerUsage,
+    finish_reason_of,
+)
 
 _BY_STATUS: dict[int, type[ChatgateError]] = {
     400: InvalidRequestError,
@@ -153,6 +161,37 @@ def _completion_logprobs(logprobs: Any) -> list[WorkerLogprob] | None:
     ]
 
 
+def echoed_prompt(params: GenerateParams) -> str | list[int] | None:
+    """The prompt an upstream will echo with log-probabilities, if it will."""
+    if not params.echo or params.logprobs is None or params.messages is not None:
+        return None
+    return params.prompt_token_ids if params.prompt_token_ids is not None else (params.prompt or "")
+
+
+def _prompt_count(logprobs: dict[str, Any], prompt: str | list[int]) -> int:
+    """How many leading entries of an echoing event score the prompt: one per prompt token id,
+    or, for a text prompt, those whose text offset falls inside it."""
+    if isinstance(prompt, list):
+        return len(prompt)
+    return sum(1 for offset in logprobs.get("text_offset") or [] if offset < len(prompt))
+
+
+def split_echo(logprobs: Any, prompt: str | list[int]) -> tuple[list[PromptLogprob] | None, Any]:
+    """The prompt's log-probabilities (the first has none) and the rest of an echoing event's."""
+    if not isinstance(logprobs, dict) or not logprobs.get("tokens"):
+        return None, logprobs
+    count = _prompt_count(logprobs, prompt)
+    tokens, values = logprobs["tokens"], logprobs.get("token_logprobs") or []
+    tops = logprobs.get("top_logprobs") or [None] * len(tokens)
+    scored = [
+        PromptLogprob(token_id=-1, token=token, logprob=None if lp is None else float(lp),
+                      top=_alternatives(top) if lp is not None else [])
+        for token, lp, top in zip(tokens[:count], values[:count], tops[:count], strict=False)
+    ]
+    rest = {"tokens": tokens[count:], "token_logprobs": values[count:], "top_logprobs": tops[count:]}
+    return scored, rest
+
+
 @dataclass
 class StreamReader:
     """Turns one upstream stream's events into delta chunks.
@@ -162,6 +201,7 @@ class StreamReader:
     """
 
     chat: bool
+    echoed: str | list[int] | None = None  # the prompt the first event echoes, with logprobs
     finish: str | None = None
     usage: WorkerUsage | None = None
     calls: dict[int, dict[str, str]] = field(default_factory=dict)
@@ -184,10 +224,20 @@ class StreamReader:
             self._collect_calls(delta.get("tool_calls") or [])
             text, logprobs = delta.get("content") or "", _chat_logprobs(choice.get("logprobs"))
         else:
-            text, logprobs = choice.get("text") or "", _completion_logprobs(choice.get("logprobs"))
+            text, logprobs, prompt = self._completion(choice)
+            if prompt:
+                return WorkerChunk(text=text, token_logprobs=logprobs, prompt_logprobs=prompt)
         if not text and not logprobs:
             return None
         return WorkerChunk(text=text, token_logprobs=logprobs)
+
+    def _completion(self, choice: dict[str, Any]) -> tuple[str, list[WorkerLogprob] | None, list[PromptLogprob] | None]:
+        """Text, generated tokens' and (on the echoing event) prompt tokens' log-probabilities."""
+        prompt, logprobs = None, choice.get("logprobs")
+        if self.echoed is not None and logprobs:
+            prompt, logprobs = split_echo(logprobs, self.echoed)
+            self.echoed = None
+        return choice.get("text") or "", _completion_logprobs(logprobs), prompt
 
     def _collect_calls(self, deltas: list[dict[str, Any]]) -> None:
         for delta in deltas:

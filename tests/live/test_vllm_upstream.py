@@ -1,0 +1,178 @@
+"""The `openai` engine in front of vLLM's own OpenAI server, and a mixed fleet around it.
+
+One vLLM OpenAI server for the module (see `tests/vllm_procs.py`): a chatgate `serve --engine
+openai` forwards to it, and each answer is compared with vLLM's own answer to the same request.
+The module ends with the mixed fleet: the session's vllm-worker fleet gains a `transformers`
+worker and an `openai` worker forwarding to that server, all under one model name; then the
+server is killed. That test kills the module's upstream, so it stays the last one here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from tests.live.conftest import Process, free_port
+from tests.live.test_chaos import served
+from tests.vllm_procs import M, Fleet, vllm_openai_server
+
+pytestmark = [pytest.mark.live, pytest.mark.model]
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"],
+           "additionalProperties": False}
+TOOL = {"type": "function", "function": {"name": "weather", "description": "Weather in a city", "parameters": WEATHER}}
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process, str]]:
+    """vLLM's OpenAI server (float32, eager) and its base URL."""
+    server, url = vllm_openai_server(tmp_path_factory.mktemp("vllm-openai"))
+    yield server, url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def front(upstream: tuple[Process, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`chatgate serve --engine openai` forwarding to the vLLM server; no embedding model asked for."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("front") / "front.log"
+    process = Process(["serve", "--engine", "openai", "--upstream-url", f"{upstream[1]}/v1", "--port", str(port),
+                       "--no-playground"], log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        process.wait_healthy(url)
+        yield url
+    finally:
+        process.stop()
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300)
+
+
+def both(front: str, upstream: tuple[Process, str], path: str, body: dict[str, Any]) -> tuple[Any, Any]:
+    """The same request to vLLM directly and through chatgate's `openai` engine: (direct, forwarded)."""
+    answers = [httpx.post(f"{url}/v1{path}", json={"model": M, **body}, timeout=300) for url in (upstream[1], front)]
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+    return answers[0].json(), answers[1].json()
+
+
+def test_only_the_upstream_models_are_served(front: str) -> None:
+    # `serve --engine openai` leaves the embedding model out unless asked (the upstream may embed).
+    assert [m.id for m in client(front).models.list()] == [M]
+
+
+def test_chat_is_vllms_answer_streamed_and_not(front: str, upstream: tuple[Process, str]) -> None:
+    direct, forwarded = both(front, upstream, "/chat/completions", {"messages": FRANCE, "temperature": 0, "max_tokens": 30})
+    print("vLLM float32 through the openai engine:", forwarded["choices"][0]["message"]["content"])
+    assert "Paris" in forwarded["choices"][0]["message"]["content"]
+    assert forwarded["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
+    assert forwarded["usage"]["prompt_tokens"] == direct["usage"]["prompt_tokens"]
+    assert forwarded["usage"]["completion_tokens"] == direct["usage"]["completion_tokens"]
+    chunks = list(client(front).chat.completions.create(  # type: ignore[call-overload]
+        model=M, messages=FRANCE, temperature=0, max_tokens=30, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == direct["choices"][0]["message"]["content"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == direct["usage"]["completion_tokens"]
+
+
+def test_completions_streamed_and_seeded(front: str, upstream: tuple[Process, str]) -> None:
+    body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.0, "seed": 7}
+    direct, forwarded = both(front, upstream, "/completions", body)
+    assert forwarded["choices"][0]["text"] == direct["choices"][0]["text"]
+    stream = client(front).completions.create(model=M, stream=True, **body)  # type: ignore[call-overload]
+    assert "".join(c.choices[0].text for c in stream if c.choices) == direct["choices"][0]["text"]
+
+
+def test_logprobs_are_vllms(front: str, upstream: tuple[Process, str]) -> None:
+    direct, forwarded = both(front, upstream, "/chat/completions", {
+        "messages": FRANCE, "temperature": 0, "max_tokens": 5, "logprobs": True, "top_logprobs": 2})
+    mine, theirs = (answer["choices"][0]["logprobs"]["content"] for answer in (forwarded, direct))
+    assert [t["token"] for t in mine] == [t["token"] for t in theirs]
+    assert [t["logprob"] for t in mine] == pytest.approx([t["logprob"] for t in theirs], abs=1e-4)
+    assert all(len(t["top_logprobs"]) == 2 for t in mine)
+
+
+def test_echo_scores_the_prompt_as_vllm_does(front: str, upstream: tuple[Process, str]) -> None:
+    body = {"prompt": "The capital of France is", "max_tokens": 3, "temperature": 0, "logprobs": 1, "echo": True}
+    direct, forwarded = both(front, upstream, "/completions", body)
+    mine, theirs = forwarded["choices"][0], direct["choices"][0]
+    assert mine["text"] == theirs["text"] and mine["text"].startswith(body["prompt"])
+    assert mine["logprobs"]["tokens"] == theirs["logprobs"]["tokens"]
+    assert mine["logprobs"]["token_logprobs"][0] is None  # nothing precedes the first prompt token
+    assert mine["logprobs"]["token_logprobs"][1:] == pytest.approx(theirs["logprobs"]["token_logprobs"][1:], abs=1e-4)
+    stream = client(front).completions.create(model=M, stream=True, **body)  # type: ignore[call-overload]
+    streamed = [v for c in stream if c.choices and c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs or []]
+    assert streamed == mine["logprobs"]["token_logprobs"]
+
+
+def test_tools_and_response_format_pass_through(front: str) -> None:
+    called = client(front).chat.completions.create(  # type: ignore[call-overload]
+        model=M, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[TOOL],
+        tool_choice={"type": "function", "function": {"name": "weather"}}, temperature=0, max_tokens=60)
+    choice = called.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    assert choice.message.tool_calls[0].function.name == "weather"
+    jsonschema.validate(json.loads(choice.message.tool_calls[0].function.arguments), WEATHER)
+    shaped = client(front).chat.completions.create(  # type: ignore[call-overload]
+        model=M, messages=FRANCE, temperature=0, max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": WEATHER}})
+    jsonschema.validate(json.loads(shaped.choices[0].message.content or ""), WEATHER)
+
+
+def test_an_upstream_4xx_comes_back_with_its_status(front: str) -> None:
+    # chatgate does not know the upstream's vocabulary, so vLLM is the one to refuse this id.
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(front).completions.create(model=M, prompt="Hi", max_tokens=2, logit_bias={"999999": 5})
+    print("vLLM's 400 through chatgate:", refused.value.message)
+    assert refused.value.status_code == 400 and "999999" in refused.value.message
+
+
+async def _chats(url: str, count: int, concurrency: int = 6) -> list[int]:
+    """Statuses of `count` short streamed chats; a stream counts only if it ends in [DONE]."""
+    body = {"model": M, "messages": [{"role": "user", "content": "Say hi."}], "stream": True, "max_tokens": 8}
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(http: httpx.AsyncClient) -> int:
+        async with limit, http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            lines = [line async for line in response.aiter_lines() if line]
+            return response.status_code if lines and lines[-1] == "data: [DONE]" and "error" not in lines[-2] else -1
+
+    async with httpx.AsyncClient(timeout=300) as http:
+        return list(await asyncio.gather(*(one(http) for _ in range(count))))
+
+
+def test_mixed_fleet_balances_and_fails_over(vllm_fleet: Fleet, upstream: tuple[Process, str]) -> None:
+    """Last in the module: it kills the upstream."""
+    fleet = vllm_fleet
+    names = ("vllm", "transformers", "openai")
+    try:
+        fleet.worker("transformers", "--engine", "transformers", "--model-names", M, deadline=300)
+        fleet.worker("openai", "--engine", "openai", "--upstream-url", f"{upstream[1]}/v1")
+        fleet.wait_workers(3)
+        before = [served(fleet.url[n]) for n in names]
+        assert asyncio.run(_chats(fleet.url["api"], 24)) == [200] * 24
+        balanced = [served(fleet.url[n]) - b for n, b in zip(names, before, strict=True)]
+        print("requests per worker (vllm, transformers, openai):", balanced)
+        assert all(count > 0 for count in balanced)  # every engine took traffic
+
+        os.kill(upstream[0].proc.pid, signal.SIGKILL)
+        upstream[0].proc.wait()
+        assert asyncio.run(_chats(fleet.url["api"], 24)) == [200] * 24  # every request failed over
+        after = [served(fleet.url[n]) - b for n, b in zip(names, before, strict=True)]
+        print("after the kill:", after)
+        assert after[0] + after[1] - balanced[0] - balanced[1] == 24  # the others answered them all
+    finally:
+        fleet.stop("transformers", "openai")
+        fleet.wait_workers(1)  # the session's fleet is back to its vllm worker

@@ -1,0 +1,44 @@
+"""The `openai` engine's reading of an upstream's echoing completion stream: the prompt's
+log-probabilities are told apart from the generated tokens' (as vLLM and chatgate send them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from chatgate.protocol.worker import GenerateParams
+from chatgate.upstream.wire import StreamReader, echoed_prompt
+
+
+def event(tokens: list[str], values: list[float | None], offsets: list[int], text: str) -> dict[str, Any]:
+    tops = [None if v is None else {t: v} for t, v in zip(tokens, values, strict=True)]
+    logprobs = {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+    return {"choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": None}]}
+
+
+# "Hi there" echoed with the first generated token " friend", then one more token.
+FIRST = event(["Hi", " there", " friend"], [None, -2.5, -0.5], [0, 2, 8], "Hi there friend")
+NEXT = event(["!"], [-0.1], [15], "!")
+
+
+@pytest.mark.parametrize("prompt", ["Hi there", [101, 102]])
+def test_the_echoing_event_splits_at_the_prompt(prompt: str | list[int]) -> None:
+    params = GenerateParams.model_validate(
+        {"model": "m", "echo": True, "logprobs": 1, **({"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt})}
+    )
+    reader = StreamReader(chat=False, echoed=echoed_prompt(params))
+    first, second = reader.event(FIRST), reader.event(NEXT)
+    assert first is not None and second is not None
+    assert first.prompt_logprobs is not None
+    assert [(p.token, p.logprob) for p in first.prompt_logprobs] == [("Hi", None), (" there", -2.5)]
+    assert first.prompt_logprobs[0].top == [] and first.prompt_logprobs[1].top[0].logprob == -2.5
+    assert [(t.token, t.logprob) for t in first.token_logprobs or []] == [(" friend", -0.5)]
+    assert second.prompt_logprobs is None and [t.token for t in second.token_logprobs or []] == ["!"]
+
+
+def test_without_echo_every_entry_is_a_generated_token() -> None:
+    params = GenerateParams.model_validate({"model": "m", "prompt": "Hi there", "logprobs": 1})
+    reader = StreamReader(chat=False, echoed=echoed_prompt(params))
+    chunk = reader.event(FIRST)
+    assert chunk is not None and chunk.prompt_logprobs is None and len(chunk.token_logprobs or []) == 3
