@@ -103,7 +103,9 @@ class Fleet:
     def stop(self, *names: str) -> None:
         """Stop the named processes (all of them, last started first, when none is named)."""
         for name in names or reversed(list(self.processes)):
-            self.processes.pop(name).stop()
+            process = self.processes.pop(name, None)
+            if process is not None:
+                process.stop()
 
 
 def vllm_fleet(logs: Path) -> Fleet:

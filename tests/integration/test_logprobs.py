@@ -75,7 +75,9 @@ def reference(model_folder: Path) -> Any:
     """The default model in plain transformers, float32: the log-probabilities every engine must give."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32)
+    model.train(False)  # inference: no dropout
+    return model
 
 
 def _log_softmax(reference: Any, ids: list[int]) -> torch.Tensor:

@@ -3,7 +3,9 @@ processes on free ports, optionally with a fleet key and HTTPS between them."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,3 +122,17 @@ class LiveFleet:
     def stop(self) -> None:
         for process in reversed(list(self.processes.values())):
             process.stop()
+
+
+async def streamed_chats(url: str, body: dict[str, Any], count: int, concurrency: int = 6) -> list[int]:
+    """Statuses of `count` streamed chats of `body`, `concurrency` at a time; a stream counts as
+    200 only if it ends in [DONE] with no error before it (else -1)."""
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(http: httpx.AsyncClient) -> int:
+        async with limit, http.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}) as response:
+            lines = [line async for line in response.aiter_lines() if line]
+            return response.status_code if lines and lines[-1] == "data: [DONE]" and "error" not in lines[-2] else -1
+
+    async with httpx.AsyncClient(timeout=300) as http:
+        return list(await asyncio.gather(*(one(http) for _ in range(count))))

@@ -10,10 +10,10 @@ import signal
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.live.conftest import Process, free_port
+from tests.live.fleet import streamed_chats
 from tests.live.test_chaos import served, worker_count
 
 pytestmark = pytest.mark.live
@@ -21,18 +21,7 @@ pytestmark = pytest.mark.live
 M = "fake-model"
 
 
-async def _chats(url: str, count: int, concurrency: int = 6) -> list[int]:
-    """Statuses of `count` streamed chats, `concurrency` at a time; a stream must end in [DONE]."""
-    body = {"model": M, "messages": [{"role": "user", "content": "mixed fleet"}], "stream": True}
-    limit = asyncio.Semaphore(concurrency)
-
-    async def one(http: httpx.AsyncClient) -> int:
-        async with limit, http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
-            lines = [line async for line in response.aiter_lines() if line]
-            return response.status_code if lines and lines[-1] == "data: [DONE]" and "error" not in lines[-2] else -1
-
-    async with httpx.AsyncClient(timeout=60) as http:
-        return list(await asyncio.gather(*(one(http) for _ in range(count))))
+BODY = {"model": M, "messages": [{"role": "user", "content": "mixed fleet"}]}
 
 
 def test_balance_and_failover_across_engines(tmp_path: Path) -> None:
@@ -59,14 +48,14 @@ def test_balance_and_failover_across_engines(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "both workers never registered"
             time.sleep(0.2)
 
-        assert asyncio.run(_chats(url["api"], 24)) == [200] * 24
+        assert asyncio.run(streamed_chats(url["api"], BODY, 24)) == [200] * 24
         before = served(url["local"]), served(url["forward"])
         print("requests per worker before the kill:", before)
         assert before[0] > 0 and before[1] > 0  # both engines took traffic
 
         os.kill(upstream.proc.pid, signal.SIGKILL)
         upstream.proc.wait()
-        assert asyncio.run(_chats(url["api"], 24)) == [200] * 24  # every request failed over
+        assert asyncio.run(streamed_chats(url["api"], BODY, 24)) == [200] * 24  # every request failed over
         after = served(url["local"]), served(url["forward"])
         print("requests per worker after the kill:", after)
         assert after[0] - before[0] == 24  # the local worker answered them all

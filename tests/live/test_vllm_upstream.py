@@ -23,6 +23,7 @@ import openai
 import pytest
 
 from tests.live.conftest import Process, free_port
+from tests.live.fleet import streamed_chats
 from tests.live.test_chaos import served
 from tests.vllm_procs import M, Fleet, vllm_openai_server
 
@@ -139,18 +140,7 @@ def test_an_upstream_4xx_comes_back_with_its_status(front: str) -> None:
     assert refused.value.status_code == 400 and "999999" in refused.value.message
 
 
-async def _chats(url: str, count: int, concurrency: int = 6) -> list[int]:
-    """Statuses of `count` short streamed chats; a stream counts only if it ends in [DONE]."""
-    body = {"model": M, "messages": [{"role": "user", "content": "Say hi."}], "stream": True, "max_tokens": 8}
-    limit = asyncio.Semaphore(concurrency)
-
-    async def one(http: httpx.AsyncClient) -> int:
-        async with limit, http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
-            lines = [line async for line in response.aiter_lines() if line]
-            return response.status_code if lines and lines[-1] == "data: [DONE]" and "error" not in lines[-2] else -1
-
-    async with httpx.AsyncClient(timeout=300) as http:
-        return list(await asyncio.gather(*(one(http) for _ in range(count))))
+SHORT_CHAT = {"model": M, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
 
 
 def test_mixed_fleet_balances_and_fails_over(vllm_fleet: Fleet, upstream: tuple[Process, str]) -> None:
@@ -162,14 +152,14 @@ def test_mixed_fleet_balances_and_fails_over(vllm_fleet: Fleet, upstream: tuple[
         fleet.worker("openai", "--engine", "openai", "--upstream-url", f"{upstream[1]}/v1")
         fleet.wait_workers(3)
         before = [served(fleet.url[n]) for n in names]
-        assert asyncio.run(_chats(fleet.url["api"], 24)) == [200] * 24
+        assert asyncio.run(streamed_chats(fleet.url["api"], SHORT_CHAT, 24)) == [200] * 24
         balanced = [served(fleet.url[n]) - b for n, b in zip(names, before, strict=True)]
         print("requests per worker (vllm, transformers, openai):", balanced)
         assert all(count > 0 for count in balanced)  # every engine took traffic
 
         os.kill(upstream[0].proc.pid, signal.SIGKILL)
         upstream[0].proc.wait()
-        assert asyncio.run(_chats(fleet.url["api"], 24)) == [200] * 24  # every request failed over
+        assert asyncio.run(streamed_chats(fleet.url["api"], SHORT_CHAT, 24)) == [200] * 24  # every request failed over
         after = [served(fleet.url[n]) - b for n, b in zip(names, before, strict=True)]
         print("after the kill:", after)
         assert after[0] + after[1] - balanced[0] - balanced[1] == 24  # the others answered them all
