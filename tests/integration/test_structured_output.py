@@ -21,9 +21,12 @@ from tests.conftest import Messages, Served, json_schema_format, make_app, raw, 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 
 MODEL = "SmolLM2-135M-Instruct"
+# Strings bounded: unbounded, the tiny model can loop inside one until max_tokens (under vLLM,
+# whose grammar lays JSON out with newlines, a tag grew "Ada_Ale_Ale_..." for 200 tokens).
 PERSON: dict[str, object] = {
     "type": "object",
-    "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}, "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+    "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0},
+                   "tags": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3}},
     "required": ["name", "age", "tags"],
     "additionalProperties": False,
 }

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from chatgate.errors import InvalidRequestError, WorkerError
 from chatgate.protocol.worker import GenerateParams
 from chatgate.upstream.wire import StreamReader, echoed_prompt
 
@@ -42,3 +43,14 @@ def test_without_echo_every_entry_is_a_generated_token() -> None:
     reader = StreamReader(chat=False, echoed=echoed_prompt(params))
     chunk = reader.event(FIRST)
     assert chunk is not None and chunk.prompt_logprobs is None and len(chunk.token_logprobs or []) == 3
+
+
+def test_an_error_event_with_a_4xx_code_is_the_clients_error() -> None:
+    # vLLM's shape for a request it refuses once the stream has begun.
+    refused = {"error": {"message": "token_id(s) [999999] in logit_bias contain out-of-vocab token ids",
+                         "type": "BadRequestError", "param": "logit_bias", "code": 400}}
+    with pytest.raises(InvalidRequestError) as caught:
+        StreamReader(chat=False).event(refused)
+    assert caught.value.param == "logit_bias" and "999999" in str(caught.value)
+    with pytest.raises(WorkerError):
+        StreamReader(chat=False).event({"error": {"message": "engine died", "code": 500}})

@@ -131,6 +131,16 @@ def error_from(status: int, content: bytes, upstream: str) -> ChatgateError:
     return cls(message, param=param if isinstance(param, str) else None)
 
 
+def stream_error(error: Any) -> ChatgateError:
+    """The chatgate error for an error event inside a 200 stream. vLLM refuses some requests
+    only once streaming (an out-of-vocabulary `logit_bias` id) and puts the HTTP status it
+    means in `code`: a 4xx there is the client's error, passed on as such."""
+    if isinstance(error, dict) and isinstance(error.get("code"), int) and 400 <= error["code"] < 500:
+        return error_from(error["code"], json.dumps({"error": error}).encode(), "upstream")
+    message = error.get("message") if isinstance(error, dict) else str(error)
+    return WorkerError(f"The upstream failed mid-stream: {message}")
+
+
 def _alternatives(top: Any) -> list[TokenAlternative]:
     """Top alternatives, in either the chat form (a list) or the completions form (a dict)."""
     if isinstance(top, dict):
@@ -209,9 +219,7 @@ class StreamReader:
     def event(self, data: dict[str, Any]) -> WorkerChunk | None:
         """The chunk to pass on for one event, if it carries text or log-probabilities."""
         if "error" in data:
-            error = data["error"]
-            message = error.get("message") if isinstance(error, dict) else str(error)
-            raise WorkerError(f"The upstream failed mid-stream: {message}")
+            raise stream_error(data["error"])
         if data.get("usage"):
             self.usage = WorkerUsage.model_validate(data["usage"])
         choices = data.get("choices") or []
