@@ -59,8 +59,8 @@ def vllm_openai_server(logs: Path) -> tuple[Process, str]:
     args = ["-m", "vllm.entrypoints.openai.api_server", "--model", str(weights(logs)), "--served-model-name", M,
             "--max-model-len", "4096", "--dtype", "float32", "--enforce-eager", "--host", "127.0.0.1",
             "--port", str(port),
-            # vLLM answers a required or named tool_choice only with a tool-call parser configured.
-            "--tool-call-parser", "hermes"]
+            # vLLM answers a required or named tool_choice only with a tool-call parser enabled.
+            "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
     server = Process(args, logs / "vllm-openai.log", env=VLLM_ENV, command=[str(VLLM_PYTHON)])
     url = f"http://127.0.0.1:{port}"
     server.wait_healthy(url, deadline=START_DEADLINE)

@@ -118,14 +118,18 @@ def test_echo_scores_the_prompt_as_vllm_does(front: str, upstream: tuple[Process
     assert streamed == mine["logprobs"]["token_logprobs"]
 
 
-def test_tools_and_response_format_pass_through(front: str) -> None:
-    called = client(front).chat.completions.create(  # type: ignore[call-overload]
-        model=M, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[TOOL],
-        tool_choice={"type": "function", "function": {"name": "weather"}}, temperature=0, max_tokens=60)
-    choice = called.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
-    assert choice.message.tool_calls[0].function.name == "weather"
-    jsonschema.validate(json.loads(choice.message.tool_calls[0].function.arguments), WEATHER)
+def test_tools_and_response_format_pass_through(front: str, upstream: tuple[Process, str]) -> None:
+    ask = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [TOOL], "temperature": 0,
+           "max_tokens": 60}
+    for choice in ({"type": "function", "function": {"name": "weather"}}, "required"):
+        direct, forwarded = both(front, upstream, "/chat/completions", {**ask, "tool_choice": choice})
+        mine, theirs = (answer["choices"][0]["message"]["tool_calls"] for answer in (forwarded, direct))
+        # vLLM 0.32's calls for this model carry arguments `"Paris"`, not the schema's object:
+        # chatgate passes on what the upstream made, unchanged.
+        print("vLLM's tool call through chatgate:", mine)
+        assert [(c["function"]["name"], c["function"]["arguments"]) for c in mine] == \
+            [(c["function"]["name"], c["function"]["arguments"]) for c in theirs]
+        assert forwarded["choices"][0]["finish_reason"] == "tool_calls"
     shaped = client(front).chat.completions.create(  # type: ignore[call-overload]
         model=M, messages=FRANCE, temperature=0, max_tokens=40,
         response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": WEATHER}})

@@ -3,6 +3,7 @@ log-probabilities are told apart from the generated tokens' (as vLLM and chatgat
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -54,3 +55,11 @@ def test_an_error_event_with_a_4xx_code_is_the_clients_error() -> None:
     assert caught.value.param == "logit_bias" and "999999" in str(caught.value)
     with pytest.raises(WorkerError):
         StreamReader(chat=False).event({"error": {"message": "engine died", "code": 500}})
+
+
+def test_tool_call_arguments_that_are_not_an_object_pass_on_as_sent() -> None:
+    reader = StreamReader(chat=True)
+    for arguments in ('"Par', 'is"'):  # vLLM 0.32's call for SmolLM2: a JSON string, in pieces
+        reader.event({"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "function": {"name": "weather" if arguments == '"Par' else None, "arguments": arguments}}]}}]})
+    assert json.loads(reader.last().text) == {"tool_calls": [{"name": "weather", "arguments": '"Paris"'}]}

@@ -265,8 +265,10 @@ class StreamReader:
         return WorkerChunk(text=text, finish_reason=finish, usage=self.usage or WorkerUsage())
 
 
-def _arguments(text: str) -> Any:
+def _arguments(text: str) -> dict[str, Any] | str:
+    """An upstream call's arguments: the object they spell, else their text exactly as sent."""
     try:
-        return json.loads(text or "{}")
+        parsed = json.loads(text or "{}")
     except ValueError:
         return text
+    return parsed if isinstance(parsed, dict) else text

@@ -92,7 +92,9 @@ class ToolPlan:
         names = {f.name for f in self.functions}
         if not isinstance(calls, list) or not calls:
             return None
-        if not all(isinstance(c, dict) and c.get("name") in names and isinstance(c.get("arguments"), dict) for c in calls):
+        # Arguments as an object, or already as OpenAI's string form: an upstream's tool call is
+        # passed on as the upstream made it, even when that string is not an object.
+        if not all(isinstance(c, dict) and c.get("name") in names and isinstance(c.get("arguments"), dict | str) for c in calls):
             return None
         if self.single:
             calls = calls[:1]
@@ -110,8 +112,12 @@ def _distinct(calls: list[dict[str, Any]]) -> list[tuple[str, str]]:
         key = (call["name"], json.dumps(call["arguments"], sort_keys=True))
         if key not in seen:
             seen.add(key)
-            out.append((call["name"], json.dumps(call["arguments"])))
+            out.append((call["name"], _argument_text(call["arguments"])))
     return out
+
+
+def _argument_text(arguments: dict[str, Any] | str) -> str:
+    return arguments if isinstance(arguments, str) else json.dumps(arguments)
 
 
 def closed(schema: Any) -> Any:
