@@ -61,7 +61,7 @@ def vllm_openai_server(logs: Path) -> tuple[Process, str]:
             "--port", str(port),
             # vLLM answers a required or named tool_choice only with a tool-call parser enabled.
             "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
-    server = Process(args, logs / "vllm-openai.log", env=VLLM_ENV, command=[str(VLLM_PYTHON)])
+    server = Process(args, logs / "vllm-openai.log", env=VLLM_ENV, command=[str(VLLM_PYTHON)], group=True)
     url = f"http://127.0.0.1:{port}"
     server.wait_healthy(url, deadline=START_DEADLINE)
     return server, url
@@ -81,7 +81,7 @@ class Fleet:
         self.url[name] = f"http://127.0.0.1:{port}"
         command = [str(VLLM_PYTHON), "-m", "chatgate.cli"] if vllm else None
         process = Process([*args, "--port", str(port)], self.logs / f"{name}.log", env=VLLM_ENV if vllm else None,
-                          command=command)
+                          command=command, group=vllm)
         self.processes[name] = process
         process.wait_healthy(self.url[name], deadline=deadline)
         return process

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,13 +27,29 @@ def free_port() -> int:
 class Process:
     """A chatgate subcommand running in the background, its output kept in a log file."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None, *, command: list[str] | None = None) -> None:
-        """Start `chatgate args` (or `command args`, e.g. chatgate under another venv's Python)."""
+    def __init__(
+        self, args: list[str], log: Path, env: dict[str, str] | None = None, *, command: list[str] | None = None,
+        group: bool = False,
+    ) -> None:
+        """Start `chatgate args` (or `command args`, e.g. chatgate under another venv's Python);
+        with `group`, in a process group of its own, so signals reach the children it spawns."""
         self.log = log
         self._file = log.open("wb")
+        self._group = group
         self.proc = subprocess.Popen(
-            [*(command or CHATGATE), *args], stdout=self._file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            [*(command or CHATGATE), *args], stdout=self._file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            start_new_session=group,
         )
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the process (to its whole group, if it has one)."""
+        try:
+            if self._group:
+                os.killpg(self.proc.pid, sig)
+            else:
+                self.proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
 
     def wait_healthy(self, url: str, deadline: float = 120.0, verify: bool | str = True) -> None:
         """Poll `url`/health until it answers 200; fail with the log if the process dies."""
@@ -49,13 +66,16 @@ class Process:
         return self.log.read_text()[-3000:]
 
     def stop(self) -> None:
+        """Terminate the process (SIGKILL after 15 s), and anything left in its group."""
         if self.proc.poll() is None:
-            self.proc.terminate()
+            self.signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self.signal(signal.SIGKILL)
                 self.proc.wait()
+        if self._group:  # a killed vLLM server orphans its engine processes, ~3 GB each
+            self.signal(signal.SIGKILL)
         self._file.close()
 
 

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -161,7 +159,7 @@ def test_mixed_fleet_balances_and_fails_over(vllm_fleet: Fleet, upstream: tuple[
         print("requests per worker (vllm, transformers, openai):", balanced)
         assert all(count > 0 for count in balanced)  # every engine took traffic
 
-        os.kill(upstream[0].proc.pid, signal.SIGKILL)
+        upstream[0].signal(signal.SIGKILL)  # the server and its engine processes
         upstream[0].proc.wait()
         assert asyncio.run(streamed_chats(fleet.url["api"], SHORT_CHAT, 24)) == [200] * 24  # every request failed over
         after = [served(fleet.url[n]) - b for n, b in zip(names, before, strict=True)]
