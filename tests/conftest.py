@@ -33,7 +33,7 @@ from chatgate.engines.fake import FakeEngine
 from chatgate.settings import ServeSettings
 
 if TYPE_CHECKING:
-    from tests.vllm_procs import Fleet
+    from tests.vllm_procs import Fleet, OpenAIServer
 
 Target = FastAPI | str
 """Where a test's requests go: an app in this process, or a live server's base URL."""
@@ -163,8 +163,20 @@ def tokenizer(model_folder: Path) -> Any:
 
 
 @pytest.fixture(scope="session")
-def vllm_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    """controller + `worker --engine vllm` + API server, started once per session (or skipped)."""
+def vllm_openai(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenAIServer]:
+    """vLLM's own OpenAI server, launched once per session (or skipped); call `ready()` before use.
+    `tests/live/test_vllm_upstream.py` kills it in its last test: nothing after may use it."""
+    from tests.vllm_procs import OpenAIServer
+
+    server = OpenAIServer.start(tmp_path_factory.mktemp("vllm-openai"))
+    yield server
+    server.process.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_fleet(tmp_path_factory: pytest.TempPathFactory, vllm_openai: OpenAIServer) -> Iterator[Fleet]:
+    """controller + `worker --engine vllm` + API server, started once per session (or skipped).
+    Asking for the OpenAI server too launches it now, so the two vLLM starts overlap."""
     from tests.vllm_procs import vllm_fleet
 
     fleet = vllm_fleet(tmp_path_factory.mktemp("vllm-fleet"))

@@ -52,19 +52,31 @@ def weights(directory: Path) -> Path:
     return target
 
 
-def vllm_openai_server(logs: Path) -> tuple[Process, str]:
-    """vLLM's own OpenAI server on the default model, float32, healthy; and its base URL."""
-    require_vllm()
-    port = free_port()
-    args = ["-m", "vllm.entrypoints.openai.api_server", "--model", str(weights(logs)), "--served-model-name", M,
-            "--max-model-len", "4096", "--dtype", "float32", "--enforce-eager", "--host", "127.0.0.1",
-            "--port", str(port),
-            # vLLM answers a required or named tool_choice only with a tool-call parser enabled.
-            "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
-    server = Process(args, logs / "vllm-openai.log", env=VLLM_ENV, command=[str(VLLM_PYTHON)], group=True)
-    url = f"http://127.0.0.1:{port}"
-    server.wait_healthy(url, deadline=START_DEADLINE)
-    return server, url
+@dataclass
+class OpenAIServer:
+    """vLLM's own OpenAI server on the default model (float32, eager), started in the background:
+    it boots while the vllm-worker fleet does (two cores, two mostly single-threaded starts)."""
+
+    process: Process
+    url: str
+
+    @classmethod
+    def start(cls, logs: Path) -> OpenAIServer:
+        """Launch the server; `ready` waits for it."""
+        require_vllm()
+        port = free_port()
+        args = ["-m", "vllm.entrypoints.openai.api_server", "--model", str(weights(logs)), "--served-model-name", M,
+                "--max-model-len", "4096", "--dtype", "float32", "--enforce-eager", "--host", "127.0.0.1",
+                "--port", str(port),
+                # vLLM answers a required or named tool_choice only with a tool-call parser enabled.
+                "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+        process = Process(args, logs / "vllm-openai.log", env=VLLM_ENV, command=[str(VLLM_PYTHON)], group=True)
+        return cls(process, f"http://127.0.0.1:{port}")
+
+    def ready(self) -> OpenAIServer:
+        """This server, once healthy."""
+        self.process.wait_healthy(self.url, deadline=START_DEADLINE)
+        return self
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """The `openai` engine in front of vLLM's own OpenAI server, and a mixed fleet around it.
 
-One vLLM OpenAI server for the module (see `tests/vllm_procs.py`): a chatgate `serve --engine
+The session's vLLM OpenAI server (see `tests/vllm_procs.py`): a chatgate `serve --engine
 openai` forwards to it, and each answer is compared with vLLM's own answer to the same request.
 The module ends with the mixed fleet: the session's vllm-worker fleet gains a `transformers`
 worker and an `openai` worker forwarding to that server, all under one model name; then the
-server is killed. That test kills the module's upstream, so it stays the last one here.
+server is killed. That test kills the session's vLLM server, so it stays the last one here.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 from tests.live.conftest import Process, free_port
 from tests.live.fleet import streamed_chats
 from tests.live.test_chaos import served
-from tests.vllm_procs import M, Fleet, vllm_openai_server
+from tests.vllm_procs import M, Fleet, OpenAIServer
 
 pytestmark = [pytest.mark.live, pytest.mark.model]
 
@@ -34,11 +34,10 @@ TOOL = {"type": "function", "function": {"name": "weather", "description": "Weat
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process, str]]:
-    """vLLM's OpenAI server (float32, eager) and its base URL."""
-    server, url = vllm_openai_server(tmp_path_factory.mktemp("vllm-openai"))
-    yield server, url
-    server.stop()
+def upstream(vllm_openai: OpenAIServer) -> tuple[Process, str]:
+    """vLLM's OpenAI server (the session's; float32, eager) and its base URL."""
+    server = vllm_openai.ready()
+    return server.process, server.url
 
 
 @pytest.fixture(scope="module")
