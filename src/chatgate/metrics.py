@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from chatgate.engines.base import EngineStats
+
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
 
@@ -77,3 +79,22 @@ class FleetCollector(Collector):
                 served.add_metric([model], count)
             yield served
 
+
+
+class EngineCollector(Collector):
+    """An engine's own counters, read at scrape time: prefill work and what prefix caching saved."""
+
+    def __init__(self, stats: Callable[[], Iterable[tuple[str, EngineStats]]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        prefill = CounterMetricFamily("chatgate_engine_prefill_tokens", "Prompt tokens run through the model.", labels=["model"])
+        hits = CounterMetricFamily("chatgate_prefix_cache_hits", "Prompts that started from cached KV of an earlier prompt.", labels=["model"])
+        reused = CounterMetricFamily("chatgate_prefix_cache_reused_tokens", "Prompt tokens copied from the prefix cache instead of prefilled.", labels=["model"])
+        held = GaugeMetricFamily("chatgate_prefix_cache_bytes", "Memory the prefix cache holds.", labels=["model"])
+        for model, stats in self._stats():
+            prefill.add_metric([model], stats.prefill_tokens)
+            hits.add_metric([model], stats.prefix_cache_hits)
+            reused.add_metric([model], stats.prefix_cache_reused_tokens)
+            held.add_metric([model], stats.prefix_cache_bytes)
+        yield from (prefill, hits, reused, held)

@@ -141,6 +141,11 @@ class EngineSettings(_Base):
     max_running: int = Field(
         32, ge=1, description="Most sequences decoded together in one batch; the rest queue."
     )
+    prefix_cache_gib: float = Field(
+        0.25, ge=0,
+        description="Memory (GiB) for the KV of recent prompts, so a request sharing a prefix "
+        "with an earlier one (a system prompt) prefills only the rest; 0 turns it off.",
+    )
 
     upstream_url: str | None = Field(
         None, description="openai engine: base URL of the OpenAI-compatible server (e.g. http://host:8000/v1)."

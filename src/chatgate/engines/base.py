@@ -75,6 +75,16 @@ class ModelInfo:
     tools_in_template: bool = False  # the chat template renders `tools` itself
 
 
+@dataclass(frozen=True, kw_only=True)
+class EngineStats:
+    """What an engine reports on its worker's /metrics: work done and saved, memory held."""
+
+    prefill_tokens: int = 0  # prompt tokens run through the model
+    prefix_cache_hits: int = 0  # prompts that started from cached KV
+    prefix_cache_reused_tokens: int = 0  # prompt tokens copied from the cache instead of prefilled
+    prefix_cache_bytes: int = 0  # memory the prefix cache holds now
+
+
 class Engine(abc.ABC):
     """A loaded model that generates text. Compute never runs on the event loop; `encode`,
     `decode`, `render_chat` and `encode_chat` are safe to call from any thread."""
@@ -121,6 +131,10 @@ class Engine(abc.ABC):
     def pending(self) -> int:
         """Sequences running or waiting in this engine."""
         return 0
+
+    def stats(self) -> EngineStats | None:
+        """Counters for /metrics, if the engine keeps any."""
+        return None
 
     @property
     def eos_token_ids(self) -> list[int]:

@@ -118,6 +118,31 @@ class BatchKV:
             mine.set_buffers(k, v, length)
         self.pads = [p + grow_self for p in self.pads] + [p + grow_other for p in other.pads]
 
+    @classmethod
+    def from_prefix(cls, kv: torch.Tensor, *, capacity: int) -> BatchKV:
+        """A one-row cache holding `kv` (`[layers, 2, heads, tokens, dim]`), with room for
+        `capacity` columns so the rest of the prompt is written in place."""
+        layers, _, heads, tokens, dim = kv.shape
+        out = cls(layers)
+        out.pads = [0]
+        shape = (1, heads, max(capacity, tokens), dim)
+        for index, layer in enumerate(out.layers):
+            k, v = kv.new_empty(shape), kv.new_empty(shape)
+            k[0, :, :tokens], v[0, :, :tokens] = kv[index, 0], kv[index, 1]
+            layer.set_buffers(k, v, tokens)
+        return out
+
+    def row_span(self, row: int, start: int, end: int) -> torch.Tensor:
+        """A copy of tokens `start:end` of `row` (counted from its first real token), every
+        layer's keys and values stacked as `[layers, 2, heads, end - start, dim]`."""
+        first = self.pads[row] + start
+        parts = []
+        for layer in self.layers:
+            k, v = layer.valid()
+            parts += [k[row, :, first : first + end - start], v[row, :, first : first + end - start]]
+        stacked = torch.stack(parts)
+        return stacked.view(len(self.layers), 2, *stacked.shape[1:])
+
     def copy(self, rows: list[int]) -> BatchKV:
         """A new cache holding copies of `rows`."""
         other = BatchKV(len(self.layers))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import queue
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from chatgate.engines.kvcache import BatchKV
+from chatgate.engines.prefix_cache import DEFAULT_BLOCK, PrefixCache, PrefixHit, PrefixStats
 from chatgate.engines.sampling import sample_with_logprob
 from chatgate.engines.sequence import OutputChannel, SequenceState
 
@@ -46,6 +47,8 @@ class Slot:
     last_token: int = -1
     constraint: Any = None  # a `constraints.Constraint` for structured output
     kv: BatchKV | None = field(default=None, repr=False)  # partial cache of a chunked prefill
+    prefix_keys: list[int] | None = field(default=None, repr=False)  # block keys of the prompt
+    looked_up: bool = False  # the prefix cache was asked for this prompt
 
     @property
     def remaining(self) -> int:
@@ -60,8 +63,8 @@ class SchedulerLimits:
     max_running: int = 32
     prefill_chunk: int = 256
     prefill_budget: int = 512
-    prompt_cache_entries: int = 4
-    prompt_cache_tokens: int = 2048
+    prefix_cache_bytes: int = 256 << 20  # 0 turns prefix caching off
+    prefix_block: int = DEFAULT_BLOCK
 
 
 # Background work run in the scheduler thread: each `next()` does one bounded chunk.
@@ -82,10 +85,15 @@ class Scheduler:
         self._running: list[Slot] = []
         self._jobs: deque[Job] = deque()
         self._kv = BatchKV(self._layers)
-        # The last few prefilled prompts: the n choices of one request, or identical requests
-        # arriving together, reuse a prefill instead of repeating it.
-        self._prompt_cache: OrderedDict[tuple[int, ...], tuple[BatchKV, torch.Tensor]] = OrderedDict()
+        # KV of recent prompts: a shared prefix (system prompt, earlier turns, the n choices of
+        # one request) is copied instead of prefilled again.
+        self._prefix = PrefixCache(budget_bytes=limits.prefix_cache_bytes, block_size=limits.prefix_block)
         self.prefill_tokens = 0  # prompt tokens run through the model, shared rows counted once
+
+    @property
+    def prefix_stats(self) -> PrefixStats:
+        """What prefix caching has saved so far."""
+        return self._prefix.stats
 
     def pending(self) -> int:
         """Sequences running or waiting."""
@@ -161,6 +169,8 @@ class Scheduler:
         if self._reuse_prefills():
             return
         head = self._waiting[0]
+        if not head.looked_up and self._look_up(head):
+            return  # its whole prompt was cached: it is decoding already
         chunked = bool(head.prefilled) or head.remaining > self._limits.prefill_chunk
         group = [head] if chunked else self._short_group()
         try:
@@ -174,24 +184,50 @@ class Scheduler:
             self._waiting = [s for s in self._waiting if s not in failed]
 
     def _reuse_prefills(self) -> bool:
-        """Start waiting sequences whose prompt was just prefilled; True if any started."""
+        """Start waiting sequences whose whole prompt is cached; True if any started."""
         room = self._limits.max_running - len(self._running)
-        hits = [s for s in self._waiting if not s.prefilled and tuple(s.state.prompt_ids) in self._prompt_cache]
-        for slot in hits[:room]:
-            kv, logits = self._prompt_cache[tuple(slot.state.prompt_ids)]
-            slot.prefilled = len(slot.state.prompt_ids)
-            self._waiting.remove(slot)
-            self._start([slot], kv.copy([0]), logits.unsqueeze(0), [0])
-        return bool(hits[:room])
+        started = 0
+        for slot in list(self._waiting) if self._prefix.enabled else []:
+            if started >= room:
+                break
+            hit = None if slot.prefilled else self._prefix.lookup(slot.state.prompt_ids, self._keys(slot), whole=True)
+            if hit is not None:
+                self._resume(slot, hit)
+                started += 1
+        return started > 0
 
-    def _remember(self, prompts: list[tuple[int, ...]], kv: BatchKV, logits: torch.Tensor) -> None:
-        for row, prompt in enumerate(prompts):
-            if len(prompt) > self._limits.prompt_cache_tokens:
-                continue  # a long prompt's cache costs more memory than a repeat would save
-            self._prompt_cache[prompt] = (kv.copy([row]), logits[row].clone())
-            self._prompt_cache.move_to_end(prompt)
-        while len(self._prompt_cache) > self._limits.prompt_cache_entries:
-            self._prompt_cache.popitem(last=False)
+    def _look_up(self, slot: Slot) -> bool:
+        """Resume `slot` from its longest cached prefix, once; True if it started decoding."""
+        slot.looked_up = True
+        hit = self._prefix.lookup(slot.state.prompt_ids, self._keys(slot)) if self._prefix.enabled else None
+        if hit is None:
+            return False
+        self._resume(slot, hit)
+        return hit.logits is not None
+
+    def _resume(self, slot: Slot, hit: PrefixHit) -> None:
+        """Continue `slot` from cached KV: decode at once if its whole prompt was cached, else
+        prefill the rest after the cached prefix."""
+        slot.prefilled = hit.tokens
+        kv = BatchKV.from_prefix(hit.kv, capacity=len(slot.state.prompt_ids))
+        if hit.logits is None:
+            slot.kv = kv
+            return
+        self._waiting.remove(slot)
+        self._start([slot], kv, hit.logits.unsqueeze(0), [0])
+
+    def _keys(self, slot: Slot) -> list[int]:
+        if slot.prefix_keys is None:
+            slot.prefix_keys = self._prefix.keys(slot.state.prompt_ids)
+        return slot.prefix_keys
+
+    def _remember(self, slots: list[Slot], kv: BatchKV, logits: torch.Tensor, rows: list[int]) -> None:
+        """Offer freshly prefilled prompts to the prefix cache (each distinct prompt once)."""
+        seen: set[int] = set()
+        for slot, row in zip(slots, rows, strict=True):
+            if row not in seen:
+                seen.add(row)
+                self._prefix.store(slot.state.prompt_ids, self._keys(slot), kv=kv, row=row, logits=logits[row])
 
     def _short_group(self) -> list[Slot]:
         room = self._limits.max_running - len(self._running)
@@ -232,7 +268,7 @@ class Scheduler:
         if slot.remaining == 0:
             self._waiting.remove(slot)
             kv, slot.kv = slot.kv, None
-            self._remember([tuple(slot.state.prompt_ids)], kv, logits)
+            self._remember([slot], kv, logits, [0])
             self._start([slot], kv, logits, [0])
 
     @torch.inference_mode()
@@ -250,11 +286,12 @@ class Scheduler:
             ids[row, width - len(prompt) :] = torch.tensor(prompt)
         logits = self._forward(kv, ids)
         self.prefill_tokens += sum(len(p) for p in prompts)
-        self._remember(prompts, kv, logits)
+        rows = [unique[tuple(s.state.prompt_ids)] for s in group]
+        self._remember(group, kv, logits, rows)
         for slot in group:
             slot.prefilled = len(slot.state.prompt_ids)
         self._waiting = [s for s in self._waiting if s not in group]
-        self._start(group, kv, logits, [unique[tuple(s.state.prompt_ids)] for s in group])
+        self._start(group, kv, logits, rows)
 
     def _start(self, slots: list[Slot], kv: BatchKV, logits: torch.Tensor, rows: list[int]) -> None:
         """Sample each new sequence's first token and move the live ones into the batch."""

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 
 from chatgate.engines import chunked
-from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, SamplingParams, TokenLogprob
+from chatgate.engines.base import Engine, EngineStats, GenerationOutput, ModelInfo, SamplingParams, TokenLogprob
 from chatgate.engines.chat_tokens import ChatTokenizer
 from chatgate.engines.constraints import ConstraintCompiler
 from chatgate.engines.decoder import FastDecoder
@@ -71,7 +71,10 @@ class TransformersEngine(Engine):
             pad = self._tokenizer.pad_token_id
             self._scheduler = Scheduler(
                 model=self._runner,
-                limits=SchedulerLimits(max_running=self._settings.max_running),
+                limits=SchedulerLimits(
+                    max_running=self._settings.max_running,
+                    prefix_cache_bytes=int(self._settings.prefix_cache_gib * 2**30),
+                ),
                 pad_token_id=int(pad if pad is not None else 0),
             )
             self._thread = threading.Thread(
@@ -151,6 +154,17 @@ class TransformersEngine(Engine):
 
     def pending(self) -> int:
         return self._scheduler.pending() if self._scheduler is not None else 0
+
+    def stats(self) -> EngineStats | None:
+        if self._scheduler is None:
+            return None
+        prefix = self._scheduler.prefix_stats
+        return EngineStats(
+            prefill_tokens=self._scheduler.prefill_tokens,
+            prefix_cache_hits=prefix.hits,
+            prefix_cache_reused_tokens=prefix.reused_tokens,
+            prefix_cache_bytes=prefix.bytes,
+        )
 
     def compile_constraint(self, spec: dict[str, Any]) -> Any:
         if self._constraints is None:

@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 import httpx
 
+from chatgate.engines.base import EngineStats
 from chatgate.errors import ChatgateError, InvalidRequestError, OverloadedError, WorkerError, WorkerUnavailableError
 from chatgate.protocol.conversation import Conversation, generic_conversation
 from chatgate.protocol import worker as proto
@@ -149,6 +150,10 @@ class UpstreamService:
     def status(self) -> proto.WorkerStatus:
         """What the worker reports to the controller."""
         return proto.WorkerStatus(model_names=self.model_names, speed=1.0, queue_length=self._active)
+
+    def engine_stats(self) -> EngineStats | None:
+        """None: the upstream keeps its own engine counters."""
+        return None
 
     def conversation(self) -> Conversation:
         """A generic conversation for FastChat's API server: the upstream's template is unseen."""

@@ -10,9 +10,9 @@ import httpx
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from chatgate.engines.base import Engine
+from chatgate.engines.base import Engine, EngineStats
 from chatgate.fleet import fleet_client, secure
-from chatgate.metrics import FleetCollector
+from chatgate.metrics import EngineCollector, FleetCollector
 from chatgate.ops import health_routes, metrics_routes
 from chatgate.settings import WorkerSettings
 from chatgate.tasks import cancel_and_wait
@@ -27,6 +27,11 @@ def _collector(service: WorkerBackend, address: str) -> FleetCollector:
         worker_load=lambda: [(address, *service.load())],
         served=lambda: {service.model_names[0]: service.served},
     )
+
+
+def _engine_stats(service: WorkerBackend) -> list[tuple[str, EngineStats]]:
+    stats = service.engine_stats()
+    return [(service.model_names[0], stats)] if stats is not None else []
 
 
 def create_worker_app(settings: WorkerSettings, *, engine: Engine | None = None) -> FastAPI:
@@ -54,7 +59,9 @@ async def _serving(
     """Expose the backend to the routes, meter it, and keep it registered with the controller."""
     app.state.service = service
     collector = _collector(service, settings.address())
+    engine = EngineCollector(lambda: _engine_stats(service))
     registry.register(collector)
+    registry.register(engine)
     async with fleet_client(settings, timeout=httpx.Timeout(10.0)) as http:
         task = None
         if not settings.no_register:
@@ -71,3 +78,4 @@ async def _serving(
         finally:
             await cancel_and_wait(task)
             registry.unregister(collector)
+            registry.unregister(engine)

@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
 
-from chatgate.engines.base import Engine
+from chatgate.engines.base import Engine, EngineStats
 from chatgate.protocol.conversation import Conversation
 from chatgate.protocol import worker as wire
 from chatgate.settings import EngineSettings
@@ -52,6 +52,10 @@ class WorkerBackend(Protocol):
 
     def status(self) -> wire.WorkerStatus:
         """What the worker reports to the controller."""
+        ...
+
+    def engine_stats(self) -> EngineStats | None:
+        """The engine's counters for /metrics, if it keeps any."""
         ...
 
     def conversation(self) -> Conversation:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from chatgate.engines.base import Engine, SamplingParams, TokenLogprob
+from chatgate.engines.base import Engine, EngineStats, SamplingParams, TokenLogprob
 from chatgate.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -303,6 +303,10 @@ class WorkerService:
         return WorkerStatus(
             model_names=self.model_names, speed=1.0, queue_length=self._active
         )
+
+    def engine_stats(self) -> EngineStats | None:
+        """The engine's counters for /metrics, if it keeps any."""
+        return self.engine.stats()
 
     def conversation(self) -> Conversation:
         """The model's chat template as a FastChat conversation, for FastChat's API server."""
