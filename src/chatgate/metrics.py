@@ -82,7 +82,7 @@ class FleetCollector(Collector):
 
 
 class EngineCollector(Collector):
-    """An engine's own counters, read at scrape time: prefill work and what prefix caching saved."""
+    """An engine's own counters, read at scrape time: prefill work, what prefix caching saved, KV held."""
 
     def __init__(self, stats: Callable[[], Iterable[tuple[str, EngineStats]]]) -> None:
         self._stats = stats
@@ -92,9 +92,15 @@ class EngineCollector(Collector):
         hits = CounterMetricFamily("chatgate_prefix_cache_hits", "Prompts that started from cached KV of an earlier prompt.", labels=["model"])
         reused = CounterMetricFamily("chatgate_prefix_cache_reused_tokens", "Prompt tokens copied from the prefix cache instead of prefilled.", labels=["model"])
         held = GaugeMetricFamily("chatgate_prefix_cache_bytes", "Memory the prefix cache holds.", labels=["model"])
+        budget = GaugeMetricFamily("chatgate_kv_cache_budget_tokens", "KV tokens the running batch may hold.", labels=["model"])
+        reserved = GaugeMetricFamily(
+            "chatgate_kv_cache_reserved_tokens", "KV tokens the admitted sequences may come to hold.", labels=["model"]
+        )
         for model, stats in self._stats():
             prefill.add_metric([model], stats.prefill_tokens)
             hits.add_metric([model], stats.prefix_cache_hits)
             reused.add_metric([model], stats.prefix_cache_reused_tokens)
             held.add_metric([model], stats.prefix_cache_bytes)
-        yield from (prefill, hits, reused, held)
+            budget.add_metric([model], stats.kv_cache_budget_tokens)
+            reserved.add_metric([model], stats.kv_cache_reserved_tokens)
+        yield from (prefill, hits, reused, held, budget, reserved)

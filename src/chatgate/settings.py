@@ -141,6 +141,12 @@ class EngineSettings(_Base):
     max_running: int = Field(
         32, ge=1, description="Most sequences decoded together in one batch; the rest queue."
     )
+    kv_cache_gib: float | None = Field(
+        None, gt=0,
+        description="Memory (GiB) for the running batch's KV cache: a request waits until its "
+        "prompt + max_tokens fits beside the running ones, and one that never could is refused "
+        "(400). Default: a quarter of the memory free after loading, at most --max-running full contexts.",
+    )
     prefix_cache_gib: float = Field(
         0.25, ge=0,
         description="Memory (GiB) for the KV of recent prompts, so a request sharing a prefix "

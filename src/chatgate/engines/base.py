@@ -83,6 +83,8 @@ class EngineStats:
     prefix_cache_hits: int = 0  # prompts that started from cached KV
     prefix_cache_reused_tokens: int = 0  # prompt tokens copied from the cache instead of prefilled
     prefix_cache_bytes: int = 0  # memory the prefix cache holds now
+    kv_cache_budget_tokens: int = 0  # KV the running batch may hold (0: unbounded)
+    kv_cache_reserved_tokens: int = 0  # KV the admitted sequences may come to hold
 
 
 class Engine(abc.ABC):

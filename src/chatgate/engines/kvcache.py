@@ -23,6 +23,7 @@ class _BufferLayer(DynamicLayer):
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # transformers leaves DynamicLayer.__init__ unannotated
         self.length = 0
+        self.column_limit: int | None = None  # never grow past this many columns (when set)
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
 
@@ -56,6 +57,8 @@ class _BufferLayer(DynamicLayer):
     def _grow(self, needed: int) -> None:
         assert self._k is not None and self._v is not None
         capacity = max(needed + _HEADROOM, self._k.shape[2] * 2)
+        if self.column_limit is not None:  # doubling past what any row can reach only wastes memory
+            capacity = max(needed, min(capacity, self.column_limit))
         rows, heads, _, dim = self._k.shape
         k = self._k.new_zeros((rows, heads, capacity, dim))
         v = self._v.new_zeros((rows, heads, capacity, dim))
@@ -89,6 +92,11 @@ class BatchKV:
     def length(self) -> int:
         """Columns in use: the longest row's length."""
         return self.layers[0].length
+
+    def limit_columns(self, limit: int) -> None:
+        """Grow no further than `limit` columns: the most any row will hold."""
+        for layer in self.layers:
+            layer.column_limit = limit
 
     def attention_mask(self, steps: int) -> torch.Tensor:
         """2-D mask over cached plus `steps` new columns; padding is 0."""

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from chatgate.engines.kvcache import BatchKV
+from chatgate.errors import ContextLengthExceededError
 from chatgate.engines.prefix_cache import DEFAULT_BLOCK, PrefixCache, PrefixHit, PrefixStats
 from chatgate.engines.sampling import sample_with_logprob
 from chatgate.engines.sequence import OutputChannel, SequenceState
@@ -55,6 +56,11 @@ class Slot:
         """Prompt tokens not yet prefilled."""
         return len(self.state.prompt_ids) - self.prefilled
 
+    @property
+    def reservation(self) -> int:
+        """The most KV columns this sequence can ever fill: its prompt and every token it may generate."""
+        return len(self.state.prompt_ids) + self.state.params.max_tokens
+
 
 @dataclass(frozen=True, kw_only=True)
 class SchedulerLimits:
@@ -65,6 +71,7 @@ class SchedulerLimits:
     prefill_budget: int = 512
     prefix_cache_bytes: int = 256 << 20  # 0 turns prefix caching off
     prefix_block: int = DEFAULT_BLOCK
+    kv_tokens: int | None = None  # KV the admitted sequences may reserve (None: no bound)
 
 
 # Background work run in the scheduler thread: each `next()` does one bounded chunk.
@@ -169,6 +176,8 @@ class Scheduler:
         if self._reuse_prefills():
             return
         head = self._waiting[0]
+        if not head.prefilled and not self._admissible(head):
+            return
         if not head.looked_up and self._look_up(head):
             return  # its whole prompt was cached: it is decoding already
         chunked = bool(head.prefilled) or head.remaining > self._limits.prefill_chunk
@@ -183,12 +192,43 @@ class Scheduler:
             self._fail(failed, exc)
             self._waiting = [s for s in self._waiting if s not in failed]
 
+    # KV budget ---------------------------------------------------------------------------------
+
+    def kv_reserved(self, joining: Iterable[Slot] = ()) -> int:
+        """KV tokens the admitted sequences (and `joining`) may come to hold. Rows of the batch
+        cache are padded to the longest, so that is rows times the longest reservation."""
+        admitted = [*self._running, *(s for s in self._waiting if s.prefilled or s.kv is not None)]
+        slots = dict.fromkeys([*admitted, *joining])
+        return len(slots) * max((s.reservation for s in slots), default=0)
+
+    def _fits(self, joining: list[Slot]) -> bool:
+        budget = self._limits.kv_tokens
+        return budget is None or self.kv_reserved(joining) <= budget
+
+    def _admissible(self, slot: Slot) -> bool:
+        """Whether `slot` may start its prefill now; one that could never fit is refused.
+
+        The worker refuses such requests before they reach the engine (the context length it
+        reports is capped at the budget); this keeps a direct caller from waiting forever."""
+        if self._fits([slot]):
+            return True
+        budget = self._limits.kv_tokens
+        if budget is not None and slot.reservation > budget:
+            self._waiting.remove(slot)
+            self._live.discard(slot)
+            slot.channel.put(ContextLengthExceededError(
+                f"This request needs up to {slot.reservation} tokens of KV cache (prompt plus "
+                f"max_tokens); this model holds at most {budget}. Please reduce the length.",
+                param="max_tokens",
+            ))
+        return False
+
     def _reuse_prefills(self) -> bool:
         """Start waiting sequences whose whole prompt is cached; True if any started."""
         room = self._limits.max_running - len(self._running)
         started = 0
         for slot in list(self._waiting) if self._prefix.enabled else []:
-            if started >= room:
+            if started >= room or not self._fits([slot]):
                 break
             hit = None if slot.prefilled else self._prefix.lookup(slot.state.prompt_ids, self._keys(slot), whole=True)
             if hit is not None:
@@ -235,6 +275,8 @@ class Scheduler:
         tokens = 0
         for slot in self._waiting:
             if len(group) >= room or slot.prefilled or slot.remaining > self._limits.prefill_chunk:
+                break
+            if group and not self._fits([*group, slot]):
                 break
             if group and tokens + slot.remaining > self._limits.prefill_budget:
                 break
@@ -310,6 +352,7 @@ class Scheduler:
     @torch.inference_mode()
     def _decode(self) -> None:
         ids = torch.tensor([[slot.last_token] for slot in self._running])
+        self._kv.limit_columns(max(slot.reservation for slot in self._running))
         try:
             logits = self._forward(self._kv, ids)
         except Exception as exc:  # the shared cache may hold half a step: no row can go on

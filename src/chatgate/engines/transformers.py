@@ -24,6 +24,7 @@ from chatgate.engines.chat_tokens import ChatTokenizer
 from chatgate.engines.constraints import ConstraintCompiler
 from chatgate.engines.decoder import FastDecoder
 from chatgate.engines.kernels import use_skinny_linears
+from chatgate.engines.kvbudget import free_memory, kv_bytes_per_token, kv_token_budget
 from chatgate.engines.loading import cached_checkpoint, model_construction, resolve_chat_model
 from chatgate.engines.sampling import make_generator
 from chatgate.engines.scheduler import Scheduler, SchedulerLimits, Slot
@@ -33,6 +34,9 @@ from chatgate.settings import EngineSettings
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Fewer KV tokens than this cannot hold a chat template and a short answer.
+_MIN_KV_TOKENS = 64
 
 
 def engine_threads(requested: int) -> int:
@@ -60,6 +64,7 @@ class TransformersEngine(Engine):
         self._chat_tokens: ChatTokenizer
         self._eos: frozenset[int] = frozenset()
         self._constraints: ConstraintCompiler | None = None
+        self._kv_tokens: int | None = None
         self.info = ModelInfo(
             name=self._source.name, context_length=0, vocab_size=0
         )
@@ -74,6 +79,7 @@ class TransformersEngine(Engine):
                 limits=SchedulerLimits(
                     max_running=self._settings.max_running,
                     prefix_cache_bytes=int(self._settings.prefix_cache_gib * 2**30),
+                    kv_tokens=self._kv_tokens,
                 ),
                 pad_token_id=int(pad if pad is not None else 0),
             )
@@ -107,13 +113,30 @@ class TransformersEngine(Engine):
             eos_ids.add(self._tokenizer.eos_token_id)
         self._eos = frozenset(eos_ids)
         self._constraints = ConstraintCompiler(self._tokenizer, int(config.vocab_size))
+        context = int(getattr(config, "max_position_embeddings", 2048))
+        self._kv_tokens = self._kv_budget(context)
         self.info = ModelInfo(
             name=self._source.name,
-            context_length=int(getattr(config, "max_position_embeddings", 2048)),
+            # A sequence longer than the KV budget could never be admitted: refuse it as too long.
+            context_length=min(context, self._kv_tokens),
             vocab_size=int(config.vocab_size),
             embedding_dim=int(config.hidden_size),
             tools_in_template="tools" in str(self._tokenizer.chat_template or ""),
         )
+
+    def _kv_budget(self, context: int) -> int:
+        """Tokens of KV the running batch may hold (`kvbudget.py`)."""
+        per_token = kv_bytes_per_token(self._model.config, self._model.dtype)
+        tokens = kv_token_budget(
+            gib=self._settings.kv_cache_gib, bytes_per_token=per_token,
+            free_bytes=free_memory(self._model.device), ceiling=self._settings.max_running * context,
+        )
+        if tokens < _MIN_KV_TOKENS:
+            raise ValueError(f"the KV cache budget holds {tokens} tokens, fewer than {_MIN_KV_TOKENS}; raise --kv-cache-gib")
+        if tokens < context:
+            log.warning("KV cache budget of %d tokens is below the model's context of %d: longer requests are refused", tokens, context)
+        log.info("KV cache budget: %d tokens (%.2f GiB)", tokens, tokens * per_token / 2**30)
+        return tokens
 
     def _decoder(self) -> Any:
         """The fast forward where the model has one; else Hugging Face's, with skinny linears on CPU."""
@@ -164,6 +187,8 @@ class TransformersEngine(Engine):
             prefix_cache_hits=prefix.hits,
             prefix_cache_reused_tokens=prefix.reused_tokens,
             prefix_cache_bytes=prefix.bytes,
+            kv_cache_budget_tokens=self._kv_tokens or 0,
+            kv_cache_reserved_tokens=self._scheduler.kv_reserved(),
         )
 
     def compile_constraint(self, spec: dict[str, Any]) -> Any:
