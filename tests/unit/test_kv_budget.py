@@ -15,6 +15,7 @@ from chatgate.engines.kvbudget import kv_bytes_per_token, kv_token_budget
 from chatgate.engines.kvcache import BatchKV
 from chatgate.engines.scheduler import SchedulerLimits
 from chatgate.errors import ContextLengthExceededError
+from tests.polling import apoll
 from tests.unit.test_scheduler import VOCAB, Harness, tiny_model
 
 pytestmark = pytest.mark.anyio
@@ -65,7 +66,7 @@ async def test_sequences_queue_while_the_budget_is_full_and_results_do_not_chang
         expected = [await unbounded.generate(p, max_tokens=MAX_TOKENS) for p in ps]
         assert await asyncio.gather(*(bounded.generate(p, max_tokens=MAX_TOKENS) for p in ps)) == expected
         assert max(counter.decode_rows) == 2
-        assert bounded.scheduler.kv_reserved() == 0
+        await apoll(lambda: bounded.scheduler.kv_reserved() == 0, what="every reservation released", timeout=5)
     finally:
         bounded.close()
 

@@ -127,17 +127,22 @@ class BatchKV:
         self.pads = [p + grow_self for p in self.pads] + [p + grow_other for p in other.pads]
 
     @classmethod
-    def from_prefix(cls, kv: torch.Tensor, *, capacity: int) -> BatchKV:
-        """A one-row cache holding `kv` (`[layers, 2, heads, tokens, dim]`), with room for
-        `capacity` columns so the rest of the prompt is written in place."""
-        layers, _, heads, tokens, dim = kv.shape
+    def from_prefix(cls, blocks: list[torch.Tensor], *, tokens: int, capacity: int) -> BatchKV:
+        """A one-row cache holding the first `tokens` tokens of `blocks` (each `[layers, 2, heads,
+        block tokens, dim]`, in order), with room for `capacity` columns so the rest of the
+        prompt is written in place. Every layer's buffers are views of one tensor, filled a block
+        at a time: no intermediate copy of the whole prefix."""
+        layers, _, heads, _, dim = blocks[0].shape
+        whole = blocks[0].new_empty((layers, 2, 1, heads, max(capacity, tokens), dim))
+        start = 0
+        for block in blocks:
+            width = min(block.shape[3], tokens - start)
+            whole[:, :, 0, :, start : start + width] = block[:, :, :, :width]
+            start += width
         out = cls(layers)
         out.pads = [0]
-        shape = (1, heads, max(capacity, tokens), dim)
         for index, layer in enumerate(out.layers):
-            k, v = kv.new_empty(shape), kv.new_empty(shape)
-            k[0, :, :tokens], v[0, :, :tokens] = kv[index, 0], kv[index, 1]
-            layer.set_buffers(k, v, tokens)
+            layer.set_buffers(whole[index, 0], whole[index, 1], tokens)
         return out
 
     def row_span(self, row: int, start: int, end: int) -> torch.Tensor:
@@ -163,6 +168,8 @@ class BatchKV:
 
     def select(self, rows: list[int]) -> None:
         """Keep only `rows`, in that order (a row may repeat), then cut shared padding."""
+        if rows == list(range(self.rows)) and min(self.pads, default=0) == 0:
+            return  # nothing to drop or cut: copying would only cost memory and time
         index = torch.tensor(rows, dtype=torch.long)
         self.pads = [self.pads[r] for r in rows]
         cut = min(self.pads, default=0)

@@ -45,7 +45,7 @@ class PrefixHit:
     """Cached KV for the first `tokens` tokens of a prompt."""
 
     tokens: int
-    kv: torch.Tensor  # [layers, 2, kv_heads, tokens, head_dim]
+    blocks: list[torch.Tensor]  # each [layers, 2, kv_heads, block tokens, head_dim]; they hold `tokens` or more
     logits: torch.Tensor | None  # the last position's logits, when the whole prompt was cached
 
 
@@ -106,8 +106,7 @@ class PrefixCache:
         self._touch(chain)
         self.stats.hits += 1
         self.stats.reused_tokens += tokens
-        kv = torch.cat([block.kv for block in chain], dim=3)[:, :, :, :tokens]
-        return PrefixHit(tokens=tokens, kv=kv, logits=logits)
+        return PrefixHit(tokens=tokens, blocks=[block.kv for block in chain], logits=logits)
 
     def _may_be_whole(self, keys: Sequence[int]) -> bool:
         """A cheap test before walking: the prompt's last block is cached with logits."""

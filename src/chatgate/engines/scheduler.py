@@ -2,7 +2,10 @@
 
 Each iteration of the loop:
 1. admits new sequences and embedding jobs, and drops sequences whose consumer went away;
-2. prefills waiting prompts: short ones together in one padded forward pass (a request's `n`
+2. prefills waiting prompts, first come first served while their KV fits the budget (each
+   sequence reserves its prompt plus `max_tokens`; see `kv_reserved`): a prompt resumes after
+   the longest prefix the prefix cache holds (`prefix_cache.py`), or starts decoding at once if
+   it holds all of it; short ones prefill together in one padded forward pass (a request's `n`
    copies of one prompt share a single row), a long one a chunk at a time, so running streams
    are never stalled for a whole long prompt;
 3. runs one decode step for the whole running batch, sampling each row under its own
@@ -29,10 +32,10 @@ from typing import Any
 import torch
 
 from chatgate.engines.kvcache import BatchKV
-from chatgate.errors import ContextLengthExceededError
 from chatgate.engines.prefix_cache import DEFAULT_BLOCK, PrefixCache, PrefixHit, PrefixStats
 from chatgate.engines.sampling import sample_with_logprob
 from chatgate.engines.sequence import OutputChannel, SequenceState
+from chatgate.errors import ContextLengthExceededError
 
 log = logging.getLogger(__name__)
 
@@ -178,14 +181,15 @@ class Scheduler:
         head = self._waiting[0]
         if not head.prefilled and not self._admissible(head):
             return
-        if not head.looked_up and self._look_up(head):
-            return  # its whole prompt was cached: it is decoding already
-        chunked = bool(head.prefilled) or head.remaining > self._limits.prefill_chunk
-        group = [head] if chunked else self._short_group()
+        group = [head]
         try:
+            if not head.looked_up and self._look_up(head):
+                return  # its whole prompt was cached: it is decoding already
+            chunked = bool(head.prefilled) or head.remaining > self._limits.prefill_chunk
             if chunked:
                 self._prefill_chunk(head)
             else:
+                group = self._short_group()
                 self._prefill_group(group)
         except Exception as exc:  # the running batch's cache is untouched by a prefill
             failed = [s for s in group if s in self._live]
@@ -249,7 +253,7 @@ class Scheduler:
         """Continue `slot` from cached KV: decode at once if its whole prompt was cached, else
         prefill the rest after the cached prefix."""
         slot.prefilled = hit.tokens
-        kv = BatchKV.from_prefix(hit.kv, capacity=len(slot.state.prompt_ids))
+        kv = BatchKV.from_prefix(hit.blocks, tokens=hit.tokens, capacity=len(slot.state.prompt_ids))
         if hit.logits is None:
             slot.kv = kv
             return
