@@ -4,6 +4,7 @@ do not change, and a sequence that could never fit is refused at once."""
 from __future__ import annotations
 
 import asyncio
+import platform
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from chatgate.engines.kvbudget import kv_bytes_per_token, kv_token_budget
+from chatgate.engines.kvbudget import kv_bytes_per_token, kv_token_budget, unmap_freed_buffers
 from chatgate.engines.kvcache import BatchKV
 from chatgate.engines.scheduler import SchedulerLimits
 from chatgate.errors import ContextLengthExceededError
@@ -101,3 +102,7 @@ def test_the_budget_comes_from_memory_and_the_model_shape() -> None:
     # Unset: a quarter of free memory, but never more than the batch could use.
     assert kv_token_budget(gib=None, bytes_per_token=1000, free_bytes=8_000_000, ceiling=10**9) == 2000
     assert kv_token_budget(gib=None, bytes_per_token=1000, free_bytes=8_000_000, ceiling=500) == 500
+
+
+def test_freed_cache_buffers_go_back_to_the_os_under_glibc() -> None:
+    assert unmap_freed_buffers() is (platform.libc_ver()[0] == "glibc")

@@ -9,10 +9,17 @@ model's device once the model is loaded, but never more than `--max-running` ful
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import platform
 from typing import Any
 
 import psutil
 import torch
+
+# glibc's mallopt parameter for the size above which allocations are mmapped.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 4 << 20
 
 # Unset, the KV cache may take this share of the memory free after loading: the rest is left for
 # the prefix cache, activations, the tokenizer and whatever else shares the machine.
@@ -42,3 +49,19 @@ def kv_token_budget(*, gib: float | None, bytes_per_token: int, free_bytes: int,
     if gib is not None:
         return int(gib * 2**30) // bytes_per_token
     return min(ceiling, int(free_bytes * DEFAULT_SHARE) // bytes_per_token)
+
+
+def unmap_freed_buffers(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Have glibc mmap every host allocation of `threshold` bytes or more, so freeing one returns
+    its memory to the OS at once; True if it took effect.
+
+    The batch cache reallocates its per-layer buffers (megabytes each) whenever rows join or
+    leave. glibc raises its mmap threshold each time such a buffer is freed, after which the
+    next ones come from the heap, where buffers of ever-changing sizes leave holes that stay
+    resident: measured, 16 streams under a 1 GiB budget peaked 2.1 GiB above the idle worker,
+    and 1.1 GiB with a fixed threshold. Other C libraries, and device memory, are left alone.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))

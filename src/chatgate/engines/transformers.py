@@ -24,7 +24,7 @@ from chatgate.engines.chat_tokens import ChatTokenizer
 from chatgate.engines.constraints import ConstraintCompiler
 from chatgate.engines.decoder import FastDecoder
 from chatgate.engines.kernels import use_skinny_linears
-from chatgate.engines.kvbudget import free_memory, kv_bytes_per_token, kv_token_budget
+from chatgate.engines.kvbudget import free_memory, kv_bytes_per_token, kv_token_budget, unmap_freed_buffers
 from chatgate.engines.loading import cached_checkpoint, model_construction, resolve_chat_model
 from chatgate.engines.sampling import make_generator
 from chatgate.engines.scheduler import Scheduler, SchedulerLimits, Slot
@@ -98,6 +98,7 @@ class TransformersEngine(Engine):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(engine_threads(self._settings.num_threads))
+        unmap_freed_buffers()
         path = cached_checkpoint(self._source, self._settings.cache_dir)
         self._tokenizer = AutoTokenizer.from_pretrained(path)
         self._chat_tokens = ChatTokenizer(self._tokenizer)
