@@ -279,7 +279,7 @@ class WorkerSettings(EngineSettings, FleetServerSettings):
         None, description="URL the controller reaches this worker at (default from host/port)."
     )
     controller_address: str = Field("http://localhost:21001", description="Controller URL.")
-    no_register: bool = Field(False, description="Do not register with the controller.")
+    register: bool = Field(True, description="Register with the controller and heartbeat (`--no-register`: run alone).")
     heartbeat_interval: float = Field(
         5.0, gt=0, description="Seconds between heartbeats to the controller."
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from chatgate.cli import build_settings, parser
@@ -32,6 +34,23 @@ def test_environment_is_used_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> N
 def test_boolean_flags() -> None:
     assert settings_for(["serve", "--ssl"]).ssl is True
     assert settings_for(["serve"]).ssl is False
+
+
+def test_no_boolean_setting_is_named_no_something() -> None:
+    """argparse reads any `--no-...` flag as `False`: `--no-register` once kept a worker registering."""
+    from chatgate.settings import WorkerSettings
+
+    worker = parser().parse_args(["worker", "--no-register"])
+    assert build_settings(WorkerSettings, worker).register is False
+    assert build_settings(WorkerSettings, parser().parse_args(["worker"])).register is True
+    for command, action in _boolean_flags():
+        assert not action.dest.startswith("no_"), (command, action.dest)
+
+
+def _boolean_flags() -> list[tuple[str, argparse.Action]]:
+    subcommands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return [(name, action) for name, sub in subcommands.choices.items() for action in sub._actions
+            if isinstance(action, argparse.BooleanOptionalAction)]
 
 
 def test_every_subcommand_parses() -> None:
