@@ -45,7 +45,10 @@ def add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type[BaseM
         flag = "--" + name.replace("_", "-")
         env = f"CHATGATE_{name.upper()}"
         help_text = f"{info.description or ''} [env {env}]"
-        if info.annotation is bool:
+        if info.annotation is bool and name.startswith("no_"):
+            # BooleanOptionalAction reads any `--no-...` as False: `--no-register` would register.
+            parser.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=help_text)
+        elif info.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif info.annotation == list[str]:  # repeatable: `--target a=URL --target b=URL`
             parser.add_argument(flag, dest=name, action="append", default=None, metavar="VALUE", help=help_text)

@@ -142,13 +142,13 @@ class EngineSettings(_Base):
         32, ge=1, description="Most sequences decoded together in one batch; the rest queue."
     )
     kv_cache_gib: float | None = Field(
-        None, gt=0,
+        None, gt=0, le=1 << 20, allow_inf_nan=False,
         description="Memory (GiB) for the running batch's KV cache: a request waits until its "
         "prompt + max_tokens fits beside the running ones, and one that never could is refused "
         "(400). Default: a quarter of the memory free after loading, at most --max-running full contexts.",
     )
     prefix_cache_gib: float = Field(
-        0.25, ge=0,
+        0.25, ge=0, le=1 << 20, allow_inf_nan=False,
         description="Memory (GiB) for the KV of recent prompts, so a request sharing a prefix "
         "with an earlier one (a system prompt) prefills only the rest; 0 turns it off.",
     )
@@ -279,7 +279,7 @@ class WorkerSettings(EngineSettings, FleetServerSettings):
         None, description="URL the controller reaches this worker at (default from host/port)."
     )
     controller_address: str = Field("http://localhost:21001", description="Controller URL.")
-    register: bool = Field(True, description="Register with the controller and heartbeat (`--no-register`: run alone).")
+    no_register: bool = Field(False, description="Do not register with the controller (run alone).")
     heartbeat_interval: float = Field(
         5.0, gt=0, description="Seconds between heartbeats to the controller."
     )

@@ -90,7 +90,7 @@ class Fleet:
 
 
 def worker_app(delay: float = 0.01, model: str = M) -> FastAPI:
-    settings = WorkerSettings(register=False, engine="fake", model_names=[model])
+    settings = WorkerSettings(no_register=True, engine="fake", model_names=[model])
     return create_worker_app(settings, engine=FakeEngine(name=model, token_delay=delay))
 
 

@@ -32,7 +32,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 async def test_fleet_key_guards_every_controller_and_worker_endpoint_but_health() -> None:
-    worker = create_worker_app(WorkerSettings(register=False, fleet_key=KEY), engine=FakeEngine())
+    worker = create_worker_app(WorkerSettings(no_register=True, fleet_key=KEY), engine=FakeEngine())
     controller = create_controller_app(ControllerSettings(fleet_key=KEY))
     async with running(worker), running(controller):
         for app, paths in ((worker, ["/worker_get_status", "/model_details", "/worker_generate_stream", "/count_token"]),
@@ -67,7 +67,7 @@ BAD_REGISTRATIONS = {
 
 
 async def test_bad_registrations_get_400_with_a_reason_and_change_nothing() -> None:
-    keyed = create_worker_app(WorkerSettings(register=False, fleet_key="another"), engine=FakeEngine())
+    keyed = create_worker_app(WorkerSettings(no_register=True, fleet_key="another"), engine=FakeEngine())
     strangers = {"http://keyed": keyed, "http://gone": worker_app()}
     async with fleet("shortest_queue", {"http://w": worker_app()}, strangers=strangers, dead=("http://gone",)) as f:
         before = (await f.http.post("http://controller/list_workers")).json()

@@ -78,7 +78,7 @@ async def test_a_shared_system_prompt_is_prefilled_once_and_answers_do_not_chang
 
 
 async def test_the_worker_metrics_count_hits_and_reused_tokens(chat_engine: TransformersEngine) -> None:
-    app = create_worker_app(WorkerSettings(register=False), engine=chat_engine)
+    app = create_worker_app(WorkerSettings(no_register=True), engine=chat_engine)
     async with running(app):
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://worker")
 

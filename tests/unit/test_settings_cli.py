@@ -36,21 +36,21 @@ def test_boolean_flags() -> None:
     assert settings_for(["serve"]).ssl is False
 
 
-def test_no_boolean_setting_is_named_no_something() -> None:
-    """argparse reads any `--no-...` flag as `False`: `--no-register` once kept a worker registering."""
+def test_every_boolean_flag_sets_its_setting_true() -> None:
+    """argparse reads any `--no-...` flag as False: `--no-register` once left a worker registering."""
+    subcommands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    checked = 0
+    for command, sub in subcommands.choices.items():
+        for action in sub._actions:
+            if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreConstAction)) and action.option_strings:
+                flag = action.option_strings[0]
+                assert getattr(parser().parse_args([command, flag]), action.dest) is True, (command, flag)
+                checked += 1
+    assert checked >= 10
     from chatgate.settings import WorkerSettings
 
-    worker = parser().parse_args(["worker", "--no-register"])
-    assert build_settings(WorkerSettings, worker).register is False
-    assert build_settings(WorkerSettings, parser().parse_args(["worker"])).register is True
-    for command, action in _boolean_flags():
-        assert not action.dest.startswith("no_"), (command, action.dest)
-
-
-def _boolean_flags() -> list[tuple[str, argparse.Action]]:
-    subcommands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return [(name, action) for name, sub in subcommands.choices.items() for action in sub._actions
-            if isinstance(action, argparse.BooleanOptionalAction)]
+    assert build_settings(WorkerSettings, parser().parse_args(["worker", "--no-register"])).no_register is True
+    assert build_settings(WorkerSettings, parser().parse_args(["worker"])).no_register is False
 
 
 def test_every_subcommand_parses() -> None:
@@ -96,3 +96,15 @@ def test_serve_embeds_beside_a_local_engine_but_not_in_front_of_an_upstream() ->
     assert embedding("--engine", "openai", "--embedding-model-path", "default") == "default"  # asked for
     assert embedding("--embedding-model-path", "none") is None
     assert embedding("--enforce-eager") == "default" and settings_for(["serve", "--enforce-eager"]).enforce_eager
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e308", "-1"])
+def test_memory_budgets_are_finite_and_bounded(value: str) -> None:
+    """`int(inf * 2**30)` once crashed the engine's start instead of refusing the flag."""
+    from pydantic import ValidationError
+
+    from chatgate.settings import EngineSettings
+
+    for field in ("kv_cache_gib", "prefix_cache_gib"):
+        with pytest.raises(ValidationError, match=field):
+            EngineSettings(**{field: value})

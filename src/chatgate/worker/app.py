@@ -64,7 +64,7 @@ async def _serving(
     registry.register(engine)
     async with fleet_client(settings, timeout=httpx.Timeout(10.0)) as http:
         task = None
-        if settings.register:
+        if not settings.no_register:
             beat = Heartbeat(
                 http=http,
                 controller=settings.controller_address,
