@@ -107,4 +107,4 @@ def test_memory_budgets_are_finite_and_bounded(value: str) -> None:
 
     for field in ("kv_cache_gib", "prefix_cache_gib"):
         with pytest.raises(ValidationError, match=field):
-            EngineSettings(**{field: value})
+            EngineSettings.model_validate({field: value})

@@ -140,9 +140,19 @@ class Constraint:
         if closing and (self._cursor.repeated or remaining <= len(closing) + WINDOW):
             narrowed = allowed & self._closers(closing, remaining)[: allowed.shape[0]]
             if narrowed.any():  # else the schema wants more than closers: the grammar decides
-                self._budgeted = self._budgeted or not self._cursor.repeated
+                if not self._cursor.repeated and not self._budgeted:
+                    self._budgeted = self._binding(logits, allowed, narrowed)
                 allowed = narrowed
         logits[~torch.from_numpy(allowed)] = float("-inf")
+
+    @staticmethod
+    def _binding(logits: torch.Tensor, allowed: np.ndarray, narrowed: np.ndarray) -> bool:
+        """Whether the limit changed the choice: the model's best token under the grammar alone
+        is one the closing window forbids. (A closed tool schema that only allows `}` anyway is
+        not cut by the limit, so its calls still parse.)"""
+        scores = logits[: allowed.shape[0]].clone()
+        scores[~torch.from_numpy(allowed)] = float("-inf")
+        return not bool(narrowed[int(scores.argmax())])
 
     def _closers(self, closing: str, remaining: int) -> np.ndarray:
         tokens = self._vocabulary.prefixes(closing)
