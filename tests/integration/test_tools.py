@@ -184,21 +184,6 @@ async def test_one_parameter_tool_required_finishes_within_100_tokens(chat_app: 
 
 
 @pytest.mark.model
-async def test_a_call_that_fits_the_limit_is_not_cut(chat_app: FastAPI) -> None:
-    """A call that ends inside the closing window on its own is a call, not `length`: the window
-    only counts as cutting when it took away the model's own choice."""
-    tool = [function_tool("get_weather", "Get the weather in a city", CITY)]
-    named: ChatCompletionNamedToolChoiceParam = {"type": "function", "function": {"name": "get_weather"}}
-    client = sdk(chat_app)
-    free = await client.chat.completions.create(model=MODEL, messages=ASK, tools=tool, tool_choice=named, max_tokens=100, temperature=0)
-    assert free.usage is not None and free.choices[0].finish_reason == "tool_calls"
-    tight = await client.chat.completions.create(model=MODEL, messages=ASK, tools=tool, tool_choice=named,
-                                                 max_tokens=free.usage.completion_tokens + 1, temperature=0)
-    assert tight.choices[0].finish_reason == "tool_calls", tight.choices[0]
-    assert function_calls(tight.choices[0].message)[0].function.arguments == function_calls(free.choices[0].message)[0].function.arguments
-
-
-@pytest.mark.model
 async def test_langchain_bind_tools_required(chat_app: FastAPI) -> None:
     """The issue's LangChain try: `bind_tools(..., tool_choice="required")`, 100 tokens."""
 
