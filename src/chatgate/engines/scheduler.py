@@ -176,7 +176,10 @@ class Scheduler:
     # Prefill ---------------------------------------------------------------------------------
 
     def _prefill(self) -> None:
-        if self._reuse_prefills():
+        # Whole-prompt hits cost no forward pass, so the head of the queue still moves this
+        # iteration: a stream of cached prompts must not stall a long one mid-prefill.
+        self._reuse_prefills()
+        if not self._waiting or len(self._running) >= self._limits.max_running:
             return
         head = self._waiting[0]
         if not head.prefilled and not self._admissible(head):
@@ -234,10 +237,14 @@ class Scheduler:
         for slot in list(self._waiting) if self._prefix.enabled else []:
             if started >= room or not self._fits([slot]):
                 break
-            hit = None if slot.prefilled else self._prefix.lookup(slot.state.prompt_ids, self._keys(slot), whole=True)
-            if hit is not None:
-                self._resume(slot, hit)
-                started += 1
+            try:
+                hit = None if slot.prefilled else self._prefix.lookup(slot.state.prompt_ids, self._keys(slot), whole=True)
+                if hit is not None:
+                    self._resume(slot, hit)
+                    started += 1
+            except Exception as exc:  # as a failed prefill fails its group only, this fails one sequence
+                self._fail([slot], exc)
+                self._waiting = [s for s in self._waiting if s is not slot]
         return started > 0
 
     def _look_up(self, slot: Slot) -> bool:
