@@ -42,6 +42,7 @@ class FastChatProcess(Process):
     def __init__(self, module: str, args: list[str], log: Path) -> None:
         self.log = log
         self._file = log.open("wb")
+        self._group = False
         env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
         # FastChat writes log files into its working directory: keep them beside ours.
         self.proc = subprocess.Popen([str(FASTCHAT_PYTHON), "-m", module, *args], stdout=self._file,
