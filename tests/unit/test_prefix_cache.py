@@ -12,7 +12,10 @@ from transformers import LlamaForCausalLM
 
 from chatgate.engines.kvcache import BatchKV
 from chatgate.engines.prefix_cache import PrefixCache, block_keys
-from chatgate.engines.scheduler import SchedulerLimits
+from chatgate.engines.base import SamplingParams
+from chatgate.engines.sampling import make_generator
+from chatgate.engines.scheduler import SchedulerLimits, Slot
+from chatgate.engines.sequence import OutputChannel, SequenceState
 from tests.polling import apoll
 from tests.unit.test_scheduler import VOCAB, Harness, tiny_model
 
@@ -153,3 +156,26 @@ async def _together(h: Harness, prompts: list[list[int]]) -> list[list[int]]:
     await apoll(lambda: h.scheduler.inbox.qsize() == len(prompts), what="the prompts queued", timeout=10)
     release.set()
     return list(await asyncio.gather(*started))
+
+
+async def test_a_cached_prompt_does_not_hold_back_the_head_of_the_queue(cached: Harness) -> None:
+    """Whole-prompt hits cost no forward pass: the long prompt at the head still prefills in the
+    same iteration (a steady stream of cached prompts once kept it from ever moving)."""
+    repeated = tokens(40, seed=11)
+    await cached.generate(repeated)
+    cached.close()  # from here the test drives the scheduler's iterations itself
+    scheduler = cached.scheduler
+    loop = asyncio.get_running_loop()
+
+    def slot(prompt: list[int]) -> Slot:
+        state = SequenceState(prompt_ids=prompt, params=SamplingParams(max_tokens=4), decode=lambda ids: "x" * len(ids),
+                              eos_token_ids=frozenset())
+        return Slot(state=state, channel=OutputChannel(loop), generator=make_generator(None))
+
+    head, hit = slot(tokens(100, seed=12)), slot(repeated)
+    for queued in (head, hit):
+        scheduler.inbox.put(queued)
+    assert scheduler._admit(block=False)
+    scheduler._prefill()
+    assert hit.state.output_ids  # started from the cache, without a prefill
+    assert head.prefilled > 0  # and the head moved in the same iteration
