@@ -71,7 +71,7 @@ test: $(TEST_STAMP)
 	-$(MAKE) --no-print-directory fastchat
 	-$(MAKE) --no-print-directory vllm
 	$(BIN)/mypy src tests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m "not model and not live"

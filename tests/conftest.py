@@ -162,26 +162,61 @@ def tokenizer(model_folder: Path) -> Any:
     return AutoTokenizer.from_pretrained(model_folder)
 
 
-@pytest.fixture(scope="session")
-def vllm_openai(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenAIServer]:
-    """vLLM's own OpenAI server, launched once per session (or skipped); call `ready()` before use.
-    `tests/live/test_vllm_upstream.py` kills it in its last test: nothing after may use it."""
-    from tests.vllm_procs import OpenAIServer
+@dataclass
+class VllmBoot:
+    """The session's vLLM processes, launched when the session starts (see `vllm_boot`)."""
 
+    server: OpenAIServer
+    fleet: Fleet
+
+
+def _wants_vllm(session: pytest.Session) -> bool:
+    names = {"vllm_openai", "vllm_fleet"}
+    return any(names & set(getattr(item, "fixturenames", ())) or "[vllm]" in item.nodeid for item in session.items)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def vllm_boot(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmBoot | None]:
+    """Launch vLLM's OpenAI server and the vllm-worker fleet when the session starts, if any
+    selected test uses them: their ~30 s of mostly single-threaded boot then overlaps the first
+    tests (which use one core) instead of blocking the first vLLM test."""
+    from tests.vllm_procs import VLLM_READY, OpenAIServer, launch_vllm_fleet
+
+    if not VLLM_READY or not _wants_vllm(request.session):
+        yield None
+        return
     server = OpenAIServer.start(tmp_path_factory.mktemp("vllm-openai"))
-    yield server
+    try:
+        fleet = launch_vllm_fleet(tmp_path_factory.mktemp("vllm-fleet"))
+    except BaseException:
+        server.process.stop()
+        raise
+    yield VllmBoot(server, fleet)
+    fleet.stop()
     server.process.stop()
 
 
 @pytest.fixture(scope="session")
-def vllm_fleet(tmp_path_factory: pytest.TempPathFactory, vllm_openai: OpenAIServer) -> Iterator[Fleet]:
-    """controller + `worker --engine vllm` + API server, started once per session (or skipped).
-    Asking for the OpenAI server too launches it now, so the two vLLM starts overlap."""
-    from tests.vllm_procs import vllm_fleet
+def vllm_openai(vllm_boot: VllmBoot | None) -> OpenAIServer:
+    """vLLM's own OpenAI server, launched once per session (or skipped); call `ready()` before use.
+    `tests/live/test_vllm_upstream.py` kills it in its last test: nothing after may use it."""
+    from tests.vllm_procs import require_vllm
 
-    fleet = vllm_fleet(tmp_path_factory.mktemp("vllm-fleet"))
-    yield fleet
-    fleet.stop()
+    require_vllm()
+    assert vllm_boot is not None
+    return vllm_boot.server
+
+
+@pytest.fixture(scope="session")
+def vllm_fleet(vllm_boot: VllmBoot | None) -> Fleet:
+    """controller + `worker --engine vllm` + API server, started once per session (or skipped)."""
+    from tests.vllm_procs import finish_vllm_fleet, require_vllm
+
+    require_vllm()
+    assert vllm_boot is not None
+    if "api" not in vllm_boot.fleet.processes:
+        finish_vllm_fleet(vllm_boot.fleet)
+    return vllm_boot.fleet
 
 
 @dataclass

@@ -87,21 +87,27 @@ class Fleet:
     processes: dict[str, Process] = field(default_factory=dict)
     url: dict[str, str] = field(default_factory=dict)
 
-    def start(self, name: str, args: list[str], *, vllm: bool = False, deadline: float = 120.0) -> Process:
-        """Run `chatgate args --port P` (in the vLLM venv if `vllm`) and wait until it is healthy."""
+    def start(self, name: str, args: list[str], *, vllm: bool = False, deadline: float = 120.0, wait: bool = True) -> Process:
+        """Run `chatgate args --port P` (in the vLLM venv if `vllm`) and wait until it is healthy
+        (unless not `wait`: `ready` waits later)."""
         port = free_port()
         self.url[name] = f"http://127.0.0.1:{port}"
         command = [str(VLLM_PYTHON), "-m", "chatgate.cli"] if vllm else None
         process = Process([*args, "--port", str(port)], self.logs / f"{name}.log", env=VLLM_ENV if vllm else None,
                           command=command, group=vllm)
         self.processes[name] = process
-        process.wait_healthy(self.url[name], deadline=deadline)
+        if wait:
+            process.wait_healthy(self.url[name], deadline=deadline)
         return process
 
-    def worker(self, name: str, *args: str, vllm: bool = False, deadline: float = 120.0) -> Process:
+    def ready(self, name: str, deadline: float = START_DEADLINE) -> None:
+        """Wait until the process started as `name` is healthy."""
+        self.processes[name].wait_healthy(self.url[name], deadline=deadline)
+
+    def worker(self, name: str, *args: str, vllm: bool = False, deadline: float = 120.0, wait: bool = True) -> Process:
         """A worker registered with this fleet's controller."""
         return self.start(name, ["worker", "--host", "127.0.0.1", "--controller-address", self.url["controller"],
-                                 "--heartbeat-interval", str(HEARTBEAT), *args], vllm=vllm, deadline=deadline)
+                                 "--heartbeat-interval", str(HEARTBEAT), *args], vllm=vllm, deadline=deadline, wait=wait)
 
     def workers(self) -> int:
         """Workers the API server has for M (-1 when it cannot tell)."""
@@ -122,14 +128,25 @@ class Fleet:
                 process.stop()
 
 
-def vllm_fleet(logs: Path) -> Fleet:
-    """controller + `worker --engine vllm` (float32, eager) + API server, all healthy."""
+def launch_vllm_fleet(logs: Path) -> Fleet:
+    """Start a controller and a `worker --engine vllm` (float32, eager) without waiting for the
+    worker: `finish_vllm_fleet` waits for it and adds the API server."""
     require_vllm()
     fleet = Fleet(logs)
     try:
         fleet.start("controller", ["controller", "--host", "127.0.0.1", "--heartbeat-expiration", str(3 * HEARTBEAT)])
         fleet.worker("vllm", "--engine", "vllm", "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",
-                     "--model-names", M, vllm=True, deadline=START_DEADLINE)
+                     "--model-names", M, vllm=True, wait=False)
+    except BaseException:
+        fleet.stop()
+        raise
+    return fleet
+
+
+def finish_vllm_fleet(fleet: Fleet) -> Fleet:
+    """The launched fleet with its API server, all healthy."""
+    try:
+        fleet.ready("vllm")
         fleet.start("api", ["api", "--host", "127.0.0.1", "--controller-address", fleet.url["controller"],
                             "--worker-table-refresh", "0.5"])
         fleet.wait_workers(1)
