@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from chatgate.errors import InvalidRequestError
@@ -27,6 +27,9 @@ class ChatTokenizer:
     """Tokenises rendered conversations for one Hugging Face fast tokenizer; thread-safe."""
 
     def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        # Whether the model's chat template renders `tools` itself (else they go in a system turn).
+        self.tools_in_template = "tools" in str(getattr(tokenizer, "chat_template", "") or "")
         backend = tokenizer.backend_tokenizer
         self._parsing = backend
         # A private copy that never parses special tokens; toggling the flag per call on a
@@ -41,6 +44,25 @@ class ChatTokenizer:
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         """Token ids of `text`, special-token text parsed (for raw completion prompts)."""
         return list(self._parsing.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def render(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, add_generation_prompt: bool = True
+    ) -> str:
+        """The conversation through the model's chat template (`tools` only where it renders them)."""
+        return str(self._tokenizer.apply_chat_template(
+            messages, tools=tools if self.tools_in_template else None, tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        ))
+
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        """The text of `token_ids`."""
+        return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
+
+    def encode_conversation(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[list[int], str]:
+        """`encode_chat` through the model's own template."""
+        return self.encode_chat(lambda m: self.render(m, tools), messages)
 
     def encode_chat(self, render: Render, messages: list[dict[str, Any]]) -> tuple[list[int], str]:
         """Ids and text of the prompt `render` makes of `messages`; content stays plain text."""
@@ -84,3 +106,27 @@ class ChatTokenizer:
             )
         return self.encode(text, add_special_tokens=False)
 
+
+
+class ChatTokensEngine:
+    """The tokenizer half of the `Engine` contract, for an engine that holds a `ChatTokenizer`
+    (the transformers and vllm engines): one implementation, so both encode alike."""
+
+    _chat_tokens: ChatTokenizer
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return self._chat_tokens.encode(text, add_special_tokens=add_special_tokens)
+
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[list[int], str]:
+        # Special-token text in a message stays text, so a client cannot forge a system turn.
+        return self._chat_tokens.encode_conversation(messages, tools)
+
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return self._chat_tokens.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, add_generation_prompt: bool = True
+    ) -> str:
+        return self._chat_tokens.render(messages, tools, add_generation_prompt=add_generation_prompt)

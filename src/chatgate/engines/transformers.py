@@ -20,7 +20,7 @@ import torch
 
 from chatgate.engines import chunked
 from chatgate.engines.base import Engine, EngineStats, GenerationOutput, ModelInfo, SamplingParams, TokenLogprob
-from chatgate.engines.chat_tokens import ChatTokenizer
+from chatgate.engines.chat_tokens import ChatTokenizer, ChatTokensEngine
 from chatgate.engines.constraints import ConstraintCompiler
 from chatgate.engines.decoder import FastDecoder
 from chatgate.engines.kernels import use_skinny_linears
@@ -50,7 +50,7 @@ def engine_threads(requested: int) -> int:
     return requested or max(1, (os.cpu_count() or 1) - 1)
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(ChatTokensEngine, Engine):
     """Serves a causal LM with `transformers` on PyTorch."""
 
     def __init__(self, settings: EngineSettings) -> None:
@@ -122,7 +122,7 @@ class TransformersEngine(Engine):
             context_length=min(context, self._kv_tokens),
             vocab_size=int(config.vocab_size),
             embedding_dim=int(config.hidden_size),
-            tools_in_template="tools" in str(self._tokenizer.chat_template or ""),
+            tools_in_template=self._chat_tokens.tools_in_template,
         )
 
     def _kv_budget(self, context: int) -> int:
@@ -151,27 +151,6 @@ class TransformersEngine(Engine):
         return self._model
 
     # Tokenizer ---------------------------------------------------------------------------
-
-    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return self._chat_tokens.encode(text, add_special_tokens=add_special_tokens)
-
-    def encode_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
-    ) -> tuple[list[int], str]:
-        return self._chat_tokens.encode_chat(lambda m: self.render_chat(m, tools), messages)
-
-    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
-
-    def render_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, add_generation_prompt: bool = True
-    ) -> str:
-        return str(
-            self._tokenizer.apply_chat_template(
-                messages, tools=tools if self.info.tools_in_template else None, tokenize=False,
-                add_generation_prompt=add_generation_prompt,
-            )
-        )
 
     def token_strings(self, token_ids: Sequence[int]) -> list[str]:
         return [str(t) for t in self._tokenizer.convert_ids_to_tokens(list(token_ids))]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, SamplingParams, TokenLogprob
-from chatgate.engines.chat_tokens import ChatTokenizer
+from chatgate.engines.chat_tokens import ChatTokenizer, ChatTokensEngine
 from chatgate.errors import ChatgateError, InvalidRequestError
 from chatgate.settings import EngineSettings
 
@@ -57,7 +57,7 @@ def model_folder(settings: EngineSettings) -> Path:
     return cached_checkpoint(resolve_chat_model(settings.model_path), settings.cache_dir)
 
 
-class VllmEngine(Engine):
+class VllmEngine(ChatTokensEngine, Engine):
     """A vLLM `AsyncLLM` behind chatgate's engine contract."""
 
     def __init__(self, settings: EngineSettings) -> None:
@@ -80,12 +80,11 @@ class VllmEngine(Engine):
         self._llm = AsyncLLM.from_engine_args(args)
         self._tokenizer = self._llm.get_tokenizer()
         self._chat_tokens = ChatTokenizer(self._tokenizer)
-        template = str(getattr(self._tokenizer, "chat_template", "") or "")
         self.info = ModelInfo(
             name=names[0] if names else folder.name.split(".")[0],
             context_length=int(self._llm.model_config.max_model_len),
             vocab_size=len(self._tokenizer),
-            tools_in_template="tools" in template,
+            tools_in_template=self._chat_tokens.tools_in_template,
         )
 
     async def close(self) -> None:
@@ -93,29 +92,6 @@ class VllmEngine(Engine):
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
-
-    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return self._chat_tokens.encode(text, add_special_tokens=add_special_tokens)
-
-    def encode_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
-    ) -> tuple[list[int], str]:
-        # As the transformers engine: special-token text in a message stays text, so a client
-        # cannot forge a system turn (vLLM is handed token ids, never the rendered string).
-        return self._chat_tokens.encode_chat(lambda m: self.render_chat(m, tools), messages)
-
-    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
-
-    def render_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, add_generation_prompt: bool = True
-    ) -> str:
-        extra = {"tools": tools} if tools and self.info.tools_in_template else {}
-        return str(
-            self._tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
-            )
-        )
 
     @property
     def eos_token_ids(self) -> list[int]:
