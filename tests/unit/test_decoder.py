@@ -13,7 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from chatgate.bench.quality import compare, greedy
 from chatgate.engines.decoder import FastDecoder, _attention_mask
 from chatgate.engines.kvcache import BatchKV
-from chatgate.engines.projections import Int8Dynamic
+from chatgate.engines import projections
+from chatgate.engines.projections import SHORTLIST, Bfloat16, Int8Dynamic, Shortlist
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -90,6 +91,46 @@ def test_int8_weights_approximate_the_dense_product() -> None:
     approx = Int8Dynamic(weight)(x)
     assert approx.shape == exact.shape
     assert (approx - exact).norm() / exact.norm() < 0.05
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "plain"])
+def test_bfloat16_weights_approximate_the_float32_product(onednn: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(projections, "_onednn_bfloat16", lambda: onednn)
+    torch.manual_seed(2)
+    weight = torch.randn(48, 64) * 0.05
+    product = Bfloat16(weight)
+    assert (product._packed is not None) == onednn
+    for rows in (1, 3, 16):
+        x = torch.randn(2, rows, 64)
+        exact = x @ weight.t()
+        approx = product(x)
+        assert approx.dtype == torch.float32 and approx.shape == exact.shape
+        error = float((approx - exact).norm() / exact.norm())
+        assert 0 < error < 0.01  # rounded (so really bfloat16), but only by bfloat16's few bits
+
+
+@torch.inference_mode()
+def test_shortlist_logits_are_float32_where_they_decide() -> None:
+    torch.manual_seed(3)
+    weight = torch.randn(500, 64)
+    x = torch.randn(4, 2, 64)
+    exact = x @ weight.t()
+    logits = Shortlist(weight)(x)
+    assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+    rescored = (logits - exact).abs() < 1e-4
+    assert bool((rescored.sum(-1) >= SHORTLIST).all())  # the shortlist (and a few logits bfloat16 hit) is float32's
+    best = exact.topk(SHORTLIST // 2, dim=-1).indices  # and it holds the best logits (its edge may differ)
+    assert bool(rescored.gather(-1, best).all())
+    assert 0 < float((logits - exact)[~rescored].abs().max()) < 0.1  # the rest is bfloat16's
+
+
+@torch.inference_mode()
+def test_bfloat16_format_tracks_float32_greedy_tokens() -> None:
+    reference = FastDecoder(tiny_llama())
+    prompts = [[5, 9, 17], [7, 2, 40, 41], [11]]
+    drift = compare(reference, FastDecoder(tiny_llama(), weight_format="bfloat16"), prompts, tokens=8)
+    assert drift["greedy_token_agreement"] >= 0.9
+    assert 0 < drift["mean_abs_delta_logprob"] < 0.05
 
 
 @torch.inference_mode()

@@ -75,7 +75,7 @@ class FastDecoder:
         self._rotary = inner.rotary_emb
         self._final_norm = inner.norm.weight.detach()
         self._format = weight_format
-        self._lm_head = vocabulary(model.lm_head.weight)
+        self._lm_head = vocabulary(model.lm_head.weight, weight_format)
         self._layers = [self._layer(block) for block in inner.layers]
 
     def _layer(self, block: Any) -> _Layer:

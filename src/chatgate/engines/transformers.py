@@ -102,9 +102,8 @@ class TransformersEngine(ChatTokensEngine, Engine):
         path = cached_checkpoint(self._source, self._settings.cache_dir)
         self._tokenizer = AutoTokenizer.from_pretrained(path)
         self._chat_tokens = ChatTokenizer(self._tokenizer)
-        dtype = torch.bfloat16 if self._settings.dtype == "bfloat16" else torch.float32
-        with model_construction():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        with model_construction():  # float32: `_decoder` derives the --dtype weights it multiplies by
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         self._model = model.to(self._settings.device).eval()  # type: ignore[arg-type]  # transformers wraps `to` in a decorator whose stub takes the model, not a device
         self._runner = self._decoder()
         config = self._model.config
@@ -140,12 +139,17 @@ class TransformersEngine(ChatTokensEngine, Engine):
         return tokens
 
     def _decoder(self) -> Any:
-        """The fast forward where the model has one; else Hugging Face's, with skinny linears on CPU."""
+        """The fast forward where the model has one; else Hugging Face's, with skinny linears on CPU.
+
+        The fast forward keeps activations and the KV cache in float32 whatever `--dtype` says;
+        Hugging Face's runs wholly in bfloat16 when asked for it."""
         if FastDecoder.supports(self._model):
             return FastDecoder(self._model, weight_format=self._settings.dtype)
         if self._settings.dtype == "int8":
             raise ValueError(f"--dtype int8 needs a Llama-family model, not {type(self._model).__name__}")
         log.info("%s has no fast decoder; using the Hugging Face forward", type(self._model).__name__)
+        if self._settings.dtype == "bfloat16":
+            self._model = self._model.to(torch.bfloat16)
         if self._settings.device == "cpu":
             use_skinny_linears(self._model)
         return self._model
