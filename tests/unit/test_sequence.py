@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import Any
 
-from chatgate.engines.base import SamplingParams
+import pytest
+
+from chatgate.engines.base import GenerationOutput, SamplingParams
 from chatgate.engines.fake import EOS, FakeEngine
-from chatgate.engines.sequence import SequenceState
+from chatgate.engines.sequence import OutputChannel, SequenceState
 
 decode = FakeEngine().decode
 
@@ -71,3 +75,43 @@ def test_length_finish_and_token_count() -> None:
 def test_stop_token_ids_end_the_sequence() -> None:
     deltas, reason = run("abc", stop_token_ids=(ord("b"),))
     assert "".join(deltas) == "a" and reason == "stop"
+
+
+def _output(text: str) -> GenerationOutput:
+    return GenerationOutput(text=text, token_ids=[], prompt_tokens=1, completion_tokens=1)
+
+
+@pytest.mark.anyio
+async def test_outputs_from_a_thread_arrive_in_order_with_few_wakeups(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    wakeups = 0
+    wake = loop.call_soon_threadsafe
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal wakeups
+        wakeups += 1
+        return wake(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    channels = [OutputChannel(loop) for _ in range(16)]
+    steps = 50
+
+    def engine() -> None:  # one batch step puts one output per row, as the scheduler does
+        for step in range(steps):
+            for channel in channels:
+                channel.put(_output(str(step)))
+
+    worker = threading.Thread(target=engine)
+    worker.start()
+    got = [[(await channel.get()).text for _ in range(steps)] for channel in channels]
+    worker.join()
+    assert got == [[str(step) for step in range(steps)]] * 16
+    assert wakeups < steps * 16 / 4  # batched: far fewer wake-ups than outputs
+
+
+def test_a_closed_loop_cancels_the_channel() -> None:
+    loop = asyncio.new_event_loop()
+    channel = OutputChannel(loop)
+    loop.close()
+    channel.put(_output("late"))
+    assert channel.cancelled

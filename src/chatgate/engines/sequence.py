@@ -8,6 +8,9 @@ A stop string is never part of the returned text.
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
+from collections import deque
 from collections.abc import Callable, Sequence as Seq
 
 from chatgate.engines.base import GenerationOutput, SamplingParams, TokenLogprob
@@ -102,19 +105,69 @@ class SequenceState:
         )
 
 
+Item = GenerationOutput | BaseException
+
+
+class _Mailbox:
+    """Outputs bound for one event loop's queues, delivered in batches.
+
+    Waking a loop from another thread writes to a pipe, a system call the engine thread would
+    otherwise make for every token of every row (3.5% of a 16-row step). A batch step posts all
+    its rows' outputs before the loop runs, so one wake-up carries them all.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: deque[tuple[asyncio.Queue[Item], Item]] = deque()
+        self._armed = False  # a delivery is scheduled and has not started yet
+
+    def post(self, queue: asyncio.Queue[Item], item: Item) -> bool:
+        """Deliver `item` into `queue` on the loop; False if the loop is closed."""
+        if self._loop.is_closed():
+            return False
+        with self._lock:
+            self._items.append((queue, item))
+            if self._armed:
+                return True
+            self._armed = True
+        try:
+            self._loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # closed since the check above
+            return False
+        return True
+
+    def _deliver(self) -> None:
+        with self._lock:
+            self._armed = False
+            items, self._items = self._items, deque()
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+_mailboxes_lock = threading.Lock()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    with _mailboxes_lock:
+        box = _mailboxes.get(loop)
+        if box is None:
+            box = _mailboxes[loop] = _Mailbox(loop)
+        return box
+
+
 class OutputChannel:
     """Hands outputs from an engine thread to the asyncio consumer of one sequence."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._queue: asyncio.Queue[GenerationOutput | BaseException] = asyncio.Queue()
+        self._mailbox = _mailbox(loop)
+        self._queue: asyncio.Queue[Item] = asyncio.Queue()
         self.cancelled = False
 
-    def put(self, item: GenerationOutput | BaseException) -> None:
+    def put(self, item: Item) -> None:
         """Called from the engine thread."""
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
+        if not self._mailbox.post(self._queue, item):  # the loop is closed: nobody is listening any more
             self.cancelled = True
 
     async def get(self) -> GenerationOutput:
