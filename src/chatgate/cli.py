@@ -44,7 +44,8 @@ def add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type[BaseM
     for name, info in settings_cls.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = f"CHATGATE_{name.upper()}"
-        help_text = f"{info.description or ''} [env {env}]"
+        # argparse %-formats help text: a literal "%" in a description must be doubled.
+        help_text = f"{info.description or ''} [env {env}]".replace("%", "%%")
         if info.annotation is bool and name.startswith("no_"):
             # BooleanOptionalAction reads any `--no-...` as False: `--no-register` would register.
             parser.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=help_text)
