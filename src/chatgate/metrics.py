@@ -93,14 +93,18 @@ class EngineCollector(Collector):
         reused = CounterMetricFamily("chatgate_prefix_cache_reused_tokens", "Prompt tokens copied from the prefix cache instead of prefilled.", labels=["model"])
         held = GaugeMetricFamily("chatgate_prefix_cache_bytes", "Memory the prefix cache holds.", labels=["model"])
         budget = GaugeMetricFamily("chatgate_kv_cache_budget_tokens", "KV tokens the running batch may hold.", labels=["model"])
-        reserved = GaugeMetricFamily(
-            "chatgate_kv_cache_reserved_tokens", "KV tokens the admitted sequences may come to hold.", labels=["model"]
+        used = GaugeMetricFamily("chatgate_kv_cache_used_tokens", "KV tokens the admitted sequences hold.", labels=["model"])
+        preempted = CounterMetricFamily(
+            "chatgate_engine_preemptions", "Sequences that gave their KV back to the budget, to be prefilled again.", labels=["model"]
         )
+        running = GaugeMetricFamily("chatgate_engine_running_sequences", "Sequences in the engine's running batch.", labels=["model"])
         for model, stats in self._stats():
             prefill.add_metric([model], stats.prefill_tokens)
             hits.add_metric([model], stats.prefix_cache_hits)
             reused.add_metric([model], stats.prefix_cache_reused_tokens)
             held.add_metric([model], stats.prefix_cache_bytes)
             budget.add_metric([model], stats.kv_cache_budget_tokens)
-            reserved.add_metric([model], stats.kv_cache_reserved_tokens)
-        yield from (prefill, hits, reused, held, budget, reserved)
+            used.add_metric([model], stats.kv_cache_used_tokens)
+            preempted.add_metric([model], stats.preemptions)
+            running.add_metric([model], stats.running_sequences)
+        yield from (prefill, hits, reused, held, budget, used, preempted, running)

@@ -41,6 +41,6 @@ async def test_a_small_kv_budget_refuses_what_cannot_fit_and_queues_the_rest() -
 
         def released() -> bool:
             now = engine.stats()
-            return now is not None and now.kv_cache_reserved_tokens == 0
+            return now is not None and now.kv_cache_used_tokens == 0
 
         await apoll(released, what="the finished sequences' KV released", timeout=5)

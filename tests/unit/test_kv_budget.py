@@ -67,7 +67,7 @@ async def test_sequences_queue_while_the_budget_is_full_and_results_do_not_chang
         expected = [await unbounded.generate(p, max_tokens=MAX_TOKENS) for p in ps]
         assert await asyncio.gather(*(bounded.generate(p, max_tokens=MAX_TOKENS) for p in ps)) == expected
         assert max(counter.decode_rows) == 2
-        await apoll(lambda: bounded.scheduler.kv_reserved() == 0, what="every reservation released", timeout=5)
+        await apoll(lambda: bounded.scheduler.kv_used == 0, what="every row released", timeout=5)
     finally:
         bounded.close()
 

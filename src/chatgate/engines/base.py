@@ -84,7 +84,9 @@ class EngineStats:
     prefix_cache_reused_tokens: int = 0  # prompt tokens copied from the cache instead of prefilled
     prefix_cache_bytes: int = 0  # memory the prefix cache holds now
     kv_cache_budget_tokens: int = 0  # KV the running batch may hold (0: unbounded)
-    kv_cache_reserved_tokens: int = 0  # KV the admitted sequences may come to hold
+    kv_cache_used_tokens: int = 0  # KV the admitted sequences hold (rows x the longest row)
+    preemptions: int = 0  # sequences that gave their KV back, to be prefilled again later
+    running_sequences: int = 0  # sequences in the running batch
 
 
 class Engine(abc.ABC):

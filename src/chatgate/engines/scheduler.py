@@ -2,17 +2,25 @@
 
 Each iteration of the loop:
 1. admits new sequences and embedding jobs, and drops sequences whose consumer went away;
-2. prefills waiting prompts, first come first served while their KV fits the budget (each
-   sequence reserves its prompt plus `max_tokens`; see `kv_reserved`): a prompt resumes after
-   the longest prefix the prefix cache holds (`prefix_cache.py`), or starts decoding at once if
-   it holds all of it; short ones prefill together in one padded forward pass (a request's `n`
-   copies of one prompt share a single row), a long one a chunk at a time, so running streams
-   are never stalled for a whole long prompt;
-3. runs one decode step for the whole running batch, sampling each row under its own
+2. prefills waiting prompts, first come first served while the KV they would hold fits the
+   budget (`kv_demand`: what the batch holds now, not what it might come to hold, plus
+   `HEADROOM` decode steps per row): a prompt resumes after the longest prefix the prefix cache
+   holds (`prefix_cache.py`), or starts decoding at once if it holds all of it; short ones
+   prefill together in one padded forward pass (a request's `n` copies of one prompt share a
+   single row), a long one a chunk at a time, so running streams are never stalled for a whole
+   long prompt;
+3. if the next decode step would outgrow the budget, preempts the most recently admitted
+   sequences (never the last one) until it fits: their KV is dropped and they wait at the front
+   of the queue, keeping their output, random generator and constraint state; readmitted, they
+   prefill their prompt and output again (the prefix cache may hold part of it) and go on from
+   the logits that prefill ends with, so the stream neither repeats nor loses a token;
+4. runs one decode step for the whole running batch, sampling each row under its own
    parameters and random generator;
-4. runs one bounded chunk of the oldest background job (prompt scoring, embeddings), so a big
+5. runs one bounded chunk of the oldest background job (prompt scoring, embeddings), so a big
    job never stalls running streams for longer than a chunk.
-A sequence that finishes or is cancelled leaves the batch before the next step.
+A sequence that finishes or is cancelled leaves the batch before the next step. One whose prompt
+plus `max_tokens` could never fit the budget alone is refused at once; any other always runs to
+its end, alone if need be.
 
 Failures stay as small as they can: an error while sampling, constraining, detokenising or
 scoring the logprobs of one sequence ends that sequence only. A failed prefill forward pass
@@ -51,13 +59,22 @@ class Slot:
     last_token: int = -1
     constraint: Any = None  # a `constraints.Constraint` for structured output
     kv: BatchKV | None = field(default=None, repr=False)  # partial cache of a chunked prefill
-    prefix_keys: list[int] | None = field(default=None, repr=False)  # block keys of the prompt
-    looked_up: bool = False  # the prefix cache was asked for this prompt
+    prefix_keys: list[int] | None = field(default=None, repr=False)  # block keys of `ids`
+    looked_up: bool = False  # the prefix cache was asked for `ids`
+    admitted: int = 0  # when it was admitted (a rising count; 0: waiting, not admitted)
+    preemptions: int = 0  # times it gave its rows back to be recomputed
+    # After a preemption: the prompt and every token generated so far, to prefill again.
+    resumed_ids: list[int] | None = field(default=None, repr=False)
+
+    @property
+    def ids(self) -> list[int]:
+        """The tokens whose KV a prefill builds: the prompt, plus the output after a preemption."""
+        return self.resumed_ids if self.resumed_ids is not None else self.state.prompt_ids
 
     @property
     def remaining(self) -> int:
-        """Prompt tokens not yet prefilled."""
-        return len(self.state.prompt_ids) - self.prefilled
+        """Tokens of `ids` not yet prefilled."""
+        return len(self.ids) - self.prefilled
 
     @property
     def reservation(self) -> int:
@@ -76,6 +93,14 @@ class SchedulerLimits:
     prefix_block: int = DEFAULT_BLOCK
     kv_tokens: int | None = None  # KV the admitted sequences may reserve (None: no bound)
 
+
+# Decode steps an admission leaves room for in every row before the batch could outgrow the
+# budget. Without it the sequence admitted last would be preempted at the very next step and
+# admitted again as soon as room showed: a prefill wasted per step. With it, a full batch
+# re-prefills at most one (mostly prefix-cached) sequence per this many steps, and the room it
+# keeps is small: 32 rows hold back 512 tokens, about 1% of the default budget on CPU (vLLM
+# keeps a 1% watermark of its blocks free for the same reason).
+HEADROOM = 16
 
 # Background work run in the scheduler thread: each `next()` does one bounded chunk.
 Job = Iterator[None]
@@ -99,11 +124,19 @@ class Scheduler:
         # one request) is copied instead of prefilled again.
         self._prefix = PrefixCache(budget_bytes=limits.prefix_cache_bytes, block_size=limits.prefix_block)
         self.prefill_tokens = 0  # prompt tokens run through the model, shared rows counted once
+        self.preemptions = 0  # times a sequence gave its KV back to be recomputed later
+        self.kv_used = 0  # KV tokens the admitted sequences held after the last step (for other threads)
+        self._admissions = 0
 
     @property
     def prefix_stats(self) -> PrefixStats:
         """What prefix caching has saved so far."""
         return self._prefix.stats
+
+    @property
+    def running(self) -> int:
+        """Sequences in the running batch."""
+        return len(self._running)
 
     def pending(self) -> int:
         """Sequences running or waiting."""
@@ -116,12 +149,14 @@ class Scheduler:
             try:
                 if self._waiting and len(self._running) < self._limits.max_running:
                     self._prefill()
+                self._preempt_to_fit()
                 if self._running:
                     self._decode()
             except Exception as exc:  # bookkeeping itself broke: fail everything, keep serving
                 self._fail(self._live, exc)
                 self._waiting, self._running, self._kv = [], [], BatchKV(self._layers)
             self._run_job()
+            self.kv_used = self.kv_demand()
 
     def _fail(self, slots: Iterable[Slot], exc: Exception) -> None:
         """End `slots` with `exc`; the caller takes them out of the waiting or running lists."""
@@ -182,8 +217,9 @@ class Scheduler:
         if not self._waiting or len(self._running) >= self._limits.max_running:
             return
         head = self._waiting[0]
-        if not head.prefilled and not self._admissible(head):
+        if not head.admitted and not self._admissible(head):
             return
+        self._admitting([head])
         group = [head]
         try:
             if not head.looked_up and self._look_up(head):
@@ -201,16 +237,26 @@ class Scheduler:
 
     # KV budget ---------------------------------------------------------------------------------
 
-    def kv_reserved(self, joining: Iterable[Slot] = ()) -> int:
-        """KV tokens the admitted sequences (and `joining`) may come to hold. Rows of the batch
-        cache are padded to the longest, so that is rows times the longest reservation."""
-        admitted = [*self._running, *(s for s in self._waiting if s.prefilled or s.kv is not None)]
-        slots = dict.fromkeys([*admitted, *joining])
-        return len(slots) * max((s.reservation for s in slots), default=0)
+    def _holdings(self) -> list[tuple[Slot, int]]:
+        """Each admitted sequence with the KV tokens it holds once in the batch: a running row its
+        own length, a sequence still prefilling the whole of what it prefills."""
+        running = [(s, self._kv.length - pad) for s, pad in zip(self._running, self._kv.pads, strict=True)]
+        return running + [(s, len(s.ids)) for s in self._waiting if s.admitted]
+
+    def kv_demand(self, joining: Iterable[Slot] = (), *, ahead: int = 0) -> int:
+        """KV tokens the batch holds `ahead` decode steps from now, with the admitted sequences
+        and `joining`: rows of the batch cache are padded to the longest, so that is rows times
+        the longest row, none counted past what it can ever hold (its `reservation`)."""
+        rows = dict(self._holdings())
+        for slot in joining:
+            rows.setdefault(slot, len(slot.ids))
+        return len(rows) * max((min(held + ahead, s.reservation) for s, held in rows.items()), default=0)
 
     def _fits(self, joining: list[Slot]) -> bool:
+        """Whether `joining` may be admitted now: the batch with them still fits the budget
+        `HEADROOM` decode steps from now."""
         budget = self._limits.kv_tokens
-        return budget is None or self.kv_reserved(joining) <= budget
+        return budget is None or self.kv_demand(joining, ahead=HEADROOM) <= budget
 
     def _admissible(self, slot: Slot) -> bool:
         """Whether `slot` may start its prefill now; one that could never fit is refused.
@@ -230,6 +276,37 @@ class Scheduler:
             ))
         return False
 
+    def _admitting(self, slots: Iterable[Slot]) -> None:
+        """Stamp `slots` as admitted now, in order: preemption takes the latest stamp first."""
+        for slot in slots:
+            if not slot.admitted:
+                self._admissions += 1
+                slot.admitted = self._admissions
+
+    def _preempt_to_fit(self) -> None:
+        """Give back the KV of the most recently admitted sequences, never the last one, until
+        the next decode step fits the budget; they wait at the front of the queue to be
+        prefilled again over their prompt and output (recompute, as vLLM does by default)."""
+        budget = self._limits.kv_tokens
+        while budget is not None and self.kv_demand(ahead=1) > budget:
+            admitted = [s for s, _ in self._holdings()]
+            if len(admitted) <= 1:
+                return
+            self._preempt(max(admitted, key=lambda s: s.admitted))
+
+    def _preempt(self, slot: Slot) -> None:
+        if slot in self._running:
+            row = self._running.index(slot)
+            self._keep_rows([r for r in range(len(self._running)) if r != row])
+            # The KV held the prompt and every output token but the last; prefilling all of
+            # them gives the logits the next decode step would have, and sampling goes on from
+            # the same output, generator and constraint state: the stream does not notice.
+            slot.resumed_ids = slot.state.prompt_ids + slot.state.output_ids
+        self._waiting = [slot, *(s for s in self._waiting if s is not slot)]
+        slot.kv, slot.prefilled, slot.prefix_keys, slot.looked_up, slot.admitted = None, 0, None, False, 0
+        slot.preemptions += 1
+        self.preemptions += 1
+
     def _reuse_prefills(self) -> bool:
         """Start waiting sequences whose whole prompt is cached; True if any started."""
         room = self._limits.max_running - len(self._running)
@@ -238,8 +315,9 @@ class Scheduler:
             if started >= room or not self._fits([slot]):
                 break
             try:
-                hit = None if slot.prefilled else self._prefix.lookup(slot.state.prompt_ids, self._keys(slot), whole=True)
+                hit = None if slot.prefilled else self._prefix.lookup(slot.ids, self._keys(slot), whole=True)
                 if hit is not None:
+                    self._admitting([slot])
                     self._resume(slot, hit)
                     started += 1
             except Exception as exc:  # as a failed prefill fails its group only, this fails one sequence
@@ -250,7 +328,7 @@ class Scheduler:
     def _look_up(self, slot: Slot) -> bool:
         """Resume `slot` from its longest cached prefix, once; True if it started decoding."""
         slot.looked_up = True
-        hit = self._prefix.lookup(slot.state.prompt_ids, self._keys(slot)) if self._prefix.enabled else None
+        hit = self._prefix.lookup(slot.ids, self._keys(slot)) if self._prefix.enabled else None
         if hit is None:
             return False
         self._resume(slot, hit)
@@ -260,7 +338,7 @@ class Scheduler:
         """Continue `slot` from cached KV: decode at once if its whole prompt was cached, else
         prefill the rest after the cached prefix."""
         slot.prefilled = hit.tokens
-        kv = BatchKV.from_prefix(hit.blocks, tokens=hit.tokens, capacity=len(slot.state.prompt_ids))
+        kv = BatchKV.from_prefix(hit.blocks, tokens=hit.tokens, capacity=len(slot.ids))
         if hit.logits is None:
             slot.kv = kv
             return
@@ -269,7 +347,7 @@ class Scheduler:
 
     def _keys(self, slot: Slot) -> list[int]:
         if slot.prefix_keys is None:
-            slot.prefix_keys = self._prefix.keys(slot.state.prompt_ids)
+            slot.prefix_keys = self._prefix.keys(slot.ids)
         return slot.prefix_keys
 
     def _remember(self, slots: list[Slot], kv: BatchKV, logits: torch.Tensor, rows: list[int]) -> None:
@@ -278,7 +356,7 @@ class Scheduler:
         for slot, row in zip(slots, rows, strict=True):
             if row not in seen:
                 seen.add(row)
-                self._prefix.store(slot.state.prompt_ids, self._keys(slot), kv=kv, row=row, logits=logits[row])
+                self._prefix.store(slot.ids, self._keys(slot), kv=kv, row=row, logits=logits[row])
 
     def _short_group(self) -> list[Slot]:
         room = self._limits.max_running - len(self._running)
@@ -314,7 +392,7 @@ class Scheduler:
         if slot.kv is None:
             slot.kv = BatchKV(self._layers)
             slot.kv.pads = [0]
-        chunk = slot.state.prompt_ids[slot.prefilled : slot.prefilled + self._limits.prefill_chunk]
+        chunk = slot.ids[slot.prefilled : slot.prefilled + self._limits.prefill_chunk]
         logits = self._forward(slot.kv, torch.tensor([chunk]))
         self.prefill_tokens += len(chunk)
         slot.prefilled += len(chunk)
@@ -327,9 +405,10 @@ class Scheduler:
     @torch.inference_mode()
     def _prefill_group(self, group: list[Slot]) -> None:
         """Prefill several short prompts in one left-padded pass; equal prompts share a row."""
+        self._admitting(group)
         unique: dict[tuple[int, ...], int] = {}
         for slot in group:
-            unique.setdefault(tuple(slot.state.prompt_ids), len(unique))
+            unique.setdefault(tuple(slot.ids), len(unique))
         prompts = list(unique)
         width = max(len(p) for p in prompts)
         kv = BatchKV(self._layers)
@@ -339,10 +418,10 @@ class Scheduler:
             ids[row, width - len(prompt) :] = torch.tensor(prompt)
         logits = self._forward(kv, ids)
         self.prefill_tokens += sum(len(p) for p in prompts)
-        rows = [unique[tuple(s.state.prompt_ids)] for s in group]
+        rows = [unique[tuple(s.ids)] for s in group]
         self._remember(group, kv, logits, rows)
         for slot in group:
-            slot.prefilled = len(slot.state.prompt_ids)
+            slot.prefilled = len(slot.ids)
         self._waiting = [s for s in self._waiting if s not in group]
         self._start(group, kv, logits, rows)
 
@@ -363,7 +442,7 @@ class Scheduler:
     @torch.inference_mode()
     def _decode(self) -> None:
         ids = torch.tensor([[slot.last_token] for slot in self._running])
-        self._kv.limit_columns(max(slot.reservation for slot in self._running))
+        self._kv.limit_columns(self._column_limit())
         try:
             logits = self._forward(self._kv, ids)
         except Exception as exc:  # the shared cache may hold half a step: no row can go on
@@ -373,6 +452,13 @@ class Scheduler:
         keep = [row for row, slot in enumerate(self._running) if self._advance(slot, logits[row])]
         if len(keep) < len(self._running):
             self._keep_rows(keep)
+
+    def _column_limit(self) -> int:
+        """The most columns the batch cache may grow to: what its longest row can ever hold,
+        and never past the budget (its buffers would otherwise double past it)."""
+        longest = max(slot.reservation for slot in self._running)
+        budget = self._limits.kv_tokens
+        return longest if budget is None else min(longest, budget // len(self._running))
 
     def _advance(self, slot: Slot, logits: torch.Tensor) -> bool:
         """Sample one token for `slot` and hand out its text; False once it has finished or

@@ -172,7 +172,9 @@ class TransformersEngine(ChatTokensEngine, Engine):
             prefix_cache_reused_tokens=prefix.reused_tokens,
             prefix_cache_bytes=prefix.bytes,
             kv_cache_budget_tokens=self._kv_tokens or 0,
-            kv_cache_reserved_tokens=self._scheduler.kv_reserved(),
+            kv_cache_used_tokens=self._scheduler.kv_used,
+            preemptions=self._scheduler.preemptions,
+            running_sequences=self._scheduler.running,
         )
 
     def compile_constraint(self, spec: dict[str, Any]) -> Any:

@@ -1,0 +1,186 @@
+"""Admission by real KV occupancy and preemption by recompute, on a tiny random Llama: requests
+that may run to the whole context still run together, and a sequence preempted mid-decode streams
+exactly what it would have streamed alone (greedy, seeded sampling, constrained)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from chatgate.engines.base import GenerationOutput, SamplingParams
+from chatgate.engines.sampling import make_generator
+from chatgate.engines.scheduler import HEADROOM, Scheduler, SchedulerLimits, Slot
+from chatgate.engines.sequence import OutputChannel, SequenceState
+from tests.polling import apoll
+from tests.unit.test_kv_budget import RowCounter
+from tests.unit.test_scheduler import VOCAB, Harness, tiny_model
+
+pytestmark = pytest.mark.anyio
+
+PROMPT = 20  # longer than one prefix-cache block, so a re-prefill can start from a cached one
+CONTEXT = 256  # the context these tests pretend the model has: no max_tokens means the rest of it
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    return tiny_model()
+
+
+def prompts(count: int, seed: int = 5) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (PROMPT,), generator=gen).tolist() for _ in range(count)]
+
+
+def spell(ids: Sequence[int]) -> str:
+    """A detokeniser under which a lost, repeated or reordered token changes the text."""
+    return "".join(f"<{i}>" for i in ids)
+
+
+class Alternating:
+    """A stateful constraint: even tokens at even positions, odd at odd ones. Were its state
+    replayed or reset by a preemption, the tokens it allows (and the stream) would change."""
+
+    cut = False
+
+    def __init__(self) -> None:
+        self.accepted: list[int] = []
+
+    def mask(self, logits: torch.Tensor, remaining: int) -> None:
+        parity = len(self.accepted) % 2
+        logits[torch.arange(logits.shape[-1]) % 2 != parity] = float("-inf")
+
+    def accept(self, token: int) -> bool:
+        ok = token % 2 == len(self.accepted) % 2
+        self.accepted.append(token)
+        return ok
+
+
+@dataclass
+class Stream:
+    """One request's slot and everything it streamed."""
+
+    slot: Slot
+    outputs: list[GenerationOutput] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for out in self.outputs for t in out.token_ids]
+
+    @property
+    def text(self) -> str:
+        return "".join(out.text for out in self.outputs)
+
+
+async def stream(scheduler: Scheduler, prompt: list[int], *, max_tokens: int, temperature: float = 0.0,
+                 seed: int | None = None, constrained: bool = False) -> Stream:
+    """Submit one sequence and collect its outputs until it finishes."""
+    channel = OutputChannel(asyncio.get_running_loop())
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    state = SequenceState(prompt_ids=prompt, params=params, decode=spell, eos_token_ids=frozenset())
+    slot = Slot(state=state, channel=channel, generator=make_generator(seed),
+                constraint=Alternating() if constrained else None)
+    scheduler.inbox.put(slot)
+    result = Stream(slot)
+    while not result.outputs or result.outputs[-1].finish_reason is None:
+        result.outputs.append(await asyncio.wait_for(channel.get(), timeout=60))
+    return result
+
+
+def limits(*, kv_tokens: int | None, cache: bool = True) -> SchedulerLimits:
+    return SchedulerLimits(max_running=16, prefill_chunk=16, prefill_budget=200, kv_tokens=kv_tokens,
+                           prefix_cache_bytes=(1 << 20) if cache else 0, prefix_block=16)
+
+
+@pytest.fixture
+def alone(model: LlamaForCausalLM) -> Iterator[Harness]:
+    h = Harness(model, limits(kv_tokens=None, cache=False))
+    yield h
+    h.close()
+
+
+def assert_streamed_whole(result: Stream, expected: list[int]) -> None:
+    """The stream holds `expected` once, in order: no token lost, repeated or reordered."""
+    assert result.tokens == expected
+    assert result.text == spell(expected)
+    assert [out.completion_tokens for out in result.outputs] == list(range(1, len(expected) + 1))
+    assert result.outputs[-1].finish_reason == "length"
+
+
+async def test_requests_that_may_fill_the_context_run_together_and_all_finish(model: LlamaForCausalLM) -> None:
+    counter = RowCounter(model)
+    budget = 2 * CONTEXT  # two full contexts: reserving them, only two requests could run at once
+    h = Harness(counter, limits(kv_tokens=budget))  # type: ignore[arg-type]
+    try:
+        # As a request without max_tokens: it may run to the end of the context.
+        results = await asyncio.gather(*(stream(h.scheduler, p, max_tokens=CONTEXT - PROMPT) for p in prompts(8)))
+        assert all(len(r.tokens) == CONTEXT - PROMPT for r in results)
+        assert max(counter.decode_rows) == 8 > budget // CONTEXT
+        assert h.scheduler.preemptions > 0  # they outgrew the budget together, and were taken in turns
+        await apoll(lambda: h.scheduler.kv_used == 0, what="every row released", timeout=5)
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["prefix cache", "no prefix cache"])
+async def test_preempted_sequences_stream_what_they_would_alone(model: LlamaForCausalLM, alone: Harness, cache: bool) -> None:
+    ps, max_tokens = prompts(4), 40
+    expected = [await alone.generate(p, max_tokens=max_tokens) for p in ps]
+    # Four fit when admitted (4 x (20 + HEADROOM) tokens) but not once they have grown to 30 each.
+    budget = 4 * (PROMPT + HEADROOM) + 8
+    h = Harness(model, limits(kv_tokens=budget, cache=cache))
+    try:
+        results = await asyncio.gather(*(stream(h.scheduler, p, max_tokens=max_tokens) for p in ps))
+        for result, tokens in zip(results, expected, strict=True):
+            assert_streamed_whole(result, tokens)
+        assert sum(r.slot.preemptions for r in results) == h.scheduler.preemptions > 0
+        assert results[0].slot.preemptions == 0  # the first admitted is never taken while others run
+    finally:
+        h.close()
+
+
+async def test_seeded_sampling_is_unchanged_by_preemption(model: LlamaForCausalLM, alone: Harness) -> None:
+    ps, max_tokens, seeds = prompts(4, seed=9), 40, [11, 12, 13, 14]
+    h = Harness(model, limits(kv_tokens=4 * (PROMPT + HEADROOM) + 8))
+    try:
+        expected = [await alone.generate(p, max_tokens=max_tokens, temperature=1.0, seed=s) for p, s in zip(ps, seeds, strict=True)]
+        results = await asyncio.gather(*(
+            stream(h.scheduler, p, max_tokens=max_tokens, temperature=1.0, seed=s) for p, s in zip(ps, seeds, strict=True)
+        ))
+        assert [r.tokens for r in results] == expected
+        assert any(r.slot.preemptions for r in results)
+    finally:
+        h.close()
+
+
+async def test_a_constraint_carries_on_across_a_preemption(model: LlamaForCausalLM) -> None:
+    ps, max_tokens = prompts(4, seed=13), 40
+    free = Harness(model, limits(kv_tokens=None))
+    tight = Harness(model, limits(kv_tokens=4 * (PROMPT + HEADROOM) + 8))
+    try:
+        expected = [(await stream(free.scheduler, p, max_tokens=max_tokens, constrained=True)).tokens for p in ps]
+        results = await asyncio.gather(*(stream(tight.scheduler, p, max_tokens=max_tokens, constrained=True) for p in ps))
+        for result, tokens in zip(results, expected, strict=True):
+            assert_streamed_whole(result, tokens)
+            assert isinstance(result.slot.constraint, Alternating) and result.slot.constraint.accepted == tokens
+            assert all(t % 2 == i % 2 for i, t in enumerate(tokens))
+        assert any(r.slot.preemptions for r in results)
+    finally:
+        free.close()
+        tight.close()
+
+
+async def test_the_last_sequence_is_never_preempted(model: LlamaForCausalLM, alone: Harness) -> None:
+    # One sequence may grow to the whole budget: it runs to its end without giving its KV back.
+    prompt, budget = prompts(1)[0], 64
+    h = Harness(model, limits(kv_tokens=budget))
+    try:
+        result = await stream(h.scheduler, prompt, max_tokens=budget - PROMPT)
+        assert_streamed_whole(result, await alone.generate(prompt, max_tokens=budget - PROMPT))
+        assert h.scheduler.preemptions == 0
+    finally:
+        h.close()
