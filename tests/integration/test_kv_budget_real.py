@@ -1,17 +1,20 @@
 """The KV budget on the default model, through the SDK: the context reported is capped at what the
-budget holds, a request beyond it gets a 400 at once, and requests beyond the batch's room queue
-and all complete."""
+budget holds, a request beyond it gets a 400 at once, requests beyond the batch's room queue and
+all complete, and requests that outgrow it together are preempted without changing an answer."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
 import openai
 import pytest
+from fastapi import FastAPI
 
 from chatgate.engines.transformers import TransformersEngine
 from chatgate.settings import EngineSettings
-from tests.conftest import make_app, running, sdk, user
+from tests.conftest import Messages, json_schema_format, make_app, running, sdk, user
 from tests.polling import apoll
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
@@ -44,3 +47,64 @@ async def test_a_small_kv_budget_refuses_what_cannot_fit_and_queues_the_rest() -
             return now is not None and now.kv_cache_used_tokens == 0
 
         await apoll(released, what="the finished sequences' KV released", timeout=5)
+
+
+# 0.012 GiB holds 279 tokens. A request without max_tokens may fill all of it, yet these start
+# together, and give their KV back in turns once the two long answers (138 tokens each, 172 with
+# the prompt) outgrow it side by side. Each answer ends by itself well before the limit (greedy),
+# so the big budget gives the same answers.
+SMALL_GIB = 0.012
+ASKS = [
+    "Name three colours.",
+    "Explain what a CPU does in three sentences.",
+    "What is the capital of France?",
+    "Name three colours.",
+    "What is 2 + 2?",
+    "Describe a cat in two sentences.",
+]
+PERSON: dict[str, object] = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0},
+                   "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3}},
+    "required": ["name", "age", "hobbies"],
+    "additionalProperties": False,
+}
+
+
+async def streamed_answers(app: FastAPI, engine: TransformersEngine, seen_running: list[int]) -> list[str]:
+    """Every ask (and one JSON-schema reply) streamed at once, greedy, without max_tokens; each
+    chunk notes how many sequences the engine was running."""
+    client = sdk(app)
+
+    async def one(messages: Messages, **extra: Any) -> str:
+        parts = []
+        chunks = await client.chat.completions.create(model=MODEL, messages=messages, temperature=0, stream=True, **extra)
+        async for chunk in chunks:
+            stats = engine.stats()
+            seen_running.append(stats.running_sequences if stats else 0)
+            parts += [c.delta.content or "" for c in chunk.choices]
+        return "".join(parts)
+
+    return await asyncio.gather(
+        *(one(user(ask)) for ask in ASKS),
+        one(user("Describe a person called Ada as JSON."), response_format=json_schema_format("person", PERSON)),
+    )
+
+
+async def test_requests_without_max_tokens_run_together_under_a_small_budget_and_answer_as_with_a_big_one(
+    chat_engine: TransformersEngine,
+) -> None:
+    roomy: list[int] = []
+    async with running(make_app(chat_engine)) as app:
+        expected = await streamed_answers(app, chat_engine, roomy)
+    small = TransformersEngine(EngineSettings(kv_cache_gib=SMALL_GIB))
+    tight: list[int] = []
+    async with running(make_app(small)) as app:
+        answers = await streamed_answers(app, small, tight)
+        stats = small.stats()
+    assert stats is not None
+    print(f"\nKV budget {stats.kv_cache_budget_tokens} tokens: up to {max(tight)} running at once "
+          f"(context {small.info.context_length}), {stats.preemptions} preemptions")
+    assert answers == expected
+    json.loads(answers[-1])
+    assert max(tight) > 1 and stats.preemptions > 0
