@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from chatgate.engines.transformers import TransformersEngine
 from chatgate.settings import EngineSettings
 from tests.conftest import Messages, json_schema_format, make_app, running, sdk, user
+from tests.integration.test_structured_output import ASK, PERSON
 from tests.polling import apoll
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
@@ -62,13 +63,6 @@ ASKS = [
     "What is 2 + 2?",
     "Describe a cat in two sentences.",
 ]
-PERSON: dict[str, object] = {
-    "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0},
-                   "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3}},
-    "required": ["name", "age", "hobbies"],
-    "additionalProperties": False,
-}
 
 
 async def streamed_answers(app: FastAPI, engine: TransformersEngine, seen_running: list[int]) -> list[str]:
@@ -87,7 +81,7 @@ async def streamed_answers(app: FastAPI, engine: TransformersEngine, seen_runnin
 
     return await asyncio.gather(
         *(one(user(ask)) for ask in ASKS),
-        one(user("Describe a person called Ada as JSON."), response_format=json_schema_format("person", PERSON)),
+        one(ASK, response_format=json_schema_format("person", PERSON)),
     )
 
 

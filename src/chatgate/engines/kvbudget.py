@@ -1,7 +1,8 @@
 """How many tokens of KV cache the running batch may hold, from a memory setting and the model's shape.
 
-The scheduler admits a sequence only while every admitted sequence's bound (prompt plus
-`max_tokens`) fits this budget, so a burst of long requests queues instead of exhausting memory.
+The scheduler admits a sequence only while the batch with it fits this budget, and preempts the
+latest admitted when the batch outgrows it (`scheduler.py`), so a burst of long requests queues
+instead of exhausting memory.
 The budget is in tokens; memory is what users know, so it is set in GiB (`--kv-cache-gib`) and
 converted with the model's KV bytes per token. Unset, it is a share of the memory free on the
 model's device once the model is loaded, but never more than `--max-running` full contexts.
