@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from chatgate.engines.kvcache import BatchKV
-from chatgate.engines.prefix_cache import PrefixCache, block_keys
+from chatgate.engines.prefix_cache import PrefixCache, PromptKeys, block_keys
 from chatgate.engines.base import SamplingParams
 from chatgate.engines.sampling import make_generator
 from chatgate.engines.scheduler import SchedulerLimits, Slot
@@ -112,13 +112,13 @@ def test_memory_stays_within_the_budget_and_the_oldest_prompt_loses_its_last_blo
     cache = PrefixCache(budget_bytes=5 * block_bytes() + 2 * logits_bytes, block_size=BLOCK)
     prompts = [tokens(32, seed=s) for s in (11, 12, 13)]  # two blocks each
     for index, prompt in enumerate(prompts):
-        cache.store(prompt, block_keys(prompt, BLOCK), kv=one_layer_kv(32, index + 1.0), row=0, logits=torch.zeros(8))
+        cache.store(prompt, cache.keys(prompt), kv=one_layer_kv(32, index + 1.0), row=0, logits=torch.zeros(8))
         assert cache.stats.bytes <= cache.budget
     assert cache.stats.blocks == 5
-    oldest = cache.lookup(prompts[0], block_keys(prompts[0], BLOCK))
+    oldest = cache.lookup(prompts[0], cache.keys(prompts[0]))
     assert oldest is not None and oldest.tokens == 16 and oldest.logits is None
     for index in (1, 2):
-        whole = cache.lookup(prompts[index], block_keys(prompts[index], BLOCK))
+        whole = cache.lookup(prompts[index], cache.keys(prompts[index]))
         assert whole is not None and whole.tokens == 32 and whole.logits is not None
         values = BatchKV.from_prefix(whole.blocks, tokens=whole.tokens, capacity=40).layers[0].valid()[1]
         assert torch.equal(values, torch.full((1, 1, 32, 4), -(index + 1.0)))
@@ -128,21 +128,78 @@ def test_a_key_that_names_other_tokens_is_a_miss() -> None:
     """Keys are hashes; a block is only used when its tokens and parent match too."""
     cache = PrefixCache(budget_bytes=1 << 20, block_size=BLOCK)
     stored, other = tokens(32, seed=14), tokens(32, seed=15)
-    cache.store(stored, block_keys(stored, BLOCK), kv=one_layer_kv(32, 1.0), row=0, logits=torch.zeros(8))
-    assert cache.lookup(other, block_keys(stored, BLOCK)) is None
-    assert cache.lookup(stored, block_keys(stored, BLOCK)) is not None
+    cache.store(stored, cache.keys(stored), kv=one_layer_kv(32, 1.0), row=0, logits=torch.zeros(8))
+    assert cache.lookup(other, cache.keys(stored)) is None
+    assert cache.lookup(stored, cache.keys(stored)) is not None
+
+
+def test_a_salt_changes_every_block_key_and_a_key_colliding_across_salts_is_a_miss() -> None:
+    prompt = tokens(48, seed=18)
+    plain, a, b = (block_keys(prompt, BLOCK, salt) for salt in (None, "a", "b"))
+    assert len(plain) == len(a) == len(b) == 3
+    assert all(len({x, y, z}) == 3 for x, y, z in zip(plain, a, b, strict=True))
+    cache = PrefixCache(budget_bytes=1 << 20, block_size=BLOCK)
+    cache.store(prompt, cache.keys(prompt, "a"), kv=one_layer_kv(48, 1.0), row=0, logits=torch.zeros(8))
+    forged = PromptKeys("b", cache.keys(prompt, "a").blocks)  # b's keys made to collide with a's
+    assert cache.lookup(prompt, forged) is None and cache.lookup(prompt, forged, whole=True) is None
+    cache.store(prompt, forged, kv=one_layer_kv(48, 2.0), row=0, logits=torch.ones(8))  # keeps a's blocks
+    assert cache.stats.hits == 0 and cache.stats.blocks == 3
+    assert cache.lookup(prompt, cache.keys(prompt, "b")) is None and cache.lookup(prompt, cache.keys(prompt)) is None
+    hit = cache.lookup(prompt, cache.keys(prompt, "a"))
+    assert hit is not None and hit.tokens == 48 and hit.logits is not None and not hit.logits.any()
+    values = BatchKV.from_prefix(hit.blocks, tokens=hit.tokens, capacity=48).layers[0].valid()[1]
+    assert torch.equal(values, torch.full((1, 1, 48, 4), -1.0))
+
+
+async def test_a_prompt_is_reused_only_under_its_own_cache_salt(cached: Harness) -> None:
+    """Salts keep callers apart: the same prompt under another salt, or none, is prefilled again."""
+    prompt = tokens(40, seed=17)
+    first = await cached.generate(prompt, cache_salt="tenant-a")
+    for other in ("tenant-b", None):
+        before = cached.scheduler.prefill_tokens
+        assert await cached.generate(prompt, cache_salt=other) == first
+        assert cached.scheduler.prefill_tokens - before == len(prompt)
+    assert cached.scheduler.prefix_stats.hits == 0
+    await cached.generate(prompt + tokens(9, seed=19), cache_salt="tenant-c")
+    assert cached.scheduler.prefix_stats.hits == 0  # a longer prompt under a fourth salt: no shared prefix
+    before = cached.scheduler.prefill_tokens
+    assert await cached.generate(prompt, cache_salt="tenant-a") == first
+    assert cached.scheduler.prefill_tokens == before
+    assert (cached.scheduler.prefix_stats.hits, cached.scheduler.prefix_stats.reused_tokens) == (1, len(prompt))
+
+
+async def test_equal_prompts_share_a_prefill_row_only_under_one_salt(model: LlamaForCausalLM) -> None:
+    """The n choices of one request (one salt) prefill once; equal prompts of two salts each
+    prefill, and each is cached under its own salt."""
+    h = harness(model, cache_bytes=1 << 20, chunk=64)
+    try:
+        prompt = tokens(20, seed=20)
+        before = h.scheduler.prefill_tokens
+        await _together(h, [prompt, prompt], ["one", "one"])
+        assert h.scheduler.prefill_tokens - before == len(prompt)
+        before = h.scheduler.prefill_tokens
+        await _together(h, [prompt, prompt], ["two", "three"])
+        assert h.scheduler.prefill_tokens - before == 2 * len(prompt)
+        for salt in ("two", "three"):
+            await h.generate(prompt, cache_salt=salt)
+        assert h.scheduler.prefill_tokens - before == 2 * len(prompt)  # both repeats were whole hits
+        assert h.scheduler.prefix_stats.hits == 2
+    finally:
+        h.close()
 
 
 def test_a_zero_budget_keeps_nothing() -> None:
     cache = PrefixCache(budget_bytes=0, block_size=BLOCK)
     prompt = tokens(32, seed=16)
-    assert cache.keys(prompt) == []
-    cache.store(prompt, block_keys(prompt, BLOCK), kv=one_layer_kv(32, 1.0), row=0, logits=torch.zeros(8))
-    assert cache.stats.bytes == 0 and cache.lookup(prompt, block_keys(prompt, BLOCK)) is None
+    assert cache.keys(prompt).blocks == ()
+    keys = PromptKeys(None, tuple(block_keys(prompt, BLOCK)))
+    cache.store(prompt, keys, kv=one_layer_kv(32, 1.0), row=0, logits=torch.zeros(8))
+    assert cache.stats.bytes == 0 and cache.lookup(prompt, keys) is None
 
 
-async def _together(h: Harness, prompts: list[list[int]]) -> list[list[int]]:
-    """Generate for `prompts` with the scheduler admitting them in one step (so they prefill as a group)."""
+async def _together(h: Harness, prompts: list[list[int]], salts: list[str | None] | None = None) -> list[list[int]]:
+    """Generate for `prompts` (under `salts`) with the scheduler admitting them in one step (so
+    they prefill as a group)."""
     held, release = threading.Event(), threading.Event()
 
     def hold() -> Iterator[None]:  # a background job that parks the scheduler thread
@@ -152,7 +209,7 @@ async def _together(h: Harness, prompts: list[list[int]]) -> list[list[int]]:
 
     h.scheduler.inbox.put(hold())
     await asyncio.to_thread(held.wait, 30)
-    started = [asyncio.ensure_future(h.generate(p)) for p in prompts]
+    started = [asyncio.ensure_future(h.generate(p, cache_salt=salt)) for p, salt in zip(prompts, salts or [None] * len(prompts), strict=True)]
     await apoll(lambda: h.scheduler.inbox.qsize() == len(prompts), what="the prompts queued", timeout=10)
     release.set()
     return list(await asyncio.gather(*started))

@@ -65,9 +65,9 @@ class Harness:
         self.thread.start()
 
     async def generate(self, prompt: list[int], *, max_tokens: int = 12, temperature: float = 0.0,
-                       seed: int | None = None, cancel_after: int | None = None) -> list[int]:
+                       seed: int | None = None, cancel_after: int | None = None, cache_salt: str | None = None) -> list[int]:
         channel = OutputChannel(asyncio.get_running_loop())
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, cache_salt=cache_salt)
         state = SequenceState(prompt_ids=prompt, params=params, decode=lambda ids: "x" * len(ids), eos_token_ids=frozenset())
         self.scheduler.inbox.put(Slot(state=state, channel=channel, generator=make_generator(seed)))
         tokens: list[int] = []

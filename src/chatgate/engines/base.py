@@ -35,6 +35,9 @@ class SamplingParams:
     constraint: Any = None
     # Log-probabilities: None for none, else the chosen token's plus this many alternatives.
     logprobs: int | None = None
+    # Prompts share cached prefixes (KV) only with prompts under the same salt; None is the
+    # shared cache. The API server derives it from the caller's API key and `cache_salt`.
+    cache_salt: str | None = None
 
     @property
     def greedy(self) -> bool:

@@ -11,6 +11,13 @@ the walk compares, so a hash collision costs a miss, never a wrong answer. The b
 a prefilled prompt keeps that prompt's last logits: a repeat of the whole prompt starts decoding
 with no forward pass at all.
 
+A prompt may carry a cache salt (`SamplingParams.cache_salt`: the API server derives it from the
+caller's API key and the request's `cache_salt`). The first block's key is chained from the salt,
+so every key of a salted prompt differs from the same prompt's under another salt, and each block
+keeps its salt, which the walk compares too: prompts under different salts never share KV, even
+on a hash collision. Without that, a request's time to first token would tell one tenant whether
+another had recently sent the same prefix.
+
 Memory is bounded by a byte budget; the least recently used blocks go first. Every lookup and
 store uses a chain from its last block back to its first, so a block is always more recent than
 the blocks that hang from it, and eviction takes leaves before their prefixes: nothing is left
@@ -30,14 +37,23 @@ from chatgate.engines.kvcache import BatchKV
 DEFAULT_BLOCK = 16
 
 
-def block_keys(prompt: Sequence[int], block_size: int = DEFAULT_BLOCK) -> list[int]:
-    """The chained key of each block of `prompt`: block i's key stands for tokens `:(i+1)*block_size`."""
+def block_keys(prompt: Sequence[int], block_size: int = DEFAULT_BLOCK, salt: str | None = None) -> list[int]:
+    """The chained key of each block of `prompt` under `salt`: block i's key stands for the salt
+    and tokens `:(i+1)*block_size`."""
     keys: list[int] = []
-    key = 0
+    key = 0 if salt is None else hash(("salt", salt))
     for start in range(0, len(prompt), block_size):
         key = hash((key, tuple(prompt[start : start + block_size])))
         keys.append(key)
     return keys
+
+
+@dataclass(frozen=True)
+class PromptKeys:
+    """What a prompt is looked up and stored by: its block keys, and the salt they chain from."""
+
+    salt: str | None
+    blocks: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,7 @@ class PrefixHit:
 class _Block:
     key: int
     parent: _Block | None
+    salt: str | None
     tokens: tuple[int, ...]
     kv: torch.Tensor  # [layers, 2, kv_heads, len(tokens), head_dim]
     logits: torch.Tensor | None = field(default=None, repr=False)
@@ -88,14 +105,14 @@ class PrefixCache:
         """Whether anything is ever kept."""
         return self.budget > 0
 
-    def keys(self, prompt: Sequence[int]) -> list[int]:
-        """The block keys of `prompt` (none when the cache is off: nothing to look up)."""
-        return block_keys(prompt, self.block_size) if self.enabled else []
+    def keys(self, prompt: Sequence[int], salt: str | None = None) -> PromptKeys:
+        """The block keys of `prompt` under `salt` (none when the cache is off: nothing to look up)."""
+        return PromptKeys(salt, tuple(block_keys(prompt, self.block_size, salt)) if self.enabled else ())
 
-    def lookup(self, prompt: Sequence[int], keys: Sequence[int], *, whole: bool = False) -> PrefixHit | None:
+    def lookup(self, prompt: Sequence[int], keys: PromptKeys, *, whole: bool = False) -> PrefixHit | None:
         """The longest cached prefix of `prompt`, leaving at least one token to compute unless
         the whole prompt is cached with its logits; with `whole`, only such a complete hit."""
-        if whole and not self._may_be_whole(keys):
+        if whole and not self._may_be_whole(keys.blocks):
             return None
         chain = self._walk(prompt, keys)
         matched = sum(len(block.tokens) for block in chain)
@@ -113,34 +130,36 @@ class PrefixCache:
         last = self._blocks.get(keys[-1]) if keys else None
         return last is not None and last.logits is not None
 
-    def store(self, prompt: Sequence[int], keys: Sequence[int], *, kv: BatchKV, row: int, logits: torch.Tensor) -> None:
+    def store(self, prompt: Sequence[int], keys: PromptKeys, *, kv: BatchKV, row: int, logits: torch.Tensor) -> None:
         """Keep the blocks of `prompt` not cached yet, from `row` of `kv`, and its last logits."""
-        if not self.enabled or not keys:
+        blocks = keys.blocks
+        if not self.enabled or not blocks:
             return
         chain = self._walk(prompt, keys)
         new_bytes = 0
-        for index in range(len(chain), len(keys)):
-            if keys[index] in self._blocks or new_bytes > self.budget:
+        for index in range(len(chain), len(blocks)):
+            if blocks[index] in self._blocks or new_bytes > self.budget:
                 break  # a hash collision (astronomically rare), or more than could ever be kept
             start, end = index * self.block_size, min((index + 1) * self.block_size, len(prompt))
-            block = _Block(key=keys[index], parent=chain[-1] if chain else None, tokens=tuple(prompt[start:end]), kv=kv.row_span(row, start, end))
-            self._blocks[keys[index]] = block
+            block = _Block(key=blocks[index], parent=chain[-1] if chain else None, salt=keys.salt,
+                           tokens=tuple(prompt[start:end]), kv=kv.row_span(row, start, end))
+            self._blocks[blocks[index]] = block
             chain.append(block)
             new_bytes += block.nbytes
             self.stats.bytes += block.nbytes
-        if chain and len(chain) == len(keys) and chain[-1].logits is None:
+        if chain and len(chain) == len(blocks) and chain[-1].logits is None:
             chain[-1].logits = logits.detach().clone()
             self.stats.bytes += chain[-1].logits.nbytes
         self._touch(chain)
         self._evict()
 
-    def _walk(self, prompt: Sequence[int], keys: Sequence[int]) -> list[_Block]:
-        """The cached blocks that begin `prompt`, in order."""
+    def _walk(self, prompt: Sequence[int], keys: PromptKeys) -> list[_Block]:
+        """The cached blocks that begin `prompt` under its salt, in order."""
         chain: list[_Block] = []
-        for index, key in enumerate(keys):
+        for index, key in enumerate(keys.blocks):
             block = self._blocks.get(key)
             start = index * self.block_size
-            if block is None or block.parent is not (chain[-1] if chain else None):
+            if block is None or block.parent is not (chain[-1] if chain else None) or block.salt != keys.salt:
                 break
             if block.tokens != tuple(prompt[start : start + self.block_size]):
                 break

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from chatgate.engines.kvcache import BatchKV
-from chatgate.engines.prefix_cache import DEFAULT_BLOCK, PrefixCache, PrefixHit, PrefixStats
+from chatgate.engines.prefix_cache import DEFAULT_BLOCK, PrefixCache, PrefixHit, PrefixStats, PromptKeys
 from chatgate.engines.sampling import sample_with_logprob
 from chatgate.engines.sequence import OutputChannel, SequenceState
 from chatgate.errors import ContextLengthExceededError
@@ -59,7 +59,7 @@ class Slot:
     last_token: int = -1
     constraint: Any = None  # a `constraints.Constraint` for structured output
     kv: BatchKV | None = field(default=None, repr=False)  # partial cache of a chunked prefill
-    prefix_keys: list[int] | None = field(default=None, repr=False)  # block keys of `ids`
+    prefix_keys: PromptKeys | None = field(default=None, repr=False)  # block keys of `ids`
     looked_up: bool = False  # the prefix cache was asked for `ids`
     admitted: int = 0  # when it was admitted (a rising count; 0: waiting, not admitted)
     preemptions: int = 0  # times it gave its rows back to be recomputed
@@ -75,6 +75,12 @@ class Slot:
     def remaining(self) -> int:
         """Tokens of `ids` not yet prefilled."""
         return len(self.ids) - self.prefilled
+
+    @property
+    def row_key(self) -> tuple[str | None, tuple[int, ...]]:
+        """What equal prompts share a prefill row by: their tokens, under one cache salt (a
+        prompt must not prefill faster because another tenant's equal one is beside it)."""
+        return self.state.params.cache_salt, tuple(self.ids)
 
     @property
     def reservation(self) -> int:
@@ -345,9 +351,9 @@ class Scheduler:
         self._waiting.remove(slot)
         self._start([slot], kv, hit.logits.unsqueeze(0), [0])
 
-    def _keys(self, slot: Slot) -> list[int]:
+    def _keys(self, slot: Slot) -> PromptKeys:
         if slot.prefix_keys is None:
-            slot.prefix_keys = self._prefix.keys(slot.ids)
+            slot.prefix_keys = self._prefix.keys(slot.ids, slot.state.params.cache_salt)
         return slot.prefix_keys
 
     def _remember(self, slots: list[Slot], kv: BatchKV, logits: torch.Tensor, rows: list[int]) -> None:
@@ -404,12 +410,12 @@ class Scheduler:
 
     @torch.inference_mode()
     def _prefill_group(self, group: list[Slot]) -> None:
-        """Prefill several short prompts in one left-padded pass; equal prompts share a row."""
+        """Prefill several short prompts in one left-padded pass; equal prompts (under one cache salt) share a row."""
         self._admitting(group)
-        unique: dict[tuple[int, ...], int] = {}
+        unique: dict[tuple[str | None, tuple[int, ...]], int] = {}
         for slot in group:
-            unique.setdefault(tuple(slot.ids), len(unique))
-        prompts = list(unique)
+            unique.setdefault(slot.row_key, len(unique))
+        prompts = [prompt for _, prompt in unique]
         width = max(len(p) for p in prompts)
         kv = BatchKV(self._layers)
         kv.pads = [width - len(p) for p in prompts]
@@ -418,7 +424,7 @@ class Scheduler:
             ids[row, width - len(prompt) :] = torch.tensor(prompt)
         logits = self._forward(kv, ids)
         self.prefill_tokens += sum(len(p) for p in prompts)
-        rows = [unique[tuple(s.ids)] for s in group]
+        rows = [unique[s.row_key] for s in group]
         self._remember(group, kv, logits, rows)
         for slot in group:
             slot.prefilled = len(slot.ids)

@@ -4,8 +4,9 @@ Built only on vLLM's stable surface — `AsyncLLM.from_engine_args`, `generate(p
 sampling_params, request_id)` as an async iterator of `RequestOutputKind.DELTA` outputs, `abort`
 and `get_tokenizer` — because FastChat's `vllm_worker` broke on every release by reaching into
 engine internals. vLLM does its own batching, sampling and structured decoding; this module only
-translates chatgate's token-level contract to and from it. vLLM is an optional dependency,
-imported when the engine starts.
+translates chatgate's token-level contract to and from it. A request's cache salt goes to vLLM's
+own prefix caching (the prompt's `cache_salt`, mixed into its first block's hash). vLLM is an
+optional dependency, imported when the engine starts.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ class VllmEngine(ChatTokensEngine, Engine):
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]:
         """Stream vLLM's delta outputs; closing this aborts the request in vLLM."""
         request_id = uuid.uuid4().hex
-        stream = self._llm.generate({"prompt_token_ids": prompt_ids}, self._sampling(params), request_id)
+        stream = self._llm.generate(vllm_prompt(prompt_ids, params), self._sampling(params), request_id)
         produced, finished = 0, False
         self._running += 1
         try:
@@ -170,6 +171,14 @@ class VllmEngine(ChatTokensEngine, Engine):
             self._running -= 1
             if not finished:  # the client went away: free vLLM's slot now
                 await self._llm.abort(request_id)
+
+
+def vllm_prompt(prompt_ids: list[int], params: SamplingParams) -> dict[str, Any]:
+    """vLLM's prompt (a `TokensPrompt`) for `prompt_ids`, salted as `params` asks."""
+    prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids}
+    if params.cache_salt is not None:
+        prompt["cache_salt"] = params.cache_salt
+    return prompt
 
 
 def _logprobs(token_ids: Sequence[int], steps: Any, top: int) -> list[TokenLogprob]:
