@@ -97,3 +97,26 @@ async def test_the_worker_metrics_count_hits_and_reused_tokens(chat_engine: Tran
             assert response.status_code == 200, response.text
         after = await reused()
         assert after[0] - before[0] == 1 and after[1] - before[1] >= 900
+
+
+async def test_callers_with_different_api_keys_never_share_cached_prefixes(chat_engine: TransformersEngine) -> None:
+    """Key B sending key A's long system prompt is not served from A's cache (its time to first
+    token would tell B what A sent); A again, and B again, are."""
+    system = "Answer in a sentence.\n" + SYSTEM  # not cached by another test
+    keys = {"a": "sk-tenant-a-0123456789", "b": "sk-tenant-b-0123456789"}
+
+    async def reused_by(app: FastAPI, key: str, question: str) -> int:
+        before = chat_engine.stats()
+        await sdk(app, api_key=keys[key]).chat.completions.create(
+            model=MODEL, messages=conversation(question, system), temperature=0, max_tokens=1
+        )
+        after = chat_engine.stats()
+        assert before is not None and after is not None
+        return after.prefix_cache_reused_tokens - before.prefix_cache_reused_tokens
+
+    async with running(make_app(chat_engine, api_keys=list(keys.values()))) as app:
+        system_tokens = prompt_tokens(chat_engine, QUESTIONS[0]) - len(chat_engine.encode(QUESTIONS[0]))
+        assert await reused_by(app, "a", QUESTIONS[0]) == 0
+        assert await reused_by(app, "b", QUESTIONS[0]) == 0  # the very same prompt, another key
+        assert await reused_by(app, "a", QUESTIONS[1]) >= system_tokens - 16
+        assert await reused_by(app, "b", QUESTIONS[2]) >= system_tokens - 16

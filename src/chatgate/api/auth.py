@@ -1,13 +1,20 @@
-"""API-key checks: Bearer tokens compared in constant time, before any body is read.
+"""API-key checks: Bearer tokens compared in constant time, before any body is read; and the
+cache salt that keeps one key's cached prompts from another's.
 
 `KeyMiddleware` is plain ASGI and looks only at the request line and headers, so a request
-without an accepted key is answered 401 before a byte of its body is received or parsed.
+without an accepted key is answered 401 before a byte of its body is received or parsed. An
+accepted request runs with a digest of its key in `caller`, from which `cache_salt` derives the
+salt a worker keeps its cached prompt prefixes under: a request's time to first token then says
+nothing about what callers with other keys sent.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import json
 from collections.abc import Callable
+from contextvars import ContextVar
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -26,10 +33,11 @@ class KeyChecker:
         """Whether any key is configured."""
         return bool(self._keys)
 
-    def check(self, authorization: str | None) -> None:
-        """Raise `AuthenticationError` unless the header carries an accepted key."""
+    def check(self, authorization: str | None) -> bytes | None:
+        """The accepted key the header carries (None when no keys are configured); raises
+        `AuthenticationError` unless it carries one."""
         if not self._keys:
-            return
+            return None
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthenticationError(
@@ -43,6 +51,32 @@ class KeyChecker:
             matched |= hmac.compare_digest(given, key)
         if not matched:
             raise AuthenticationError("Incorrect API key provided.")
+        return given
+
+
+# A digest of the current request's API key, while it is served (None when no keys are checked).
+caller: ContextVar[str | None] = ContextVar("chatgate_caller", default=None)
+
+
+def key_digest(key: bytes) -> str:
+    """A name for an API key that does not reveal it.
+
+    Deterministic (SHA-256, no per-process secret): several API servers may front one worker
+    fleet, and a tenant's requests must land in the same cache whichever of them it reaches.
+    Domain-separated from the rate limiter's digest (`limits.middleware.store_key`), so the two
+    cannot be matched against each other."""
+    return hashlib.sha256(b"chatgate cache salt\0" + key).hexdigest()
+
+
+def cache_salt(requested: str | None) -> str | None:
+    """The salt a generation's cached prompt prefixes are kept under: one digest of the caller's
+    key (when keys are checked) and the request's own `cache_salt`, or None (the shared cache)
+    when there is neither. Only the digest travels to workers, so neither the key nor the
+    client's salt appears in a worker's requests or logs."""
+    key = caller.get()
+    if key is None and requested is None:
+        return None
+    return hashlib.sha256(json.dumps([key, requested]).encode()).hexdigest()
 
 
 def _is_preflight(scope: Scope, headers: dict[bytes, bytes]) -> bool:
@@ -68,9 +102,13 @@ class KeyMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            self.keys.check(headers.get(b"authorization", b"").decode("latin-1"))
+            key = self.keys.check(headers.get(b"authorization", b"").decode("latin-1"))
         except AuthenticationError as exc:
             # Answered without receiving the body; the server then closes the connection.
             await error_response(exc)(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        token = caller.set(key_digest(key) if key is not None else None)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            caller.reset(token)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 MAX_MESSAGES = 2048  # OpenAI's cap on `messages`
 MAX_STOP_SEQUENCES = 4  # OpenAI's cap on `stop`
 MAX_STOP_CHARS = 256
+MAX_CACHE_SALT_CHARS = 256  # `cache_salt` (vLLM's field): room for a random token, not a document
 MAX_LOGIT_BIAS = 300  # OpenAI's cap on `logit_bias` entries
 MAX_TOKEN_ID = 2**31 - 1  # token ids are 32-bit in every tokenizer we know
 MAX_TOOLS = 128  # OpenAI's cap on `tools`

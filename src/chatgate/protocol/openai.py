@@ -99,6 +99,9 @@ def _token_id_key(key: str) -> str:
 
 StopString = Annotated[str, Field(max_length=limits.MAX_STOP_CHARS)]
 StopList = Annotated[list[StopString], Field(min_length=1, max_length=limits.MAX_STOP_SEQUENCES)]
+# vLLM's `cache_salt`: requests share cached prompt prefixes only with requests of the same salt
+# (and, when the server checks API keys, the same key).
+CacheSalt = Annotated[str, Field(min_length=1, max_length=limits.MAX_CACHE_SALT_CHARS)]
 LogitBias = Annotated[
     dict[Annotated[str, AfterValidator(_token_id_key)], Annotated[float, Field(ge=-100, le=100)]],
     Field(max_length=limits.MAX_LOGIT_BIAS),
@@ -124,6 +127,7 @@ class SamplingRequest(PublicRequest):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    cache_salt: CacheSalt | None = None
 
     @field_validator("top_k")
     @classmethod

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 from chatgate.protocol import limits
-from chatgate.protocol.openai import FunctionDefinition, valid_schema
+from chatgate.protocol.openai import CacheSalt, FunctionDefinition, valid_schema
 
 InputRole = Literal["user", "system", "developer", "assistant"]
 # OpenAI's `include` values. Only output logprobs apply to a text-only server; the others name
@@ -148,6 +148,7 @@ class ResponsesRequest(_Request):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     metadata: dict[str, str] | None = None
     user: str | None = None
+    cache_salt: CacheSalt | None = None
     # Refused: they need state this server does not keep.
     store: bool | None = None
     previous_response_id: str | None = None

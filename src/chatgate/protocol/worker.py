@@ -3,7 +3,7 @@
 It is FastChat's controller/worker protocol, so chatgate and FastChat processes can front each
 other. chatgate's additions are optional fields that FastChat ignores: `messages` (the worker
 applies the model's own chat template), `prompt_token_ids`, `delta` (stream deltas instead of
-cumulative text) and `param` on errors. A worker advertises them in `/model_details`.
+cumulative text), `cache_salt` and `param` on errors. A worker advertises them in `/model_details`.
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ class GenerateParams(Sampling):
     tool_messages: list[dict[str, Any]] | None = None
     # OpenAI's `tool_choice` for those tools, for workers that forward them to an upstream.
     tool_choice: str | dict[str, Any] | None = None
+    # Prompts share cached prefixes only under one salt: a digest of the caller's API key and
+    # the request's `cache_salt` (`api.auth.cache_salt`), never either of them in the clear.
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)
     # Which request field the prompt came from, so errors can name it.
     prompt_param: str = "prompt"
     max_tokens_param: str = "max_tokens"

@@ -5,6 +5,12 @@ tokenizes and generates; this backend registers its models, forwards chat, compl
 embeddings as streamed requests over one pooled HTTP client, and translates errors at this one
 boundary (`wire.error_from`). Closing a generation closes the upstream stream, which is how
 every OpenAI-compatible server learns the client went away.
+
+The request's cache salt (the API server's digest of the caller's key and `cache_salt`) is not
+forwarded: an arbitrary upstream may refuse a field it does not know, and only vLLM-like servers
+have one. Callers with different keys may therefore share the upstream's prefix cache; where
+that matters, serve the model with `--engine vllm` (which passes the salt to vLLM) or turn the
+upstream's prefix caching off.
 """
 
 from __future__ import annotations

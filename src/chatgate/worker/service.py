@@ -186,6 +186,7 @@ class WorkerService:
             stop=tuple(params.stop_list()),
             stop_token_ids=tuple(params.stop_token_ids or ()),
             logprobs=params.logprobs,
+            cache_salt=params.cache_salt,
             constraint=self.engine.compile_constraint(params.response_format) if params.response_format else None,
         )
 

@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 
 from pydantic import BaseModel
 
+from chatgate.api.auth import cache_salt
 from chatgate.api.limits import grant as limits
 from chatgate.api.workers.base import Worker, WorkerPool
 from chatgate.api.workers.failover import with_failover
@@ -139,9 +140,14 @@ def total_usage(choices: list[Choice], per_prompt: int) -> Usage:
 
 
 def sampling_params(request: SamplingRequest) -> dict[str, object]:
-    """Worker-protocol fields every choice of an OpenAI request shares: model, stops, and the
-    sampling knobs (defaults from the protocol's one declaration)."""
-    return {**Sampling.of(request), "model": request.model, "stop": request.stop_list() or None}
+    """Worker-protocol fields every choice of an OpenAI request shares: model, stops, the cache
+    salt, and the sampling knobs (defaults from the protocol's one declaration)."""
+    return {
+        **Sampling.of(request),
+        "model": request.model,
+        "stop": request.stop_list() or None,
+        "cache_salt": cache_salt(request.cache_salt),
+    }
 
 
 def with_seeds(params: GenerateParams, n: int, seed: int | None) -> list[GenerateParams]:

@@ -265,7 +265,8 @@ class HttpWorker:
             raise InvalidRequestError(
                 "This model's worker takes text prompts only, not token ids.", param=params.prompt_param
             )
-        update: dict[str, object] = {"messages": None}
+        # FastChat workers get their usual payload: no chatgate-only fields such as `cache_salt`.
+        update: dict[str, object] = {"messages": None, "cache_salt": None}
         prompt = params.prompt or ""
         if params.messages is not None:
             conv = await self._conversation(params.model)
