@@ -59,7 +59,9 @@ async def test_each_key_gets_its_own_salt_and_the_same_key_always_the_same() -> 
         seen = len(engine.salts)
         await sdk(app, api_key=alpha).completions.create(model=M, prompt="hi", max_tokens=2)
         await sdk(app, api_key=alpha).responses.create(model=M, input="hi", max_output_tokens=16, extra_body={"cache_salt": "team-1"})
-        assert engine.salts[seen:] == [plain_a, salted_a]
+        stream = await sdk(app, api_key=bravo).chat.completions.create(model=M, messages=user("hi"), max_tokens=2, stream=True)
+        assert [chunk async for chunk in stream]
+        assert engine.salts[seen:] == [plain_a, salted_a, plain_b]
     for salt in (plain_a, plain_b, salted_a, salted_b):
         assert salt is not None and len(salt) == 64 and "alpha" not in salt and "team" not in salt
 
