@@ -25,7 +25,10 @@ PARIS: Messages = [{"role": "user", "content": "What is the capital of France?"}
 
 
 async def test_answers_paris_with_exact_usage(served: Served, tokenizer: Any) -> None:
-    response = await sdk(served.api).chat.completions.create(model=MODEL, messages=PARIS, temperature=0)
+    # A cache salt reaches each engine's prefix cache (vLLM takes it in the prompt) and changes no answer.
+    response = await sdk(served.api).chat.completions.create(
+        model=MODEL, messages=PARIS, temperature=0, extra_body={"cache_salt": "tenant-a"},
+    )
     assert "Paris" in (response.choices[0].message.content or "")
     assert response.choices[0].finish_reason == "stop"
     templated = tokenizer.apply_chat_template(as_dicts(PARIS), add_generation_prompt=True, tokenize=True)
