@@ -184,3 +184,37 @@ async def test_the_last_sequence_is_never_preempted(model: LlamaForCausalLM, alo
         assert h.scheduler.preemptions == 0
     finally:
         h.close()
+
+
+def test_a_preempted_cache_hit_does_not_block_a_prompt_still_prefilling(model: LlamaForCausalLM) -> None:
+    """Found in review: a whole-prompt cache hit admitted while a long prompt was mid-way through
+    its chunked prefill was preempted to the head of the queue, where it could not fit beside that
+    prompt's KV, while only the head may advance: nothing ever moved again."""
+    loop = asyncio.new_event_loop()
+    try:
+        scheduler = Scheduler(model=model, limits=SchedulerLimits(
+            max_running=16, prefill_chunk=2, prefill_budget=200, kv_tokens=200, prefix_cache_bytes=1 << 22, prefix_block=16,
+        ), pad_token_id=0)
+
+        def submit(prompt: list[int], max_tokens: int) -> SequenceState:
+            state = SequenceState(prompt_ids=prompt, params=SamplingParams(max_tokens=max_tokens, temperature=0.0),
+                                  decode=spell, eos_token_ids=frozenset())
+            scheduler.inbox.put(Slot(state=state, channel=OutputChannel(loop), generator=make_generator(None)))
+            return state
+
+        gen = torch.Generator().manual_seed(1)
+        cached, chunked = (torch.randint(1, VOCAB, (80,), generator=gen).tolist() for _ in range(2))
+        submit(cached, 1)  # someone sends it once: now the prefix cache holds it whole
+        while scheduler.pending():
+            scheduler.step()
+        long = submit(chunked, 10)
+        scheduler.step()  # its prefill starts, two tokens a step
+        hit = submit(cached, 100)  # a whole-prompt hit: it starts at once, admitted after `long`
+        for _ in range(400):
+            if not scheduler.pending():
+                break
+            scheduler.step()
+        assert scheduler.preemptions >= 1  # the hit outgrew the budget beside the prefilling prompt
+        assert (len(hit.output_ids), len(long.output_ids)) == (100, 10)
+    finally:
+        loop.close()

@@ -115,3 +115,16 @@ def test_a_closed_loop_cancels_the_channel() -> None:
     loop.close()
     channel.put(_output("late"))
     assert channel.cancelled
+
+
+def test_a_loop_that_is_gone_leaves_no_mailbox_behind() -> None:
+    import gc
+    import weakref
+
+    loop = asyncio.new_event_loop()
+    OutputChannel(loop).put(_output("x"))
+    loop.close()
+    gone = weakref.ref(loop)
+    del loop
+    gc.collect()
+    assert gone() is None  # its mailbox (keyed weakly by the loop) no longer holds it alive

@@ -63,7 +63,7 @@ class Bfloat16:
         self._weight_t: torch.Tensor | None = None
         if weight.device.type == "cpu" and _onednn_bfloat16():
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_ROWS)
-        else:  # other devices (and CPUs oneDNN cannot run bfloat16 on) multiply as stored
+        else:  # other devices (and CPUs without oneDNN bfloat16) multiply as stored
             self._weight_t = weight.t().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,8 @@ class Shortlist:
     a plain bfloat16 projection the default model answers "What is the capital of France?"
     wrongly. The greedy choice, the top logprobs and the tokens that carry nearly all of the
     probability are float32's here; only the tail keeps bfloat16 values, which moves sampled
-    probabilities by far less than the rounding of the layers before it.
+    probabilities by far less than the rounding of the layers before it. Where a grammar or a
+    `logit_bias` rules out the whole shortlist, the choice falls among bfloat16 logits.
     """
 
     def __init__(self, weight: torch.Tensor) -> None:
@@ -101,7 +102,8 @@ class Shortlist:
 
 
 def _onednn_bfloat16() -> bool:
-    """Whether oneDNN runs bfloat16 products natively on this CPU."""
+    """Whether oneDNN runs bfloat16 products on this CPU: natively with AVX-512 BF16 or AMX,
+    emulated (and possibly slower than float32; not measured) on older AVX-512 CPUs."""
     return bool(torch._C._has_mkldnn and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 

@@ -10,8 +10,8 @@ Each iteration of the loop:
    single row), a long one a chunk at a time, so running streams are never stalled for a whole
    long prompt;
 3. if the next decode step would outgrow the budget, preempts the most recently admitted
-   sequences (never the last one) until it fits: their KV is dropped and they wait at the front
-   of the queue, keeping their output, random generator and constraint state; readmitted, they
+   sequences (never the last one) until it fits: their KV is dropped and they wait ahead of
+   every sequence not yet admitted (behind a prompt still prefilling), keeping their output, random generator and constraint state; readmitted, they
    prefill their prompt and output again (the prefix cache may hold part of it) and go on from
    the logits that prefill ends with, so the stream neither repeats nor loses a token;
 4. runs one decode step for the whole running batch, sampling each row under its own
@@ -150,19 +150,27 @@ class Scheduler:
 
     def run(self) -> None:
         """The loop; returns when `None` arrives in the inbox."""
-        while self._admit(block=not (self._running or self._waiting or self._jobs)):
-            self._drop_cancelled()
-            try:
-                if self._waiting and len(self._running) < self._limits.max_running:
-                    self._prefill()
-                self._preempt_to_fit()
-                if self._running:
-                    self._decode()
-            except Exception as exc:  # bookkeeping itself broke: fail everything, keep serving
-                self._fail(self._live, exc)
-                self._waiting, self._running, self._kv = [], [], BatchKV(self._layers)
-            self._run_job()
-            self.kv_used = self.kv_demand()
+        while self.step(block=not (self._running or self._waiting or self._jobs)):
+            pass
+
+    def step(self, *, block: bool = False) -> bool:
+        """One iteration of the loop (what `run` repeats); False once `None` has arrived. Only
+        the thread that owns the model may call it (tests drive it directly, step by step)."""
+        if not self._admit(block=block):
+            return False
+        self._drop_cancelled()
+        try:
+            if self._waiting and len(self._running) < self._limits.max_running:
+                self._prefill()
+            self._preempt_to_fit()
+            if self._running:
+                self._decode()
+        except Exception as exc:  # bookkeeping itself broke: fail everything, keep serving
+            self._fail(self._live, exc)
+            self._waiting, self._running, self._kv = [], [], BatchKV(self._layers)
+        self._run_job()
+        self.kv_used = self.kv_demand()
+        return True
 
     def _fail(self, slots: Iterable[Slot], exc: Exception) -> None:
         """End `slots` with `exc`; the caller takes them out of the waiting or running lists."""
@@ -291,8 +299,9 @@ class Scheduler:
 
     def _preempt_to_fit(self) -> None:
         """Give back the KV of the most recently admitted sequences, never the last one, until
-        the next decode step fits the budget; they wait at the front of the queue to be
-        prefilled again over their prompt and output (recompute, as vLLM does by default)."""
+        the next decode step fits the budget; they wait ahead of every sequence not yet
+        admitted to be prefilled again over their prompt and output (recompute, as vLLM does by
+        default)."""
         budget = self._limits.kv_tokens
         while budget is not None and self.kv_demand(ahead=1) > budget:
             admitted = [s for s, _ in self._holdings()]
@@ -308,7 +317,12 @@ class Scheduler:
             # them gives the logits the next decode step would have, and sampling goes on from
             # the same output, generator and constraint state: the stream does not notice.
             slot.resumed_ids = slot.state.prompt_ids + slot.state.output_ids
-        self._waiting = [slot, *(s for s in self._waiting if s is not slot)]
+        # Back in line ahead of everyone not yet admitted, but behind a prompt still being
+        # prefilled a chunk at a time: only the head of the queue advances, and a preempted
+        # sequence that cannot fit beside that prompt's KV would otherwise block it for ever.
+        rest = [s for s in self._waiting if s is not slot]
+        at = max((i + 1 for i, s in enumerate(rest) if s.admitted), default=0)
+        self._waiting = [*rest[:at], slot, *rest[at:]]
         slot.kv, slot.prefilled, slot.prefix_keys, slot.looked_up, slot.admitted = None, 0, None, False, 0
         slot.preemptions += 1
         self.preemptions += 1

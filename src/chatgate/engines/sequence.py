@@ -117,14 +117,17 @@ class _Mailbox:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        # Weak: `_mailboxes` is keyed weakly by the loop, and a strong reference here would keep
+        # every loop (and its mailbox) alive for ever.
+        self._loop = weakref.ref(loop)
         self._lock = threading.Lock()
         self._items: deque[tuple[asyncio.Queue[Item], Item]] = deque()
         self._armed = False  # a delivery is scheduled and has not started yet
 
     def post(self, queue: asyncio.Queue[Item], item: Item) -> bool:
         """Deliver `item` into `queue` on the loop; False if the loop is closed."""
-        if self._loop.is_closed():
+        loop = self._loop()
+        if loop is None or loop.is_closed():
             return False
         with self._lock:
             self._items.append((queue, item))
@@ -132,7 +135,7 @@ class _Mailbox:
                 return True
             self._armed = True
         try:
-            self._loop.call_soon_threadsafe(self._deliver)
+            loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:  # closed since the check above
             return False
         return True
