@@ -224,7 +224,6 @@ class Served:
     """The default model behind chatgate's API through one engine: `api` takes the requests,
     `worker` reports the engine's running sequences in its `/metrics`."""
 
-    engine: str
     api: Target
     worker: Target
 
@@ -238,8 +237,8 @@ async def served(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
     a live fleet in the optional vLLM venv (shared by the session; skipped where it is missing)."""
     if request.param == "vllm":
         fleet: Fleet = request.getfixturevalue("vllm_fleet")
-        yield Served("vllm", fleet.url["api"], fleet.url["vllm"])
+        yield Served(fleet.url["api"], fleet.url["vllm"])
         return
     engine: Engine = request.getfixturevalue("chat_engine")
     async with running(make_app(engine)) as app:
-        yield Served("transformers", app, app)
+        yield Served(app, app)

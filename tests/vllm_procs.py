@@ -63,7 +63,6 @@ class OpenAIServer:
     @classmethod
     def start(cls, logs: Path) -> OpenAIServer:
         """Launch the server; `ready` waits for it."""
-        require_vllm()
         port = free_port()
         args = ["-m", "vllm.entrypoints.openai.api_server", "--model", str(weights(logs)), "--served-model-name", M,
                 "--max-model-len", "4096", "--dtype", "float32", "--enforce-eager", "--host", "127.0.0.1",
@@ -131,7 +130,6 @@ class Fleet:
 def launch_vllm_fleet(logs: Path) -> Fleet:
     """Start a controller and a `worker --engine vllm` (float32, eager) without waiting for the
     worker: `finish_vllm_fleet` waits for it and adds the API server."""
-    require_vllm()
     fleet = Fleet(logs)
     try:
         fleet.start("controller", ["controller", "--host", "127.0.0.1", "--heartbeat-expiration", str(3 * HEARTBEAT)])

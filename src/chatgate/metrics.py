@@ -81,6 +81,21 @@ class FleetCollector(Collector):
 
 
 
+# Each `EngineStats` field on /metrics: its name, whether it only grows, and what it counts.
+_ENGINE_METRICS: list[tuple[str, str, type[CounterMetricFamily] | type[GaugeMetricFamily], str]] = [
+    ("prefill_tokens", "chatgate_engine_prefill_tokens", CounterMetricFamily, "Prompt tokens run through the model."),
+    ("prefix_cache_hits", "chatgate_prefix_cache_hits", CounterMetricFamily, "Prompts that started from cached KV of an earlier prompt."),
+    ("prefix_cache_reused_tokens", "chatgate_prefix_cache_reused_tokens", CounterMetricFamily,
+     "Prompt tokens copied from the prefix cache instead of prefilled."),
+    ("prefix_cache_bytes", "chatgate_prefix_cache_bytes", GaugeMetricFamily, "Memory the prefix cache holds."),
+    ("kv_cache_budget_tokens", "chatgate_kv_cache_budget_tokens", GaugeMetricFamily, "KV tokens the running batch may hold."),
+    ("kv_cache_used_tokens", "chatgate_kv_cache_used_tokens", GaugeMetricFamily, "KV tokens the admitted sequences hold."),
+    ("preemptions", "chatgate_engine_preemptions", CounterMetricFamily,
+     "Sequences that gave their KV back to the budget, to be prefilled again."),
+    ("running_sequences", "chatgate_engine_running_sequences", GaugeMetricFamily, "Sequences in the engine's running batch."),
+]
+
+
 class EngineCollector(Collector):
     """An engine's own counters, read at scrape time: prefill work, what prefix caching saved, KV held."""
 
@@ -88,23 +103,8 @@ class EngineCollector(Collector):
         self._stats = stats
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        prefill = CounterMetricFamily("chatgate_engine_prefill_tokens", "Prompt tokens run through the model.", labels=["model"])
-        hits = CounterMetricFamily("chatgate_prefix_cache_hits", "Prompts that started from cached KV of an earlier prompt.", labels=["model"])
-        reused = CounterMetricFamily("chatgate_prefix_cache_reused_tokens", "Prompt tokens copied from the prefix cache instead of prefilled.", labels=["model"])
-        held = GaugeMetricFamily("chatgate_prefix_cache_bytes", "Memory the prefix cache holds.", labels=["model"])
-        budget = GaugeMetricFamily("chatgate_kv_cache_budget_tokens", "KV tokens the running batch may hold.", labels=["model"])
-        used = GaugeMetricFamily("chatgate_kv_cache_used_tokens", "KV tokens the admitted sequences hold.", labels=["model"])
-        preempted = CounterMetricFamily(
-            "chatgate_engine_preemptions", "Sequences that gave their KV back to the budget, to be prefilled again.", labels=["model"]
-        )
-        running = GaugeMetricFamily("chatgate_engine_running_sequences", "Sequences in the engine's running batch.", labels=["model"])
+        families = [(field, kind(name, text, labels=["model"])) for field, name, kind, text in _ENGINE_METRICS]
         for model, stats in self._stats():
-            prefill.add_metric([model], stats.prefill_tokens)
-            hits.add_metric([model], stats.prefix_cache_hits)
-            reused.add_metric([model], stats.prefix_cache_reused_tokens)
-            held.add_metric([model], stats.prefix_cache_bytes)
-            budget.add_metric([model], stats.kv_cache_budget_tokens)
-            used.add_metric([model], stats.kv_cache_used_tokens)
-            preempted.add_metric([model], stats.preemptions)
-            running.add_metric([model], stats.running_sequences)
-        yield from (prefill, hits, reused, held, budget, used, preempted, running)
+            for field, family in families:
+                family.add_metric([model], getattr(stats, field))
+        yield from (family for _, family in families)

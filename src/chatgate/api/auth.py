@@ -26,16 +26,17 @@ class KeyChecker:
     """Accepts a request when its Bearer token is one of the configured keys (or none are)."""
 
     def __init__(self, keys: list[str]) -> None:
-        self._keys = [k.encode() for k in keys if k]
+        # Each key with its digest, taken once: the digest names the caller on every request.
+        self._keys = [(k.encode(), key_digest(k.encode())) for k in keys if k]
 
     @property
     def required(self) -> bool:
         """Whether any key is configured."""
         return bool(self._keys)
 
-    def check(self, authorization: str | None) -> bytes | None:
-        """The accepted key the header carries (None when no keys are configured); raises
-        `AuthenticationError` unless it carries one."""
+    def check(self, authorization: str | None) -> str | None:
+        """The digest (`key_digest`) of the accepted key the header carries (None when no keys
+        are configured); raises `AuthenticationError` unless it carries one."""
         if not self._keys:
             return None
         scheme, _, token = (authorization or "").partition(" ")
@@ -46,12 +47,13 @@ class KeyChecker:
             )
         given = token.strip().encode()
         # Compare against every key so the time taken does not depend on which one matched.
-        matched = False
-        for key in self._keys:
-            matched |= hmac.compare_digest(given, key)
-        if not matched:
+        matched: str | None = None
+        for key, digest in self._keys:
+            if hmac.compare_digest(given, key):
+                matched = digest
+        if matched is None:
             raise AuthenticationError("Incorrect API key provided.")
-        return given
+        return matched
 
 
 # A digest of the current request's API key, while it is served (None when no keys are checked).
@@ -102,12 +104,12 @@ class KeyMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            key = self.keys.check(headers.get(b"authorization", b"").decode("latin-1"))
+            digest = self.keys.check(headers.get(b"authorization", b"").decode("latin-1"))
         except AuthenticationError as exc:
             # Answered without receiving the body; the server then closes the connection.
             await error_response(exc)(scope, receive, send)
             return
-        token = caller.set(key_digest(key) if key is not None else None)
+        token = caller.set(digest)
         try:
             await self.app(scope, receive, send)
         finally:

@@ -156,16 +156,6 @@ class BatchKV:
         stacked = torch.stack(parts)
         return stacked.view(len(self.layers), 2, *stacked.shape[1:])
 
-    def copy(self, rows: list[int]) -> BatchKV:
-        """A new cache holding copies of `rows`."""
-        other = BatchKV(len(self.layers))
-        other.pads = [self.pads[r] for r in rows]
-        index = torch.tensor(rows, dtype=torch.long)
-        for mine, theirs in zip(self.layers, other.layers, strict=True):
-            k, v = mine.valid()
-            theirs.set_buffers(k.index_select(0, index), v.index_select(0, index), mine.length)
-        return other
-
     def select(self, rows: list[int]) -> None:
         """Keep only `rows`, in that order (a row may repeat), then cut shared padding."""
         if rows == list(range(self.rows)) and min(self.pads, default=0) == 0:

@@ -133,11 +133,12 @@ def fuse(linears: list[torch.nn.Linear], weight_format: str) -> Projection:
     In the dense formats the linears' own weights become views into the fused matrix, so the
     Hugging Face modules (still used to score prompts and embed) cost no extra memory.
     """
+    stacked = torch.cat([linear.weight.detach() for linear in linears])
     if weight_format == "int8":
-        return Int8Dynamic(torch.cat([linear.weight.detach() for linear in linears]))
+        return Int8Dynamic(stacked)
     if weight_format == "bfloat16":  # the modules keep their float32 weights (a different dtype)
-        return Bfloat16(torch.cat([linear.weight.detach() for linear in linears]))
-    fused = torch.cat([linear.weight.detach() for linear in linears]).t().contiguous()
+        return Bfloat16(stacked)
+    fused = stacked.t().contiguous()
     start = 0
     for linear in linears:
         end = start + linear.out_features

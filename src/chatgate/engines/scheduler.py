@@ -11,9 +11,10 @@ Each iteration of the loop:
    long prompt;
 3. if the next decode step would outgrow the budget, preempts the most recently admitted
    sequences (never the last one) until it fits: their KV is dropped and they wait ahead of
-   every sequence not yet admitted (behind a prompt still prefilling), keeping their output, random generator and constraint state; readmitted, they
-   prefill their prompt and output again (the prefix cache may hold part of it) and go on from
-   the logits that prefill ends with, so the stream neither repeats nor loses a token;
+   every sequence not yet admitted (behind a prompt still prefilling), keeping their output,
+   random generator and constraint state; readmitted, they prefill their prompt and output
+   again (the prefix cache may hold part of it) and go on from the logits that prefill ends
+   with, so the stream neither repeats nor loses a token;
 4. runs one decode step for the whole running batch, sampling each row under its own
    parameters and random generator;
 5. runs one bounded chunk of the oldest background job (prompt scoring, embeddings), so a big
@@ -327,8 +328,8 @@ class Scheduler:
         slot.preemptions += 1
         self.preemptions += 1
 
-    def _reuse_prefills(self) -> bool:
-        """Start waiting sequences whose whole prompt is cached; True if any started."""
+    def _reuse_prefills(self) -> None:
+        """Start waiting sequences whose whole prompt is cached."""
         room = self._limits.max_running - len(self._running)
         started = 0
         for slot in list(self._waiting) if self._prefix.enabled else []:
@@ -343,7 +344,6 @@ class Scheduler:
             except Exception as exc:  # as a failed prefill fails its group only, this fails one sequence
                 self._fail([slot], exc)
                 self._waiting = [s for s in self._waiting if s is not slot]
-        return started > 0
 
     def _look_up(self, slot: Slot) -> bool:
         """Resume `slot` from its longest cached prefix, once; True if it started decoding."""

@@ -64,7 +64,7 @@ class TransformersEngine(ChatTokensEngine, Engine):
         self._chat_tokens: ChatTokenizer
         self._eos: frozenset[int] = frozenset()
         self._constraints: ConstraintCompiler | None = None
-        self._kv_tokens: int | None = None
+        self._kv_tokens = 0  # set when the model loads, before the scheduler starts
         self.info = ModelInfo(
             name=self._source.name, context_length=0, vocab_size=0
         )
@@ -171,7 +171,7 @@ class TransformersEngine(ChatTokensEngine, Engine):
             prefix_cache_hits=prefix.hits,
             prefix_cache_reused_tokens=prefix.reused_tokens,
             prefix_cache_bytes=prefix.bytes,
-            kv_cache_budget_tokens=self._kv_tokens or 0,
+            kv_cache_budget_tokens=self._kv_tokens,
             kv_cache_used_tokens=self._scheduler.kv_used,
             preemptions=self._scheduler.preemptions,
             running_sequences=self._scheduler.running,

@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
+from chatgate.protocol import limits
+
 # Extensions a chatgate worker advertises in /model_details under "chatgate_extensions".
 EXT_CHAT_TEMPLATE = "chat_template"
 EXT_DELTA = "delta"
@@ -70,7 +72,7 @@ class GenerateParams(Sampling):
     tool_choice: str | dict[str, Any] | None = None
     # Prompts share cached prefixes only under one salt: a digest of the caller's API key and
     # the request's `cache_salt` (`api.auth.cache_salt`), never either of them in the clear.
-    cache_salt: str | None = Field(None, min_length=1, max_length=256)
+    cache_salt: str | None = Field(None, min_length=1, max_length=limits.MAX_CACHE_SALT_CHARS)
     # Which request field the prompt came from, so errors can name it.
     prompt_param: str = "prompt"
     max_tokens_param: str = "max_tokens"

@@ -113,11 +113,16 @@ def request(params: GenerateParams, model: str) -> tuple[str, dict[str, Any]]:
 
 def error_from(status: int, content: bytes, upstream: str) -> ChatgateError:
     """The chatgate error for an upstream's error response."""
-    message, param, code = f"The upstream {upstream} answered HTTP {status}.", None, None
     try:
         error = json.loads(content).get("error")
     except (ValueError, AttributeError):
         error = None
+    return _error_of(status, error, upstream)
+
+
+def _error_of(status: int, error: Any, upstream: str) -> ChatgateError:
+    """The chatgate error for HTTP `status` and an OpenAI-shaped `error` object (or text)."""
+    message, param, code = f"The upstream {upstream} answered HTTP {status}.", None, None
     if isinstance(error, dict):
         message = str(error.get("message") or message)
         param, code = error.get("param"), error.get("code")
@@ -136,7 +141,7 @@ def stream_error(error: Any) -> ChatgateError:
     only once streaming (an out-of-vocabulary `logit_bias` id) and puts the HTTP status it
     means in `code`: a 4xx there is the client's error, passed on as such."""
     if isinstance(error, dict) and isinstance(error.get("code"), int) and 400 <= error["code"] < 500:
-        return error_from(error["code"], json.dumps({"error": error}).encode(), "upstream")
+        return _error_of(error["code"], error, "upstream")
     message = error.get("message") if isinstance(error, dict) else str(error)
     return WorkerError(f"The upstream failed mid-stream: {message}")
 
