@@ -17,10 +17,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.live.conftest import Process, free_port
+from tests.live.conftest import Process, free_port, worker_count
 from tests.polling import poll
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,10 +109,7 @@ class Fleet:
 
     def workers(self) -> int:
         """Workers the API server has for M (-1 when it cannot tell)."""
-        try:
-            return int(httpx.get(f"{self.url['api']}/ready", timeout=2).json()["workers"].get(M, 0))
-        except (httpx.HTTPError, ValueError, KeyError):
-            return -1
+        return worker_count(self.url["api"], M, timeout=2)
 
     def wait_workers(self, count: int) -> None:
         """Poll until the API server's table holds `count` workers for M."""

@@ -24,6 +24,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def worker_count(url: str, model: str, *, timeout: float = 1.0) -> int:
+    """Workers the API server at `url` has for `model` (-1 when it cannot tell), for polling."""
+    try:
+        return int(httpx.get(f"{url}/ready", timeout=timeout).json()["workers"].get(model, 0))
+    except (httpx.HTTPError, ValueError, KeyError):
+        return -1
+
+
 class Process:
     """A chatgate subcommand running in the background, its output kept in a log file."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.live.conftest import Process, free_port
+from tests.live.conftest import Process, free_port, worker_count
 from tests.polling import apoll, poll
 
 pytestmark = pytest.mark.live
@@ -63,16 +63,8 @@ async def clients(url: str, outcome: Outcome, until: float, count: int = 16) -> 
         await asyncio.gather(*(loop() for _ in range(count)))
 
 
-def worker_count(url: str) -> int:
-    """Workers the API server has for M (-1 when it cannot tell), for polling outside the loop."""
-    try:
-        return int(httpx.get(f"{url}/ready", timeout=1).json()["workers"].get(M, 0))
-    except (httpx.HTTPError, ValueError, KeyError):
-        return -1
-
-
 async def aworker_count(http: httpx.AsyncClient, url: str) -> int:
-    """`worker_count` without blocking the event loop that drives the load clients."""
+    """`conftest.worker_count` without blocking the event loop that drives the load clients."""
     try:
         return int((await http.get(f"{url}/ready", timeout=1)).json()["workers"].get(M, 0))
     except (httpx.HTTPError, ValueError, KeyError):
@@ -109,7 +101,7 @@ def test_kill_a_worker_mid_run(tmp_path: Path) -> None:
                        "--worker-table-refresh", "0.5"], tmp_path / "api.log")
         processes.append(api)
         api.wait_healthy(url["api"])
-        poll(lambda: worker_count(url["api"]) == 2, what="the API server sees both workers", timeout=10)
+        poll(lambda: worker_count(url["api"], M) == 2, what="the API server sees both workers", timeout=10)
 
         outcome = Outcome()
         loop = asyncio.new_event_loop()
@@ -141,7 +133,7 @@ def test_kill_a_worker_mid_run(tmp_path: Path) -> None:
         # The restarted worker rejoins within one heartbeat interval of coming up.
         w1 = worker("w1")
         w1.wait_healthy(url["w1"])
-        rejoin = poll(lambda: worker_count(url["api"]) == 2, what="the restarted worker rejoins", timeout=10)
+        rejoin = poll(lambda: worker_count(url["api"], M) == 2, what="the restarted worker rejoins", timeout=10)
         print("rejoin after health:", rejoin)
         assert rejoin <= HEARTBEAT
         after = Outcome()

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.live.conftest import Process, free_port
+from tests.live.conftest import Process, free_port, worker_count
 from tests.live.fleet import streamed_chats
-from tests.live.test_chaos import served, worker_count
+from tests.live.test_chaos import served
 
 pytestmark = pytest.mark.live
 
@@ -44,7 +44,7 @@ def test_balance_and_failover_across_engines(tmp_path: Path) -> None:
         start("forward", [*worker, "--engine", "openai", "--upstream-url", f"{url['upstream']}/v1"])
         start("api", ["api", "--controller-address", url["controller"], "--worker-table-refresh", "0.5"])
         deadline = time.monotonic() + 20
-        while worker_count(url["api"]) != 2:
+        while worker_count(url["api"], M) != 2:
             assert time.monotonic() < deadline, "both workers never registered"
             time.sleep(0.2)
 

@@ -166,13 +166,25 @@ def _chat_logprobs(logprobs: Any) -> list[WorkerLogprob] | None:
     ]
 
 
-def _completion_logprobs(logprobs: Any) -> list[WorkerLogprob] | None:
+# One scored token of a completions-style `logprobs` object: its text, logprob and top alternatives.
+_Entry = tuple[str, Any, Any]
+
+
+def _completion_entries(logprobs: Any) -> list[_Entry] | None:
+    """The (token, logprob, top alternatives) of a completions-style `logprobs` object."""
     if not isinstance(logprobs, dict) or not logprobs.get("tokens"):
         return None
-    tops = logprobs.get("top_logprobs") or [None] * len(logprobs["tokens"])
+    tokens = logprobs["tokens"]
+    tops = logprobs.get("top_logprobs") or [None] * len(tokens)
+    return list(zip(tokens, logprobs.get("token_logprobs") or [], tops, strict=False))
+
+
+def _worker_logprobs(entries: list[_Entry] | None) -> list[WorkerLogprob] | None:
+    if not entries:
+        return None
     return [
         WorkerLogprob(token_id=-1, token=token, logprob=float(lp or 0.0), top=_alternatives(top))
-        for token, lp, top in zip(logprobs["tokens"], logprobs["token_logprobs"], tops, strict=False)
+        for token, lp, top in entries
     ]
 
 
@@ -191,20 +203,19 @@ def _prompt_count(logprobs: dict[str, Any], prompt: str | list[int]) -> int:
     return sum(1 for offset in logprobs.get("text_offset") or [] if offset < len(prompt))
 
 
-def split_echo(logprobs: Any, prompt: str | list[int]) -> tuple[list[PromptLogprob] | None, Any]:
-    """The prompt's log-probabilities (the first has none) and the rest of an echoing event's."""
-    if not isinstance(logprobs, dict) or not logprobs.get("tokens"):
-        return None, logprobs
+def split_echo(logprobs: Any, prompt: str | list[int]) -> tuple[list[PromptLogprob] | None, list[WorkerLogprob] | None]:
+    """The prompt's log-probabilities (the first has none) and the generated tokens' of an
+    echoing event."""
+    entries = _completion_entries(logprobs)
+    if entries is None:
+        return None, None
     count = _prompt_count(logprobs, prompt)
-    tokens, values = logprobs["tokens"], logprobs.get("token_logprobs") or []
-    tops = logprobs.get("top_logprobs") or [None] * len(tokens)
     scored = [
         PromptLogprob(token_id=-1, token=token, logprob=None if lp is None else float(lp),
                       top=_alternatives(top) if lp is not None else [])
-        for token, lp, top in zip(tokens[:count], values[:count], tops[:count], strict=False)
+        for token, lp, top in entries[:count]
     ]
-    rest = {"tokens": tokens[count:], "token_logprobs": values[count:], "top_logprobs": tops[count:]}
-    return scored, rest
+    return scored, _worker_logprobs(entries[count:])
 
 
 @dataclass
@@ -246,11 +257,12 @@ class StreamReader:
 
     def _completion(self, choice: dict[str, Any]) -> tuple[str, list[WorkerLogprob] | None, list[PromptLogprob] | None]:
         """Text, generated tokens' and (on the echoing event) prompt tokens' log-probabilities."""
-        prompt, logprobs = None, choice.get("logprobs")
+        logprobs = choice.get("logprobs")
         if self.echoed is not None and logprobs:
-            prompt, logprobs = split_echo(logprobs, self.echoed)
+            prompt, generated = split_echo(logprobs, self.echoed)
             self.echoed = None
-        return choice.get("text") or "", _completion_logprobs(logprobs), prompt
+            return choice.get("text") or "", generated, prompt
+        return choice.get("text") or "", _worker_logprobs(_completion_entries(logprobs)), None
 
     def _collect_calls(self, deltas: list[dict[str, Any]]) -> None:
         for delta in deltas:
