@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from starlette.middleware.cors import CORSMiddleware
 
 from chatgate.api import errors
-from chatgate.api.auth import KeyChecker, KeyMiddleware
+from chatgate.api.auth import IdentityMiddleware, KeyChecker
 from chatgate.api.limits.middleware import RateLimitMiddleware
 from chatgate.api.limits.policy import load_keys_file
 from chatgate.api.limits.scoped import KeyScopedPool
@@ -90,8 +90,13 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
     app.include_router(openai_routes.router)
     if settings.playground:
         playground.mount(app)
-    # Outermost last: Guard (ids, size cap, 500s), then CORS (preflights), then the key check.
-    app.add_middleware(KeyMiddleware, keys=KeyChecker([*settings.api_keys, *policies]), public=_public_paths(settings))
+    # Outermost last: Guard (ids, size cap, 500s), CORS (preflights; its headers on every error
+    # below), identity (the one parsed caller), then the caller's limits.
+    if policies:
+        app.add_middleware(RateLimitMiddleware, store=store)
+    app.add_middleware(
+        IdentityMiddleware, keys=KeyChecker(settings.api_keys, policies), public=_public_paths(settings)
+    )
     if settings.allowed_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -100,8 +105,6 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
             allow_headers=settings.allowed_headers,
             allow_credentials=settings.allow_credentials,
         )
-    if policies:  # inside the guard, so a 429 carries a request id like any other error
-        app.add_middleware(RateLimitMiddleware, policies=policies, store=store)
     app.add_middleware(GuardMiddleware, max_body=settings.max_request_bytes, metrics=metrics)
     return app
 

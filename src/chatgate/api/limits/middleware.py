@@ -4,10 +4,9 @@ when the response is done."""
 
 from __future__ import annotations
 
-import hashlib
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from chatgate.api.auth import caller
 from chatgate.api.errors import error_response
 from chatgate.api.limits import grant
 from chatgate.api.limits.policy import KeyPolicy
@@ -17,35 +16,21 @@ from chatgate.errors import ChatgateError, RateLimitExceededError
 _NAMES = {"requests": "requests per minute (rpm)", "tokens": "tokens per minute (tpm)", "parallel": "parallel requests"}
 
 
-def bearer(scope: Scope) -> str | None:
-    """The Bearer token of a request, if any."""
-    for name, value in scope.get("headers") or []:
-        if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            return token.strip() or None if scheme.lower() == "bearer" else None
-    return None
-
-
-def store_key(key: str) -> str:
-    """The name counters are kept under: a digest, so a key never sits in Redis or in memory dumps."""
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
 class RateLimitMiddleware:
-    """Applies each key's policy; requests with other keys (or none) pass untouched."""
+    """Applies the caller's policy; callers without one (or requests without keys) pass untouched."""
 
-    def __init__(self, app: ASGIApp, *, policies: dict[str, KeyPolicy], store: LimitStore) -> None:
+    def __init__(self, app: ASGIApp, *, store: LimitStore) -> None:
         self.app = app
-        self.policies = policies
         self.store = store
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key = bearer(scope) if scope["type"] == "http" else None
-        policy = self.policies.get(key) if key else None
-        if key is None or policy is None:
+        # The caller `IdentityMiddleware` parsed from the request's one key header.
+        who = caller.get() if scope["type"] == "http" else None
+        policy = who.policy if who is not None else None
+        if who is None or policy is None:
             await self.app(scope, receive, send)
             return
-        name = store_key(key)
+        name = who.store_key
         try:
             usage = await self.store.admit(name, policy) if policy.limited() else None
         except ChatgateError as exc:
