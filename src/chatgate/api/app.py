@@ -6,11 +6,13 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry
 from starlette.middleware.cors import CORSMiddleware
 
 from chatgate.api import errors
 from chatgate.api.auth import IdentityMiddleware, KeyChecker
+from chatgate.api.door import Door
 from chatgate.api.limits.middleware import RateLimitMiddleware
 from chatgate.api.limits.policy import load_keys_file
 from chatgate.api.limits.scoped import KeyScopedPool
@@ -90,6 +92,7 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
     app.include_router(openai_routes.router)
     if settings.playground:
         playground.mount(app)
+    _check_doors(app)
     # Outermost last: Guard (ids, size cap, 500s), CORS (preflights; its headers on every error
     # below), identity (the one parsed caller), then the caller's limits.
     if policies:
@@ -107,6 +110,20 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
         )
     app.add_middleware(GuardMiddleware, max_body=settings.max_request_bytes, metrics=metrics)
     return app
+
+
+# Routes that take no body and answer from the process's own state: liveness, readiness and
+# metrics. Identity (and so `--api-keys`) still applies to all but `/health`.
+_OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+
+def _check_doors(app: FastAPI) -> None:
+    """Refuse to build an app with an API route that does not pass the door."""
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or route.path in _OPS_PATHS or playground.is_playground_path(route.path):
+            continue
+        if not isinstance(route, Door):
+            raise TypeError(f"route {route.path} is not declared through the door (chatgate.api.door.Door)")
 
 
 def _public_paths(settings: ApiSettings) -> Callable[[str], bool]:
