@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute
 from prometheus_client import CollectorRegistry
 from starlette.middleware.cors import CORSMiddleware
 
@@ -92,7 +93,7 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
     app.include_router(openai_routes.router)
     if settings.playground:
         playground.mount(app)
-    _check_doors(app)
+    check_doors(app)
     # Outermost last: Guard (ids, size cap, 500s), CORS (preflights; its headers on every error
     # below), identity (the one parsed caller), then the caller's limits.
     if policies:
@@ -117,9 +118,19 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
 _OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
-def _check_doors(app: FastAPI) -> None:
+def all_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    """Every route, those of included routers too (FastAPI includes routers lazily)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from all_routes(inner.routes)
+        else:
+            yield route
+
+
+def check_doors(app: FastAPI) -> None:
     """Refuse to build an app with an API route that does not pass the door."""
-    for route in app.routes:
+    for route in all_routes(app.routes):
         if not isinstance(route, APIRoute) or route.path in _OPS_PATHS or playground.is_playground_path(route.path):
             continue
         if not isinstance(route, Door):

@@ -46,7 +46,8 @@ class FakeEngine(Engine):
         self.token_delay = token_delay
         self.fail_after = fail_after  # raise after this many tokens, to test error paths
         self.embed_calls: list[int] = []  # batch sizes the engine was asked to embed
-        self.active = 0
+        self.active = 0  # generations running now
+        self.served = 0  # generations ever started
 
     @staticmethod
     def reply_for(prompt: str) -> str:
@@ -94,6 +95,7 @@ class FakeEngine(Engine):
         )
         generator = make_generator(params.seed)
         self.active += 1
+        self.served += 1
         try:
             while not state.finished:
                 step = len(state.output_ids)

@@ -294,5 +294,8 @@ class ModelDetails(BaseModel):
 
     context_length: int
     chatgate_extensions: list[str] = Field(default_factory=list)
+    # Most requests the worker runs or queues at once (429 beyond): the API server refuses a
+    # request of more choices than that, which could never be admitted whole. None: unknown.
+    concurrency: int | None = None
     generates: bool = True
     embedding_dim: int = 0

@@ -173,6 +173,7 @@ class UpstreamService:
                 "context_length_source": self._context_source,
                 "chatgate_extensions": [proto.EXT_CHAT_TEMPLATE, proto.EXT_DELTA],
                 "generates": True,
+                "concurrency": self._limit,
                 "token_count": self._counter.method,
                 "upstream": self.url,
             }

@@ -158,6 +158,16 @@ def with_seeds(params: GenerateParams, n: int, seed: int | None) -> list[Generat
     return [params.model_copy(update={"seed": (seed + i + 2**63) % 2**64 - 2**63}) for i in range(n)]
 
 
+async def _abandon(tasks: Sequence[asyncio.Future[AsyncGenerator[WorkerChunk, None]]]) -> None:
+    """Cancel starts still waiting for their first chunk and close streams that started."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is None:
+            await task.result().aclose()
+
+
 RequestT = TypeVar("RequestT", bound=SamplingRequest)
 ResponseT = TypeVar("ResponseT", bound=BaseModel)
 ChunkT = TypeVar("ChunkT", bound=BaseModel)
@@ -200,7 +210,8 @@ class GenerationServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
         """Answer a request: a response, or a stream of chunks."""
         self.check_n(request.n)
         params, reply = self.prepare(request)
-        streams = await self.start(request.model, params)
+        choices_param = "n" if request.n > 1 else params[0].prompt_param
+        streams = await self.start(request.model, params, choices_param=choices_param)
         if request.stream:
             return self._stream(streams, reply, request)
         choices = await self.collect(streams)
@@ -227,12 +238,13 @@ class GenerationServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
             raise InvalidRequestError(f"n must be at most {self._max_n}.", param="n")
 
     async def start(
-        self, model: str, params: list[GenerateParams]
+        self, model: str, params: list[GenerateParams], *, choices_param: str = "n"
     ) -> list[AsyncGenerator[WorkerChunk, None]]:
         """Start every generation and wait for each one's first chunk, so errors raise here;
-        if the worker fails before answering, all of them move to another worker."""
+        if the worker fails before answering, all of them move to another worker. Too many
+        choices for a worker is an error naming `choices_param`."""
         begin = time.perf_counter()
-        streams = await with_failover(self._pool, model, lambda worker: self._start_on(worker, params))
+        streams = await with_failover(self._pool, model, lambda worker: self._start_on(worker, params, choices_param))
         first_of_prompt = [i == 0 or params[i].prompt_key() != params[i - 1].prompt_key() for i in range(len(params))]
         return [
             _metered(stream, self._metrics, model, begin, count_prompt=first)
@@ -241,18 +253,30 @@ class GenerationServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
 
     @staticmethod
     async def _start_on(
-        worker: Worker, params: list[GenerateParams]
+        worker: Worker, params: list[GenerateParams], choices_param: str
     ) -> list[AsyncGenerator[WorkerChunk, None]]:
-        results = await asyncio.gather(
-            *(primed(worker.generate_stream(p)) for p in params), return_exceptions=True
-        )
-        streams = [r for r in results if not isinstance(r, BaseException)]
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            for stream in streams:
-                await stream.aclose()
-            raise errors[0]
-        return streams
+        """Start every choice on `worker`, all or none: a request of more choices than the worker
+        takes at once is refused before any starts, and when one choice fails to start the
+        others are stopped at once, so a request that cannot be served holds no slot."""
+        if len(params) > 1:
+            capacity = (await worker.model_details()).concurrency
+            if capacity is not None and len(params) > capacity:
+                raise InvalidRequestError(
+                    f"This request asks for {len(params)} choices at once (prompts × n); this model's "
+                    f"workers run at most {capacity} at a time. Send fewer prompts or a lower n.",
+                    param=choices_param,
+                )
+        tasks = [asyncio.ensure_future(primed(worker.generate_stream(p))) for p in params]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception()), None)
+            if failed is not None or any(not t.done() for t in tasks):  # an error, or we were cancelled
+                await _abandon(tasks)
+        error = failed.exception() if failed is not None else None
+        if error is not None:
+            raise error
+        return [t.result() for t in tasks]
 
     @staticmethod
     async def collect(streams: Sequence[AsyncIterator[WorkerChunk]]) -> list[Choice]:
