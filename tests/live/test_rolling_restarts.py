@@ -115,7 +115,7 @@ def test_serve_drains_on_sigterm_and_ends_late_streams_with_an_error_event(tmp_p
     try:
         serve.wait_healthy(url)
 
-        async def scenario() -> dict[str, object]:
+        async def scenario() -> tuple[httpx.Response, httpx.Response, list[tuple[str, str]], float]:
             async with httpx.AsyncClient(timeout=60) as http:
                 short = asyncio.create_task(stream(http, url, max_tokens=8))  # ~1.6 s: finishes
                 long = asyncio.create_task(stream(http, url))  # ~10 s: outlives the timeout
@@ -125,23 +125,19 @@ def test_serve_drains_on_sigterm_and_ends_late_streams_with_an_error_event(tmp_p
                 await asyncio.sleep(0.3)
                 ready = await http.get(f"{url}/ready")
                 refused = await http.post(f"{url}/v1/chat/completions", json={"model": M, "messages": MSG})
-                results = await asyncio.gather(short, long)
-                ended = time.monotonic() - began
-                return {"ready": ready, "refused": refused, "short": results[0], "long": results[1], "ended": ended}
+                results = list(await asyncio.gather(short, long))
+                return ready, refused, results, time.monotonic() - began
 
-        seen = asyncio.run(scenario())
-        ready, refused = seen["ready"], seen["refused"]
-        assert isinstance(ready, httpx.Response) and isinstance(refused, httpx.Response)
+        ready, refused, [(short_text, short_error), (long_text, long_error)], ended = asyncio.run(scenario())
         print(f"serve draining: /ready {ready.status_code} {ready.json()}; new request {refused.status_code} "
-              f"{refused.json()}; short {seen['short']}; long {seen['long']}; long ended {seen['ended']:.2f}s after SIGTERM")
+              f"{refused.json()}; short {short_text!r} {short_error!r}; long {long_text!r} {long_error!r}, "
+              f"ended {ended:.2f}s after SIGTERM")
         assert ready.status_code == 503
         assert refused.status_code == 503 and refused.headers["retry-after"]
         assert "shutting down" in refused.json()["error"]["message"]
-        short_text, short_error = seen["short"]  # type: ignore[misc]
         assert short_error == "" and short_text
-        long_text, long_error = seen["long"]  # type: ignore[misc]
         assert long_text and "shut down before this response was finished" in long_error  # an error event, not a cut
-        assert 2.5 < float(seen["ended"]) < 6  # type: ignore[arg-type]
+        assert 2.5 < ended < 6
         assert serve.proc.wait(timeout=15) is not None
     finally:
         serve.stop()
