@@ -68,8 +68,11 @@ class Bounds:
     keepalive: float = 1.0  # the keep-alive interval such workers are asked for
 
     def with_keepalive(self) -> Bounds:
-        """The bounds of a stream whose worker sends keep-alive frames."""
-        return dataclasses.replace(self, first_frame=self.silence, between_frames=self.silence)
+        """The bounds of a stream whose worker sends keep-alive frames (never looser than the
+        first-frame and frame bounds, for an operator who tightened those)."""
+        return dataclasses.replace(
+            self, first_frame=min(self.silence, self.first_frame), between_frames=min(self.silence, self.between_frames)
+        )
 
     def timeout(self, read: float | None) -> httpx.Timeout:
         """httpx's timeouts for one call; `read` None when the caller keeps its own deadlines."""
