@@ -10,6 +10,7 @@
     ├── RateLimitExceededError          429 rate_limit_exceeded: a per-key limit (with Retry-After)
     ├── NoHealthyWorkerError            503 service_unavailable (with Retry-After)
     │   └── WorkerUnavailableError      a worker failed before answering: retried elsewhere
+    │       └── ShuttingDownError       the process is draining (new work refused, late streams ended)
     └── WorkerError                     502 upstream worker failed
 
 Serving code raises these; one handler in the API app turns them into OpenAI-shaped bodies.
@@ -160,6 +161,11 @@ class NoHealthyWorkerError(ChatgateError):
 
 class WorkerUnavailableError(NoHealthyWorkerError):
     """A worker could not be reached, or failed before its first byte; safe to retry elsewhere."""
+
+
+class ShuttingDownError(WorkerUnavailableError):
+    """This process is shutting down: it takes no new work, and ends the streams still running
+    at its shutdown timeout with this error (an API server retries new work elsewhere)."""
 
 
 class WorkerError(ChatgateError):

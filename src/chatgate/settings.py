@@ -43,7 +43,29 @@ class _Base(BaseSettings):
     )
 
 
-class ApiSettings(_Base):
+class ShutdownSettings(_Base):
+    """How a serving process drains on SIGTERM (`chatgate.drain`)."""
+
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="Seconds running streams may take to finish after SIGTERM (new "
+        "work is refused meanwhile); the ones still running then end with an error event.",
+    )
+
+
+class WorkerSilenceSettings(_Base):
+    """How long an API server waits on a silent worker that sends keep-alive frames."""
+
+    worker_silence_timeout: float = Field(
+        5.0, gt=0, description="Seconds a chatgate worker that sends keep-alive frames may stay "
+        "silent before it counts as frozen (its request moves to another worker if nothing was "
+        "generated yet); FastChat workers get --worker-first-frame-timeout and --worker-frame-timeout.",
+    )
+    worker_keepalive_interval: float = Field(
+        1.0, gt=0, le=60, description="Seconds of silence after which such a worker sends a keep-alive frame.",
+    )
+
+
+class ApiSettings(ShutdownSettings):
     """Settings of the OpenAI-compatible API server."""
 
     host: str = Field("127.0.0.1", description="Address to bind.")
@@ -137,6 +159,9 @@ class EngineSettings(_Base):
     )
     fake_token_delay: float = Field(
         0.0, ge=0, description="Seconds per token of the fake engine (for tests and demos)."
+    )
+    fake_prefill_delay: float = Field(
+        0.0, ge=0, description="Seconds the fake engine takes before its first token (a long prefill)."
     )
     max_running: int = Field(
         32, ge=1, description="Most sequences decoded together in one batch; the rest queue."
@@ -240,7 +265,7 @@ class FleetServerSettings(FleetSettings):
         return "https" if self.ssl_certfile else "http"
 
 
-class ApiProcessSettings(ApiSettings, FleetSettings):
+class ApiProcessSettings(ApiSettings, FleetSettings, WorkerSilenceSettings):
     """Settings of `chatgate api`: the API server in front of a controller."""
 
     controller_address: str = Field("http://localhost:21001", description="Controller URL.")
@@ -270,7 +295,7 @@ class ApiProcessSettings(ApiSettings, FleetSettings):
     )
 
 
-class WorkerSettings(EngineSettings, FleetServerSettings):
+class WorkerSettings(EngineSettings, FleetServerSettings, ShutdownSettings):
     """Settings of `chatgate worker`."""
 
     host: str = Field("localhost", description="Address to bind.")

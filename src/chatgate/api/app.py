@@ -30,6 +30,8 @@ from chatgate.api.serving.tokenize import TokenizeServing
 from chatgate.api.serving.tokens import TokenCheckServing
 from chatgate.api.state import ApiState
 from chatgate.api.workers.base import PoolSource
+from chatgate.api.workers.draining import DrainingPool
+from chatgate.drain import Drain
 from chatgate.metrics import ApiMetrics, FleetCollector
 from chatgate.ops import health_routes, metrics_routes
 from chatgate.settings import ApiSettings
@@ -53,10 +55,12 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
     metrics = ApiMetrics(registry)
     policies = load_keys_file(settings.api_keys_file) if settings.api_keys_file else {}
     store = _limit_store(settings.redis_url)
+    drain = Drain(timeout=settings.shutdown_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with workers() as served:
+        async with workers() as opened:
+            served = DrainingPool(opened, drain)
             pool = KeyScopedPool(served) if any(p.models is not None for p in policies.values()) else served
             fleet = FleetCollector(workers_per_model=pool.readiness, worker_load=pool.load)
             registry.register(fleet)
@@ -85,6 +89,7 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
         redoc_url="/redoc" if docs else None,
         openapi_url="/openapi.json" if docs else None,
     )
+    app.state.drain = drain  # the CLI's server drains it on SIGTERM
     errors.install(app)
 
     app.include_router(health_routes())
