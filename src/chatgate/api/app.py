@@ -11,6 +11,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from chatgate.api import errors
 from chatgate.api.auth import KeyChecker, KeyMiddleware
+from chatgate.api.limits.lease import LeaseKeeper
 from chatgate.api.limits.middleware import RateLimitMiddleware
 from chatgate.api.limits.policy import load_keys_file
 from chatgate.api.limits.scoped import KeyScopedPool
@@ -50,6 +51,7 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
     metrics = ApiMetrics(registry)
     policies = load_keys_file(settings.api_keys_file) if settings.api_keys_file else {}
     store = _limit_store(settings.redis_url)
+    leases = LeaseKeeper(store)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -71,6 +73,7 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
                 yield
             finally:
                 registry.unregister(fleet)
+                await leases.close()
                 await store.close()
 
     # The interactive docs describe every route: off unless asked for, and then behind the key.
@@ -101,7 +104,7 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
             allow_credentials=settings.allow_credentials,
         )
     if policies:  # inside the guard, so a 429 carries a request id like any other error
-        app.add_middleware(RateLimitMiddleware, policies=policies, store=store)
+        app.add_middleware(RateLimitMiddleware, policies=policies, store=store, leases=leases)
     app.add_middleware(GuardMiddleware, max_body=settings.max_request_bytes, metrics=metrics)
     return app
 

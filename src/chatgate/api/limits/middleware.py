@@ -1,15 +1,17 @@
 """The ASGI layer of per-key limits: admit or refuse (429) before the body is read, add
-OpenAI's `x-ratelimit-*` headers to every response of a limited key, free the parallel slot
-when the response is done."""
+OpenAI's `x-ratelimit-*` headers to every response of a limited key, hold the parallel slot's
+lease while the response runs and give it back when it is done (`lease.py`)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatgate.api.errors import error_response
 from chatgate.api.limits import grant
+from chatgate.api.limits.lease import LeaseKeeper
 from chatgate.api.limits.policy import KeyPolicy
 from chatgate.api.limits.store import LimitStore, Usage
 from chatgate.errors import ChatgateError, RateLimitExceededError
@@ -34,10 +36,13 @@ def store_key(key: str) -> str:
 class RateLimitMiddleware:
     """Applies each key's policy; requests with other keys (or none) pass untouched."""
 
-    def __init__(self, app: ASGIApp, *, policies: dict[str, KeyPolicy], store: LimitStore) -> None:
+    def __init__(
+        self, app: ASGIApp, *, policies: dict[str, KeyPolicy], store: LimitStore, leases: LeaseKeeper | None = None
+    ) -> None:
         self.app = app
         self.policies = policies
         self.store = store
+        self.leases = leases or LeaseKeeper(store)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         key = bearer(scope) if scope["type"] == "http" else None
@@ -63,11 +68,10 @@ class RateLimitMiddleware:
 
         token = grant.current.set(grant.Grant(key=name, policy=policy, store=self.store))
         try:
-            await self.app(scope, receive, send_with_headers)
+            async with self.leases.held(name, usage.lease) if usage and usage.lease else contextlib.nullcontext():
+                await self.app(scope, receive, send_with_headers)
         finally:
             grant.current.reset(token)
-            if usage is not None:
-                await self.store.release(name, policy)
 
     async def _refuse(
         self, policy: KeyPolicy, usage: Usage, headers: list[tuple[bytes, bytes]], scope: Scope, receive: Receive, send: Send
