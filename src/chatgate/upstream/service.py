@@ -74,7 +74,9 @@ class UpstreamService:
         self._active += 1
         self.served += 1
         try:
-            reader = wire.StreamReader(chat=path == "/chat/completions", echoed=wire.echoed_prompt(params))
+            reader = wire.StreamReader(
+                chat=path == "/chat/completions", echoed=wire.echoed_prompt(params), prompt_tokens=await self._prompt_tokens(params)
+            )
             async for data in self._events(path, body):
                 chunk = reader.event(data)
                 if chunk is not None:
@@ -116,6 +118,16 @@ class UpstreamService:
             return await self._http.send(request, stream=True)
         except httpx.TransportError as exc:
             raise WorkerUnavailableError(f"The upstream {self.url} is unreachable: {exc}") from exc
+
+    async def _prompt_tokens(self, params: proto.GenerateParams) -> int:
+        """The prompt's tokens as counted here: the usage of every chunk until the upstream's own
+        arrives at the end (if it ever does), so a stream left early is still accounted."""
+        if params.prompt_token_ids is not None:
+            return len(params.prompt_token_ids)
+        request = proto.CountTokenRequest(prompt=params.prompt, messages=params.messages)
+        if self._counter.tokenizer is None:  # an estimate: a few arithmetic operations
+            return self._counter.count(request)
+        return await asyncio.to_thread(self._counter.count, request)
 
     # Embeddings and tokens -------------------------------------------------------------------
 

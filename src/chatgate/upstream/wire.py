@@ -223,11 +223,16 @@ class StreamReader:
     """Turns one upstream stream's events into delta chunks.
 
     The finish reason is held back until the usage event (which comes after it), so the last
-    chunk carries both, as an engine's last output does.
+    chunk carries both, as an engine's last output does. Upstreams report usage only at the end
+    (or not at all), so until then every chunk carries a running count, as an engine's outputs
+    do: the prompt as counted here, and one generated token per scored token or per event
+    that generated something (servers stream one token per event).
     """
 
     chat: bool
     echoed: str | list[int] | None = None  # the prompt the first event echoes, with logprobs
+    prompt_tokens: int = 0
+    generated: int = 0
     finish: str | None = None
     usage: WorkerUsage | None = None
     calls: dict[int, dict[str, str]] = field(default_factory=dict)
@@ -243,17 +248,26 @@ class StreamReader:
             return None
         choice = choices[0]
         self.finish = choice.get("finish_reason") or self.finish
+        prompt = None
         if self.chat:
             delta = choice.get("delta") or {}
-            self._collect_calls(delta.get("tool_calls") or [])
+            calls = delta.get("tool_calls") or []
+            self._collect_calls(calls)
             text, logprobs = delta.get("content") or "", _chat_logprobs(choice.get("logprobs"))
+            self.generated += len(logprobs) if logprobs else int(bool(text or calls))
         else:
             text, logprobs, prompt = self._completion(choice)
-            if prompt:
-                return WorkerChunk(text=text, token_logprobs=logprobs, prompt_logprobs=prompt)
-        if not text and not logprobs:
+            self.generated += len(logprobs) if logprobs else int(bool(text) and not prompt)
+        if not text and not logprobs and not prompt:
             return None
-        return WorkerChunk(text=text, token_logprobs=logprobs)
+        return WorkerChunk(text=text, token_logprobs=logprobs, prompt_logprobs=prompt, usage=self.running())
+
+    def running(self) -> WorkerUsage:
+        """The usage so far: the upstream's own once it has sent it, else counted here."""
+        if self.usage is not None:
+            return self.usage
+        total = self.prompt_tokens + self.generated
+        return WorkerUsage(prompt_tokens=self.prompt_tokens, completion_tokens=self.generated, total_tokens=total)
 
     def _completion(self, choice: dict[str, Any]) -> tuple[str, list[WorkerLogprob] | None, list[PromptLogprob] | None]:
         """Text, generated tokens' and (on the echoing event) prompt tokens' log-probabilities."""
@@ -279,7 +293,7 @@ class StreamReader:
         if self.calls:
             calls = [{"name": c["name"], "arguments": _arguments(c["arguments"])} for _, c in sorted(self.calls.items())]
             text, finish = json.dumps({"tool_calls": calls}), "stop"
-        return WorkerChunk(text=text, finish_reason=finish, usage=self.usage or WorkerUsage())
+        return WorkerChunk(text=text, finish_reason=finish, usage=self.running())
 
 
 def _arguments(text: str) -> dict[str, Any] | str:
