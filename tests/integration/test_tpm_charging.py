@@ -5,9 +5,8 @@ usage only in its stream's last event (or never)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +15,11 @@ import pytest
 from fastapi import FastAPI
 
 from chatgate.api.app import create_api_app
-from chatgate.api.workers.base import PoolSource, WorkerPool
-from chatgate.api.workers.local import LocalPool, local_pool
+from chatgate.api.workers.local import local_pool
 from chatgate.engines.fake import FakeEngine
 from chatgate.settings import ServeSettings
-from chatgate.upstream.service import UpstreamService
-from chatgate.upstream.tokens import TokenCounter
 from tests.conftest import raw, running
+from tests.fake_upstream import sse_response, upstream_pool
 from tests.polling import apoll
 
 pytestmark = pytest.mark.anyio
@@ -34,17 +31,7 @@ WORDS = 30  # tokens the upstream streams, one per event
 UPSTREAM_USAGE = {"prompt_tokens": 9, "completion_tokens": WORDS, "total_tokens": 9 + WORDS}
 
 
-def sse(events: list[dict[str, Any]]) -> AsyncIterator[bytes]:
-    async def body() -> AsyncIterator[bytes]:
-        for event in events:
-            await asyncio.sleep(0.01)  # a token at a time, as a real server streams
-            yield f"data: {json.dumps(event)}\n\n".encode()
-        yield b"data: [DONE]\n\n"
-
-    return body()
-
-
-def upstream(*, usage: bool) -> httpx.MockTransport:
+def upstream(*, usage: bool) -> Callable[[httpx.Request], httpx.Response]:
     """An OpenAI-compatible chat server: one word per event, usage (if at all) after the last."""
 
     def handle(request: httpx.Request) -> httpx.Response:
@@ -53,22 +40,9 @@ def upstream(*, usage: bool) -> httpx.MockTransport:
         events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         if usage:
             events.append({"choices": [], "usage": UPSTREAM_USAGE})
-        return httpx.Response(200, content=sse(events), headers={"content-type": "text/event-stream"})
+        return sse_response(events)
 
-    return httpx.MockTransport(handle)
-
-
-def upstream_pool(transport: httpx.MockTransport) -> PoolSource:
-    @contextlib.asynccontextmanager
-    async def pool() -> AsyncIterator[WorkerPool]:
-        async with httpx.AsyncClient(transport=transport) as http:
-            service = UpstreamService(
-                http=http, url="http://upstream.internal:8001/v1", model_names=[M], upstream_model=None,
-                context_length=(4096, "flag"), counter=TokenCounter(), limit_concurrency=8,
-            )
-            yield LocalPool([service])
-
-    return pool
+    return handle
 
 
 def metered_app(tmp_path: Path, engine: str, *, usage: bool = True) -> FastAPI:
