@@ -40,7 +40,8 @@ class Fleet:
 
     def upstream(self) -> Process:
         return self.start("upstream", ["serve", "--engine", "fake", "--model-names", M, "--fake-token-delay", "0.05",
-                                       "--embedding-model-path", "none", "--api-keys", KEY, "--no-playground"])
+                                       "--embedding-model-path", "none", "--api-keys", KEY, "--admin-keys", KEY,
+                                       "--no-playground"])
 
     def client(self, name: str, key: str = "none") -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url[name]}/v1", api_key=key, max_retries=0, timeout=60)

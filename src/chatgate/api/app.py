@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.middleware.cors import CORSMiddleware
 
 from chatgate.api import errors
+from chatgate.api.admin import AdminKeys
 from chatgate.api.auth import KeyChecker, KeyMiddleware
 from chatgate.api.limits.lease import LeaseKeeper
 from chatgate.api.limits.middleware import RateLimitMiddleware
@@ -52,15 +53,19 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
     policies = load_keys_file(settings.api_keys_file) if settings.api_keys_file else {}
     store = _limit_store(settings.redis_url)
     leases = LeaseKeeper(store)
+    keys = KeyChecker([*settings.api_keys, *policies, *settings.admin_keys])
+    admin = AdminKeys(settings.admin_keys, keys_checked=keys.required)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with workers() as served:
             pool = KeyScopedPool(served) if any(p.models is not None for p in policies.values()) else served
+            # Every model and worker (addresses, in a fleet): /metrics is for admins only.
             fleet = FleetCollector(workers_per_model=pool.readiness, worker_load=pool.load)
             registry.register(fleet)
             app.state.api = ApiState(
                 pool=pool,
+                admin=admin,
                 stream_write_timeout=settings.stream_write_timeout,
                 chat=ChatServing(pool=pool, max_n=settings.max_n, metrics=metrics),
                 completions=CompletionServing(pool=pool, max_n=settings.max_n, metrics=metrics),
@@ -88,13 +93,13 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
     errors.install(app)
 
     app.include_router(health_routes())
-    app.include_router(metrics_routes(registry))
+    app.include_router(metrics_routes(registry, dependencies=[Depends(admin.require)]))
     app.include_router(ops_routes.router)
     app.include_router(openai_routes.router)
     if settings.playground:
         playground.mount(app)
     # Outermost last: Guard (ids, size cap, 500s), then CORS (preflights), then the key check.
-    app.add_middleware(KeyMiddleware, keys=KeyChecker([*settings.api_keys, *policies]), public=_public_paths(settings))
+    app.add_middleware(KeyMiddleware, keys=keys, public=_public_paths(settings))
     if settings.allowed_origins:
         app.add_middleware(
             CORSMiddleware,
