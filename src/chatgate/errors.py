@@ -4,6 +4,7 @@
     ├── InvalidRequestError             400 invalid_request_error
     │   └── ContextLengthExceededError  400 invalid_request_error / context_length_exceeded
     ├── AuthenticationError             401 invalid_api_key
+    ├── PermissionDeniedError           403 permission_denied: an accepted key, not allowed here
     ├── ModelNotFoundError              404 model_not_found
     ├── RequestTooLargeError            413 request_too_large
     ├── OverloadedError                 429 engine_overloaded (with Retry-After)
@@ -93,6 +94,15 @@ class AuthenticationError(ChatgateError):
     status = 401
     type = "invalid_request_error"
     default_code = "invalid_api_key"
+    fastchat_code = 40101
+
+
+class PermissionDeniedError(ChatgateError):
+    """An accepted key that may not use this endpoint."""
+
+    status = 403
+    type = "invalid_request_error"
+    default_code = "permission_denied"
     fastchat_code = 40101
 
 

@@ -74,6 +74,11 @@ class ApiSettings(ShutdownSettings):
         default_factory=list,
         description="Accepted API keys, comma-separated; none means no key is checked.",
     )
+    admin_keys: StrList = Field(
+        default_factory=list,
+        description="Keys that may also read /metrics and every model's workers on /ready, "
+        "comma-separated (accepted as API keys too); with API keys set, only these may.",
+    )
     api_keys_file: Path | None = Field(
         None,
         description="YAML or JSON file of API keys, each with optional name, rpm, tpm, "
@@ -118,7 +123,7 @@ class ApiSettings(ShutdownSettings):
     )
 
     _split = field_validator(
-        "api_keys", "allowed_origins", "allowed_methods", "allowed_headers", mode="before"
+        "api_keys", "admin_keys", "allowed_origins", "allowed_methods", "allowed_headers", mode="before"
     )(_split_list)
 
     def tls_files(self) -> tuple[str | None, str | None]:

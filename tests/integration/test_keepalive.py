@@ -89,7 +89,7 @@ async def test_silence_after_keepalives_is_a_frozen_worker_within_the_silence_bo
     transport = scripted_worker(["chat_template", "delta", EXT_KEEPALIVE], beats_then(3), [])
     loop = asyncio.get_running_loop()
     begin = loop.time()
-    with pytest.raises(WorkerUnavailableError, match="stopped answering"):  # retried elsewhere: nothing was generated
+    with pytest.raises(WorkerUnavailableError):  # retried elsewhere: nothing was generated
         await generate(transport, Bounds(silence=0.3, keepalive=0.1))
     assert loop.time() - begin < 0.3 + 0.3 + 0.5
 

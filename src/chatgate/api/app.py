@@ -5,15 +5,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 from prometheus_client import CollectorRegistry
 from starlette.middleware.cors import CORSMiddleware
 
 from chatgate.api import errors
+from chatgate.api.admin import AdminKeys
 from chatgate.api.auth import IdentityMiddleware, KeyChecker
 from chatgate.api.door import Door
+from chatgate.api.limits.lease import LeaseKeeper
 from chatgate.api.limits.middleware import RateLimitMiddleware
 from chatgate.api.limits.policy import load_keys_file
 from chatgate.api.limits.scoped import KeyScopedPool
@@ -56,16 +58,21 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
     policies = load_keys_file(settings.api_keys_file) if settings.api_keys_file else {}
     store = _limit_store(settings.redis_url)
     drain = Drain(timeout=settings.shutdown_timeout)
+    leases = LeaseKeeper(store)
+    keys = KeyChecker(settings.api_keys, policies, admin=settings.admin_keys)
+    admin = AdminKeys(keys_checked=keys.required)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with workers() as opened:
             served = DrainingPool(opened, drain)
             pool = KeyScopedPool(served) if any(p.models is not None for p in policies.values()) else served
+            # Every model and worker (addresses, in a fleet): /metrics is for admins only.
             fleet = FleetCollector(workers_per_model=pool.readiness, worker_load=pool.load)
             registry.register(fleet)
             app.state.api = ApiState(
                 pool=pool,
+                admin=admin,
                 stream_write_timeout=settings.stream_write_timeout,
                 chat=ChatServing(pool=pool, max_n=settings.max_n, metrics=metrics),
                 completions=CompletionServing(pool=pool, max_n=settings.max_n, metrics=metrics),
@@ -78,6 +85,7 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
                 yield
             finally:
                 registry.unregister(fleet)
+                await leases.close()
                 await store.close()
 
     # The interactive docs describe every route: off unless asked for, and then behind the key.
@@ -93,7 +101,7 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
     errors.install(app)
 
     app.include_router(health_routes())
-    app.include_router(metrics_routes(registry))
+    app.include_router(metrics_routes(registry, dependencies=[Depends(admin.require)]))
     app.include_router(ops_routes.router)
     app.include_router(openai_routes.router)
     if settings.playground:
@@ -102,10 +110,8 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
     # Outermost last: Guard (ids, size cap, 500s), CORS (preflights; its headers on every error
     # below), identity (the one parsed caller), then the caller's limits.
     if policies:
-        app.add_middleware(RateLimitMiddleware, store=store)
-    app.add_middleware(
-        IdentityMiddleware, keys=KeyChecker(settings.api_keys, policies), public=_public_paths(settings)
-    )
+        app.add_middleware(RateLimitMiddleware, store=store, leases=leases)
+    app.add_middleware(IdentityMiddleware, keys=keys, public=_public_paths(settings))
     if settings.allowed_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -60,9 +60,15 @@ async def _metered(
     stream: AsyncGenerator[WorkerChunk, None], metrics: ApiMetrics | None, model: str, begin: float, *, count_prompt: bool
 ) -> AsyncGenerator[WorkerChunk, None]:
     """Pass chunks through, observing time to first text, gaps between texts and tokens, and
-    charging the tokens to the request's key (its tokens-per-minute limit)."""
+    charging the tokens to the request's key (its tokens-per-minute limit).
+
+    The charge is what the worker's latest usage says, and never less than the tokens seen
+    delivered (one per scored token, else one per chunk of text): a worker that reports usage
+    only at the end (an `openai` upstream) or not at all is still charged for a stream its
+    client left early."""
     last: float | None = None
     usage = None
+    delivered = 0
     try:
         async with contextlib.aclosing(stream):
             async for chunk in stream:
@@ -74,18 +80,21 @@ async def _metered(
                         metrics.itl.labels(model=model).observe(now - last)
                     last = now
                 usage = chunk.usage or usage
+                delivered += len(chunk.token_logprobs) if chunk.token_logprobs else int(bool(chunk.text))
                 yield chunk
     finally:  # a stream the client left still used its tokens
-        if usage is not None:
-            await _account(usage, metrics, model, count_prompt)
+        await _account(usage or WorkerUsage(), delivered, metrics, model, count_prompt)
 
 
-async def _account(usage: WorkerUsage, metrics: ApiMetrics | None, model: str, count_prompt: bool) -> None:
+async def _account(
+    usage: WorkerUsage, delivered: int, metrics: ApiMetrics | None, model: str, count_prompt: bool
+) -> None:
     prompt = usage.prompt_tokens if count_prompt else 0
-    await limits.charge(prompt + usage.completion_tokens)
+    completion = max(usage.completion_tokens, delivered)
+    await limits.charge(prompt + completion)
     if metrics is not None:
         metrics.prompt_tokens.labels(model=model).inc(prompt)
-        metrics.completion_tokens.labels(model=model).inc(usage.completion_tokens)
+        metrics.completion_tokens.labels(model=model).inc(completion)
 
 
 def _bytes(token: str) -> list[int]:

@@ -16,6 +16,9 @@ the size of one frame. A chatgate worker that advertises keep-alive frames is as
 and then gets only `silence` seconds, before and between frames alike: it speaks at least every
 `keepalive` seconds while it is alive (queued, prefilling, or between tokens), so a few seconds
 of silence mean it is frozen, however long its prefill. FastChat workers keep the long bounds.
+
+Messages never name the worker: its address and the transport's own words go to the log
+(`HttpWorker._fault`), the client reads only what went wrong.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from chatgate.protocol import worker as wire
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
+E = TypeVar("E", bound=ChatgateError)
 
 
 def _chunk_error(chunk: wire.WorkerChunk) -> ChatgateError:
@@ -234,8 +238,13 @@ class HttpWorker:
         self._bounds = bounds
         self._on_failure = on_failure
 
+    def _fault(self, error: type[E], message: str, detail: object = None) -> E:
+        """`error` with `message` for the client; this worker's address and `detail` are logged."""
+        log.warning("worker %s: %s%s", self.address, message, f" ({detail})" if detail else "")
+        return error(message)
+
     def _unavailable(self, exc: Exception | str) -> WorkerUnavailableError:
-        return WorkerUnavailableError(f"The worker at {self.address} is unavailable: {exc}")
+        return self._fault(WorkerUnavailableError, "A worker of this model is unavailable.", exc)
 
     def _transport_error(self, exc: httpx.TransportError) -> ChatgateError:
         if isinstance(exc, httpx.PoolTimeout):  # our own connections are all busy, not the worker
@@ -250,7 +259,7 @@ class HttpWorker:
         if status == 429:
             return OverloadedError(detail or "The model is overloaded; retry shortly.")
         if status in (401, 403):
-            return WorkerError(f"The worker at {self.address} refused this server's fleet key (HTTP {status}).")
+            return self._fault(WorkerError, f"A worker refused this server's fleet key (HTTP {status}).")
         if status == 413:
             return RequestTooLargeError(detail or "The request is too large for the worker.")
         return InvalidRequestError(f"The worker refused the request: {detail or f'HTTP {status}'}")
@@ -329,9 +338,9 @@ class HttpWorker:
         except (httpx.TransportError, TimeoutError) as exc:
             raise self._broken(exc, started=started) from exc
         except FrameTooLarge as exc:
-            raise WorkerError(f"The worker at {self.address} sent {exc}; the request was ended.") from exc
+            raise self._fault(WorkerError, f"The worker sent {exc}; the request was ended.") from exc
         except ValidationError as exc:
-            raise WorkerError(f"The worker at {self.address} sent a malformed frame.") from exc
+            raise self._fault(WorkerError, "The worker sent a malformed frame.") from exc
         finally:
             if complete:
                 await asyncio.shield(response.aclose())
@@ -349,7 +358,7 @@ class HttpWorker:
     def _broken(self, exc: Exception, *, started: bool) -> ChatgateError:
         """The error for a stream that broke or went silent, before or after its first frame."""
         silent = isinstance(exc, TimeoutError)
-        what = "stopped answering" if silent else f"failed ({type(exc).__name__} {exc})"
+        what = "stopped answering" if silent else "failed"
         if not started:
             return self._unavailable(what)
         # Mid-stream, the request cannot move to another worker, but the next ones should not
@@ -357,7 +366,7 @@ class HttpWorker:
         # every stream at once, long before the controller's heartbeat notices).
         if self._on_failure is not None:
             self._on_failure(self)
-        return WorkerError(f"The worker at {self.address} {what} mid-stream.")
+        return self._fault(WorkerError, f"The worker {what} mid-stream.", exc)
 
     async def _post(self, path: str, body: dict[str, object]) -> dict[str, object]:
         try:
@@ -371,9 +380,9 @@ class HttpWorker:
         try:
             result = response.json()
         except ValueError as exc:
-            raise WorkerError(f"The worker at {self.address} answered badly: {exc}") from exc
+            raise self._fault(WorkerError, "The worker answered badly: not JSON.", exc) from exc
         if not isinstance(result, dict):
-            raise WorkerError(f"The worker at {self.address} answered badly: not a JSON object")
+            raise self._fault(WorkerError, "The worker answered badly: not a JSON object.")
         if isinstance(result.get("error_code"), int) and result["error_code"]:
             raise _chunk_error(self._parse(wire.WorkerChunk, result))
         return result
@@ -383,13 +392,13 @@ class HttpWorker:
         try:
             return model.model_validate(result)
         except ValidationError as exc:
-            raise WorkerError(f"The worker at {self.address} answered badly: {exc.errors()[0]['msg']}") from exc
+            raise self._fault(WorkerError, f"The worker answered badly: {exc.errors()[0]['msg']}") from exc
 
     async def count_tokens(self, request: wire.CountTokenRequest) -> int:
         result = await self._post("/count_token", request.model_dump(exclude_none=True))
         count = result.get("count", 0)
         if not isinstance(count, int):
-            raise WorkerError(f"The worker at {self.address} answered badly: a token count of {count!r}")
+            raise self._fault(WorkerError, "The worker answered badly: a token count that is not a number.", count)
         return count
 
     async def embed(self, params: wire.EmbedParams) -> wire.EmbedResult:
