@@ -45,7 +45,7 @@ from chatgate.api.pieces import is_large, json_in_pieces
 from chatgate.api.sse import named_sse, sse
 from chatgate.errors import ChatgateError, InvalidRequestError
 from chatgate.protocol.limits import CostError, PublicRequest, check_volume
-from chatgate.protocol.openai import EmbeddingResponse, valid_schema
+from chatgate.protocol.openai import EmbeddingResponse, ErrorResponse, valid_schema
 from chatgate.protocol.responses import StreamEvent
 from chatgate.responses import ClosingStreamingResponse
 
@@ -125,6 +125,12 @@ def label_model(request: Request, model: str) -> None:
         request.state.model = model
 
 
+# What the schema says every route may answer besides its result: an error in OpenAI's shape
+# (400 for every invalid body, never FastAPI's 422), and for generation routes an SSE stream.
+_ERRORS: dict[int | str, dict[str, Any]] = {"4XX": {"model": ErrorResponse}, "5XX": {"model": ErrorResponse}}
+_STREAM: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
 class Door(APIRoute):
     """A public API route: its handler runs the door's steps, then the endpoint."""
 
@@ -133,6 +139,8 @@ class Door(APIRoute):
         if body is not None and not (isinstance(body, type) and issubclass(body, PublicRequest)):
             raise TypeError(f"{path}: a public route's body must be a PublicRequest, not {body!r}")
         self.body_model: type[PublicRequest] | None = body
+        streams = body is not None and "stream" in body.model_fields
+        kwargs["responses"] = {**_ERRORS, **(_STREAM if streams else {}), **(kwargs.get("responses") or {})}
         super().__init__(path, endpoint, **kwargs)  # builds the handler, which reads body_model
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:

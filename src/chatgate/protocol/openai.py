@@ -410,6 +410,21 @@ class EmbeddingRequest(PublicRequest):
 # Responses ------------------------------------------------------------------------------------
 
 
+class ErrorDetail(BaseModel):
+    """What went wrong: OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error response's body."""
+
+    error: ErrorDetail
+
+
 class Usage(BaseModel):
     """Token accounting of a response."""
 
