@@ -132,6 +132,7 @@ class Scheduler:
         self._prefix = PrefixCache(
             budget_bytes=limits.prefix_cache_bytes, block_size=limits.prefix_block, release=runner.release
         )
+        runner.reclaim = self._prefix.evict_oldest  # a runner short of sequence ids evicts cached prefixes
         self.prefill_tokens = 0  # prompt tokens run through the model, shared rows counted once
         self.preemptions = 0  # times a sequence gave its KV back to be recomputed later
         self.kv_used = 0  # KV tokens the admitted sequences held after the last step (for other threads)

@@ -77,12 +77,13 @@ class TransformersEngine(ScheduledEngine):
 
         The fast forward keeps activations and the KV cache in float32 whatever `--dtype` says;
         Hugging Face's runs wholly in bfloat16 when asked for it."""
+        weights = self._settings.weights("float32")
         if FastDecoder.supports(self._model):
-            return FastDecoder(self._model, weight_format=self._settings.dtype)
-        if self._settings.dtype == "int8":
+            return FastDecoder(self._model, weight_format=weights)
+        if weights == "int8":
             raise ValueError(f"--dtype int8 needs a Llama-family model, not {type(self._model).__name__}")
         log.info("%s has no fast decoder; using the Hugging Face forward", type(self._model).__name__)
-        if self._settings.dtype == "bfloat16":
+        if weights == "bfloat16":
             self._model = self._model.to(torch.bfloat16)
         if self._settings.device == "cpu":
             use_skinny_linears(self._model)

@@ -10,7 +10,7 @@ a runner or its KV.
 from __future__ import annotations
 
 import abc
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -54,6 +54,8 @@ class Runner(abc.ABC):
 
     # Rows of one batch cost the longest row's KV (padded rows), or each only its own.
     padded: bool = True
+    # Frees room for new rows if it can (the scheduler points it at prefix-cache eviction).
+    reclaim: Callable[[], bool] = staticmethod(lambda: False)
 
     @abc.abstractmethod
     def empty(self) -> KV:
