@@ -248,6 +248,10 @@ class LlamaCppRunner(Runner):
         self._jobs: Any = None  # the scoring/embedding context, made on first use
         self._job_batch: _Batch | None = None
 
+    def __del__(self) -> None:
+        # Engines made for one test or one run come and go; their scheduler thread has ended.
+        self.close()
+
     def close(self) -> None:
         """Free the contexts (the model stays loaded)."""
         for batch in (self._batch, self._job_batch):
