@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-from collections import Counter
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +80,9 @@ class GgufModel:
     context_length: int
     kv_bytes_per_token: int  # f16 keys and values, every layer
     eos_token_ids: frozenset[int]
+
+    def __del__(self) -> None:
+        lc.llama_model_free(self.handle)  # every context over it holds a reference to this object
 
     @classmethod
     def load(cls, path: Path) -> GgufModel:
@@ -205,18 +207,25 @@ class LlamaKV:
         return list(self.lengths)
 
     def select(self, rows: list[int]) -> None:
-        kept = Counter(rows)
+        # Drop the rows not kept first (their ids may serve the copies), then copy repeated rows;
+        # if no id is left for a copy, the rows kept once stay consistent and the error rises.
+        unique = list(dict.fromkeys(rows))
         for row, seq in enumerate(self.seqs):
-            if row not in kept:
+            if row not in unique:
                 self.runner.free_sequence(seq)
+        by_row = {row: (self.seqs[row], self.lengths[row]) for row in unique}
+        self.seqs = [by_row[row][0] for row in unique]
+        self.lengths = [by_row[row][1] for row in unique]
+        copies = iter(self.runner.new_sequences(len(rows) - len(unique)))
         seqs, lengths, seen = [], [], set()
         for row in rows:
-            seq = self.seqs[row]
+            seq, length = by_row[row]
             if row in seen:  # a repeated row: a copy sharing the same cells
-                seq = self.runner.copy_sequence(seq)
+                seq = next(copies)
+                self.runner.copy_range(by_row[row][0], seq, -1, -1)
             seen.add(row)
             seqs.append(seq)
-            lengths.append(self.lengths[row])
+            lengths.append(length)
         self.seqs, self.lengths = seqs, lengths
 
     def extend(self, other: Any) -> None:
@@ -243,7 +252,7 @@ class LlamaCppRunner(Runner):
         self._threads = threads
         self._ctx = _context(model, tokens=kv_tokens, sequences=sequences, batch=BATCH_TOKENS, threads=threads)
         self._memory = lc.llama_get_memory(self._ctx)
-        self._batch = _Batch(BATCH_TOKENS)
+        self._batch: _Batch | None = _Batch(BATCH_TOKENS)
         self._free = list(range(sequences - 1, -1, -1))
         self._jobs: Any = None  # the scoring/embedding context, made on first use
         self._job_batch: _Batch | None = None
@@ -260,27 +269,25 @@ class LlamaCppRunner(Runner):
         for ctx in (self._ctx, self._jobs):
             if ctx:
                 lc.llama_free(ctx)
-        self._ctx = self._jobs = None
+        self._ctx = self._jobs = self._batch = self._job_batch = None
 
     # Sequences ---------------------------------------------------------------------------------
 
     def new_sequence(self) -> int:
         """A free sequence id (evicting prefix-cache spans if none is)."""
-        while not self._free:
+        return self.new_sequences(1)[0]
+
+    def new_sequences(self, count: int) -> list[int]:
+        """`count` free sequence ids, or none and an error."""
+        while len(self._free) < count:
             if not self.reclaim():
                 raise RuntimeError("llama.cpp runner: every sequence id is in use")
-        return self._free.pop()
+        return [self._free.pop() for _ in range(count)]
 
     def free_sequence(self, seq: int) -> None:
         """Drop every cell of `seq` and give its id back."""
         lc.llama_memory_seq_rm(self._memory, seq, -1, -1)
         self._free.append(seq)
-
-    def copy_sequence(self, seq: int) -> int:
-        """A new sequence holding what `seq` holds (shared cells)."""
-        copy = self.new_sequence()
-        lc.llama_memory_seq_cp(self._memory, seq, copy, -1, -1)
-        return copy
 
     def copy_range(self, source: int, target: int, start: int, end: int) -> None:
         """`target` gets `source`'s positions `start:end` (shared cells)."""
@@ -296,6 +303,8 @@ class LlamaCppRunner(Runner):
     # Steps ---------------------------------------------------------------------------------------
 
     def _logits(self, entries: list[tuple[int, int, int, bool]]) -> torch.Tensor:
+        if self._batch is None:
+            raise RuntimeError("llama.cpp runner closed")
         return torch.from_numpy(_run(self._ctx, self._batch, entries, self.model.vocab_size))
 
     def empty(self) -> LlamaKV:
@@ -349,14 +358,23 @@ class LlamaCppRunner(Runner):
         lc.llama_memory_clear(lc.llama_get_memory(self._jobs), True)
         return self._jobs
 
-    def score_prompt(self, prompt_ids: list[int], top: int) -> Generator[None, None, list[TokenLogprob | None]]:
+    def _windows(self, ids: list[int]) -> Generator[tuple[int, torch.Tensor], None, None]:
+        """Logits after every token of `ids`, a window at a time in the job context."""
         ctx = self._job_context(embeddings=False)
         assert self._job_batch is not None
+        for start in range(0, len(ids), JOB_WINDOW):
+            window = ids[start : start + JOB_WINDOW]
+            entries = [(0, start + i, token, True) for i, token in enumerate(window)]
+            yield start, torch.from_numpy(_run(ctx, self._job_batch, entries, self.model.vocab_size))
+
+    def prompt_logits(self, ids: list[int]) -> torch.Tensor:
+        """Logits after every token of `ids`, `[len(ids), vocab]`, at once (for the quality gate)."""
+        return torch.cat([logits for _, logits in self._windows(ids)])
+
+    def score_prompt(self, prompt_ids: list[int], top: int) -> Generator[None, None, list[TokenLogprob | None]]:
         out: list[TokenLogprob | None] = [None]
-        for start in range(0, len(prompt_ids), JOB_WINDOW):
-            window = prompt_ids[start : start + JOB_WINDOW]
-            rows = _run(ctx, self._job_batch, [(0, start + i, t, True) for i, t in enumerate(window)], self.model.vocab_size)
-            logprobs = torch.log_softmax(torch.from_numpy(rows), dim=-1)
+        for start, logits in self._windows(prompt_ids):
+            logprobs = torch.log_softmax(logits, dim=-1)
             following = prompt_ids[start + 1 : start + 1 + JOB_WINDOW]
             out += [scored(logprobs[i], token, top) for i, token in enumerate(following)]
             yield
