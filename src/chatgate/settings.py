@@ -146,15 +146,21 @@ class EngineSettings(_Base):
         default_factory=list, description="Names the model is served under (comma-separated)."
     )
     engine: str = Field(
-        "transformers",
-        description="Engine: transformers, fake, vllm (needs vLLM installed), or openai (forward to --upstream-url).",
+        "auto",
+        description="Engine: llama.cpp (GGUF files on llama.cpp's kernels), transformers (torch), fake, vllm "
+        "(needs vLLM installed), openai (forward to --upstream-url), or auto: llama.cpp for a GGUF file "
+        "where llama-cpp-python is installed, else transformers.",
     )
     device: str = Field("cpu", description="Torch device.")
-    num_threads: int = Field(0, ge=0, description="Torch threads (0: every core but one, which serves HTTP).")
-    dtype: Literal["float32", "bfloat16", "int8"] = Field(
-        "float32",
-        description="Chat model weights: float32 (exact), bfloat16 or int8 (dynamic-quantized "
-        "linears, CPU only); the smaller ones are faster and answer worse (see the README).",
+    num_threads: int = Field(
+        0, ge=0, description="Compute threads (0: llama.cpp every core; torch every core but one, which serves HTTP)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "int8"] = Field(
+        "auto",
+        description="Chat model weights: float32 (exact), bfloat16 or int8 (torch: dynamic-quantized "
+        "linears, CPU only; llama.cpp: Q8_0); the smaller ones are faster and answer worse (see the "
+        "README). auto: bfloat16 on llama.cpp, float32 on torch and vLLM. llama.cpp converts only "
+        "the default model; a GGUF file of your own is served as it is.",
     )
     cache_dir: Path = Field(
         default_factory=default_cache_dir, description="Where converted models are cached."
@@ -211,6 +217,10 @@ class EngineSettings(_Base):
         description="vllm engine: run the model eagerly, without torch.compile or CUDA graphs (on this "
         "2-core CPU it starts 3.5x faster and decodes ~8% slower).",
     )
+
+    def weights(self, auto: str) -> str:
+        """`dtype`, with `auto` standing for `auto` (the runner's own choice)."""
+        return auto if self.dtype == "auto" else self.dtype
 
     # Named apart from ApiSettings' validator: ServeSettings inherits both, and one name would hide the other.
     _split_names = field_validator("model_names", mode="before")(_split_list)

@@ -13,7 +13,7 @@ import pytest
 from fastapi import FastAPI
 
 from chatgate.engines.sentence_transformers import SentenceTransformersEngine
-from chatgate.engines.transformers import TransformersEngine
+from chatgate.engines.base import Engine
 from chatgate.settings import EngineSettings
 from tests.conftest import make_app, running, sdk
 
@@ -24,15 +24,13 @@ CHAT = "SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="module")
-def engines() -> tuple[SentenceTransformersEngine, TransformersEngine]:
-    return (
-        SentenceTransformersEngine(EngineSettings(engine="sentence-transformers")),
-        TransformersEngine(EngineSettings()),
-    )
+def engines(chat_engine: Engine) -> tuple[SentenceTransformersEngine, Engine]:
+    """MiniLM, and the chat model on each runner."""
+    return SentenceTransformersEngine(EngineSettings(engine="sentence-transformers")), chat_engine
 
 
 @pytest.fixture
-async def app(engines: tuple[SentenceTransformersEngine, TransformersEngine]) -> AsyncIterator[FastAPI]:
+async def app(engines: tuple[SentenceTransformersEngine, Engine]) -> AsyncIterator[FastAPI]:
     async with running(make_app(*engines)) as app:
         yield app
 
@@ -41,7 +39,7 @@ def cosine(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
 
 
-async def test_minilm_vectors(app: FastAPI, engines: tuple[SentenceTransformersEngine, TransformersEngine]) -> None:
+async def test_minilm_vectors(app: FastAPI, engines: tuple[SentenceTransformersEngine, Engine]) -> None:
     client = sdk(app)
     assert MINILM in [m.id for m in (await client.models.list()).data]
     texts = ["A man is playing a guitar.", "Someone plays the guitar.", "The stock market fell sharply today."]
@@ -60,7 +58,7 @@ async def test_minilm_vectors(app: FastAPI, engines: tuple[SentenceTransformersE
     assert np.array_equal(np.array(decoded), np.array(vectors, dtype=np.float32))
 
 
-async def test_token_id_input_matches_text(app: FastAPI, engines: tuple[SentenceTransformersEngine, TransformersEngine]) -> None:
+async def test_token_id_input_matches_text(app: FastAPI, engines: tuple[SentenceTransformersEngine, Engine]) -> None:
     client = sdk(app)
     ids = engines[0]._tokenizer("hello world")["input_ids"]
     by_ids = await client.embeddings.create(model=MINILM, input=[ids])

@@ -14,22 +14,24 @@ import openai
 import pytest
 from fastapi import FastAPI
 
-from chatgate.engines.transformers import TransformersEngine
-from chatgate.settings import EngineSettings, WorkerSettings
+from chatgate.engines.base import Engine
+from chatgate.settings import WorkerSettings
 from chatgate.worker.app import create_worker_app
-from tests.conftest import Messages, json_schema_format, make_app, running, sdk, user
+from tests.conftest import RUNNERS, Messages, json_schema_format, make_app, runner_engine, runner_of, running, sdk, user
 from tests.integration.test_structured_output import ASK, PERSON
 from tests.polling import apoll
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 
 MODEL = "SmolLM2-135M-Instruct"
-# SmolLM2-135M keeps 45 KiB of float32 keys and values per token: 0.01 GiB holds 233 tokens.
-BUDGET_GIB, BUDGET_TOKENS = 0.01, 233
+# SmolLM2-135M keeps 45 KiB of float32 keys and values per token on the torch runner (0.01 GiB
+# holds 233 tokens) and 22.5 KiB of float16 ones on llama.cpp (0.005 GiB holds 233).
+BUDGET_GIB, BUDGET_TOKENS = {"torch": 0.01, "llama.cpp": 0.005}, 233
 
 
-async def test_a_small_kv_budget_refuses_what_cannot_fit_and_queues_the_rest() -> None:
-    engine = TransformersEngine(EngineSettings(kv_cache_gib=BUDGET_GIB))
+@pytest.mark.parametrize("runner", RUNNERS)
+async def test_a_small_kv_budget_refuses_what_cannot_fit_and_queues_the_rest(runner: str) -> None:
+    engine = runner_engine(runner, kv_cache_gib=BUDGET_GIB[runner])
     async with running(make_app(engine)) as app:
         client = sdk(app)
         assert engine.info.context_length == BUDGET_TOKENS
@@ -57,7 +59,9 @@ async def test_a_small_kv_budget_refuses_what_cannot_fit_and_queues_the_rest() -
 # together, and give their KV back in turns once the two long answers (138 tokens each, 172 with
 # the prompt) outgrow it side by side. Each answer ends by itself well before the limit (greedy),
 # so the big budget gives the same answers.
-SMALL_GIB, SMALL_TOKENS = 0.012, 279
+# llama.cpp's rows are not padded to the longest, so the same answers fit in fewer tokens there:
+# 0.0048 GiB holds 223 tokens of its float16 KV.
+SMALL_GIB = {"torch": 0.012, "llama.cpp": 0.0048}
 ASKS = [
     "Name three colours.",
     "Explain what a CPU does in three sentences.",
@@ -68,7 +72,7 @@ ASKS = [
 ]
 
 
-async def streamed_answers(app: FastAPI, engine: TransformersEngine, seen_running: list[int]) -> list[str]:
+async def streamed_answers(app: FastAPI, engine: Engine, seen_running: list[int]) -> list[str]:
     """Every ask (and one JSON-schema reply) streamed at once, greedy, without max_tokens; each
     chunk notes how many sequences the engine was running."""
     client = sdk(app)
@@ -89,24 +93,27 @@ async def streamed_answers(app: FastAPI, engine: TransformersEngine, seen_runnin
 
 
 async def test_requests_without_max_tokens_run_together_under_a_small_budget_and_answer_as_with_a_big_one(
-    chat_engine: TransformersEngine,
+    chat_engine: Engine,
 ) -> None:
     roomy: list[int] = []
     async with running(make_app(chat_engine)) as app:
         expected = await streamed_answers(app, chat_engine, roomy)
-    small = TransformersEngine(EngineSettings(kv_cache_gib=SMALL_GIB))
+    small = runner_engine(runner_of(chat_engine), kv_cache_gib=SMALL_GIB[runner_of(chat_engine)])
     tight: list[int] = []
     async with running(make_app(small)) as app:
         answers = await streamed_answers(app, small, tight)
         preemptions = await worker_metric(small, "chatgate_engine_preemptions_total")
-    print(f"\nKV budget {SMALL_TOKENS} tokens: up to {max(tight)} running at once (context "
+    print(f"\nKV budget {small.info.context_length} tokens: up to {max(tight)} running at once (context "
           f"{small.info.context_length}), {preemptions:.0f} preemptions")
-    assert answers == expected
+    if runner_of(chat_engine) == "torch":
+        assert answers == expected
+    else:  # llama.cpp's sums depend on how many tokens a pass holds: a recomputed answer may part later
+        assert all(got[:16] == want[:16] for got, want in zip(answers, expected, strict=True)), (answers, expected)
     json.loads(answers[-1])
     assert max(tight) > 1 and preemptions > 0
 
 
-async def worker_metric(engine: TransformersEngine, name: str) -> float:
+async def worker_metric(engine: Engine, name: str) -> float:
     """`name`'s value on the /metrics of a worker serving `engine` (already started)."""
     worker = create_worker_app(WorkerSettings(no_register=True), engine=engine)
     async with running(worker), httpx.AsyncClient(transport=httpx.ASGITransport(app=worker), base_url="http://worker") as client:

@@ -13,6 +13,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from chatgate.engines.base import GenerationOutput, SamplingParams
+from chatgate.engines.runners.torch import TorchRunner
 from chatgate.engines.sampling import make_generator
 from chatgate.engines.scheduler import HEADROOM, Scheduler, SchedulerLimits, Slot
 from chatgate.engines.sequence import OutputChannel, SequenceState
@@ -192,9 +193,9 @@ def test_a_preempted_cache_hit_does_not_block_a_prompt_still_prefilling(model: L
     prompt's KV, while only the head may advance: nothing ever moved again."""
     loop = asyncio.new_event_loop()
     try:
-        scheduler = Scheduler(model=model, limits=SchedulerLimits(
+        scheduler = Scheduler(runner=TorchRunner(model, pad_token_id=0), limits=SchedulerLimits(
             max_running=16, prefill_chunk=2, prefill_budget=200, kv_tokens=200, prefix_cache_bytes=1 << 22, prefix_block=16,
-        ), pad_token_id=0)
+        ))
 
         def submit(prompt: list[int], max_tokens: int) -> SequenceState:
             state = SequenceState(prompt_ids=prompt, params=SamplingParams(max_tokens=max_tokens, temperature=0.0),

@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from chatgate.engines.base import SamplingParams
 from chatgate.engines.kernels import use_skinny_linears
 from chatgate.engines.kvcache import BatchKV
+from chatgate.engines.runners.torch import TorchRunner
 from chatgate.engines.sampling import make_generator
 from chatgate.engines.scheduler import Scheduler, SchedulerLimits, Slot
 from chatgate.engines.sequence import OutputChannel, SequenceState
@@ -46,7 +47,7 @@ def model() -> LlamaForCausalLM:
 @contextlib.contextmanager
 def scheduler_thread(model: LlamaForCausalLM, limits: SchedulerLimits) -> Iterator[Scheduler]:
     """A scheduler running in its own thread until the block ends."""
-    scheduler = Scheduler(model=model, limits=limits, pad_token_id=0)
+    scheduler = Scheduler(runner=TorchRunner(model, pad_token_id=0), limits=limits)
     thread = threading.Thread(target=scheduler.run, daemon=True)
     thread.start()
     try:
@@ -60,7 +61,7 @@ class Harness:
     """A scheduler thread over the tiny model, driven from asyncio."""
 
     def __init__(self, model: LlamaForCausalLM, limits: SchedulerLimits) -> None:
-        self.scheduler = Scheduler(model=model, limits=limits, pad_token_id=0)
+        self.scheduler = Scheduler(runner=TorchRunner(model, pad_token_id=0), limits=limits)
         self.thread = threading.Thread(target=self.scheduler.run, daemon=True)
         self.thread.start()
 

@@ -12,8 +12,11 @@ the report also counts prompts whose whole greedy continuation is unchanged.
 from __future__ import annotations
 
 import copy
+import functools
+import importlib.util
 import itertools
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,6 +40,10 @@ _QUESTIONS = ["What is 12 times 7?", "Who wrote Romeo and Juliet?", "What is the
               "Name the largest planet in the solar system.", "What is the opposite of hot?",
               "How many days are in a leap year?", "What language is spoken in Spain?",
               "What do bees make?"]
+
+# The gate a format must pass to be a default: this share of float32's greedy tokens, and Paris.
+GATE = 0.99
+PARIS_QUESTION = "What is the capital of France?"
 
 QUALITY_PROMPTS: list[str] = list(
     itertools.chain(
@@ -89,8 +96,15 @@ def greedy(decoder: Any, prompts: list[list[int]], tokens: int, *, pad: int = 0)
     return out
 
 
-def compare(reference: Any, candidate: Any, prompts: list[list[int]], tokens: int) -> dict[str, float]:
-    """Agreement and log-probability distance of `candidate` with `reference` on greedy continuations."""
+# Scores `ids` and returns the log-probabilities after each of its last `keep` positions.
+Scorer = Callable[[list[int], int], torch.Tensor]
+
+
+def compare(reference: Any, candidate: Scorer | Any, prompts: list[list[int]], tokens: int) -> dict[str, float]:
+    """Agreement and log-probability distance of `candidate` (a `Scorer`, or a decoder like
+    `reference`) with `reference` on greedy continuations."""
+    if hasattr(candidate, "config"):
+        candidate = functools.partial(forward_logprobs, candidate)
     continuations = greedy(reference, prompts, tokens)
     agree = total = unchanged = 0
     delta = 0.0
@@ -98,7 +112,7 @@ def compare(reference: Any, candidate: Any, prompts: list[list[int]], tokens: in
         ids = prompt + continuation
         target = torch.tensor(continuation)
         mine = forward_logprobs(reference, ids[:-1], len(continuation))
-        theirs = forward_logprobs(candidate, ids[:-1], len(continuation))
+        theirs = candidate(ids[:-1], len(continuation))
         matches = theirs.argmax(-1) == target
         agree += int(matches.sum())
         unchanged += int(bool(matches.all()))
@@ -112,23 +126,64 @@ def compare(reference: Any, candidate: Any, prompts: list[list[int]], tokens: in
     }
 
 
+def greedy_text(candidate: Scorer, tokenizer: Any, question: str, tokens: int = 16) -> str:
+    """The candidate's greedy answer to `question` (recomputed from scratch each token: short answers only)."""
+    ids = _chat_ids(tokenizer, question)
+    out: list[int] = []
+    for _ in range(tokens):
+        token = int(candidate(ids + out, 1)[-1].argmax())
+        if token == tokenizer.eos_token_id:
+            break
+        out.append(token)
+    return str(tokenizer.decode(out, skip_special_tokens=True))
+
+
+def _chat_ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def runner_for(settings: EngineSettings) -> str:
+    """The runner `settings` serve the chat model on: llama.cpp or torch."""
+    if settings.engine == "llama.cpp":
+        return "llama.cpp"
+    if settings.engine == "auto" and resolve_chat_model(settings.model_path).gguf_file is not None:
+        return "llama.cpp" if importlib.util.find_spec("llama_cpp") is not None else "torch"
+    return "torch"
+
+
+def _llama_scorer(settings: EngineSettings) -> Scorer:
+    from chatgate.engines.llamacpp import cached_gguf, decode_threads
+    from chatgate.engines.runners.llamacpp import GgufModel, LlamaCppRunner
+
+    threads = decode_threads(settings.num_threads)
+    path = cached_gguf(resolve_chat_model(settings.model_path), settings.cache_dir, settings.weights("bfloat16"), threads=threads)
+    runner = LlamaCppRunner(GgufModel.load(path), kv_tokens=256, sequences=1, threads=threads)
+    return lambda ids, keep: torch.log_softmax(runner.prompt_logits(ids)[-keep:].float(), dim=-1)
+
+
 def quality_report(settings: EngineSettings, *, tokens: int = 32) -> dict[str, Any]:
-    """`settings.dtype` against float32 on `QUALITY_PROMPTS`, `tokens` greedy tokens each."""
+    """The served weights (`settings`' runner and `--dtype`) against float32 on `QUALITY_PROMPTS`,
+    `tokens` greedy tokens each, and the candidate's answer to the France question."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"quality: {settings.dtype} against float32 on {len(QUALITY_PROMPTS)} prompts", file=sys.stderr, flush=True)
+    runner = runner_for(settings)
+    dtype = settings.weights("bfloat16" if runner == "llama.cpp" else "float32")
+    print(f"quality: {runner} {dtype} against float32 on {len(QUALITY_PROMPTS)} prompts", file=sys.stderr, flush=True)
     torch.set_num_threads(engine_threads(settings.num_threads))
     path = cached_checkpoint(resolve_chat_model(settings.model_path), settings.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model = model.to(settings.device).eval()
-    shadow = copy.deepcopy(model)  # the float32 format rewrites the modules' weights as views
+    if runner == "llama.cpp":
+        candidate = _llama_scorer(settings)
+    else:
+        shadow = copy.deepcopy(model)  # the float32 format rewrites the modules' weights as views
+        candidate = functools.partial(forward_logprobs, FastDecoder(shadow, weight_format=dtype))
     reference = FastDecoder(model)
-    candidate = FastDecoder(shadow, weight_format=settings.dtype)
-    prompts = [
-        list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False))
-        for text in QUALITY_PROMPTS
-    ]
-    result: dict[str, Any] = {"dtype": settings.dtype, "prompts": len(prompts), "tokens_per_prompt": tokens}
+    prompts = [_chat_ids(tokenizer, text) for text in QUALITY_PROMPTS]
+    result: dict[str, Any] = {"runner": runner, "dtype": dtype, "prompts": len(prompts), "tokens_per_prompt": tokens}
     result.update(compare(reference, candidate, prompts, tokens))
+    answer = greedy_text(candidate, tokenizer, PARIS_QUESTION)
+    result.update(paris_answer=answer, paris="Paris" in answer)
+    result["passes"] = result["greedy_token_agreement"] >= GATE and result["paris"]
     return result

@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from chatgate.engines.base import Engine
 from chatgate.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+
+def _auto(settings: EngineSettings) -> Engine:
+    """llama.cpp for a GGUF file where llama-cpp-python is installed, else transformers."""
+    import importlib.util
+
+    from chatgate.engines.loading import resolve_chat_model
+
+    if resolve_chat_model(settings.model_path).gguf_file is None:
+        return _transformers(settings)
+    if importlib.util.find_spec("llama_cpp") is None:
+        log.warning("llama-cpp-python is not installed: serving with the torch runner (slower; `make serve` builds it)")
+        return _transformers(settings)
+    return _llama_cpp(settings)
+
+
+def _llama_cpp(settings: EngineSettings) -> Engine:
+    from chatgate.engines.llamacpp import LlamaCppEngine
+
+    return LlamaCppEngine(settings)
 
 
 def _transformers(settings: EngineSettings) -> Engine:
@@ -35,6 +58,8 @@ def _fake(settings: EngineSettings) -> Engine:
 
 
 ENGINES: dict[str, Callable[[EngineSettings], Engine]] = {
+    "auto": _auto,
+    "llama.cpp": _llama_cpp,
     "transformers": _transformers,
     "sentence-transformers": _sentence_transformers,
     "fake": _fake,

@@ -9,6 +9,7 @@ work wasted on padding stays bounded by the longest live sequence, not by histor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -93,6 +94,10 @@ class BatchKV:
         """Columns in use: the longest row's length."""
         return self.layers[0].length
 
+    def held(self) -> list[int]:
+        """Tokens each row holds (the longest row's length less its padding)."""
+        return [self.length - pad for pad in self.pads]
+
     def limit_columns(self, limit: int) -> None:
         """Grow no further than `limit` columns: the most any row will hold."""
         for layer in self.layers:
@@ -155,6 +160,10 @@ class BatchKV:
             parts += [k[row, :, first : first + end - start], v[row, :, first : first + end - start]]
         stacked = torch.stack(parts)
         return stacked.view(len(self.layers), 2, *stacked.shape[1:])
+
+    def row_spans(self, row: int, ranges: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """`row_span` of each `(start, end)` of `ranges`."""
+        return [self.row_span(row, start, end) for start, end in ranges]
 
     def select(self, rows: list[int]) -> None:
         """Keep only `rows`, in that order (a row may repeat), then cut shared padding."""

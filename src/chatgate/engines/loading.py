@@ -52,6 +52,7 @@ class ModelSource:
     name: str
     path: Path
     gguf_file: str | None = None
+    packaged: bool = False  # the embedded default, whose GGUF file may be converted to another format
 
 
 def package_dir(package: str) -> Path:
@@ -67,7 +68,7 @@ def package_dir(package: str) -> Path:
 def resolve_chat_model(model_path: str) -> ModelSource:
     """Map `--model-path` to a model source: 'default', a .gguf file or a HF folder."""
     if model_path == "default":
-        return ModelSource(DEFAULT_CHAT_NAME, package_dir(_DEFAULT_GGUF_PACKAGE), _DEFAULT_GGUF_FILE)
+        return ModelSource(DEFAULT_CHAT_NAME, package_dir(_DEFAULT_GGUF_PACKAGE), _DEFAULT_GGUF_FILE, packaged=True)
     path = Path(model_path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model path {model_path!r} does not exist")

@@ -27,12 +27,13 @@ unreachable. Tensors stay on the device the cache was computed on.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from chatgate.engines.kvcache import BatchKV
+from chatgate.engines.runners.base import KV
 
 DEFAULT_BLOCK = 16
 
@@ -61,7 +62,7 @@ class PrefixHit:
     """Cached KV for the first `tokens` tokens of a prompt."""
 
     tokens: int
-    blocks: list[torch.Tensor]  # each [layers, 2, kv_heads, block tokens, head_dim]; they hold `tokens` or more
+    blocks: list[Any]  # the runner's spans (`KV.row_spans`), in order; they hold `tokens` or more
     logits: torch.Tensor | None  # the last position's logits, when the whole prompt was cached
 
 
@@ -71,13 +72,13 @@ class _Block:
     parent: _Block | None
     salt: str | None
     tokens: tuple[int, ...]
-    kv: torch.Tensor  # [layers, 2, kv_heads, len(tokens), head_dim]
+    kv: Any  # the runner's copy of these tokens' KV (a `Span`; torch: [layers, 2, kv_heads, len(tokens), head_dim])
     logits: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
         extra = self.logits.nbytes if self.logits is not None else 0
-        return self.kv.nbytes + extra
+        return int(self.kv.nbytes) + extra
 
 
 @dataclass
@@ -94,9 +95,12 @@ class PrefixCache:
     """Blocks of prompt KV under a byte budget, looked up by longest cached prefix; a budget of
     0 turns it off."""
 
-    def __init__(self, *, budget_bytes: int, block_size: int = DEFAULT_BLOCK) -> None:
+    def __init__(
+        self, *, budget_bytes: int, block_size: int = DEFAULT_BLOCK, release: Callable[[Any], None] = lambda span: None
+    ) -> None:
         self.budget = budget_bytes
         self.block_size = block_size
+        self._release = release  # frees an evicted block's span (the runner's `release`)
         self.stats = PrefixStats()
         self._blocks: OrderedDict[int, _Block] = OrderedDict()
 
@@ -130,20 +134,27 @@ class PrefixCache:
         last = self._blocks.get(keys[-1]) if keys else None
         return last is not None and last.logits is not None
 
-    def store(self, prompt: Sequence[int], keys: PromptKeys, *, kv: BatchKV, row: int, logits: torch.Tensor) -> None:
+    def store(self, prompt: Sequence[int], keys: PromptKeys, *, kv: KV, row: int, logits: torch.Tensor) -> None:
         """Keep the blocks of `prompt` not cached yet, from `row` of `kv`, and its last logits."""
         blocks = keys.blocks
         if not self.enabled or not blocks:
             return
         chain = self._walk(prompt, keys)
-        new_bytes = 0
+        ranges: list[tuple[int, int]] = []
         for index in range(len(chain), len(blocks)):
-            if blocks[index] in self._blocks or new_bytes > self.budget:
-                break  # a hash collision (astronomically rare), or more than could ever be kept
-            start, end = index * self.block_size, min((index + 1) * self.block_size, len(prompt))
-            block = _Block(key=blocks[index], parent=chain[-1] if chain else None, salt=keys.salt,
-                           tokens=tuple(prompt[start:end]), kv=kv.row_span(row, start, end))
-            self._blocks[blocks[index]] = block
+            if blocks[index] in self._blocks:
+                break  # a hash collision (astronomically rare)
+            ranges.append((index * self.block_size, min((index + 1) * self.block_size, len(prompt))))
+        spans = kv.row_spans(row, ranges) if ranges else []
+        new_bytes = 0
+        for index, ((start, end), span) in enumerate(zip(ranges, spans, strict=True)):
+            if new_bytes > self.budget:  # more than could ever be kept
+                for unused in spans[index:]:
+                    self._release(unused)
+                break
+            block = _Block(key=blocks[len(chain)], parent=chain[-1] if chain else None, salt=keys.salt,
+                           tokens=tuple(prompt[start:end]), kv=span)
+            self._blocks[block.key] = block
             chain.append(block)
             new_bytes += block.nbytes
             self.stats.bytes += block.nbytes
@@ -171,8 +182,18 @@ class PrefixCache:
         for block in reversed(chain):
             self._blocks.move_to_end(block.key)
 
+    def evict_oldest(self) -> bool:
+        """Drop the least recently used block; False if there is none (a runner short of room
+        for new sequences asks for this)."""
+        if not self._blocks:
+            return False
+        _, block = self._blocks.popitem(last=False)
+        self.stats.bytes -= block.nbytes
+        self.stats.blocks = len(self._blocks)
+        self._release(block.kv)
+        return True
+
     def _evict(self) -> None:
-        while self.stats.bytes > self.budget and self._blocks:
-            _, block = self._blocks.popitem(last=False)
-            self.stats.bytes -= block.nbytes
+        while self.stats.bytes > self.budget and self.evict_oldest():
+            pass
         self.stats.blocks = len(self._blocks)

@@ -1,4 +1,6 @@
-"""Continuous batching: one loop owns the model and advances every live sequence each step.
+"""Continuous batching: the engine's core. One loop decides, each step, what every live sequence
+does, and has a runner (`runners/`) execute it: the scheduler never touches a model or a tensor's
+layout, only the runner's KV handles and the logits it returns.
 
 Each iteration of the loop:
 1. admits new sequences and embedding jobs, and drops sequences whose consumer went away;
@@ -40,8 +42,8 @@ from typing import Any
 
 import torch
 
-from chatgate.engines.kvcache import BatchKV
 from chatgate.engines.prefix_cache import DEFAULT_BLOCK, PrefixCache, PrefixHit, PrefixStats, PromptKeys
+from chatgate.engines.runners.base import KV, Runner
 from chatgate.engines.sampling import sample_with_logprob
 from chatgate.engines.sequence import OutputChannel, SequenceState
 from chatgate.errors import ContextLengthExceededError
@@ -59,7 +61,7 @@ class Slot:
     prefilled: int = 0
     last_token: int = -1
     constraint: Any = None  # a `constraints.Constraint` for structured output
-    kv: BatchKV | None = field(default=None, repr=False)  # partial cache of a chunked prefill
+    kv: KV | None = field(default=None, repr=False)  # partial cache of a chunked prefill
     prefix_keys: PromptKeys | None = field(default=None, repr=False)  # block keys of `ids`
     looked_up: bool = False  # the prefix cache was asked for `ids`
     admitted: int = 0  # when it was admitted (a rising count; 0: waiting, not admitted)
@@ -114,22 +116,23 @@ Job = Iterator[None]
 
 
 class Scheduler:
-    """Owns the model in one thread; fed through a thread-safe inbox."""
+    """Drives one runner from one thread; fed through a thread-safe inbox."""
 
-    def __init__(self, *, model: Any, limits: SchedulerLimits, pad_token_id: int) -> None:
-        self._model = model
+    def __init__(self, *, runner: Runner, limits: SchedulerLimits) -> None:
+        self._runner = runner
         self._limits = limits
-        self._pad = pad_token_id
-        self._layers = int(model.config.num_hidden_layers)
         self.inbox: queue.Queue[Slot | Job | None] = queue.Queue()
         self._waiting: list[Slot] = []
         self._live: set[Slot] = set()  # every admitted sequence not yet ended, wherever it is
         self._running: list[Slot] = []
         self._jobs: deque[Job] = deque()
-        self._kv = BatchKV(self._layers)
+        self._kv = runner.empty()
         # KV of recent prompts: a shared prefix (system prompt, earlier turns, the n choices of
         # one request) is copied instead of prefilled again.
-        self._prefix = PrefixCache(budget_bytes=limits.prefix_cache_bytes, block_size=limits.prefix_block)
+        self._prefix = PrefixCache(
+            budget_bytes=limits.prefix_cache_bytes, block_size=limits.prefix_block, release=runner.release
+        )
+        runner.reclaim = self._prefix.evict_oldest  # a runner short of sequence ids evicts cached prefixes
         self.prefill_tokens = 0  # prompt tokens run through the model, shared rows counted once
         self.preemptions = 0  # times a sequence gave its KV back to be recomputed later
         self.kv_used = 0  # KV tokens the admitted sequences held after the last step (for other threads)
@@ -168,7 +171,8 @@ class Scheduler:
                 self._decode()
         except Exception as exc:  # bookkeeping itself broke: fail everything, keep serving
             self._fail(self._live, exc)
-            self._waiting, self._running, self._kv = [], [], BatchKV(self._layers)
+            self._waiting, self._running = [], []
+            self._drop_kv()
         self._run_job()
         self.kv_used = self.kv_demand()
         return True
@@ -179,7 +183,7 @@ class Scheduler:
         log.error("engine step failed for %d sequence(s)", len(slots), exc_info=exc)
         for slot in slots:
             slot.channel.put(exc)
-            slot.kv = None
+            self._drop_partial(slot)
             self._live.discard(slot)
 
     def _run_job(self) -> None:
@@ -211,6 +215,9 @@ class Scheduler:
 
     def _drop_cancelled(self) -> None:
         self._live = {s for s in self._live if not s.channel.cancelled}
+        for slot in self._waiting:
+            if slot.channel.cancelled:
+                self._drop_partial(slot)
         self._waiting = [s for s in self._waiting if not s.channel.cancelled]
         keep = [i for i, s in enumerate(self._running) if not s.channel.cancelled]
         if len(keep) < len(self._running):
@@ -221,7 +228,20 @@ class Scheduler:
         if rows:
             self._kv.select(rows)
         else:
-            self._kv = BatchKV(self._layers)
+            self._drop_kv()
+
+    def _drop_kv(self) -> None:
+        """Free the running batch's KV (a runner may hold it outside Python's reach)."""
+        try:
+            self._kv.select([])
+        finally:
+            self._kv = self._runner.empty()
+
+    def _drop_partial(self, slot: Slot) -> None:
+        """Free the KV of a prompt part-way through its prefill."""
+        kv, slot.kv = slot.kv, None
+        if kv is not None:
+            kv.select([])
 
     # Prefill ---------------------------------------------------------------------------------
 
@@ -255,17 +275,20 @@ class Scheduler:
     def _holdings(self) -> list[tuple[Slot, int]]:
         """Each admitted sequence with the KV tokens it holds once in the batch: a running row its
         own length, a sequence still prefilling the whole of what it prefills."""
-        running = [(s, self._kv.length - pad) for s, pad in zip(self._running, self._kv.pads, strict=True)]
+        running = list(zip(self._running, self._kv.held(), strict=True))
         return running + [(s, len(s.ids)) for s in self._waiting if s.admitted]
 
     def kv_demand(self, joining: Iterable[Slot] = (), *, ahead: int = 0) -> int:
         """KV tokens the batch holds `ahead` decode steps from now, with the admitted sequences
-        and `joining`: rows of the batch cache are padded to the longest, so that is rows times
-        the longest row, none counted past what it can ever hold (its `reservation`)."""
+        and `joining`, none counted past what it can ever hold (its `reservation`): where the
+        runner pads rows to the longest (torch), rows times the longest row, else their sum."""
         rows = dict(self._holdings())
         for slot in joining:
             rows.setdefault(slot, len(slot.ids))
-        return len(rows) * max((min(held + ahead, s.reservation) for s, held in rows.items()), default=0)
+        held = [min(tokens + ahead, s.reservation) for s, tokens in rows.items()]
+        if self._runner.padded:
+            return len(held) * max(held, default=0)
+        return sum(held)
 
     def _fits(self, joining: list[Slot]) -> bool:
         """Whether `joining` may be admitted now: the batch with them still fits the budget
@@ -324,7 +347,8 @@ class Scheduler:
         rest = [s for s in self._waiting if s is not slot]
         at = max((i + 1 for i, s in enumerate(rest) if s.admitted), default=0)
         self._waiting = [*rest[:at], slot, *rest[at:]]
-        slot.kv, slot.prefilled, slot.prefix_keys, slot.looked_up, slot.admitted = None, 0, None, False, 0
+        self._drop_partial(slot)
+        slot.prefilled, slot.prefix_keys, slot.looked_up, slot.admitted = 0, None, False, 0
         slot.preemptions += 1
         self.preemptions += 1
 
@@ -358,7 +382,7 @@ class Scheduler:
         """Continue `slot` from cached KV: decode at once if its whole prompt was cached, else
         prefill the rest after the cached prefix."""
         slot.prefilled = hit.tokens
-        kv = BatchKV.from_prefix(hit.blocks, tokens=hit.tokens, capacity=len(slot.ids))
+        kv = self._runner.from_prefix(hit.blocks, tokens=hit.tokens, capacity=len(slot.ids))
         if hit.logits is None:
             slot.kv = kv
             return
@@ -370,7 +394,7 @@ class Scheduler:
             slot.prefix_keys = self._prefix.keys(slot.ids, slot.state.params.cache_salt)
         return slot.prefix_keys
 
-    def _remember(self, slots: list[Slot], kv: BatchKV, logits: torch.Tensor, rows: list[int]) -> None:
+    def _remember(self, slots: list[Slot], kv: KV, logits: torch.Tensor, rows: list[int]) -> None:
         """Offer freshly prefilled prompts to the prefix cache (each distinct prompt once)."""
         seen: set[int] = set()
         for slot, row in zip(slots, rows, strict=True):
@@ -393,27 +417,10 @@ class Scheduler:
             tokens += slot.remaining
         return group
 
-    def _forward(self, kv: BatchKV, ids: torch.Tensor) -> torch.Tensor:
-        steps = ids.shape[1]
-        out = self._model(
-            input_ids=ids.to(self._model.device),
-            attention_mask=kv.attention_mask(steps).to(self._model.device),
-            position_ids=kv.positions(steps).to(self._model.device),
-            past_key_values=kv.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits: torch.Tensor = out.logits[:, -1].float().cpu()
-        return logits
-
-    @torch.inference_mode()
     def _prefill_chunk(self, slot: Slot) -> None:
-        """Advance one long prompt by a chunk, in a cache of its own."""
-        if slot.kv is None:
-            slot.kv = BatchKV(self._layers)
-            slot.kv.pads = [0]
+        """Advance one long prompt by a chunk, in a KV row of its own."""
         chunk = slot.ids[slot.prefilled : slot.prefilled + self._limits.prefill_chunk]
-        logits = self._forward(slot.kv, torch.tensor([chunk]))
+        slot.kv, logits = self._runner.prefill_chunk(slot.kv, chunk)
         self.prefill_tokens += len(chunk)
         slot.prefilled += len(chunk)
         if slot.remaining == 0:
@@ -422,21 +429,14 @@ class Scheduler:
             self._remember([slot], kv, logits, [0])
             self._start([slot], kv, logits, [0])
 
-    @torch.inference_mode()
     def _prefill_group(self, group: list[Slot]) -> None:
-        """Prefill several short prompts in one left-padded pass; equal prompts (under one cache salt) share a row."""
+        """Prefill several short prompts in one forward pass; equal prompts (under one cache salt) share a row."""
         self._admitting(group)
         unique: dict[tuple[str | None, tuple[int, ...]], int] = {}
         for slot in group:
             unique.setdefault(slot.row_key, len(unique))
-        prompts = [prompt for _, prompt in unique]
-        width = max(len(p) for p in prompts)
-        kv = BatchKV(self._layers)
-        kv.pads = [width - len(p) for p in prompts]
-        ids = torch.full((len(prompts), width), self._pad, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        logits = self._forward(kv, ids)
+        prompts = [list(prompt) for _, prompt in unique]
+        kv, logits = self._runner.prefill(prompts)
         self.prefill_tokens += sum(len(p) for p in prompts)
         rows = [unique[s.row_key] for s in group]
         self._remember(group, kv, logits, rows)
@@ -445,29 +445,28 @@ class Scheduler:
         self._waiting = [s for s in self._waiting if s not in group]
         self._start(group, kv, logits, rows)
 
-    def _start(self, slots: list[Slot], kv: BatchKV, logits: torch.Tensor, rows: list[int]) -> None:
+    def _start(self, slots: list[Slot], kv: KV, logits: torch.Tensor, rows: list[int]) -> None:
         """Sample each new sequence's first token and move the live ones into the batch."""
         live = []
         for slot, row in zip(slots, rows, strict=True):
             if self._advance(slot, logits[row]):
                 live.append((slot, row))
+        kv.select([row for _, row in live])
         if not live:
             return
-        kv.select([row for _, row in live])
         self._kv.extend(kv)
         self._running.extend(slot for slot, _ in live)
 
     # Decode ----------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def _decode(self) -> None:
-        ids = torch.tensor([[slot.last_token] for slot in self._running])
-        self._kv.limit_columns(self._column_limit())
+        tokens = [slot.last_token for slot in self._running]
         try:
-            logits = self._forward(self._kv, ids)
+            logits = self._runner.decode(self._kv, tokens, column_limit=self._column_limit())
         except Exception as exc:  # the shared cache may hold half a step: no row can go on
             self._fail(self._running, exc)
-            self._running, self._kv = [], BatchKV(self._layers)
+            self._running = []
+            self._drop_kv()
             return
         keep = [row for row, slot in enumerate(self._running) if self._advance(slot, logits[row])]
         if len(keep) < len(self._running):

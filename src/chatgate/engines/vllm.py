@@ -37,7 +37,7 @@ def _dtype(settings: EngineSettings) -> str:
     damages small models' answers, and chatgate's default is float32."""
     if settings.dtype == "int8":
         raise ChatgateError("--engine vllm serves float32 or bfloat16 weights, not int8")
-    return settings.dtype
+    return settings.weights("float32")
 
 
 def _vllm() -> Any:
