@@ -13,6 +13,8 @@
     │   └── WorkerUnavailableError      a worker failed before answering: retried elsewhere
     │       └── ShuttingDownError       the process is draining (new work refused, late streams ended)
     └── WorkerError                     502 upstream worker failed
+        └── WorkerLostError             it broke or went silent mid-stream: a response not yet
+                                        sent is retried elsewhere
 
 Serving code raises these; one handler in the API app turns them into OpenAI-shaped bodies.
 FastChat's numeric error codes exist only on the internal worker protocol and are mapped here.
@@ -185,6 +187,12 @@ class WorkerError(ChatgateError):
     type = "server_error"
     default_code = "worker_error"
     fastchat_code = 50001
+
+
+class WorkerLostError(WorkerError):
+    """The worker's stream broke, or the worker went silent, after it had started answering:
+    a stream the client is reading cannot move, but a response not yet sent can start again on
+    another worker."""
 
 
 _BY_FASTCHAT_CODE: dict[int, type[ChatgateError]] = {

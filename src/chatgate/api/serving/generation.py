@@ -20,8 +20,8 @@ from pydantic import BaseModel
 from chatgate.api.auth import cache_salt
 from chatgate.api.limits import grant as limits
 from chatgate.api.workers.base import Worker, WorkerPool
-from chatgate.api.workers.failover import with_failover
-from chatgate.errors import InvalidRequestError
+from chatgate.api.workers.failover import ATTEMPTS, with_failover
+from chatgate.errors import InvalidRequestError, NoHealthyWorkerError, WorkerLostError
 from chatgate.metrics import ApiMetrics
 from chatgate.protocol.openai import (
     ChatLogprobs,
@@ -220,11 +220,30 @@ class GenerationServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
         self.check_n(request.n)
         params, reply = self.prepare(request)
         choices_param = "n" if request.n > 1 else params[0].prompt_param
-        streams = await self.start(request.model, params, choices_param=choices_param)
         if request.stream:
+            streams = await self.start(request.model, params, choices_param=choices_param)
             return self._stream(streams, reply, request)
-        choices = await self.collect(streams)
+        choices = await self._collect_anywhere(request.model, params, choices_param)
         return reply.response(choices, total_usage(choices, request.n))
+
+    async def _collect_anywhere(self, model: str, params: list[GenerateParams], choices_param: str) -> list[Choice]:
+        """Every choice run to its end. A worker lost mid-way costs the client nothing yet: the
+        request starts again on another worker (the lost one is out of rotation), and only when
+        none is left does the client get the loss."""
+        lost: WorkerLostError | None = None
+        for _ in range(ATTEMPTS):
+            try:
+                streams = await self.start(model, params, choices_param=choices_param)
+            except NoHealthyWorkerError:
+                if lost is not None:
+                    raise lost from None
+                raise
+            try:
+                return await self.collect(streams)
+            except WorkerLostError as exc:
+                lost = exc
+        assert lost is not None
+        raise lost
 
     async def _stream(
         self, streams: list[AsyncGenerator[WorkerChunk, None]], reply: Reply[ResponseT, ChunkT], request: RequestT

@@ -43,6 +43,7 @@ from chatgate.errors import (
     OverloadedError,
     RequestTooLargeError,
     WorkerError,
+    WorkerLostError,
     WorkerUnavailableError,
     from_fastchat_code,
 )
@@ -366,7 +367,7 @@ class HttpWorker:
         # every stream at once, long before the controller's heartbeat notices).
         if self._on_failure is not None:
             self._on_failure(self)
-        return self._fault(WorkerError, f"The worker {what} mid-stream.", exc)
+        return self._fault(WorkerLostError, f"The worker {what} mid-stream.", exc)
 
     async def _post(self, path: str, body: dict[str, object]) -> dict[str, object]:
         try:
