@@ -149,6 +149,22 @@ async def test_health_answers_while_a_large_body_is_validated() -> None:
         assert max(waits, default=0) < 1.0, waits
 
 
+async def test_large_bodies_do_not_hold_up_small_ones() -> None:
+    # Each a second or more of checking: one lane, one per caller; small bodies have their own.
+    large = {"model": M, "prompt": [1] * 1_000_000, "max_tokens": 1}
+    async with running(make_app(FakeEngine(context_length=2_000_000))) as app, raw(app) as http:
+        flood = [asyncio.create_task(http.post("/v1/completions", json=large)) for _ in range(4)]
+        await asyncio.sleep(0.2)
+        begin = time.perf_counter()
+        small = await http.post("/v1/chat/completions", json={"model": M, "messages": MSG, "max_tokens": 2})
+        waited = time.perf_counter() - begin
+        assert small.status_code == 200
+        done = sum(task.done() for task in flood)
+        await asyncio.gather(*flood)
+        # Quiet, the small request takes milliseconds; behind the flood it took 4 checks' time.
+        assert waited < 3.0 and done < 4, (waited, done)
+
+
 async def test_echo_counts_the_scored_prompt_in_the_logprob_cap() -> None:
     prompt = "word " * 20_000  # 100 kB: 6 × (16 + 100,000) entries
     async with running(make_app(FakeEngine(context_length=200_000))) as app, raw(app) as http:
@@ -159,6 +175,16 @@ async def test_echo_counts_the_scored_prompt_in_the_logprob_cap() -> None:
                                                             "logprobs": 5, "max_tokens": 2})
         # A short prompt passes the cap (the fake model then says it cannot score prompts).
         assert "log-probability entries" not in streamed.text
+
+
+async def test_an_open_budget_counts_the_whole_context_in_the_logprob_cap() -> None:
+    # 5 × 21 × 30,000 entries if every choice ran to the end of the context.
+    body = {"model": M, "messages": MSG, "n": 5, "logprobs": True, "top_logprobs": 20}
+    async with running(make_app(FakeEngine(context_length=30_000))) as app, raw(app) as http:
+        open_budget = await http.post("/v1/chat/completions", json=body)
+        assert open_budget.status_code == 400 and error_of(open_budget)["param"] == "max_tokens"
+        assert (await http.post("/v1/chat/completions", json={**body, "max_tokens": 8})).status_code == 200
+        assert (await http.post("/v1/chat/completions", json={**body, "stream": True})).status_code == 200
 
 
 # Choices: what one worker can take, all or none ------------------------------------------------
@@ -209,6 +235,13 @@ CASES = [
     ("/detokenize", {"model": M, "tokens": [1, -1]}, "tokens[1]"),
     ("/api/v1/token_check", {"prompts": [{"model": M, "prompt": "\udc00", "max_tokens": 1}]}, "prompts[0].prompt"),
     ("/v1/embeddings", {"model": M, "input": ["a", "\ud800"]}, "input"),
+]
+# Integers of thousands of digits, where a field's own bound or message would have to print them.
+HUGE = int("9" * 4300)
+CASES += [
+    ("/v1/chat/completions", {"model": M, "messages": MSG, "max_tokens": HUGE}, ""),
+    ("/v1/responses", responses_body(max_output_tokens=HUGE), ""),
+    ("/v1/completions", {"model": M, "prompt": "x", "max_tokens": HUGE, "logprobs": 1}, ""),
 ]
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, get_type_hints
@@ -39,6 +40,7 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
+from chatgate.api.auth import caller
 from chatgate.api.disconnect import ClientGone, unless_disconnected
 from chatgate.api.errors import validation_error
 from chatgate.api.pieces import is_large, json_in_pieces
@@ -52,9 +54,26 @@ from chatgate.responses import ClosingStreamingResponse
 log = logging.getLogger(__name__)
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# Bodies are admitted two at a time: a flood of large ones queues here, not on the event loop,
-# and leaves the default thread pool to other work.
-_ADMISSION = anyio.CapacityLimiter(2)
+# Bodies are checked in threads of their own, in two lanes: small bodies (nearly every request)
+# two at a time, large ones one at a time and one per caller, so a caller sending large bodies
+# waits behind its own and delays nobody's small ones. A check cannot be cancelled once it runs:
+# a client that leaves still costs its body's check, bounded by the walk's caps.
+SMALL_BODY = 64 * 1024
+_SMALL = anyio.CapacityLimiter(2)
+_LARGE = anyio.CapacityLimiter(1)
+_LARGE_BY_CALLER: weakref.WeakValueDictionary[str, anyio.Lock] = weakref.WeakValueDictionary()
+
+
+async def admit(model: type[PublicRequest], raw: bytes, caller: str) -> PublicRequest:
+    """`admit_body` in the lane the body's size and its caller (a key's name, or the client's
+    address) call for."""
+    if len(raw) <= SMALL_BODY:
+        return await anyio.to_thread.run_sync(admit_body, model, raw, limiter=_SMALL)
+    own = _LARGE_BY_CALLER.get(caller)
+    if own is None:
+        own = _LARGE_BY_CALLER[caller] = anyio.Lock()
+    async with own:
+        return await anyio.to_thread.run_sync(admit_body, model, raw, limiter=_LARGE)
 
 
 @dataclass(frozen=True)
@@ -82,7 +101,7 @@ def admit_body(model: type[PublicRequest], raw: bytes) -> PublicRequest:
     try:  # only the volume here: each field's own walk names the field a bad value is in
         check_volume(data, max_depth=model.max_json_depth, max_values=model.max_json_values)
     except ValueError as exc:
-        raise InvalidRequestError(f"The request body is too large to serve: {exc}.", code="invalid_value") from None
+        raise InvalidRequestError(f"Invalid request body: {exc}.", code="invalid_value") from None
     try:
         body = model.model_validate(data)
     except ValidationError as exc:
@@ -102,6 +121,14 @@ def admit_body(model: type[PublicRequest], raw: bytes) -> PublicRequest:
 def body_error(exc: ValidationError) -> ChatgateError:
     """The 400 for a body that does not fit its schema, naming the field as OpenAI does."""
     return validation_error(RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]))
+
+
+def caller_name(request: Request) -> str:
+    """Who sent `request`, for fairness between callers: its key's name, else its address."""
+    who = caller.get()
+    if who is not None:
+        return who.store_key
+    return request.client.host if request.client is not None else ""
 
 
 def respond(result: Served, request: Request) -> Response:
@@ -150,7 +177,7 @@ class Door(APIRoute):
             kwargs: dict[str, Any] = {"request": request, **request.path_params}
             if body_model is not None:
                 raw = await request.body()
-                body = await anyio.to_thread.run_sync(admit_body, body_model, raw, limiter=_ADMISSION)
+                body = await admit(body_model, raw, caller_name(request))
                 kwargs["body"] = body
                 label_model(request, request.path_params.get("model") or str(getattr(body, "model", "")))
             try:

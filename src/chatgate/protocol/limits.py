@@ -39,6 +39,9 @@ MAX_LOGPROB_ENTRIES = 500_000
 # When a request leaves the completion budget open, the budget assumed for the cap above.
 ASSUMED_COMPLETION_TOKENS = 4096
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # signed 64-bit, as OpenAI and torch take seeds
+# Any integer in a request body: beyond every field's own bound (so the field's check names it),
+# far below what costs anything to print.
+INT_MIN, INT_MAX = -(2**64), 2**64
 
 
 def _check_text(text: str) -> None:
@@ -104,6 +107,9 @@ def check_volume(value: Any, *, max_values: int, max_depth: int) -> None:
             pending.extend((child, depth + 1) for child in item.values())
         elif isinstance(item, list):
             pending.extend((child, depth + 1) for child in item)
+        elif isinstance(item, int) and not INT_MIN <= item <= INT_MAX:
+            # No field takes more; a 4,000-digit number would only cost every message it is in.
+            raise ValueError("integers must be within ±2**64")
 
 
 def bounded_schema(value: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from chatgate.api.auth import cache_salt
 from chatgate.api.limits import grant as limits
 from chatgate.api.workers.base import Worker, WorkerPool
-from chatgate.api.workers.failover import ATTEMPTS, with_failover
+from chatgate.api.workers.failover import with_failover
 from chatgate.errors import InvalidRequestError, NoHealthyWorkerError, WorkerLostError
 from chatgate.metrics import ApiMetrics
 from chatgate.protocol.openai import (
@@ -32,6 +32,7 @@ from chatgate.protocol.openai import (
     TopLogprob,
     Usage,
 )
+from chatgate.protocol.limits import Cost, CostError, logprob_entries
 from chatgate.protocol.worker import GenerateParams, PromptLogprob, Sampling, WorkerChunk, WorkerLogprob, WorkerUsage
 from chatgate.streams import merge, primed
 
@@ -167,6 +168,19 @@ def with_seeds(params: GenerateParams, n: int, seed: int | None) -> list[Generat
     return [params.model_copy(update={"seed": (seed + i + 2**63) % 2**64 - 2**63}) for i in range(n)]
 
 
+async def _check_open_budget(worker: Worker, params: list[GenerateParams]) -> None:
+    """Refuse a response that would hold more log-probability entries than allowed if every
+    choice ran to the end of the context (its budget was left open)."""
+    context = (await worker.model_details()).context_length
+    entries, detail = logprob_entries(choices=len(params), alternatives=params[0].logprobs or 0, tokens=context)
+    try:
+        Cost(logprob_entries=entries, logprob_param=params[0].max_tokens_param, logprob_detail=detail).check()
+    except CostError as exc:
+        raise InvalidRequestError(
+            f"Invalid value for '{exc.param}': left open, it allows {exc} Set it.", param=exc.param, code="invalid_value"
+        ) from None
+
+
 async def _abandon(tasks: Sequence[asyncio.Future[AsyncGenerator[WorkerChunk, None]]]) -> None:
     """Cancel starts still waiting for their first chunk and close streams that started."""
     for task in tasks:
@@ -228,12 +242,13 @@ class GenerationServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
 
     async def _collect_anywhere(self, model: str, params: list[GenerateParams], choices_param: str) -> list[Choice]:
         """Every choice run to its end. A worker lost mid-way costs the client nothing yet: the
-        request starts again on another worker (the lost one is out of rotation), and only when
-        none is left does the client get the loss."""
+        request starts once more on another worker (the lost one is out of rotation); the client
+        gets the loss when that one is lost too, or no other is left."""
         lost: WorkerLostError | None = None
-        for _ in range(ATTEMPTS):
+        # Once more only: a request that itself kills workers takes out two, not every one.
+        for _ in range(2):
             try:
-                streams = await self.start(model, params, choices_param=choices_param)
+                streams = await self.start(model, params, choices_param=choices_param, held=True)
             except NoHealthyWorkerError:
                 if lost is not None:
                     raise lost from None
@@ -266,13 +281,13 @@ class GenerationServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
             raise InvalidRequestError(f"n must be at most {self._max_n}.", param="n")
 
     async def start(
-        self, model: str, params: list[GenerateParams], *, choices_param: str = "n"
+        self, model: str, params: list[GenerateParams], *, choices_param: str = "n", held: bool = False
     ) -> list[AsyncGenerator[WorkerChunk, None]]:
         """Start every generation and wait for each one's first chunk, so errors raise here;
         if the worker fails before answering, all of them move to another worker. Too many
         choices for a worker is an error naming `choices_param`."""
         begin = time.perf_counter()
-        streams = await with_failover(self._pool, model, lambda worker: self._start_on(worker, params, choices_param))
+        streams = await with_failover(self._pool, model, lambda worker: self._start_on(worker, params, choices_param, held))
         first_of_prompt = [i == 0 or params[i].prompt_key() != params[i - 1].prompt_key() for i in range(len(params))]
         return [
             _metered(stream, self._metrics, model, begin, count_prompt=first)
@@ -281,11 +296,15 @@ class GenerationServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
 
     @staticmethod
     async def _start_on(
-        worker: Worker, params: list[GenerateParams], choices_param: str
+        worker: Worker, params: list[GenerateParams], choices_param: str, held: bool
     ) -> list[AsyncGenerator[WorkerChunk, None]]:
         """Start every choice on `worker`, all or none: a request of more choices than the worker
         takes at once is refused before any starts, and when one choice fails to start the
-        others are stopped at once, so a request that cannot be served holds no slot."""
+        others are stopped at once, so a request that cannot be served holds no slot. A `held`
+        response (not streamed) with log-probabilities and an open budget is checked against
+        the log-probability cap at this model's context length."""
+        if held and params[0].logprobs is not None and params[0].max_new_tokens is None:
+            await _check_open_budget(worker, params)
         if len(params) > 1:
             capacity = (await worker.model_details()).concurrency
             if capacity is not None and len(params) > capacity:
