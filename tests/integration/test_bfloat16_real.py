@@ -32,6 +32,13 @@ async def bf16_app(bf16_engine: Engine) -> AsyncIterator[FastAPI]:
         yield app
 
 
+@pytest.fixture
+async def float32_app(torch_engine: Engine) -> AsyncIterator[FastAPI]:
+    """The reference: the default model in float32 on the same (torch) runner."""
+    async with running(make_app(torch_engine)) as app:
+        yield app
+
+
 async def test_answers_alone_and_batched_and_streams_the_same_text(bf16_app: FastAPI) -> None:
     client = sdk(bf16_app)
 
@@ -50,7 +57,7 @@ async def test_answers_alone_and_batched_and_streams_the_same_text(bf16_app: Fas
     assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == alone[2]
 
 
-async def test_logprobs_are_close_to_float32s(bf16_app: FastAPI, chat_app: FastAPI) -> None:
+async def test_logprobs_are_close_to_float32s(bf16_app: FastAPI, float32_app: FastAPI) -> None:
     async def logprobs(app: FastAPI) -> list[tuple[str, float, float]]:
         reply = await sdk(app).chat.completions.create(
             model=MODEL, messages=user(PROMPTS[0]), temperature=0, max_tokens=8, logprobs=True, top_logprobs=3,
@@ -58,17 +65,17 @@ async def test_logprobs_are_close_to_float32s(bf16_app: FastAPI, chat_app: FastA
         assert reply.choices[0].logprobs is not None and reply.choices[0].logprobs.content is not None
         return [(t.token, t.logprob, t.top_logprobs[0].logprob) for t in reply.choices[0].logprobs.content]
 
-    mine, reference = await logprobs(bf16_app), await logprobs(chat_app)
+    mine, reference = await logprobs(bf16_app), await logprobs(float32_app)
     assert [t for t, _, _ in mine] == [t for t, _, _ in reference]
     for (_, logprob, best), (_, exact, _) in zip(mine, reference, strict=True):
         assert logprob == best  # greedy: the chosen token is the most likely one
         assert abs(logprob - exact) < 0.1  # bfloat16 products move logprobs by ~0.01 on average
 
 
-async def test_prompt_scoring_runs_in_float32(bf16_app: FastAPI, chat_app: FastAPI) -> None:
+async def test_prompt_scoring_runs_in_float32(bf16_app: FastAPI, float32_app: FastAPI) -> None:
     async def echo(app: FastAPI) -> list[float]:
         reply = await sdk(app).completions.create(model=MODEL, prompt="The capital of France is Paris.", max_tokens=1, echo=True, logprobs=1)
         assert reply.choices[0].logprobs is not None and reply.choices[0].logprobs.token_logprobs is not None
         return reply.choices[0].logprobs.token_logprobs[:-1]  # the prompt's; the last is generated
 
-    assert await echo(bf16_app) == await echo(chat_app)  # the Hugging Face forward keeps float32 weights
+    assert await echo(bf16_app) == await echo(float32_app)  # the Hugging Face forward keeps float32 weights
