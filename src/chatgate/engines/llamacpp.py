@@ -35,8 +35,13 @@ GGUF_NAMES = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0"}
 
 
 def decode_threads(requested: int) -> int:
-    """llama.cpp threads: as asked, else every core (measured on 2 cores: see the README)."""
-    return requested or max(1, os.cpu_count() or 1)
+    """llama.cpp threads: as asked, else every core but one, which serves HTTP (as on torch).
+
+    ggml's threads meet at a spinning barrier after every operation, hundreds per token: when
+    the OS deschedules one of them, the others wait out its time slice. On two shared cores
+    under other load, two threads decoded one stream at 4 tok/s where one thread made 31;
+    on an idle machine two threads are about 1.3x one (see the README)."""
+    return requested or max(1, (os.cpu_count() or 1) - 1)
 
 
 def cached_gguf(source: ModelSource, cache_dir: Path, dtype: str, *, threads: int) -> Path:

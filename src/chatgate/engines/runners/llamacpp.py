@@ -47,10 +47,12 @@ BATCH_TOKENS = 2048
 JOB_WINDOW = 256
 JOB_ROWS = 16
 
-_LEVELS = {2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+# llama.cpp's log levels; its warnings are about settings we chose (a unified KV memory larger
+# than one training context), so they go to info.
+_LEVELS = {2: logging.DEBUG, 3: logging.INFO, 4: logging.ERROR}
 
 
-@lc.llama_log_callback  # type: ignore[misc]  # llama-cpp-python's CFUNCTYPE decorator is untyped
+@lc.llama_log_callback  # type: ignore[untyped-decorator]  # llama-cpp-python's CFUNCTYPE decorator is untyped
 def _log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     """llama.cpp's own log lines, into ours (its load chatter at debug level)."""
     message = text.decode(errors="replace").rstrip()
@@ -126,7 +128,8 @@ def _context(model: GgufModel, *, tokens: int, sequences: int, batch: int, threa
     params.kv_unified = True  # one pool of cells for every sequence: copies share cells
     params.n_threads = params.n_threads_batch = threads
     params.embeddings = embeddings
-    params.pooling_type = lc.LLAMA_POOLING_TYPE_NONE
+    if embeddings:  # per-token hidden states: the job pools them itself
+        params.pooling_type = lc.LLAMA_POOLING_TYPE_NONE
     params.no_perf = True
     ctx = lc.llama_init_from_model(model.handle, params)
     if not ctx:
@@ -352,7 +355,7 @@ class LlamaCppRunner(Runner):
     def _job_context(self, *, embeddings: bool) -> Any:
         if self._jobs is None:
             self._jobs = _context(self.model, tokens=self.model.context_length, sequences=JOB_ROWS,
-                                  batch=JOB_WINDOW * 2, threads=self._threads, embeddings=embeddings)
+                                  batch=JOB_WINDOW * 2, threads=self._threads, embeddings=True)
             self._job_batch = _Batch(JOB_WINDOW * 2)
         lc.llama_set_embeddings(self._jobs, embeddings)
         lc.llama_memory_clear(lc.llama_get_memory(self._jobs), True)
