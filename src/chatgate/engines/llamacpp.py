@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from chatgate.engines.kvbudget import free_memory
 from chatgate.engines.loading import ModelSource, model_construction
 from chatgate.engines.scheduled import LoadedModel, ScheduledEngine, kv_budget
@@ -104,6 +106,10 @@ class LlamaCppEngine(ScheduledEngine):
         from chatgate.engines.runners.llamacpp import GgufModel, LlamaCppRunner
 
         threads = decode_threads(self._settings.num_threads)
+        # Torch only samples here, a row at a time: small operations that more threads slow
+        # down (their spinning took the core from llama.cpp: sampling cost 2.5x the forward
+        # passes at 16 rows until this was set).
+        torch.set_num_threads(1)
         dtype = self._settings.weights("bfloat16")
         path = cached_gguf(self._source, self._settings.cache_dir, dtype, threads=threads)
         tokenizer = cached_tokenizer(self._source, self._settings.cache_dir)
@@ -129,6 +135,4 @@ class LlamaCppEngine(ScheduledEngine):
 
 def free_memory_bytes() -> int:
     """Bytes of host memory available now."""
-    import torch
-
     return free_memory(torch.device("cpu"))
