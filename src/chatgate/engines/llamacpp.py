@@ -120,8 +120,9 @@ class LlamaCppEngine(ScheduledEngine):
             free_bytes=free_memory_bytes(),
             ceiling=max(context, self._settings.max_running * TOKENS_PER_ROW),
         )
-        # Cells for the prefix cache's spans too (they share cells with the rows they came from).
-        prefix_tokens = min(context, int(self._settings.prefix_cache_gib * 2**30) // model.kv_bytes_per_token)
+        # Cells for the prefix cache's spans too, as many as its budget holds, so a step never
+        # finds the memory full (spans share cells with the rows they came from while both live).
+        prefix_tokens = int(self._settings.prefix_cache_gib * 2**30) // model.kv_bytes_per_token
         runner = LlamaCppRunner(model, kv_tokens=kv_tokens + prefix_tokens, sequences=SEQUENCES, threads=threads)
         log.info("llama.cpp runner: %s, %d threads, %d KV cells", path.name, threads, kv_tokens + prefix_tokens)
         eos = set(model.eos_token_ids)

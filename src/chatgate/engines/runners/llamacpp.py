@@ -173,7 +173,9 @@ def _run(ctx: Any, batch: _Batch, entries: Sequence[tuple[int, int, int, bool]],
         if outputs:
             pointer = lc.llama_get_embeddings(ctx) if embeddings else lc.llama_get_logits(ctx)
             parts.append(np.ctypeslib.as_array(pointer, shape=(outputs, width)).copy())
-    return np.concatenate(parts) if len(parts) != 1 else parts[0]
+    if not parts:
+        return np.zeros((0, width), dtype=np.float32)
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 @dataclass(eq=False)
