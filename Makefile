@@ -112,10 +112,12 @@ test: $(TEST_STAMP) $(LLAMA_STAMP)
 test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m "not model and not live"
 
-# 10,000 generated requests against `serve` in one process, then against three processes.
+# 10,000 generated requests against `serve` in one process, then against three processes; then
+# 10,000 generated from the OpenAPI schema (schemathesis) against `serve` with API keys on.
 fuzz: $(TEST_STAMP)
 	$(BIN)/python -m tests.fuzzing --requests 10000 --budget 900
 	$(BIN)/python -m tests.fuzzing --requests 10000 --budget 900 --three-process
+	CHATGATE_SCHEMA_EXAMPLES=10000 $(BIN)/python -m pytest -q tests/live/test_schema_fuzz.py
 
 # A fake-engine fleet under mixed traffic with kills and restarts: soak-results/soak.json and .png.
 soak: $(TEST_STAMP)

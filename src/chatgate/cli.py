@@ -77,11 +77,20 @@ def _setup_logging(level: str) -> None:
 def _run_uvicorn(
     app: Any, *, host: str, port: int, log_level: str, tls: tuple[str | None, str | None] = (None, None), **limits: Any
 ) -> None:
+    """Serve `app`; one with a `Drain` in its state drains on SIGTERM before uvicorn shuts down
+    (uvicorn then gives what is left a few seconds)."""
     import uvicorn
 
+    from chatgate.drain import DrainingServer
+
     keyfile, certfile = tls
-    uvicorn.run(app, host=host, port=port, log_level=log_level, ssl_keyfile=keyfile, ssl_certfile=certfile,
-                timeout_graceful_shutdown=5, **limits)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, ssl_keyfile=keyfile,
+                            ssl_certfile=certfile, timeout_graceful_shutdown=5, **limits)
+    drain = getattr(app.state, "drain", None)
+    server = DrainingServer(config, drain=drain) if drain is not None else uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        raise SystemExit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run exits
 
 
 def _api_limits(settings: ApiSettings) -> dict[str, Any]:

@@ -4,13 +4,17 @@
     ├── InvalidRequestError             400 invalid_request_error
     │   └── ContextLengthExceededError  400 invalid_request_error / context_length_exceeded
     ├── AuthenticationError             401 invalid_api_key
+    ├── PermissionDeniedError           403 permission_denied: an accepted key, not allowed here
     ├── ModelNotFoundError              404 model_not_found
     ├── RequestTooLargeError            413 request_too_large
     ├── OverloadedError                 429 engine_overloaded (with Retry-After)
     ├── RateLimitExceededError          429 rate_limit_exceeded: a per-key limit (with Retry-After)
     ├── NoHealthyWorkerError            503 service_unavailable (with Retry-After)
     │   └── WorkerUnavailableError      a worker failed before answering: retried elsewhere
+    │       └── ShuttingDownError       the process is draining (new work refused, late streams ended)
     └── WorkerError                     502 upstream worker failed
+        └── WorkerLostError             it broke or went silent mid-stream: a response not yet
+                                        sent is retried elsewhere
 
 Serving code raises these; one handler in the API app turns them into OpenAI-shaped bodies.
 FastChat's numeric error codes exist only on the internal worker protocol and are mapped here.
@@ -95,6 +99,15 @@ class AuthenticationError(ChatgateError):
     fastchat_code = 40101
 
 
+class PermissionDeniedError(ChatgateError):
+    """An accepted key that may not use this endpoint."""
+
+    status = 403
+    type = "invalid_request_error"
+    default_code = "permission_denied"
+    fastchat_code = 40101
+
+
 class ModelNotFoundError(ChatgateError):
     """The requested model is not served here."""
 
@@ -162,6 +175,11 @@ class WorkerUnavailableError(NoHealthyWorkerError):
     """A worker could not be reached, or failed before its first byte; safe to retry elsewhere."""
 
 
+class ShuttingDownError(WorkerUnavailableError):
+    """This process is shutting down: it takes no new work, and ends the streams still running
+    at its shutdown timeout with this error (an API server retries new work elsewhere)."""
+
+
 class WorkerError(ChatgateError):
     """A worker failed while serving a request."""
 
@@ -169,6 +187,12 @@ class WorkerError(ChatgateError):
     type = "server_error"
     default_code = "worker_error"
     fastchat_code = 50001
+
+
+class WorkerLostError(WorkerError):
+    """The worker's stream broke, or the worker went silent, after it had started answering:
+    a stream the client is reading cannot move, but a response not yet sent can start again on
+    another worker."""
 
 
 _BY_FASTCHAT_CODE: dict[int, type[ChatgateError]] = {

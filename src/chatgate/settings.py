@@ -43,7 +43,29 @@ class _Base(BaseSettings):
     )
 
 
-class ApiSettings(_Base):
+class ShutdownSettings(_Base):
+    """How a serving process drains on SIGTERM (`chatgate.drain`)."""
+
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="Seconds running streams may take to finish after SIGTERM (new "
+        "work is refused meanwhile); the ones still running then end with an error event.",
+    )
+
+
+class WorkerSilenceSettings(_Base):
+    """How long an API server waits on a silent worker that sends keep-alive frames."""
+
+    worker_silence_timeout: float = Field(
+        5.0, gt=0, description="Seconds a chatgate worker that sends keep-alive frames may stay "
+        "silent before it counts as frozen (its request moves to another worker if nothing was "
+        "generated yet); FastChat workers get --worker-first-frame-timeout and --worker-frame-timeout.",
+    )
+    worker_keepalive_interval: float = Field(
+        1.0, gt=0, le=60, description="Seconds of silence after which such a worker sends a keep-alive frame.",
+    )
+
+
+class ApiSettings(ShutdownSettings):
     """Settings of the OpenAI-compatible API server."""
 
     host: str = Field("127.0.0.1", description="Address to bind.")
@@ -51,6 +73,11 @@ class ApiSettings(_Base):
     api_keys: StrList = Field(
         default_factory=list,
         description="Accepted API keys, comma-separated; none means no key is checked.",
+    )
+    admin_keys: StrList = Field(
+        default_factory=list,
+        description="Keys that may also read /metrics and every model's workers on /ready, "
+        "comma-separated (accepted as API keys too); with API keys set, only these may.",
     )
     api_keys_file: Path | None = Field(
         None,
@@ -96,7 +123,7 @@ class ApiSettings(_Base):
     )
 
     _split = field_validator(
-        "api_keys", "allowed_origins", "allowed_methods", "allowed_headers", mode="before"
+        "api_keys", "admin_keys", "allowed_origins", "allowed_methods", "allowed_headers", mode="before"
     )(_split_list)
 
     def tls_files(self) -> tuple[str | None, str | None]:
@@ -143,6 +170,9 @@ class EngineSettings(_Base):
     )
     fake_token_delay: float = Field(
         0.0, ge=0, description="Seconds per token of the fake engine (for tests and demos)."
+    )
+    fake_prefill_delay: float = Field(
+        0.0, ge=0, description="Seconds the fake engine takes before its first token (a long prefill)."
     )
     max_running: int = Field(
         32, ge=1, description="Most sequences decoded together in one batch; the rest queue."
@@ -251,7 +281,7 @@ class FleetServerSettings(FleetSettings):
         return "https" if self.ssl_certfile else "http"
 
 
-class ApiProcessSettings(ApiSettings, FleetSettings):
+class ApiProcessSettings(ApiSettings, FleetSettings, WorkerSilenceSettings):
     """Settings of `chatgate api`: the API server in front of a controller."""
 
     controller_address: str = Field("http://localhost:21001", description="Controller URL.")
@@ -281,7 +311,7 @@ class ApiProcessSettings(ApiSettings, FleetSettings):
     )
 
 
-class WorkerSettings(EngineSettings, FleetServerSettings):
+class WorkerSettings(EngineSettings, FleetServerSettings, ShutdownSettings):
     """Settings of `chatgate worker`."""
 
     host: str = Field("localhost", description="Address to bind.")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import httpx
 import openai
@@ -247,10 +248,42 @@ async def test_a_stream_broken_mid_way_ends_the_request_and_reports_the_worker()
         return httpx.Response(200, content=body())
 
     api = Api({"http://w": dies})
-    with pytest.raises(WorkerError, match="failed .*ReadError.* mid-stream"):
+    with pytest.raises(WorkerError, match="failed mid-stream") as failed:
         await api.chat()
+    assert "http://w" not in failed.value.message  # the client is not told where workers live
     await apoll(lambda: api.reports == ["http://w"], what="the broken worker reported", timeout=5)
     assert api.pool.load() == []
+
+
+async def test_a_response_not_yet_sent_moves_on_when_its_worker_is_lost_mid_way() -> None:
+    """A worker frozen or killed mid-generation: the client of a non-streamed request has seen
+    nothing, so the request starts again on a live worker; a stream already read cannot."""
+    from chatgate.errors import WorkerLostError
+
+    async def stalls(request: httpx.Request) -> httpx.Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield frames({"text": "a"})
+            await asyncio.Event().wait()
+            yield b""
+
+        return httpx.Response(200, content=body())
+
+    for _ in range(10):  # dispatch picks at random: until the stalling worker was picked first
+        api = Api({"http://frozen": stalls, "http://fine": await answers(200, GOOD)}, Bounds(between_frames=0.2))
+        result = await api.chat()
+        assert result.choices[0].message.content == "ok"  # type: ignore[attr-defined]
+        await asyncio.sleep(0)
+        if api.reports:
+            break
+    assert api.reports == ["http://frozen"]
+    alone = Api({"http://frozen": stalls}, Bounds(between_frames=0.2))
+    with pytest.raises(WorkerLostError):  # no other worker: the error after the retries
+        await alone.chat()
+    streamed = Api({"http://frozen": stalls}, Bounds(between_frames=0.2))
+    stream: Any = await streamed.chat(stream=True)
+    with pytest.raises(WorkerLostError):
+        async for _ in stream:
+            pass
 
 
 async def test_an_oversized_frame_ends_the_request_with_an_error_not_an_empty_200() -> None:

@@ -7,10 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
-import socket
-import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,8 @@ from fastapi import FastAPI
 
 from chatgate.engines.fake import FakeEngine
 from tests.conftest import make_app, raw, running, sdk
-from tests.polling import apoll, poll
+from tests.polling import apoll
+from tests.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -144,34 +142,6 @@ def test_bad_keys_files_are_refused_at_start(tmp_path: Path) -> None:
 
 # Redis -------------------------------------------------------------------------------------
 
-REDIS = shutil.which("redis-server")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
-    if REDIS is None:
-        pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
-    port = _free_port()
-    proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def accepting() -> bool:
-        assert proc.poll() is None, "redis-server exited"
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-
-    poll(accepting, what="redis-server accepting connections", timeout=20, ignore=(OSError,))
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
 async def test_two_replicas_share_one_keys_rpm_in_redis(tmp_path: Path, redis_url: str) -> None:
     keys = keys_file(tmp_path, {"sk-shared": {"name": "shared", "rpm": 5, "tpm": 100000}})
     async with contextlib.AsyncExitStack() as stack:
@@ -192,6 +162,26 @@ async def test_two_replicas_share_one_keys_rpm_in_redis(tmp_path: Path, redis_ur
 
 async def test_redis_down_is_503_not_500(tmp_path: Path) -> None:
     keys = keys_file(tmp_path, {"sk-x": {"rpm": 5}})
-    async with running(make_app(FakeEngine(), api_keys_file=keys, redis_url=f"redis://127.0.0.1:{_free_port()}/0")) as app:
+    async with running(make_app(FakeEngine(), api_keys_file=keys, redis_url=f"redis://127.0.0.1:{free_port()}/0")) as app:
         r = await chat(app, "sk-x")
         assert r.status_code == 503 and r.json()["error"]["message"].startswith("The rate-limit store is unavailable")
+        assert "127.0.0.1" not in r.text  # Redis's address stays in the log
+
+
+async def test_a_redis_blip_as_a_request_ends_does_not_lock_its_key_out(tmp_path: Path, redis_server: RedisServer) -> None:
+    keys = keys_file(tmp_path, {"sk-par": {"name": "one-at-a-time", "max_parallel_requests": 1}})
+    slow = FakeEngine(token_delay=0.05)
+    async with running(make_app(slow, api_keys_file=keys, redis_url=redis_server.url)) as app:
+        first = asyncio.create_task(chat(app, "sk-par", stream=True, max_tokens=20))
+        await apoll(lambda: slow.active > 0, what="the request holds the key's only slot", timeout=10)
+        redis_server.stop()  # the request ends while Redis is unreachable: its release fails
+        assert (await first).status_code == 200
+        down = await chat(app, "sk-par")
+        assert down.status_code == 503, down.text  # a limited key is refused while Redis is down
+        assert str(redis_server.port) not in down.text and "127.0.0.1" not in down.text
+        redis_server.start()  # back, with the data it had (the lost slot included)
+
+        async def admitted() -> bool:
+            return bool((await chat(app, "sk-par")).status_code == 200)
+
+        await apoll(admitted, what="the key's slot back once Redis is", timeout=15)

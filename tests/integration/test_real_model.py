@@ -15,7 +15,7 @@ from chatgate.engines.base import SamplingParams
 from chatgate.engines.transformers import TransformersEngine
 from chatgate.settings import EngineSettings
 from tests.conftest import Messages, Served, Target, as_dicts, make_app, raw, running, sdk, user
-from tests.integration.test_slow_clients import call
+from tests.support.asgi import call
 from tests.polling import apoll
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]

@@ -104,7 +104,7 @@ async def test_raw_stream_is_named_events_and_incomplete_at_the_limit(fake_app: 
         ({"tools": TOOLS, "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
-        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": 5}}}}, "text.format"),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": 5}}}}, "text.format.schema"),
     ],
 )
 async def test_bad_requests_are_400_naming_the_field(fake_app: FastAPI, fields: dict[str, Any], param: str) -> None:

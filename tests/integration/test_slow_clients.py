@@ -15,46 +15,12 @@ from fastapi import FastAPI
 from chatgate.engines.fake import FakeEngine
 from chatgate.streams import MERGE_BUFFER, merge
 from tests.conftest import make_app, running
+from tests.support.asgi import call, until
 
 pytestmark = pytest.mark.anyio
 
 M = "fake-model"
 LONG = [{"role": "user", "content": "hi"}]
-
-
-def scope(path: str) -> dict[str, Any]:
-    return {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-        "root_path": "", "headers": [(b"content-type", b"application/json"), (b"host", b"chatgate")],
-        "client": ("127.0.0.1", 1), "server": ("chatgate", 80),
-    }
-
-
-async def until(condition: Any, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
-async def call(app: FastAPI, body: dict[str, Any], *, leave: asyncio.Event, sent: list[dict[str, Any]],
-               block_body: bool = False) -> None:
-    """Drive the app as a server would: the body, then a disconnect once `leave` is set."""
-    messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
-
-    async def receive() -> MutableMapping[str, Any]:
-        if messages:
-            return messages.pop()
-        await leave.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: MutableMapping[str, Any]) -> None:
-        sent.append(dict(message))
-        if block_body and message["type"] == "http.response.body" and len(sent) > 3:
-            await asyncio.Event().wait()  # a client that stopped reading: the write never completes
-
-    await app(scope("/v1/chat/completions"), receive, send)
 
 
 async def test_a_non_streaming_client_that_leaves_cancels_its_generation() -> None:

@@ -85,10 +85,12 @@ class LiveFleet:
                                   "--controller-address", self.url["controller"],
                                   "--heartbeat-interval", str(self.heartbeat), *self._fleet_args(serves_tls=True), *extra])
 
-    def api(self, name: str = "api", *extra: str) -> Process:
+    def api(self, name: str = "api", *extra: str, refresh: str | None = "0.5") -> Process:
+        """An API server; `refresh=None` keeps the default worker table refresh."""
         self._address(name)
+        refreshing = ["--worker-table-refresh", refresh] if refresh else []
         return self._start(name, ["api", "--host", "127.0.0.1", "--port", str(self.ports[name]),
-                                  "--controller-address", self.url["controller"], "--worker-table-refresh", "0.5",
+                                  "--controller-address", self.url["controller"], *refreshing,
                                   *self._fleet_args(serves_tls=False), *extra])
 
     def auth(self) -> dict[str, str]:

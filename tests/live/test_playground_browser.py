@@ -53,7 +53,7 @@ def server(processes: list[Process], tmp_path_factory: pytest.TempPathFactory) -
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("playground") / "serve.log"
-    process = Process(["serve", "--port", str(port), "--api-keys", KEY], log)
+    process = Process(["serve", "--port", str(port), "--api-keys", KEY, "--admin-keys", KEY], log)  # admin: /metrics
     processes.append(process)
     process.wait_healthy(url)
     return url

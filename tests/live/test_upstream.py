@@ -40,7 +40,8 @@ class Fleet:
 
     def upstream(self) -> Process:
         return self.start("upstream", ["serve", "--engine", "fake", "--model-names", M, "--fake-token-delay", "0.05",
-                                       "--embedding-model-path", "none", "--api-keys", KEY, "--no-playground"])
+                                       "--embedding-model-path", "none", "--api-keys", KEY, "--admin-keys", KEY,
+                                       "--no-playground"])
 
     def client(self, name: str, key: str = "none") -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url[name]}/v1", api_key=key, max_retries=0, timeout=60)
@@ -153,7 +154,7 @@ def test_upstream_4xx_reach_the_client_with_their_status(fleet: Fleet, front: st
     assert "structured output" in unsupported.value.message
 
 
-def test_wrong_upstream_key_is_a_401(fleet: Fleet, tmp_path: Path) -> None:
+def test_wrong_upstream_key_is_a_502_that_names_nothing(fleet: Fleet, tmp_path: Path) -> None:
     port = free_port()
     process = Process(["serve", "--engine", "openai", "--upstream-url", f"{fleet.url['upstream']}/v1",
                        "--upstream-api-key", "sk-wrong", "--model-names", M, "--embedding-model-path", "none",
@@ -161,8 +162,11 @@ def test_wrong_upstream_key_is_a_401(fleet: Fleet, tmp_path: Path) -> None:
     try:
         process.wait_healthy(f"http://127.0.0.1:{port}")
         response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"model": M, "messages": CHAT})
-        assert response.status_code == 401
+        # The operator's credentials failed, not the client's: a 502 naming neither key nor URL.
+        assert response.status_code == 502
         assert set(response.json()["error"]) >= {"message", "type", "code"}
+        assert "sk-wrong" not in response.text and "wrong" not in response.text
+        assert fleet.url["upstream"] not in response.text and str(fleet.port["upstream"]) not in response.text
     finally:
         process.stop()
 

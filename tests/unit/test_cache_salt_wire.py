@@ -3,7 +3,7 @@ arbitrary OpenAI-compatible upstream; and what it is derived from."""
 
 from __future__ import annotations
 
-from chatgate.api.auth import cache_salt, caller, key_digest
+from chatgate.api.auth import Caller, cache_salt, caller, key_digest
 from chatgate.api.serving.generation import sampling_params
 from chatgate.engines.base import SamplingParams
 from chatgate.engines.vllm import vllm_prompt
@@ -29,7 +29,7 @@ def test_the_worker_salt_is_a_digest_of_the_callers_key_and_the_requests_salt() 
     assert sampling_params(chat)["cache_salt"] is None  # no key, no salt: the shared cache
     salted = chat.model_copy(update={"cache_salt": "mine"})
     unkeyed = sampling_params(salted)["cache_salt"]
-    token = caller.set(key_digest(b"sk-secret"))
+    token = caller.set(Caller(key_digest(b"sk-secret"), "store", None))
     try:
         keyed, keyed_plain = sampling_params(salted)["cache_salt"], sampling_params(chat)["cache_salt"]
         assert keyed == cache_salt("mine") and keyed_plain == cache_salt(None)

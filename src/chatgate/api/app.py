@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute
 from prometheus_client import CollectorRegistry
 from starlette.middleware.cors import CORSMiddleware
 
 from chatgate.api import errors
-from chatgate.api.auth import KeyChecker, KeyMiddleware
+from chatgate.api.admin import AdminKeys
+from chatgate.api.auth import IdentityMiddleware, KeyChecker
+from chatgate.api.door import Door
+from chatgate.api.limits.lease import LeaseKeeper
 from chatgate.api.limits.middleware import RateLimitMiddleware
 from chatgate.api.limits.policy import load_keys_file
 from chatgate.api.limits.scoped import KeyScopedPool
@@ -27,6 +32,8 @@ from chatgate.api.serving.tokenize import TokenizeServing
 from chatgate.api.serving.tokens import TokenCheckServing
 from chatgate.api.state import ApiState
 from chatgate.api.workers.base import PoolSource
+from chatgate.api.workers.draining import DrainingPool
+from chatgate.drain import Drain
 from chatgate.metrics import ApiMetrics, FleetCollector
 from chatgate.ops import health_routes, metrics_routes
 from chatgate.settings import ApiSettings
@@ -50,15 +57,22 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
     metrics = ApiMetrics(registry)
     policies = load_keys_file(settings.api_keys_file) if settings.api_keys_file else {}
     store = _limit_store(settings.redis_url)
+    drain = Drain(timeout=settings.shutdown_timeout)
+    leases = LeaseKeeper(store)
+    keys = KeyChecker(settings.api_keys, policies, admin=settings.admin_keys)
+    admin = AdminKeys(keys_checked=keys.required)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with workers() as served:
+        async with workers() as opened:
+            served = DrainingPool(opened, drain)
             pool = KeyScopedPool(served) if any(p.models is not None for p in policies.values()) else served
+            # Every model and worker (addresses, in a fleet): /metrics is for admins only.
             fleet = FleetCollector(workers_per_model=pool.readiness, worker_load=pool.load)
             registry.register(fleet)
             app.state.api = ApiState(
                 pool=pool,
+                admin=admin,
                 stream_write_timeout=settings.stream_write_timeout,
                 chat=ChatServing(pool=pool, max_n=settings.max_n, metrics=metrics),
                 completions=CompletionServing(pool=pool, max_n=settings.max_n, metrics=metrics),
@@ -71,6 +85,7 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
                 yield
             finally:
                 registry.unregister(fleet)
+                await leases.close()
                 await store.close()
 
     # The interactive docs describe every route: off unless asked for, and then behind the key.
@@ -82,16 +97,21 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
         redoc_url="/redoc" if docs else None,
         openapi_url="/openapi.json" if docs else None,
     )
+    app.state.drain = drain  # the CLI's server drains it on SIGTERM
     errors.install(app)
 
     app.include_router(health_routes())
-    app.include_router(metrics_routes(registry))
+    app.include_router(metrics_routes(registry, dependencies=[Depends(admin.require)]))
     app.include_router(ops_routes.router)
     app.include_router(openai_routes.router)
     if settings.playground:
         playground.mount(app)
-    # Outermost last: Guard (ids, size cap, 500s), then CORS (preflights), then the key check.
-    app.add_middleware(KeyMiddleware, keys=KeyChecker([*settings.api_keys, *policies]), public=_public_paths(settings))
+    check_doors(app)
+    # Outermost last: Guard (ids, size cap, 500s), CORS (preflights; its headers on every error
+    # below), identity (the one parsed caller), then the caller's limits.
+    if policies:
+        app.add_middleware(RateLimitMiddleware, store=store, leases=leases)
+    app.add_middleware(IdentityMiddleware, keys=keys, public=_public_paths(settings))
     if settings.allowed_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -100,10 +120,32 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
             allow_headers=settings.allowed_headers,
             allow_credentials=settings.allow_credentials,
         )
-    if policies:  # inside the guard, so a 429 carries a request id like any other error
-        app.add_middleware(RateLimitMiddleware, policies=policies, store=store)
     app.add_middleware(GuardMiddleware, max_body=settings.max_request_bytes, metrics=metrics)
     return app
+
+
+# Routes that take no body and answer from the process's own state: liveness, readiness and
+# metrics. Identity (and so `--api-keys`) still applies to all but `/health`.
+_OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+
+def all_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    """Every route, those of included routers too (FastAPI includes routers lazily)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from all_routes(inner.routes)
+        else:
+            yield route
+
+
+def check_doors(app: FastAPI) -> None:
+    """Refuse to build an app with an API route that does not pass the door."""
+    for route in all_routes(app.routes):
+        if not isinstance(route, APIRoute) or route.path in _OPS_PATHS or playground.is_playground_path(route.path):
+            continue
+        if not isinstance(route, Door):
+            raise TypeError(f"route {route.path} is not declared through the door (chatgate.api.door.Door)")
 
 
 def _public_paths(settings: ApiSettings) -> Callable[[str], bool]:

@@ -70,8 +70,8 @@ def _best(errors: list[dict[str, Any]]) -> dict[str, Any]:
     """The most telling error of the first bad field.
 
     For a union (a prompt may be a string, strings, or token ids) pydantic reports every
-    branch; the branch with the fewest errors is the one the client meant, and within it an
-    error about a value says more than one about a type.
+    branch; the branch with an error about a value rather than a type, then the one the body
+    matched deepest, then the one with the fewest errors, is the one the client meant, and within it an error about a value says more than one about a type.
     """
     field = tuple(errors[0].get("loc", ()))[:2]
     mine = [e for e in errors if tuple(e.get("loc", ()))[:2] == field]
@@ -82,9 +82,11 @@ def _best(errors: list[dict[str, Any]]) -> dict[str, Any]:
     def rank(error: dict[str, Any]) -> tuple[bool, int]:
         return code_of(error) != "invalid_type", len(param_of(tuple(error.get("loc", ()))) or "")
 
-    def fit(group: list[dict[str, Any]]) -> tuple[int, bool, int]:
+    def fit(group: list[dict[str, Any]]) -> tuple[bool, int, int, bool, int]:
+        # A branch whose shape fitted (its errors are about values) is the one meant; then the
+        # one the body got furthest into (a list of parts, not a string); then the fewest errors.
         best = max(map(rank, group))
-        return -len(group), best[0], best[1]
+        return best[0], max(len(e.get("loc", ())) for e in group), -len(group), best[0], best[1]
 
     group = max(list(branches.values()), key=fit)
     return max(group, key=rank)

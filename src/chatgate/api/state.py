@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from chatgate.api.admin import AdminKeys
 from chatgate.api.workers.base import WorkerPool
 from chatgate.api.serving.chat import ChatServing
 from chatgate.api.serving.completions import CompletionServing
@@ -20,6 +21,7 @@ class ApiState:
     """The API server's shared resources."""
 
     pool: WorkerPool
+    admin: AdminKeys
     stream_write_timeout: float
     chat: ChatServing
     completions: CompletionServing

@@ -73,6 +73,20 @@ class Membership:
         self._probing[address] = task
         task.add_done_callback(lambda _: self._probing.pop(address, None))
 
+    async def leave(self, address: str) -> bool:
+        """Drop a worker that says it is leaving, once its probe confirms it (a worker shutting
+        down answers 503); False if it answers as a live worker (it stays)."""
+        if not any(w.address == address for w in self._registry.workers()):
+            return True
+        try:
+            await self.probe(address)
+        except ProbeFailed as exc:
+            self._registry.remove(address)
+            log.info("worker %s is leaving (%s): dropped", address, exc)
+            return True
+        log.warning("worker %s asked to leave but answers its status probe: kept", address)
+        return False
+
     async def _check(self, address: str) -> None:
         try:
             await self.probe(address)

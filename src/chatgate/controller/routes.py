@@ -1,5 +1,5 @@
-"""FastChat's controller endpoints (and chatgate's `/list_workers`, `/report_worker_down`):
-thin adapters from HTTP to the app's `Registry`."""
+"""FastChat's controller endpoints (and chatgate's `/list_workers`, `/report_worker_down`,
+`/unregister_worker`): thin adapters from HTTP to the app's `Registry`."""
 
 from __future__ import annotations
 
@@ -102,6 +102,12 @@ async def report_worker_down(body: WorkerDown, members: Membership = Members) ->
     members.suspect(body.worker_name)
     log.info("worker %s reported down", body.worker_name)
     return {"ok": True}
+
+
+@router.post("/unregister_worker")
+async def unregister_worker(body: WorkerDown, members: Membership = Members) -> dict[str, bool]:
+    """A worker shutting down leaves the table at once (confirmed by probing it: it answers 503)."""
+    return {"ok": await members.leave(body.worker_name)}
 
 
 @router.post("/get_worker_address")

@@ -53,7 +53,8 @@ def _fake(settings: EngineSettings) -> Engine:
     from chatgate.engines.fake import FakeEngine
 
     names = settings.model_names
-    return FakeEngine(name=names[0] if names else "fake-model", token_delay=settings.fake_token_delay)
+    return FakeEngine(name=names[0] if names else "fake-model", token_delay=settings.fake_token_delay,
+                      prefill_delay=settings.fake_prefill_delay)
 
 
 ENGINES: dict[str, Callable[[EngineSettings], Engine]] = {

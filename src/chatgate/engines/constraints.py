@@ -19,6 +19,10 @@ Two things a grammar cannot say are added here, with a `JsonCursor` following th
 
 from __future__ import annotations
 
+import json
+import threading
+from collections import OrderedDict
+
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,6 +46,7 @@ COMPACT: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": "
 # Tokens kept in hand, beyond the closing text, before nothing new may be opened: one token can
 # open a few things at once (`[{"` ...), and each then needs closing.
 WINDOW = 8
+_CACHED_GRAMMARS = 64
 # Bytes that may change what closing takes: a string token without them only extends the string.
 _STRUCTURAL = frozenset(b'"\\{}[],:')
 
@@ -52,9 +57,27 @@ class ConstraintCompiler:
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         self.tokenizer: LLTokenizer = from_tokenizer(tokenizer, n_vocab=vocab_size)
         self.vocabulary = Vocabulary(self.tokenizer)
+        # Grammars compiled lately, by the constraint's canonical JSON: the n choices of one
+        # request (each its own generation) and repeated requests compile a schema once.
+        self._compiled: OrderedDict[str, Grammar] = OrderedDict()
+        self._lock = threading.Lock()
 
     def compile(self, spec: dict[str, Any]) -> Grammar:
-        """The grammar for `{"type": "json_object"}` or `{"type": "json_schema", "schema": ...}`."""
+        """The grammar for `{"type": "json_object"}` or `{"type": "json_schema", "schema": ...}`,
+        from the cache when the same constraint was compiled lately."""
+        key = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+        with self._lock:
+            if key in self._compiled:
+                self._compiled.move_to_end(key)
+                return self._compiled[key]
+        grammar = self._compile(spec)
+        with self._lock:
+            self._compiled[key] = grammar
+            while len(self._compiled) > _CACHED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        return grammar
+
+    def _compile(self, spec: dict[str, Any]) -> Grammar:
         kind = spec.get("type")
         if kind == "json_object":
             schema = ANY_OBJECT

@@ -33,6 +33,7 @@ class FakeEngine(Engine):
         name: str = "fake-model",
         context_length: int = 1024,
         token_delay: float = 0.0,
+        prefill_delay: float = 0.0,
         fail_after: int | None = None,
         tools_in_template: bool = False,
     ) -> None:
@@ -44,9 +45,11 @@ class FakeEngine(Engine):
             tools_in_template=tools_in_template,
         )
         self.token_delay = token_delay
+        self.prefill_delay = prefill_delay  # before the first token, as a long prompt's prefill
         self.fail_after = fail_after  # raise after this many tokens, to test error paths
         self.embed_calls: list[int] = []  # batch sizes the engine was asked to embed
-        self.active = 0
+        self.active = 0  # generations running now
+        self.served = 0  # generations ever started
 
     @staticmethod
     def reply_for(prompt: str) -> str:
@@ -94,7 +97,10 @@ class FakeEngine(Engine):
         )
         generator = make_generator(params.seed)
         self.active += 1
+        self.served += 1
         try:
+            if self.prefill_delay:
+                await asyncio.sleep(self.prefill_delay)
             while not state.finished:
                 step = len(state.output_ids)
                 if step == self.fail_after:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from collections.abc import Iterable
+from typing import Annotated, Any, ClassVar, Literal
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
@@ -169,9 +170,8 @@ class JsonSchemaFormat(PublicRequest):
 
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
-    schema_: Annotated[dict[str, Any], AfterValidator(limits.bounded_schema), AfterValidator(valid_schema)] = Field(
-        default_factory=dict, alias="schema"
-    )
+    # Its validity (`valid_schema`) is checked by the door, within the request's schema budget.
+    schema_: Annotated[dict[str, Any], AfterValidator(limits.bounded_schema)] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
 
@@ -201,7 +201,8 @@ class FunctionDefinition(PublicRequest):
 
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
-    parameters: Annotated[dict[str, Any], AfterValidator(limits.bounded_schema), AfterValidator(valid_schema)] = Field(
+    # Its validity (`valid_schema`) is checked by the door, within the request's schema budget.
+    parameters: Annotated[dict[str, Any], AfterValidator(limits.bounded_schema)] = Field(
         default_factory=lambda: {"type": "object", "properties": {}}
     )
     strict: bool | None = None
@@ -268,10 +269,34 @@ class ChatCompletionRequest(SamplingRequest):
     def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs to be true")
-        if value is not None and not info.data.get("stream"):
-            budget = info.data.get("max_completion_tokens") or info.data.get("max_tokens")
-            limits.check_logprob_volume(choices=info.data.get("n", 1), alternatives=value, budget=budget)
         return value
+
+    def schemas(self) -> Iterable[tuple[str, dict[str, Any]]]:
+        for index, tool in enumerate(self.tools or []):
+            yield f"tools[{index}].function.parameters", tool.function.parameters
+        for index, function in enumerate(self.functions or []):
+            yield f"functions[{index}].parameters", function.parameters
+        if self.response_format is not None and self.response_format.json_schema is not None:
+            yield "response_format.json_schema.schema", self.response_format.json_schema.schema_
+
+    def cost(self) -> limits.Cost:
+        values, schema_param = limits.schemas_cost(self.schemas())
+        entries, detail = 0, ""
+        if self.logprobs and not self.stream:
+            entries, detail = limits.logprob_entries(
+                choices=self.n, alternatives=self.top_logprobs or 0, tokens=self.completion_limit()
+            )
+        return limits.Cost(
+            choices=self.n,
+            logprob_entries=entries,
+            logprob_param="top_logprobs" if self.top_logprobs else "logprobs",
+            logprob_detail=detail,
+            schema_values=values,
+            schema_param=schema_param,
+            messages=len(self.messages),
+            tools=len(self.tools or self.functions or []),
+            tools_param="tools" if self.tools else "functions",
+        )
 
     def logprob_count(self) -> int | None:
         """Alternatives per token to return, or None for no log-probabilities."""
@@ -318,20 +343,40 @@ class CompletionRequest(SamplingRequest):
             )
         return value
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs_capped(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and not info.data.get("stream") and "prompt" in info.data:
-            choices = prompt_count(info.data["prompt"]) * info.data.get("n", 1)
-            limits.check_logprob_volume(choices=choices, alternatives=value, budget=info.data.get("max_tokens"))
-        return value
+    # Completions carry token-id lists: up to 128 prompts of a long context.
+    max_json_values: ClassVar[int] = 1_100_000
+
+    def cost(self) -> limits.Cost:
+        choices = prompt_count(self.prompt) * self.n
+        entries, detail = 0, ""
+        if self.logprobs is not None and not self.stream:
+            # `echo` scores each choice's prompt as well; a token is at least one UTF-8 byte.
+            entries, detail = limits.logprob_entries(
+                choices=choices, alternatives=self.logprobs, tokens=self.max_tokens,
+                scored=max(map(prompt_length_bound, prompts_in(self.prompt)), default=0) if self.echo else 0,
+            )
+        return limits.Cost(
+            choices=choices, choices_param="n" if self.n > 1 else "prompt",
+            logprob_entries=entries, logprob_param="logprobs", logprob_detail=detail,
+        )
+
+
+def prompts_in(prompt: Any) -> list[Any]:
+    """The prompts a completions `prompt` holds: each a string or a token-id list."""
+    if isinstance(prompt, str) or all(isinstance(p, int) for p in prompt):
+        return [prompt]
+    return list(prompt)
 
 
 def prompt_count(prompt: Any) -> int:
     """How many prompts a completions `prompt` holds (one string or token list, or a list)."""
-    if isinstance(prompt, str) or all(isinstance(p, int) for p in prompt):
-        return 1
-    return len(prompt)
+    return len(prompts_in(prompt))
+
+
+def prompt_length_bound(prompt: str | list[int]) -> int:
+    """The most tokens one prompt can take: its token count, or its UTF-8 bytes (no token is
+    shorter than a byte)."""
+    return len(prompt) if isinstance(prompt, list) else len(prompt.encode("utf-8", "surrogatepass"))
 
 
 def _no_empty_input(value: str) -> str:
@@ -358,8 +403,26 @@ class EmbeddingRequest(PublicRequest):
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
 
+    # Up to 2,048 token-id lists.
+    max_json_values: ClassVar[int] = 1_100_000
+
 
 # Responses ------------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong: OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error response's body."""
+
+    error: ErrorDetail
 
 
 class Usage(BaseModel):

@@ -6,12 +6,14 @@ official SDK reads (`output_text`, `usage`, `status`, `sequence_number`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 from chatgate.protocol import limits
-from chatgate.protocol.openai import CacheSalt, FunctionDefinition, valid_schema
+from chatgate.protocol.limits import PublicRequest
+from chatgate.protocol.openai import CacheSalt, FunctionDefinition
 
 InputRole = Literal["user", "system", "developer", "assistant"]
 # OpenAI's `include` values. Only output logprobs apply to a text-only server; the others name
@@ -29,8 +31,7 @@ Includable = Literal[
 ]
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+_Request = PublicRequest  # strict, unknown fields ignored, every value JSON- and UTF-8-safe
 
 
 class InputTextPart(_Request):
@@ -89,7 +90,8 @@ class FunctionTool(_Request):
     type: Literal["function"]
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
-    parameters: Annotated[dict[str, Any], AfterValidator(limits.bounded_schema), AfterValidator(valid_schema)] = Field(
+    # Its validity (`valid_schema`) is checked by the door, within the request's schema budget.
+    parameters: Annotated[dict[str, Any], AfterValidator(limits.bounded_schema)] = Field(
         default_factory=lambda: {"type": "object", "properties": {}}
     )
     strict: bool | None = None
@@ -120,7 +122,7 @@ class TextFormat(_Request):
         if self.type == "json_schema":
             if self.schema_ is None or self.name is None:
                 raise ValueError("name and schema are required when type is 'json_schema'")
-            valid_schema(limits.bounded_schema(self.schema_))
+            limits.bounded_schema(self.schema_)  # its validity: checked by the door
         return self
 
 
@@ -158,6 +160,35 @@ class ResponsesRequest(_Request):
     def logprobs(self) -> bool:
         """Whether output text comes with log-probabilities (`top_logprobs` alone asks for none)."""
         return "message.output_text.logprobs" in (self.include or [])
+
+    def schemas(self) -> Iterable[tuple[str, dict[str, Any]]]:
+        for index, tool in enumerate(self.tools or []):
+            yield f"tools[{index}].parameters", tool.parameters
+        fmt = self.text.format if self.text is not None else None
+        if fmt is not None and fmt.type == "json_schema" and fmt.schema_ is not None:
+            yield "text.format.schema", fmt.schema_
+
+    def cost(self) -> limits.Cost:
+        """Chat's caps, counted as the conversation chat is shown: the instructions and one
+        message per input item, consecutive function calls being one assistant turn."""
+        messages, calls, run = (1 if self.instructions else 0), 0, 0
+        items: list[object] = [*self.input] if isinstance(self.input, list) else [self.input]
+        for item in items:
+            run = run + 1 if isinstance(item, FunctionCallInput) else 0
+            calls = max(calls, run)
+            messages += run <= 1
+        entries, detail = 0, ""
+        if self.logprobs and not self.stream:
+            entries, detail = limits.logprob_entries(
+                choices=1, alternatives=self.top_logprobs or 0, tokens=self.max_output_tokens
+            )
+        values, schema_param = limits.schemas_cost(self.schemas())
+        return limits.Cost(
+            messages=messages, messages_param="input", calls=calls, calls_param="input",
+            logprob_entries=entries, logprob_param="top_logprobs", logprob_detail=detail,
+            schema_values=values, schema_param=schema_param,
+            tools=len(self.tools or []),
+        )
 
     @field_validator("store", "background")
     @classmethod

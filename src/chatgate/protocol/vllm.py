@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
+from chatgate.protocol import limits
+from chatgate.protocol.limits import PublicRequest
 from chatgate.protocol.openai import ChatMessage
 
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+_Request = PublicRequest  # strict, unknown fields ignored, every value JSON- and UTF-8-safe
 
 
 class TokenizeRequest(_Request):
@@ -29,6 +29,10 @@ class TokenizeRequest(_Request):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' and 'messages'")
         return self
+
+    def cost(self) -> limits.Cost:
+        """Chat's cap on messages."""
+        return limits.Cost(messages=len(self.messages or []))
 
     def special_tokens(self) -> bool:
         """Whether the tokenizer adds its special tokens (BOS, ...)."""
@@ -51,6 +55,8 @@ class DetokenizeRequest(_Request):
 
     model: str = Field(min_length=1)
     tokens: list[Annotated[int, Field(ge=0)]]
+
+    max_json_values: ClassVar[int] = 1_100_000  # a long context's token ids
 
 
 class DetokenizeResponse(BaseModel):

@@ -3,7 +3,13 @@
 It is FastChat's controller/worker protocol, so chatgate and FastChat processes can front each
 other. chatgate's additions are optional fields that FastChat ignores: `messages` (the worker
 applies the model's own chat template), `prompt_token_ids`, `delta` (stream deltas instead of
-cumulative text), `cache_salt` and `param` on errors. A worker advertises them in `/model_details`.
+cumulative text), `cache_salt`, `keepalive` and `param` on errors. A worker advertises them in
+`/model_details`.
+
+Keep-alive: a request with `keepalive: s` (sent only to workers advertising `EXT_KEEPALIVE`) gets
+`KEEPALIVE_FRAME` on its stream whenever `s` seconds pass without a chunk (queued, prefilling,
+or between tokens), so the API server can take a few seconds of silence for a frozen worker
+without cutting a long prefill short. The frame is not a chunk: readers drop it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,13 @@ EXT_DELTA = "delta"
 EXT_TOKEN_IDS = "prompt_token_ids"
 EXT_TOKENIZE = "tokenize"  # /tokenize and /detokenize
 EXTENSIONS = (EXT_CHAT_TEMPLATE, EXT_DELTA, EXT_TOKEN_IDS, EXT_TOKENIZE)
+# KEEPALIVE_FRAME on request (see the module docstring): the worker's HTTP routes add it, so
+# every backend behind them (engines and upstreams alike) advertises it.
+EXT_KEEPALIVE = "keepalive"
+
+# The keep-alive frame, byte for byte (NUL-delimited like every frame); never a `WorkerChunk`.
+KEEPALIVE_FRAME = b'{"keepalive":true}'
+MAX_KEEPALIVE_INTERVAL = 60.0
 
 
 class Sampling(BaseModel):
@@ -76,6 +89,8 @@ class GenerateParams(Sampling):
     # Which request field the prompt came from, so errors can name it.
     prompt_param: str = "prompt"
     max_tokens_param: str = "max_tokens"
+    # Seconds of silence after which the worker sends KEEPALIVE_FRAME (None: never).
+    keepalive: float | None = Field(None, gt=0, le=MAX_KEEPALIVE_INTERVAL)
 
     @model_validator(mode="before")
     @classmethod
@@ -294,5 +309,8 @@ class ModelDetails(BaseModel):
 
     context_length: int
     chatgate_extensions: list[str] = Field(default_factory=list)
+    # Most requests the worker runs or queues at once (429 beyond): the API server refuses a
+    # request of more choices than that, which could never be admitted whole. None: unknown.
+    concurrency: int | None = None
     generates: bool = True
     embedding_dim: int = 0

@@ -4,7 +4,8 @@ The upstream (vLLM, SGLang, TGI, Ollama, llama.cpp, a hosted API or another chat
 tokenizes and generates; this backend registers its models, forwards chat, completions and
 embeddings as streamed requests over one pooled HTTP client, and translates errors at this one
 boundary (`wire.error_from`). Closing a generation closes the upstream stream, which is how
-every OpenAI-compatible server learns the client went away.
+every OpenAI-compatible server learns the client went away. No error a client sees names the
+upstream's URL or key: transport failures get a generic message here, with the detail logged.
 
 The request's cache salt (the API server's digest of the caller's key and `cache_salt`) is not
 forwarded: an arbitrary upstream may refuse a field it does not know, and only vLLM-like servers
@@ -53,9 +54,12 @@ class UpstreamService:
         context_length: tuple[int, str],
         counter: TokenCounter,
         limit_concurrency: int,
+        api_key: str | None = None,
     ) -> None:
         self._http = http
         self.url = url.rstrip("/")
+        self._secrets = wire.Secrets.of(self.url, api_key)
+        self._shown = wire.without_credentials(self.url)  # the URL as logs and details name it
         self.model_names = model_names
         self._upstream_model = upstream_model
         self._context, self._context_source = context_length
@@ -74,7 +78,10 @@ class UpstreamService:
         self._active += 1
         self.served += 1
         try:
-            reader = wire.StreamReader(chat=path == "/chat/completions", echoed=wire.echoed_prompt(params))
+            reader = wire.StreamReader(
+                chat=path == "/chat/completions", echoed=wire.echoed_prompt(params), secrets=self._secrets,
+                prompt_tokens=await self._prompt_tokens(params),
+            )
             async for data in self._events(path, body):
                 chunk = reader.event(data)
                 if chunk is not None:
@@ -90,7 +97,7 @@ class UpstreamService:
         complete = False
         try:
             if response.status_code != 200:
-                raise wire.error_from(response.status_code, await response.aread(), self.url)
+                raise wire.error_from(response.status_code, await response.aread(), self._secrets)
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -100,7 +107,8 @@ class UpstreamService:
                 yield json.loads(payload)
             complete = True
         except httpx.TransportError as exc:
-            raise WorkerError(f"The upstream {self.url} failed mid-stream: {exc}") from exc
+            log.warning("the upstream %s failed mid-stream: %r", self._shown, exc)
+            raise WorkerError("The model's upstream server failed mid-stream.") from None
         finally:
             # Shielded: a cancelled client must still close the upstream stream, or the upstream
             # keeps generating for nobody.
@@ -115,7 +123,21 @@ class UpstreamService:
         try:
             return await self._http.send(request, stream=True)
         except httpx.TransportError as exc:
-            raise WorkerUnavailableError(f"The upstream {self.url} is unreachable: {exc}") from exc
+            raise self._unreachable(exc) from None
+
+    def _unreachable(self, exc: httpx.TransportError) -> WorkerUnavailableError:
+        log.warning("the upstream %s is unreachable: %r", self._shown, exc)
+        return WorkerUnavailableError("The model's upstream server is unreachable.")
+
+    async def _prompt_tokens(self, params: proto.GenerateParams) -> int:
+        """The prompt's tokens as counted here: the usage of every chunk until the upstream's own
+        arrives at the end (if it ever does), so a stream left early is still accounted."""
+        if params.prompt_token_ids is not None:
+            return len(params.prompt_token_ids)
+        request = proto.CountTokenRequest(prompt=params.prompt, messages=params.messages)
+        if self._counter.tokenizer is None:  # an estimate: a few arithmetic operations
+            return self._counter.count(request)
+        return await asyncio.to_thread(self._counter.count, request)
 
     # Embeddings and tokens -------------------------------------------------------------------
 
@@ -127,9 +149,9 @@ class UpstreamService:
         try:
             response = await self._http.post(f"{self.url}/embeddings", json=body)
         except httpx.TransportError as exc:
-            raise WorkerUnavailableError(f"The upstream {self.url} is unreachable: {exc}") from exc
+            raise self._unreachable(exc) from None
         if response.status_code != 200:
-            raise wire.error_from(response.status_code, response.content, self.url)
+            raise wire.error_from(response.status_code, response.content, self._secrets)
         data = response.json()
         vectors = [item["embedding"] for item in sorted(data["data"], key=lambda item: item["index"])]
         tokens = int((data.get("usage") or {}).get("prompt_tokens", 0))
@@ -173,8 +195,9 @@ class UpstreamService:
                 "context_length_source": self._context_source,
                 "chatgate_extensions": [proto.EXT_CHAT_TEMPLATE, proto.EXT_DELTA],
                 "generates": True,
+                "concurrency": self._limit,
                 "token_count": self._counter.method,
-                "upstream": self.url,
+                "upstream": self._shown,
             }
         )
 
@@ -189,8 +212,9 @@ async def _upstream_models(http: httpx.AsyncClient, url: str, wait: float) -> li
             return list(response.json().get("data") or [])
         except (httpx.HTTPError, ValueError) as exc:
             if time.monotonic() >= deadline:
-                raise RuntimeError(f"the upstream {url} did not list its models: {exc}") from exc
-            log.info("waiting for the upstream %s: %s", url, exc)
+                shown = wire.without_credentials(url)
+                raise RuntimeError(f"the upstream {shown} did not list its models: {exc!r}") from exc
+            log.info("waiting for the upstream %s: %r", wire.without_credentials(url), exc)
             await asyncio.sleep(1.0)
 
 
@@ -229,7 +253,7 @@ async def open_upstream(settings: EngineSettings) -> AsyncIterator[UpstreamServi
         names = settings.model_names or [str(m["id"]) for m in models]
         tokenizer = settings.model_path if Path(settings.model_path).is_dir() else None
         counter = await asyncio.to_thread(TokenCounter.load, tokenizer)
-        log.info("serving %s from the upstream %s (token counts: %s)", names, url, counter.method)
+        log.info("serving %s from the upstream %s (token counts: %s)", names, wire.without_credentials(url), counter.method)
         yield UpstreamService(
             http=http,
             url=url,
@@ -238,5 +262,6 @@ async def open_upstream(settings: EngineSettings) -> AsyncIterator[UpstreamServi
             context_length=_context(models, settings.max_model_len),
             counter=counter,
             limit_concurrency=settings.limit_worker_concurrency,
+            api_key=settings.upstream_api_key,
         )
 

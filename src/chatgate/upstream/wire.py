@@ -4,17 +4,22 @@ Requests: `GenerateParams` become `/chat/completions` (with `messages`) or `/com
 always streamed with usage. Responses: the upstream's SSE events become delta `WorkerChunk`s; tool
 calls are turned into the JSON text the API server's tool plan parses (so its tool handling is
 the same for every worker). Errors: the upstream's status picks the chatgate error, so a 4xx
-reaches the client as that 4xx and a 5xx counts as the worker being unavailable.
+reaches the client as that 4xx and a 5xx counts as the worker being unavailable; a 401 or 403
+is the operator's credentials failing, a 502 to the client. This is where the upstream's words
+become a client's: what is passed on is scrubbed of the operator's secrets (`Secrets`), and the
+full story goes to the log.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from chatgate.errors import (
-    AuthenticationError,
     ChatgateError,
     ContextLengthExceededError,
     InvalidRequestError,
@@ -34,9 +39,10 @@ from chatgate.protocol.worker import (
     finish_reason_of,
 )
 
+log = logging.getLogger(__name__)
+
 _BY_STATUS: dict[int, type[ChatgateError]] = {
     400: InvalidRequestError,
-    401: AuthenticationError,
     404: ModelNotFoundError,
     413: RequestTooLargeError,
     422: InvalidRequestError,
@@ -111,39 +117,87 @@ def request(params: GenerateParams, model: str) -> tuple[str, dict[str, Any]]:
     return "/completions", _completion_body(params, model)
 
 
-def error_from(status: int, content: bytes, upstream: str) -> ChatgateError:
+REDACTED = "[redacted]"
+
+# A key as servers echo it masked: `sk-proj-****abcd`, `sk-abc...wxyz`.
+_MASKED_KEY = re.compile(r"[\w-]*\*{3,}[\w-]*|\bsk-[\w-]*\.{2,}[\w-]+")
+
+
+def without_credentials(url: str) -> str:
+    """`url` without any `user:password@`, as logs and worker details name the upstream."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """What of the operator's must never reach a client: the upstream's address (with any
+    credentials in it) and its API key, whole or masked."""
+
+    words: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, url: str, api_key: str | None) -> Secrets:
+        """The secrets of an upstream at `url` called with `api_key`."""
+        parts = urlsplit(url)
+        words = {url, url.rstrip("/"), without_credentials(url), parts.netloc, parts.hostname or "", parts.password or "", api_key or ""}
+        if parts.username:
+            words.add(f"{parts.username}:")
+        # Longest first, so a URL goes whole rather than leaving pieces around its host.
+        return cls(tuple(sorted((w for w in words if len(w) >= 3), key=len, reverse=True)))
+
+    def scrub(self, text: str) -> str:
+        """`text` with every secret, and anything that looks like a masked key, redacted."""
+        for word in self.words:
+            text = text.replace(word, REDACTED)
+        return _MASKED_KEY.sub(REDACTED, text)
+
+
+def error_from(status: int, content: bytes, secrets: Secrets) -> ChatgateError:
     """The chatgate error for an upstream's error response."""
     try:
         error = json.loads(content).get("error")
     except (ValueError, AttributeError):
         error = None
-    return _error_of(status, error, upstream)
+    return _error_of(status, error, secrets)
 
 
-def _error_of(status: int, error: Any, upstream: str) -> ChatgateError:
+def _error_of(status: int, error: Any, secrets: Secrets) -> ChatgateError:
     """The chatgate error for HTTP `status` and an OpenAI-shaped `error` object (or text)."""
-    message, param, code = f"The upstream {upstream} answered HTTP {status}.", None, None
+    message, param, code = f"The upstream server answered HTTP {status}.", None, None
     if isinstance(error, dict):
         message = str(error.get("message") or message)
         param, code = error.get("param"), error.get("code")
     elif isinstance(error, str):  # some servers send {"error": "text"}
         message = error
-    if status >= 500:
-        return WorkerUnavailableError(f"The upstream {upstream} failed: {message}")
+    if status in (401, 403) or status >= 500:
+        # Not the client's doing, and its text may name the operator's key or hosts.
+        log.warning("the upstream answered HTTP %d: %s", status, secrets.scrub(message))
+        if status >= 500:
+            return WorkerUnavailableError(f"The model's upstream server failed (HTTP {status}).")
+        return WorkerError("The model's upstream server refused this server's credentials.", code="upstream_auth_failed")
+    message = secrets.scrub(message)
     if code == "context_length_exceeded":
         return ContextLengthExceededError(message, param=param)
     cls = _BY_STATUS.get(status, InvalidRequestError)
     return cls(message, param=param if isinstance(param, str) else None)
 
 
-def stream_error(error: Any) -> ChatgateError:
+def stream_error(error: Any, secrets: Secrets = Secrets()) -> ChatgateError:
     """The chatgate error for an error event inside a 200 stream. vLLM refuses some requests
     only once streaming (an out-of-vocabulary `logit_bias` id) and puts the HTTP status it
     means in `code`: a 4xx there is the client's error, passed on as such."""
     if isinstance(error, dict) and isinstance(error.get("code"), int) and 400 <= error["code"] < 500:
-        return _error_of(error["code"], error, "upstream")
+        return _error_of(error["code"], error, secrets)
     message = error.get("message") if isinstance(error, dict) else str(error)
-    return WorkerError(f"The upstream failed mid-stream: {message}")
+    log.warning("the upstream failed mid-stream: %s", secrets.scrub(str(message)))
+    return WorkerError("The model's upstream server failed mid-stream.")
 
 
 def _alternatives(top: Any) -> list[TokenAlternative]:
@@ -223,11 +277,17 @@ class StreamReader:
     """Turns one upstream stream's events into delta chunks.
 
     The finish reason is held back until the usage event (which comes after it), so the last
-    chunk carries both, as an engine's last output does.
+    chunk carries both, as an engine's last output does. Upstreams report usage only at the end
+    (or not at all), so until then every chunk carries a running count, as an engine's outputs
+    do: the prompt as counted here, and one generated token per scored token or per event
+    that generated something (servers stream one token per event).
     """
 
     chat: bool
     echoed: str | list[int] | None = None  # the prompt the first event echoes, with logprobs
+    secrets: Secrets = Secrets()
+    prompt_tokens: int = 0
+    generated: int = 0
     finish: str | None = None
     usage: WorkerUsage | None = None
     calls: dict[int, dict[str, str]] = field(default_factory=dict)
@@ -235,7 +295,7 @@ class StreamReader:
     def event(self, data: dict[str, Any]) -> WorkerChunk | None:
         """The chunk to pass on for one event, if it carries text or log-probabilities."""
         if "error" in data:
-            raise stream_error(data["error"])
+            raise stream_error(data["error"], self.secrets)
         if data.get("usage"):
             self.usage = WorkerUsage.model_validate(data["usage"])
         choices = data.get("choices") or []
@@ -243,17 +303,26 @@ class StreamReader:
             return None
         choice = choices[0]
         self.finish = choice.get("finish_reason") or self.finish
+        prompt = None
         if self.chat:
             delta = choice.get("delta") or {}
-            self._collect_calls(delta.get("tool_calls") or [])
+            calls = delta.get("tool_calls") or []
+            self._collect_calls(calls)
             text, logprobs = delta.get("content") or "", _chat_logprobs(choice.get("logprobs"))
+            self.generated += len(logprobs) if logprobs else int(bool(text or calls))
         else:
             text, logprobs, prompt = self._completion(choice)
-            if prompt:
-                return WorkerChunk(text=text, token_logprobs=logprobs, prompt_logprobs=prompt)
-        if not text and not logprobs:
+            self.generated += len(logprobs) if logprobs else int(bool(text) and not prompt)
+        if not text and not logprobs and not prompt:
             return None
-        return WorkerChunk(text=text, token_logprobs=logprobs)
+        return WorkerChunk(text=text, token_logprobs=logprobs, prompt_logprobs=prompt, usage=self.running())
+
+    def running(self) -> WorkerUsage:
+        """The usage so far: the upstream's own once it has sent it, else counted here."""
+        if self.usage is not None:
+            return self.usage
+        total = self.prompt_tokens + self.generated
+        return WorkerUsage(prompt_tokens=self.prompt_tokens, completion_tokens=self.generated, total_tokens=total)
 
     def _completion(self, choice: dict[str, Any]) -> tuple[str, list[WorkerLogprob] | None, list[PromptLogprob] | None]:
         """Text, generated tokens' and (on the echoing event) prompt tokens' log-probabilities."""
@@ -279,7 +348,7 @@ class StreamReader:
         if self.calls:
             calls = [{"name": c["name"], "arguments": _arguments(c["arguments"])} for _, c in sorted(self.calls.items())]
             text, finish = json.dumps({"tool_calls": calls}), "stop"
-        return WorkerChunk(text=text, finish_reason=finish, usage=self.usage or WorkerUsage())
+        return WorkerChunk(text=text, finish_reason=finish, usage=self.running())
 
 
 def _arguments(text: str) -> dict[str, Any] | str:

@@ -10,6 +10,7 @@ import httpx
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from chatgate.drain import Drain
 from chatgate.engines.base import Engine, EngineStats
 from chatgate.fleet import fleet_client, secure
 from chatgate.metrics import EngineCollector, FleetCollector
@@ -45,6 +46,7 @@ def create_worker_app(settings: WorkerSettings, *, engine: Engine | None = None)
                 yield
 
     app = FastAPI(title="chatgate worker", lifespan=lifespan)
+    app.state.drain = Drain(timeout=settings.shutdown_timeout, what="This worker")
     app.include_router(health_routes())
     app.include_router(metrics_routes(registry))
     app.include_router(routes.router)
@@ -56,7 +58,8 @@ def create_worker_app(settings: WorkerSettings, *, engine: Engine | None = None)
 async def _serving(
     app: FastAPI, settings: WorkerSettings, registry: CollectorRegistry, service: WorkerBackend
 ) -> AsyncIterator[None]:
-    """Expose the backend to the routes, meter it, and keep it registered with the controller."""
+    """Expose the backend to the routes, meter it, and keep it registered with the controller
+    until it shuts down (draining stops the heartbeat and deregisters first)."""
     app.state.service = service
     collector = _collector(service, settings.address())
     engine = EngineCollector(lambda: _engine_stats(service))
@@ -64,6 +67,7 @@ async def _serving(
     registry.register(engine)
     async with fleet_client(settings, timeout=httpx.Timeout(10.0)) as http:
         task = None
+        leaving: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if not settings.no_register:
             beat = Heartbeat(
                 http=http,
@@ -73,8 +77,15 @@ async def _serving(
                 interval=settings.heartbeat_interval,
             )
             task = asyncio.create_task(beat.run())
+
+            async def leave() -> None:
+                await cancel_and_wait(task)  # a heartbeat now would register the worker again
+                await beat.leave()
+
+            leaving = app.state.drain.leaving(leave)
         try:
-            yield
+            with leaving:
+                yield
         finally:
             await cancel_and_wait(task)
             registry.unregister(collector)

@@ -7,10 +7,13 @@ import logging
 
 import httpx
 
-from chatgate.protocol.worker import HeartBeat, RegisterWorker
+from chatgate.protocol.worker import HeartBeat, RegisterWorker, WorkerDown
 from chatgate.worker.backend import WorkerBackend
 
 log = logging.getLogger(__name__)
+
+# Seconds the controller may take to confirm a departure (it probes the worker, which answers at once).
+LEAVE_TIMEOUT = 5.0
 
 
 class Heartbeat:
@@ -64,3 +67,22 @@ class Heartbeat:
             except httpx.HTTPError as exc:
                 log.warning("controller %s unreachable: %s", self._controller, exc)
             await asyncio.sleep(self._interval)
+
+    async def leave(self) -> None:
+        """Ask the controller to drop this worker now: it is shutting down, and answers the
+        controller's probe with 503. (A FastChat controller has no such call; it drops the
+        worker when its heartbeats stop.) Failures are logged: the worker leaves regardless."""
+        body = WorkerDown(worker_name=self._address)
+        try:
+            response = await self._http.post(
+                f"{self._controller}/unregister_worker", json=body.model_dump(), timeout=LEAVE_TIMEOUT
+            )
+        except httpx.HTTPError as exc:
+            log.warning("could not deregister from controller %s: %s", self._controller, exc)
+            return
+        if response.status_code == 404:
+            log.info("controller %s cannot deregister workers; it drops this one when heartbeats stop", self._controller)
+        elif response.status_code != 200 or not response.json().get("ok"):
+            log.warning("controller %s did not deregister this worker: %s", self._controller, response.text[:500])
+        else:
+            log.info("deregistered from controller %s", self._controller)

@@ -2,7 +2,12 @@
 
 Errors go back the way FastChat's API server expects them: as a chunk with an `error_code`
 (NUL-delimited in a stream). The one exception is a worker that cannot serve at all right now
-(its upstream is down): that answers HTTP 503, so an API server tries another worker.
+(its upstream is down, or it is shutting down): that answers HTTP 503, so an API server tries
+another worker.
+
+A stream whose request asks for `keepalive` carries the protocol's keep-alive frame while it is
+silent; a worker that is shutting down (`chatgate.drain`) takes no new work and ends the
+streams it still runs at its shutdown timeout with an error frame.
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from chatgate.drain import Drain
 from chatgate.errors import ChatgateError, WorkerUnavailableError
 from chatgate.protocol.worker import (
+    EXT_KEEPALIVE,
+    KEEPALIVE_FRAME,
     CountTokenRequest,
     DetokenizeParams,
     EmbedParams,
@@ -27,7 +35,7 @@ from chatgate.protocol.worker import (
     WorkerUsage,
 )
 from chatgate.responses import ClosingStreamingResponse
-from chatgate.streams import chain, empty, primed
+from chatgate.streams import chain, empty, primed, with_beats
 from chatgate.worker.backend import WorkerBackend
 
 log = logging.getLogger(__name__)
@@ -44,6 +52,22 @@ def worker_service(request: Request) -> WorkerBackend:
 
 
 Service = Depends(worker_service)
+
+
+def worker_drain(request: Request) -> Drain:
+    """Route dependency: the process's draining state."""
+    drain: Drain = request.app.state.drain
+    return drain
+
+
+Draining = Depends(worker_drain)
+
+
+class _Idle:
+    """A keep-alive is due (the stream has been silent for the interval the request asked for)."""
+
+
+_IDLE = _Idle()
 
 
 def _error_chunk(exc: Exception) -> WorkerChunk:
@@ -68,43 +92,58 @@ async def _answer(work: Awaitable[T], body: Callable[[T], Any]) -> JSONResponse:
         return _error_response(exc)
 
 
-async def _encoded(chunks: AsyncGenerator[WorkerChunk, None]) -> AsyncIterator[bytes]:
-    """NUL-delimited JSON, as FastChat's /worker_generate_stream sends it."""
+async def _encoded(chunks: AsyncGenerator[WorkerChunk | _Idle, None]) -> AsyncIterator[bytes]:
+    """NUL-delimited JSON, as FastChat's /worker_generate_stream sends it (and keep-alive frames)."""
     try:
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
-                yield chunk.model_dump_json().encode() + b"\0"
+                yield (KEEPALIVE_FRAME if isinstance(chunk, _Idle) else chunk.model_dump_json().encode()) + b"\0"
     except Exception as exc:
         yield _error_chunk(exc).model_dump_json().encode() + b"\0"
 
 
 @router.get("/ready")
-async def ready(service: WorkerBackend = Service) -> dict[str, object]:
-    """The worker is ready once its engine has started (the lifespan waits for it)."""
-    return {"status": "ready", "models": service.model_names}
+async def ready(service: WorkerBackend = Service, drain: Drain = Draining) -> JSONResponse:
+    """The worker is ready once its engine has started (the lifespan waits for it), and no
+    longer once it is shutting down (503)."""
+    if drain.draining:
+        return JSONResponse({"status": "shutting down", "models": service.model_names}, status_code=503)
+    return JSONResponse({"status": "ready", "models": service.model_names})
+
+
+def _generation(params: GenerateParams, service: WorkerBackend, drain: Drain) -> AsyncGenerator[WorkerChunk, None]:
+    """The backend's generation, refused while draining and counted as running work."""
+    drain.check()
+    return drain.guard(service.generate(params))
 
 
 @router.post("/worker_generate_stream", response_model=None)
 async def generate_stream(
-    params: GenerateParams, service: WorkerBackend = Service
+    params: GenerateParams, service: WorkerBackend = Service, drain: Drain = Draining
 ) -> ClosingStreamingResponse | JSONResponse:
-    """Stream a generation as NUL-delimited chunks."""
+    """Stream a generation as NUL-delimited chunks. With `keepalive`, the response starts
+    within that many seconds even before the first chunk, so a queued or prefilling request is
+    told apart from a frozen worker (errors after that come as an error frame)."""
+    started: AsyncGenerator[WorkerChunk | _Idle, None]
     try:
-        chunks = await primed(service.generate(params))
+        chunks: AsyncGenerator[WorkerChunk | _Idle, None] = _generation(params, service, drain)
+        if params.keepalive is not None:
+            chunks = with_beats(chunks, every=params.keepalive, beat=_IDLE)
+        started = await primed(chunks)
     except WorkerUnavailableError as exc:
         return _error_response(exc)
     except Exception as exc:
-        chunks = chain(_error_chunk(exc), empty())
-    return ClosingStreamingResponse(_encoded(chunks), media_type="application/octet-stream")
+        started = chain(_error_chunk(exc), empty())
+    return ClosingStreamingResponse(_encoded(started), media_type="application/octet-stream")
 
 
 @router.post("/worker_generate")
-async def generate(params: GenerateParams, service: WorkerBackend = Service) -> JSONResponse:
+async def generate(params: GenerateParams, service: WorkerBackend = Service, drain: Drain = Draining) -> JSONResponse:
     """A whole generation as one chunk: all the text, the last chunk's usage and finish."""
     last = WorkerChunk(usage=WorkerUsage())
     text = ""
     try:
-        async for chunk in service.generate(params.model_copy(update={"delta": True})):
+        async for chunk in _generation(params.model_copy(update={"delta": True}), service, drain):
             text += chunk.text
             last = chunk
     except Exception as exc:
@@ -112,16 +151,24 @@ async def generate(params: GenerateParams, service: WorkerBackend = Service) -> 
     return JSONResponse(last.model_copy(update={"text": text}).model_dump())
 
 
+async def _embed(params: EmbedParams, service: WorkerBackend, drain: Drain) -> EmbedResult:
+    drain.check()
+    return await service.embed(params)
+
+
 @router.post("/worker_get_embeddings")
-async def get_embeddings(params: EmbedParams, service: WorkerBackend = Service) -> JSONResponse:
+async def get_embeddings(params: EmbedParams, service: WorkerBackend = Service, drain: Drain = Draining) -> JSONResponse:
     """Embedding vectors of the inputs."""
-    return await _answer(service.embed(params), EmbedResult.model_dump)
+    return await _answer(_embed(params, service, drain), EmbedResult.model_dump)
 
 
 @router.post("/worker_get_status")
-async def status(service: WorkerBackend = Service) -> dict[str, object]:
-    """Model names, speed and queue length, as the controller wants them."""
-    return service.status().model_dump()
+async def status(service: WorkerBackend = Service, drain: Drain = Draining) -> JSONResponse:
+    """Model names, speed and queue length, as the controller wants them; 503 while shutting
+    down, so the controller's probe confirms that the worker is leaving."""
+    if drain.draining:
+        return _error_response(drain.refusal())
+    return JSONResponse(service.status().model_dump())
 
 
 @router.post("/count_token")
@@ -151,5 +198,7 @@ async def conv_template(service: WorkerBackend = Service) -> dict[str, object]:
 
 @router.post("/model_details")
 async def model_details(service: WorkerBackend = Service) -> dict[str, object]:
-    """Context length and the chatgate extensions this worker supports."""
-    return service.details().model_dump()
+    """Context length and the chatgate extensions this worker supports (its backend's, and
+    the keep-alive frames these routes send)."""
+    details = service.details()
+    return details.model_copy(update={"chatgate_extensions": [*details.chatgate_extensions, EXT_KEEPALIVE]}).model_dump()

@@ -322,4 +322,5 @@ class WorkerService:
             chatgate_extensions=list(EXTENSIONS),
             generates=info.generates,
             embedding_dim=info.embedding_dim,
+            concurrency=self._limit,
         )

@@ -1,15 +1,17 @@
 """The ASGI layer of per-key limits: admit or refuse (429) before the body is read, add
-OpenAI's `x-ratelimit-*` headers to every response of a limited key, free the parallel slot
-when the response is done."""
+OpenAI's `x-ratelimit-*` headers to every response of a limited key, hold the parallel slot's
+lease while the response runs and give it back when it is done (`lease.py`)."""
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from chatgate.api.auth import caller
 from chatgate.api.errors import error_response
 from chatgate.api.limits import grant
+from chatgate.api.limits.lease import LeaseKeeper
 from chatgate.api.limits.policy import KeyPolicy
 from chatgate.api.limits.store import LimitStore, Usage
 from chatgate.errors import ChatgateError, RateLimitExceededError
@@ -17,35 +19,22 @@ from chatgate.errors import ChatgateError, RateLimitExceededError
 _NAMES = {"requests": "requests per minute (rpm)", "tokens": "tokens per minute (tpm)", "parallel": "parallel requests"}
 
 
-def bearer(scope: Scope) -> str | None:
-    """The Bearer token of a request, if any."""
-    for name, value in scope.get("headers") or []:
-        if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            return token.strip() or None if scheme.lower() == "bearer" else None
-    return None
-
-
-def store_key(key: str) -> str:
-    """The name counters are kept under: a digest, so a key never sits in Redis or in memory dumps."""
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
 class RateLimitMiddleware:
-    """Applies each key's policy; requests with other keys (or none) pass untouched."""
+    """Applies the caller's policy; callers without one (or requests without keys) pass untouched."""
 
-    def __init__(self, app: ASGIApp, *, policies: dict[str, KeyPolicy], store: LimitStore) -> None:
+    def __init__(self, app: ASGIApp, *, store: LimitStore, leases: LeaseKeeper | None = None) -> None:
         self.app = app
-        self.policies = policies
         self.store = store
+        self.leases = leases or LeaseKeeper(store)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key = bearer(scope) if scope["type"] == "http" else None
-        policy = self.policies.get(key) if key else None
-        if key is None or policy is None:
+        # The caller `IdentityMiddleware` parsed from the request's one key header.
+        who = caller.get() if scope["type"] == "http" else None
+        policy = who.policy if who is not None else None
+        if who is None or policy is None:
             await self.app(scope, receive, send)
             return
-        name = store_key(key)
+        name = who.store_key
         try:
             usage = await self.store.admit(name, policy) if policy.limited() else None
         except ChatgateError as exc:
@@ -63,11 +52,10 @@ class RateLimitMiddleware:
 
         token = grant.current.set(grant.Grant(key=name, policy=policy, store=self.store))
         try:
-            await self.app(scope, receive, send_with_headers)
+            async with self.leases.held(name, usage.lease) if usage and usage.lease else contextlib.nullcontext():
+                await self.app(scope, receive, send_with_headers)
         finally:
             grant.current.reset(token)
-            if usage is not None:
-                await self.store.release(name, policy)
 
     async def _refuse(
         self, policy: KeyPolicy, usage: Usage, headers: list[tuple[bytes, bytes]], scope: Scope, receive: Receive, send: Send

@@ -3,13 +3,19 @@ and the in-memory store (one API server); `redis_store.py` shares them between r
 
 Windows slide over the last minute: a request counts for 60 s after it was admitted, tokens for
 60 s after they were charged.
+
+A parallel slot is a *lease*: an id with an expiry (`LEASE` seconds out) that the request renews
+while it runs and gives back when it ends. Nothing else holds a slot, so a release that never
+arrives (a Redis blip, a replica killed mid-request) costs the key that slot for at most one
+lease lifetime, and no later request can extend it.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import Counter, deque
+import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -17,6 +23,7 @@ from typing import Protocol
 from chatgate.api.limits.policy import KeyPolicy
 
 WINDOW = 60.0  # seconds
+LEASE = 30.0  # seconds a parallel slot lives unless renewed
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,7 @@ class Usage:
     requests_reset: float  # seconds until the oldest counted request leaves the window
     tokens: int
     tokens_reset: float
+    lease: str | None = None  # the parallel slot this request holds (renew it, then release it)
 
     def retry_after(self) -> float:
         """Seconds before the refused limit may admit a request."""
@@ -67,17 +75,24 @@ def duration(seconds: float) -> str:
 class LimitStore(Protocol):
     """Where the counters live. `admit` checks and counts atomically."""
 
+    lease_seconds: float
+
     async def admit(self, key: str, policy: KeyPolicy) -> Usage:
-        """Refuse the request if a limit is reached; otherwise count it (and hold a parallel
-        slot when the key has that limit)."""
+        """Refuse the request if a limit is reached; otherwise count it (and lease a parallel
+        slot, `Usage.lease`, when the key has that limit)."""
         ...
 
     async def charge(self, key: str, tokens: int) -> None:
         """Add tokens a request used to the key's token window."""
         ...
 
-    async def release(self, key: str, policy: KeyPolicy) -> None:
-        """Give back the parallel slot an admitted request held."""
+    async def renew(self, key: str, lease: str) -> bool:
+        """Push a live lease's expiry `lease_seconds` out; False if it has already lapsed
+        (a lapsed lease is gone for good: renewing never takes a slot back)."""
+        ...
+
+    async def release(self, key: str, lease: str) -> None:
+        """Give back a leased slot (nothing happens if it has lapsed or was released)."""
         ...
 
     async def close(self) -> None:
@@ -88,11 +103,12 @@ class LimitStore(Protocol):
 class MemoryStore:
     """Counters in this process (the default): exact, but not shared between replicas."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *, lease_seconds: float = LEASE) -> None:
         self._clock = clock
+        self.lease_seconds = lease_seconds
         self._requests: dict[str, deque[float]] = {}
         self._tokens: dict[str, deque[tuple[float, int]]] = {}
-        self._active: Counter[str] = Counter()
+        self._leases: dict[str, dict[str, float]] = {}  # key -> lease id -> expiry
 
     def _prune(self, key: str, now: float) -> tuple[deque[float], deque[tuple[float, int]]]:
         requests = self._requests.setdefault(key, deque())
@@ -103,29 +119,46 @@ class MemoryStore:
             tokens.popleft()
         return requests, tokens
 
+    def _live_leases(self, key: str, now: float) -> dict[str, float]:
+        leases = self._leases.setdefault(key, {})
+        for lease in [lease for lease, expiry in leases.items() if expiry <= now]:
+            del leases[lease]
+        return leases
+
     async def admit(self, key: str, policy: KeyPolicy) -> Usage:
         now = self._clock()
         requests, tokens = self._prune(key, now)
         used = sum(n for _, n in tokens)
-        refused = _refusal(policy, self._active[key], len(requests), used)
+        leases = self._live_leases(key, now)
+        refused = _refusal(policy, len(leases), len(requests), used)
+        lease = None
         if refused is None:
             requests.append(now)
             if policy.max_parallel_requests is not None:
-                self._active[key] += 1
+                lease = uuid.uuid4().hex
+                leases[lease] = now + self.lease_seconds
         return Usage(
             refused=refused,
             requests=len(requests),
             requests_reset=requests[0] + WINDOW - now if requests else 0.0,
             tokens=used,
             tokens_reset=tokens[0][0] + WINDOW - now if tokens else 0.0,
+            lease=lease,
         )
 
     async def charge(self, key: str, tokens: int) -> None:
         self._tokens.setdefault(key, deque()).append((self._clock(), tokens))
 
-    async def release(self, key: str, policy: KeyPolicy) -> None:
-        if policy.max_parallel_requests is not None and self._active[key] > 0:
-            self._active[key] -= 1
+    async def renew(self, key: str, lease: str) -> bool:
+        now = self._clock()
+        leases = self._live_leases(key, now)
+        if lease not in leases:
+            return False
+        leases[lease] = now + self.lease_seconds
+        return True
+
+    async def release(self, key: str, lease: str) -> None:
+        self._leases.get(key, {}).pop(lease, None)
 
     async def close(self) -> None:
         """Nothing to close."""

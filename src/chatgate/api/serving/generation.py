@@ -21,7 +21,7 @@ from chatgate.api.auth import cache_salt
 from chatgate.api.limits import grant as limits
 from chatgate.api.workers.base import Worker, WorkerPool
 from chatgate.api.workers.failover import with_failover
-from chatgate.errors import InvalidRequestError
+from chatgate.errors import InvalidRequestError, NoHealthyWorkerError, WorkerLostError
 from chatgate.metrics import ApiMetrics
 from chatgate.protocol.openai import (
     ChatLogprobs,
@@ -32,6 +32,7 @@ from chatgate.protocol.openai import (
     TopLogprob,
     Usage,
 )
+from chatgate.protocol.limits import Cost, CostError, logprob_entries
 from chatgate.protocol.worker import GenerateParams, PromptLogprob, Sampling, WorkerChunk, WorkerLogprob, WorkerUsage
 from chatgate.streams import merge, primed
 
@@ -60,9 +61,15 @@ async def _metered(
     stream: AsyncGenerator[WorkerChunk, None], metrics: ApiMetrics | None, model: str, begin: float, *, count_prompt: bool
 ) -> AsyncGenerator[WorkerChunk, None]:
     """Pass chunks through, observing time to first text, gaps between texts and tokens, and
-    charging the tokens to the request's key (its tokens-per-minute limit)."""
+    charging the tokens to the request's key (its tokens-per-minute limit).
+
+    The charge is what the worker's latest usage says, and never less than the tokens seen
+    delivered (one per scored token, else one per chunk of text): a worker that reports usage
+    only at the end (an `openai` upstream) or not at all is still charged for a stream its
+    client left early."""
     last: float | None = None
     usage = None
+    delivered = 0
     try:
         async with contextlib.aclosing(stream):
             async for chunk in stream:
@@ -74,18 +81,21 @@ async def _metered(
                         metrics.itl.labels(model=model).observe(now - last)
                     last = now
                 usage = chunk.usage or usage
+                delivered += len(chunk.token_logprobs) if chunk.token_logprobs else int(bool(chunk.text))
                 yield chunk
     finally:  # a stream the client left still used its tokens
-        if usage is not None:
-            await _account(usage, metrics, model, count_prompt)
+        await _account(usage or WorkerUsage(), delivered, metrics, model, count_prompt)
 
 
-async def _account(usage: WorkerUsage, metrics: ApiMetrics | None, model: str, count_prompt: bool) -> None:
+async def _account(
+    usage: WorkerUsage, delivered: int, metrics: ApiMetrics | None, model: str, count_prompt: bool
+) -> None:
     prompt = usage.prompt_tokens if count_prompt else 0
-    await limits.charge(prompt + usage.completion_tokens)
+    completion = max(usage.completion_tokens, delivered)
+    await limits.charge(prompt + completion)
     if metrics is not None:
         metrics.prompt_tokens.labels(model=model).inc(prompt)
-        metrics.completion_tokens.labels(model=model).inc(usage.completion_tokens)
+        metrics.completion_tokens.labels(model=model).inc(completion)
 
 
 def _bytes(token: str) -> list[int]:
@@ -158,6 +168,29 @@ def with_seeds(params: GenerateParams, n: int, seed: int | None) -> list[Generat
     return [params.model_copy(update={"seed": (seed + i + 2**63) % 2**64 - 2**63}) for i in range(n)]
 
 
+async def _check_open_budget(worker: Worker, params: list[GenerateParams]) -> None:
+    """Refuse a response that would hold more log-probability entries than allowed if every
+    choice ran to the end of the context (its budget was left open)."""
+    context = (await worker.model_details()).context_length
+    entries, detail = logprob_entries(choices=len(params), alternatives=params[0].logprobs or 0, tokens=context)
+    try:
+        Cost(logprob_entries=entries, logprob_param=params[0].max_tokens_param, logprob_detail=detail).check()
+    except CostError as exc:
+        raise InvalidRequestError(
+            f"Invalid value for '{exc.param}': left open, it allows {exc} Set it.", param=exc.param, code="invalid_value"
+        ) from None
+
+
+async def _abandon(tasks: Sequence[asyncio.Future[AsyncGenerator[WorkerChunk, None]]]) -> None:
+    """Cancel starts still waiting for their first chunk and close streams that started."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is None:
+            await task.result().aclose()
+
+
 RequestT = TypeVar("RequestT", bound=SamplingRequest)
 ResponseT = TypeVar("ResponseT", bound=BaseModel)
 ChunkT = TypeVar("ChunkT", bound=BaseModel)
@@ -200,11 +233,32 @@ class GenerationServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
         """Answer a request: a response, or a stream of chunks."""
         self.check_n(request.n)
         params, reply = self.prepare(request)
-        streams = await self.start(request.model, params)
+        choices_param = "n" if request.n > 1 else params[0].prompt_param
         if request.stream:
+            streams = await self.start(request.model, params, choices_param=choices_param)
             return self._stream(streams, reply, request)
-        choices = await self.collect(streams)
+        choices = await self._collect_anywhere(request.model, params, choices_param)
         return reply.response(choices, total_usage(choices, request.n))
+
+    async def _collect_anywhere(self, model: str, params: list[GenerateParams], choices_param: str) -> list[Choice]:
+        """Every choice run to its end. A worker lost mid-way costs the client nothing yet: the
+        request starts once more on another worker (the lost one is out of rotation); the client
+        gets the loss when that one is lost too, or no other is left."""
+        lost: WorkerLostError | None = None
+        # Once more only: a request that itself kills workers takes out two, not every one.
+        for _ in range(2):
+            try:
+                streams = await self.start(model, params, choices_param=choices_param, held=True)
+            except NoHealthyWorkerError:
+                if lost is not None:
+                    raise lost from None
+                raise
+            try:
+                return await self.collect(streams)
+            except WorkerLostError as exc:
+                lost = exc
+        assert lost is not None
+        raise lost
 
     async def _stream(
         self, streams: list[AsyncGenerator[WorkerChunk, None]], reply: Reply[ResponseT, ChunkT], request: RequestT
@@ -227,12 +281,13 @@ class GenerationServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
             raise InvalidRequestError(f"n must be at most {self._max_n}.", param="n")
 
     async def start(
-        self, model: str, params: list[GenerateParams]
+        self, model: str, params: list[GenerateParams], *, choices_param: str = "n", held: bool = False
     ) -> list[AsyncGenerator[WorkerChunk, None]]:
         """Start every generation and wait for each one's first chunk, so errors raise here;
-        if the worker fails before answering, all of them move to another worker."""
+        if the worker fails before answering, all of them move to another worker. Too many
+        choices for a worker is an error naming `choices_param`."""
         begin = time.perf_counter()
-        streams = await with_failover(self._pool, model, lambda worker: self._start_on(worker, params))
+        streams = await with_failover(self._pool, model, lambda worker: self._start_on(worker, params, choices_param, held))
         first_of_prompt = [i == 0 or params[i].prompt_key() != params[i - 1].prompt_key() for i in range(len(params))]
         return [
             _metered(stream, self._metrics, model, begin, count_prompt=first)
@@ -241,18 +296,34 @@ class GenerationServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
 
     @staticmethod
     async def _start_on(
-        worker: Worker, params: list[GenerateParams]
+        worker: Worker, params: list[GenerateParams], choices_param: str, held: bool
     ) -> list[AsyncGenerator[WorkerChunk, None]]:
-        results = await asyncio.gather(
-            *(primed(worker.generate_stream(p)) for p in params), return_exceptions=True
-        )
-        streams = [r for r in results if not isinstance(r, BaseException)]
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            for stream in streams:
-                await stream.aclose()
-            raise errors[0]
-        return streams
+        """Start every choice on `worker`, all or none: a request of more choices than the worker
+        takes at once is refused before any starts, and when one choice fails to start the
+        others are stopped at once, so a request that cannot be served holds no slot. A `held`
+        response (not streamed) with log-probabilities and an open budget is checked against
+        the log-probability cap at this model's context length."""
+        if held and params[0].logprobs is not None and params[0].max_new_tokens is None:
+            await _check_open_budget(worker, params)
+        if len(params) > 1:
+            capacity = (await worker.model_details()).concurrency
+            if capacity is not None and len(params) > capacity:
+                raise InvalidRequestError(
+                    f"This request asks for {len(params)} choices at once (prompts × n); this model's "
+                    f"workers run at most {capacity} at a time. Send fewer prompts or a lower n.",
+                    param=choices_param,
+                )
+        tasks = [asyncio.ensure_future(primed(worker.generate_stream(p))) for p in params]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception()), None)
+            if failed is not None or any(not t.done() for t in tasks):  # an error, or we were cancelled
+                await _abandon(tasks)
+        error = failed.exception() if failed is not None else None
+        if error is not None:
+            raise error
+        return [t.result() for t in tasks]
 
     @staticmethod
     async def collect(streams: Sequence[AsyncIterator[WorkerChunk]]) -> list[Choice]:

@@ -250,10 +250,12 @@ class ResponsesServing(GenerationServing[ResponsesAsChat, ResponseObject, Stream
         head = _Head(id=_id("resp"), created_at=now(), request=request.source)
         return [params], ResponsesReply(head, tool_plan)
 
-    async def start(self, model: str, params: list[GenerateParams]) -> list[AsyncGenerator[WorkerChunk, None]]:
+    async def start(
+        self, model: str, params: list[GenerateParams], *, choices_param: str = "n", held: bool = False
+    ) -> list[AsyncGenerator[WorkerChunk, None]]:
         """As the flow starts generations, with errors naming the Responses request's fields."""
         try:
-            return await super().start(model, params)
+            return await super().start(model, params, choices_param=choices_param, held=held)
         except ChatgateError as exc:
             exc.param = _PARAMS.get(exc.param or "", exc.param)
             raise

@@ -218,6 +218,8 @@ def bounds_of(settings: ApiProcessSettings) -> Bounds:
         between_frames=settings.worker_frame_timeout,
         max_frame_bytes=settings.worker_max_frame_bytes,
         pool=settings.worker_pool_timeout,
+        silence=settings.worker_silence_timeout,
+        keepalive=settings.worker_keepalive_interval,
     )
 
 

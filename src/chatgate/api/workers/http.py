@@ -12,12 +12,19 @@ Transport failures become chatgate errors here, at the boundary:
 - no free connection within the pool timeout is a 503 of this server, not the worker's fault.
 
 Every call is bounded: connect timeout, time to the first frame, silence between frames, and
-the size of one frame.
+the size of one frame. A chatgate worker that advertises keep-alive frames is asked for them
+and then gets only `silence` seconds, before and between frames alike: it speaks at least every
+`keepalive` seconds while it is alive (queued, prefilling, or between tokens), so a few seconds
+of silence mean it is frozen, however long its prefill. FastChat workers keep the long bounds.
+
+Messages never name the worker: its address and the transport's own words go to the log
+(`HttpWorker._fault`), the client reads only what went wrong.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections import Counter
@@ -36,6 +43,7 @@ from chatgate.errors import (
     OverloadedError,
     RequestTooLargeError,
     WorkerError,
+    WorkerLostError,
     WorkerUnavailableError,
     from_fastchat_code,
 )
@@ -45,6 +53,7 @@ from chatgate.protocol import worker as wire
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
+E = TypeVar("E", bound=ChatgateError)
 
 
 def _chunk_error(chunk: wire.WorkerChunk) -> ChatgateError:
@@ -60,6 +69,15 @@ class Bounds:
     between_frames: float = 30.0
     max_frame_bytes: int = 8 * 1024 * 1024
     pool: float = 5.0
+    silence: float = 5.0  # before and between frames, for workers that send keep-alive frames
+    keepalive: float = 1.0  # the keep-alive interval such workers are asked for
+
+    def with_keepalive(self) -> Bounds:
+        """The bounds of a stream whose worker sends keep-alive frames (never looser than the
+        first-frame and frame bounds, for an operator who tightened those)."""
+        return dataclasses.replace(
+            self, first_frame=min(self.silence, self.first_frame), between_frames=min(self.silence, self.between_frames)
+        )
 
     def timeout(self, read: float | None) -> httpx.Timeout:
         """httpx's timeouts for one call; `read` None when the caller keeps its own deadlines."""
@@ -112,7 +130,7 @@ class _FrameReader:
             if len(buffer) > cap or any(len(f) > cap for f in frames):
                 raise FrameTooLarge(f"a stream frame over {cap} bytes")
             for frame in frames:
-                if frame.strip():
+                if frame.strip() and frame != wire.KEEPALIVE_FRAME:  # a keep-alive only resets the deadline
                     yield wire.WorkerChunk.model_validate_json(frame)
             if frames:
                 deadline = loop.time() + self._bounds.between_frames
@@ -221,8 +239,13 @@ class HttpWorker:
         self._bounds = bounds
         self._on_failure = on_failure
 
+    def _fault(self, error: type[E], message: str, detail: object = None) -> E:
+        """`error` with `message` for the client; this worker's address and `detail` are logged."""
+        log.warning("worker %s: %s%s", self.address, message, f" ({detail})" if detail else "")
+        return error(message)
+
     def _unavailable(self, exc: Exception | str) -> WorkerUnavailableError:
-        return WorkerUnavailableError(f"The worker at {self.address} is unavailable: {exc}")
+        return self._fault(WorkerUnavailableError, "A worker of this model is unavailable.", exc)
 
     def _transport_error(self, exc: httpx.TransportError) -> ChatgateError:
         if isinstance(exc, httpx.PoolTimeout):  # our own connections are all busy, not the worker
@@ -237,7 +260,7 @@ class HttpWorker:
         if status == 429:
             return OverloadedError(detail or "The model is overloaded; retry shortly.")
         if status in (401, 403):
-            return WorkerError(f"The worker at {self.address} refused this server's fleet key (HTTP {status}).")
+            return self._fault(WorkerError, f"A worker refused this server's fleet key (HTTP {status}).")
         if status == 413:
             return RequestTooLargeError(detail or "The request is too large for the worker.")
         return InvalidRequestError(f"The worker refused the request: {detail or f'HTTP {status}'}")
@@ -249,11 +272,14 @@ class HttpWorker:
             native = wire.EXT_CHAT_TEMPLATE in details.chatgate_extensions
             if not native:
                 params = await self._fastchat_params(params, details)
-            body = params.model_copy(update={"delta": native}).model_dump(exclude_none=True)
+            bounds, keepalive = self._bounds, None
+            if wire.EXT_KEEPALIVE in details.chatgate_extensions:
+                bounds, keepalive = bounds.with_keepalive(), bounds.keepalive
+            body = params.model_copy(update={"delta": native, "keepalive": keepalive}).model_dump(exclude_none=True)
             request = self._http.build_request(
-                "POST", f"{self.address}/worker_generate_stream", json=body, timeout=self._bounds.timeout(None)
+                "POST", f"{self.address}/worker_generate_stream", json=body, timeout=bounds.timeout(None)
             )
-            chunks = self._stream(request)
+            chunks = self._stream(request, bounds)
             async for chunk in chunks if native else _deltas(chunks):
                 yield chunk
         finally:
@@ -290,42 +316,50 @@ class HttpWorker:
             self._facts.conversations[key] = Conversation.model_validate(result.get("conv") or {})
         return self._facts.conversations[key]
 
-    async def _stream(self, request: httpx.Request) -> AsyncIterator[wire.WorkerChunk]:
+    async def _stream(self, request: httpx.Request, bounds: Bounds) -> AsyncIterator[wire.WorkerChunk]:
         try:
-            async with asyncio.timeout(self._bounds.first_frame):
+            async with asyncio.timeout(bounds.first_frame):
                 response = await self._http.send(request, stream=True)
         except httpx.TransportError as exc:
             raise self._transport_error(exc) from exc
         except TimeoutError as exc:
-            raise self._unavailable(f"no answer in {self._bounds.first_frame:g}s") from exc
+            raise self._unavailable(f"no answer in {bounds.first_frame:g}s") from exc
         started = complete = False
-        reader = _FrameReader(response, self._bounds)
+        reader = _FrameReader(response, bounds)
         try:
             if response.status_code != 200:
-                async with asyncio.timeout(self._bounds.between_frames):
+                async with asyncio.timeout(bounds.between_frames):
                     raise self._refused(response.status_code, await _head(response))
             async for chunk in reader.frames():
                 if chunk.error_code:
-                    raise _chunk_error(chunk)
+                    raise self._frame_error(chunk, started=started)
                 started = True
                 yield chunk
             complete = True
         except (httpx.TransportError, TimeoutError) as exc:
             raise self._broken(exc, started=started) from exc
         except FrameTooLarge as exc:
-            raise WorkerError(f"The worker at {self.address} sent {exc}; the request was ended.") from exc
+            raise self._fault(WorkerError, f"The worker sent {exc}; the request was ended.") from exc
         except ValidationError as exc:
-            raise WorkerError(f"The worker at {self.address} sent a malformed frame.") from exc
+            raise self._fault(WorkerError, "The worker sent a malformed frame.") from exc
         finally:
             if complete:
                 await asyncio.shield(response.aclose())
             else:
                 self._facts.close_later(reader)
 
+    def _frame_error(self, chunk: wire.WorkerChunk, *, started: bool) -> ChatgateError:
+        """The error a worker sent as a frame. One saying it cannot serve (e.g. it is shutting
+        down) before anything was generated moves the request to another worker."""
+        error = _chunk_error(chunk)
+        if isinstance(error, NoHealthyWorkerError) and not started:
+            return self._unavailable(error.message)
+        return error
+
     def _broken(self, exc: Exception, *, started: bool) -> ChatgateError:
         """The error for a stream that broke or went silent, before or after its first frame."""
         silent = isinstance(exc, TimeoutError)
-        what = "stopped answering" if silent else f"failed ({type(exc).__name__} {exc})"
+        what = "stopped answering" if silent else "failed"
         if not started:
             return self._unavailable(what)
         # Mid-stream, the request cannot move to another worker, but the next ones should not
@@ -333,7 +367,7 @@ class HttpWorker:
         # every stream at once, long before the controller's heartbeat notices).
         if self._on_failure is not None:
             self._on_failure(self)
-        return WorkerError(f"The worker at {self.address} {what} mid-stream.")
+        return self._fault(WorkerLostError, f"The worker {what} mid-stream.", exc)
 
     async def _post(self, path: str, body: dict[str, object]) -> dict[str, object]:
         try:
@@ -347,9 +381,9 @@ class HttpWorker:
         try:
             result = response.json()
         except ValueError as exc:
-            raise WorkerError(f"The worker at {self.address} answered badly: {exc}") from exc
+            raise self._fault(WorkerError, "The worker answered badly: not JSON.", exc) from exc
         if not isinstance(result, dict):
-            raise WorkerError(f"The worker at {self.address} answered badly: not a JSON object")
+            raise self._fault(WorkerError, "The worker answered badly: not a JSON object.")
         if isinstance(result.get("error_code"), int) and result["error_code"]:
             raise _chunk_error(self._parse(wire.WorkerChunk, result))
         return result
@@ -359,13 +393,13 @@ class HttpWorker:
         try:
             return model.model_validate(result)
         except ValidationError as exc:
-            raise WorkerError(f"The worker at {self.address} answered badly: {exc.errors()[0]['msg']}") from exc
+            raise self._fault(WorkerError, f"The worker answered badly: {exc.errors()[0]['msg']}") from exc
 
     async def count_tokens(self, request: wire.CountTokenRequest) -> int:
         result = await self._post("/count_token", request.model_dump(exclude_none=True))
         count = result.get("count", 0)
         if not isinstance(count, int):
-            raise WorkerError(f"The worker at {self.address} answered badly: a token count of {count!r}")
+            raise self._fault(WorkerError, "The worker answered badly: a token count that is not a number.", count)
         return count
 
     async def embed(self, params: wire.EmbedParams) -> wire.EmbedResult:

@@ -52,7 +52,7 @@ JOB_ROWS = 16
 _LEVELS = {2: logging.DEBUG, 3: logging.INFO, 4: logging.ERROR}
 
 
-@lc.llama_log_callback  # type: ignore[untyped-decorator]  # llama-cpp-python's CFUNCTYPE decorator is untyped
+@lc.llama_log_callback  # type: ignore[untyped-decorator, unused-ignore]  # llama-cpp-python's CFUNCTYPE decorator is untyped
 def _log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     """llama.cpp's own log lines, into ours (its load chatter at debug level)."""
     message = text.decode(errors="replace").rstrip()

@@ -1,0 +1,194 @@
+"""The one door every public API route passes, in the same order, by being declared on a router
+whose `route_class` is `Door`.
+
+Before the route's code runs:
+1. identity: the caller, parsed once from the one key header (`auth.IdentityMiddleware`);
+2. limits: the caller's rpm, tpm and parallel slots (`limits.middleware`);
+3. body size: the byte cap (`middleware.GuardMiddleware`);
+   (1–3 are ASGI layers: they answer from the headers, before a byte of body is read)
+4. the validation walk: the raw JSON is parsed and walked (NaN and Infinity, lone surrogates,
+   nesting depth, number of values), then validated against the route's `PublicRequest`;
+5. cost caps: the request's `cost()` (choices, log-probability entries counting `echo`, messages,
+   tools, calls per turn, schema values of all its schemas together) against the one set of caps;
+6. schema checks: every JSON schema the request carries is checked for validity.
+4–6 run in a worker thread (at most two at once), never on the event loop: a body of large
+schemas costs its own request time, not everyone's.
+Then the route's work runs:
+7. disconnect handling: if the client leaves before the answer is ready, the work is cancelled
+   (streams are cancelled by `ClosingStreamingResponse` once they run);
+8. charging: the serving flow charges what the work used (`limits.grant.charge`).
+
+A route is declared as `async def name(body: SomeRequest, request: Request) -> Served`, plus any
+path parameters; it returns a response model, a stream of chunks (SSE), or `NamedEvents` (the
+Responses API's named SSE events). `create_api_app` refuses to build an app with a public route
+that is not a `Door`, and a `Door` refuses a body that is not a `PublicRequest`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import weakref
+from collections.abc import AsyncGenerator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, get_type_hints
+
+import anyio
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
+
+from chatgate.api.auth import caller
+from chatgate.api.disconnect import ClientGone, unless_disconnected
+from chatgate.api.errors import validation_error
+from chatgate.api.pieces import is_large, json_in_pieces
+from chatgate.api.sse import named_sse, sse
+from chatgate.errors import ChatgateError, InvalidRequestError
+from chatgate.protocol.limits import CostError, PublicRequest, check_volume
+from chatgate.protocol.openai import EmbeddingResponse, ErrorResponse, valid_schema
+from chatgate.protocol.responses import StreamEvent
+from chatgate.responses import ClosingStreamingResponse
+
+log = logging.getLogger(__name__)
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Bodies are checked in threads of their own, in two lanes: small bodies (nearly every request)
+# two at a time, large ones one at a time and one per caller, so a caller sending large bodies
+# waits behind its own and delays nobody's small ones. A check cannot be cancelled once it runs:
+# a client that leaves still costs its body's check, bounded by the walk's caps.
+SMALL_BODY = 64 * 1024
+_SMALL = anyio.CapacityLimiter(2)
+_LARGE = anyio.CapacityLimiter(1)
+_LARGE_BY_CALLER: weakref.WeakValueDictionary[str, anyio.Lock] = weakref.WeakValueDictionary()
+
+
+async def admit(model: type[PublicRequest], raw: bytes, caller: str) -> PublicRequest:
+    """`admit_body` in the lane the body's size and its caller (a key's name, or the client's
+    address) call for."""
+    if len(raw) <= SMALL_BODY:
+        return await anyio.to_thread.run_sync(admit_body, model, raw, limiter=_SMALL)
+    own = _LARGE_BY_CALLER.get(caller)
+    if own is None:
+        own = _LARGE_BY_CALLER[caller] = anyio.Lock()
+    async with own:
+        return await anyio.to_thread.run_sync(admit_body, model, raw, limiter=_LARGE)
+
+
+@dataclass(frozen=True)
+class NamedEvents:
+    """A stream of the Responses API's named events (`event:` and `data:` lines)."""
+
+    events: AsyncGenerator[StreamEvent, None]
+
+
+Served = BaseModel | AsyncGenerator[BaseModel, None] | NamedEvents
+
+
+def admit_body(model: type[PublicRequest], raw: bytes) -> PublicRequest:
+    """Steps 4–6 of the door on a raw body: parse, walk, validate, cost, schemas. CPU work
+    bounded by the body cap and `max_json_values`: run it off the event loop."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidRequestError(
+            "We could not parse the JSON body of your request. (HINT: This likely means you "
+            "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)"
+        ) from None
+    if not isinstance(data, dict):
+        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_type")
+    try:  # only the volume here: each field's own walk names the field a bad value is in
+        check_volume(data, max_depth=model.max_json_depth, max_values=model.max_json_values)
+    except ValueError as exc:
+        raise InvalidRequestError(f"Invalid request body: {exc}.", code="invalid_value") from None
+    try:
+        body = model.model_validate(data)
+    except ValidationError as exc:
+        raise body_error(exc) from None
+    try:
+        body.cost().check()
+    except CostError as exc:
+        raise InvalidRequestError(f"Invalid value for '{exc.param}': {exc}.", param=exc.param, code="invalid_value") from None
+    for param, schema in body.schemas():
+        try:
+            valid_schema(schema)
+        except ValueError as exc:
+            raise InvalidRequestError(f"Invalid value for '{param}': {exc}.", param=param, code="invalid_value") from None
+    return body
+
+
+def body_error(exc: ValidationError) -> ChatgateError:
+    """The 400 for a body that does not fit its schema, naming the field as OpenAI does."""
+    return validation_error(RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]))
+
+
+def caller_name(request: Request) -> str:
+    """Who sent `request`, for fairness between callers: its key's name, else its address."""
+    who = caller.get()
+    if who is not None:
+        return who.store_key
+    return request.client.host if request.client is not None else ""
+
+
+def respond(result: Served, request: Request) -> Response:
+    """A JSON response, or an SSE stream for a streamed result."""
+    write_timeout: float = request.app.state.api.stream_write_timeout
+    request_id = str(getattr(request.state, "request_id", ""))
+    if isinstance(result, EmbeddingResponse) and is_large(result.data):
+        return ClosingStreamingResponse(
+            json_in_pieces(result, "data"), media_type="application/json", write_timeout=write_timeout
+        )
+    if isinstance(result, BaseModel):
+        return Response(result.model_dump_json(), media_type="application/json")
+    body = named_sse(result.events, request_id) if isinstance(result, NamedEvents) else sse(result, request_id)
+    return ClosingStreamingResponse(body, media_type="text/event-stream", write_timeout=write_timeout, headers=_SSE_HEADERS)
+
+
+def label_model(request: Request, model: str) -> None:
+    """Name the model in this request's metrics, if it is served: the client chooses the name,
+    and label values it invents would grow `/metrics` without bound."""
+    if model and model in request.app.state.api.pool.readiness():
+        request.state.model = model
+
+
+# What the schema says every route may answer besides its result: an error in OpenAI's shape
+# (400 for every invalid body, never FastAPI's 422), and for generation routes an SSE stream.
+_ERRORS: dict[int | str, dict[str, Any]] = {"4XX": {"model": ErrorResponse}, "5XX": {"model": ErrorResponse}}
+_STREAM: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+class Door(APIRoute):
+    """A public API route: its handler runs the door's steps, then the endpoint."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        body = get_type_hints(endpoint).get("body")
+        if body is not None and not (isinstance(body, type) and issubclass(body, PublicRequest)):
+            raise TypeError(f"{path}: a public route's body must be a PublicRequest, not {body!r}")
+        self.body_model: type[PublicRequest] | None = body
+        streams = body is not None and "stream" in body.model_fields
+        kwargs["responses"] = {**_ERRORS, **(_STREAM if streams else {}), **(kwargs.get("responses") or {})}
+        super().__init__(path, endpoint, **kwargs)  # builds the handler, which reads body_model
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        endpoint, body_model = self.endpoint, self.body_model
+
+        async def handle(request: Request) -> Response:
+            kwargs: dict[str, Any] = {"request": request, **request.path_params}
+            if body_model is not None:
+                raw = await request.body()
+                body = await admit(body_model, raw, caller_name(request))
+                kwargs["body"] = body
+                label_model(request, request.path_params.get("model") or str(getattr(body, "model", "")))
+            try:
+                result = await unless_disconnected(request, endpoint(**kwargs))
+            except ClientGone:
+                return Response(status_code=499)  # nobody reads it; nginx's code for a client that left
+            except ValidationError as exc:
+                # A request the door admitted but serving could not convert (a cap the body's
+                # `cost` missed): the client's error, said as one, and logged for us to close.
+                log.warning("admitted request failed conversion on %s: %s", request.url.path, exc)
+                raise body_error(exc) from None
+            return respond(result, request)
+
+        return handle
