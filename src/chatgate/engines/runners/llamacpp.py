@@ -84,7 +84,11 @@ class GgufModel:
     eos_token_ids: frozenset[int]
 
     def __del__(self) -> None:
-        lc.llama_model_free(self.handle)  # every context over it holds a reference to this object
+        # Every context over the model holds a reference to this object. At interpreter exit the
+        # module may be torn down first: the process is ending and frees the memory anyway.
+        free = getattr(lc, "llama_model_free", None)
+        if free is not None:
+            free(self.handle)
 
     @classmethod
     def load(cls, path: Path) -> GgufModel:
@@ -264,7 +268,8 @@ class LlamaCppRunner(Runner):
 
     def __del__(self) -> None:
         # Engines made for one test or one run come and go; their scheduler thread has ended.
-        self.close()
+        if getattr(lc, "llama_free", None) is not None:  # not at interpreter exit (see GgufModel)
+            self.close()
 
     def close(self) -> None:
         """Free the contexts (the model stays loaded)."""
