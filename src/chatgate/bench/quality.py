@@ -168,6 +168,8 @@ def quality_report(settings: EngineSettings, *, tokens: int = 32) -> dict[str, A
 
     runner = runner_for(settings)
     dtype = settings.weights("bfloat16" if runner == "llama.cpp" else "float32")
+    if runner == "llama.cpp" and not resolve_chat_model(settings.model_path).packaged:
+        dtype = "as stored in the file"  # llama.cpp serves a GGUF file of your own unconverted
     print(f"quality: {runner} {dtype} against float32 on {len(QUALITY_PROMPTS)} prompts", file=sys.stderr, flush=True)
     torch.set_num_threads(engine_threads(settings.num_threads))
     path = cached_checkpoint(resolve_chat_model(settings.model_path), settings.cache_dir)

@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from chatgate.engines.kvbudget import free_memory
 from chatgate.engines.loading import ModelSource, model_construction
 from chatgate.engines.scheduled import LoadedModel, ScheduledEngine, kv_budget
@@ -35,8 +37,13 @@ GGUF_NAMES = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0"}
 
 
 def decode_threads(requested: int) -> int:
-    """llama.cpp threads: as asked, else every core (measured on 2 cores: see the README)."""
-    return requested or max(1, os.cpu_count() or 1)
+    """llama.cpp threads: as asked, else every core but one, which serves HTTP (as on torch).
+
+    ggml's threads meet at a spinning barrier after every operation, hundreds per token: when
+    the OS deschedules one of them, the others wait out its time slice. On two shared cores
+    under other load, two threads decoded one stream at 4 tok/s where one thread made 31;
+    on an idle machine two threads are about 1.3x one (see the README)."""
+    return requested or max(1, (os.cpu_count() or 1) - 1)
 
 
 def cached_gguf(source: ModelSource, cache_dir: Path, dtype: str, *, threads: int) -> Path:
@@ -99,6 +106,10 @@ class LlamaCppEngine(ScheduledEngine):
         from chatgate.engines.runners.llamacpp import GgufModel, LlamaCppRunner
 
         threads = decode_threads(self._settings.num_threads)
+        # Torch only samples here, a row at a time: small operations that more threads slow
+        # down (their spinning took the core from llama.cpp: sampling cost 2.5x the forward
+        # passes at 16 rows until this was set).
+        torch.set_num_threads(1)
         dtype = self._settings.weights("bfloat16")
         path = cached_gguf(self._source, self._settings.cache_dir, dtype, threads=threads)
         tokenizer = cached_tokenizer(self._source, self._settings.cache_dir)
@@ -109,8 +120,9 @@ class LlamaCppEngine(ScheduledEngine):
             free_bytes=free_memory_bytes(),
             ceiling=max(context, self._settings.max_running * TOKENS_PER_ROW),
         )
-        # Cells for the prefix cache's spans too (they share cells with the rows they came from).
-        prefix_tokens = min(context, int(self._settings.prefix_cache_gib * 2**30) // model.kv_bytes_per_token)
+        # Cells for the prefix cache's spans too, as many as its budget holds, so a step never
+        # finds the memory full (spans share cells with the rows they came from while both live).
+        prefix_tokens = int(self._settings.prefix_cache_gib * 2**30) // model.kv_bytes_per_token
         runner = LlamaCppRunner(model, kv_tokens=kv_tokens + prefix_tokens, sequences=SEQUENCES, threads=threads)
         log.info("llama.cpp runner: %s, %d threads, %d KV cells", path.name, threads, kv_tokens + prefix_tokens)
         eos = set(model.eos_token_ids)
@@ -124,6 +136,4 @@ class LlamaCppEngine(ScheduledEngine):
 
 def free_memory_bytes() -> int:
     """Bytes of host memory available now."""
-    import torch
-
     return free_memory(torch.device("cpu"))

@@ -483,12 +483,12 @@ class Scheduler:
         """Sample one token for `slot` and hand out its text; False once it has finished or
         failed (a failure ends this sequence only)."""
         try:
-            return self._step(slot, logits)
+            return self._sample(slot, logits)
         except Exception as exc:
             self._fail([slot], exc)
             return False
 
-    def _step(self, slot: Slot, logits: torch.Tensor) -> bool:
+    def _sample(self, slot: Slot, logits: torch.Tensor) -> bool:
         state = slot.state
         if slot.constraint is not None:
             logits = logits.clone()  # the row may be shared (n choices, the prompt cache)

@@ -47,7 +47,9 @@ BATCH_TOKENS = 2048
 JOB_WINDOW = 256
 JOB_ROWS = 16
 
-_LEVELS = {2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+# llama.cpp's log levels; its warnings are about settings we chose (a unified KV memory larger
+# than one training context), so they go to info.
+_LEVELS = {2: logging.DEBUG, 3: logging.INFO, 4: logging.ERROR}
 
 
 @lc.llama_log_callback  # type: ignore[untyped-decorator, unused-ignore]  # llama-cpp-python's CFUNCTYPE decorator is untyped
@@ -82,7 +84,11 @@ class GgufModel:
     eos_token_ids: frozenset[int]
 
     def __del__(self) -> None:
-        lc.llama_model_free(self.handle)  # every context over it holds a reference to this object
+        # Every context over the model holds a reference to this object. At interpreter exit the
+        # module may be torn down first: the process is ending and frees the memory anyway.
+        free = getattr(lc, "llama_model_free", None)
+        if free is not None:
+            free(self.handle)
 
     @classmethod
     def load(cls, path: Path) -> GgufModel:
@@ -126,7 +132,8 @@ def _context(model: GgufModel, *, tokens: int, sequences: int, batch: int, threa
     params.kv_unified = True  # one pool of cells for every sequence: copies share cells
     params.n_threads = params.n_threads_batch = threads
     params.embeddings = embeddings
-    params.pooling_type = lc.LLAMA_POOLING_TYPE_NONE
+    if embeddings:  # per-token hidden states: the job pools them itself
+        params.pooling_type = lc.LLAMA_POOLING_TYPE_NONE
     params.no_perf = True
     ctx = lc.llama_init_from_model(model.handle, params)
     if not ctx:
@@ -170,7 +177,9 @@ def _run(ctx: Any, batch: _Batch, entries: Sequence[tuple[int, int, int, bool]],
         if outputs:
             pointer = lc.llama_get_embeddings(ctx) if embeddings else lc.llama_get_logits(ctx)
             parts.append(np.ctypeslib.as_array(pointer, shape=(outputs, width)).copy())
-    return np.concatenate(parts) if len(parts) != 1 else parts[0]
+    if not parts:
+        return np.zeros((0, width), dtype=np.float32)
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 @dataclass(eq=False)
@@ -259,7 +268,8 @@ class LlamaCppRunner(Runner):
 
     def __del__(self) -> None:
         # Engines made for one test or one run come and go; their scheduler thread has ended.
-        self.close()
+        if getattr(lc, "llama_free", None) is not None:  # not at interpreter exit (see GgufModel)
+            self.close()
 
     def close(self) -> None:
         """Free the contexts (the model stays loaded)."""
@@ -352,7 +362,7 @@ class LlamaCppRunner(Runner):
     def _job_context(self, *, embeddings: bool) -> Any:
         if self._jobs is None:
             self._jobs = _context(self.model, tokens=self.model.context_length, sequences=JOB_ROWS,
-                                  batch=JOB_WINDOW * 2, threads=self._threads, embeddings=embeddings)
+                                  batch=JOB_WINDOW * 2, threads=self._threads, embeddings=True)
             self._job_batch = _Batch(JOB_WINDOW * 2)
         lc.llama_set_embeddings(self._jobs, embeddings)
         lc.llama_memory_clear(lc.llama_get_memory(self._jobs), True)
