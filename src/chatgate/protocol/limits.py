@@ -41,7 +41,7 @@ ASSUMED_COMPLETION_TOKENS = 4096
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # signed 64-bit, as OpenAI and torch take seeds
 # Any integer in a request body: beyond every field's own bound (so the field's check names it),
 # far below what costs anything to print.
-INT_MIN, INT_MAX = -(2**64), 2**64
+INT_MIN, INT_MAX = -(10**100), 10**100
 
 
 def _check_text(text: str) -> None:
@@ -109,7 +109,7 @@ def check_volume(value: Any, *, max_values: int, max_depth: int) -> None:
             pending.extend((child, depth + 1) for child in item)
         elif isinstance(item, int) and not INT_MIN <= item <= INT_MAX:
             # No field takes more; a 4,000-digit number would only cost every message it is in.
-            raise ValueError("integers must be within ±2**64")
+            raise ValueError("integers must have at most 100 digits")
 
 
 def bounded_schema(value: dict[str, Any]) -> dict[str, Any]:
