@@ -14,7 +14,7 @@ from starlette.middleware.cors import CORSMiddleware
 from chatgate.api import errors
 from chatgate.api.admin import AdminKeys
 from chatgate.api.auth import IdentityMiddleware, KeyChecker
-from chatgate.api.door import Door
+from chatgate.api.door import BodyAdmission, Door
 from chatgate.api.limits.lease import LeaseKeeper
 from chatgate.api.limits.middleware import RateLimitMiddleware
 from chatgate.api.limits.policy import load_keys_file
@@ -98,6 +98,7 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
         openapi_url="/openapi.json" if docs else None,
     )
     app.state.drain = drain  # the CLI's server drains it on SIGTERM
+    app.state.admission = BodyAdmission()  # where the door checks bodies
     errors.install(app)
 
     app.include_router(health_routes())

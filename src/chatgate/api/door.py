@@ -11,8 +11,8 @@ Before the route's code runs:
 5. cost caps: the request's `cost()` (choices, log-probability entries counting `echo`, messages,
    tools, calls per turn, schema values of all its schemas together) against the one set of caps;
 6. schema checks: every JSON schema the request carries is checked for validity.
-4–6 run in a worker thread (at most two at once), never on the event loop: a body of large
-schemas costs its own request time, not everyone's.
+4–6 run in worker threads (`BodyAdmission`), never on the event loop: a body of large schemas
+costs its own request time, not everyone's.
 Then the route's work runs:
 7. disconnect handling: if the client leaves before the answer is ready, the work is cancelled
    (streams are cancelled by `ClosingStreamingResponse` once they run);
@@ -54,26 +54,31 @@ from chatgate.responses import ClosingStreamingResponse
 log = logging.getLogger(__name__)
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# Bodies are checked in threads of their own, in two lanes: small bodies (nearly every request)
-# two at a time, large ones one at a time and one per caller, so a caller sending large bodies
-# waits behind its own and delays nobody's small ones. A check cannot be cancelled once it runs:
-# a client that leaves still costs its body's check, bounded by the walk's caps.
 SMALL_BODY = 64 * 1024
-_SMALL = anyio.CapacityLimiter(2)
-_LARGE = anyio.CapacityLimiter(1)
-_LARGE_BY_CALLER: weakref.WeakValueDictionary[str, anyio.Lock] = weakref.WeakValueDictionary()
 
 
-async def admit(model: type[PublicRequest], raw: bytes, caller: str) -> PublicRequest:
-    """`admit_body` in the lane the body's size and its caller (a key's name, or the client's
-    address) call for."""
-    if len(raw) <= SMALL_BODY:
-        return await anyio.to_thread.run_sync(admit_body, model, raw, limiter=_SMALL)
-    own = _LARGE_BY_CALLER.get(caller)
-    if own is None:
-        own = _LARGE_BY_CALLER[caller] = anyio.Lock()
-    async with own:
-        return await anyio.to_thread.run_sync(admit_body, model, raw, limiter=_LARGE)
+class BodyAdmission:
+    """Where bodies are checked: threads of their own, in two lanes. Small bodies (nearly every
+    request) go two at a time; large ones one at a time and one per caller, so a caller sending
+    large bodies waits behind its own and delays nobody's small ones. A check cannot be
+    cancelled once it runs: a client that leaves still costs its body's check, bounded by the
+    walk's caps. One per app (`app.state.admission`)."""
+
+    def __init__(self) -> None:
+        self._small = anyio.CapacityLimiter(2)
+        self._large = anyio.CapacityLimiter(1)
+        self._large_by_caller: weakref.WeakValueDictionary[str, anyio.Lock] = weakref.WeakValueDictionary()
+
+    async def admit(self, model: type[PublicRequest], raw: bytes, caller: str) -> PublicRequest:
+        """`admit_body` in the lane the body's size and its caller (a key's name, or the
+        client's address) call for."""
+        if len(raw) <= SMALL_BODY:
+            return await anyio.to_thread.run_sync(admit_body, model, raw, limiter=self._small)
+        own = self._large_by_caller.get(caller)
+        if own is None:
+            own = self._large_by_caller[caller] = anyio.Lock()
+        async with own:
+            return await anyio.to_thread.run_sync(admit_body, model, raw, limiter=self._large)
 
 
 @dataclass(frozen=True)
@@ -177,7 +182,8 @@ class Door(APIRoute):
             kwargs: dict[str, Any] = {"request": request, **request.path_params}
             if body_model is not None:
                 raw = await request.body()
-                body = await admit(body_model, raw, caller_name(request))
+                admission: BodyAdmission = request.app.state.admission
+                body = await admission.admit(body_model, raw, caller_name(request))
                 kwargs["body"] = body
                 label_model(request, request.path_params.get("model") or str(getattr(body, "model", "")))
             try:
