@@ -21,6 +21,7 @@ from chatgate.settings import ServeSettings
 from tests.conftest import raw, running
 from tests.fake_upstream import sse_response, upstream_pool
 from tests.polling import apoll
+from tests.support.asgi import scope
 
 pytestmark = pytest.mark.anyio
 
@@ -61,15 +62,6 @@ async def charged(app: FastAPI) -> int:
     return BUDGET - int(response.headers["x-ratelimit-remaining-tokens"])
 
 
-def scope() -> dict[str, Any]:
-    return {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"host", b"chatgate"), (b"authorization", f"Bearer {KEY}".encode())],
-        "client": ("127.0.0.1", 1), "server": ("chatgate", 80),
-    }
-
-
 async def leave_after(app: FastAPI, body: dict[str, Any], pieces: int) -> None:
     """Stream a chat and disconnect once `pieces` chunks of content have arrived."""
     messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
@@ -90,7 +82,7 @@ async def leave_after(app: FastAPI, body: dict[str, Any], pieces: int) -> None:
             if seen >= pieces:
                 leave.set()
 
-    await asyncio.wait_for(app(scope(), receive, send), 10)
+    await asyncio.wait_for(app(scope("/v1/chat/completions", [(b"authorization", f"Bearer {KEY}".encode())]), receive, send), 10)
 
 
 CHAT = {"model": M, "messages": [{"role": "user", "content": "count for me"}], "max_tokens": 50}

@@ -6,18 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI
 
 
-def scope(path: str) -> dict[str, Any]:
-    """An HTTP POST scope for `path`."""
+def scope(path: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> dict[str, Any]:
+    """An HTTP POST scope for `path`, with `headers` beside the JSON content type."""
     return {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
         "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-        "root_path": "", "headers": [(b"content-type", b"application/json"), (b"host", b"chatgate")],
+        "root_path": "", "headers": [(b"content-type", b"application/json"), (b"host", b"chatgate"), *headers],
         "client": ("127.0.0.1", 1), "server": ("chatgate", 80),
     }
 
