@@ -218,16 +218,19 @@ async def test_5xx_and_silence_are_reported_and_retried_within_the_timeout() -> 
     assert [address for address, *_ in api.pool.load()] == ["http://fine"]
 
 
+async def stalls(request: httpx.Request) -> httpx.Response:
+    """A worker that answers one frame, then freezes with the stream open."""
+
+    async def body() -> AsyncIterator[bytes]:
+        yield frames({"text": "a"})
+        await asyncio.Event().wait()
+        yield b""
+
+    return httpx.Response(200, content=body())
+
+
 async def test_silence_mid_stream_ends_the_request_and_reports_the_worker() -> None:
     from chatgate.errors import WorkerError
-
-    async def stalls(request: httpx.Request) -> httpx.Response:
-        async def body() -> AsyncIterator[bytes]:
-            yield frames({"text": "a"})
-            await asyncio.Event().wait()
-            yield b""
-
-        return httpx.Response(200, content=body())
 
     api = Api({"http://w": stalls}, Bounds(between_frames=0.2))
     with pytest.raises(WorkerError, match="stopped answering mid-stream"):
@@ -259,14 +262,6 @@ async def test_a_response_not_yet_sent_moves_on_when_its_worker_is_lost_mid_way(
     """A worker frozen or killed mid-generation: the client of a non-streamed request has seen
     nothing, so the request starts again on a live worker; a stream already read cannot."""
     from chatgate.errors import WorkerLostError
-
-    async def stalls(request: httpx.Request) -> httpx.Response:
-        async def body() -> AsyncIterator[bytes]:
-            yield frames({"text": "a"})
-            await asyncio.Event().wait()
-            yield b""
-
-        return httpx.Response(200, content=body())
 
     for _ in range(10):  # dispatch picks at random: until the stalling worker was picked first
         api = Api({"http://frozen": stalls, "http://fine": await answers(200, GOOD)}, Bounds(between_frames=0.2))
