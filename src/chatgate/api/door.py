@@ -45,6 +45,7 @@ from chatgate.api.disconnect import ClientGone, unless_disconnected
 from chatgate.api.errors import validation_error
 from chatgate.api.pieces import is_large, json_in_pieces
 from chatgate.api.sse import named_sse, sse
+from chatgate.api.state import api_state
 from chatgate.errors import ChatgateError, InvalidRequestError
 from chatgate.protocol.limits import CostError, PublicRequest, check_volume
 from chatgate.protocol.openai import EmbeddingResponse, ErrorResponse, valid_schema
@@ -138,7 +139,7 @@ def caller_name(request: Request) -> str:
 
 def respond(result: Served, request: Request) -> Response:
     """A JSON response, or an SSE stream for a streamed result."""
-    write_timeout: float = request.app.state.api.stream_write_timeout
+    write_timeout = api_state(request).stream_write_timeout
     request_id = str(getattr(request.state, "request_id", ""))
     if isinstance(result, EmbeddingResponse) and is_large(result.data):
         return ClosingStreamingResponse(
@@ -153,7 +154,7 @@ def respond(result: Served, request: Request) -> Response:
 def label_model(request: Request, model: str) -> None:
     """Name the model in this request's metrics, if it is served: the client chooses the name,
     and label values it invents would grow `/metrics` without bound."""
-    if model and model in request.app.state.api.pool.readiness():
+    if model and model in api_state(request).pool.readiness():
         request.state.model = model
 
 

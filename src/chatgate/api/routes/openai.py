@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from chatgate.api.door import Door, NamedEvents, Served
 from chatgate.api.serving.models import model_card
 from chatgate.api.serving.responses import to_chat
-from chatgate.api.state import ApiState
+from chatgate.api.state import api_state
 from chatgate.errors import ModelNotFoundError
 from chatgate.protocol.fastchat import TokenCheckRequest, TokenCheckResponse
 from chatgate.protocol.openai import (
@@ -28,22 +28,17 @@ from chatgate.protocol.vllm import DetokenizeRequest, DetokenizeResponse, Tokeni
 router = APIRouter(route_class=Door)
 
 
-def _state(request: Request) -> ApiState:
-    state: ApiState = request.app.state.api
-    return state
-
-
 @router.get("/v1/models", response_model=ModelList, response_model_exclude_none=True)
 async def list_models(request: Request) -> Served:
     """The models served now."""
-    pool = _state(request).pool
+    pool = api_state(request).pool
     return ModelList(data=[await model_card(pool, name) for name in await pool.models()])
 
 
 @router.get("/v1/models/{model:path}", response_model=ModelCard, response_model_exclude_none=True)
 async def retrieve_model(model: str, request: Request) -> Served:
     """One served model."""
-    pool = _state(request).pool
+    pool = api_state(request).pool
     if model not in await pool.models():
         raise ModelNotFoundError.for_model(model)
     return await model_card(pool, model)
@@ -53,47 +48,47 @@ async def retrieve_model(model: str, request: Request) -> Served:
 @router.post("/api/v1/chat/completions", response_model=ChatCompletionResponse)  # FastChat's path
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Served:
     """Chat completion, streamed or not."""
-    return await _state(request).chat.create(body)
+    return await api_state(request).chat.create(body)
 
 
 @router.post("/v1/completions", response_model=CompletionResponse)
 async def completions(body: CompletionRequest, request: Request) -> Served:
     """Text completion, streamed or not."""
-    return await _state(request).completions.create(body)
+    return await api_state(request).completions.create(body)
 
 
 @router.post("/v1/responses", response_model=ResponseObject)
 async def responses(body: ResponsesRequest, request: Request) -> Served:
     """A model response (the stateless Responses API), streamed as named events or not."""
-    result = await _state(request).responses.create(to_chat(body))
+    result = await api_state(request).responses.create(to_chat(body))
     return result if isinstance(result, ResponseObject) else NamedEvents(result)
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)
 async def embeddings(body: EmbeddingRequest, request: Request) -> Served:
     """Embeddings of the inputs."""
-    return await _state(request).embeddings.create(body)
+    return await api_state(request).embeddings.create(body)
 
 
 @router.post("/v1/engines/{model:path}/embeddings", response_model=EmbeddingResponse)
 async def engine_embeddings(model: str, body: EmbeddingRequest, request: Request) -> Served:
     """Embeddings from the model the URL names (the legacy engines path)."""
-    return await _state(request).embeddings.create(body.model_copy(update={"model": model}))
+    return await api_state(request).embeddings.create(body.model_copy(update={"model": model}))
 
 
 @router.post("/api/v1/token_check", response_model=TokenCheckResponse)
 async def token_check(body: TokenCheckRequest, request: Request) -> Served:
     """FastChat's token check: prompt token counts against each model's context."""
-    return await _state(request).tokens.check(body)
+    return await api_state(request).tokens.check(body)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)
 async def tokenize(body: TokenizeRequest, request: Request) -> Served:
     """vLLM's tokenize: a prompt's (or a templated conversation's) token ids and count."""
-    return await _state(request).tokenizer.tokenize(body)
+    return await api_state(request).tokenizer.tokenize(body)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, request: Request) -> Served:
     """vLLM's detokenize: the text of token ids."""
-    return await _state(request).tokenizer.detokenize(body)
+    return await api_state(request).tokenizer.detokenize(body)
