@@ -82,5 +82,6 @@ for i in "${!pids[@]}"; do
 done
 
 uptime | tee "$OUT/uptime-before.txt"
-"$VENV/bin/chatgate" bench --model "$MODEL" --output-dir "$OUT" "${targets[@]}" ${BENCH_ARGS:-}
+# --quality: each runner's quality gate, and every server's greedy answers against float32's.
+"$VENV/bin/chatgate" bench --model "$MODEL" --output-dir "$OUT" --quality "${targets[@]}" ${BENCH_ARGS:-}
 uptime | tee "$OUT/uptime-after.txt"

@@ -20,9 +20,17 @@ from typing import Any
 
 import httpx
 
+from chatgate.bench.answers import (
+    answers_line,
+    encode_replies,
+    gate_line,
+    reference_answers,
+    runner_gates,
+    score_answers,
+    target_answers,
+)
 from chatgate.bench.baseline import hf_generate_tokens_per_s
 from chatgate.bench.load import Target, engine_target, http_target, run_level
-from chatgate.bench.quality import quality_report
 from chatgate.bench.report import chart, ratios, summarize, table
 from chatgate.engines import create_engine
 from chatgate.settings import BenchSettings
@@ -79,6 +87,25 @@ async def _measure(settings: BenchSettings) -> dict[str, list[dict[str, Any]]]:
         return results
 
 
+async def _ask_targets(settings: BenchSettings) -> dict[str, list[str]]:
+    """Every HTTP target's greedy replies to the quality prompts."""
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as http:
+        replies = {}
+        for name, url in named_urls(settings).items():
+            print(f"answers: {name}", file=sys.stderr, flush=True)
+            replies[name] = await target_answers(http, url.rstrip("/"), model=settings.model, api_key=settings.api_key)
+        return replies
+
+
+def _quality(settings: BenchSettings) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Each chatgate runner's gate, and every HTTP target's answers against float32's."""
+    gates = _in_own_process(runner_gates, settings)
+    replies = asyncio.run(_ask_targets(settings))
+    reference = _in_own_process(reference_answers, settings)
+    encoded = _in_own_process(encode_replies, settings, replies)
+    return gates, {name: score_answers(reference, encoded[name], replies[name]) for name in replies}
+
+
 def _in_own_process(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run `function` in a fresh process: its model and thread pools must not slow the load runs."""
     context = multiprocessing.get_context("spawn")
@@ -100,8 +127,7 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         print("baseline: Hugging Face generate, one sequence", file=sys.stderr, flush=True)
         report["hf_generate_tokens_per_s"] = _in_own_process(hf_generate_tokens_per_s, settings, max_tokens=settings.max_tokens)
     if settings.quality:
-        report["quality"] = _in_own_process(quality_report, settings)
-        print(json.dumps(report["quality"], indent=2), file=sys.stderr)
+        report["quality_gates"], report["answers"] = _quality(settings)
     report["targets"] = asyncio.run(_measure(settings))
     report["ratios"] = ratios(report)
     out = Path(settings.output_dir)
@@ -109,5 +135,9 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     report["chart"] = str(chart(report, out / "bench.png"))
     print(table(report), file=sys.stderr)
+    for gate in report.get("quality_gates", []):
+        print(gate_line(gate), file=sys.stderr)
+    for name, scored in report.get("answers", {}).items():
+        print(answers_line(name, scored), file=sys.stderr)
     print(json.dumps(report["ratios"], indent=2), file=sys.stderr)
     return report
