@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pydantic import BaseModel, ValidationError  # noqa: E402
 
+from chatgate.logs import setup_logging  # noqa: E402
 from chatgate.settings import (  # noqa: E402
     ApiProcessSettings,
     ApiSettings,
@@ -66,16 +67,9 @@ def build_settings(settings_cls: type[BaseModel], args: argparse.Namespace) -> A
     return settings_cls(**given)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if level != "debug":  # one line per outgoing request is noise at info level
-        logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
 def _run_uvicorn(
-    app: Any, *, host: str, port: int, log_level: str, tls: tuple[str | None, str | None] = (None, None), **limits: Any
+    app: Any, *, host: str, port: int, log_level: str, tls: tuple[str | None, str | None] = (None, None),
+    access_log: bool = True, **limits: Any
 ) -> None:
     """Serve `app`; one with a `Drain` in its state drains on SIGTERM before uvicorn shuts down
     (uvicorn then gives what is left a few seconds)."""
@@ -84,8 +78,10 @@ def _run_uvicorn(
     from chatgate.drain import DrainingServer
 
     keyfile, certfile = tls
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, ssl_keyfile=keyfile,
-                            ssl_certfile=certfile, timeout_graceful_shutdown=5, **limits)
+    # Logging is set up already (`logs.setup_logging`): uvicorn's own config would replace it. An
+    # API server writes its own access line (`api/access.py`); workers and the controller keep uvicorn's.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None, access_log=access_log,
+                            ssl_keyfile=keyfile, ssl_certfile=certfile, timeout_graceful_shutdown=5, **limits)
     drain = getattr(app.state, "drain", None)
     server = DrainingServer(config, drain=drain) if drain is not None else uvicorn.Server(config)
     server.run()
@@ -117,6 +113,7 @@ def run_serve(settings: ServeSettings) -> None:
 
     app = create_api_app(settings, local_pool(settings))
     _run_uvicorn(app, host=settings.host, port=settings.port, log_level=settings.log_level, tls=_api_tls(settings),
+                 access_log=False,
                  **_api_limits(settings))
 
 
@@ -127,6 +124,7 @@ def run_api(settings: ApiProcessSettings) -> None:
 
     app = create_api_app(settings, controller_pool(settings))
     _run_uvicorn(app, host=settings.host, port=settings.port, log_level=settings.log_level, tls=_api_tls(settings),
+                 access_log=False,
                  **_api_limits(settings))
 
 
@@ -199,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         messages = [f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
         print("chatgate: invalid settings\n  " + "\n  ".join(messages), file=sys.stderr)
         raise SystemExit(2) from None
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     run(settings)
 
 

@@ -39,7 +39,10 @@ class _Base(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHATGATE_", extra="ignore")
 
     log_level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", description="Log level."
+        "info", description="Log level (also CHATGATE_LOG_LEVEL)."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or as one JSON object per line for log shippers."
     )
 
 
@@ -70,6 +73,10 @@ class ApiSettings(ShutdownSettings):
 
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, description="Port to bind.")
+    log_prompts: bool = Field(
+        False, description="Put the start of each request's messages, prompt or input (4,096 characters) in "
+        "its access line; without it no prompt text is logged at any level."
+    )
     api_keys: StrList = Field(
         default_factory=list,
         description="Accepted API keys, comma-separated; none means no key is checked.",
@@ -372,7 +379,8 @@ class BenchSettings(EngineSettings):
     raw: bool = Field(False, description="Also drive the engine in-process, with no HTTP (the ceiling).")
     hf_baseline: bool = Field(False, description="Also time plain HF generate, one sequence.")
     quality: bool = Field(
-        False, description="Also compare --dtype's greedy tokens and log-probabilities with float32's."
+        False, description="Also print each runner's quality gate (--dtype's greedy tokens and log-probabilities "
+        "against float32's) and every target's greedy answers against float32's."
     )
     output_dir: str = Field("bench-results", description="Where bench.json and bench.png go.")
 

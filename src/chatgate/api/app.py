@@ -121,7 +121,7 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
             allow_headers=settings.allowed_headers,
             allow_credentials=settings.allow_credentials,
         )
-    app.add_middleware(GuardMiddleware, max_body=settings.max_request_bytes, metrics=metrics)
+    app.add_middleware(GuardMiddleware, max_body=settings.max_request_bytes, metrics=metrics, log_prompts=settings.log_prompts)
     return app
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from chatgate.api import access
 from chatgate.api.errors import error_response
 from chatgate.api.limits.policy import KeyPolicy
 from chatgate.errors import AuthenticationError, InvalidRequestError
@@ -40,8 +41,15 @@ class Caller:
 
     @property
     def label(self) -> str:
-        """How messages and logs name the caller (never the key itself)."""
+        """How messages name the caller (never the key itself)."""
         return self.policy.label() if self.policy is not None else "this API key"
+
+    @property
+    def log_name(self) -> str:
+        """How the access log names the caller: its name in the keys file, else a short digest
+        (enough to tell keys apart in logs, nothing to recover a key from)."""
+        name = self.policy.name if self.policy is not None else None
+        return name or f"sha256:{self.digest[:12]}"
 
 
 # The caller of the request being served (None when no keys are checked).
@@ -167,6 +175,9 @@ class IdentityMiddleware:
             await error_response(exc)(scope, receive, send)
             return
         scope.setdefault("state", {})["caller"] = who
+        entry = access.record()
+        if entry is not None and who is not None:
+            entry.key = who.log_name
         token = caller.set(who)
         try:
             await self.app(scope, receive, send)

@@ -40,6 +40,7 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
+from chatgate.api import access
 from chatgate.api.auth import caller
 from chatgate.api.disconnect import ClientGone, unless_disconnected
 from chatgate.api.errors import validation_error
@@ -104,6 +105,8 @@ def admit_body(model: type[PublicRequest], raw: bytes) -> PublicRequest:
         ) from None
     if not isinstance(data, dict):
         raise InvalidRequestError("The request body must be a JSON object.", code="invalid_type")
+    if (entry := access.record()) is not None:
+        entry.note_prompt(data)
     try:  # only the volume here: each field's own walk names the field a bad value is in
         check_volume(data, max_depth=model.max_json_depth, max_values=model.max_json_values)
     except ValueError as exc:

@@ -10,6 +10,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from chatgate.api import access
 from chatgate.api.errors import error_response
 from chatgate.errors import ChatgateError, RequestTooLargeError
 from chatgate.metrics import ApiMetrics
@@ -34,10 +35,11 @@ class GuardMiddleware:
     error becomes an OpenAI-shaped 500 naming that id, never a traceback.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body: int, metrics: ApiMetrics | None = None) -> None:
+    def __init__(self, app: ASGIApp, *, max_body: int, metrics: ApiMetrics | None = None, log_prompts: bool = False) -> None:
         self.app = app
         self.max_body = max_body
         self.metrics = metrics
+        self.log_prompts = log_prompts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -50,6 +52,11 @@ class GuardMiddleware:
         started = False
         status = 500
         begin = time.perf_counter()
+        entry = access.AccessRecord(
+            request_id=request_id.decode(), method=str(scope.get("method", "")), path=str(scope.get("path", ""))[:256],
+            trace_id=access.trace_id_of(headers.get(b"traceparent", b"")), keep_prompt=self.log_prompts,
+        )
+        opened = access.current.set(entry)
 
         async def send_with_id(message: Message) -> None:
             nonlocal started, status
@@ -91,6 +98,11 @@ class GuardMiddleware:
             )
         finally:
             self._observe(scope, status, time.perf_counter() - begin)
+            entry.status = status
+            entry.route = getattr(scope.get("route"), "path", None)
+            entry.model = entry.model or str((scope.get("state") or {}).get("model", "")) or None
+            access.write(entry)
+            access.current.reset(opened)
 
     def _observe(self, scope: Scope, status: int, seconds: float) -> None:
         if self.metrics is None:

@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 
 from pydantic import BaseModel
 
+from chatgate.api import access
 from chatgate.api.auth import cache_salt
 from chatgate.api.limits import grant as limits
 from chatgate.api.workers.base import Worker, WorkerPool
@@ -74,6 +75,8 @@ async def _metered(
         async with contextlib.aclosing(stream):
             async for chunk in stream:
                 now = time.perf_counter()
+                if chunk.text and (entry := access.record()) is not None:
+                    entry.first_token()
                 if chunk.text and metrics is not None:
                     if last is None:
                         metrics.ttft.labels(model=model).observe(now - begin)
@@ -92,6 +95,10 @@ async def _account(
 ) -> None:
     prompt = usage.prompt_tokens if count_prompt else 0
     completion = max(usage.completion_tokens, delivered)
+    entry = access.record()
+    if entry is not None:
+        entry.prompt_tokens += prompt
+        entry.completion_tokens += completion
     await limits.charge(prompt + completion)
     if metrics is not None:
         metrics.prompt_tokens.labels(model=model).inc(prompt)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from chatgate.api import access
 from chatgate.api.workers.base import Worker, WorkerPool
 from chatgate.errors import NoHealthyWorkerError, OverloadedError, WorkerUnavailableError
 
@@ -28,6 +29,10 @@ async def with_failover(
             if last is None:
                 raise
             break
+        entry = access.record()
+        if entry is not None:  # the access line names the last worker tried, and how many were
+            entry.worker = worker.address
+            entry.attempts += 1
         try:
             return await call(worker)
         except OverloadedError as exc:
