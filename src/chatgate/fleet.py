@@ -1,7 +1,9 @@
 """How the processes of a fleet (controller, workers, API server) trust each other.
 
 - `FleetKeyMiddleware`: the controller's and workers' gate: with a fleet key set, every
-  endpoint but `/health` needs `Authorization: Bearer <key>` (compared in constant time).
+  endpoint but `/health` needs `Authorization: Bearer <key>` (compared in constant time);
+  `/ready` may also be asked with no key at all (orchestrators' probes carry no secrets), and
+  then says its status and nothing else.
 - `install_protocol_errors`: the worker protocol's error bodies: a request that does not fit
   the schema gets 400 with the reason, a `ChatgateError` its own status.
 - `fleet_client`: the pooled HTTP client a process calls its peers with: it sends the key and
@@ -23,6 +25,12 @@ from chatgate.errors import AuthenticationError, ChatgateError, InvalidRequestEr
 from chatgate.settings import FleetSettings
 
 OPEN_PATHS = frozenset({"/health"})
+PROBE_PATHS = frozenset({"/ready"})
+
+
+def anonymous_probe(request: Request) -> bool:
+    """Whether `request` reached a probe path without the fleet key (it gets its status only)."""
+    return bool(request.scope.get("state", {}).get("anonymous_probe"))
 
 
 def protocol_error(exc: ChatgateError) -> JSONResponse:
@@ -43,6 +51,10 @@ class FleetKeyMiddleware:
             await self.app(scope, receive, send)
             return
         given = dict(scope.get("headers") or []).get(b"authorization", b"")
+        if not given and scope["path"] in PROBE_PATHS:
+            scope.setdefault("state", {})["anonymous_probe"] = True
+            await self.app(scope, receive, send)
+            return
         # compare_digest: the time taken must not tell how much of a guess was right.
         if hmac.compare_digest(given, self._key):
             await self.app(scope, receive, send)

@@ -67,12 +67,16 @@ class FleetCollector(Collector):
             workers.add_metric([model], count)
         queue = GaugeMetricFamily("chatgate_worker_queue_length", "Requests queued or running per worker.", labels=["worker"])
         running = GaugeMetricFamily("chatgate_worker_running_sequences", "Sequences in the running batch per worker.", labels=["worker"])
+        waiting = GaugeMetricFamily("chatgate_worker_waiting_requests", "Requests a worker holds but does not run yet "
+                                    "(what to scale workers on).", labels=["worker"])
         for worker, queued, active in self._worker_load():
             queue.add_metric([worker], queued)
             running.add_metric([worker], active)
+            waiting.add_metric([worker], max(0, queued - active))
         yield workers
         yield queue
         yield running
+        yield waiting
         if self._served is not None:
             served = CounterMetricFamily("chatgate_worker_requests", "Generation and embedding requests a worker took.", labels=["model"])
             for model, count in sorted(self._served().items()):

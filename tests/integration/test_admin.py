@@ -69,6 +69,15 @@ async def test_without_any_key_the_server_is_open_as_before() -> None:
         assert (await get(app, "/ready", None)).json()["workers"] == {"fake-model": 1}
 
 
+async def test_a_probe_without_a_key_gets_the_readiness_status_alone(tmp_path: Path) -> None:
+    async with running(two_models(tmp_path, admin_keys=[ADMIN])) as app:
+        probe = await get(app, "/ready", None)
+        assert probe.status_code == 200 and probe.json() == {"status": "ready"}
+        wrong = await get(app, "/ready", "sk-not-a-key")  # a key that is given is still checked
+        assert wrong.status_code == 401
+        assert (await get(app, "/metrics", None)).status_code == 401
+
+
 async def test_ready_shows_a_key_only_the_models_it_may_use(tmp_path: Path) -> None:
     async with running(two_models(tmp_path, admin_keys=[ADMIN])) as app:
         scoped = await get(app, "/ready", SCOPED)
@@ -116,3 +125,4 @@ async def test_in_a_fleet_worker_addresses_are_on_the_admins_metrics_only() -> N
         assert ready.status_code == 200 and "10.1.2.3" not in ready.text
         scraped = await get(app, "/metrics", ADMIN)
         assert f'chatgate_worker_queue_length{{worker="{WORKER_URL}"}} 3.0' in scraped.text
+        assert f'chatgate_worker_waiting_requests{{worker="{WORKER_URL}"}} 1.0' in scraped.text

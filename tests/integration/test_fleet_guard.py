@@ -42,9 +42,15 @@ async def test_fleet_key_guards_every_controller_and_worker_endpoint_but_health(
                 assert (await http.get("/health")).status_code == 200
                 for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
                     for path in [*paths, "/metrics", "/ready"]:
+                        if path == "/ready" and not headers:
+                            continue  # a probe without credentials: below
                         response = await http.request("GET" if path in ("/metrics", "/ready") else "POST", path, json={}, headers=headers)
                         assert response.status_code == 401, (path, headers)
                         assert response.json()["error"]["code"] == "invalid_fleet_key"
+                # Orchestrators probe readiness without secrets: the status, and nothing else.
+                probe = await http.get("/ready")
+                assert probe.status_code == 200 and probe.json() == {"status": "ready"}
+                assert (await http.get("/ready", headers=AUTH)).json()["status"] == "ready"
                 ok = await http.post(paths[0], json={}, headers=AUTH)
                 assert ok.status_code in (200, 400) and ok.json() is not None
 

@@ -19,6 +19,10 @@ class AdminKeys:
     def __init__(self, *, keys_checked: bool) -> None:
         self._open = not keys_checked
 
+    def is_anonymous(self) -> bool:
+        """Whether keys are checked and the current request gave none (a readiness probe)."""
+        return not self._open and auth.caller.get() is None
+
     def is_admin(self) -> bool:
         """Whether the current request's caller may see everything."""
         who = auth.caller.get()

@@ -150,10 +150,16 @@ def _is_preflight(scope: Scope, headers: list[tuple[bytes, bytes]]) -> bool:
     return scope["method"] == "OPTIONS" and any(n == b"access-control-request-method" for n, _ in headers)
 
 
+# Paths a caller may reach with no key at all (a key it does give is still checked): readiness,
+# which orchestrators probe without credentials and which then answers its status only.
+PROBE_PATHS = frozenset({"/ready"})
+
+
 class IdentityMiddleware:
     """Parses the caller once; refuses, from the headers alone, a request with no accepted key
     (401) or with more than one key header (400). Paths for which `public` is true (liveness
-    probes, the playground's static page) need no key."""
+    probes, the playground's static page) need no key; on `PROBE_PATHS` a request without a key
+    runs with no caller."""
 
     def __init__(self, app: ASGIApp, *, keys: KeyChecker, public: Callable[[str], bool]) -> None:
         self.app = app
@@ -169,7 +175,8 @@ class IdentityMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            who = self.keys.check(presented_key(headers))
+            key = presented_key(headers)
+            who = None if key is None and scope["path"] in PROBE_PATHS else self.keys.check(key)
         except (AuthenticationError, InvalidRequestError) as exc:
             # Answered without receiving the body; the server then closes the connection.
             await error_response(exc)(scope, receive, send)

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 
 from chatgate.drain import Drain
 from chatgate.errors import ChatgateError, WorkerUnavailableError
+from chatgate.fleet import anonymous_probe
 from chatgate.protocol.worker import (
     EXT_KEEPALIVE,
     KEEPALIVE_FRAME,
@@ -103,12 +104,13 @@ async def _encoded(chunks: AsyncGenerator[WorkerChunk | _Idle, None]) -> AsyncIt
 
 
 @router.get("/ready")
-async def ready(service: WorkerBackend = Service, drain: Drain = Draining) -> JSONResponse:
+async def ready(request: Request, service: WorkerBackend = Service, drain: Drain = Draining) -> JSONResponse:
     """The worker is ready once its engine has started (the lifespan waits for it), and no
-    longer once it is shutting down (503)."""
-    if drain.draining:
-        return JSONResponse({"status": "shutting down", "models": service.model_names}, status_code=503)
-    return JSONResponse({"status": "ready", "models": service.model_names})
+    longer once it is shutting down (503). A probe without the fleet key gets the status alone."""
+    body: dict[str, object] = {"status": "shutting down" if drain.draining else "ready"}
+    if not anonymous_probe(request):
+        body["models"] = service.model_names
+    return JSONResponse(body, status_code=503 if drain.draining else 200)
 
 
 def _generation(params: GenerateParams, service: WorkerBackend, drain: Drain) -> AsyncGenerator[WorkerChunk, None]:

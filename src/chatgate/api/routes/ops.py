@@ -16,7 +16,7 @@ router = APIRouter()
 async def ready(state: ApiState = Depends(api_state)) -> JSONResponse:
     """200 when every served model has a healthy worker (`degraded` if the worker table may be
     stale), else 503. A key that is not an admin's sees, and is answered for, only the models
-    it may use."""
+    it may use; a probe without a key (when keys are checked) gets the status alone."""
     workers = state.pool.readiness()
     if not state.admin.is_admin():
         workers = {model: count for model, count in workers.items() if limits.allows(model)}
@@ -25,4 +25,6 @@ async def ready(state: ApiState = Depends(api_state)) -> JSONResponse:
     body: dict[str, object] = {"status": "not ready" if not ok else "degraded" if degraded else "ready", "workers": workers}
     if degraded:
         body["reason"] = degraded
+    if state.admin.is_anonymous():
+        body = {"status": body["status"]}
     return JSONResponse(body, status_code=200 if ok else 503)
