@@ -39,7 +39,7 @@ class _Base(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHATGATE_", extra="ignore")
 
     log_level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", description="Log level (also CHATGATE_LOG_LEVEL)."
+        "info", description="Log level."
     )
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text, or as one JSON object per line for log shippers."

