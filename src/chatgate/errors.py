@@ -10,8 +10,10 @@
     ├── OverloadedError                 429 engine_overloaded (with Retry-After)
     ├── RateLimitExceededError          429 rate_limit_exceeded: a per-key limit (with Retry-After)
     ├── NoHealthyWorkerError            503 service_unavailable (with Retry-After)
+    │   ├── QueueTimeoutError           503 queue_timeout: not started within --max-queue-wait
     │   └── WorkerUnavailableError      a worker failed before answering: retried elsewhere
     │       └── ShuttingDownError       the process is draining (new work refused, late streams ended)
+    ├── RequestTimeoutError             504 request_timeout: past the client's x-request-timeout
     └── WorkerError                     502 upstream worker failed
         └── WorkerLostError             it broke or went silent mid-stream: a response not yet
                                         sent is retried elsewhere
@@ -171,6 +173,21 @@ class NoHealthyWorkerError(ChatgateError):
         return {"Retry-After": "2"}
 
 
+class QueueTimeoutError(NoHealthyWorkerError):
+    """The request waited in a worker's queue longer than `--max-queue-wait` without starting."""
+
+    default_code = "queue_timeout"
+    fastchat_code = 50006
+
+
+class RequestTimeoutError(ChatgateError):
+    """The request ran past the time its client allowed it (`x-request-timeout`)."""
+
+    status = 504
+    type = "timeout_error"
+    default_code = "request_timeout"
+
+
 class WorkerUnavailableError(NoHealthyWorkerError):
     """A worker could not be reached, or failed before its first byte; safe to retry elsewhere."""
 
@@ -206,6 +223,7 @@ _BY_FASTCHAT_CODE: dict[int, type[ChatgateError]] = {
     42902: OverloadedError,
     42903: OverloadedError,
     50005: NoHealthyWorkerError,
+    50006: QueueTimeoutError,
 }
 
 

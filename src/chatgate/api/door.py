@@ -42,6 +42,7 @@ from pydantic import BaseModel, ValidationError
 
 from chatgate.api import access
 from chatgate.api.auth import caller
+from chatgate.api.deadline import Deadline, requested_deadline, stream_within, within
 from chatgate.api.disconnect import ClientGone, unless_disconnected
 from chatgate.api.errors import validation_error
 from chatgate.api.pieces import is_large, json_in_pieces
@@ -140,6 +141,15 @@ def caller_name(request: Request) -> str:
     return request.client.host if request.client is not None else ""
 
 
+def lasting(result: Served, deadline: Deadline) -> Served:
+    """`result` with its stream, if it has one, ended at `deadline`."""
+    if isinstance(result, NamedEvents):
+        return NamedEvents(stream_within(deadline, result.events))
+    if isinstance(result, BaseModel):
+        return result
+    return stream_within(deadline, result)
+
+
 def respond(result: Served, request: Request) -> Response:
     """A JSON response, or an SSE stream for a streamed result."""
     write_timeout = api_state(request).stream_write_timeout
@@ -184,14 +194,15 @@ class Door(APIRoute):
 
         async def handle(request: Request) -> Response:
             kwargs: dict[str, Any] = {"request": request, **request.path_params}
+            deadline = requested_deadline(request)
             if body_model is not None:
-                raw = await request.body()
+                raw = await within(deadline, request.body())
                 admission: BodyAdmission = request.app.state.admission
-                body = await admission.admit(body_model, raw, caller_name(request))
+                body = await within(deadline, admission.admit(body_model, raw, caller_name(request)))
                 kwargs["body"] = body
                 label_model(request, request.path_params.get("model") or str(getattr(body, "model", "")))
             try:
-                result = await unless_disconnected(request, endpoint(**kwargs))
+                result = await unless_disconnected(request, within(deadline, endpoint(**kwargs)))
             except ClientGone:
                 return Response(status_code=499)  # nobody reads it; nginx's code for a client that left
             except ValidationError as exc:
@@ -199,6 +210,6 @@ class Door(APIRoute):
                 # `cost` missed): the client's error, said as one, and logged for us to close.
                 log.warning("admitted request failed conversion on %s: %s", request.url.path, exc)
                 raise body_error(exc) from None
-            return respond(result, request)
+            return respond(result if deadline is None else lasting(result, deadline), request)
 
         return handle
