@@ -15,6 +15,7 @@ from chatgate.api.workers.base import PoolSource, WorkerPool
 from chatgate.api.workers.local import LocalPool
 from chatgate.upstream.service import UpstreamService
 from chatgate.upstream.tokens import TokenCounter
+from chatgate.worker.queue import RequestQueue
 
 URL = "http://operator:hunter2-secret@upstream.internal:8001/v1"
 API_KEY = "sk-operator-0123456789abcdef-wxyz"
@@ -42,7 +43,7 @@ def upstream_pool(
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
             service = UpstreamService(
                 http=http, url=url, model_names=[model], upstream_model=None, context_length=(4096, "flag"),
-                counter=TokenCounter(), limit_concurrency=8, api_key=api_key,
+                counter=TokenCounter(), queue=RequestQueue(model=model, limit=8), api_key=api_key,
             )
             yield LocalPool([service])
 

@@ -172,6 +172,14 @@ class EngineSettings(_Base):
     cache_dir: Path = Field(
         default_factory=default_cache_dir, description="Where converted models are cached."
     )
+    max_waiting: int | None = Field(
+        None, ge=1, description="Most requests a worker holds that have not started (429 beyond; default: no "
+        "bound but --limit-worker-concurrency)."
+    )
+    max_queue_wait: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="Seconds a request may wait at a worker for its first token "
+        "(queue and prefill); past it, a 503 with Retry-After (default: no bound)."
+    )
     limit_worker_concurrency: int = Field(
         64, ge=1, description="Most requests a worker runs or queues at once (429 beyond)."
     )

@@ -55,8 +55,8 @@ def test_compose_topology_serves_as_plain_processes(tmp_path: Path) -> None:
         api = f"http://127.0.0.1:{ports['8000']}"
 
         def ready() -> bool:
-            body = httpx.get(f"{api}/ready", timeout=2).json()
-            return body["status"] == "ready" and sum(body["workers"].values()) == 2
+            body: dict[str, Any] = httpx.get(f"{api}/ready", timeout=2).json()
+            return bool(body["status"] == "ready" and sum(body["workers"].values()) == 2)
 
         poll(ready, what="both workers behind the API server", timeout=60, interval=0.5)
         models = httpx.get(f"{api}/v1/models", timeout=10).json()["data"]

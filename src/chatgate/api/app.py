@@ -9,6 +9,7 @@ from fastapi import Depends, FastAPI
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 from prometheus_client import CollectorRegistry
+from prometheus_client.registry import Collector
 from starlette.middleware.cors import CORSMiddleware
 
 from chatgate.api import errors
@@ -69,7 +70,10 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
             pool = KeyScopedPool(served) if any(p.models is not None for p in policies.values()) else served
             # Every model and worker (addresses, in a fleet): /metrics is for admins only.
             fleet = FleetCollector(workers_per_model=pool.readiness, worker_load=pool.load)
-            registry.register(fleet)
+            # A pool of workers in this process (`chatgate serve`) also shows what they meter.
+            local: list[Collector] = getattr(opened, "collectors", list)()
+            for collector in [fleet, *local]:
+                registry.register(collector)
             app.state.api = ApiState(
                 pool=pool,
                 admin=admin,
@@ -84,7 +88,8 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
             try:
                 yield
             finally:
-                registry.unregister(fleet)
+                for collector in [fleet, *local]:
+                    registry.unregister(collector)
                 await leases.close()
                 await store.close()
 

@@ -29,12 +29,14 @@ import anyio
 import httpx
 
 from chatgate.engines.base import EngineStats
-from chatgate.errors import ChatgateError, InvalidRequestError, OverloadedError, WorkerError, WorkerUnavailableError
+from chatgate.errors import ChatgateError, InvalidRequestError, WorkerError, WorkerUnavailableError
 from chatgate.protocol.conversation import Conversation, generic_conversation
 from chatgate.protocol import worker as proto
 from chatgate.settings import EngineSettings
 from chatgate.upstream import wire
 from chatgate.upstream.tokens import TokenCounter
+from chatgate.worker.backend import request_queue
+from chatgate.worker.queue import RequestQueue
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ class UpstreamService:
         upstream_model: str | None,
         context_length: tuple[int, str],
         counter: TokenCounter,
-        limit_concurrency: int,
+        queue: RequestQueue,
         api_key: str | None = None,
     ) -> None:
         self._http = http
@@ -64,31 +66,27 @@ class UpstreamService:
         self._upstream_model = upstream_model
         self._context, self._context_source = context_length
         self._counter = counter
-        self._limit = limit_concurrency
-        self._active = 0
+        self.queue = queue
         self.served = 0
 
     # Generation ------------------------------------------------------------------------------
 
-    async def generate(self, params: proto.GenerateParams) -> AsyncGenerator[proto.WorkerChunk, None]:
+    def generate(self, params: proto.GenerateParams) -> AsyncGenerator[proto.WorkerChunk, None]:
         """Stream the upstream's completion as delta chunks; errors before the first raise."""
-        if self._active >= self._limit:
-            raise OverloadedError("The model is overloaded; retry shortly.")
+        return self.queue.serve(self._generate(params))
+
+    async def _generate(self, params: proto.GenerateParams) -> AsyncGenerator[proto.WorkerChunk, None]:
         path, body = wire.request(params, self._upstream_model or params.model)
-        self._active += 1
         self.served += 1
-        try:
-            reader = wire.StreamReader(
-                chat=path == "/chat/completions", echoed=wire.echoed_prompt(params), secrets=self._secrets,
-                prompt_tokens=await self._prompt_tokens(params),
-            )
-            async for data in self._events(path, body):
-                chunk = reader.event(data)
-                if chunk is not None:
-                    yield chunk
-            yield reader.last()
-        finally:
-            self._active -= 1
+        reader = wire.StreamReader(
+            chat=path == "/chat/completions", echoed=wire.echoed_prompt(params), secrets=self._secrets,
+            prompt_tokens=await self._prompt_tokens(params),
+        )
+        async for data in self._events(path, body):
+            chunk = reader.event(data)
+            if chunk is not None:
+                yield chunk
+        yield reader.last()
 
     async def _events(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The JSON events of a streamed upstream response; the stream closes when this does."""
@@ -173,11 +171,11 @@ class UpstreamService:
 
     def load(self) -> tuple[int, int]:
         """Requests in flight here (the upstream's own queue is not visible)."""
-        return self._active, self._active
+        return self.queue.active, self.queue.active
 
     def status(self) -> proto.WorkerStatus:
         """What the worker reports to the controller."""
-        return proto.WorkerStatus(model_names=self.model_names, speed=1.0, queue_length=self._active)
+        return proto.WorkerStatus(model_names=self.model_names, speed=1.0, queue_length=self.queue.active)
 
     def engine_stats(self) -> EngineStats | None:
         """None: the upstream keeps its own engine counters."""
@@ -195,7 +193,7 @@ class UpstreamService:
                 "context_length_source": self._context_source,
                 "chatgate_extensions": [proto.EXT_CHAT_TEMPLATE, proto.EXT_DELTA],
                 "generates": True,
-                "concurrency": self._limit,
+                "concurrency": self.queue.limit,
                 "token_count": self._counter.method,
                 "upstream": self._shown,
             }
@@ -261,7 +259,7 @@ async def open_upstream(settings: EngineSettings) -> AsyncIterator[UpstreamServi
             upstream_model=settings.upstream_model,
             context_length=_context(models, settings.max_model_len),
             counter=counter,
-            limit_concurrency=settings.limit_worker_concurrency,
+            queue=request_queue(settings, names[0] if names else "upstream"),
             api_key=settings.upstream_api_key,
         )
 

@@ -65,6 +65,7 @@ async def _serving(
     engine = EngineCollector(lambda: _engine_stats(service))
     registry.register(collector)
     registry.register(engine)
+    registry.register(service.queue)
     async with fleet_client(settings, timeout=httpx.Timeout(10.0)) as http:
         task = None
         leaving: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
@@ -90,3 +91,4 @@ async def _serving(
             await cancel_and_wait(task)
             registry.unregister(collector)
             registry.unregister(engine)
+            registry.unregister(service.queue)

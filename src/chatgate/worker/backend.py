@@ -16,6 +16,7 @@ from chatgate.engines.base import Engine, EngineStats
 from chatgate.protocol.conversation import Conversation
 from chatgate.protocol import worker as wire
 from chatgate.settings import EngineSettings
+from chatgate.worker.queue import RequestQueue
 
 UPSTREAM_ENGINE = "openai"
 
@@ -25,6 +26,7 @@ class WorkerBackend(Protocol):
 
     model_names: list[str]
     served: int
+    queue: RequestQueue
 
     def generate(self, params: wire.GenerateParams) -> AsyncGenerator[wire.WorkerChunk, None]:
         """Stream a generation; request errors raise before the first chunk."""
@@ -67,6 +69,12 @@ class WorkerBackend(Protocol):
         ...
 
 
+def request_queue(settings: EngineSettings, model: str) -> RequestQueue:
+    """The bounds `settings` put on a worker's requests (`worker/queue.py`)."""
+    return RequestQueue(model=model, limit=settings.limit_worker_concurrency, max_waiting=settings.max_waiting,
+                        max_wait=settings.max_queue_wait)
+
+
 @contextlib.asynccontextmanager
 async def open_backend(settings: EngineSettings, *, engine: Engine | None = None) -> AsyncIterator[WorkerBackend]:
     """Start the backend `settings.engine` names (or serve the `engine` given), and stop it on exit."""
@@ -82,7 +90,8 @@ async def open_backend(settings: EngineSettings, *, engine: Engine | None = None
     engine = engine or create_engine(settings)
     await engine.start()
     service = WorkerService(
-        engine=engine, model_names=settings.model_names, limit_concurrency=settings.limit_worker_concurrency
+        engine=engine, model_names=settings.model_names,
+        queue=request_queue(settings, (settings.model_names or [engine.info.name])[0]),
     )
     try:
         yield service

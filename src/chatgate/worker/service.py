@@ -13,7 +13,6 @@ from chatgate.engines.base import Engine, EngineStats, SamplingParams, TokenLogp
 from chatgate.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
-    OverloadedError,
 )
 from chatgate.protocol.conversation import Conversation, chatml_conversation, generic_conversation
 from chatgate.protocol.worker import (
@@ -38,6 +37,7 @@ from chatgate.protocol.worker import (
 )
 from chatgate.worker.admission import Admission
 from chatgate.worker.batching import EmbeddingBatcher
+from chatgate.worker.queue import RequestQueue
 
 # Roles the model's template may not know; they are rendered as the closest role it does.
 _ROLE_ALIASES = {"developer": "system"}
@@ -50,11 +50,10 @@ def _aliased(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class WorkerService:
     """Serves one engine under one or more model names."""
 
-    def __init__(self, *, engine: Engine, model_names: list[str], limit_concurrency: int) -> None:
+    def __init__(self, *, engine: Engine, model_names: list[str], queue: RequestQueue) -> None:
         self.engine = engine
         self.model_names = model_names or [engine.info.name]
-        self._limit = limit_concurrency
-        self._active = 0
+        self.queue = queue
         self.served = 0  # requests taken, for metrics
         self._batcher = EmbeddingBatcher(engine.embed)
         self._admission = Admission(engine)
@@ -192,44 +191,41 @@ class WorkerService:
 
     # Generation ------------------------------------------------------------------------------
 
-    async def generate(self, params: GenerateParams) -> AsyncGenerator[WorkerChunk, None]:
+    def generate(self, params: GenerateParams) -> AsyncGenerator[WorkerChunk, None]:
         """Stream a generation; errors in the request are raised before the first chunk.
 
-        The concurrency limit is checked first and the slot held while the prompt is prepared,
-        so a flood of large prompts is refused before any of them costs CPU."""
-        if self._active >= self._limit:
-            raise OverloadedError("The model is overloaded; retry shortly.")
-        self._active += 1
-        try:
-            await self._check_prompt_length(params)
-            ids, prompt_text, sampling = await self._admission.run(lambda: self._prepared(params))
-            self.served += 1
+        The queue's bounds are checked first and the request's place held while the prompt is
+        prepared, so a flood of large prompts is refused before any of them costs CPU."""
+        return self.queue.serve(self._generate(params))
+
+    async def _generate(self, params: GenerateParams) -> AsyncGenerator[WorkerChunk, None]:
+        await self._check_prompt_length(params)
+        ids, prompt_text, sampling = await self._admission.run(lambda: self._prepared(params))
+        self.served += 1
+        prompt_logprobs = None
+        if params.echo and params.logprobs is not None:
+            prompt_logprobs = await self._prompt_logprobs(ids, params.logprobs)
+        cumulative = prompt_text if params.echo else ""
+        first = True
+        async for out in self.engine.generate(ids, sampling):
+            usage = WorkerUsage(
+                prompt_tokens=out.prompt_tokens,
+                completion_tokens=out.completion_tokens,
+                total_tokens=out.prompt_tokens + out.completion_tokens,
+            )
+            text = out.text
+            if params.echo and first:
+                text = prompt_text + text
+            first = False
+            cumulative += out.text
+            yield WorkerChunk(
+                text=text if params.delta else cumulative,
+                usage=usage,
+                finish_reason=finish_reason_of(out.finish_reason),
+                token_logprobs=self._logprobs(out.logprobs),
+                prompt_logprobs=prompt_logprobs,
+            )
             prompt_logprobs = None
-            if params.echo and params.logprobs is not None:
-                prompt_logprobs = await self._prompt_logprobs(ids, params.logprobs)
-            cumulative = prompt_text if params.echo else ""
-            first = True
-            async for out in self.engine.generate(ids, sampling):
-                usage = WorkerUsage(
-                    prompt_tokens=out.prompt_tokens,
-                    completion_tokens=out.completion_tokens,
-                    total_tokens=out.prompt_tokens + out.completion_tokens,
-                )
-                text = out.text
-                if params.echo and first:
-                    text = prompt_text + text
-                first = False
-                cumulative += out.text
-                yield WorkerChunk(
-                    text=text if params.delta else cumulative,
-                    usage=usage,
-                    finish_reason=finish_reason_of(out.finish_reason),
-                    token_logprobs=self._logprobs(out.logprobs),
-                    prompt_logprobs=prompt_logprobs,
-                )
-                prompt_logprobs = None
-        finally:
-            self._active -= 1
 
     # Embeddings ------------------------------------------------------------------------------
 
@@ -297,12 +293,12 @@ class WorkerService:
 
     def load(self) -> tuple[int, int]:
         """Requests in flight, and sequences the engine is running or queueing."""
-        return self._active, self.engine.pending()
+        return self.queue.active, self.engine.pending()
 
     def status(self) -> WorkerStatus:
         """What the worker reports to the controller."""
         return WorkerStatus(
-            model_names=self.model_names, speed=1.0, queue_length=self._active
+            model_names=self.model_names, speed=1.0, queue_length=self.queue.active
         )
 
     def engine_stats(self) -> EngineStats | None:
@@ -322,5 +318,5 @@ class WorkerService:
             chatgate_extensions=list(EXTENSIONS),
             generates=info.generates,
             embedding_dim=info.embedding_dim,
-            concurrency=self._limit,
+            concurrency=self.queue.limit,
         )

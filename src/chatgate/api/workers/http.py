@@ -41,6 +41,7 @@ from chatgate.errors import (
     InvalidRequestError,
     NoHealthyWorkerError,
     OverloadedError,
+    QueueTimeoutError,
     RequestTooLargeError,
     WorkerError,
     WorkerLostError,
@@ -350,9 +351,11 @@ class HttpWorker:
 
     def _frame_error(self, chunk: wire.WorkerChunk, *, started: bool) -> ChatgateError:
         """The error a worker sent as a frame. One saying it cannot serve (e.g. it is shutting
-        down) before anything was generated moves the request to another worker."""
+        down) before anything was generated moves the request to another worker; one that the
+        request waited too long in its queue goes to the client (the worker is busy, not down,
+        and the request has had its wait)."""
         error = _chunk_error(chunk)
-        if isinstance(error, NoHealthyWorkerError) and not started:
+        if isinstance(error, NoHealthyWorkerError) and not isinstance(error, QueueTimeoutError) and not started:
             return self._unavailable(error.message)
         return error
 

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+from prometheus_client.registry import Collector
+
 from chatgate.api.workers.base import PoolSource, Worker, WorkerPool
 from chatgate.engines.base import Engine
 from chatgate.errors import ModelNotFoundError, NoHealthyWorkerError
@@ -67,6 +69,10 @@ class LocalPool:
 
     def readiness(self) -> dict[str, int]:
         return {name: 1 for name in self._workers}
+
+    def collectors(self) -> list[Collector]:
+        """What the workers in this process meter, for the API server's /metrics (`chatgate serve`)."""
+        return [service.queue for service in self._services.values()]
 
     def degraded(self) -> str | None:
         return None
