@@ -80,3 +80,14 @@ async def test_over_the_worker_protocol_a_queue_timeout_stays_a_queue_timeout() 
         with pytest.raises(QueueTimeoutError):
             async for _ in worker.generate_stream(params):
                 pass
+
+
+@pytest.mark.model
+async def test_serve_shows_its_engines_kv_and_running_sequences(chat_app: Any) -> None:
+    """What an autoscaler reads from `chatgate serve` (one process): the engine's own gauges."""
+    await sdk(chat_app).chat.completions.create(model="SmolLM2-135M-Instruct", messages=ASK["messages"], max_tokens=2)
+    async with raw(chat_app) as http:
+        scraped = (await http.get("/metrics")).text
+    for name in ("chatgate_kv_cache_used_tokens", "chatgate_engine_running_sequences", "chatgate_worker_waiting_requests",
+                 "chatgate_queue_wait_seconds_count"):
+        assert f"{name}{{" in scraped, name

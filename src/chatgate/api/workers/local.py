@@ -11,6 +11,7 @@ from prometheus_client.registry import Collector
 from chatgate.api.workers.base import PoolSource, Worker, WorkerPool
 from chatgate.engines.base import Engine
 from chatgate.errors import ModelNotFoundError, NoHealthyWorkerError
+from chatgate.metrics import EngineCollector
 from chatgate.protocol import worker as wire
 from chatgate.settings import EngineSettings, ServeSettings
 from chatgate.worker.backend import WorkerBackend, open_backend
@@ -71,8 +72,11 @@ class LocalPool:
         return {name: 1 for name in self._workers}
 
     def collectors(self) -> list[Collector]:
-        """What the workers in this process meter, for the API server's /metrics (`chatgate serve`)."""
-        return [service.queue for service in self._services.values()]
+        """What the workers in this process meter, for the API server's /metrics (`chatgate serve`):
+        their queues, and their engines' counters (prefill, prefix cache, KV held, preemptions)."""
+        services = list(self._services.values())
+        engines = EngineCollector(lambda: [(s.model_names[0], stats) for s in services if (stats := s.engine_stats()) is not None])
+        return [*(service.queue for service in services), engines]
 
     def degraded(self) -> str | None:
         return None
