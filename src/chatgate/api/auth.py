@@ -164,7 +164,7 @@ class IdentityMiddleware:
             who = self.keys.check(presented_key(headers))
         except (AuthenticationError, InvalidRequestError) as exc:
             # Answered without receiving the body; the server then closes the connection.
-            await error_response(exc)(scope, receive, send)
+            await error_response(exc, scope=scope)(scope, receive, send)
             return
         scope.setdefault("state", {})["caller"] = who
         token = caller.set(who)

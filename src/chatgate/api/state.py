@@ -11,6 +11,7 @@ from chatgate.api.workers.base import WorkerPool
 from chatgate.api.serving.chat import ChatServing
 from chatgate.api.serving.completions import CompletionServing
 from chatgate.api.serving.embeddings import EmbeddingServing
+from chatgate.api.serving.messages import MessagesServing, TokenCountServing
 from chatgate.api.serving.responses import ResponsesServing
 from chatgate.api.serving.tokenize import TokenizeServing
 from chatgate.api.serving.tokens import TokenCheckServing
@@ -29,6 +30,8 @@ class ApiState:
     tokens: TokenCheckServing
     embeddings: EmbeddingServing
     tokenizer: TokenizeServing
+    messages: MessagesServing  # Anthropic's /v1/messages
+    token_counts: TokenCountServing  # and its /v1/messages/count_tokens
 
 
 def api_state(request: Request) -> ApiState:
