@@ -26,11 +26,13 @@ from chatgate.api.routes import anthropic as anthropic_routes
 from chatgate.api.routes import openai as openai_routes
 from chatgate.api.routes import ops as ops_routes
 from chatgate.api.routes import playground
+from chatgate.api.routes import scoring as scoring_routes
 from chatgate.api.serving.chat import ChatServing
 from chatgate.api.serving.completions import CompletionServing
 from chatgate.api.serving.embeddings import EmbeddingServing
 from chatgate.api.serving.messages import MessagesServing, TokenCountServing
 from chatgate.api.serving.responses import ResponsesServing
+from chatgate.api.serving.scoring import ScoringServing
 from chatgate.api.serving.tokenize import TokenizeServing
 from chatgate.api.serving.tokens import TokenCheckServing
 from chatgate.api.state import ApiState
@@ -85,6 +87,7 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
                 tokenizer=TokenizeServing(pool=pool),
                 messages=MessagesServing(pool=pool, max_n=settings.max_n, metrics=metrics),
                 token_counts=TokenCountServing(pool=pool),
+                scoring=ScoringServing(pool=pool),
             )
             try:
                 yield
@@ -111,6 +114,7 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
     app.include_router(ops_routes.router)
     app.include_router(openai_routes.router)
     app.include_router(anthropic_routes.router)
+    app.include_router(scoring_routes.router)
     if settings.playground:
         playground.mount(app)
     check_doors(app)

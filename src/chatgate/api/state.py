@@ -13,6 +13,7 @@ from chatgate.api.serving.completions import CompletionServing
 from chatgate.api.serving.embeddings import EmbeddingServing
 from chatgate.api.serving.messages import MessagesServing, TokenCountServing
 from chatgate.api.serving.responses import ResponsesServing
+from chatgate.api.serving.scoring import ScoringServing
 from chatgate.api.serving.tokenize import TokenizeServing
 from chatgate.api.serving.tokens import TokenCheckServing
 
@@ -32,6 +33,7 @@ class ApiState:
     tokenizer: TokenizeServing
     messages: MessagesServing  # Anthropic's /v1/messages
     token_counts: TokenCountServing  # and its /v1/messages/count_tokens
+    scoring: ScoringServing  # /v1/rerank and /v1/score
 
 
 def api_state(request: Request) -> ApiState:
