@@ -36,6 +36,7 @@ from chatgate.api.serving.scoring import ScoringServing
 from chatgate.api.serving.tokenize import TokenizeServing
 from chatgate.api.serving.tokens import TokenCheckServing
 from chatgate.api.state import ApiState
+from chatgate.api.stored import ResponseStore
 from chatgate.api.workers.base import PoolSource
 from chatgate.api.workers.draining import DrainingPool
 from chatgate.drain import Drain
@@ -88,6 +89,11 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
                 messages=MessagesServing(pool=pool, max_n=settings.max_n, metrics=metrics),
                 token_counts=TokenCountServing(pool=pool),
                 scoring=ScoringServing(pool=pool),
+                stored=ResponseStore(
+                    ttl=settings.responses_ttl,
+                    max_count=settings.responses_max_count,
+                    max_bytes=settings.responses_max_bytes,
+                ),
             )
             try:
                 yield

@@ -16,6 +16,7 @@ from chatgate.api.serving.responses import ResponsesServing
 from chatgate.api.serving.scoring import ScoringServing
 from chatgate.api.serving.tokenize import TokenizeServing
 from chatgate.api.serving.tokens import TokenCheckServing
+from chatgate.api.stored import ResponseStore
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class ApiState:
     messages: MessagesServing  # Anthropic's /v1/messages
     token_counts: TokenCountServing  # and its /v1/messages/count_tokens
     scoring: ScoringServing  # /v1/rerank and /v1/score
+    stored: ResponseStore  # the Responses API's stored responses
 
 
 def api_state(request: Request) -> ApiState:
