@@ -273,5 +273,5 @@ async def test_the_schema_describes_the_routes_with_anthropics_error_shape() -> 
     route = schema["paths"]["/v1/messages"]["post"]
     assert "max_tokens" in schema["components"]["schemas"]["MessagesRequest"]["required"]
     error_ref = route["responses"]["4XX"]["content"]["application/json"]["schema"]["$ref"]
-    assert error_ref.endswith("/chatgate__protocol__anthropic__ErrorResponse")
+    assert error_ref.endswith("/AnthropicErrorResponse")
     assert "/v1/messages/count_tokens" in schema["paths"]

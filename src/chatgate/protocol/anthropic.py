@@ -69,7 +69,7 @@ ContentBlock = Annotated[
 ]
 
 
-class Message(_Request):
+class MessageParam(_Request):
     """One turn of the conversation."""
 
     role: Literal["user", "assistant"]
@@ -80,7 +80,7 @@ class Message(_Request):
         return [TextBlock(type="text", text=self.content)] if isinstance(self.content, str) else list(self.content)
 
 
-class Tool(_Request):
+class AnthropicTool(_Request):
     """A client tool: a name, a description and the JSON schema of its input."""
 
     type: Literal["custom"] | None = None
@@ -98,7 +98,7 @@ class Tool(_Request):
         return value
 
 
-class ToolChoice(_Request):
+class AnthropicToolChoice(_Request):
     """`tool_choice`: `auto`, `any` (some tool), `tool` (the one named) or `none`."""
 
     type: Literal["auto", "any", "tool", "none"]
@@ -113,7 +113,7 @@ class ToolChoice(_Request):
         return value
 
 
-class Metadata(_Request):
+class MessageMetadata(_Request):
     """`metadata`: who the end user is (an opaque id)."""
 
     user_id: str | None = Field(None, max_length=256)
@@ -123,18 +123,18 @@ StopSequence = Annotated[str, Field(min_length=1, max_length=limits.MAX_STOP_CHA
 System = str | list[TextBlock]
 
 
-class _Conversation(_Request):
+class Conversation(_Request):
     """What a Messages request and a token count share: the model, system, turns and tools."""
 
     model: str = Field(min_length=1)
-    messages: list[Message] = Field(min_length=1, max_length=limits.MAX_MESSAGES)
+    messages: list[MessageParam] = Field(min_length=1, max_length=limits.MAX_MESSAGES)
     system: System | None = None
-    tools: Annotated[list[Tool], Field(max_length=limits.MAX_TOOLS)] | None = None
-    tool_choice: ToolChoice | None = None
+    tools: Annotated[list[AnthropicTool], Field(max_length=limits.MAX_TOOLS)] | None = None
+    tool_choice: AnthropicToolChoice | None = None
 
     @field_validator("tool_choice")
     @classmethod
-    def _tool_choice_names_a_tool(cls, value: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+    def _tool_choice_names_a_tool(cls, value: AnthropicToolChoice | None, info: ValidationInfo) -> AnthropicToolChoice | None:
         names = {t.name for t in info.data.get("tools") or []}
         if value is not None and value.type in ("any", "tool") and not names:
             raise ValueError(f"tool_choice of type '{value.type}' requires tools")
@@ -167,7 +167,7 @@ class _Conversation(_Request):
         )
 
 
-class MessagesRequest(_Conversation):
+class MessagesRequest(Conversation):
     """`POST /v1/messages`."""
 
     max_tokens: int = Field(ge=1)
@@ -175,15 +175,15 @@ class MessagesRequest(_Conversation):
     temperature: float | None = Field(None, ge=0, le=1)
     top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=1)
-    metadata: Metadata | None = None
+    metadata: MessageMetadata | None = None
     stream: bool | None = False
 
 
-class CountTokensRequest(_Conversation):
+class CountTokensRequest(Conversation):
     """`POST /v1/messages/count_tokens`."""
 
 
-class Usage(BaseModel):
+class MessageUsage(BaseModel):
     """`usage`: tokens read and written."""
 
     input_tokens: int = 0
@@ -225,7 +225,7 @@ class MessageResponse(BaseModel):
     model: str
     stop_reason: StopReason | None = None
     stop_sequence: str | None = None
-    usage: Usage = Field(default_factory=Usage)
+    usage: MessageUsage = Field(default_factory=MessageUsage)
 
 
 class TokenCount(BaseModel):
@@ -234,7 +234,7 @@ class TokenCount(BaseModel):
     input_tokens: int
 
 
-class StreamEvent(BaseModel):
+class MessageStreamEvent(BaseModel):
     """One event of a streamed reply; `type` names it (`message_start` ... `message_stop`)."""
 
     type: Literal[
@@ -252,15 +252,15 @@ class StreamEvent(BaseModel):
         return super().model_dump_json(exclude_none=True, **kwargs)
 
 
-class ErrorDetail(BaseModel):
+class AnthropicErrorDetail(BaseModel):
     """`error` of an error body."""
 
     type: str
     message: str
 
 
-class ErrorResponse(BaseModel):
+class AnthropicErrorResponse(BaseModel):
     """Anthropic's error body."""
 
     type: Literal["error"] = "error"
-    error: ErrorDetail
+    error: AnthropicErrorDetail

@@ -10,14 +10,14 @@ from chatgate.api.door import Door, NamedEvents, Served
 from chatgate.api.errors import ANTHROPIC
 from chatgate.api.serving.messages import to_chat
 from chatgate.api.state import api_state
-from chatgate.protocol.anthropic import CountTokensRequest, ErrorResponse, MessageResponse, MessagesRequest, TokenCount
+from chatgate.protocol.anthropic import AnthropicErrorResponse, CountTokensRequest, MessageResponse, MessagesRequest, TokenCount
 
 
 class AnthropicDoor(Door):
     """The door, speaking Anthropic's errors."""
 
     error_dialect = ANTHROPIC
-    error_model = ErrorResponse
+    error_model = AnthropicErrorResponse
 
 
 router = APIRouter(route_class=AnthropicDoor)

@@ -20,18 +20,18 @@ from chatgate.api.workers.base import WorkerPool
 from chatgate.api.workers.failover import with_failover
 from chatgate.errors import ChatgateError
 from chatgate.protocol.anthropic import (
+    Conversation,
     CountTokensRequest,
     MessageResponse,
     MessagesRequest,
+    MessageStreamEvent,
+    MessageUsage,
     StopReason,
-    StreamEvent,
     TextContent,
     TokenCount,
     ToolResultBlock,
     ToolUseBlock,
     ToolUseContent,
-    Usage,
-    _Conversation,
 )
 from chatgate.protocol.openai import ChatCompletionRequest
 from chatgate.protocol.openai import Usage as ChatUsage
@@ -45,7 +45,7 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
-def _chat_messages(request: _Conversation) -> list[dict[str, Any]]:
+def _chat_messages(request: Conversation) -> list[dict[str, Any]]:
     """The conversation as chat messages: tool results become `tool` messages (before the
     turn's text, as Anthropic requires them first), tool uses an assistant turn's calls."""
     out: list[dict[str, Any]] = []
@@ -70,7 +70,7 @@ def _chat_messages(request: _Conversation) -> list[dict[str, Any]]:
     return out
 
 
-def _chat_tools(request: _Conversation) -> dict[str, Any]:
+def _chat_tools(request: Conversation) -> dict[str, Any]:
     """`tools`, `tool_choice` and `parallel_tool_calls` in chat's form."""
     if not request.tools:
         return {}
@@ -133,12 +133,12 @@ def content_of(choice: Choice, tool_plan: ToolPlan | None) -> tuple[list[TextCon
     return [TextContent(text=choice.text)] if choice.text else [], reason
 
 
-def _usage(choice: Choice) -> Usage:
-    return Usage(input_tokens=choice.usage.prompt_tokens, output_tokens=choice.usage.completion_tokens)
+def _usage(choice: Choice) -> MessageUsage:
+    return MessageUsage(input_tokens=choice.usage.prompt_tokens, output_tokens=choice.usage.completion_tokens)
 
 
 @dataclass
-class MessagesReply(Reply[MessageResponse, StreamEvent]):
+class MessagesReply(Reply[MessageResponse, MessageStreamEvent]):
     """Builds the `message`, or its events: text as it comes, or, with tools, every block when
     the reply ends (only then is it known to be tool uses or text). `message_start` waits for
     the first chunk, which says how many input tokens the prompt took."""
@@ -150,23 +150,23 @@ class MessagesReply(Reply[MessageResponse, StreamEvent]):
     text_open: bool = False
 
     def _message(self, choice: Choice | None = None) -> MessageResponse:
-        usage = _usage(choice) if choice is not None else Usage()
+        usage = _usage(choice) if choice is not None else MessageUsage()
         return MessageResponse(id=self.id, model=self.request.model, usage=usage)
 
-    def _start(self, choice: Choice) -> Iterator[StreamEvent]:
+    def _start(self, choice: Choice) -> Iterator[MessageStreamEvent]:
         self.started = True
-        message = self._message(choice).model_copy(update={"usage": Usage(input_tokens=choice.usage.prompt_tokens)})
-        yield StreamEvent(type="message_start", message=message)
-        yield StreamEvent(type="ping")
+        message = self._message(choice).model_copy(update={"usage": MessageUsage(input_tokens=choice.usage.prompt_tokens)})
+        yield MessageStreamEvent(type="message_start", message=message)
+        yield MessageStreamEvent(type="ping")
 
-    def _text(self, index: int, text: str) -> Iterator[StreamEvent]:
+    def _text(self, index: int, text: str) -> Iterator[MessageStreamEvent]:
         if not self.text_open:
             self.text_open = True
-            yield StreamEvent(type="content_block_start", index=index, content_block=TextContent())
+            yield MessageStreamEvent(type="content_block_start", index=index, content_block=TextContent())
         if text:
-            yield StreamEvent(type="content_block_delta", index=index, delta={"type": "text_delta", "text": text})
+            yield MessageStreamEvent(type="content_block_delta", index=index, delta={"type": "text_delta", "text": text})
 
-    def chunks(self, index: int, part: WorkerChunk, choice: Choice, sent: int) -> Iterable[StreamEvent]:
+    def chunks(self, index: int, part: WorkerChunk, choice: Choice, sent: int) -> Iterable[MessageStreamEvent]:
         if not self.started:
             yield from self._start(choice)
         if self.tool_plan is None and part.text:
@@ -174,26 +174,26 @@ class MessagesReply(Reply[MessageResponse, StreamEvent]):
         if part.finish_reason:
             yield from self._closing(choice)
 
-    def _closing(self, choice: Choice) -> Iterator[StreamEvent]:
+    def _closing(self, choice: Choice) -> Iterator[MessageStreamEvent]:
         blocks, reason = content_of(choice, self.tool_plan)
         if self.tool_plan is not None:
             for index, block in enumerate(blocks):
                 if isinstance(block, TextContent):
                     yield from self._text(index, block.text)
-                    yield StreamEvent(type="content_block_stop", index=index)
+                    yield MessageStreamEvent(type="content_block_stop", index=index)
                     continue
-                yield StreamEvent(type="content_block_start", index=index, content_block=block.model_copy(update={"input": {}}))
+                yield MessageStreamEvent(type="content_block_start", index=index, content_block=block.model_copy(update={"input": {}}))
                 delta = {"type": "input_json_delta", "partial_json": block.input_json()}
-                yield StreamEvent(type="content_block_delta", index=index, delta=delta)
-                yield StreamEvent(type="content_block_stop", index=index)
+                yield MessageStreamEvent(type="content_block_delta", index=index, delta=delta)
+                yield MessageStreamEvent(type="content_block_stop", index=index)
         elif self.text_open:
-            yield StreamEvent(type="content_block_stop", index=0)
+            yield MessageStreamEvent(type="content_block_stop", index=0)
         stop = choice.stop_sequence if reason == "stop_sequence" else None
         usage = {"input_tokens": choice.usage.prompt_tokens, "output_tokens": choice.usage.completion_tokens}
-        yield StreamEvent(type="message_delta", delta={"stop_reason": reason, "stop_sequence": stop}, usage=usage)
-        yield StreamEvent(type="message_stop")
+        yield MessageStreamEvent(type="message_delta", delta={"stop_reason": reason, "stop_sequence": stop}, usage=usage)
+        yield MessageStreamEvent(type="message_stop")
 
-    def usage_chunk(self, usage: ChatUsage) -> StreamEvent:
+    def usage_chunk(self, usage: ChatUsage) -> MessageStreamEvent:
         # Never asked for: the converted request has no stream_options; usage rides on message_delta.
         raise NotImplementedError("a Messages stream carries usage in message_delta")
 
@@ -204,7 +204,7 @@ class MessagesReply(Reply[MessageResponse, StreamEvent]):
         return self._message(choice).model_copy(update={"content": blocks, "stop_reason": reason, "stop_sequence": stop})
 
 
-class MessagesServing(GenerationServing[MessagesAsChat, MessageResponse, StreamEvent]):
+class MessagesServing(GenerationServing[MessagesAsChat, MessageResponse, MessageStreamEvent]):
     """Serves `/v1/messages` on the shared request flow: conversion and events only."""
 
     def prepare(self, request: MessagesAsChat) -> tuple[list[GenerateParams], MessagesReply]:
