@@ -12,7 +12,8 @@ import openai
 import pytest
 from fastapi import FastAPI
 
-from chatgate.api.stored import ResponseStore
+from chatgate.api.stored import ResponseNotFoundError, ResponseStore
+from chatgate.errors import InvalidRequestError
 from chatgate.engines.fake import FakeEngine
 from chatgate.protocol.responses import ResponseObject, ResponsesRequest
 from tests.conftest import make_app, raw, running, sdk
@@ -135,33 +136,35 @@ def test_the_store_forgets_after_its_ttl_and_keeps_its_count_and_bytes() -> None
     clock = Clock()
     store = ResponseStore(ttl=60, max_count=3, max_bytes=20_000, clock=clock)
     for index in range(5):
-        store.keep(ask(), response(index), [])
+        store.keep(ask(), response(index), [], "")
         clock.now += 1
-    assert len(store) == 3 and [store.get(f"resp_{i}").response.id for i in (2, 3, 4)]
-    with pytest.raises(Exception, match="not found"):
-        store.get("resp_0")
+    assert len(store) == 3 and [store.get(f"resp_{i}", "").response.id for i in (2, 3, 4)]
+    with pytest.raises(ResponseNotFoundError):
+        store.get("resp_0", "")
     clock.now += 58.5  # resp_2 was kept 61.5 s ago, resp_4 59.5 s ago
-    assert len(store) == 1 and store.get("resp_4")
+    assert len(store) == 1 and store.get("resp_4", "")
     clock.now += 1
     assert len(store) == 0 and store.bytes == 0
     for index in range(10):
-        store.keep(ask(), response(index, "x" * 4000), [])
+        store.keep(ask(), response(index, "x" * 4000), [], "")
     assert store.bytes <= 20_000 and len(store) == 2
-    store.keep(ask(), response(99, "y" * 30_000), [])  # larger than the whole budget: not kept
-    with pytest.raises(Exception, match="not found"):
-        store.get("resp_99")
+    store.keep(ask(), response(99, "y" * 30_000), [], "")  # larger than the whole budget: not kept
+    with pytest.raises(ResponseNotFoundError):
+        store.get("resp_99", "")
     assert len(store) == 2
 
 
 def test_a_continued_conversation_is_held_to_the_message_cap() -> None:
     store = ResponseStore(ttl=60, max_count=10, max_bytes=10**8)
     long_input = [{"role": "user", "content": "x"}] * 2000
-    store.keep(ask(input=long_input), response(1), [])
-    whole, earlier = store.continued(ask(input=[{"role": "user", "content": "y"}] * 40, previous_response_id="resp_1"))
+    store.keep(ask(input=long_input), response(1), [], "sk-a")
+    whole, earlier = store.continued(ask(input=[{"role": "user", "content": "y"}] * 40, previous_response_id="resp_1"), "sk-a")
     assert len(earlier) == 2001 and isinstance(whole.input, list) and len(whole.input) == 2041
-    with pytest.raises(Exception, match="previous_response_id") as caught:
-        store.continued(ask(input=[{"role": "user", "content": "y"}] * 60, previous_response_id="resp_1"))
-    assert getattr(caught.value, "status", None) == 400
+    with pytest.raises(InvalidRequestError, match="previous_response_id") as caught:
+        store.continued(ask(input=[{"role": "user", "content": "y"}] * 60, previous_response_id="resp_1"), "sk-a")
+    with pytest.raises(ResponseNotFoundError):  # another owner
+        store.continued(ask(previous_response_id="resp_1"), "sk-b")
+    assert caught.value.status == 400 and caught.value.param == "previous_response_id"
 
 
 @pytest.mark.model

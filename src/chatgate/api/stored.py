@@ -7,11 +7,15 @@ response id is real. Each response is kept for `ttl` seconds, and the store is b
 and by bytes (the JSON of the response and of the conversation it continues): the oldest go
 first. A response larger than the whole byte budget is not kept. Nothing survives a restart and
 replicas do not share it (as vLLM's store).
+
+Sizing and validating a conversation is CPU work bounded by the body cap: the routes run
+`keep` and `continued` in worker threads, and a lock guards the store's own state.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -19,6 +23,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 from pydantic import TypeAdapter
 
 from chatgate.api.auth import caller
@@ -93,16 +98,19 @@ class ResponseStore:
         self._clock = clock
         self._kept: OrderedDict[str, Stored] = OrderedDict()  # oldest first: expiry order too
         self._bytes = 0
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        self._expire()
-        return len(self._kept)
+        with self._lock:
+            self._expire()
+            return len(self._kept)
 
     @property
     def bytes(self) -> int:
         """The size of what is kept now."""
-        self._expire()
-        return self._bytes
+        with self._lock:
+            self._expire()
+            return self._bytes
 
     def _drop(self, response_id: str) -> None:
         stored = self._kept.pop(response_id, None)
@@ -117,41 +125,44 @@ class ResponseStore:
                 break
             self._drop(oldest.response.id)
 
-    def get(self, response_id: str) -> Stored:
-        """The caller's stored response, or a 404 naming it."""
-        self._expire()
-        stored = self._kept.get(response_id)
-        if stored is None or stored.owner != owner():
+    def get(self, response_id: str, who: str) -> Stored:
+        """`who`'s stored response (`owner()` names the caller), or a 404 naming it."""
+        with self._lock:
+            self._expire()
+            stored = self._kept.get(response_id)
+        if stored is None or stored.owner != who:
             raise ResponseNotFoundError(f"Response with id '{response_id[:100]}' not found.", param="response_id")
         return stored
 
-    def delete(self, response_id: str) -> None:
-        """Forget the caller's stored response (404 if it has none of this id)."""
-        self.get(response_id)
-        self._drop(response_id)
+    def delete(self, response_id: str, who: str) -> None:
+        """Forget `who`'s stored response (404 if it has none of this id)."""
+        self.get(response_id, who)
+        with self._lock:
+            self._drop(response_id)
 
-    def keep(self, request: ResponsesRequest, response: ResponseObject, earlier: list[dict[str, Any]]) -> None:
-        """Keep `response` for the caller, with the conversation it continues (`earlier`)."""
+    def keep(self, request: ResponsesRequest, response: ResponseObject, earlier: list[dict[str, Any]], who: str) -> None:
+        """Keep `response` for `who`, with the conversation it continues (`earlier`)."""
         inputs = _items(request)
         history = [*earlier, *inputs, *(_as_input(item) for item in response.output)]
         size = len(response.model_dump_json()) + len(json.dumps(inputs)) + len(json.dumps(history))
         if size > self._max_bytes:
             return
-        self._expire()
-        self._drop(response.id)
-        while self._kept and (len(self._kept) >= self._max_count or self._bytes + size > self._max_bytes):
-            self._drop(next(iter(self._kept)))
-        self._kept[response.id] = Stored(owner(), response, inputs, history, size, self._clock() + self._ttl)
-        self._bytes += size
+        with self._lock:
+            self._expire()
+            self._drop(response.id)
+            while self._kept and (len(self._kept) >= self._max_count or self._bytes + size > self._max_bytes):
+                self._drop(next(iter(self._kept)))
+            self._kept[response.id] = Stored(who, response, inputs, history, size, self._clock() + self._ttl)
+            self._bytes += size
 
-    def continued(self, request: ResponsesRequest) -> tuple[ResponsesRequest, list[dict[str, Any]]]:
-        """`request` with the conversation of its `previous_response_id` before its own input
-        (that response's instructions are not carried over, as with OpenAI), and that
+    def continued(self, request: ResponsesRequest, who: str) -> tuple[ResponsesRequest, list[dict[str, Any]]]:
+        """`request` with the conversation of `who`'s `previous_response_id` before its own
+        input (that response's instructions are not carried over, as with OpenAI), and that
         conversation; the request itself when it continues nothing."""
         if request.previous_response_id is None:
             return request, []
         try:
-            earlier = self.get(request.previous_response_id).history
+            earlier = self.get(request.previous_response_id, who).history
         except ResponseNotFoundError as exc:
             exc.message = f"Previous response with id '{request.previous_response_id[:100]}' not found."
             exc.param = "previous_response_id"
@@ -168,16 +179,16 @@ class ResponseStore:
         return whole, earlier
 
     async def keeping(
-        self, request: ResponsesRequest, events: AsyncGenerator[StreamEvent, None], earlier: list[dict[str, Any]]
+        self, request: ResponsesRequest, events: AsyncGenerator[StreamEvent, None], earlier: list[dict[str, Any]], who: str
     ) -> AsyncGenerator[StreamEvent, None]:
-        """Pass a stream's events on, marked as stored, keeping the final response."""
+        """Pass a stream's events on, marked as stored, keeping the final response for `who`."""
         async for event in events:
             response = getattr(event, "response", None)
             if isinstance(response, ResponseObject):
                 response = mark(response, request)
                 event = event.model_copy(update={"response": response})
                 if request.store is not False and response.status in ("completed", "incomplete"):
-                    self.keep(request, response, earlier)
+                    await anyio.to_thread.run_sync(self.keep, request, response, earlier, who)
             yield event
 
 

@@ -4,12 +4,13 @@ are the door's (`chatgate.api.door`), not the route's."""
 
 from __future__ import annotations
 
+import anyio
 from fastapi import APIRouter, Request
 
 from chatgate.api.door import Door, NamedEvents, Served
 from chatgate.api.serving.models import model_card
 from chatgate.api.serving.responses import to_chat
-from chatgate.api.stored import mark
+from chatgate.api.stored import mark, owner
 from chatgate.api.state import api_state
 from chatgate.errors import ModelNotFoundError
 from chatgate.protocol.fastchat import TokenCheckRequest, TokenCheckResponse
@@ -62,34 +63,34 @@ async def completions(body: CompletionRequest, request: Request) -> Served:
 async def responses(body: ResponsesRequest, request: Request) -> Served:
     """A model response, streamed as named events or not; kept unless `store` is false, and
     continuing the stored response `previous_response_id` names."""
-    state = api_state(request)
-    whole, earlier = state.stored.continued(body)
+    state, who = api_state(request), owner()
+    whole, earlier = await anyio.to_thread.run_sync(state.stored.continued, body, who)
     result = await state.responses.create(to_chat(whole))
     if not isinstance(result, ResponseObject):
-        return NamedEvents(state.stored.keeping(body, result, earlier))
+        return NamedEvents(state.stored.keeping(body, result, earlier, who))
     result = mark(result, body)
     if body.store is not False:
-        state.stored.keep(body, result, earlier)
+        await anyio.to_thread.run_sync(state.stored.keep, body, result, earlier, who)
     return result
 
 
 @router.get("/v1/responses/{response_id}", response_model=ResponseObject)
 async def retrieve_response(response_id: str, request: Request) -> Served:
     """A stored response of the caller's key."""
-    return api_state(request).stored.get(response_id).response
+    return api_state(request).stored.get(response_id, owner()).response
 
 
 @router.get("/v1/responses/{response_id}/input_items", response_model=InputItemList)
 async def response_input_items(response_id: str, request: Request) -> Served:
     """The input items of a stored response of the caller's key, in order."""
-    items = api_state(request).stored.get(response_id).input_items
+    items = api_state(request).stored.get(response_id, owner()).input_items
     return InputItemList(data=items, first_id=items[0]["id"] if items else None, last_id=items[-1]["id"] if items else None)
 
 
 @router.delete("/v1/responses/{response_id}", response_model=DeletedResponse)
 async def delete_response(response_id: str, request: Request) -> Served:
     """Forget a stored response of the caller's key."""
-    api_state(request).stored.delete(response_id)
+    api_state(request).stored.delete(response_id, owner())
     return DeletedResponse(id=response_id)
 
 
