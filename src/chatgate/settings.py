@@ -125,6 +125,15 @@ class ApiSettings(ShutdownSettings):
     docs: bool = Field(
         False, description="Serve /docs, /redoc and /openapi.json (behind the API key)."
     )
+    responses_ttl: float = Field(
+        30 * 24 * 3600, gt=0, description="Seconds a stored Responses API response is kept (`store`, default 30 days)."
+    )
+    responses_max_count: int = Field(
+        10_000, ge=1, description="Most stored responses kept in memory (the oldest go first)."
+    )
+    responses_max_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, description="Most bytes of stored responses kept in memory (the oldest go first)."
+    )
     playground: bool = Field(
         True, description="Serve the browser playground at / (--no-playground turns it off)."
     )

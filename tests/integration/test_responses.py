@@ -1,5 +1,6 @@
-"""`/v1/responses` (stateless): the SDK's `responses.create` and `responses.stream`, raw named
-SSE events with rising sequence numbers, tools round trip, and the 400s for stateful fields."""
+"""`/v1/responses`: the SDK's `responses.create` and `responses.stream`, raw named
+SSE events with rising sequence numbers, tools round trip, and the 400s for bad fields (stored
+responses: `test_stored_responses.py`)."""
 
 from __future__ import annotations
 
@@ -90,8 +91,8 @@ async def test_raw_stream_is_named_events_and_incomplete_at_the_limit(fake_app: 
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"store": True}, "store"),
-        ({"previous_response_id": "resp_123"}, "previous_response_id"),
+        ({"previous_response_id": "r" * 257}, "previous_response_id"),
+        ({"previous_response_id": ""}, "previous_response_id"),
         ({"background": True}, "background"),
         ({"input": []}, "input"),
         ({"input": 5}, "input"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -107,6 +108,21 @@ def test_embeddings_in_both_modes(stack: Stack) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         client(stack.api).embeddings.create(model=MODEL, input=[[1, 10**7]])
     assert err.value.param == "input"
+
+
+@pytest.mark.parametrize("mode", ["serve", "api"])
+def test_anthropic_messages_and_rerank_in_both_modes(stack: Stack, mode: str) -> None:
+    url = getattr(stack, mode)
+    c = anthropic.Anthropic(base_url=url, api_key="anything", max_retries=0, timeout=120)
+    ask: list[anthropic.types.MessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
+    # The stop string that matched crosses the worker protocol (a chatgate extension).
+    m = c.messages.create(model=MODEL, max_tokens=30, messages=ask, stop_sequences=["Paris"], extra_body={"temperature": 0})
+    assert m.stop_reason == "stop_sequence" and m.stop_sequence == "Paris"
+    assert c.messages.count_tokens(model=MODEL, messages=ask).input_tokens == m.usage.input_tokens
+    with pytest.raises(anthropic.NotFoundError):
+        c.messages.create(model="no-such-model", max_tokens=5, messages=ask)
+    r = httpx.post(f"{url}/v1/rerank", json={"model": MODEL, "query": "cats", "documents": ["a cat", "stocks"]}, timeout=60)
+    assert r.status_code == 200 and sorted(x["index"] for x in r.json()["results"]) == [0, 1]
 
 
 def test_errors_cross_the_worker_protocol(stack: Stack) -> None:

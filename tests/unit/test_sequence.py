@@ -128,3 +128,19 @@ def test_a_loop_that_is_gone_leaves_no_mailbox_behind() -> None:
     del loop
     gc.collect()
     assert gone() is None  # its mailbox (keyed weakly by the loop) no longer holds it alive
+
+
+@pytest.mark.parametrize(
+    ("text", "stop", "matched"),
+    [
+        ("one two. three", (". ", "zz"), ". "),  # the stop string that ended it, in the last output
+        ("abcdef", ("cd", "bcd"), "bcd"),  # the earliest match wins, whichever is listed first
+        ("hello", ("zz",), None),  # ended by the end-of-sequence token: no stop string
+        ("hello world", (), None),
+    ],
+)
+def test_the_stop_string_that_ended_it_is_reported(text: str, stop: tuple[str, ...], matched: str | None) -> None:
+    state = SequenceState(prompt_ids=[1], params=SamplingParams(max_tokens=1000, stop=stop), decode=decode, eos_token_ids=frozenset({EOS}))
+    outputs = [out for token in [*text.encode(), EOS] if not state.finished and (out := state.append(token)) is not None]
+    assert state.finish_reason == "stop" and state.stop_sequence == matched
+    assert outputs[-1].stop_sequence == matched and all(out.stop_sequence is None for out in outputs[:-1])

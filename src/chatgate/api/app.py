@@ -16,22 +16,28 @@ from chatgate.api import errors
 from chatgate.api.admin import AdminKeys
 from chatgate.api.auth import IdentityMiddleware, KeyChecker
 from chatgate.api.door import BodyAdmission, Door
+from chatgate.api.errors import OPENAI, ErrorDialects
 from chatgate.api.limits.lease import LeaseKeeper
 from chatgate.api.limits.middleware import RateLimitMiddleware
 from chatgate.api.limits.policy import load_keys_file
 from chatgate.api.limits.scoped import KeyScopedPool
 from chatgate.api.limits.store import LimitStore, MemoryStore
 from chatgate.api.middleware import GuardMiddleware
+from chatgate.api.routes import anthropic as anthropic_routes
 from chatgate.api.routes import openai as openai_routes
 from chatgate.api.routes import ops as ops_routes
 from chatgate.api.routes import playground
+from chatgate.api.routes import scoring as scoring_routes
 from chatgate.api.serving.chat import ChatServing
 from chatgate.api.serving.completions import CompletionServing
 from chatgate.api.serving.embeddings import EmbeddingServing
+from chatgate.api.serving.messages import MessagesServing, TokenCountServing
 from chatgate.api.serving.responses import ResponsesServing
+from chatgate.api.serving.scoring import ScoringServing
 from chatgate.api.serving.tokenize import TokenizeServing
 from chatgate.api.serving.tokens import TokenCheckServing
 from chatgate.api.state import ApiState
+from chatgate.api.stored import ResponseStore
 from chatgate.api.workers.base import PoolSource
 from chatgate.api.workers.draining import DrainingPool
 from chatgate.drain import Drain
@@ -84,6 +90,14 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
                 tokens=TokenCheckServing(pool=pool),
                 embeddings=EmbeddingServing(pool=pool),
                 tokenizer=TokenizeServing(pool=pool),
+                messages=MessagesServing(pool=pool, max_n=settings.max_n, metrics=metrics),
+                token_counts=TokenCountServing(pool=pool),
+                scoring=ScoringServing(pool=pool),
+                stored=ResponseStore(
+                    ttl=settings.responses_ttl,
+                    max_count=settings.responses_max_count,
+                    max_bytes=settings.responses_max_bytes,
+                ),
             )
             try:
                 yield
@@ -110,9 +124,12 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
     app.include_router(metrics_routes(registry, dependencies=[Depends(admin.require)]))
     app.include_router(ops_routes.router)
     app.include_router(openai_routes.router)
+    app.include_router(anthropic_routes.router)
+    app.include_router(scoring_routes.router)
     if settings.playground:
         playground.mount(app)
     check_doors(app)
+    app.state.error_dialects = error_dialects(app)
     # Outermost last: Guard (ids, size cap, 500s), CORS (preflights; its headers on every error
     # below), identity (the one parsed caller), then the caller's limits.
     if policies:
@@ -152,6 +169,13 @@ def check_doors(app: FastAPI) -> None:
             continue
         if not isinstance(route, Door):
             raise TypeError(f"route {route.path} is not declared through the door (chatgate.api.door.Door)")
+
+
+def error_dialects(app: FastAPI) -> ErrorDialects:
+    """The routes whose door speaks another API's errors than OpenAI's, for errors answered
+    before routing (a missing key, a rate limit, a body too large)."""
+    doors = [route for route in all_routes(app.routes) if isinstance(route, Door)]
+    return ErrorDialects([(door.path_regex, door.error_dialect) for door in doors if door.error_dialect is not OPENAI])
 
 
 def _public_paths(settings: ApiSettings) -> Callable[[str], bool]:

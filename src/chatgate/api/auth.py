@@ -179,7 +179,7 @@ class IdentityMiddleware:
             who = None if key is None and scope["path"] in PROBE_PATHS else self.keys.check(key)
         except (AuthenticationError, InvalidRequestError) as exc:
             # Answered without receiving the body; the server then closes the connection.
-            await error_response(exc)(scope, receive, send)
+            await error_response(exc, scope=scope)(scope, receive, send)
             return
         scope.setdefault("state", {})["caller"] = who
         entry = access.record()

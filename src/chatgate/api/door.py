@@ -20,7 +20,8 @@ Then the route's work runs:
 
 A route is declared as `async def name(body: SomeRequest, request: Request) -> Served`, plus any
 path parameters; it returns a response model, a stream of chunks (SSE), or `NamedEvents` (the
-Responses API's named SSE events). `create_api_app` refuses to build an app with a public route
+Responses API's named SSE events). A `Door` subclass may declare the API's `error_dialect`
+(Anthropic's routes do): every error of its routes is said in it. `create_api_app` refuses to build an app with a public route
 that is not a `Door`, and a `Door` refuses a body that is not a `PublicRequest`.
 """
 
@@ -44,7 +45,7 @@ from chatgate.api import access
 from chatgate.api.auth import caller
 from chatgate.api.deadline import Deadline, requested_deadline, stream_within, within
 from chatgate.api.disconnect import ClientGone, unless_disconnected
-from chatgate.api.errors import validation_error
+from chatgate.api.errors import OPENAI, ErrorDialect, validation_error
 from chatgate.api.pieces import is_large, json_in_pieces
 from chatgate.api.sse import named_sse, sse
 from chatgate.api.state import api_state
@@ -86,9 +87,10 @@ class BodyAdmission:
 
 @dataclass(frozen=True)
 class NamedEvents:
-    """A stream of the Responses API's named events (`event:` and `data:` lines)."""
+    """A stream of named events (`event:` and `data:` lines): the Responses API's, or any
+    whose events carry their name in `type` (Anthropic's)."""
 
-    events: AsyncGenerator[StreamEvent, None]
+    events: AsyncGenerator[StreamEvent, None] | AsyncGenerator[BaseModel, None]
 
 
 Served = BaseModel | AsyncGenerator[BaseModel, None] | NamedEvents
@@ -160,7 +162,8 @@ def respond(result: Served, request: Request) -> Response:
         )
     if isinstance(result, BaseModel):
         return Response(result.model_dump_json(), media_type="application/json")
-    body = named_sse(result.events, request_id) if isinstance(result, NamedEvents) else sse(result, request_id)
+    dialect = getattr(request.scope.get("route"), "error_dialect", OPENAI)
+    body = named_sse(result.events, request_id, dialect) if isinstance(result, NamedEvents) else sse(result, request_id)
     return ClosingStreamingResponse(body, media_type="text/event-stream", write_timeout=write_timeout, headers=_SSE_HEADERS)
 
 
@@ -180,13 +183,17 @@ _STREAM: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream
 class Door(APIRoute):
     """A public API route: its handler runs the door's steps, then the endpoint."""
 
+    error_dialect: ErrorDialect = OPENAI  # how its errors are said (`chatgate.api.errors`)
+    error_model: type[BaseModel] = ErrorResponse  # their schema, for the OpenAPI document
+
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         body = get_type_hints(endpoint).get("body")
         if body is not None and not (isinstance(body, type) and issubclass(body, PublicRequest)):
             raise TypeError(f"{path}: a public route's body must be a PublicRequest, not {body!r}")
         self.body_model: type[PublicRequest] | None = body
         streams = body is not None and "stream" in body.model_fields
-        kwargs["responses"] = {**_ERRORS, **(_STREAM if streams else {}), **(kwargs.get("responses") or {})}
+        errors = {status: {"model": self.error_model} for status in _ERRORS}
+        kwargs["responses"] = {**errors, **(_STREAM if streams else {}), **(kwargs.get("responses") or {})}
         super().__init__(path, endpoint, **kwargs)  # builds the handler, which reads body_model
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:

@@ -1,5 +1,10 @@
-"""The one place where exceptions become OpenAI-shaped HTTP error responses (the hierarchy
-itself is `chatgate.errors`; the middleware that catches the unexpected is `middleware.py`).
+"""The one place where exceptions become HTTP error responses (the hierarchy itself is
+`chatgate.errors`; the middleware that catches the unexpected is `middleware.py`).
+
+An error is said in the dialect of the API its route belongs to: OpenAI's by default,
+Anthropic's on the routes whose `Door` declares it (`error_dialect`). Errors answered before
+routing (a missing key, a rate limit, a body too large) find the dialect by the request's path
+among the app's routes (`app.state.error_dialects`, built from the routes when the app is made).
 
 Validation errors from the request schema are turned into OpenAI's wording: `param` names the
 field as OpenAI does (`messages[0].role`) and `code` says what was wrong with it.
@@ -7,12 +12,16 @@ field as OpenAI does (`messages[0].role`) and `code` says what was wrong with it
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import Scope
 
 from chatgate.errors import ChatgateError, InvalidRequestError
 
@@ -115,9 +124,84 @@ def validation_error(exc: RequestValidationError) -> ChatgateError:
     return InvalidRequestError(f"Invalid value for '{param}': {message}.", param=param, code=code)
 
 
-def error_response(exc: ChatgateError, *, status: int | None = None) -> JSONResponse:
-    """The HTTP response for a chatgate error (with the error's own status unless given)."""
-    return JSONResponse(exc.body(), status_code=status or exc.status, headers=exc.headers())
+class ErrorDialect:
+    """How one API says an error: OpenAI's `{"error": {message, type, param, code}}` here."""
+
+    def render(self, exc: ChatgateError, status: int) -> tuple[dict[str, Any], int]:
+        """The error's body and HTTP status."""
+        return exc.body(), status
+
+    def stream_error(self, exc: ChatgateError, sequence: int) -> dict[str, Any]:
+        """The data of the `error` event that ends a stream of named events mid-way."""
+        return {"type": "error", **exc.body()["error"], "sequence_number": sequence}
+
+
+# Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+class AnthropicDialect(ErrorDialect):
+    """Anthropic's `{"type": "error", "error": {type, message}}`. A server that cannot take the
+    work now (a full queue, no healthy worker) answers 529 `overloaded_error`, as Anthropic does
+    and as its SDK retries; other server failures are `api_error`."""
+
+    def render(self, exc: ChatgateError, status: int) -> tuple[dict[str, Any], int]:
+        if status == 503 or exc.code == "engine_overloaded":
+            status = 529
+        return self._body(exc, status), status
+
+    def stream_error(self, exc: ChatgateError, sequence: int) -> dict[str, Any]:
+        status = 529 if exc.status == 503 or exc.code == "engine_overloaded" else exc.status
+        return self._body(exc, status)
+
+    @staticmethod
+    def _body(exc: ChatgateError, status: int) -> dict[str, Any]:
+        kind = _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+        return {"type": "error", "error": {"type": kind, "message": exc.message}}
+
+
+OPENAI = ErrorDialect()
+ANTHROPIC = AnthropicDialect()
+
+
+@dataclass(frozen=True)
+class ErrorDialects:
+    """The dialect of each route that does not speak OpenAI's, by path (`app.state.error_dialects`)."""
+
+    routes: Sequence[tuple[re.Pattern[str], ErrorDialect]] = ()
+
+    def of(self, path: str) -> ErrorDialect:
+        """The dialect of the route at `path` (OpenAI's where none other matches)."""
+        return next((dialect for pattern, dialect in self.routes if pattern.match(path)), OPENAI)
+
+
+def dialect_of(scope: Scope | None) -> ErrorDialect:
+    """The error dialect of the request `scope` is for: its route's, once routed, else the one
+    of the route its path names."""
+    if scope is None:
+        return OPENAI
+    declared = getattr(scope.get("route"), "error_dialect", None)
+    if isinstance(declared, ErrorDialect):
+        return declared
+    app = scope.get("app")
+    dialects = getattr(getattr(app, "state", None), "error_dialects", None)
+    return dialects.of(str(scope.get("path", ""))) if isinstance(dialects, ErrorDialects) else OPENAI
+
+
+def error_response(exc: ChatgateError, *, status: int | None = None, scope: Scope | None = None) -> JSONResponse:
+    """The HTTP response for a chatgate error (with the error's own status unless given), in
+    the dialect of the request's route (`scope`; OpenAI's without one)."""
+    body, code = dialect_of(scope).render(exc, status or exc.status)
+    return JSONResponse(body, status_code=code, headers=exc.headers())
 
 
 def install(app: FastAPI) -> None:
@@ -125,16 +209,16 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ChatgateError)
     async def on_chatgate(request: Request, exc: ChatgateError) -> JSONResponse:
-        return error_response(exc)
+        return error_response(exc, scope=request.scope)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(exc))
+        return error_response(validation_error(exc), scope=request.scope)
 
     @app.exception_handler(HTTPException)
     async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
         if isinstance(exc.__cause__, ChatgateError):  # raised while FastAPI read the body
-            return error_response(exc.__cause__)
+            return error_response(exc.__cause__, scope=request.scope)
         where = f"{request.method} {request.url.path}"
         if exc.status_code == 404:
             message = f"Invalid URL ({where})"
@@ -143,4 +227,4 @@ def install(app: FastAPI) -> None:
         else:
             message = str(exc.detail)
         # A routing error (unknown URL, wrong method) keeps the status Starlette chose.
-        return error_response(InvalidRequestError(message), status=exc.status_code)
+        return error_response(InvalidRequestError(message), status=exc.status_code, scope=request.scope)

@@ -68,7 +68,7 @@ class GuardMiddleware:
 
         async def fail(error: ChatgateError) -> None:
             if not started:
-                await error_response(error)(scope, receive, send_with_id)
+                await error_response(error, scope=scope)(scope, receive, send_with_id)
 
         length = headers.get(b"content-length", b"0")
         if length.isdigit() and int(length) > self.max_body:

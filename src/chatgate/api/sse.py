@@ -10,6 +10,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 from pydantic import BaseModel
 
+from chatgate.api.errors import OPENAI, ErrorDialect
 from chatgate.errors import ChatgateError
 from chatgate.protocol.responses import StreamEvent
 
@@ -42,15 +43,19 @@ async def sse(chunks: AsyncGenerator[BaseModel, None], request_id: str) -> Async
     yield event("[DONE]")
 
 
-async def named_sse(events: AsyncGenerator[StreamEvent, None], request_id: str) -> AsyncIterator[str]:
-    """Encode Responses API events; an error mid-stream becomes an `error` event numbered next."""
+async def named_sse(
+    events: AsyncGenerator[StreamEvent, None] | AsyncGenerator[BaseModel, None],
+    request_id: str,
+    dialect: ErrorDialect = OPENAI,
+) -> AsyncIterator[str]:
+    """Encode named events (each names itself in `type`); an error mid-stream becomes an
+    `error` event in the route's dialect (numbered next, in the Responses API's)."""
     sequence = -1
     try:
         async with contextlib.aclosing(events):
             async for item in events:
-                sequence = item.sequence_number
-                yield f"event: {item.type}\ndata: {item.model_dump_json()}\n\n"
+                sequence = getattr(item, "sequence_number", sequence + 1)
+                yield f"event: {getattr(item, 'type')}\ndata: {item.model_dump_json()}\n\n"
     except Exception as exc:
         error = exc if isinstance(exc, ChatgateError) else _unexpected(request_id)
-        body = {"type": "error", **error.body()["error"], "sequence_number": sequence + 1}
-        yield f"event: error\ndata: {json.dumps(body)}\n\n"
+        yield f"event: error\ndata: {json.dumps(dialect.stream_error(error, sequence + 1))}\n\n"

@@ -11,9 +11,12 @@ from chatgate.api.workers.base import WorkerPool
 from chatgate.api.serving.chat import ChatServing
 from chatgate.api.serving.completions import CompletionServing
 from chatgate.api.serving.embeddings import EmbeddingServing
+from chatgate.api.serving.messages import MessagesServing, TokenCountServing
 from chatgate.api.serving.responses import ResponsesServing
+from chatgate.api.serving.scoring import ScoringServing
 from chatgate.api.serving.tokenize import TokenizeServing
 from chatgate.api.serving.tokens import TokenCheckServing
+from chatgate.api.stored import ResponseStore
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,10 @@ class ApiState:
     tokens: TokenCheckServing
     embeddings: EmbeddingServing
     tokenizer: TokenizeServing
+    messages: MessagesServing  # Anthropic's /v1/messages
+    token_counts: TokenCountServing  # and its /v1/messages/count_tokens
+    scoring: ScoringServing  # /v1/rerank and /v1/score
+    stored: ResponseStore  # the Responses API's stored responses
 
 
 def api_state(request: Request) -> ApiState:

@@ -64,6 +64,7 @@ class GenerationOutput:
     completion_tokens: int
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token of the text, when asked for
+    stop_sequence: str | None = None  # the stop string that ended the sequence, if one did
 
 
 @dataclass(frozen=True, kw_only=True)

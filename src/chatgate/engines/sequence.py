@@ -37,6 +37,7 @@ class SequenceState:
         self.params = params
         self.output_ids: list[int] = []
         self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None  # the stop string that ended it (Anthropic reports it)
         self._text = IncrementalDecoder(decode)
         self._stop_ids = eos_token_ids | frozenset(params.stop_token_ids)
         self._longest_stop = max((len(s) for s in params.stop), default=0)
@@ -66,6 +67,9 @@ class SequenceState:
         stop_at = self._find_stop()
         if stop_at is not None:
             self.finish_reason = "stop"
+            self.stop_sequence = min(
+                (s for s in self.params.stop if self._pending.find(s) == stop_at), key=len
+            )
             return self._output(self._pending[:stop_at])
         if self.finished:
             return self._output(self._pending)
@@ -102,6 +106,7 @@ class SequenceState:
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.output_ids),
             finish_reason=self.finish_reason,
+            stop_sequence=self.stop_sequence,
         )
 
 

@@ -1,4 +1,5 @@
-"""The public wire format of OpenAI's Responses API (`POST /v1/responses`), stateless.
+"""The public wire format of OpenAI's Responses API (`POST /v1/responses`; responses stored and
+continued with `store` and `previous_response_id` are kept by `chatgate.api.stored`).
 
 Requests are validated here like chat's; responses and stream events carry the fields the
 official SDK reads (`output_text`, `usage`, `status`, `sequence_number`).
@@ -133,7 +134,7 @@ class TextConfig(_Request):
 
 
 class ResponsesRequest(_Request):
-    """`POST /v1/responses`, the stateless part of it."""
+    """`POST /v1/responses`."""
 
     model: str = Field(min_length=1)
     input: str | Annotated[list[InputItem], Field(min_length=1)]
@@ -151,10 +152,9 @@ class ResponsesRequest(_Request):
     metadata: dict[str, str] | None = None
     user: str | None = None
     cache_salt: CacheSalt | None = None
-    # Refused: they need state this server does not keep.
-    store: bool | None = None
-    previous_response_id: str | None = None
-    background: bool | None = None
+    store: bool | None = None  # None: kept, as OpenAI's default
+    previous_response_id: str | None = Field(None, min_length=1, max_length=256)
+    background: bool | None = None  # refused: nothing runs after the reply
 
     @property
     def logprobs(self) -> bool:
@@ -190,18 +190,11 @@ class ResponsesRequest(_Request):
             tools=len(self.tools or []),
         )
 
-    @field_validator("store", "background")
+    @field_validator("background")
     @classmethod
-    def _stateless(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+    def _no_background(cls, value: bool | None) -> bool | None:
         if value:
-            raise ValueError(f"this server is stateless: {info.field_name} must be false or left out")
-        return value
-
-    @field_validator("previous_response_id")
-    @classmethod
-    def _no_previous(cls, value: str | None) -> str | None:
-        if value is not None:
-            raise ValueError("this server is stateless and keeps no earlier responses; send the whole conversation as input")
+            raise ValueError("background responses are not served here: background must be false or left out")
         return value
 
     @field_validator("tool_choice")
@@ -274,6 +267,24 @@ class IncompleteDetails(BaseModel):
     """Why a response is incomplete."""
 
     reason: Literal["max_output_tokens", "content_filter"]
+
+
+class DeletedResponse(BaseModel):
+    """The reply of `DELETE /v1/responses/{id}`."""
+
+    id: str
+    object: Literal["response.deleted"] = "response.deleted"
+    deleted: bool = True
+
+
+class InputItemList(BaseModel):
+    """The reply of `GET /v1/responses/{id}/input_items`: a response's own input, in order."""
+
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
 
 
 class ResponseObject(BaseModel):

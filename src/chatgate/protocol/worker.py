@@ -165,6 +165,7 @@ class WorkerChunk(BaseModel):
     token_logprobs: list[WorkerLogprob] | None = None  # chatgate extension, one per token
     # With echo and logprobs, on the first chunk: one per prompt token (None for the first).
     prompt_logprobs: list[PromptLogprob] | None = None
+    stop_sequence: str | None = None  # chatgate extension: the stop string that ended the text
 
 
 class EmbedParams(BaseModel):

@@ -224,6 +224,7 @@ class WorkerService:
                 finish_reason=finish_reason_of(out.finish_reason),
                 token_logprobs=self._logprobs(out.logprobs),
                 prompt_logprobs=prompt_logprobs,
+                stop_sequence=out.stop_sequence,
             )
             prompt_logprobs = None
 

@@ -38,7 +38,7 @@ class RateLimitMiddleware:
         try:
             usage = await self.store.admit(name, policy) if policy.limited() else None
         except ChatgateError as exc:
-            await error_response(exc)(scope, receive, send)
+            await error_response(exc, scope=scope)(scope, receive, send)
             return
         headers = [(k.encode(), v.encode()) for k, v in usage.headers(policy)] if usage else []
         if usage is not None and usage.refused is not None:
@@ -69,6 +69,6 @@ class RateLimitMiddleware:
             f"Please try again in {wait:.1f}s.",
             retry_after=wait,
         )
-        response = error_response(error)
+        response = error_response(error, scope=scope)
         response.raw_headers.extend(headers)
         await response(scope, receive, send)

@@ -4,11 +4,13 @@ are the door's (`chatgate.api.door`), not the route's."""
 
 from __future__ import annotations
 
+import anyio
 from fastapi import APIRouter, Request
 
 from chatgate.api.door import Door, NamedEvents, Served
 from chatgate.api.serving.models import model_card
 from chatgate.api.serving.responses import to_chat
+from chatgate.api.stored import mark, owner
 from chatgate.api.state import api_state
 from chatgate.errors import ModelNotFoundError
 from chatgate.protocol.fastchat import TokenCheckRequest, TokenCheckResponse
@@ -22,7 +24,7 @@ from chatgate.protocol.openai import (
     ModelCard,
     ModelList,
 )
-from chatgate.protocol.responses import ResponseObject, ResponsesRequest
+from chatgate.protocol.responses import DeletedResponse, InputItemList, ResponseObject, ResponsesRequest
 from chatgate.protocol.vllm import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 
 router = APIRouter(route_class=Door)
@@ -59,9 +61,37 @@ async def completions(body: CompletionRequest, request: Request) -> Served:
 
 @router.post("/v1/responses", response_model=ResponseObject)
 async def responses(body: ResponsesRequest, request: Request) -> Served:
-    """A model response (the stateless Responses API), streamed as named events or not."""
-    result = await api_state(request).responses.create(to_chat(body))
-    return result if isinstance(result, ResponseObject) else NamedEvents(result)
+    """A model response, streamed as named events or not; kept unless `store` is false, and
+    continuing the stored response `previous_response_id` names."""
+    state, who = api_state(request), owner()
+    whole, earlier = await anyio.to_thread.run_sync(state.stored.continued, body, who)
+    result = await state.responses.create(to_chat(whole))
+    if not isinstance(result, ResponseObject):
+        return NamedEvents(state.stored.keeping(body, result, earlier, who))
+    result = mark(result, body)
+    if body.store is not False:
+        await anyio.to_thread.run_sync(state.stored.keep, body, result, earlier, who)
+    return result
+
+
+@router.get("/v1/responses/{response_id}", response_model=ResponseObject)
+async def retrieve_response(response_id: str, request: Request) -> Served:
+    """A stored response of the caller's key."""
+    return api_state(request).stored.get(response_id, owner()).response
+
+
+@router.get("/v1/responses/{response_id}/input_items", response_model=InputItemList)
+async def response_input_items(response_id: str, request: Request) -> Served:
+    """The input items of a stored response of the caller's key, in order."""
+    items = api_state(request).stored.get(response_id, owner()).input_items
+    return InputItemList(data=items, first_id=items[0]["id"] if items else None, last_id=items[-1]["id"] if items else None)
+
+
+@router.delete("/v1/responses/{response_id}", response_model=DeletedResponse)
+async def delete_response(response_id: str, request: Request) -> Served:
+    """Forget a stored response of the caller's key."""
+    api_state(request).stored.delete(response_id, owner())
+    return DeletedResponse(id=response_id)
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)

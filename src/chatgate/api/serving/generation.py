@@ -47,6 +47,7 @@ class Choice:
     usage: Usage = field(default_factory=Usage)
     logprobs: list[WorkerLogprob] = field(default_factory=list)
     prompt_logprobs: list[PromptLogprob] = field(default_factory=list)
+    stop_sequence: str | None = None  # the stop string that ended it, when the worker says
 
     def add(self, chunk: WorkerChunk) -> None:
         """Fold one worker chunk into the choice."""
@@ -54,6 +55,7 @@ class Choice:
         self.logprobs += chunk.token_logprobs or []
         self.prompt_logprobs += chunk.prompt_logprobs or []
         self.finish_reason = chunk.finish_reason or self.finish_reason
+        self.stop_sequence = chunk.stop_sequence or self.stop_sequence
         if chunk.usage is not None:
             self.usage = Usage.model_validate(chunk.usage.model_dump())
 

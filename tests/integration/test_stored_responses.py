@@ -1,0 +1,197 @@
+"""Stored responses of the Responses API through the `openai` SDK and raw HTTP: `store` (on by
+default, as OpenAI's), `previous_response_id` continuing a conversation exactly as sending it
+whole would, `GET` / `DELETE /v1/responses/{id}` and `input_items`, streams kept too, every key
+seeing only its own responses (404 otherwise), and the store's bounds (age, count, bytes)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+import pytest
+from fastapi import FastAPI
+
+from chatgate.api.stored import ResponseNotFoundError, ResponseStore
+from chatgate.errors import InvalidRequestError
+from chatgate.engines.fake import FakeEngine
+from chatgate.protocol.responses import ResponseObject, ResponsesRequest
+from tests.conftest import make_app, raw, running, sdk
+
+pytestmark = pytest.mark.anyio
+
+M = "fake-model"
+
+
+async def test_create_retrieve_input_items_delete(fake_app: FastAPI) -> None:
+    client = sdk(fake_app)
+    r = await client.responses.create(model=M, input="hello there", temperature=0)
+    assert getattr(r, "store") is True  # not in the SDK's type, but on the wire as OpenAI sends it
+    got = await client.responses.retrieve(r.id)
+    assert got.model_dump() == r.model_dump()
+    items = await client.responses.input_items.list(r.id)
+    assert [(i.type, getattr(i, "role", None)) for i in items.data] == [("message", "user")]
+    assert items.data[0].id.startswith("msg_")
+    await client.responses.delete(r.id)
+    for attempt in (client.responses.retrieve(r.id), client.responses.delete(r.id), client.responses.input_items.list(r.id)):
+        with pytest.raises(openai.NotFoundError):
+            await attempt
+
+
+async def test_previous_response_id_continues_as_the_whole_conversation_would(fake_app: FastAPI) -> None:
+    client = sdk(fake_app)
+    first = await client.responses.create(model=M, input="My name is Ann.", instructions="Be brief.", temperature=0)
+    second = await client.responses.create(model=M, input="What is my name?", previous_response_id=first.id, temperature=0)
+    assert second.previous_response_id == first.id
+    # Its instructions are not carried over, as with OpenAI; the earlier turns are.
+    whole: Any = [
+        {"role": "user", "content": "My name is Ann."},
+        {"role": "assistant", "content": [{"type": "output_text", "text": first.output_text}]},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    stateless = await client.responses.create(model=M, input=whole, temperature=0, store=False)
+    assert second.output_text == stateless.output_text
+    assert second.usage is not None and stateless.usage is not None
+    assert second.usage.input_tokens == stateless.usage.input_tokens
+    third = await client.responses.create(model=M, input="And again?", previous_response_id=second.id, temperature=0)
+    assert third.usage is not None and third.usage.input_tokens > second.usage.input_tokens
+    # input_items lists a response's own input only.
+    assert [i.type for i in (await client.responses.input_items.list(third.id)).data] == ["message"]
+
+
+async def test_store_false_keeps_nothing(fake_app: FastAPI) -> None:
+    client = sdk(fake_app)
+    r = await client.responses.create(model=M, input="hi", store=False)
+    assert getattr(r, "store") is False
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.responses.create(model=M, input="again", previous_response_id=r.id)
+    assert "previous_response_id" in str(caught.value.body)
+
+
+async def test_a_stream_is_kept_as_it_ended(fake_app: FastAPI) -> None:
+    client = sdk(fake_app)
+    async with client.responses.stream(model=M, input="hello", temperature=0) as stream:
+        kept = [getattr(e.response, "store") async for e in stream if hasattr(e, "response")]
+        final = await stream.get_final_response()
+    assert kept and all(kept)
+    assert (await client.responses.retrieve(final.id)).output_text == final.output_text
+    follow = await client.responses.create(model=M, input="more", previous_response_id=final.id, stream=True)
+    async for event in follow:
+        if event.type == "response.completed":
+            assert event.response.previous_response_id == final.id
+
+
+async def test_each_key_sees_only_its_own_responses() -> None:
+    async with running(make_app(FakeEngine(), api_keys=["sk-a", "sk-b"])) as app:
+        a, b = sdk(app, "sk-a"), sdk(app, "sk-b")
+        mine = await a.responses.create(model=M, input="secret")
+        for attempt in (b.responses.retrieve(mine.id), b.responses.delete(mine.id), b.responses.input_items.list(mine.id)):
+            with pytest.raises(openai.NotFoundError) as caught:
+                await attempt
+            assert "secret" not in str(caught.value.body)
+        with pytest.raises(openai.NotFoundError):
+            await b.responses.create(model=M, input="go on", previous_response_id=mine.id)
+        assert (await a.responses.retrieve(mine.id)).id == mine.id  # still there for its owner
+        async with raw(app) as http:
+            assert (await http.get(f"/v1/responses/{mine.id}")).status_code == 401
+            assert (await http.delete(f"/v1/responses/{mine.id}")).status_code == 401
+            # An id that is not one, however spelled, is the same 404.
+            for weird in ("x" * 5000, "..%2F..%2Fetc", "%00", mine.id + "x"):
+                r = await http.get(f"/v1/responses/{weird}", headers={"authorization": "Bearer sk-a"})
+                assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error", r.text
+                assert len(r.text) < 1000
+
+
+@pytest.mark.parametrize(("value", "code"), [("r" * 257, 400), (5, 400), ([], 400), ("resp_nope", 404)])
+async def test_bad_previous_response_ids(fake_app: FastAPI, value: object, code: int) -> None:
+    async with raw(fake_app) as http:
+        r = await http.post("/v1/responses", content=json.dumps({"model": M, "input": "hi", "previous_response_id": value}),
+                            headers={"content-type": "application/json"})
+    assert r.status_code == code and r.json()["error"]["param"] == "previous_response_id", r.text
+
+
+class Clock:
+    """A clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def response(index: int, text: str = "ok") -> ResponseObject:
+    """A finished response with `text` as its output."""
+    output: Any = [{"type": "message", "id": f"msg_{index}", "content": [{"type": "output_text", "text": text}]}]
+    return ResponseObject.model_validate({"id": f"resp_{index}", "created_at": 0, "status": "completed", "model": M, "output": output})
+
+
+def ask(text: str = "hi", **fields: Any) -> ResponsesRequest:
+    return ResponsesRequest.model_validate({"model": M, "input": text, **fields})
+
+
+def test_the_store_forgets_after_its_ttl_and_keeps_its_count_and_bytes() -> None:
+    clock = Clock()
+    store = ResponseStore(ttl=60, max_count=3, max_bytes=20_000, clock=clock)
+    for index in range(5):
+        store.keep(ask(), response(index), [], "")
+        clock.now += 1
+    assert len(store) == 3 and [store.get(f"resp_{i}", "").response.id for i in (2, 3, 4)]
+    with pytest.raises(ResponseNotFoundError):
+        store.get("resp_0", "")
+    clock.now += 58.5  # resp_2 was kept 61.5 s ago, resp_4 59.5 s ago
+    assert len(store) == 1 and store.get("resp_4", "")
+    clock.now += 1
+    assert len(store) == 0 and store.bytes == 0
+    for index in range(10):
+        store.keep(ask(), response(index, "x" * 4000), [], "")
+    assert store.bytes <= 20_000 and len(store) == 2
+    store.keep(ask(), response(99, "y" * 30_000), [], "")  # larger than the whole budget: not kept
+    with pytest.raises(ResponseNotFoundError):
+        store.get("resp_99", "")
+    assert len(store) == 2
+
+
+def test_a_continued_conversation_is_held_to_the_message_cap() -> None:
+    store = ResponseStore(ttl=60, max_count=10, max_bytes=10**8)
+    long_input = [{"role": "user", "content": "x"}] * 2000
+    store.keep(ask(input=long_input), response(1), [], "sk-a")
+    whole, earlier = store.continued(ask(input=[{"role": "user", "content": "y"}] * 40, previous_response_id="resp_1"), "sk-a")
+    assert len(earlier) == 2001 and isinstance(whole.input, list) and len(whole.input) == 2041
+    with pytest.raises(InvalidRequestError, match="previous_response_id") as caught:
+        store.continued(ask(input=[{"role": "user", "content": "y"}] * 60, previous_response_id="resp_1"), "sk-a")
+    with pytest.raises(ResponseNotFoundError):  # another owner
+        store.continued(ask(previous_response_id="resp_1"), "sk-b")
+    assert caught.value.status == 400 and caught.value.param == "previous_response_id"
+
+
+@pytest.mark.model
+async def test_multi_turn_on_the_real_model_with_the_sdk_and_the_agents_sdk(chat_app: FastAPI) -> None:
+    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, set_tracing_disabled
+
+    real = "SmolLM2-135M-Instruct"
+    client = sdk(chat_app)
+    first = await client.responses.create(model=real, input="What is the capital of France?", temperature=0, max_output_tokens=30)
+    assert "Paris" in first.output_text
+    second = await client.responses.create(model=real, input="What did I just ask you?", previous_response_id=first.id,
+                                           temperature=0, max_output_tokens=30)
+    whole: Any = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": [{"type": "output_text", "text": first.output_text}]},
+        {"role": "user", "content": "What did I just ask you?"},
+    ]
+    stateless = await client.responses.create(model=real, input=whole, temperature=0, max_output_tokens=30, store=False)
+    assert second.output_text == stateless.output_text and second.output_text
+    assert second.usage is not None and stateless.usage is not None and second.usage.input_tokens == stateless.usage.input_tokens
+
+    set_tracing_disabled(True)  # tracing would export to OpenAI's servers
+    model = OpenAIResponsesModel(model=real, openai_client=client)
+    settings = ModelSettings(temperature=0, max_tokens=30, store=True, truncation="disabled")
+    agent = Agent(name="assistant", instructions="You are a helpful assistant.", model=model, model_settings=settings)
+    one = await Runner.run(agent, "What is the capital of France?")
+    assert one.last_response_id is not None and "Paris" in one.final_output
+    two = await Runner.run(agent, "Repeat your last answer.", previous_response_id=one.last_response_id)
+    kept = await client.responses.retrieve(str(two.last_response_id))
+    assert kept.previous_response_id == one.last_response_id and kept.output_text == two.final_output
