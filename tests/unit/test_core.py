@@ -15,9 +15,8 @@ import torch
 
 from chatgate.engines.base import SamplingParams
 from chatgate.engines.runners.fake import FakeRunner
-from chatgate.engines.sampling import make_generator
-from chatgate.engines.scheduler import Scheduler, SchedulerLimits, Slot
-from chatgate.engines.sequence import OutputChannel, SequenceState
+from chatgate.engines.scheduler import Scheduler, SchedulerLimits
+from chatgate.engines.sequence import OutputChannel, Sequence
 
 VOCAB = 64
 
@@ -34,20 +33,19 @@ def prompt(length: int, seed: int) -> list[int]:
     return torch.randint(1, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def slot(loop: asyncio.AbstractEventLoop, ids: list[int], max_tokens: int, **params: object) -> Slot:
-    state = SequenceState(prompt_ids=ids, params=SamplingParams(max_tokens=max_tokens, temperature=0.0, **params),  # type: ignore[arg-type]
-                          decode=lambda t: "x" * len(t), eos_token_ids=frozenset())
-    return Slot(state=state, channel=OutputChannel(loop), generator=make_generator(0))
+def sequence(loop: asyncio.AbstractEventLoop, ids: list[int], max_tokens: int, **params: object) -> Sequence:
+    return Sequence(prompt_ids=ids, params=SamplingParams(max_tokens=max_tokens, temperature=0.0, **params),  # type: ignore[arg-type]
+                    decode=lambda t: "x" * len(t), eos_token_ids=frozenset(), channel=OutputChannel(loop))
 
 
-def run(scheduler: Scheduler, slots: list[Slot], *, steps: int = 10_000) -> list[list[int]]:
-    """Submit `slots`, step until every one has ended, and return their outputs."""
-    for queued in slots:
+def run(scheduler: Scheduler, seqs: list[Sequence], *, steps: int = 10_000) -> list[list[int]]:
+    """Submit `seqs`, step until every one has ended, and return their outputs."""
+    for queued in seqs:
         scheduler.inbox.put(queued)
     for _ in range(steps):
         scheduler.step()
-        if all(s.state.finished or s.channel.cancelled for s in slots) and not scheduler.running:
-            return [s.state.output_ids for s in slots]
+        if all(s.finished or s.cancelled for s in seqs) and not scheduler.running:
+            return [s.output_ids for s in seqs]
     raise AssertionError("the scheduler did not finish")
 
 
@@ -57,7 +55,7 @@ def limits(**overrides: int) -> SchedulerLimits:
 
 
 def alone(loop: asyncio.AbstractEventLoop, ids: list[int], max_tokens: int) -> list[int]:
-    return run(Scheduler(runner=FakeRunner(vocab=VOCAB), limits=limits()), [slot(loop, ids, max_tokens)])[0]
+    return run(Scheduler(runner=FakeRunner(vocab=VOCAB), limits=limits()), [sequence(loop, ids, max_tokens)])[0]
 
 
 WORK = [(prompt(n, seed), 6 + 3 * seed) for seed, n in enumerate([3, 9, 20, 5, 40, 12, 7, 33])]
@@ -66,7 +64,7 @@ WORK = [(prompt(n, seed), 6 + 3 * seed) for seed, n in enumerate([3, 9, 20, 5, 4
 @pytest.mark.parametrize("padded", [True, False])
 def test_a_batch_gives_every_sequence_what_it_gets_alone_and_frees_every_row(loop: asyncio.AbstractEventLoop, padded: bool) -> None:
     runner = FakeRunner(vocab=VOCAB, padded=padded)
-    together = run(Scheduler(runner=runner, limits=limits()), [slot(loop, ids, n) for ids, n in WORK])
+    together = run(Scheduler(runner=runner, limits=limits()), [sequence(loop, ids, n) for ids, n in WORK])
     assert together == [alone(loop, ids, n) for ids, n in WORK]
     assert runner.rows_held == 0
 
@@ -75,7 +73,7 @@ def test_preemption_under_a_tight_budget_changes_no_stream(loop: asyncio.Abstrac
     runner = FakeRunner(vocab=VOCAB, padded=False)
     scheduler = Scheduler(runner=runner, limits=limits(kv_tokens=120, prefix_cache_bytes=1 << 16))
     work = [(prompt(20, seed), 40) for seed in range(6)]
-    assert run(scheduler, [slot(loop, ids, n) for ids, n in work]) == [alone(loop, ids, n) for ids, n in work]
+    assert run(scheduler, [sequence(loop, ids, n) for ids, n in work]) == [alone(loop, ids, n) for ids, n in work]
     assert scheduler.preemptions > 0
     assert runner.rows_held == 0
 
@@ -84,7 +82,7 @@ def test_unpadded_rows_count_only_their_own_tokens(loop: asyncio.AbstractEventLo
     # After one step both prompts are prefilled and have decoded one token: 11 and 31 held.
     for padded, expected in ((True, 2 * 31), (False, 11 + 31)):
         scheduler = Scheduler(runner=FakeRunner(vocab=VOCAB, padded=padded), limits=limits(prefill_budget=64, prefill_chunk=64))
-        short, long = slot(loop, prompt(10, 1), 50), slot(loop, prompt(30, 2), 50)
+        short, long = sequence(loop, prompt(10, 1), 50), sequence(loop, prompt(30, 2), 50)
         for queued in (short, long):
             scheduler.inbox.put(queued)
         scheduler.step()
@@ -95,9 +93,9 @@ def test_the_prefix_cache_saves_prefills_and_gives_every_span_back(loop: asyncio
     runner = FakeRunner(vocab=VOCAB)
     scheduler = Scheduler(runner=runner, limits=limits(prefix_cache_bytes=1 << 16))
     system = prompt(40, 9)
-    first = run(scheduler, [slot(loop, system + [1, 2], 8)])
+    first = run(scheduler, [sequence(loop, system + [1, 2], 8)])
     before = runner.forward_tokens
-    second = run(scheduler, [slot(loop, system + [3, 4], 8)])
+    second = run(scheduler, [sequence(loop, system + [3, 4], 8)])
     assert runner.forward_tokens - before < 20  # the 32 cached tokens were not run again
     assert first == [alone(loop, system + [1, 2], 8)] and second == [alone(loop, system + [3, 4], 8)]
     assert scheduler.prefix_stats.hits == 1 and runner.spans_held > 0
@@ -109,7 +107,7 @@ def test_the_prefix_cache_saves_prefills_and_gives_every_span_back(loop: asyncio
 def test_equal_prompts_share_one_prefill_under_one_salt_only(loop: asyncio.AbstractEventLoop) -> None:
     runner = FakeRunner(vocab=VOCAB)
     ids = prompt(12, 4)
-    outputs = run(Scheduler(runner=runner, limits=limits()), [slot(loop, ids, 5) for _ in range(3)] + [slot(loop, ids, 5, cache_salt="b")])
+    outputs = run(Scheduler(runner=runner, limits=limits()), [sequence(loop, ids, 5) for _ in range(3)] + [sequence(loop, ids, 5, cache_salt="b")])
     assert outputs == [alone(loop, ids, 5)] * 4
     assert runner.forward_tokens == 2 * len(ids) + 4 * 4  # two prefill rows (two salts), then 4 steps of 4 rows
     assert runner.rows_held == 0
@@ -118,15 +116,16 @@ def test_equal_prompts_share_one_prefill_under_one_salt_only(loop: asyncio.Abstr
 def test_cancelled_and_failed_sequences_give_their_rows_back(loop: asyncio.AbstractEventLoop) -> None:
     runner = FakeRunner(vocab=VOCAB)
     scheduler = Scheduler(runner=runner, limits=limits())
-    long, running = slot(loop, prompt(60, 3), 5), slot(loop, prompt(5, 4), 50)
+    long, running = sequence(loop, prompt(60, 3), 5), sequence(loop, prompt(5, 4), 50)
     scheduler.inbox.put(running)
     scheduler.step()
     scheduler.inbox.put(long)
     scheduler.step()  # the long prompt is part-way through its chunked prefill
     assert long.prefilled and runner.rows_held == 2
+    assert long.channel is not None
     long.channel.cancelled = True
     scheduler.step()
     assert runner.rows_held == 1
     runner.fail_next_decode = True  # the running batch's step fails: every row ends
     scheduler.step()
-    assert running.state.finished is False and runner.rows_held == 0 and not scheduler.running
+    assert running.finished is False and runner.rows_held == 0 and not scheduler.running

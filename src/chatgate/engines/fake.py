@@ -10,14 +10,14 @@ parameter is exercised as it is with a real model.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence as Seq
 from typing import Any
 
 import torch
 
 from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, SamplingParams
-from chatgate.engines.sampling import make_generator, sample_with_logprob
-from chatgate.engines.sequence import SequenceState
+from chatgate.engines.sampling import sample_with_logprob
+from chatgate.engines.sequence import Sequence
 
 EOS = 256
 BOS = 257
@@ -60,7 +60,7 @@ class FakeEngine(Engine):
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+    def decode(self, token_ids: Seq[int], *, skip_special_tokens: bool = True) -> str:
         return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
 
     def render_chat(
@@ -92,27 +92,24 @@ class FakeEngine(Engine):
         self, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[GenerationOutput]:
         script = list(self.reply_for(self.decode(prompt_ids)).encode("utf-8")) + [EOS]
-        state = SequenceState(
-            prompt_ids=prompt_ids, params=params, decode=self.decode, eos_token_ids=frozenset({EOS})
-        )
-        generator = make_generator(params.seed)
+        seq = Sequence(prompt_ids=prompt_ids, params=params, decode=self.decode, eos_token_ids=frozenset({EOS}))
         self.active += 1
         self.served += 1
         try:
             if self.prefill_delay:
                 await asyncio.sleep(self.prefill_delay)
-            while not state.finished:
-                step = len(state.output_ids)
-                if step == self.fail_after:
+            while not seq.finished:
+                index = len(seq.output_ids)
+                if index == self.fail_after:
                     raise RuntimeError("the fake engine failed as configured")
                 await asyncio.sleep(self.token_delay)
                 # The scripted token is far likelier than the rest; the real sampler decides.
                 logits = torch.zeros(self.info.vocab_size)
-                logits[script[min(step, len(script) - 1)]] = 10.0
+                logits[script[min(index, len(script) - 1)]] = 10.0
                 token, logprob = sample_with_logprob(
-                    logits, params, prompt_ids=prompt_ids, output_ids=state.output_ids, generator=generator
+                    logits, params, prompt_ids=prompt_ids, output_ids=seq.output_ids, generator=seq.generator
                 )
-                output = state.append(token, logprob)
+                output = seq.append(token, logprob)
                 if output is not None:
                     yield output
         finally:

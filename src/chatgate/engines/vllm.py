@@ -169,7 +169,7 @@ class VllmEngine(ChatTokensEngine, Engine):
                 )
         finally:
             self._running -= 1
-            if not finished:  # the client went away: free vLLM's slot now
+            if not finished:  # the client went away: free its place in vLLM now
                 await self._llm.abort(request_id)
 
 
