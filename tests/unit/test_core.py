@@ -129,3 +129,26 @@ def test_cancelled_and_failed_sequences_give_their_rows_back(loop: asyncio.Abstr
     runner.fail_next_decode = True  # the running batch's step fails: every row ends
     scheduler.step()
     assert running.finished is False and runner.rows_held == 0 and not scheduler.running
+
+
+def test_cached_tokens_count_what_the_prefix_cache_served_at_first_admission(loop: asyncio.AbstractEventLoop) -> None:
+    runner = FakeRunner(vocab=VOCAB, padded=False)
+    scheduler = Scheduler(runner=runner, limits=limits(kv_tokens=160, prefix_cache_bytes=1 << 16))
+    system = prompt(40, 21)  # two whole 16-token blocks, then 8 tokens no other prompt shares
+    first = sequence(loop, system, 4)
+    run(scheduler, [first])
+    assert first.cached_tokens == 0
+    again = sequence(loop, list(system), 4)  # the whole prompt is cached, with its logits
+    run(scheduler, [again])
+    assert again.cached_tokens == len(system)
+    # Under a tight budget these are preempted; readmitted, the cache holds their own prompt and
+    # more, which must not be reported as served to the prompt.
+    work = [sequence(loop, system + prompt(4, 30 + i), 40) for i in range(5)]
+    reused = scheduler.prefix_stats.reused_tokens
+    run(scheduler, work)
+    assert scheduler.preemptions > 0 and any(s.preemptions for s in work)
+    assert [s.cached_tokens for s in work] == [32] * 5
+    assert scheduler.prefix_stats.reused_tokens - reused > 32 * 5  # readmissions did hit the cache
+    salted = sequence(loop, list(system), 4, cache_salt="other")
+    run(scheduler, [salted])
+    assert salted.cached_tokens == 0

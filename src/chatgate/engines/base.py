@@ -38,6 +38,8 @@ class SamplingParams:
     # Prompts share cached prefixes (KV) only with prompts under the same salt; None is the
     # shared cache. The API server derives it from the caller's API key and `cache_salt`.
     cache_salt: str | None = None
+    # Under the priority scheduling policy, lower runs first (vLLM's meaning); ties by arrival.
+    priority: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -64,6 +66,9 @@ class GenerationOutput:
     completion_tokens: int
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token of the text, when asked for
+    # Prompt tokens whose KV came from the prefix cache when the sequence was first admitted
+    # (0 where the engine cannot tell); a readmission after preemption does not change it.
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,26 +2,49 @@
 
 Its tokenizer is byte-level (one token per UTF-8 byte), so multi-byte characters arrive split
 across tokens as they do with real models. Its greedy reply to a prompt is fixed and
-predictable: `FakeEngine.reply_for(prompt_text)`, then an end-of-sequence token. Each step gives
-the scripted token a high logit and leaves the choice to the real sampler, so every sampling
-parameter is exercised as it is with a real model.
+predictable: `FakeEngine.reply_for(prompt_text)`, then an end-of-sequence token. Each token gets
+a high logit for the scripted one and leaves the choice to the real sampler, so every sampling
+parameter is exercised as it is with a real model. It reports cached prompt tokens as a prefix
+cache of whole blocks would (`PromptMemory`), so usage is exercised end to end.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence as Seq
 from typing import Any
 
 import torch
 
 from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, SamplingParams
+from chatgate.engines.prefix_cache import DEFAULT_BLOCK, block_keys
 from chatgate.engines.sampling import sample_with_logprob
 from chatgate.engines.sequence import Sequence
 
 EOS = 256
 BOS = 257
 EMBEDDING_DIM = 16
+
+
+class PromptMemory:
+    """The block keys of recent prompts, as a prefix cache would hold their KV: a prompt's cached
+    tokens are the whole blocks an earlier prompt under the same salt began with."""
+
+    def __init__(self, *, blocks: int = 4096) -> None:
+        self._keys: OrderedDict[int, None] = OrderedDict()
+        self._limit = blocks
+
+    def served(self, prompt: list[int], salt: str | None) -> int:
+        """Tokens of `prompt` found cached; then remember `prompt` as prefilled."""
+        keys = block_keys(prompt, DEFAULT_BLOCK, salt)
+        hits = next((i for i, key in enumerate(keys) if key not in self._keys), len(keys))
+        for key in keys:
+            self._keys[key] = None
+            self._keys.move_to_end(key)
+        while len(self._keys) > self._limit:
+            self._keys.popitem(last=False)
+        return min(hits * DEFAULT_BLOCK, len(prompt))
 
 
 class FakeEngine(Engine):
@@ -50,6 +73,7 @@ class FakeEngine(Engine):
         self.embed_calls: list[int] = []  # batch sizes the engine was asked to embed
         self.active = 0  # generations running now
         self.served = 0  # generations ever started
+        self.prompts = PromptMemory()
 
     @staticmethod
     def reply_for(prompt: str) -> str:
@@ -93,6 +117,7 @@ class FakeEngine(Engine):
     ) -> AsyncIterator[GenerationOutput]:
         script = list(self.reply_for(self.decode(prompt_ids)).encode("utf-8")) + [EOS]
         seq = Sequence(prompt_ids=prompt_ids, params=params, decode=self.decode, eos_token_ids=frozenset({EOS}))
+        seq.cached_tokens = self.prompts.served(prompt_ids, params.cache_salt)
         self.active += 1
         self.served += 1
         try:

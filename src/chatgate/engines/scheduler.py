@@ -342,6 +342,8 @@ class Scheduler:
         """Continue `seq` from cached KV: decode at once if its whole prompt was cached, else
         prefill the rest after the cached prefix."""
         seq.prefilled = hit.tokens
+        if not seq.preemptions:  # what served the prompt at first admission, not a readmission's own output
+            seq.cached_tokens = hit.tokens
         kv = self._runner.from_prefix(hit.blocks, tokens=hit.tokens, capacity=len(seq.ids))
         if hit.logits is None:
             seq.kv = kv

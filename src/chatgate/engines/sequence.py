@@ -100,6 +100,7 @@ class Sequence:
         self.looked_up = False  # the prefix cache was asked for `ids`
         self.admitted = 0  # when it was admitted (a rising count; 0: waiting, not admitted)
         self.preemptions = 0  # times it gave its rows back to be recomputed
+        self.cached_tokens = 0  # prompt tokens the prefix cache served at its first admission
         # After a preemption: the prompt and every token generated so far, to prefill again.
         self.resumed_ids: list[int] | None = None
 
@@ -188,6 +189,7 @@ class Sequence:
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.output_ids),
             finish_reason=self.finish_reason,
+            cached_tokens=self.cached_tokens,
         )
 
 

@@ -142,9 +142,9 @@ class VllmEngine(ChatTokensEngine, Engine):
         scored: Any = None
         async for output in self._llm.generate({"prompt_token_ids": prompt_ids}, sampling, uuid.uuid4().hex):
             scored = output.prompt_logprobs
-        steps = list(scored or [])
+        positions = list(scored or [])
         # vLLM's first entry is None (nothing precedes the first token), as chatgate's contract.
-        return [None, *_logprobs(prompt_ids[1:], steps[1:], top)][: len(prompt_ids)]
+        return [None, *_logprobs(prompt_ids[1:], positions[1:], top)][: len(prompt_ids)]
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]:
         """Stream vLLM's delta outputs; closing this aborts the request in vLLM."""
@@ -163,6 +163,7 @@ class VllmEngine(ChatTokensEngine, Engine):
                     prompt_tokens=len(prompt_ids),
                     completion_tokens=produced,
                     finish_reason=completion.finish_reason if finished else None,
+                    cached_tokens=int(getattr(output, "num_cached_tokens", None) or 0),  # vLLM >= 0.8 counts them
                     logprobs=_logprobs(completion.token_ids, completion.logprobs, params.logprobs)
                     if params.logprobs is not None
                     else None,
@@ -181,13 +182,13 @@ def vllm_prompt(prompt_ids: list[int], params: SamplingParams) -> dict[str, Any]
     return prompt
 
 
-def _logprobs(token_ids: Sequence[int], steps: Any, top: int) -> list[TokenLogprob]:
-    """chatgate's log-probabilities from vLLM's per-step {token id: Logprob} maps, which hold the
-    `top` likeliest tokens plus the sampled one when it is not among them."""
+def _logprobs(token_ids: Sequence[int], positions: Any, top: int) -> list[TokenLogprob]:
+    """chatgate's log-probabilities from vLLM's per-position {token id: Logprob} maps, which hold
+    the `top` likeliest tokens plus the sampled one when it is not among them."""
     out = []
-    for token_id, step in zip(token_ids, steps or [], strict=False):
-        ranked = sorted(step.items(), key=lambda item: item[1].rank if item[1].rank is not None else 1 << 30)
+    for token_id, entry in zip(token_ids, positions or [], strict=False):
+        ranked = sorted(entry.items(), key=lambda item: item[1].rank if item[1].rank is not None else 1 << 30)
         best = [(int(t), float(lp.logprob)) for t, lp in ranked if lp.rank is not None and lp.rank <= top]
-        chosen = step.get(token_id)
+        chosen = entry.get(token_id)
         out.append(TokenLogprob(token_id=int(token_id), logprob=float(chosen.logprob) if chosen else 0.0, top=best))
     return out

@@ -425,18 +425,27 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class PromptTokensDetails(BaseModel):
+    """`usage.prompt_tokens_details`."""
+
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (0 where unknown)
+
+
 class Usage(BaseModel):
     """Token accounting of a response."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # Always present, as OpenAI sends it.
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
     def add(self, other: Usage) -> None:
         """Accumulate another usage into this one."""
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
         self.total_tokens += other.total_tokens
+        self.prompt_tokens_details.cached_tokens += other.prompt_tokens_details.cached_tokens
 
 
 FinishReason = Literal["stop", "length", "tool_calls", "function_call", "content_filter"] | None

@@ -129,6 +129,8 @@ class WorkerUsage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # chatgate extension: prompt tokens served from the engine's prefix cache (0: none or unknown).
+    cached_tokens: int = Field(0, ge=0)
 
 
 class TokenAlternative(BaseModel):

@@ -214,6 +214,7 @@ class WorkerService:
                     prompt_tokens=out.prompt_tokens,
                     completion_tokens=out.completion_tokens,
                     total_tokens=out.prompt_tokens + out.completion_tokens,
+                    cached_tokens=out.cached_tokens,
                 )
                 text = out.text
                 if params.echo and first:

@@ -20,6 +20,7 @@ from chatgate.protocol.responses import (
     FunctionCallInput,
     FunctionCallOutput,
     IncompleteDetails,
+    InputTokensDetails,
     InputMessage,
     OutputItem,
     OutputMessage,
@@ -149,7 +150,8 @@ class _Head:
 
 def _usage(choice: Choice) -> ResponseUsage:
     u = choice.usage
-    return ResponseUsage(input_tokens=u.prompt_tokens, output_tokens=u.completion_tokens, total_tokens=u.prompt_tokens + u.completion_tokens)
+    return ResponseUsage(input_tokens=u.prompt_tokens, output_tokens=u.completion_tokens, total_tokens=u.prompt_tokens + u.completion_tokens,
+                         input_tokens_details=InputTokensDetails(cached_tokens=u.prompt_tokens_details.cached_tokens))
 
 
 class _Events:
