@@ -1,4 +1,5 @@
-"""The scheduler core on a runner without a model (`runners/fake.py`), driven one step at a time.
+"""The scheduler core on a runner without a model (`runners/fake.py`), driven one step at a time,
+and its scheduling policy (`policy.py`) on its own.
 
 The fake runner's logits depend only on the tokens a row holds, so every schedule must give each
 sequence the tokens it gets alone; it also counts the rows and spans the core has not given
@@ -9,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
 
 import pytest
 import torch
 
 from chatgate.engines.base import SamplingParams
+from chatgate.engines.policy import Policy
 from chatgate.engines.runners.fake import FakeRunner
 from chatgate.engines.scheduler import Scheduler, SchedulerLimits
 from chatgate.engines.sequence import OutputChannel, Sequence
@@ -152,3 +156,90 @@ def test_cached_tokens_count_what_the_prefix_cache_served_at_first_admission(loo
     salted = sequence(loop, list(system), 4, cache_salt="other")
     run(scheduler, [salted])
     assert salted.cached_tokens == 0
+
+
+def finishing_order(scheduler: Scheduler, named: dict[str, Sequence]) -> list[str]:
+    """Step until every sequence in `named` has ended; their names in the order they ended."""
+    order: list[str] = []
+    for _ in range(10_000):
+        scheduler.step()
+        order += [name for name, s in named.items() if s.finished and name not in order]
+        if len(order) == len(named):
+            return order
+    raise AssertionError("the scheduler did not finish")
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_a_full_batch_gives_way_to_a_higher_priority_only_under_the_priority_policy(
+    loop: asyncio.AbstractEventLoop, policy: Literal["fcfs", "priority"]
+) -> None:
+    scheduler = Scheduler(runner=FakeRunner(vocab=VOCAB), limits=limits(max_running=1), policy=policy)
+    low = sequence(loop, prompt(8, 40), 30, priority=5)
+    scheduler.inbox.put(low)
+    for _ in range(3):
+        scheduler.step()
+    assert scheduler.running == 1 and len(low.output_ids) == 4  # a token from the prefill, one per step
+    later_low = sequence(loop, prompt(8, 41), 6, priority=5)
+    high = sequence(loop, prompt(8, 42), 6, priority=-1 if policy == "priority" else 0)
+    for queued in (later_low, high):
+        scheduler.inbox.put(queued)
+    order = finishing_order(scheduler, {"low": low, "later_low": later_low, "high": high})
+    if policy == "priority":
+        # high preempts the running low at once; low, which arrived first, resumes before later_low.
+        assert order == ["high", "low", "later_low"] and low.preemptions == 1
+    else:
+        assert order == ["low", "later_low", "high"] and scheduler.preemptions == 0
+    for s in (low, later_low, high):  # preempted or not, every stream is what it is alone
+        assert s.output_ids == alone(loop, s.prompt_ids, s.params.max_tokens)
+
+
+def test_equal_priorities_never_preempt_and_ties_go_by_arrival(loop: asyncio.AbstractEventLoop) -> None:
+    scheduler = Scheduler(runner=FakeRunner(vocab=VOCAB), limits=limits(max_running=1), policy="priority")
+    seqs = {name: sequence(loop, prompt(6, 50 + i), 5, priority=p) for i, (name, p) in enumerate([("a", 3), ("b", 3), ("c", 1), ("d", 3)])}
+    scheduler.inbox.put(seqs["a"])
+    scheduler.step()
+    for name in "bcd":
+        scheduler.inbox.put(seqs[name])
+    assert finishing_order(scheduler, seqs) == ["c", "a", "b", "d"]  # c outranks the running a
+    assert seqs["a"].preemptions == 1 and scheduler.preemptions == 1
+
+
+def test_a_higher_priority_short_of_kv_preempts_the_lowest_ranked_running(loop: asyncio.AbstractEventLoop) -> None:
+    runner = FakeRunner(vocab=VOCAB, padded=False)
+    scheduler = Scheduler(runner=runner, limits=limits(kv_tokens=120), policy="priority")
+    low, mid = sequence(loop, prompt(20, 60), 30, priority=9), sequence(loop, prompt(20, 61), 30, priority=4)
+    for queued in (low, mid):
+        scheduler.inbox.put(queued)
+    for _ in range(6):  # each prefills in two chunks, then decodes
+        scheduler.step()
+    assert scheduler.running == 2  # both fit, with room for 16 more tokens each; not beside a 40-token prompt
+    high = sequence(loop, prompt(40, 62), 20, priority=0)
+    scheduler.inbox.put(high)
+    scheduler.step()
+    assert low.preemptions == 1 and mid.preemptions == 0 and high.admitted
+    order = finishing_order(scheduler, {"low": low, "mid": mid, "high": high})
+    assert order.index("high") < order.index("low")
+    for s in (low, mid, high):
+        assert s.output_ids == alone(loop, s.prompt_ids, s.params.max_tokens)
+    assert runner.rows_held == 0
+
+
+@dataclass
+class Request:
+    """What the policy reads of a request, and nothing else."""
+
+    priority: int
+    arrival: int
+    admitted: int = 0
+
+
+def test_the_policy_orders_by_priority_then_arrival_and_picks_who_gives_way() -> None:
+    waiting = [Request(5, 1), Request(0, 3), Request(5, 0, admitted=7), Request(0, 2), Request(-3, 4)]
+    assert Policy("fcfs").order(waiting) == waiting
+    assert [(r.priority, r.arrival) for r in Policy("priority").order(waiting)] == [(5, 0), (-3, 4), (0, 2), (0, 3), (5, 1)]
+    running = [Request(2, 1, admitted=1), Request(7, 2, admitted=2), Request(7, 3, admitted=3), Request(1, 4, admitted=4)]
+    policy = Policy("priority")
+    assert policy.victim(running, outranked_by=0) is running[2]  # the lowest-ranked, admitted last
+    assert policy.victim(running, outranked_by=7) is None  # equals never preempt
+    assert Policy("fcfs").victim(running, outranked_by=-100) is None
+    assert policy.first_to_go(running) is running[2] and Policy("fcfs").first_to_go(running) is running[3]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatgate.errors import InvalidRequestError
+from chatgate.settings import SchedulingPolicy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,6 +82,7 @@ class ModelInfo:
     generates: bool = True
     embedding_dim: int = 0
     tools_in_template: bool = False  # the chat template renders `tools` itself
+    scheduling_policy: SchedulingPolicy = "fcfs"  # "priority": requests' `priority` is honoured
 
 
 @dataclass(frozen=True, kw_only=True)

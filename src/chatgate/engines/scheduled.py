@@ -93,6 +93,7 @@ class ScheduledEngine(ChatTokensEngine, Engine):
                     prefix_cache_bytes=int(self._settings.prefix_cache_gib * 2**30),
                     kv_tokens=self._loaded.kv_tokens,
                 ),
+                policy=self._settings.scheduling_policy,
             )
             self._thread = threading.Thread(target=self._scheduler.run, name="chatgate-engine", daemon=True)
             self._thread.start()
@@ -116,6 +117,7 @@ class ScheduledEngine(ChatTokensEngine, Engine):
             vocab_size=loaded.vocab_size,
             embedding_dim=loaded.hidden_size,
             tools_in_template=self._chat_tokens.tools_in_template,
+            scheduling_policy=self._settings.scheduling_policy,
         )
         self._loaded = loaded
 

@@ -5,7 +5,9 @@ layout, only the runner's KV handles and the logits it returns.
 Each iteration of the loop, a *step* (`Scheduler.step`; its decode step, 4 below, adds one token to
 every running row):
 1. admits new sequences and embedding jobs, and drops sequences whose consumer went away;
-2. prefills waiting prompts, first come first served while the KV they would hold fits the
+2. prefills waiting prompts in the policy's order (`policy.py`: first come, first served, or by
+   `priority`, when a waiting prompt that outranks a running sequence preempts it if the batch
+   or the budget is full) while the KV they would hold fits the
    budget (`kv_demand`: what the batch holds now, not what it might come to hold, plus
    `HEADROOM` decode steps per row): a prompt resumes after the longest prefix the prefix cache
    holds (`prefix_cache.py`), or starts decoding at once if it holds all of it; short ones
@@ -13,8 +15,9 @@ every running row):
    single row), a long one a chunk at a time, so running streams are never stalled for a whole
    long prompt;
 3. if the next decode step would outgrow the budget, preempts the most recently admitted
-   sequences (never the last one) until it fits: their KV is dropped and they wait ahead of
-   every sequence not yet admitted (behind a prompt still prefilling), keeping their output,
+   sequences (under `priority`, the lowest-ranked first; never the last one) until it fits:
+   their KV is dropped and they wait ahead of every sequence not yet admitted (under
+   `priority`, in rank among them; behind a prompt still prefilling), keeping their output,
    random generator and constraint state; readmitted, they prefill their prompt and output
    again (the prefix cache may hold part of it) and go on from the logits that prefill ends
    with, so the stream neither repeats nor loses a token;
@@ -42,11 +45,13 @@ from dataclasses import dataclass
 
 import torch
 
+from chatgate.engines.policy import Policy
 from chatgate.engines.prefix_cache import DEFAULT_BLOCK, PrefixCache, PrefixHit, PrefixStats, PromptKeys
 from chatgate.engines.runners.base import KV, Runner
 from chatgate.engines.sampling import sample_with_logprob
 from chatgate.engines.sequence import Sequence
 from chatgate.errors import ContextLengthExceededError
+from chatgate.settings import SchedulingPolicy
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +83,10 @@ Job = Iterator[None]
 class Scheduler:
     """Drives one runner from one thread; fed through a thread-safe inbox."""
 
-    def __init__(self, *, runner: Runner, limits: SchedulerLimits) -> None:
+    def __init__(self, *, runner: Runner, limits: SchedulerLimits, policy: SchedulingPolicy = "fcfs") -> None:
         self._runner = runner
         self._limits = limits
+        self._policy = Policy(policy)
         self.inbox: queue.Queue[Sequence | Job | None] = queue.Queue()
         self._waiting: list[Sequence] = []
         self._live: set[Sequence] = set()  # every admitted sequence not yet ended, wherever it is
@@ -97,6 +103,7 @@ class Scheduler:
         self.preemptions = 0  # times a sequence gave its KV back to be recomputed later
         self.kv_used = 0  # KV tokens the admitted sequences held after the last step (for other threads)
         self._admissions = 0
+        self._arrivals = 0
 
     @property
     def prefix_stats(self) -> PrefixStats:
@@ -124,6 +131,8 @@ class Scheduler:
             return False
         self._drop_cancelled()
         try:
+            if self._waiting and self._policy.by_priority:
+                self._outrank()
             if self._waiting and len(self._running) < self._limits.max_running:
                 self._prefill()
             self._preempt_to_fit()
@@ -165,12 +174,15 @@ class Scheduler:
                 if item is None:
                     return False
                 if isinstance(item, Sequence):
+                    self._arrivals += 1
+                    item.arrival = self._arrivals
                     self._waiting.append(item)
                     self._live.add(item)
                 else:
                     self._jobs.append(item)
                 item = self.inbox.get_nowait()
         except queue.Empty:
+            self._waiting = self._policy.order(self._waiting)
             return True
 
     def _drop_cancelled(self) -> None:
@@ -291,7 +303,7 @@ class Scheduler:
             admitted = [s for s, _ in self._holdings()]
             if len(admitted) <= 1:
                 return
-            self._preempt(max(admitted, key=lambda s: s.admitted))
+            self._preempt(self._policy.first_to_go(admitted))
 
     def _preempt(self, seq: Sequence) -> None:
         if seq in self._running:
@@ -311,14 +323,32 @@ class Scheduler:
         seq.prefilled, seq.prefix_keys, seq.looked_up, seq.admitted = 0, None, False, 0
         seq.preemptions += 1
         self.preemptions += 1
+        self._waiting = self._policy.order(self._waiting)
+
+    def _outrank(self) -> None:
+        """Under the priority policy: while the best waiting sequence not yet admitted cannot
+        start (the batch is full, or its KV does not fit) and outranks a running one, that one
+        gives way (`_preempt`: it resumes later where it was)."""
+        head = next((s for s in self._waiting if not s.admitted), None)
+        budget = self._limits.kv_tokens
+        if head is None or (budget is not None and head.reservation > budget):
+            return  # nothing waits, or it never fits (`_admissible` refuses it)
+        while len(self._running) >= self._limits.max_running or not self._fits([head]):
+            victim = self._policy.victim(self._running, outranked_by=head.priority)
+            if victim is None:
+                return
+            self._preempt(victim)
 
     def _reuse_prefills(self) -> None:
         """Start waiting sequences whose whole prompt is cached."""
         room = self._limits.max_running - len(self._running)
         started = 0
+        best = min((s.priority for s in self._waiting), default=0)
         for seq in list(self._waiting) if self._prefix.enabled else []:
             if started >= room or not self._fits([seq]):
                 break
+            if self._policy.by_priority and seq.priority > best:
+                continue  # a cached prompt must not take the room of one that outranks it
             try:
                 hit = None if seq.prefilled else self._prefix.lookup(seq.ids, self._keys(seq), whole=True)
                 if hit is not None:

@@ -98,6 +98,7 @@ class Sequence:
         self.kv: KV | None = None  # partial cache of a chunked prefill
         self.prefix_keys: PromptKeys | None = None  # block keys of `ids`
         self.looked_up = False  # the prefix cache was asked for `ids`
+        self.arrival = 0  # when it reached the scheduler (a rising count)
         self.admitted = 0  # when it was admitted (a rising count; 0: waiting, not admitted)
         self.preemptions = 0  # times it gave its rows back to be recomputed
         self.cached_tokens = 0  # prompt tokens the prefix cache served at its first admission
@@ -124,6 +125,11 @@ class Sequence:
         self.channel.put(item)
 
     # Scheduling ---------------------------------------------------------------------------
+
+    @property
+    def priority(self) -> int:
+        """Lower runs first under the priority scheduling policy."""
+        return self.params.priority
 
     @property
     def ids(self) -> list[int]:

@@ -77,7 +77,8 @@ class VllmEngine(ChatTokensEngine, Engine):
         folder = model_folder(self._settings)
         names = self._settings.model_names
         flags = {k: getattr(self._settings, k) for k in PASS_THROUGH if getattr(self._settings, k) is not None}
-        args = AsyncEngineArgs(model=str(folder), served_model_name=names or None, dtype=_dtype(self._settings), **flags)
+        args = AsyncEngineArgs(model=str(folder), served_model_name=names or None, dtype=_dtype(self._settings),
+                               scheduling_policy=self._settings.scheduling_policy, **flags)
         self._llm = AsyncLLM.from_engine_args(args)
         self._tokenizer = self._llm.get_tokenizer()
         self._chat_tokens = ChatTokenizer(self._tokenizer)
@@ -86,6 +87,7 @@ class VllmEngine(ChatTokensEngine, Engine):
             context_length=int(self._llm.model_config.max_model_len),
             vocab_size=len(self._tokenizer),
             tools_in_template=self._chat_tokens.tools_in_template,
+            scheduling_policy=self._settings.scheduling_policy,
         )
 
     async def close(self) -> None:
@@ -149,7 +151,8 @@ class VllmEngine(ChatTokensEngine, Engine):
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]:
         """Stream vLLM's delta outputs; closing this aborts the request in vLLM."""
         request_id = uuid.uuid4().hex
-        stream = self._llm.generate(vllm_prompt(prompt_ids, params), self._sampling(params), request_id)
+        stream = self._llm.generate(vllm_prompt(prompt_ids, params), self._sampling(params), request_id,
+                                    priority=params.priority)
         produced, finished = 0, False
         self._running += 1
         try:

@@ -103,6 +103,8 @@ StopList = Annotated[list[StopString], Field(min_length=1, max_length=limits.MAX
 # vLLM's `cache_salt`: requests share cached prompt prefixes only with requests of the same salt
 # (and, when the server checks API keys, the same key).
 CacheSalt = Annotated[str, Field(min_length=1, max_length=limits.MAX_CACHE_SALT_CHARS)]
+# vLLM's `priority`: under `--scheduling-policy priority`, lower runs first; a signed 64-bit integer.
+Priority = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 LogitBias = Annotated[
     dict[Annotated[str, AfterValidator(_token_id_key)], Annotated[float, Field(ge=-100, le=100)]],
     Field(max_length=limits.MAX_LOGIT_BIAS),
@@ -129,6 +131,7 @@ class SamplingRequest(PublicRequest):
     stream_options: StreamOptions | None = None
     user: str | None = None
     cache_salt: CacheSalt | None = None
+    priority: Priority = 0
 
     @field_validator("top_k")
     @classmethod

@@ -13,7 +13,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field
 
 from chatgate.protocol import limits
 from chatgate.protocol.limits import PublicRequest
-from chatgate.protocol.openai import CacheSalt, FunctionDefinition
+from chatgate.protocol.openai import CacheSalt, FunctionDefinition, Priority
 
 InputRole = Literal["user", "system", "developer", "assistant"]
 # OpenAI's `include` values. Only output logprobs apply to a text-only server; the others name
@@ -151,6 +151,7 @@ class ResponsesRequest(_Request):
     metadata: dict[str, str] | None = None
     user: str | None = None
     cache_salt: CacheSalt | None = None
+    priority: Priority = 0
     # Refused: they need state this server does not keep.
     store: bool | None = None
     previous_response_id: str | None = None

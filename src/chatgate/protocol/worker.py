@@ -86,6 +86,8 @@ class GenerateParams(Sampling):
     # Prompts share cached prefixes only under one salt: a digest of the caller's API key and
     # the request's `cache_salt` (`api.auth.cache_salt`), never either of them in the clear.
     cache_salt: str | None = Field(None, min_length=1, max_length=limits.MAX_CACHE_SALT_CHARS)
+    # Lower runs first under the priority scheduling policy (refused, unless 0, under fcfs).
+    priority: int = Field(0, ge=-(2**63), le=2**63 - 1)
     # Which request field the prompt came from, so errors can name it.
     prompt_param: str = "prompt"
     max_tokens_param: str = "max_tokens"

@@ -69,6 +69,7 @@ def _sampling(params: GenerateParams, model: str) -> dict[str, Any]:
         "seed": params.seed,
         "max_tokens": params.max_new_tokens,
         "stop_token_ids": params.stop_token_ids or None,
+        "priority": params.priority or None,  # vLLM's; the upstream decides whether it schedules by it
     }
     body |= {k: v for k, v in optional.items() if v is not None}
     body |= {k: getattr(params, k) for k, default in _EXTRA_DEFAULTS.items() if getattr(params, k) != default}

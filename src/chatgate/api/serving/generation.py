@@ -167,6 +167,7 @@ def sampling_params(request: SamplingRequest) -> dict[str, object]:
         "model": request.model,
         "stop": request.stop_list() or None,
         "cache_salt": cache_salt(request.cache_salt),
+        "priority": request.priority,
     }
 
 

@@ -72,6 +72,7 @@ def to_chat(request: ResponsesRequest) -> ResponsesAsChat:
         "top_logprobs": request.top_logprobs if request.logprobs else None,
         "stream": request.stream,
         "cache_salt": request.cache_salt,
+        "priority": request.priority or None,
     }
     return ResponsesAsChat.model_validate({**{k: v for k, v in body.items() if v is not None}, "source": request})
 
