@@ -90,7 +90,7 @@ async def test_under_fcfs_requests_run_in_arrival_order_and_a_priority_is_refuse
 
 @pytest.mark.parametrize("bad", [10**30, -(2**63) - 1, 2**63, "high", 1.5, None, True, [1], {"a": 1}])
 async def test_bad_priorities_are_400s_naming_the_field(bad: object, fake_app: FastAPI) -> None:
-    bodies = {
+    bodies: dict[str, dict[str, Any]] = {
         "/v1/chat/completions": {"model": M, "messages": user("x")},
         "/v1/completions": {"model": M, "prompt": "x"},
         "/v1/responses": {"model": M, "input": "x"},

@@ -279,7 +279,7 @@ def upstream_usage(usage: dict[str, Any]) -> WorkerUsage:
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
     fields = {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in usage}
-    return WorkerUsage.model_validate(fields | {"cached_tokens": cached if isinstance(cached, int) and cached >= 0 else 0})
+    return WorkerUsage.model_validate(fields | {"cached_tokens": cached if type(cached) is int and cached >= 0 else 0})
 
 
 @dataclass
