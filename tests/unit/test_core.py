@@ -213,6 +213,12 @@ def test_a_higher_priority_short_of_kv_preempts_the_lowest_ranked_running(loop: 
     for _ in range(6):  # each prefills in two chunks, then decodes
         scheduler.step()
     assert scheduler.running == 2  # both fit, with room for 16 more tokens each; not beside a 40-token prompt
+    too_big = sequence(loop, prompt(70, 63), 20, priority=5)  # would not fit even without low, the one it outranks: preempts nobody
+    scheduler.inbox.put(too_big)
+    scheduler.step()
+    assert scheduler.preemptions == 0 and not too_big.admitted
+    assert too_big.channel is not None
+    too_big.channel.cancelled = True
     high = sequence(loop, prompt(40, 62), 20, priority=0)
     scheduler.inbox.put(high)
     scheduler.step()

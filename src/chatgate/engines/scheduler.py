@@ -250,11 +250,14 @@ class Scheduler:
         running = list(zip(self._running, self._kv.held(), strict=True))
         return running + [(s, len(s.ids)) for s in self._waiting if s.admitted]
 
-    def kv_demand(self, joining: Iterable[Sequence] = (), *, ahead: int = 0) -> int:
+    def kv_demand(self, joining: Iterable[Sequence] = (), *, ahead: int = 0, leaving: Iterable[Sequence] = ()) -> int:
         """KV tokens the batch holds `ahead` decode steps from now, with the admitted sequences
-        and `joining`, none counted past what it can ever hold (its `reservation`): where the
-        runner pads rows to the longest (torch), rows times the longest row, else their sum."""
+        but `leaving` and with `joining`, none counted past what it can ever hold (its
+        `reservation`): where the runner pads rows to the longest (torch), rows times the
+        longest row, else their sum."""
         rows = dict(self._holdings())
+        for seq in leaving:
+            rows.pop(seq, None)
         for seq in joining:
             rows.setdefault(seq, len(seq.ids))
         held = [min(tokens + ahead, s.reservation) for s, tokens in rows.items()]
@@ -330,9 +333,12 @@ class Scheduler:
         start (the batch is full, or its KV does not fit) and outranks a running one, that one
         gives way (`_preempt`: it resumes later where it was)."""
         head = next((s for s in self._waiting if not s.admitted), None)
+        if head is None:
+            return
         budget = self._limits.kv_tokens
-        if head is None or (budget is not None and head.reservation > budget):
-            return  # nothing waits, or it never fits (`_admissible` refuses it)
+        outranked = [s for s in self._running if s.priority > head.priority]
+        if budget is not None and self.kv_demand([head], ahead=HEADROOM, leaving=outranked) > budget:
+            return  # it would not fit even without every sequence it outranks: none gives way for nothing
         while len(self._running) >= self._limits.max_running or not self._fits([head]):
             victim = self._policy.victim(self._running, outranked_by=head.priority)
             if victim is None:
