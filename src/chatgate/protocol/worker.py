@@ -3,8 +3,8 @@
 It is FastChat's controller/worker protocol, so chatgate and FastChat processes can front each
 other. chatgate's additions are optional fields that FastChat ignores: `messages` (the worker
 applies the model's own chat template), `prompt_token_ids`, `delta` (stream deltas instead of
-cumulative text), `cache_salt`, `keepalive` and `param` on errors. A worker advertises them in
-`/model_details`.
+cumulative text), `cache_salt`, `priority`, `keepalive` and `param` on errors, and
+`cached_tokens` in usage. A worker advertises them in `/model_details`.
 
 Keep-alive: a request with `keepalive: s` (sent only to workers advertising `EXT_KEEPALIVE`) gets
 `KEEPALIVE_FRAME` on its stream whenever `s` seconds pass without a chunk (queued, prefilling,
