@@ -35,6 +35,10 @@ def default_cache_dir() -> Path:
     return Path(base) / "chatgate"
 
 
+# How an engine orders waiting requests (vLLM's --scheduling-policy).
+SchedulingPolicy = Literal["fcfs", "priority"]
+
+
 class _Base(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHATGATE_", extra="ignore")
 
@@ -200,6 +204,12 @@ class EngineSettings(_Base):
     )
     max_running: int = Field(
         32, ge=1, description="Most sequences decoded together in one batch; the rest queue."
+    )
+    scheduling_policy: SchedulingPolicy = Field(
+        "fcfs",
+        description="Which waiting request runs first: fcfs (first come, first served; a request's "
+        "non-zero `priority` is refused) or priority (lower `priority` first, ties by arrival; one "
+        "outranking a running request may preempt it when the batch or the KV budget is full).",
     )
     kv_cache_gib: float | None = Field(
         None, gt=0, le=1 << 20, allow_inf_nan=False,

@@ -272,7 +272,9 @@ async def test_fastchat_chat_route_matches_openai_route(fake_app: FastAPI) -> No
     async with raw(fake_app) as http:
         a = (await http.post(CHAT, json=chat(temperature=0, repetition_penalty=1.1))).json()
         b = (await http.post("/api/v1/chat/completions", json=chat(temperature=0, repetition_penalty=1.1))).json()
-    assert a["choices"] == b["choices"] and a["usage"] == b["usage"]
+    assert a["choices"] == b["choices"]
+    del a["usage"]["prompt_tokens_details"], b["usage"]["prompt_tokens_details"]  # b finds a's prompt cached
+    assert a["usage"] == b["usage"]
 
 
 async def test_cors_preflight_needs_no_key(fake_engine: FakeEngine) -> None:

@@ -54,7 +54,12 @@ async def test_stream_matches_non_stream_exactly(served: Served) -> None:
     assert text == whole.choices[0].message.content
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finish == [whole.choices[0].finish_reason]
-    assert chunks[-1].usage == whole.usage
+    streamed = chunks[-1].usage
+    assert streamed is not None and whole.usage is not None
+    details = {"prompt_tokens_details"}  # the second request finds the first's prompt cached
+    assert streamed.model_dump(exclude=details) == whole.usage.model_dump(exclude=details)
+    assert streamed.prompt_tokens_details is not None and whole.usage.prompt_tokens_details is not None
+    assert (streamed.prompt_tokens_details.cached_tokens or 0) >= (whole.usage.prompt_tokens_details.cached_tokens or 0)
 
 
 async def test_stop_spanning_two_tokens(served: Served, tokenizer: Any) -> None:

@@ -13,9 +13,8 @@ from transformers import LlamaForCausalLM
 from chatgate.engines import chunked
 from chatgate.engines.base import SamplingParams
 from chatgate.engines.embedding import mean_pool
-from chatgate.engines.sampling import make_generator
-from chatgate.engines.scheduler import Scheduler, SchedulerLimits, Slot
-from chatgate.engines.sequence import OutputChannel, SequenceState
+from chatgate.engines.scheduler import Scheduler, SchedulerLimits
+from chatgate.engines.sequence import OutputChannel, Sequence
 from tests.unit.test_scheduler import VOCAB, scheduler_thread, tiny_model
 
 pytestmark = pytest.mark.anyio
@@ -87,9 +86,8 @@ async def test_a_long_job_never_holds_decoding_for_more_than_one_chunk(
         return "x"
 
     channel = OutputChannel(asyncio.get_running_loop())
-    state = SequenceState(prompt_ids=ids(6), params=SamplingParams(max_tokens=40, temperature=0.0),
-                          decode=decode, eos_token_ids=frozenset())
-    scheduler.inbox.put(Slot(state=state, channel=channel, generator=make_generator(0)))
+    scheduler.inbox.put(Sequence(prompt_ids=ids(6), params=SamplingParams(max_tokens=40, temperature=0.0),
+                                 decode=decode, eos_token_ids=frozenset(), channel=channel))
     await asyncio.wait_for(channel.get(), timeout=60)  # the stream is decoding
     scheduler.inbox.put(job())
     while (await asyncio.wait_for(channel.get(), timeout=60)).finish_reason is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Sequence as Seq
 from pathlib import Path
 
 import pytest
@@ -11,13 +11,13 @@ import pytest
 from chatgate.engines.base import SamplingParams
 from chatgate.engines.detokenize import IncrementalDecoder
 from chatgate.engines.fake import FakeEngine
-from chatgate.engines.sequence import SequenceState
+from chatgate.engines.sequence import Sequence
 
 byte_decode = FakeEngine().decode
 WORDS = ["hello", "wörld", "✓", "😀", "€uro", " ", "\n", "日本語", "a", "STOP", "."]
 
 
-def sentencepiece_decode(ids: Sequence[int]) -> str:
+def sentencepiece_decode(ids: Seq[int]) -> str:
     """A SentencePiece-like decoder: token i is '▁w' or 'w'; the first piece loses its space."""
     text = "".join(("▁" if i % 2 else "") + WORDS[i // 2 % len(WORDS)] for i in ids)
     return text.replace("▁", " ").removeprefix(" ")
@@ -60,7 +60,7 @@ class CountingDecode:
     def __init__(self) -> None:
         self.calls: list[int] = []
 
-    def __call__(self, ids: Sequence[int]) -> str:
+    def __call__(self, ids: Seq[int]) -> str:
         self.calls.append(len(ids))
         return byte_decode(ids)
 
@@ -68,16 +68,16 @@ class CountingDecode:
 def test_work_per_token_does_not_grow_over_4000_tokens() -> None:
     counting = CountingDecode()
     params = SamplingParams(max_tokens=4000, stop=("never appears", "STOP!"))
-    state = SequenceState(prompt_ids=[1], params=params, decode=counting, eos_token_ids=frozenset())
+    seq = Sequence(prompt_ids=[1], params=params, decode=counting, eos_token_ids=frozenset())
     ids = random_bytes_text(random.Random(7), 2000)[:4000]
     work: list[int] = []
     text = ""
     for token in ids:
         before = len(counting.calls)
-        out = state.append(token)
+        out = seq.append(token)
         work.append(sum(counting.calls[before:]))
         text += out.text if out is not None else ""
-    assert state.finish_reason == "length" and text == byte_decode(ids)
+    assert seq.finish_reason == "length" and text == byte_decode(ids)
     first, last = sum(work[:500]), sum(work[-500:])
     assert last <= 1.3 * first, (first, last)
 
@@ -97,7 +97,7 @@ def real_tokenizer() -> object:
 def test_real_tokenizer_pieces_join_to_the_full_decode() -> None:
     tokenizer = real_tokenizer()
 
-    def decode(ids: Sequence[int]) -> str:
+    def decode(ids: Seq[int]) -> str:
         return str(tokenizer.decode(list(ids), skip_special_tokens=True))  # type: ignore[attr-defined]
 
     text = "Grüße aus Zürich! 日本語のテキスト 😀👍🏽 — naïve café\n\tcode: `x = 1`  <|im_end|> end"

@@ -5,7 +5,7 @@ exactly what it would have streamed alone (greedy, seeded sampling, constrained)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence as Seq
 from dataclasses import dataclass, field
 
 import pytest
@@ -14,9 +14,8 @@ from transformers import LlamaForCausalLM
 
 from chatgate.engines.base import GenerationOutput, SamplingParams
 from chatgate.engines.runners.torch import TorchRunner
-from chatgate.engines.sampling import make_generator
-from chatgate.engines.scheduler import HEADROOM, Scheduler, SchedulerLimits, Slot
-from chatgate.engines.sequence import OutputChannel, SequenceState
+from chatgate.engines.scheduler import HEADROOM, Scheduler, SchedulerLimits
+from chatgate.engines.sequence import OutputChannel, Sequence
 from tests.polling import apoll
 from tests.unit.test_kv_budget import RowCounter
 from tests.unit.test_scheduler import VOCAB, Harness, tiny_model
@@ -37,7 +36,7 @@ def prompts(count: int, seed: int = 5) -> list[list[int]]:
     return [torch.randint(1, VOCAB, (PROMPT,), generator=gen).tolist() for _ in range(count)]
 
 
-def spell(ids: Sequence[int]) -> str:
+def spell(ids: Seq[int]) -> str:
     """A detokeniser under which a lost, repeated or reordered token changes the text."""
     return "".join(f"<{i}>" for i in ids)
 
@@ -63,9 +62,9 @@ class Alternating:
 
 @dataclass
 class Stream:
-    """One request's slot and everything it streamed."""
+    """One request's sequence and everything it streamed."""
 
-    slot: Slot
+    seq: Sequence
     outputs: list[GenerationOutput] = field(default_factory=list)
 
     @property
@@ -82,11 +81,10 @@ async def stream(scheduler: Scheduler, prompt: list[int], *, max_tokens: int, te
     """Submit one sequence and collect its outputs until it finishes."""
     channel = OutputChannel(asyncio.get_running_loop())
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
-    state = SequenceState(prompt_ids=prompt, params=params, decode=spell, eos_token_ids=frozenset())
-    slot = Slot(state=state, channel=channel, generator=make_generator(seed),
-                constraint=Alternating() if constrained else None)
-    scheduler.inbox.put(slot)
-    result = Stream(slot)
+    seq = Sequence(prompt_ids=prompt, params=params, decode=spell, eos_token_ids=frozenset(), channel=channel,
+                   constraint=Alternating() if constrained else None)
+    scheduler.inbox.put(seq)
+    result = Stream(seq)
     while not result.outputs or result.outputs[-1].finish_reason is None:
         result.outputs.append(await asyncio.wait_for(channel.get(), timeout=60))
     return result
@@ -138,8 +136,8 @@ async def test_preempted_sequences_stream_what_they_would_alone(model: LlamaForC
         results = await asyncio.gather(*(stream(h.scheduler, p, max_tokens=max_tokens) for p in ps))
         for result, tokens in zip(results, expected, strict=True):
             assert_streamed_whole(result, tokens)
-        assert sum(r.slot.preemptions for r in results) == h.scheduler.preemptions > 0
-        assert results[0].slot.preemptions == 0  # the first admitted is never taken while others run
+        assert sum(r.seq.preemptions for r in results) == h.scheduler.preemptions > 0
+        assert results[0].seq.preemptions == 0  # the first admitted is never taken while others run
     finally:
         h.close()
 
@@ -153,7 +151,7 @@ async def test_seeded_sampling_is_unchanged_by_preemption(model: LlamaForCausalL
             stream(h.scheduler, p, max_tokens=max_tokens, temperature=1.0, seed=s) for p, s in zip(ps, seeds, strict=True)
         ))
         assert [r.tokens for r in results] == expected
-        assert any(r.slot.preemptions for r in results)
+        assert any(r.seq.preemptions for r in results)
     finally:
         h.close()
 
@@ -167,9 +165,9 @@ async def test_a_constraint_carries_on_across_a_preemption(model: LlamaForCausal
         results = await asyncio.gather(*(stream(tight.scheduler, p, max_tokens=max_tokens, constrained=True) for p in ps))
         for result, tokens in zip(results, expected, strict=True):
             assert_streamed_whole(result, tokens)
-            assert isinstance(result.slot.constraint, Alternating) and result.slot.constraint.accepted == tokens
+            assert isinstance(result.seq.constraint, Alternating) and result.seq.constraint.accepted == tokens
             assert all(t % 2 == i % 2 for i, t in enumerate(tokens))
-        assert any(r.slot.preemptions for r in results)
+        assert any(r.seq.preemptions for r in results)
     finally:
         free.close()
         tight.close()
@@ -197,11 +195,11 @@ def test_a_preempted_cache_hit_does_not_block_a_prompt_still_prefilling(model: L
             max_running=16, prefill_chunk=2, prefill_budget=200, kv_tokens=200, prefix_cache_bytes=1 << 22, prefix_block=16,
         ))
 
-        def submit(prompt: list[int], max_tokens: int) -> SequenceState:
-            state = SequenceState(prompt_ids=prompt, params=SamplingParams(max_tokens=max_tokens, temperature=0.0),
-                                  decode=spell, eos_token_ids=frozenset())
-            scheduler.inbox.put(Slot(state=state, channel=OutputChannel(loop), generator=make_generator(None)))
-            return state
+        def submit(prompt: list[int], max_tokens: int) -> Sequence:
+            seq = Sequence(prompt_ids=prompt, params=SamplingParams(max_tokens=max_tokens, temperature=0.0),
+                           decode=spell, eos_token_ids=frozenset(), channel=OutputChannel(loop))
+            scheduler.inbox.put(seq)
+            return seq
 
         gen = torch.Generator().manual_seed(1)
         cached, chunked = (torch.randint(1, VOCAB, (80,), generator=gen).tolist() for _ in range(2))

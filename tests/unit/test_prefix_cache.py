@@ -13,9 +13,8 @@ from transformers import LlamaForCausalLM
 from chatgate.engines.kvcache import BatchKV
 from chatgate.engines.prefix_cache import PrefixCache, PromptKeys, block_keys
 from chatgate.engines.base import SamplingParams
-from chatgate.engines.sampling import make_generator
-from chatgate.engines.scheduler import SchedulerLimits, Slot
-from chatgate.engines.sequence import OutputChannel, SequenceState
+from chatgate.engines.scheduler import SchedulerLimits
+from chatgate.engines.sequence import OutputChannel, Sequence
 from tests.polling import apoll
 from tests.unit.test_scheduler import VOCAB, Harness, tiny_model
 
@@ -224,15 +223,14 @@ async def test_a_cached_prompt_does_not_hold_back_the_head_of_the_queue(cached: 
     scheduler = cached.scheduler
     loop = asyncio.get_running_loop()
 
-    def slot(prompt: list[int]) -> Slot:
-        state = SequenceState(prompt_ids=prompt, params=SamplingParams(max_tokens=4), decode=lambda ids: "x" * len(ids),
-                              eos_token_ids=frozenset())
-        return Slot(state=state, channel=OutputChannel(loop), generator=make_generator(None))
+    def sequence(prompt: list[int]) -> Sequence:
+        return Sequence(prompt_ids=prompt, params=SamplingParams(max_tokens=4), decode=lambda ids: "x" * len(ids),
+                        eos_token_ids=frozenset(), channel=OutputChannel(loop))
 
-    head, hit = slot(tokens(100, seed=12)), slot(repeated)
+    head, hit = sequence(tokens(100, seed=12)), sequence(repeated)
     for queued in (head, hit):
         scheduler.inbox.put(queued)
     assert scheduler._admit(block=False)
     scheduler._prefill()
-    assert hit.state.output_ids  # started from the cache, without a prefill
+    assert hit.output_ids  # started from the cache, without a prefill
     assert head.prefilled > 0  # and the head moved in the same iteration

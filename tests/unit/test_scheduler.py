@@ -15,9 +15,8 @@ from chatgate.engines.base import SamplingParams
 from chatgate.engines.kernels import use_skinny_linears
 from chatgate.engines.kvcache import BatchKV
 from chatgate.engines.runners.torch import TorchRunner
-from chatgate.engines.sampling import make_generator
-from chatgate.engines.scheduler import Scheduler, SchedulerLimits, Slot
-from chatgate.engines.sequence import OutputChannel, SequenceState
+from chatgate.engines.scheduler import Scheduler, SchedulerLimits
+from chatgate.engines.sequence import OutputChannel, Sequence
 
 pytestmark = pytest.mark.anyio
 
@@ -69,8 +68,8 @@ class Harness:
                        seed: int | None = None, cancel_after: int | None = None, cache_salt: str | None = None) -> list[int]:
         channel = OutputChannel(asyncio.get_running_loop())
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, cache_salt=cache_salt)
-        state = SequenceState(prompt_ids=prompt, params=params, decode=lambda ids: "x" * len(ids), eos_token_ids=frozenset())
-        self.scheduler.inbox.put(Slot(state=state, channel=channel, generator=make_generator(seed)))
+        self.scheduler.inbox.put(Sequence(prompt_ids=prompt, params=params, decode=lambda ids: "x" * len(ids),
+                                          eos_token_ids=frozenset(), channel=channel))
         tokens: list[int] = []
         while True:
             out = await asyncio.wait_for(channel.get(), timeout=30)

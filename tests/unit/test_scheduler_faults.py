@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,8 +13,8 @@ from transformers import LlamaForCausalLM
 
 from chatgate.engines.base import SamplingParams
 from chatgate.engines.sampling import make_generator
-from chatgate.engines.scheduler import Scheduler, SchedulerLimits, Slot
-from chatgate.engines.sequence import OutputChannel, SequenceState
+from chatgate.engines.scheduler import Scheduler, SchedulerLimits
+from chatgate.engines.sequence import OutputChannel, Sequence
 from tests.polling import apoll
 from tests.unit.test_scheduler import VOCAB, prompts, scheduler_thread, tiny_model
 
@@ -50,7 +50,7 @@ class Fault:
             self.tick()
         return True
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Seq[int]) -> str:
         if self.kind == "detokenise":
             self.tick()
         return "x" * len(ids)
@@ -79,10 +79,10 @@ async def run(
     # An invalid logprobs count makes top-k fail while scoring this row only.
     logprobs = -1 if fault is not None and fault.kind == "logprobs" else None
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs)
-    decode: Callable[[Sequence[int]], str] = fault.decode if fault is not None else (lambda ids: "x" * len(ids))
-    state = SequenceState(prompt_ids=prompt, params=params, decode=decode, eos_token_ids=frozenset())
+    decode: Callable[[Seq[int]], str] = fault.decode if fault is not None else (lambda ids: "x" * len(ids))
     constraint: Any = fault if fault is not None and fault.kind.startswith("grammar") else None
-    scheduler.inbox.put(Slot(state=state, channel=channel, generator=make_generator(0), constraint=constraint))
+    scheduler.inbox.put(Sequence(prompt_ids=prompt, params=params, decode=decode, eos_token_ids=frozenset(),
+                                 channel=channel, generator=make_generator(0), constraint=constraint))
     tokens: list[int] = []
     while True:
         out = await asyncio.wait_for(channel.get(), timeout=60)

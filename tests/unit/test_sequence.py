@@ -10,14 +10,14 @@ import pytest
 
 from chatgate.engines.base import GenerationOutput, SamplingParams
 from chatgate.engines.fake import EOS, FakeEngine
-from chatgate.engines.sequence import OutputChannel, SequenceState
+from chatgate.engines.sequence import OutputChannel, Sequence
 
 decode = FakeEngine().decode
 
 
 def run(text: str, **params: Any) -> tuple[list[str], str | None]:
     """`text` fed through a sequence under `params` (`SamplingParams` fields; `max_tokens` 1000 unless given)."""
-    state = SequenceState(
+    seq = Sequence(
         prompt_ids=[1, 2],
         params=SamplingParams(**{"max_tokens": 1000, **params}),
         decode=decode,
@@ -25,12 +25,12 @@ def run(text: str, **params: Any) -> tuple[list[str], str | None]:
     )
     deltas: list[str] = []
     for token in [*text.encode(), EOS]:
-        out = state.append(token)
+        out = seq.append(token)
         if out is not None:
             deltas.append(out.text)
-        if state.finished:
+        if seq.finished:
             break
-    return deltas, state.finish_reason
+    return deltas, seq.finish_reason
 
 
 def test_plain_text_ends_with_stop_at_eos() -> None:
@@ -63,11 +63,11 @@ def test_earliest_of_several_stops_wins() -> None:
 
 
 def test_length_finish_and_token_count() -> None:
-    state = SequenceState(
+    seq = Sequence(
         prompt_ids=[1], params=SamplingParams(max_tokens=3), decode=decode, eos_token_ids=frozenset()
     )
-    outs = [state.append(t) for t in b"abcdef"[:3]]
-    assert state.finish_reason == "length"
+    outs = [seq.append(t) for t in b"abcdef"[:3]]
+    assert seq.finish_reason == "length"
     last = outs[-1]
     assert last is not None and last.completion_tokens == 3 and last.prompt_tokens == 1
 
@@ -140,7 +140,7 @@ def test_a_loop_that_is_gone_leaves_no_mailbox_behind() -> None:
     ],
 )
 def test_the_stop_string_that_ended_it_is_reported(text: str, stop: tuple[str, ...], matched: str | None) -> None:
-    state = SequenceState(prompt_ids=[1], params=SamplingParams(max_tokens=1000, stop=stop), decode=decode, eos_token_ids=frozenset({EOS}))
+    state = Sequence(prompt_ids=[1], params=SamplingParams(max_tokens=1000, stop=stop), decode=decode, eos_token_ids=frozenset({EOS}))
     outputs = [out for token in [*text.encode(), EOS] if not state.finished and (out := state.append(token)) is not None]
     assert state.finish_reason == "stop" and state.stop_sequence == matched
     assert outputs[-1].stop_sequence == matched and all(out.stop_sequence is None for out in outputs[:-1])

@@ -54,7 +54,8 @@ def _fake(settings: EngineSettings) -> Engine:
 
     names = settings.model_names
     return FakeEngine(name=names[0] if names else "fake-model", token_delay=settings.fake_token_delay,
-                      prefill_delay=settings.fake_prefill_delay)
+                      prefill_delay=settings.fake_prefill_delay, max_running=settings.max_running,
+                      scheduling_policy=settings.scheduling_policy)
 
 
 ENGINES: dict[str, Callable[[EngineSettings], Engine]] = {

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatgate.errors import InvalidRequestError
+from chatgate.settings import SchedulingPolicy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +39,8 @@ class SamplingParams:
     # Prompts share cached prefixes (KV) only with prompts under the same salt; None is the
     # shared cache. The API server derives it from the caller's API key and `cache_salt`.
     cache_salt: str | None = None
+    # Under the priority scheduling policy, lower runs first (vLLM's meaning); ties by arrival.
+    priority: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -65,6 +68,9 @@ class GenerationOutput:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token of the text, when asked for
     stop_sequence: str | None = None  # the stop string that ended the sequence, if one did
+    # Prompt tokens whose KV came from the prefix cache when the sequence was first admitted
+    # (0 where the engine cannot tell); a readmission after preemption does not change it.
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +83,7 @@ class ModelInfo:
     generates: bool = True
     embedding_dim: int = 0
     tools_in_template: bool = False  # the chat template renders `tools` itself
+    scheduling_policy: SchedulingPolicy = "fcfs"  # "priority": requests' `priority` is honoured
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -99,7 +99,7 @@ class FastDecoder:
         use_cache: bool = True,
         logits_to_keep: int = 1,
     ) -> DecoderOutput:
-        """Run `input_ids` ([rows, steps]) on top of the cache; logits of the last `logits_to_keep` steps."""
+        """Run `input_ids` ([rows, width]) on top of the cache; logits of the last `logits_to_keep` positions."""
         hidden = F.embedding(input_ids, self._embed)
         cos, sin = self._rotary(hidden, position_ids)
         mask = _attention_mask(attention_mask.bool(), input_ids.shape[1], groups=self._heads // self._kv_heads)
@@ -111,9 +111,9 @@ class FastDecoder:
     def _block(
         self, layer: _Layer, cache: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        rows, steps, _ = hidden.shape
+        rows, width, _ = hidden.shape
         heads, kv_heads, dim = self._heads, self._kv_heads, self._head_dim
-        qkv = layer.qkv(_rms_norm(hidden, layer.attn_norm, self._eps)).view(rows, steps, heads + 2 * kv_heads, dim)
+        qkv = layer.qkv(_rms_norm(hidden, layer.attn_norm, self._eps)).view(rows, width, heads + 2 * kv_heads, dim)
         # Rotate queries and keys together: one pass over the heads that need it.
         qk = _rotate(qkv[:, :, : heads + kv_heads], cos.unsqueeze(2), sin.unsqueeze(2))
         q = qk[:, :, :heads]
@@ -122,9 +122,9 @@ class FastDecoder:
         keys, values = cache.update(k, v)
         groups = heads // kv_heads
         # Query heads sharing a key/value head become extra query rows of that head.
-        q = q.reshape(rows, steps, kv_heads, groups, dim).permute(0, 2, 3, 1, 4).reshape(rows, kv_heads, groups * steps, dim)
+        q = q.reshape(rows, width, kv_heads, groups, dim).permute(0, 2, 3, 1, 4).reshape(rows, kv_heads, groups * width, dim)
         attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        attended = attended.view(rows, kv_heads, groups, steps, dim).permute(0, 3, 1, 2, 4).reshape(rows, steps, heads * dim)
+        attended = attended.view(rows, kv_heads, groups, width, dim).permute(0, 3, 1, 2, 4).reshape(rows, width, heads * dim)
         hidden = hidden + layer.o(attended)
         gate, up = layer.gate_up(_rms_norm(hidden, layer.mlp_norm, self._eps)).chunk(2, dim=-1)
         return hidden + layer.down(F.silu(gate) * up)
@@ -142,18 +142,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-def _attention_mask(valid: torch.Tensor, steps: int, *, groups: int) -> torch.Tensor:
-    """Boolean `[rows, 1, groups * steps, columns]` mask: causal, no padding keys.
+def _attention_mask(valid: torch.Tensor, width: int, *, groups: int) -> torch.Tensor:
+    """Boolean `[rows, 1, groups * width, columns]` mask: causal, no padding keys.
 
     Every query may see its own column, so a padding query (which nobody reads) still has one
     key and its softmax stays finite instead of spreading NaN through the cache.
     """
     rows, columns = valid.shape
-    mask = valid[:, None, None, :].expand(rows, 1, steps, columns)
-    if steps > 1:
-        query_columns = torch.arange(columns - steps, columns, device=valid.device)[:, None]
+    mask = valid[:, None, None, :].expand(rows, 1, width, columns)
+    if width > 1:
+        query_columns = torch.arange(columns - width, columns, device=valid.device)[:, None]
         key_columns = torch.arange(columns, device=valid.device)[None, :]
         mask = (mask & (key_columns <= query_columns)) | (key_columns == query_columns)
     # Decode rows share one mask row, which broadcasts; prefill rows repeat per query group.
-    return mask.repeat(1, 1, groups, 1) if steps > 1 and groups > 1 else mask
+    return mask.repeat(1, 1, groups, 1) if width > 1 and groups > 1 else mask
 

@@ -4,7 +4,7 @@ Decoding the whole completion again for every new token costs time linear in its
 long generation slows down quadratically. Decoding only the newest tokens on their own is not
 enough either: a token's text can depend on its neighbours (SentencePiece drops the leading
 space of the first token it decodes; byte-fallback and byte-level tokens can hold half a UTF-8
-character). So each step decodes a short window that starts one settled token group earlier,
+character). So each new token decodes a short window that starts one settled token group earlier,
 and takes only the text past that context, as `decode(window) - decode(context)`. Text is
 settled once it no longer ends in an incomplete character, so the joined pieces equal a full
 decode of all tokens.

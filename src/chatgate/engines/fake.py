@@ -2,26 +2,127 @@
 
 Its tokenizer is byte-level (one token per UTF-8 byte), so multi-byte characters arrive split
 across tokens as they do with real models. Its greedy reply to a prompt is fixed and
-predictable: `FakeEngine.reply_for(prompt_text)`, then an end-of-sequence token. Each step gives
-the scripted token a high logit and leaves the choice to the real sampler, so every sampling
-parameter is exercised as it is with a real model.
+predictable: `FakeEngine.reply_for(prompt_text)`, then an end-of-sequence token. Each token gets
+a high logit for the scripted one and leaves the choice to the real sampler, so every sampling
+parameter is exercised as it is with a real model. It reports cached prompt tokens as a prefix
+cache of whole blocks would (`PromptMemory`), and with `max_running` it runs that many
+generations at once under the scheduling policy (`FakeBatch`), so usage, queueing and `priority`
+are exercised end to end.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence as Seq
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, SamplingParams
-from chatgate.engines.sampling import make_generator, sample_with_logprob
-from chatgate.engines.sequence import SequenceState
+from chatgate.engines.policy import Policy
+from chatgate.engines.prefix_cache import DEFAULT_BLOCK, block_keys
+from chatgate.engines.sampling import sample_with_logprob
+from chatgate.engines.sequence import Sequence
+from chatgate.settings import SchedulingPolicy
 
 EOS = 256
 BOS = 257
 EMBEDDING_DIM = 16
+
+
+class PromptMemory:
+    """The block keys of recent prompts, as a prefix cache would hold their KV: a prompt's cached
+    tokens are the whole blocks an earlier prompt under the same salt began with."""
+
+    def __init__(self, *, blocks: int = 4096) -> None:
+        self._keys: OrderedDict[int, None] = OrderedDict()
+        self._limit = blocks
+
+    def served(self, prompt: list[int], salt: str | None) -> int:
+        """Tokens of `prompt` found cached; then remember `prompt` as prefilled."""
+        keys = block_keys(prompt, DEFAULT_BLOCK, salt)
+        hits = next((i for i, key in enumerate(keys) if key not in self._keys), len(keys))
+        for key in keys:
+            self._keys[key] = None
+            self._keys.move_to_end(key)
+        while len(self._keys) > self._limit:
+            self._keys.popitem(last=False)
+        return min(hits * DEFAULT_BLOCK, len(prompt))
+
+
+@dataclass(eq=False)
+class Turn:
+    """One generation's place in a `FakeBatch`."""
+
+    priority: int
+    arrival: int
+    admitted: int = 0  # when it last got a place (a rising count); 0 while it waits
+    preemptions: int = 0
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class FakeBatch:
+    """The fake engine's stand-in for a scheduler's batch: at most `max_running` generations hold
+    a place (None: all of them), the rest wait in the policy's order; under priority, a waiting
+    one that outranks a holder takes its place, and the holder waits to resume where it was."""
+
+    def __init__(self, *, max_running: int | None, policy: SchedulingPolicy) -> None:
+        self._policy = Policy(policy)
+        self._max = max_running
+        self._running: list[Turn] = []
+        self._waiting: list[Turn] = []
+        self._arrivals = 0
+        self._admissions = 0
+        self.preemptions = 0
+
+    @property
+    def running(self) -> int:
+        """Generations holding a place."""
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        """Generations waiting for one."""
+        return len(self._waiting)
+
+    def arrive(self, priority: int) -> Turn:
+        """A turn for a new generation (not waiting yet: `hold` it)."""
+        self._arrivals += 1
+        return Turn(priority=priority, arrival=self._arrivals)
+
+    async def hold(self, turn: Turn) -> None:
+        """Return once `turn` holds a place: at once if it does, else after waiting its turn."""
+        if turn.admitted:
+            return
+        turn.ready.clear()
+        self._waiting = self._policy.order([*self._waiting, turn])
+        self._admit()
+        await turn.ready.wait()
+
+    def leave(self, turn: Turn) -> None:
+        """`turn`'s generation ended (or went away): its place goes to the next."""
+        self._running = [t for t in self._running if t is not turn]
+        self._waiting = [t for t in self._waiting if t is not turn]
+        self._admit()
+
+    def _admit(self) -> None:
+        while self._waiting:
+            head = self._waiting[0]
+            if self._max is not None and len(self._running) >= self._max:
+                victim = self._policy.victim(self._running, outranked_by=head.priority)
+                if victim is None:
+                    return
+                self._running.remove(victim)  # it notices before its next token, and waits
+                victim.admitted = 0
+                victim.preemptions += 1
+                self.preemptions += 1
+            self._waiting.pop(0)
+            self._admissions += 1
+            head.admitted = self._admissions
+            self._running.append(head)
+            head.ready.set()
 
 
 class FakeEngine(Engine):
@@ -36,6 +137,8 @@ class FakeEngine(Engine):
         prefill_delay: float = 0.0,
         fail_after: int | None = None,
         tools_in_template: bool = False,
+        max_running: int | None = None,
+        scheduling_policy: SchedulingPolicy = "fcfs",
     ) -> None:
         self.info = ModelInfo(
             name=name,
@@ -43,13 +146,16 @@ class FakeEngine(Engine):
             vocab_size=BOS + 1,
             embedding_dim=EMBEDDING_DIM,
             tools_in_template=tools_in_template,
+            scheduling_policy=scheduling_policy,
         )
+        self.batch = FakeBatch(max_running=max_running, policy=scheduling_policy)
         self.token_delay = token_delay
         self.prefill_delay = prefill_delay  # before the first token, as a long prompt's prefill
         self.fail_after = fail_after  # raise after this many tokens, to test error paths
         self.embed_calls: list[int] = []  # batch sizes the engine was asked to embed
         self.active = 0  # generations running now
         self.served = 0  # generations ever started
+        self.prompts = PromptMemory()
 
     @staticmethod
     def reply_for(prompt: str) -> str:
@@ -60,7 +166,7 @@ class FakeEngine(Engine):
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+    def decode(self, token_ids: Seq[int], *, skip_special_tokens: bool = True) -> str:
         return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
 
     def render_chat(
@@ -92,28 +198,30 @@ class FakeEngine(Engine):
         self, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[GenerationOutput]:
         script = list(self.reply_for(self.decode(prompt_ids)).encode("utf-8")) + [EOS]
-        state = SequenceState(
-            prompt_ids=prompt_ids, params=params, decode=self.decode, eos_token_ids=frozenset({EOS})
-        )
-        generator = make_generator(params.seed)
+        seq = Sequence(prompt_ids=prompt_ids, params=params, decode=self.decode, eos_token_ids=frozenset({EOS}))
+        turn = self.batch.arrive(params.priority)
         self.active += 1
         self.served += 1
         try:
+            await self.batch.hold(turn)
+            seq.cached_tokens = self.prompts.served(prompt_ids, params.cache_salt)
             if self.prefill_delay:
                 await asyncio.sleep(self.prefill_delay)
-            while not state.finished:
-                step = len(state.output_ids)
-                if step == self.fail_after:
+            while not seq.finished:
+                index = len(seq.output_ids)
+                if index == self.fail_after:
                     raise RuntimeError("the fake engine failed as configured")
                 await asyncio.sleep(self.token_delay)
+                await self.batch.hold(turn)  # preempted meanwhile: wait to resume
                 # The scripted token is far likelier than the rest; the real sampler decides.
                 logits = torch.zeros(self.info.vocab_size)
-                logits[script[min(step, len(script) - 1)]] = 10.0
+                logits[script[min(index, len(script) - 1)]] = 10.0
                 token, logprob = sample_with_logprob(
-                    logits, params, prompt_ids=prompt_ids, output_ids=state.output_ids, generator=generator
+                    logits, params, prompt_ids=prompt_ids, output_ids=seq.output_ids, generator=seq.generator
                 )
-                output = state.append(token, logprob)
+                output = seq.append(token, logprob)
                 if output is not None:
                     yield output
         finally:
+            self.batch.leave(turn)
             self.active -= 1

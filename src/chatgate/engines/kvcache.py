@@ -41,17 +41,17 @@ class _BufferLayer(DynamicLayer):
         self.values = self._v[:, :, : self.length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        steps = key_states.shape[-2]
+        width = key_states.shape[-2]
         if self._k is None or self._v is None:
             rows, heads, _, dim = key_states.shape
-            shape = (rows, heads, steps + _HEADROOM, dim)
+            shape = (rows, heads, width + _HEADROOM, dim)
             self.set_buffers(key_states.new_zeros(shape), value_states.new_zeros(shape), 0)
         assert self._k is not None and self._v is not None
-        if self.length + steps > self._k.shape[2]:
-            self._grow(self.length + steps)
-        self._k[:, :, self.length : self.length + steps] = key_states
-        self._v[:, :, self.length : self.length + steps] = value_states
-        self.length += steps
+        if self.length + width > self._k.shape[2]:
+            self._grow(self.length + width)
+        self._k[:, :, self.length : self.length + width] = key_states
+        self._v[:, :, self.length : self.length + width] = value_states
+        self.length += width
         self._publish()
         return self._k[:, :, : self.length], self._v[:, :, : self.length]
 
@@ -103,18 +103,18 @@ class BatchKV:
         for layer in self.layers:
             layer.column_limit = limit
 
-    def attention_mask(self, steps: int) -> torch.Tensor:
-        """2-D mask over cached plus `steps` new columns; padding is 0."""
-        mask = torch.ones((self.rows, self.length + steps), dtype=torch.long)
+    def attention_mask(self, width: int) -> torch.Tensor:
+        """2-D mask over cached plus `width` new columns; padding is 0."""
+        mask = torch.ones((self.rows, self.length + width), dtype=torch.long)
         for row, pad in enumerate(self.pads):
             mask[row, :pad] = 0
         return mask
 
-    def positions(self, steps: int) -> torch.Tensor:
-        """Each row's own token positions for the next `steps` tokens."""
+    def positions(self, width: int) -> torch.Tensor:
+        """Each row's own token positions for the next `width` tokens."""
         start = torch.tensor([self.length - pad for pad in self.pads]).unsqueeze(1)
         # Padding columns of a fresh left-padded prompt get position 0; they are masked anyway.
-        return (start + torch.arange(steps).unsqueeze(0)).clamp(min=0)
+        return (start + torch.arange(width).unsqueeze(0)).clamp(min=0)
 
     def extend(self, other: BatchKV) -> None:
         """Add `other`'s rows below these, aligning both on the right."""

@@ -14,7 +14,7 @@ import abc
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence as Seq
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -24,9 +24,8 @@ from chatgate.engines.constraints import ConstraintCompiler
 from chatgate.engines.kvbudget import kv_token_budget
 from chatgate.engines.loading import resolve_chat_model
 from chatgate.engines.runners.base import Runner
-from chatgate.engines.sampling import make_generator
-from chatgate.engines.scheduler import Scheduler, SchedulerLimits, Slot
-from chatgate.engines.sequence import OutputChannel, SequenceState
+from chatgate.engines.scheduler import Scheduler, SchedulerLimits
+from chatgate.engines.sequence import OutputChannel, Sequence
 from chatgate.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -94,6 +93,7 @@ class ScheduledEngine(ChatTokensEngine, Engine):
                     prefix_cache_bytes=int(self._settings.prefix_cache_gib * 2**30),
                     kv_tokens=self._loaded.kv_tokens,
                 ),
+                policy=self._settings.scheduling_policy,
             )
             self._thread = threading.Thread(target=self._scheduler.run, name="chatgate-engine", daemon=True)
             self._thread.start()
@@ -117,12 +117,13 @@ class ScheduledEngine(ChatTokensEngine, Engine):
             vocab_size=loaded.vocab_size,
             embedding_dim=loaded.hidden_size,
             tools_in_template=self._chat_tokens.tools_in_template,
+            scheduling_policy=self._settings.scheduling_policy,
         )
         self._loaded = loaded
 
     # Tokenizer ---------------------------------------------------------------------------
 
-    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+    def token_strings(self, token_ids: Seq[int]) -> list[str]:
         return [str(t) for t in self._tokenizer.convert_ids_to_tokens(list(token_ids))]
 
     def pending(self) -> int:
@@ -155,16 +156,16 @@ class ScheduledEngine(ChatTokensEngine, Engine):
 
     # Generation --------------------------------------------------------------------------
 
-    def _submit(self, item: Slot | Any) -> None:
+    def _submit(self, item: Sequence | Iterator[None]) -> None:
         if self._scheduler is None:
             raise RuntimeError("engine not started")
         self._scheduler.inbox.put(item)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]:
         channel = OutputChannel(asyncio.get_running_loop())
-        state = SequenceState(prompt_ids=prompt_ids, params=params, decode=self.decode, eos_token_ids=self._eos)
         constraint = params.constraint.start() if params.constraint is not None else None
-        self._submit(Slot(state=state, channel=channel, generator=make_generator(params.seed), constraint=constraint))
+        self._submit(Sequence(prompt_ids=prompt_ids, params=params, decode=self.decode, eos_token_ids=self._eos,
+                              channel=channel, constraint=constraint))
         try:
             while True:
                 output = await channel.get()

@@ -2,9 +2,12 @@
 does, and has a runner (`runners/`) execute it: the scheduler never touches a model or a tensor's
 layout, only the runner's KV handles and the logits it returns.
 
-Each iteration of the loop:
+Each iteration of the loop, a *step* (`Scheduler.step`; its decode step, 4 below, adds one token to
+every running row):
 1. admits new sequences and embedding jobs, and drops sequences whose consumer went away;
-2. prefills waiting prompts, first come first served while the KV they would hold fits the
+2. prefills waiting prompts in the policy's order (`policy.py`: first come, first served, or by
+   `priority`, when a waiting prompt that outranks a running sequence preempts it if the batch
+   or the budget is full) while the KV they would hold fits the
    budget (`kv_demand`: what the batch holds now, not what it might come to hold, plus
    `HEADROOM` decode steps per row): a prompt resumes after the longest prefix the prefix cache
    holds (`prefix_cache.py`), or starts decoding at once if it holds all of it; short ones
@@ -12,8 +15,9 @@ Each iteration of the loop:
    single row), a long one a chunk at a time, so running streams are never stalled for a whole
    long prompt;
 3. if the next decode step would outgrow the budget, preempts the most recently admitted
-   sequences (never the last one) until it fits: their KV is dropped and they wait ahead of
-   every sequence not yet admitted (behind a prompt still prefilling), keeping their output,
+   sequences (under `priority`, the lowest-ranked first; never the last one) until it fits:
+   their KV is dropped and they wait ahead of every sequence not yet admitted (under
+   `priority`, in rank among them; behind a prompt still prefilling), keeping their output,
    random generator and constraint state; readmitted, they prefill their prompt and output
    again (the prefix cache may hold part of it) and go on from the logits that prefill ends
    with, so the stream neither repeats nor loses a token;
@@ -37,58 +41,19 @@ import logging
 import queue
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
+from chatgate.engines.policy import Policy
 from chatgate.engines.prefix_cache import DEFAULT_BLOCK, PrefixCache, PrefixHit, PrefixStats, PromptKeys
 from chatgate.engines.runners.base import KV, Runner
 from chatgate.engines.sampling import sample_with_logprob
-from chatgate.engines.sequence import OutputChannel, SequenceState
+from chatgate.engines.sequence import Sequence
 from chatgate.errors import ContextLengthExceededError
+from chatgate.settings import SchedulingPolicy
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class Slot:
-    """One sequence inside the scheduler."""
-
-    state: SequenceState
-    channel: OutputChannel
-    generator: torch.Generator
-    prefilled: int = 0
-    last_token: int = -1
-    constraint: Any = None  # a `constraints.Constraint` for structured output
-    kv: KV | None = field(default=None, repr=False)  # partial cache of a chunked prefill
-    prefix_keys: PromptKeys | None = field(default=None, repr=False)  # block keys of `ids`
-    looked_up: bool = False  # the prefix cache was asked for `ids`
-    admitted: int = 0  # when it was admitted (a rising count; 0: waiting, not admitted)
-    preemptions: int = 0  # times it gave its rows back to be recomputed
-    # After a preemption: the prompt and every token generated so far, to prefill again.
-    resumed_ids: list[int] | None = field(default=None, repr=False)
-
-    @property
-    def ids(self) -> list[int]:
-        """The tokens whose KV a prefill builds: the prompt, plus the output after a preemption."""
-        return self.resumed_ids if self.resumed_ids is not None else self.state.prompt_ids
-
-    @property
-    def remaining(self) -> int:
-        """Tokens of `ids` not yet prefilled."""
-        return len(self.ids) - self.prefilled
-
-    @property
-    def row_key(self) -> tuple[str | None, tuple[int, ...]]:
-        """What equal prompts share a prefill row by: their tokens, under one cache salt (a
-        prompt must not prefill faster because another tenant's equal one is beside it)."""
-        return self.state.params.cache_salt, tuple(self.ids)
-
-    @property
-    def reservation(self) -> int:
-        """The most KV columns this sequence can ever fill: its prompt and every token it may generate."""
-        return len(self.state.prompt_ids) + self.state.params.max_tokens
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,13 +83,14 @@ Job = Iterator[None]
 class Scheduler:
     """Drives one runner from one thread; fed through a thread-safe inbox."""
 
-    def __init__(self, *, runner: Runner, limits: SchedulerLimits) -> None:
+    def __init__(self, *, runner: Runner, limits: SchedulerLimits, policy: SchedulingPolicy = "fcfs") -> None:
         self._runner = runner
         self._limits = limits
-        self.inbox: queue.Queue[Slot | Job | None] = queue.Queue()
-        self._waiting: list[Slot] = []
-        self._live: set[Slot] = set()  # every admitted sequence not yet ended, wherever it is
-        self._running: list[Slot] = []
+        self._policy = Policy(policy)
+        self.inbox: queue.Queue[Sequence | Job | None] = queue.Queue()
+        self._waiting: list[Sequence] = []
+        self._live: set[Sequence] = set()  # every admitted sequence not yet ended, wherever it is
+        self._running: list[Sequence] = []
         self._jobs: deque[Job] = deque()
         self._kv = runner.empty()
         # KV of recent prompts: a shared prefix (system prompt, earlier turns, the n choices of
@@ -137,6 +103,7 @@ class Scheduler:
         self.preemptions = 0  # times a sequence gave its KV back to be recomputed later
         self.kv_used = 0  # KV tokens the admitted sequences held after the last step (for other threads)
         self._admissions = 0
+        self._arrivals = 0
 
     @property
     def prefix_stats(self) -> PrefixStats:
@@ -164,6 +131,8 @@ class Scheduler:
             return False
         self._drop_cancelled()
         try:
+            if self._waiting and self._policy.by_priority:
+                self._outrank()
             if self._waiting and len(self._running) < self._limits.max_running:
                 self._prefill()
             self._preempt_to_fit()
@@ -177,14 +146,14 @@ class Scheduler:
         self.kv_used = self.kv_demand()
         return True
 
-    def _fail(self, slots: Iterable[Slot], exc: Exception) -> None:
-        """End `slots` with `exc`; the caller takes them out of the waiting or running lists."""
-        slots = list(slots)
-        log.error("engine step failed for %d sequence(s)", len(slots), exc_info=exc)
-        for slot in slots:
-            slot.channel.put(exc)
-            self._drop_partial(slot)
-            self._live.discard(slot)
+    def _fail(self, seqs: Iterable[Sequence], exc: Exception) -> None:
+        """End `seqs` with `exc`; the caller takes them out of the waiting or running lists."""
+        seqs = list(seqs)
+        log.error("engine step failed for %d sequence(s)", len(seqs), exc_info=exc)
+        for seq in seqs:
+            seq.put(exc)
+            self._drop_partial(seq)
+            self._live.discard(seq)
 
     def _run_job(self) -> None:
         """One chunk of the oldest job; jobs catch their own errors, so one that escapes is logged."""
@@ -204,22 +173,25 @@ class Scheduler:
             while True:
                 if item is None:
                     return False
-                if isinstance(item, Slot):
+                if isinstance(item, Sequence):
+                    self._arrivals += 1
+                    item.arrival = self._arrivals
                     self._waiting.append(item)
                     self._live.add(item)
                 else:
                     self._jobs.append(item)
                 item = self.inbox.get_nowait()
         except queue.Empty:
+            self._waiting = self._policy.order(self._waiting)
             return True
 
     def _drop_cancelled(self) -> None:
-        self._live = {s for s in self._live if not s.channel.cancelled}
-        for slot in self._waiting:
-            if slot.channel.cancelled:
-                self._drop_partial(slot)
-        self._waiting = [s for s in self._waiting if not s.channel.cancelled]
-        keep = [i for i, s in enumerate(self._running) if not s.channel.cancelled]
+        self._live = {s for s in self._live if not s.cancelled}
+        for seq in self._waiting:
+            if seq.cancelled:
+                self._drop_partial(seq)
+        self._waiting = [s for s in self._waiting if not s.cancelled]
+        keep = [i for i, s in enumerate(self._running) if not s.cancelled]
         if len(keep) < len(self._running):
             self._keep_rows(keep)
 
@@ -237,9 +209,9 @@ class Scheduler:
         finally:
             self._kv = self._runner.empty()
 
-    def _drop_partial(self, slot: Slot) -> None:
+    def _drop_partial(self, seq: Sequence) -> None:
         """Free the KV of a prompt part-way through its prefill."""
-        kv, slot.kv = slot.kv, None
+        kv, seq.kv = seq.kv, None
         if kv is not None:
             kv.select([])
 
@@ -272,54 +244,57 @@ class Scheduler:
 
     # KV budget ---------------------------------------------------------------------------------
 
-    def _holdings(self) -> list[tuple[Slot, int]]:
+    def _holdings(self) -> list[tuple[Sequence, int]]:
         """Each admitted sequence with the KV tokens it holds once in the batch: a running row its
         own length, a sequence still prefilling the whole of what it prefills."""
         running = list(zip(self._running, self._kv.held(), strict=True))
         return running + [(s, len(s.ids)) for s in self._waiting if s.admitted]
 
-    def kv_demand(self, joining: Iterable[Slot] = (), *, ahead: int = 0) -> int:
+    def kv_demand(self, joining: Iterable[Sequence] = (), *, ahead: int = 0, leaving: Iterable[Sequence] = ()) -> int:
         """KV tokens the batch holds `ahead` decode steps from now, with the admitted sequences
-        and `joining`, none counted past what it can ever hold (its `reservation`): where the
-        runner pads rows to the longest (torch), rows times the longest row, else their sum."""
+        but `leaving` and with `joining`, none counted past what it can ever hold (its
+        `reservation`): where the runner pads rows to the longest (torch), rows times the
+        longest row, else their sum."""
         rows = dict(self._holdings())
-        for slot in joining:
-            rows.setdefault(slot, len(slot.ids))
+        for seq in leaving:
+            rows.pop(seq, None)
+        for seq in joining:
+            rows.setdefault(seq, len(seq.ids))
         held = [min(tokens + ahead, s.reservation) for s, tokens in rows.items()]
         if self._runner.padded:
             return len(held) * max(held, default=0)
         return sum(held)
 
-    def _fits(self, joining: list[Slot]) -> bool:
+    def _fits(self, joining: list[Sequence]) -> bool:
         """Whether `joining` may be admitted now: the batch with them still fits the budget
         `HEADROOM` decode steps from now."""
         budget = self._limits.kv_tokens
         return budget is None or self.kv_demand(joining, ahead=HEADROOM) <= budget
 
-    def _admissible(self, slot: Slot) -> bool:
-        """Whether `slot` may start its prefill now; one that could never fit is refused.
+    def _admissible(self, seq: Sequence) -> bool:
+        """Whether `seq` may start its prefill now; one that could never fit is refused.
 
         The worker refuses such requests before they reach the engine (the context length it
         reports is capped at the budget); this keeps a direct caller from waiting forever."""
-        if self._fits([slot]):
+        if self._fits([seq]):
             return True
         budget = self._limits.kv_tokens
-        if budget is not None and slot.reservation > budget:
-            self._waiting.remove(slot)
-            self._live.discard(slot)
-            slot.channel.put(ContextLengthExceededError(
-                f"This request needs up to {slot.reservation} tokens of KV cache (prompt plus "
+        if budget is not None and seq.reservation > budget:
+            self._waiting.remove(seq)
+            self._live.discard(seq)
+            seq.put(ContextLengthExceededError(
+                f"This request needs up to {seq.reservation} tokens of KV cache (prompt plus "
                 f"max_tokens); this model holds at most {budget}. Please reduce the length.",
                 param="max_tokens",
             ))
         return False
 
-    def _admitting(self, slots: Iterable[Slot]) -> None:
-        """Stamp `slots` as admitted now, in order: preemption takes the latest stamp first."""
-        for slot in slots:
-            if not slot.admitted:
+    def _admitting(self, seqs: Iterable[Sequence]) -> None:
+        """Stamp `seqs` as admitted now, in order: preemption takes the latest stamp first."""
+        for seq in seqs:
+            if not seq.admitted:
                 self._admissions += 1
-                slot.admitted = self._admissions
+                seq.admitted = self._admissions
 
     def _preempt_to_fit(self) -> None:
         """Give back the KV of the most recently admitted sequences, never the last one, until
@@ -331,136 +306,159 @@ class Scheduler:
             admitted = [s for s, _ in self._holdings()]
             if len(admitted) <= 1:
                 return
-            self._preempt(max(admitted, key=lambda s: s.admitted))
+            self._preempt(self._policy.first_to_go(admitted))
 
-    def _preempt(self, slot: Slot) -> None:
-        if slot in self._running:
-            row = self._running.index(slot)
+    def _preempt(self, seq: Sequence) -> None:
+        if seq in self._running:
+            row = self._running.index(seq)
             self._keep_rows([r for r in range(len(self._running)) if r != row])
             # The KV held the prompt and every output token but the last; prefilling all of
             # them gives the logits the next decode step would have, and sampling goes on from
             # the same output, generator and constraint state: the stream does not notice.
-            slot.resumed_ids = slot.state.prompt_ids + slot.state.output_ids
+            seq.resumed_ids = seq.prompt_ids + seq.output_ids
         # Back in line ahead of everyone not yet admitted, but behind a prompt still being
         # prefilled a chunk at a time: only the head of the queue advances, and a preempted
         # sequence that cannot fit beside that prompt's KV would otherwise block it for ever.
-        rest = [s for s in self._waiting if s is not slot]
+        rest = [s for s in self._waiting if s is not seq]
         at = max((i + 1 for i, s in enumerate(rest) if s.admitted), default=0)
-        self._waiting = [*rest[:at], slot, *rest[at:]]
-        self._drop_partial(slot)
-        slot.prefilled, slot.prefix_keys, slot.looked_up, slot.admitted = 0, None, False, 0
-        slot.preemptions += 1
+        self._waiting = [*rest[:at], seq, *rest[at:]]
+        self._drop_partial(seq)
+        seq.prefilled, seq.prefix_keys, seq.looked_up, seq.admitted = 0, None, False, 0
+        seq.preemptions += 1
         self.preemptions += 1
+        self._waiting = self._policy.order(self._waiting)
+
+    def _outrank(self) -> None:
+        """Under the priority policy: while the best waiting sequence not yet admitted cannot
+        start (the batch is full, or its KV does not fit) and outranks a running one, that one
+        gives way (`_preempt`: it resumes later where it was)."""
+        head = next((s for s in self._waiting if not s.admitted), None)
+        if head is None:
+            return
+        budget = self._limits.kv_tokens
+        outranked = [s for s in self._running if s.priority > head.priority]
+        if budget is not None and self.kv_demand([head], ahead=HEADROOM, leaving=outranked) > budget:
+            return  # it would not fit even without every sequence it outranks: none gives way for nothing
+        while len(self._running) >= self._limits.max_running or not self._fits([head]):
+            victim = self._policy.victim(self._running, outranked_by=head.priority)
+            if victim is None:
+                return
+            self._preempt(victim)
 
     def _reuse_prefills(self) -> None:
         """Start waiting sequences whose whole prompt is cached."""
         room = self._limits.max_running - len(self._running)
         started = 0
-        for slot in list(self._waiting) if self._prefix.enabled else []:
-            if started >= room or not self._fits([slot]):
+        best = min((s.priority for s in self._waiting), default=0)
+        for seq in list(self._waiting) if self._prefix.enabled else []:
+            if started >= room or not self._fits([seq]):
                 break
+            if self._policy.by_priority and seq.priority > best:
+                continue  # a cached prompt must not take the room of one that outranks it
             try:
-                hit = None if slot.prefilled else self._prefix.lookup(slot.ids, self._keys(slot), whole=True)
+                hit = None if seq.prefilled else self._prefix.lookup(seq.ids, self._keys(seq), whole=True)
                 if hit is not None:
-                    self._admitting([slot])
-                    self._resume(slot, hit)
+                    self._admitting([seq])
+                    self._resume(seq, hit)
                     started += 1
             except Exception as exc:  # as a failed prefill fails its group only, this fails one sequence
-                self._fail([slot], exc)
-                self._waiting = [s for s in self._waiting if s is not slot]
+                self._fail([seq], exc)
+                self._waiting = [s for s in self._waiting if s is not seq]
 
-    def _look_up(self, slot: Slot) -> bool:
-        """Resume `slot` from its longest cached prefix, once; True if it started decoding."""
-        slot.looked_up = True
-        hit = self._prefix.lookup(slot.ids, self._keys(slot)) if self._prefix.enabled else None
+    def _look_up(self, seq: Sequence) -> bool:
+        """Resume `seq` from its longest cached prefix, once; True if it started decoding."""
+        seq.looked_up = True
+        hit = self._prefix.lookup(seq.ids, self._keys(seq)) if self._prefix.enabled else None
         if hit is None:
             return False
-        self._resume(slot, hit)
+        self._resume(seq, hit)
         return hit.logits is not None
 
-    def _resume(self, slot: Slot, hit: PrefixHit) -> None:
-        """Continue `slot` from cached KV: decode at once if its whole prompt was cached, else
+    def _resume(self, seq: Sequence, hit: PrefixHit) -> None:
+        """Continue `seq` from cached KV: decode at once if its whole prompt was cached, else
         prefill the rest after the cached prefix."""
-        slot.prefilled = hit.tokens
-        kv = self._runner.from_prefix(hit.blocks, tokens=hit.tokens, capacity=len(slot.ids))
+        seq.prefilled = hit.tokens
+        if not seq.preemptions:  # what served the prompt at first admission, not a readmission's own output
+            seq.cached_tokens = hit.tokens
+        kv = self._runner.from_prefix(hit.blocks, tokens=hit.tokens, capacity=len(seq.ids))
         if hit.logits is None:
-            slot.kv = kv
+            seq.kv = kv
             return
-        self._waiting.remove(slot)
-        self._start([slot], kv, hit.logits.unsqueeze(0), [0])
+        self._waiting.remove(seq)
+        self._start([seq], kv, hit.logits.unsqueeze(0), [0])
 
-    def _keys(self, slot: Slot) -> PromptKeys:
-        if slot.prefix_keys is None:
-            slot.prefix_keys = self._prefix.keys(slot.ids, slot.state.params.cache_salt)
-        return slot.prefix_keys
+    def _keys(self, seq: Sequence) -> PromptKeys:
+        if seq.prefix_keys is None:
+            seq.prefix_keys = self._prefix.keys(seq.ids, seq.params.cache_salt)
+        return seq.prefix_keys
 
-    def _remember(self, slots: list[Slot], kv: KV, logits: torch.Tensor, rows: list[int]) -> None:
+    def _remember(self, seqs: list[Sequence], kv: KV, logits: torch.Tensor, rows: list[int]) -> None:
         """Offer freshly prefilled prompts to the prefix cache (each distinct prompt once)."""
         seen: set[int] = set()
-        for slot, row in zip(slots, rows, strict=True):
+        for seq, row in zip(seqs, rows, strict=True):
             if row not in seen:
                 seen.add(row)
-                self._prefix.store(slot.ids, self._keys(slot), kv=kv, row=row, logits=logits[row])
+                self._prefix.store(seq.ids, self._keys(seq), kv=kv, row=row, logits=logits[row])
 
-    def _short_group(self) -> list[Slot]:
+    def _short_group(self) -> list[Sequence]:
         room = self._limits.max_running - len(self._running)
-        group: list[Slot] = []
+        group: list[Sequence] = []
         tokens = 0
-        for slot in self._waiting:
-            if len(group) >= room or slot.prefilled or slot.remaining > self._limits.prefill_chunk:
+        for seq in self._waiting:
+            if len(group) >= room or seq.prefilled or seq.remaining > self._limits.prefill_chunk:
                 break
-            if group and not self._fits([*group, slot]):
+            if group and not self._fits([*group, seq]):
                 break
-            if group and tokens + slot.remaining > self._limits.prefill_budget:
+            if group and tokens + seq.remaining > self._limits.prefill_budget:
                 break
-            group.append(slot)
-            tokens += slot.remaining
+            group.append(seq)
+            tokens += seq.remaining
         return group
 
-    def _prefill_chunk(self, slot: Slot) -> None:
+    def _prefill_chunk(self, seq: Sequence) -> None:
         """Advance one long prompt by a chunk, in a KV row of its own."""
-        chunk = slot.ids[slot.prefilled : slot.prefilled + self._limits.prefill_chunk]
-        slot.kv, logits = self._runner.prefill_chunk(slot.kv, chunk)
+        chunk = seq.ids[seq.prefilled : seq.prefilled + self._limits.prefill_chunk]
+        seq.kv, logits = self._runner.prefill_chunk(seq.kv, chunk)
         self.prefill_tokens += len(chunk)
-        slot.prefilled += len(chunk)
-        if slot.remaining == 0:
-            self._waiting.remove(slot)
-            kv, slot.kv = slot.kv, None
-            self._remember([slot], kv, logits, [0])
-            self._start([slot], kv, logits, [0])
+        seq.prefilled += len(chunk)
+        if seq.remaining == 0:
+            self._waiting.remove(seq)
+            kv, seq.kv = seq.kv, None
+            self._remember([seq], kv, logits, [0])
+            self._start([seq], kv, logits, [0])
 
-    def _prefill_group(self, group: list[Slot]) -> None:
+    def _prefill_group(self, group: list[Sequence]) -> None:
         """Prefill several short prompts in one forward pass; equal prompts (under one cache salt) share a row."""
         self._admitting(group)
         unique: dict[tuple[str | None, tuple[int, ...]], int] = {}
-        for slot in group:
-            unique.setdefault(slot.row_key, len(unique))
+        for seq in group:
+            unique.setdefault(seq.row_key, len(unique))
         prompts = [list(prompt) for _, prompt in unique]
         kv, logits = self._runner.prefill(prompts)
         self.prefill_tokens += sum(len(p) for p in prompts)
         rows = [unique[s.row_key] for s in group]
         self._remember(group, kv, logits, rows)
-        for slot in group:
-            slot.prefilled = len(slot.ids)
+        for seq in group:
+            seq.prefilled = len(seq.ids)
         self._waiting = [s for s in self._waiting if s not in group]
         self._start(group, kv, logits, rows)
 
-    def _start(self, slots: list[Slot], kv: KV, logits: torch.Tensor, rows: list[int]) -> None:
+    def _start(self, seqs: list[Sequence], kv: KV, logits: torch.Tensor, rows: list[int]) -> None:
         """Sample each new sequence's first token and move the live ones into the batch."""
         live = []
-        for slot, row in zip(slots, rows, strict=True):
-            if self._advance(slot, logits[row]):
-                live.append((slot, row))
+        for seq, row in zip(seqs, rows, strict=True):
+            if self._advance(seq, logits[row]):
+                live.append((seq, row))
         kv.select([row for _, row in live])
         if not live:
             return
         self._kv.extend(kv)
-        self._running.extend(slot for slot, _ in live)
+        self._running.extend(seq for seq, _ in live)
 
     # Decode ----------------------------------------------------------------------------------
 
     def _decode(self) -> None:
-        tokens = [slot.last_token for slot in self._running]
+        tokens = [seq.last_token for seq in self._running]
         try:
             logits = self._runner.decode(self._kv, tokens, column_limit=self._column_limit())
         except Exception as exc:  # the shared cache may hold half a step: no row can go on
@@ -468,48 +466,47 @@ class Scheduler:
             self._running = []
             self._drop_kv()
             return
-        keep = [row for row, slot in enumerate(self._running) if self._advance(slot, logits[row])]
+        keep = [row for row, seq in enumerate(self._running) if self._advance(seq, logits[row])]
         if len(keep) < len(self._running):
             self._keep_rows(keep)
 
     def _column_limit(self) -> int:
         """The most columns the batch cache may grow to: what its longest row can ever hold,
         and never past the budget (its buffers would otherwise double past it)."""
-        longest = max(slot.reservation for slot in self._running)
+        longest = max(seq.reservation for seq in self._running)
         budget = self._limits.kv_tokens
         return longest if budget is None else min(longest, budget // len(self._running))
 
-    def _advance(self, slot: Slot, logits: torch.Tensor) -> bool:
-        """Sample one token for `slot` and hand out its text; False once it has finished or
+    def _advance(self, seq: Sequence, logits: torch.Tensor) -> bool:
+        """Sample one token for `seq` and hand out its text; False once it has finished or
         failed (a failure ends this sequence only)."""
         try:
-            return self._sample(slot, logits)
+            return self._sample(seq, logits)
         except Exception as exc:
-            self._fail([slot], exc)
+            self._fail([seq], exc)
             return False
 
-    def _sample(self, slot: Slot, logits: torch.Tensor) -> bool:
-        state = slot.state
-        if slot.constraint is not None:
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> bool:
+        if seq.constraint is not None:
             logits = logits.clone()  # the row may be shared (n choices, the prompt cache)
-            slot.constraint.mask(logits, state.params.max_tokens - len(state.output_ids))
+            seq.constraint.mask(logits, seq.params.max_tokens - len(seq.output_ids))
         token, logprob = sample_with_logprob(
             logits,
-            state.params,
-            prompt_ids=state.prompt_ids,
-            output_ids=state.output_ids,
-            generator=slot.generator,
+            seq.params,
+            prompt_ids=seq.prompt_ids,
+            output_ids=seq.output_ids,
+            generator=seq.generator,
         )
-        slot.last_token = token
-        if slot.constraint is not None and not slot.constraint.accept(token):
+        seq.last_token = token
+        if seq.constraint is not None and not seq.constraint.accept(token):
             raise RuntimeError(f"sampled token {token}, which the grammar forbids")
         # A constraint that closed its JSON early to fit the limit ends the sequence as the limit would.
-        cut = slot.constraint is not None and slot.constraint.cut
-        output = state.append(token, logprob, last=cut)
+        cut = seq.constraint is not None and seq.constraint.cut
+        output = seq.append(token, logprob, last=cut)
         if output is not None:
-            slot.channel.put(output)
-        if state.finished or slot.channel.cancelled:
-            self._live.discard(slot)
+            seq.put(output)
+        if seq.finished or seq.cancelled:
+            self._live.discard(seq)
             return False
         return True
 

@@ -1,4 +1,5 @@
-"""Per-sequence bookkeeping shared by engines: tokens to safe text deltas, and stop conditions.
+"""A running request (`Sequence`): its prompt, parameters and output, how its text is released,
+and the bookkeeping the scheduler keeps for it; and the channel its outputs reach asyncio by.
 
 A delta never ends in half a UTF-8 character (see `detokenize.py`) and never shows text that
 could still turn out to be the start of a stop string; such text is held back until it is known.
@@ -12,18 +13,65 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence as Seq
+from typing import Any
+
+import torch
 
 from chatgate.engines.base import GenerationOutput, SamplingParams, TokenLogprob
 from chatgate.engines.detokenize import IncrementalDecoder
+from chatgate.engines.prefix_cache import PromptKeys
+from chatgate.engines.runners.base import KV
+from chatgate.engines.sampling import make_generator
 
 
-class SequenceState:
-    """Tokens generated so far for one prompt, and the text already handed out.
+class StopText:
+    """Output text not handed out yet, searched for stop strings.
 
     Work per token is bounded: text comes from an `IncrementalDecoder`, and only the text not
     handed out yet is searched for stop strings. That is enough: text that ends in the start of
     a stop string is held back, so a stop string never begins in text already handed out.
     """
+
+    def __init__(self, decode: Callable[[Seq[int]], str], stop: tuple[str, ...]) -> None:
+        self._decoder = IncrementalDecoder(decode)
+        self._stop = stop
+        self._longest_stop = max((len(s) for s in stop), default=0)
+        self._pending = ""  # settled text not handed out yet
+
+    def push(self, token_id: int) -> None:
+        """Add a token's text, as far as it is settled."""
+        self._pending += self._decoder.push(token_id)
+
+    def flush(self) -> None:
+        """Settle the rest: no token follows."""
+        self._pending += self._decoder.flush()
+
+    def stop_at(self) -> int | None:
+        """Index in the pending text where the earliest stop string starts, if one appeared."""
+        hits = [i for i in (self._pending.find(s) for s in self._stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def stop_string_at(self, at: int) -> str:
+        """The stop string that starts at `at` in the pending text (the shortest, if several do)."""
+        return min((s for s in self._stop if self._pending.find(s) == at), key=len)
+
+    def safe(self) -> int:
+        """Characters of the pending text that cannot start a stop string."""
+        for keep in range(min(self._longest_stop - 1, len(self._pending)), 0, -1):
+            if any(s.startswith(self._pending[-keep:]) for s in self._stop):
+                return len(self._pending) - keep
+        return len(self._pending)
+
+    def take(self, chars: int | None = None) -> str:
+        """Hand out the first `chars` pending characters (all of them if None)."""
+        end = len(self._pending) if chars is None else chars
+        delta, self._pending = self._pending[:end], self._pending[end:]
+        return delta
+
+
+class Sequence:
+    """One running request: prompt, sampling parameters and output so far, where its outputs go,
+    and the scheduler's bookkeeping (the fake engine, which has no scheduler, leaves it alone)."""
 
     def __init__(
         self,
@@ -32,67 +80,114 @@ class SequenceState:
         params: SamplingParams,
         decode: Callable[[Seq[int]], str],
         eos_token_ids: frozenset[int],
+        channel: OutputChannel | None = None,
+        generator: torch.Generator | None = None,
+        constraint: Any = None,
     ) -> None:
         self.prompt_ids = prompt_ids
         self.params = params
         self.output_ids: list[int] = []
         self.finish_reason: str | None = None
         self.stop_sequence: str | None = None  # the stop string that ended it (Anthropic reports it)
-        self._text = IncrementalDecoder(decode)
+        self.channel = channel  # None: the caller reads what `append` returns (the fake engine)
+        self.generator = generator if generator is not None else make_generator(params.seed)
+        self.constraint = constraint  # a `constraints.Constraint` for structured output
+        self._text = StopText(decode, params.stop)
         self._stop_ids = eos_token_ids | frozenset(params.stop_token_ids)
-        self._longest_stop = max((len(s) for s in params.stop), default=0)
-        self._pending = ""  # settled text not handed out yet
         self._last_emit_index = 0
         self._logprobs: list[TokenLogprob] = []
         self._logprobs_sent = 0
+        # The scheduler's bookkeeping.
+        self.prefilled = 0  # tokens of `ids` whose KV is built
+        self.last_token = -1
+        self.kv: KV | None = None  # partial cache of a chunked prefill
+        self.prefix_keys: PromptKeys | None = None  # block keys of `ids`
+        self.looked_up = False  # the prefix cache was asked for `ids`
+        self.arrival = 0  # when it reached the scheduler (a rising count)
+        self.admitted = 0  # when it was admitted (a rising count; 0: waiting, not admitted)
+        self.preemptions = 0  # times it gave its rows back to be recomputed
+        self.cached_tokens = 0  # prompt tokens the prefix cache served at its first admission
+        # After a preemption: the prompt and every token generated so far, to prefill again.
+        self.resumed_ids: list[int] | None = None
+
+    def __repr__(self) -> str:
+        return f"Sequence(prompt={len(self.prompt_ids)}, output={len(self.output_ids)}, finish={self.finish_reason})"
 
     @property
     def finished(self) -> bool:
         """Whether the sequence has ended."""
         return self.finish_reason is not None
 
+    @property
+    def cancelled(self) -> bool:
+        """Whether its consumer went away."""
+        return self.channel is not None and self.channel.cancelled
+
+    def put(self, item: GenerationOutput | BaseException) -> None:
+        """Send an output or an error to the consumer, through the channel (from the engine thread)."""
+        if self.channel is None:
+            raise RuntimeError("this sequence has no output channel")
+        self.channel.put(item)
+
+    # Scheduling ---------------------------------------------------------------------------
+
+    @property
+    def priority(self) -> int:
+        """Lower runs first under the priority scheduling policy."""
+        return self.params.priority
+
+    @property
+    def ids(self) -> list[int]:
+        """The tokens whose KV a prefill builds: the prompt, plus the output after a preemption."""
+        return self.resumed_ids if self.resumed_ids is not None else self.prompt_ids
+
+    @property
+    def remaining(self) -> int:
+        """Tokens of `ids` not yet prefilled."""
+        return len(self.ids) - self.prefilled
+
+    @property
+    def row_key(self) -> tuple[str | None, tuple[int, ...]]:
+        """What equal prompts share a prefill row by: their tokens, under one cache salt (a
+        prompt must not prefill faster because another tenant's equal one is beside it)."""
+        return self.params.cache_salt, tuple(self.ids)
+
+    @property
+    def reservation(self) -> int:
+        """The most KV columns this sequence can ever fill: its prompt and every token it may generate."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    # Output ---------------------------------------------------------------------------------
+
     def append(self, token_id: int, logprob: TokenLogprob | None = None, *, last: bool = False) -> GenerationOutput | None:
         """Record a sampled token; return the output it releases, if any. `last` ends the
         sequence at this token as reaching `max_tokens` would."""
         self.output_ids.append(token_id)
+        text = self._text
         if token_id in self._stop_ids:
             self.finish_reason = "stop"
-            return self._output(self._pending + self._text.flush())
+            text.flush()
+            return self._output(text.take())
         if logprob is not None:
             self._logprobs.append(logprob)
-        self._pending += self._text.push(token_id)
+        text.push(token_id)
         if last or len(self.output_ids) >= self.params.max_tokens:
             self.finish_reason = "length"  # unless a stop string ends it first, below
-            self._pending += self._text.flush()
-        stop_at = self._find_stop()
+            text.flush()
+        stop_at = text.stop_at()
         if stop_at is not None:
             self.finish_reason = "stop"
-            self.stop_sequence = min(
-                (s for s in self.params.stop if self._pending.find(s) == stop_at), key=len
-            )
-            return self._output(self._pending[:stop_at])
+            self.stop_sequence = text.stop_string_at(stop_at)
+            return self._output(text.take(stop_at))
         if self.finished:
-            return self._output(self._pending)
-        safe = len(self._pending) - self._held_back()
+            return self._output(text.take())
+        safe = text.safe()
         if safe <= 0:
             return None
-        return self._output(self._pending[:safe])
-
-    def _find_stop(self) -> int | None:
-        """Index in the pending text where the earliest stop string starts, if one appeared."""
-        hits = [i for i in (self._pending.find(s) for s in self.params.stop) if i >= 0]
-        return min(hits) if hits else None
-
-    def _held_back(self) -> int:
-        """Characters at the end of the pending text that may start a stop string."""
-        for keep in range(min(self._longest_stop - 1, len(self._pending)), 0, -1):
-            if any(s.startswith(self._pending[-keep:]) for s in self.params.stop):
-                return keep
-        return 0
+        return self._output(text.take(safe))
 
     def _output(self, delta: str) -> GenerationOutput:
-        """Hand out `delta`, the start of the pending text, with the tokens since the last output."""
-        self._pending = self._pending[len(delta) :]
+        """Hand out `delta` with the tokens since the last output."""
         new_ids = self.output_ids[self._last_emit_index :]
         self._last_emit_index = len(self.output_ids)
         logprobs = None
@@ -107,6 +202,7 @@ class SequenceState:
             completion_tokens=len(self.output_ids),
             finish_reason=self.finish_reason,
             stop_sequence=self.stop_sequence,
+            cached_tokens=self.cached_tokens,
         )
 
 

@@ -77,7 +77,8 @@ class VllmEngine(ChatTokensEngine, Engine):
         folder = model_folder(self._settings)
         names = self._settings.model_names
         flags = {k: getattr(self._settings, k) for k in PASS_THROUGH if getattr(self._settings, k) is not None}
-        args = AsyncEngineArgs(model=str(folder), served_model_name=names or None, dtype=_dtype(self._settings), **flags)
+        args = AsyncEngineArgs(model=str(folder), served_model_name=names or None, dtype=_dtype(self._settings),
+                               scheduling_policy=self._settings.scheduling_policy, **flags)
         self._llm = AsyncLLM.from_engine_args(args)
         self._tokenizer = self._llm.get_tokenizer()
         self._chat_tokens = ChatTokenizer(self._tokenizer)
@@ -86,6 +87,7 @@ class VllmEngine(ChatTokensEngine, Engine):
             context_length=int(self._llm.model_config.max_model_len),
             vocab_size=len(self._tokenizer),
             tools_in_template=self._chat_tokens.tools_in_template,
+            scheduling_policy=self._settings.scheduling_policy,
         )
 
     async def close(self) -> None:
@@ -142,14 +144,15 @@ class VllmEngine(ChatTokensEngine, Engine):
         scored: Any = None
         async for output in self._llm.generate({"prompt_token_ids": prompt_ids}, sampling, uuid.uuid4().hex):
             scored = output.prompt_logprobs
-        steps = list(scored or [])
+        positions = list(scored or [])
         # vLLM's first entry is None (nothing precedes the first token), as chatgate's contract.
-        return [None, *_logprobs(prompt_ids[1:], steps[1:], top)][: len(prompt_ids)]
+        return [None, *_logprobs(prompt_ids[1:], positions[1:], top)][: len(prompt_ids)]
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]:
         """Stream vLLM's delta outputs; closing this aborts the request in vLLM."""
         request_id = uuid.uuid4().hex
-        stream = self._llm.generate(vllm_prompt(prompt_ids, params), self._sampling(params), request_id)
+        stream = self._llm.generate(vllm_prompt(prompt_ids, params), self._sampling(params), request_id,
+                                    priority=params.priority)
         produced, finished = 0, False
         self._running += 1
         try:
@@ -163,13 +166,14 @@ class VllmEngine(ChatTokensEngine, Engine):
                     prompt_tokens=len(prompt_ids),
                     completion_tokens=produced,
                     finish_reason=completion.finish_reason if finished else None,
+                    cached_tokens=int(getattr(output, "num_cached_tokens", None) or 0),  # vLLM >= 0.8 counts them
                     logprobs=_logprobs(completion.token_ids, completion.logprobs, params.logprobs)
                     if params.logprobs is not None
                     else None,
                 )
         finally:
             self._running -= 1
-            if not finished:  # the client went away: free vLLM's slot now
+            if not finished:  # the client went away: free its place in vLLM now
                 await self._llm.abort(request_id)
 
 
@@ -181,13 +185,13 @@ def vllm_prompt(prompt_ids: list[int], params: SamplingParams) -> dict[str, Any]
     return prompt
 
 
-def _logprobs(token_ids: Sequence[int], steps: Any, top: int) -> list[TokenLogprob]:
-    """chatgate's log-probabilities from vLLM's per-step {token id: Logprob} maps, which hold the
-    `top` likeliest tokens plus the sampled one when it is not among them."""
+def _logprobs(token_ids: Sequence[int], positions: Any, top: int) -> list[TokenLogprob]:
+    """chatgate's log-probabilities from vLLM's per-position {token id: Logprob} maps, which hold
+    the `top` likeliest tokens plus the sampled one when it is not among them."""
     out = []
-    for token_id, step in zip(token_ids, steps or [], strict=False):
-        ranked = sorted(step.items(), key=lambda item: item[1].rank if item[1].rank is not None else 1 << 30)
+    for token_id, entry in zip(token_ids, positions or [], strict=False):
+        ranked = sorted(entry.items(), key=lambda item: item[1].rank if item[1].rank is not None else 1 << 30)
         best = [(int(t), float(lp.logprob)) for t, lp in ranked if lp.rank is not None and lp.rank <= top]
-        chosen = step.get(token_id)
+        chosen = entry.get(token_id)
         out.append(TokenLogprob(token_id=int(token_id), logprob=float(chosen.logprob) if chosen else 0.0, top=best))
     return out

@@ -103,6 +103,8 @@ StopList = Annotated[list[StopString], Field(min_length=1, max_length=limits.MAX
 # vLLM's `cache_salt`: requests share cached prompt prefixes only with requests of the same salt
 # (and, when the server checks API keys, the same key).
 CacheSalt = Annotated[str, Field(min_length=1, max_length=limits.MAX_CACHE_SALT_CHARS)]
+# vLLM's `priority`: under `--scheduling-policy priority`, lower runs first; a signed 64-bit integer.
+Priority = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 LogitBias = Annotated[
     dict[Annotated[str, AfterValidator(_token_id_key)], Annotated[float, Field(ge=-100, le=100)]],
     Field(max_length=limits.MAX_LOGIT_BIAS),
@@ -129,6 +131,7 @@ class SamplingRequest(PublicRequest):
     stream_options: StreamOptions | None = None
     user: str | None = None
     cache_salt: CacheSalt | None = None
+    priority: Priority = 0
 
     @field_validator("top_k")
     @classmethod
@@ -425,18 +428,27 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class PromptTokensDetails(BaseModel):
+    """`usage.prompt_tokens_details`."""
+
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (0 where unknown)
+
+
 class Usage(BaseModel):
     """Token accounting of a response."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # Always present, as OpenAI sends it.
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
     def add(self, other: Usage) -> None:
         """Accumulate another usage into this one."""
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
         self.total_tokens += other.total_tokens
+        self.prompt_tokens_details.cached_tokens += other.prompt_tokens_details.cached_tokens
 
 
 FinishReason = Literal["stop", "length", "tool_calls", "function_call", "content_filter"] | None

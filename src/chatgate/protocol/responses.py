@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field
 
 from chatgate.protocol import limits
 from chatgate.protocol.limits import PublicRequest
-from chatgate.protocol.openai import CacheSalt, FunctionDefinition
+from chatgate.protocol.openai import CacheSalt, FunctionDefinition, Priority
 
 InputRole = Literal["user", "system", "developer", "assistant"]
 # OpenAI's `include` values. Only output logprobs apply to a text-only server; the others name
@@ -152,6 +152,7 @@ class ResponsesRequest(_Request):
     metadata: dict[str, str] | None = None
     user: str | None = None
     cache_salt: CacheSalt | None = None
+    priority: Priority = 0
     store: bool | None = None  # None: kept, as OpenAI's default
     previous_response_id: str | None = Field(None, min_length=1, max_length=256)
     background: bool | None = None  # refused: nothing runs after the reply

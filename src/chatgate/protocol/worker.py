@@ -3,8 +3,8 @@
 It is FastChat's controller/worker protocol, so chatgate and FastChat processes can front each
 other. chatgate's additions are optional fields that FastChat ignores: `messages` (the worker
 applies the model's own chat template), `prompt_token_ids`, `delta` (stream deltas instead of
-cumulative text), `cache_salt`, `keepalive` and `param` on errors. A worker advertises them in
-`/model_details`.
+cumulative text), `cache_salt`, `priority`, `keepalive` and `param` on errors, and
+`cached_tokens` in usage. A worker advertises them in `/model_details`.
 
 Keep-alive: a request with `keepalive: s` (sent only to workers advertising `EXT_KEEPALIVE`) gets
 `KEEPALIVE_FRAME` on its stream whenever `s` seconds pass without a chunk (queued, prefilling,
@@ -86,6 +86,8 @@ class GenerateParams(Sampling):
     # Prompts share cached prefixes only under one salt: a digest of the caller's API key and
     # the request's `cache_salt` (`api.auth.cache_salt`), never either of them in the clear.
     cache_salt: str | None = Field(None, min_length=1, max_length=limits.MAX_CACHE_SALT_CHARS)
+    # Lower runs first under the priority scheduling policy (refused, unless 0, under fcfs).
+    priority: int = Field(0, ge=-(2**63), le=2**63 - 1)
     # Which request field the prompt came from, so errors can name it.
     prompt_param: str = "prompt"
     max_tokens_param: str = "max_tokens"
@@ -129,6 +131,8 @@ class WorkerUsage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # chatgate extension: prompt tokens served from the engine's prefix cache (0: none or unknown).
+    cached_tokens: int = Field(0, ge=0)
 
 
 class TokenAlternative(BaseModel):

@@ -69,6 +69,7 @@ def _sampling(params: GenerateParams, model: str) -> dict[str, Any]:
         "seed": params.seed,
         "max_tokens": params.max_new_tokens,
         "stop_token_ids": params.stop_token_ids or None,
+        "priority": params.priority or None,  # vLLM's; the upstream decides whether it schedules by it
     }
     body |= {k: v for k, v in optional.items() if v is not None}
     body |= {k: getattr(params, k) for k, default in _EXTRA_DEFAULTS.items() if getattr(params, k) != default}
@@ -272,6 +273,15 @@ def split_echo(logprobs: Any, prompt: str | list[int]) -> tuple[list[PromptLogpr
     return scored, _worker_logprobs(entries[count:])
 
 
+def upstream_usage(usage: dict[str, Any]) -> WorkerUsage:
+    """The worker protocol's usage from an upstream's OpenAI `usage`, with the prompt tokens it
+    served from its prefix cache (`prompt_tokens_details.cached_tokens`) where it says."""
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    fields = {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in usage}
+    return WorkerUsage.model_validate(fields | {"cached_tokens": cached if type(cached) is int and cached >= 0 else 0})
+
+
 @dataclass
 class StreamReader:
     """Turns one upstream stream's events into delta chunks.
@@ -297,7 +307,7 @@ class StreamReader:
         if "error" in data:
             raise stream_error(data["error"], self.secrets)
         if data.get("usage"):
-            self.usage = WorkerUsage.model_validate(data["usage"])
+            self.usage = upstream_usage(data["usage"])
         choices = data.get("choices") or []
         if not choices:
             return None

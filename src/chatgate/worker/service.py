@@ -104,6 +104,15 @@ class WorkerService:
                 param="logit_bias",
             )
 
+    def _check_priority(self, priority: int) -> None:
+        # As vLLM does: a priority the engine would not honour is an error, not silently ignored.
+        if priority and self.engine.info.scheduling_policy != "priority":
+            raise InvalidRequestError(
+                f"priority {priority} was given, but this model schedules first come, first served "
+                "(its workers run --scheduling-policy fcfs): leave priority at 0.",
+                param="priority",
+            )
+
     async def count_tokens(self, request: CountTokenRequest) -> int:
         """Tokens the prompt (or templated conversation) takes."""
         params = GenerateParams(prompt=request.prompt, messages=request.messages)
@@ -178,6 +187,7 @@ class WorkerService:
                     param=params.prompt_param,
                 )
         self._check_logit_bias(params.logit_bias)
+        self._check_priority(params.priority)
         knobs = Sampling.of(params)
         return SamplingParams(
             **knobs | {"logit_bias": knobs["logit_bias"] or {}},
@@ -186,6 +196,7 @@ class WorkerService:
             stop_token_ids=tuple(params.stop_token_ids or ()),
             logprobs=params.logprobs,
             cache_salt=params.cache_salt,
+            priority=params.priority,
             constraint=self.engine.compile_constraint(params.response_format) if params.response_format else None,
         )
 
@@ -212,6 +223,7 @@ class WorkerService:
                 prompt_tokens=out.prompt_tokens,
                 completion_tokens=out.completion_tokens,
                 total_tokens=out.prompt_tokens + out.completion_tokens,
+                cached_tokens=out.cached_tokens,
             )
             text = out.text
             if params.echo and first:

@@ -29,6 +29,7 @@ from chatgate.protocol.openai import (
     ChatTokenLogprob,
     CompletionLogprobs,
     FinishReason,
+    PromptTokensDetails,
     SamplingRequest,
     TopLogprob,
     Usage,
@@ -57,7 +58,13 @@ class Choice:
         self.finish_reason = chunk.finish_reason or self.finish_reason
         self.stop_sequence = chunk.stop_sequence or self.stop_sequence
         if chunk.usage is not None:
-            self.usage = Usage.model_validate(chunk.usage.model_dump())
+            self.usage = usage_of(chunk.usage)
+
+
+def usage_of(worker: WorkerUsage) -> Usage:
+    """The OpenAI usage of one choice from its worker's."""
+    details = PromptTokensDetails(cached_tokens=worker.cached_tokens)
+    return Usage.model_validate(worker.model_dump(exclude={"cached_tokens"}) | {"prompt_tokens_details": details})
 
 
 async def _metered(
@@ -148,12 +155,15 @@ def completion_logprobs(
 
 
 def total_usage(choices: list[Choice], per_prompt: int) -> Usage:
-    """Usage of a response: each distinct prompt counted once, every completion counted."""
+    """Usage of a response: each distinct prompt counted once, every completion counted. A
+    prompt's cached tokens are the fewest any of its choices had: the `n` copies of one prompt
+    may find each other's KV, which a prompt counted once must not count."""
     usage = Usage()
-    for index, choice in enumerate(choices):
-        if index % per_prompt == 0:
-            usage.prompt_tokens += choice.usage.prompt_tokens
-        usage.completion_tokens += choice.usage.completion_tokens
+    for start in range(0, len(choices), per_prompt):
+        copies = [choice.usage for choice in choices[start : start + per_prompt]]
+        usage.prompt_tokens += copies[0].prompt_tokens
+        usage.prompt_tokens_details.cached_tokens += min(u.prompt_tokens_details.cached_tokens for u in copies)
+        usage.completion_tokens += sum(u.completion_tokens for u in copies)
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
     return usage
 
@@ -166,6 +176,7 @@ def sampling_params(request: SamplingRequest) -> dict[str, object]:
         "model": request.model,
         "stop": request.stop_list() or None,
         "cache_salt": cache_salt(request.cache_salt),
+        "priority": request.priority,
     }
 
 

@@ -20,6 +20,7 @@ from chatgate.protocol.responses import (
     FunctionCallInput,
     FunctionCallOutput,
     IncompleteDetails,
+    InputTokensDetails,
     InputMessage,
     OutputItem,
     OutputMessage,
@@ -71,6 +72,7 @@ def to_chat(request: ResponsesRequest) -> ResponsesAsChat:
         "top_logprobs": request.top_logprobs if request.logprobs else None,
         "stream": request.stream,
         "cache_salt": request.cache_salt,
+        "priority": request.priority or None,
     }
     return ResponsesAsChat.model_validate({**{k: v for k, v in body.items() if v is not None}, "source": request})
 
@@ -149,7 +151,8 @@ class _Head:
 
 def _usage(choice: Choice) -> ResponseUsage:
     u = choice.usage
-    return ResponseUsage(input_tokens=u.prompt_tokens, output_tokens=u.completion_tokens, total_tokens=u.prompt_tokens + u.completion_tokens)
+    return ResponseUsage(input_tokens=u.prompt_tokens, output_tokens=u.completion_tokens, total_tokens=u.prompt_tokens + u.completion_tokens,
+                         input_tokens_details=InputTokensDetails(cached_tokens=u.prompt_tokens_details.cached_tokens))
 
 
 class _Events:

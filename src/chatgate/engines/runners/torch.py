@@ -35,12 +35,12 @@ class TorchRunner(Runner):
         return BatchKV(self._layers)
 
     def _forward(self, kv: BatchKV, ids: torch.Tensor) -> torch.Tensor:
-        steps = ids.shape[1]
+        width = ids.shape[1]
         device = self._forward_module.device
         out = self._forward_module(
             input_ids=ids.to(device),
-            attention_mask=kv.attention_mask(steps).to(device),
-            position_ids=kv.positions(steps).to(device),
+            attention_mask=kv.attention_mask(width).to(device),
+            position_ids=kv.positions(width).to(device),
             past_key_values=kv.cache,
             use_cache=True,
             logits_to_keep=1,
