@@ -56,6 +56,7 @@ async def test_one_line_per_request_with_tokens_worker_and_key_name(tmp_path: Pa
     assert first["key"] == "team-a" and first["route"] == "/v1/chat/completions" and first["status"] == 200
     assert first["model"] == "fake-model" and first["method"] == "POST"
     assert (first["prompt_tokens"], first["completion_tokens"]) == (usage.prompt_tokens, usage.completion_tokens)
+    assert usage.prompt_tokens_details is not None and first["cached_tokens"] == usage.prompt_tokens_details.cached_tokens
     assert first["worker"] and first["attempts"] == 1
     assert 0 < first["ttft_s"] <= first["total_s"]
     assert streamed["key"].startswith("sha256:") and streamed["completion_tokens"] == 4 and streamed["ttft_s"] is not None
@@ -82,3 +83,16 @@ def test_formatters_put_the_fields_in_the_line() -> None:
     assert {k: line[k] for k in fields} == fields
     text = TextFormatter().format(record)
     assert text.endswith('POST /v1/x request_id=req_1 key="team a" status=200')  # None fields are left out
+
+
+async def test_the_access_line_counts_what_the_prefix_cache_served(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="chatgate.access")
+    long_prompt = "a shared system prompt " * 40
+    async with running(make_app(FakeEngine(context_length=4096))) as app:
+        for _ in range(2):
+            reply = await sdk(app).completions.create(model="fake-model", prompt=long_prompt, max_tokens=2)
+    usage = reply.usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    cached = usage.prompt_tokens_details.cached_tokens
+    assert cached and cached > 0
+    assert [line["cached_tokens"] for line in access_lines(caplog)] == [0, cached]

@@ -108,6 +108,7 @@ async def _account(
     if entry is not None:
         entry.prompt_tokens += prompt
         entry.completion_tokens += completion
+        entry.cached_tokens += usage.cached_tokens if count_prompt else 0
     await limits.charge(prompt + completion)
     if metrics is not None:
         metrics.prompt_tokens.labels(model=model).inc(prompt)
