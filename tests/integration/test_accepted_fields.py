@@ -17,7 +17,7 @@ MESSAGES: list[dict[str, Any]] = [{"role": "user", "content": "hello there"}]
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 RESPONSES = "/v1/responses"
-BODY = {CHAT: {"model": "fake-model", "messages": MESSAGES}, COMPLETIONS: {"model": "fake-model", "prompt": "hello there"},
+BODY: dict[str, dict[str, Any]] = {CHAT: {"model": "fake-model", "messages": MESSAGES}, COMPLETIONS: {"model": "fake-model", "prompt": "hello there"},
         RESPONSES: {"model": "fake-model", "input": "hello there"}}
 LABELS: dict[str, Any] = {"metadata": {"team": "a"}, "safety_identifier": "user-1", "prompt_cache_key": "k",
                           "prompt_cache_retention": "in-memory", "service_tier": "auto", "user": "u"}

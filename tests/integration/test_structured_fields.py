@@ -102,3 +102,12 @@ async def test_unconstrained_reply_differs(chat_app: FastAPI) -> None:
     free = await sdk(chat_app).chat.completions.create(model=MODEL, messages=CAPITAL, temperature=0, max_tokens=40)
     text = free.choices[0].message.content or ""
     assert text not in ("Paris", "London") and not re.fullmatch(PHONE, text) and not SUMS.fullmatch(text)
+
+
+async def test_regex_too_slow_to_follow_is_400(chat_app: FastAPI) -> None:
+    """A regex that compiles at once but whose masks take seconds over the real vocabulary would
+    stall the whole batch: the worker tries it first and refuses it, naming the field."""
+    async with raw(chat_app) as http:
+        r = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": CAPITAL, "guided_regex": "(a{1000}){1000}"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "guided_regex" and "too complex" in r.json()["error"]["message"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,8 @@ COMPACT: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": "
 # open a few things at once (`[{"` ...), and each then needs closing.
 WINDOW = 8
 _CACHED_GRAMMARS = 64
+# The longest a regex or grammar's first mask may take (a plain one takes well under 10 ms).
+TRIAL_SECONDS = 0.25
 # Bytes that may change what closing takes: a string token without them only extends the string.
 _STRUCTURAL = frozenset(b'"\\{}[],:')
 
@@ -117,7 +120,21 @@ class ConstraintCompiler:
         failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
         if failed:
             raise InvalidRequestError(f"Invalid {spec['type']}: {messages[0].strip()}", param=param)
+        self._trial(grammar, spec["type"], param)
         return Grammar(self, grammar, json=False)
+
+    def _trial(self, grammar: str, kind: str, param: str) -> None:
+        """Refuse a grammar whose first mask is slow. Masks are computed in the scheduler's
+        thread, where a slow one stalls the whole batch: a regex such as `(a{1000}){1000}`
+        validates at once but takes seconds to follow over a real vocabulary. This trial runs
+        here, in the thread that prepares the request."""
+        started = time.perf_counter()
+        LLMatcher(self.tokenizer, grammar).compute_bitmask()
+        if time.perf_counter() - started > TRIAL_SECONDS:
+            raise InvalidRequestError(
+                f"The {kind} is too complex to follow over this model's vocabulary; simplify it "
+                "(large counted repetitions such as a{1000} are the usual cause).", param=param,
+            )
 
 
 class Vocabulary:
