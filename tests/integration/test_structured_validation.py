@@ -34,6 +34,8 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"structured_outputs": {"grammar": 'start: "a" | b'}}, "structured_outputs.grammar", 'unknown name: "b"'),
     ({"grammar": "root ::= ("}, "grammar", "neither Lark nor GBNF"),
     ({"guided_grammar": "root ::= foo"}, "guided_grammar", "foo"),
+    ({"grammar": "root ::= " + "(" * 3000 + '"a"' + ")" * 3000}, "grammar", "neither Lark nor GBNF"),  # converter's recursion
+    ({"grammar": "start: " + "(" * 3000 + '"a"' + ")" * 3000}, "grammar", "too deeply nested"),
     ({"json_schema": {"type": "nonsense"}}, "json_schema", "invalid JSON schema"),
     ({"guided_json": "{not json"}, "guided_json", "not JSON"),
     ({"guided_json": "[1, 2]"}, "guided_json", "must be an object"),
