@@ -58,6 +58,7 @@ def nested(depth: int) -> dict[str, Any]:
 schemas = anything | st.integers(1, 120).map(nested) | st.integers(0, 12_000).map(
     lambda n: {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(n)}}
 )
+grammars = texts | st.sampled_from(['root ::= "a" | "b"', "root ::= (", 'start: "a" | b', "root ::= [0-9]+", "%llguidance {}\nstart: /a/"])
 many_messages = st.integers(2040, 2060).map(lambda n: [{"role": "user", "content": "x"}] * n)
 numbers = st.floats(-5, 5) | st.integers(-5, 40) | anything
 token_ids = st.lists(st.integers(-3, 300), max_size=6)
@@ -79,6 +80,25 @@ sampling: dict[str, Any] = {
     "logit_bias": st.dictionaries(texts | st.integers(0, 300).map(str) | st.integers(0, 2**70).map(str), numbers, max_size=3)
     | st.integers(295, 305).map(lambda n: {str(i): 1 for i in range(n)}) | anything,
     "unknown_field": anything,
+    # Structured output beyond response_format (vLLM's and llama.cpp's fields).
+    "structured_outputs": st.fixed_dictionaries({}, optional={
+        "regex": texts | st.sampled_from(["(", r"\d{3}", "a{2,1}", "(a{1000}){1000}"]) | anything,
+        "choice": st.lists(texts, max_size=3) | anything, "grammar": grammars | anything,
+        "json": schemas | texts | anything, "json_object": st.booleans() | anything, "structural_tag": anything,
+        "disable_fallback": anything}) | anything,
+    "guided_regex": texts | anything,
+    "guided_choice": st.lists(texts, max_size=3) | anything,
+    "guided_grammar": grammars | anything,
+    "guided_json": schemas | texts | anything,
+    "guided_decoding_backend": texts | anything,
+    "grammar": grammars | anything,
+    "json_schema": schemas | anything,
+    # OpenAI fields accepted as hints, or refused at values the server cannot honour.
+    "service_tier": st.sampled_from(["auto", "default", "flex", "x"]) | anything,
+    "metadata": st.dictionaries(texts, texts, max_size=3) | anything,
+    "store": st.booleans() | anything,
+    "prediction": anything, "modalities": anything, "audio": anything, "verbosity": anything,
+    "suffix": texts | anything, "best_of": numbers,
 }
 chat_body = st.fixed_dictionaries({"model": sampling["model"], "messages": st.lists(message, max_size=3) | many_messages | anything},
                                   optional={k: v for k, v in sampling.items() if k != "model"}

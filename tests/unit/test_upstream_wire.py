@@ -63,3 +63,27 @@ def test_tool_call_arguments_that_are_not_an_object_pass_on_as_sent() -> None:
         reader.event({"choices": [{"index": 0, "delta": {"tool_calls": [
             {"index": 0, "function": {"name": "weather" if arguments == '"Par' else None, "arguments": arguments}}]}}]})
     assert json.loads(reader.last().text) == {"tool_calls": [{"name": "weather", "arguments": '"Paris"'}]}
+
+
+@pytest.mark.parametrize(("constraint", "fields"), [
+    ({"type": "regex", "regex": r"\d+", "param": "guided_regex"}, {"structured_outputs": {"regex": r"\d+"}}),
+    ({"type": "choice", "choice": ["a", "b"], "param": "guided_choice"}, {"structured_outputs": {"choice": ["a", "b"]}}),
+    ({"type": "grammar", "grammar": 'root ::= "a"', "param": "grammar"}, {"structured_outputs": {"grammar": 'root ::= "a"'}}),
+    ({"type": "json_object"}, {"response_format": {"type": "json_object"}}),
+])
+def test_constraints_reach_the_upstream_as_vllm_takes_them(constraint: dict[str, Any], fields: dict[str, Any]) -> None:
+    """A regex, choice or grammar goes as vLLM's `structured_outputs` (OpenAI has no such field),
+    JSON as OpenAI's `response_format`; chatgate's own `param` stays home."""
+    from chatgate.upstream.wire import request
+
+    for extra in ({"prompt": "hi"}, {"messages": [{"role": "user", "content": "hi"}]}):
+        _, body = request(GenerateParams.model_validate({"model": "m", "response_format": constraint, **extra}), "m")
+        assert {k: body[k] for k in fields} == fields
+        assert "param" not in json.dumps(body)
+
+
+def test_suffix_reaches_the_upstream() -> None:
+    from chatgate.upstream.wire import request
+
+    _, body = request(GenerateParams.model_validate({"model": "m", "prompt": "def f(", "suffix": "):\n"}), "m")
+    assert body["suffix"] == "):\n" and body["prompt"] == "def f("

@@ -10,7 +10,8 @@ Before the route's code runs:
    nesting depth, number of values), then validated against the route's `PublicRequest`;
 5. cost caps: the request's `cost()` (choices, log-probability entries counting `echo`, messages,
    tools, calls per turn, schema values of all its schemas together) against the one set of caps;
-6. schema checks: every JSON schema the request carries is checked for validity.
+6. schema checks: every JSON schema the request carries is checked for validity, and every
+   regex and grammar (`structured_outputs`, `guided_*`, `grammar`) is compiled.
 4–6 run in worker threads (`BodyAdmission`), never on the event loop: a body of large schemas
 costs its own request time, not everyone's.
 Then the route's work runs:
@@ -53,6 +54,7 @@ from chatgate.errors import ChatgateError, InvalidRequestError
 from chatgate.protocol.limits import CostError, PublicRequest, check_volume
 from chatgate.protocol.openai import EmbeddingResponse, ErrorResponse, valid_schema
 from chatgate.protocol.responses import StreamEvent
+from chatgate.protocol.structured import check_grammar
 from chatgate.responses import ClosingStreamingResponse
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,11 @@ def admit_body(model: type[PublicRequest], raw: bytes) -> PublicRequest:
             valid_schema(schema)
         except ValueError as exc:
             raise InvalidRequestError(f"Invalid value for '{param}': {exc}.", param=param, code="invalid_value") from None
+    for param, spec in body.grammars():
+        try:
+            check_grammar(spec)
+        except ValueError as exc:
+            raise InvalidRequestError(f"Invalid value for '{param}': {exc}", param=param, code="invalid_value") from None
     return body
 
 

@@ -124,6 +124,12 @@ class Engine(abc.ABC):
         """Each token's own string, as the tokenizer's vocabulary spells it."""
         return [self.decode([token], skip_special_tokens=False) for token in token_ids]
 
+    def special_token(self, text: str) -> int | None:
+        """The id of the one special token `text` spells (such as `<fim_prefix>`), or None when
+        the vocabulary has no such token."""
+        ids = self.encode(text, add_special_tokens=False)
+        return ids[0] if len(ids) == 1 and self.token_strings(ids) == [text] else None
+
     @abc.abstractmethod
     def render_chat(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, add_generation_prompt: bool = True
@@ -165,7 +171,8 @@ class Engine(abc.ABC):
     def compile_constraint(self, spec: dict[str, Any]) -> Any:
         """Compile a `response_format` constraint for `SamplingParams.constraint`."""
         raise InvalidRequestError(
-            f"The model `{self.info.name}` does not support structured output.", param="response_format"
+            f"The model `{self.info.name}` does not support structured output.",
+            param=str(spec.get("param") or "response_format"),
         )
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:

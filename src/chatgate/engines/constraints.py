@@ -1,11 +1,12 @@
-"""Constrained decoding for `response_format` and forced tool calls: JSON, or JSON valid
-against a schema, that is finished before the token limit.
+"""Constrained decoding for `response_format`, forced tool calls and the structured-output
+fields (`protocol/structured.py`): JSON, or JSON valid against a schema, that is finished before
+the token limit; or text matching a regex, one of a list of choices, or a Lark / GBNF grammar.
 
 Grammars come from llguidance, built against the model's own tokenizer; each constrained
 sequence gets a matcher that masks the tokens its grammar forbids before sampling and follows
 the tokens sampled, so every request in a shared batch carries its own constraint.
 
-Two things a grammar cannot say are added here, with a `JsonCursor` following the text:
+For JSON, two things a grammar cannot say are added here, with a `JsonCursor` following the text:
 - *Budget*: once the tokens left come close to what closing every open string, array and object
   takes, no new key, item or value may start (the string being written may go on while there is
   room), and at the end only the closing text is allowed. The reply is then complete JSON, and
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 
 from typing import TYPE_CHECKING, Any
@@ -34,6 +36,7 @@ from llguidance.hf import from_tokenizer
 
 from chatgate.engines.json_cursor import JsonCursor
 from chatgate.errors import InvalidRequestError
+from chatgate.protocol.structured import lark_of
 
 if TYPE_CHECKING:  # a TypedDict that exists only in llguidance's stubs
     from llguidance._lib import JsonCompileOptions
@@ -47,6 +50,8 @@ COMPACT: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": "
 # open a few things at once (`[{"` ...), and each then needs closing.
 WINDOW = 8
 _CACHED_GRAMMARS = 64
+# The longest a regex or grammar's first mask may take (a plain one takes well under 10 ms).
+TRIAL_SECONDS = 0.25
 # Bytes that may change what closing takes: a string token without them only extends the string.
 _STRUCTURAL = frozenset(b'"\\{}[],:')
 
@@ -79,28 +84,57 @@ class ConstraintCompiler:
 
     def _compile(self, spec: dict[str, Any]) -> Grammar:
         kind = spec.get("type")
+        if kind in ("regex", "choice", "grammar"):
+            return self._compile_text(spec)
+        param = str(spec.get("param") or SCHEMA_PARAM)
         if kind == "json_object":
             schema = ANY_OBJECT
         elif kind == "json_schema":
             given = spec.get("schema")
             if not isinstance(given, dict):
-                raise InvalidRequestError("The JSON schema must be an object.", param=SCHEMA_PARAM)
+                raise InvalidRequestError("The JSON schema must be an object.", param=param)
             schema = given
             try:
                 Draft202012Validator.check_schema(schema)
             except SchemaError as exc:
-                raise InvalidRequestError(f"Invalid JSON schema: {exc.message}", param=SCHEMA_PARAM) from None
+                raise InvalidRequestError(f"Invalid JSON schema: {exc.message}", param=param) from None
         else:
             raise InvalidRequestError(f"Unknown response_format type {kind!r}.", param="response_format.type")
         try:
             grammar = LLMatcher.grammar_from_json_schema(schema, overrides=COMPACT)
         except ValueError as exc:
-            raise InvalidRequestError(f"Invalid JSON schema: {exc}", param=SCHEMA_PARAM) from None
+            raise InvalidRequestError(f"Invalid JSON schema: {exc}", param=param) from None
         failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
         if failed:
-            raise InvalidRequestError(f"Unsupported JSON schema: {messages[0]}", param=SCHEMA_PARAM)
+            raise InvalidRequestError(f"Unsupported JSON schema: {messages[0]}", param=param)
         distinct = spec.get("distinct")
         return Grammar(self, grammar, distinct if isinstance(distinct, str) else None)
+
+    def _compile_text(self, spec: dict[str, Any]) -> Grammar:
+        """A regex, choice or grammar constraint: no JSON to follow, so no budget closing."""
+        param = str(spec.get("param") or spec["type"])
+        try:
+            grammar = lark_of(spec)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidRequestError(f"Invalid {spec['type']}: {exc}", param=param) from None
+        failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+        if failed:
+            raise InvalidRequestError(f"Invalid {spec['type']}: {messages[0].strip()}", param=param)
+        self._trial(grammar, spec["type"], param)
+        return Grammar(self, grammar, json=False)
+
+    def _trial(self, grammar: str, kind: str, param: str) -> None:
+        """Refuse a grammar whose first mask is slow. Masks are computed in the scheduler's
+        thread, where a slow one stalls the whole batch: a regex such as `(a{1000}){1000}`
+        validates at once but takes seconds to follow over a real vocabulary. This trial runs
+        here, in the thread that prepares the request."""
+        started = time.perf_counter()
+        LLMatcher(self.tokenizer, grammar).compute_bitmask()
+        if time.perf_counter() - started > TRIAL_SECONDS:
+            raise InvalidRequestError(
+                f"The {kind} is too complex to follow over this model's vocabulary; simplify it "
+                "(large counted repetitions such as a{1000} are the usual cause).", param=param,
+            )
 
 
 class Vocabulary:
@@ -129,21 +163,25 @@ class Vocabulary:
 class Grammar:
     """A compiled grammar; each sequence starts its own `Constraint` from it."""
 
-    def __init__(self, compiler: ConstraintCompiler, grammar: str, distinct: str | None = None) -> None:
+    def __init__(
+        self, compiler: ConstraintCompiler, grammar: str, distinct: str | None = None, *, json: bool = True
+    ) -> None:
         self._compiler = compiler
         self._grammar = grammar
         self._distinct = distinct
+        self._json = json
 
     def start(self) -> Constraint:
         """A fresh matcher at the start of the grammar."""
         matcher = LLMatcher(self._compiler.tokenizer, self._grammar)
-        return Constraint(matcher, self._compiler.vocabulary, JsonCursor(watch=self._distinct))
+        cursor = JsonCursor(watch=self._distinct) if self._json else None
+        return Constraint(matcher, self._compiler.vocabulary, cursor)
 
 
 class Constraint:
-    """One sequence's position in its grammar, and in the JSON it spells."""
+    """One sequence's position in its grammar, and in the JSON it spells (None: not JSON)."""
 
-    def __init__(self, matcher: LLMatcher, vocabulary: Vocabulary, cursor: JsonCursor) -> None:
+    def __init__(self, matcher: LLMatcher, vocabulary: Vocabulary, cursor: JsonCursor | None) -> None:
         self._matcher = matcher
         self._vocabulary = vocabulary
         self._cursor = cursor
@@ -152,13 +190,16 @@ class Constraint:
     @property
     def cut(self) -> bool:
         """Complete, but only because the token limit closed it: end with `"length"` now."""
-        return self._budgeted and self._cursor.complete
+        return self._budgeted and self._cursor is not None and self._cursor.complete
 
     def mask(self, logits: torch.Tensor, remaining: int) -> None:
         """Forbid, in place, every token the grammar does not allow next, nor the closing when
         `remaining` tokens (this one included) are all that is left, or an item has repeated."""
         bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
         allowed = np.unpackbits(bits, bitorder="little")[: logits.shape[-1]].astype(bool)
+        if self._cursor is None:
+            logits[~torch.from_numpy(allowed)] = float("-inf")
+            return
         closing = self._cursor.closing()
         if closing and (self._cursor.repeated or remaining <= len(closing) + WINDOW):
             narrowed = allowed & self._closers(closing, remaining)[: allowed.shape[0]]
@@ -178,6 +219,7 @@ class Constraint:
         return not bool(narrowed[int(scores.argmax())])
 
     def _closers(self, closing: str, remaining: int) -> np.ndarray:
+        assert self._cursor is not None  # only JSON is closed
         tokens = self._vocabulary.prefixes(closing)
         if self._cursor.in_string and remaining > len(closing) and not self._cursor.repeated:
             tokens |= self._vocabulary.plain  # the string being written may go on while there is room
@@ -187,5 +229,6 @@ class Constraint:
         """Advance past `token`; False if the grammar does not allow it."""
         if not self._matcher.consume_token(token) or self._matcher.is_error():
             return False
-        self._cursor.feed(self._vocabulary.bytes[token])
+        if self._cursor is not None:
+            self._cursor.feed(self._vocabulary.bytes[token])
         return True

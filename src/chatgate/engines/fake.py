@@ -29,6 +29,8 @@ from chatgate.settings import SchedulingPolicy
 
 EOS = 256
 BOS = 257
+# With `fim=True`, the fill-in-the-middle tokens a code model has (as StarCoder spells them).
+FIM_TOKENS = {"<fim_prefix>": 258, "<fim_suffix>": 259, "<fim_middle>": 260}
 EMBEDDING_DIM = 16
 
 
@@ -139,11 +141,13 @@ class FakeEngine(Engine):
         tools_in_template: bool = False,
         max_running: int | None = None,
         scheduling_policy: SchedulingPolicy = "fcfs",
+        fim: bool = False,
     ) -> None:
+        self.fim = fim
         self.info = ModelInfo(
             name=name,
             context_length=context_length,
-            vocab_size=BOS + 1,
+            vocab_size=BOS + 1 + (len(FIM_TOKENS) if fim else 0),
             embedding_dim=EMBEDDING_DIM,
             tools_in_template=tools_in_template,
             scheduling_policy=scheduling_policy,
@@ -168,6 +172,9 @@ class FakeEngine(Engine):
 
     def decode(self, token_ids: Seq[int], *, skip_special_tokens: bool = True) -> str:
         return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
+
+    def special_token(self, text: str) -> int | None:
+        return FIM_TOKENS.get(text) if self.fim else None
 
     def render_chat(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, add_generation_prompt: bool = True

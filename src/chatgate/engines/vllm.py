@@ -105,13 +105,16 @@ class VllmEngine(ChatTokensEngine, Engine):
         return self._running
 
     def compile_constraint(self, spec: dict[str, Any]) -> Any:
-        """vLLM's structured-output parameters for a `response_format` constraint."""
+        """vLLM's structured-output parameters for a constraint (`response_format` or the structured-output fields)."""
         from vllm.sampling_params import StructuredOutputsParams
 
         if spec.get("type") == "json_schema":
             return StructuredOutputsParams(json=spec.get("schema") or {})
         if spec.get("type") == "json_object":
             return StructuredOutputsParams(json_object=True)
+        if spec.get("type") in ("regex", "choice", "grammar"):
+            kind = str(spec["type"])
+            return StructuredOutputsParams(**{kind: spec.get(kind)})
         raise InvalidRequestError(f"Unsupported response_format type {spec.get('type')!r}.", param="response_format")
 
     def _sampling(self, params: SamplingParams) -> Any:

@@ -215,6 +215,11 @@ class PublicRequest(BaseModel):
         """Every JSON schema the request carries, with the field that holds it."""
         return ()
 
+    def grammars(self) -> Iterable[tuple[str, dict[str, Any]]]:
+        """Every regex, choice or grammar constraint the request carries (in the worker
+        protocol's form), with the field that holds it: the door compiles each."""
+        return ()
+
 
 def schemas_cost(schemas: Iterable[tuple[str, dict[str, Any]]]) -> tuple[int, str]:
     """JSON values in all the schemas together, and the field of the first."""

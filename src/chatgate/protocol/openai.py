@@ -15,7 +15,9 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from chatgate.protocol import limits
+from chatgate.protocol.accepted import ChatExtras, CompletionExtras
 from chatgate.protocol.limits import PublicRequest
+from chatgate.protocol.structured import StructuredFields
 from pydantic import (
     BaseModel,
     Field,
@@ -44,6 +46,8 @@ class StreamOptions(PublicRequest):
     """`stream_options` of a streamed request."""
 
     include_usage: bool = False
+    # OpenAI pads stream events against length side channels; accepted, and nothing is padded here.
+    include_obfuscation: bool | None = None
 
 
 class TextPart(PublicRequest):
@@ -111,8 +115,8 @@ LogitBias = Annotated[
 ]
 
 
-class SamplingRequest(PublicRequest):
-    """Fields shared by chat and completion requests."""
+class SamplingRequest(StructuredFields):
+    """Fields shared by chat and completion requests (the structured-output ones in `StructuredFields`)."""
 
     model: str = Field(min_length=1)
     n: int = Field(1, ge=1)
@@ -234,7 +238,7 @@ class NamedToolChoice(PublicRequest):
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
-class ChatCompletionRequest(SamplingRequest):
+class ChatCompletionRequest(SamplingRequest, ChatExtras):
     """`POST /v1/chat/completions` (and FastChat's `/api/v1/chat/completions`)."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=limits.MAX_MESSAGES)
@@ -274,7 +278,13 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError("top_logprobs requires logprobs to be true")
         return value
 
+    def other_constraints(self) -> list[str]:
+        forced = [self.response_format is not None and self.response_format.type != "text",
+                  self.tool_choice not in (None, "none", "auto"), isinstance(self.function_call, FunctionName)]
+        return [name for name, given in zip(("response_format", "tool_choice", "function_call"), forced) if given]
+
     def schemas(self) -> Iterable[tuple[str, dict[str, Any]]]:
+        yield from self.structured_schemas()
         for index, tool in enumerate(self.tools or []):
             yield f"tools[{index}].function.parameters", tool.function.parameters
         for index, function in enumerate(self.functions or []):
@@ -326,14 +336,23 @@ Prompt = (
 )
 
 
-class CompletionRequest(SamplingRequest):
+class CompletionRequest(SamplingRequest, CompletionExtras):
     """`POST /v1/completions`."""
 
     prompt: Prompt
     max_tokens: int | None = Field(16, ge=1)
     echo: bool | None = False
+    # Filled in the middle where the model has FIM tokens (the worker refuses it elsewhere).
     suffix: str | None = None
     logprobs: int | None = Field(None, ge=0, le=5)
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix_without_echo(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # The echoed prompt would be the prefix alone, the text read as if it ended there.
+        if value is not None and info.data.get("echo"):
+            raise ValueError("suffix cannot be combined with echo")
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -349,8 +368,12 @@ class CompletionRequest(SamplingRequest):
     # Completions carry token-id lists: up to 128 prompts of a long context.
     max_json_values: ClassVar[int] = 1_100_000
 
+    def schemas(self) -> Iterable[tuple[str, dict[str, Any]]]:
+        return self.structured_schemas()
+
     def cost(self) -> limits.Cost:
         choices = prompt_count(self.prompt) * self.n
+        values, schema_param = limits.schemas_cost(self.schemas())
         entries, detail = 0, ""
         if self.logprobs is not None and not self.stream:
             # `echo` scores each choice's prompt as well; a token is at least one UTF-8 byte.
@@ -361,6 +384,7 @@ class CompletionRequest(SamplingRequest):
         return limits.Cost(
             choices=choices, choices_param="n" if self.n > 1 else "prompt",
             logprob_entries=entries, logprob_param="logprobs", logprob_detail=detail,
+            schema_values=values, schema_param=schema_param,
         )
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 from chatgate.protocol import limits
+from chatgate.protocol.accepted import ResponsesExtras, Verbosity
 from chatgate.protocol.limits import PublicRequest
 from chatgate.protocol.openai import CacheSalt, FunctionDefinition, Priority
 
@@ -131,9 +132,10 @@ class TextConfig(_Request):
     """`text`: how the output text is formatted."""
 
     format: TextFormat | None = None
+    verbosity: Verbosity | None = None
 
 
-class ResponsesRequest(_Request):
+class ResponsesRequest(ResponsesExtras):  # a `_Request`, with the fields it accepts but cannot act on
     """`POST /v1/responses`."""
 
     model: str = Field(min_length=1)
@@ -149,7 +151,6 @@ class ResponsesRequest(_Request):
     stream: bool | None = False
     include: list[Includable] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    metadata: dict[str, str] | None = None
     user: str | None = None
     cache_salt: CacheSalt | None = None
     priority: Priority = 0

@@ -71,6 +71,9 @@ class GenerateParams(Sampling):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     echo: bool = False
+    # Completions' `suffix`: the prompt is the prefix of a fill-in-the-middle prompt (`prompt`
+    # or `prompt_token_ids`), and this text follows the gap; refused where the model has no FIM tokens.
+    suffix: str | None = None
     delta: bool = False
     # chatgate extension: {"type": "json_object"} or {"type": "json_schema", "schema": {...}},
     # optionally with "distinct": <property>, the top-level array whose first repeated item ends it.

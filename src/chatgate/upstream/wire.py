@@ -76,11 +76,15 @@ def _sampling(params: GenerateParams, model: str) -> dict[str, Any]:
     return body
 
 
-def _response_format(constraint: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's `response_format` from the worker protocol's constraint form."""
-    if constraint.get("type") == "json_schema":
-        return {"type": "json_schema", "json_schema": {"name": "response", "schema": constraint.get("schema", {})}}
-    return {"type": "json_object"}
+def _constraint_fields(constraint: dict[str, Any]) -> dict[str, Any]:
+    """The body field for the worker protocol's constraint form: OpenAI's `response_format` for
+    JSON, vLLM's `structured_outputs` for a regex, choice or grammar (which OpenAI has not)."""
+    kind = constraint.get("type")
+    if kind in ("regex", "choice", "grammar"):
+        return {"structured_outputs": {kind: constraint.get(kind)}}
+    if kind == "json_schema":
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": "response", "schema": constraint.get("schema", {})}}}
+    return {"response_format": {"type": "json_object"}}
 
 
 def _chat_body(params: GenerateParams, model: str) -> dict[str, Any]:
@@ -93,7 +97,7 @@ def _chat_body(params: GenerateParams, model: str) -> dict[str, Any]:
     else:
         body["messages"] = params.messages
         if params.response_format:
-            body["response_format"] = _response_format(params.response_format)
+            body |= _constraint_fields(params.response_format)
     if params.logprobs is not None:
         body |= {"logprobs": True, "top_logprobs": params.logprobs}
     return body
@@ -104,10 +108,12 @@ def _completion_body(params: GenerateParams, model: str) -> dict[str, Any]:
     body["prompt"] = params.prompt_token_ids if params.prompt_token_ids is not None else (params.prompt or "")
     if params.echo:
         body["echo"] = True
+    if params.suffix is not None:
+        body["suffix"] = params.suffix
     if params.logprobs is not None:
         body["logprobs"] = params.logprobs
     if params.response_format:
-        body["response_format"] = _response_format(params.response_format)
+        body |= _constraint_fields(params.response_format)
     return body
 
 

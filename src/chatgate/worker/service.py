@@ -76,6 +76,8 @@ class WorkerService:
 
     def prompt_ids(self, params: GenerateParams) -> tuple[list[int], str]:
         """Token ids and text of the prompt, however the request gave it."""
+        if params.suffix is not None:
+            return self._fill_in_middle(params, params.suffix)
         if params.prompt_token_ids is not None:
             ids = self._checked_ids(params.prompt_token_ids, params.prompt_param)
             return ids, self.engine.decode(ids)
@@ -85,6 +87,23 @@ class WorkerService:
             return self._encode_chat(params.messages)
         text = params.prompt or ""
         return self.engine.encode(text), text
+
+    def _fill_in_middle(self, params: GenerateParams, suffix: str) -> tuple[list[int], str]:
+        """The StarCoder-style fill-in-the-middle prompt, prefix-suffix-middle order:
+        `<fim_prefix>{prompt}<fim_suffix>{suffix}<fim_middle>`; the prompt may be token ids."""
+        marks = [self.engine.special_token(f"<fim_{part}>") for part in ("prefix", "suffix", "middle")]
+        if None in marks:
+            raise InvalidRequestError(
+                f"The model `{self.engine.info.name}` has no fill-in-the-middle tokens, so it cannot "
+                "complete text before a suffix; leave suffix out.", param="suffix",
+            )
+        prefix, after, middle = (int(m) for m in marks if m is not None)
+        if params.prompt_token_ids is not None:
+            head = self._checked_ids(params.prompt_token_ids, params.prompt_param)
+        else:
+            head = self.engine.encode(params.prompt or "", add_special_tokens=False)
+        ids = [prefix, *head, after, *self.engine.encode(suffix, add_special_tokens=False), middle]
+        return ids, self.engine.decode(head)
 
     def _checked_ids(self, ids: list[int], param: str) -> list[int]:
         vocab = self.engine.info.vocab_size
@@ -129,7 +148,7 @@ class WorkerService:
                     completion_tokens=params.max_new_tokens or 1, param=params.prompt_param,
                 )
             return
-        texts = [str(m.get("content") or "") for m in params.messages or []] + [params.prompt or ""]
+        texts = [str(m.get("content") or "") for m in params.messages or []] + [params.prompt or "", params.suffix or ""]
         await self._admission.check_length(texts, param=params.prompt_param)
 
     def _prepared(self, params: GenerateParams) -> tuple[list[int], str, SamplingParams]:

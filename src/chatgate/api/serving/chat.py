@@ -36,6 +36,7 @@ def to_params(request: ChatCompletionRequest, tool_plan: ToolPlan | None = None)
     constraint = tool_plan.constraint() if tool_plan else None
     if constraint is None and request.response_format is not None:
         constraint = request.response_format.constraint()
+    constraint = constraint or request.structured_constraint()
     return GenerateParams.model_validate(
         {
             **sampling_params(request),

@@ -40,7 +40,9 @@ def to_params(request: CompletionRequest) -> list[GenerateParams]:
         **sampling_params(request),
         "max_new_tokens": request.max_tokens,
         "echo": bool(request.echo),
+        "suffix": request.suffix,
         "logprobs": request.logprobs,
+        "response_format": request.structured_constraint(),
         "prompt_param": "prompt",
     }
     params: list[GenerateParams] = []
