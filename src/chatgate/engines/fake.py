@@ -15,13 +15,16 @@ from typing import Any
 
 import torch
 
-from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, SamplingParams
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from chatgate.engines.base import ChatOptions, Engine, GenerationOutput, ModelInfo, SamplingParams
 from chatgate.engines.sampling import make_generator, sample_with_logprob
 from chatgate.engines.sequence import SequenceState
 
 EOS = 256
 BOS = 257
 EMBEDDING_DIM = 16
+_SANDBOX = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
 
 class FakeEngine(Engine):
@@ -64,11 +67,21 @@ class FakeEngine(Engine):
         return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
 
     def render_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
+        add_generation_prompt: bool = True, options: ChatOptions | None = None,
     ) -> str:
+        options = options or ChatOptions()
+        if options.template is not None:  # rendered as Hugging Face renders one, in a sandbox
+            text = _SANDBOX.from_string(options.template).render(
+                messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **options.variables
+            )
+            final = str(messages[-1].get("content") or "") if options.continue_final_message else ""
+            return text[: text.rfind(final) + len(final)] if final and final in text else text
         lines = [f"<{m['role']}> {m.get('content') or ''}" for m in messages]
         if tools and self.info.tools_in_template:
             lines.insert(0, "<tools> " + " ".join(t["function"]["name"] for t in tools))
+        if options.continue_final_message:  # the reply goes on from the last message's text
+            return "\n".join(lines)
         return "\n".join(lines) + ("\n<assistant>" if add_generation_prompt else "")
 
     def pending(self) -> int:

@@ -230,6 +230,35 @@ class NamedToolChoice(PublicRequest):
 
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
+# OpenAI's reasoning effort levels; a chat template with a `reasoning_effort` switch gets the value.
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+# `chat_template_kwargs`: a few variables for the template, not a document. Names the template
+# already has (the conversation, the flags apply_chat_template sets, the tokenizer's special
+# tokens) are refused: overriding them breaks the prompt or spells tokens the client may not.
+MAX_TEMPLATE_VARIABLES = 64
+MAX_TEMPLATE_DEPTH = 8
+MAX_TEMPLATE_VALUES = 1024
+RESERVED_TEMPLATE_VARIABLES = frozenset({
+    "messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "chat_template",
+    "tokenize", "return_dict", "return_tensors", "return_assistant_tokens_mask", "padding", "truncation",
+    "max_length", "tokenizer_kwargs", "conversation", "raise_exception", "strftime_now",
+})
+
+
+def _template_variables(value: dict[str, Any]) -> dict[str, Any]:
+    if len(value) > MAX_TEMPLATE_VARIABLES:
+        raise ValueError(f"at most {MAX_TEMPLATE_VARIABLES} variables are allowed, got {len(value)}")
+    limits.check_json(value, max_depth=MAX_TEMPLATE_DEPTH, max_values=MAX_TEMPLATE_VALUES)
+    for key in value:
+        if not (key.isidentifier() and key.isascii() and len(key) <= 64) or key.startswith("_"):
+            raise ValueError(f"variable names must be identifiers of at most 64 characters, not {key[:64]!r}")
+        if key in RESERVED_TEMPLATE_VARIABLES or key.endswith(("_token", "_tokens")):
+            raise ValueError(f"{key!r} is set by the server and cannot be overridden")
+    return value
+
+
+TemplateVariables = Annotated[dict[str, Any], AfterValidator(_template_variables)]
+
 
 class ChatCompletionRequest(SamplingRequest):
     """`POST /v1/chat/completions` (and FastChat's `/api/v1/chat/completions`)."""
@@ -245,6 +274,23 @@ class ChatCompletionRequest(SamplingRequest):
     parallel_tool_calls: bool | None = True
     functions: Annotated[list[FunctionDefinition], Field(max_length=limits.MAX_TOOLS)] | None = None
     function_call: Literal["none", "auto"] | FunctionName | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    # vLLM's templating fields (see README, "Reasoning and templating").
+    chat_template_kwargs: TemplateVariables | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _continues_an_assistant_message(cls, value: bool, info: ValidationInfo) -> bool:
+        if not value:
+            return value
+        if info.data.get("add_generation_prompt", True):
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        messages = info.data.get("messages") or []
+        if messages and messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs the last message to be the assistant's")
+        return value
 
     @field_validator("tool_choice")
     @classmethod
@@ -425,18 +471,37 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class CompletionTokensDetails(BaseModel):
+    """`usage.completion_tokens_details`: what the completion tokens were spent on."""
+
+    reasoning_tokens: int = 0
+
+
 class Usage(BaseModel):
     """Token accounting of a response."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # Present where thinking is told apart from the answer (a reasoning parser, an upstream's count).
+    completion_tokens_details: CompletionTokensDetails | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unknown_details(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("completion_tokens_details") is None:
+            data.pop("completion_tokens_details", None)
+        return data
 
     def add(self, other: Usage) -> None:
         """Accumulate another usage into this one."""
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
         self.total_tokens += other.total_tokens
+        if other.completion_tokens_details is not None:
+            details = self.completion_tokens_details or CompletionTokensDetails()
+            details.reasoning_tokens += other.completion_tokens_details.reasoning_tokens
+            self.completion_tokens_details = details
 
 
 FinishReason = Literal["stop", "length", "tool_calls", "function_call", "content_filter"] | None
@@ -462,6 +527,7 @@ class AssistantMessage(BaseModel):
 
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = None  # vLLM's field: the thinking, with a reasoning parser
     tool_calls: list[ToolCall] | None = None
     function_call: FunctionCall | None = None
 
@@ -526,6 +592,7 @@ class ChatDelta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     function_call: dict[str, Any] | None = None
 

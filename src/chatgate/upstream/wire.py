@@ -95,7 +95,19 @@ def _chat_body(params: GenerateParams, model: str) -> dict[str, Any]:
             body["response_format"] = _response_format(params.response_format)
     if params.logprobs is not None:
         body |= {"logprobs": True, "top_logprobs": params.logprobs}
-    return body
+    return body | _templating(params)
+
+
+def _templating(params: GenerateParams) -> dict[str, Any]:
+    """The chat templating fields a request set (vLLM's; OpenAI's `reasoning_effort`): only
+    those, since a strict upstream may refuse fields it does not know."""
+    fields: dict[str, Any] = {
+        "chat_template_kwargs": params.chat_template_kwargs,
+        "reasoning_effort": params.reasoning_effort,
+        "add_generation_prompt": False if not params.add_generation_prompt else None,
+        "continue_final_message": True if params.continue_final_message else None,
+    }
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _completion_body(params: GenerateParams, model: str) -> dict[str, Any]:
@@ -297,25 +309,29 @@ class StreamReader:
         if "error" in data:
             raise stream_error(data["error"], self.secrets)
         if data.get("usage"):
-            self.usage = WorkerUsage.model_validate(data["usage"])
+            self.usage = _usage(data["usage"])
         choices = data.get("choices") or []
         if not choices:
             return None
         choice = choices[0]
         self.finish = choice.get("finish_reason") or self.finish
-        prompt = None
+        prompt, reasoning = None, ""
         if self.chat:
             delta = choice.get("delta") or {}
             calls = delta.get("tool_calls") or []
             self._collect_calls(calls)
             text, logprobs = delta.get("content") or "", _chat_logprobs(choice.get("logprobs"))
-            self.generated += len(logprobs) if logprobs else int(bool(text or calls))
+            # vLLM's field, under its older name and its newer one.
+            reasoning = str(delta.get("reasoning_content") or delta.get("reasoning") or "")
+            self.generated += len(logprobs) if logprobs else int(bool(text or calls or reasoning))
         else:
             text, logprobs, prompt = self._completion(choice)
             self.generated += len(logprobs) if logprobs else int(bool(text) and not prompt)
-        if not text and not logprobs and not prompt:
+        if not text and not logprobs and not prompt and not reasoning:
             return None
-        return WorkerChunk(text=text, token_logprobs=logprobs, prompt_logprobs=prompt, usage=self.running())
+        return WorkerChunk(
+            text=text, reasoning_content=reasoning, token_logprobs=logprobs, prompt_logprobs=prompt, usage=self.running()
+        )
 
     def running(self) -> WorkerUsage:
         """The usage so far: the upstream's own once it has sent it, else counted here."""
@@ -349,6 +365,16 @@ class StreamReader:
             calls = [{"name": c["name"], "arguments": _arguments(c["arguments"])} for _, c in sorted(self.calls.items())]
             text, finish = json.dumps({"tool_calls": calls}), "stop"
         return WorkerChunk(text=text, finish_reason=finish, usage=self.running())
+
+
+def _usage(data: Any) -> WorkerUsage:
+    """An upstream's usage, with its reasoning tokens where it counts them."""
+    usage = WorkerUsage.model_validate(data)
+    details = data.get("completion_tokens_details") if isinstance(data, dict) else None
+    reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    if isinstance(reasoning, int) and not isinstance(reasoning, bool):
+        usage.reasoning_tokens = reasoning
+    return usage
 
 
 def _arguments(text: str) -> dict[str, Any] | str:

@@ -82,7 +82,8 @@ async def open_backend(settings: EngineSettings, *, engine: Engine | None = None
     engine = engine or create_engine(settings)
     await engine.start()
     service = WorkerService(
-        engine=engine, model_names=settings.model_names, limit_concurrency=settings.limit_worker_concurrency
+        engine=engine, model_names=settings.model_names, limit_concurrency=settings.limit_worker_concurrency,
+        reasoning_parser=settings.reasoning_parser, chat_template=settings.chat_template_text(),
     )
     try:
         yield service

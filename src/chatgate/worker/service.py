@@ -6,10 +6,11 @@ request behaves the same whichever way it arrives.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from chatgate.engines.base import Engine, EngineStats, SamplingParams, TokenLogprob
+from chatgate.engines.base import ChatOptions, Engine, EngineStats, GenerationOutput, SamplingParams, TokenLogprob
+from chatgate.engines.reasoning import PARSERS, Phase, ReasoningSplitter
 from chatgate.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -50,8 +51,13 @@ def _aliased(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class WorkerService:
     """Serves one engine under one or more model names."""
 
-    def __init__(self, *, engine: Engine, model_names: list[str], limit_concurrency: int) -> None:
+    def __init__(
+        self, *, engine: Engine, model_names: list[str], limit_concurrency: int,
+        reasoning_parser: str | None = None, chat_template: str | None = None,
+    ) -> None:
         self.engine = engine
+        self._think = PARSERS[reasoning_parser] if reasoning_parser is not None else None
+        self._template = chat_template  # in place of the model's own
         self.model_names = model_names or [engine.info.name]
         self._limit = limit_concurrency
         self._active = 0
@@ -65,25 +71,46 @@ class WorkerService:
 
     # Prompts ---------------------------------------------------------------------------------
 
+    def _options(self, params: GenerateParams | None = None) -> ChatOptions:
+        """How a request's conversation is templated: `--chat-template`, and its own variables."""
+        if params is None:
+            return ChatOptions(template=self._template)
+        variables = dict(params.chat_template_kwargs or {})
+        if params.reasoning_effort is not None:  # for templates with a switch of that name
+            variables.setdefault("reasoning_effort", params.reasoning_effort)
+        return ChatOptions(
+            template=self._template, continue_final_message=params.continue_final_message, variables=variables
+        )
+
     def _render(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, generation_prompt: bool = True
     ) -> str:
-        return self.engine.render_chat(_aliased(messages), tools, add_generation_prompt=generation_prompt)
+        return self.engine.render_chat(
+            _aliased(messages), tools, add_generation_prompt=generation_prompt, options=self._options()
+        )
 
     def _encode_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, params: GenerateParams | None = None
     ) -> tuple[list[int], str]:
-        return self.engine.encode_chat(_aliased(messages), tools)
+        return self.engine.encode_chat(
+            _aliased(messages), tools, options=self._options(params),
+            add_generation_prompt=params.add_generation_prompt if params is not None else True,
+        )
+
+    def _tools_in_template(self) -> bool:
+        if self._template is not None:
+            return "tools" in self._template
+        return self.engine.info.tools_in_template
 
     def prompt_ids(self, params: GenerateParams) -> tuple[list[int], str]:
         """Token ids and text of the prompt, however the request gave it."""
         if params.prompt_token_ids is not None:
             ids = self._checked_ids(params.prompt_token_ids, params.prompt_param)
             return ids, self.engine.decode(ids)
-        if params.tools and params.tool_messages is not None and self.engine.info.tools_in_template:
-            return self._encode_chat(params.tool_messages, params.tools)
+        if params.tools and params.tool_messages is not None and self._tools_in_template():
+            return self._encode_chat(params.tool_messages, params.tools, params)
         if params.messages is not None:
-            return self._encode_chat(params.messages)
+            return self._encode_chat(params.messages, None, params)
         text = params.prompt or ""
         return self.engine.encode(text), text
 
@@ -124,12 +151,21 @@ class WorkerService:
         texts = [str(m.get("content") or "") for m in params.messages or []] + [params.prompt or ""]
         await self._admission.check_length(texts, param=params.prompt_param)
 
-    def _prepared(self, params: GenerateParams) -> tuple[list[int], str, SamplingParams]:
-        """Prompt ids and text and the sampling parameters (CPU work: run it in a thread)."""
+    def _prepared(self, params: GenerateParams) -> tuple[list[int], str, SamplingParams, ReasoningSplitter | None]:
+        """Prompt ids and text, the sampling parameters and the reasoning parser (CPU work: run
+        it in a thread)."""
         ids, prompt_text = self.prompt_ids(params)
         if not ids:
             raise InvalidRequestError("The prompt must not be empty.", param=params.prompt_param)
-        return ids, prompt_text, self._sampling(params, len(ids))
+        splitter = self._splitter(params, prompt_text)
+        return ids, prompt_text, self._sampling(params, len(ids), splitter), splitter
+
+    def _splitter(self, params: GenerateParams, prompt_text: str) -> ReasoningSplitter | None:
+        """The reasoning parser for a chat reply streamed as deltas (to chatgate's API server;
+        FastChat's gets the whole text, tags and all), if the worker has one."""
+        if self._think is None or not params.delta or (params.messages is None and params.tool_messages is None):
+            return None
+        return ReasoningSplitter(self._think, prompt_text)
 
     async def tokenize(self, params: TokenizeParams) -> TokenizeResult:
         """Token ids of a prompt or templated conversation, exactly as generation encodes it
@@ -159,7 +195,18 @@ class WorkerService:
         text = await self._admission.run(lambda: self.engine.decode(ids, skip_special_tokens=False))
         return DetokenizeResult(prompt=text)
 
-    def _sampling(self, params: GenerateParams, prompt_len: int) -> SamplingParams:
+    def _constraint(self, params: GenerateParams, splitter: ReasoningSplitter | None) -> Any:
+        """The compiled `response_format` constraint; with the reply to think first, it binds
+        the answer only, from the end of the thinking on (engines that cannot wait for it bind
+        the whole reply)."""
+        if not params.response_format:
+            return None
+        spec = params.response_format
+        if splitter is not None and splitter.phase is not Phase.ANSWER and self._think is not None:
+            spec = {**spec, "after": self._think.end}
+        return self.engine.compile_constraint(spec)
+
+    def _sampling(self, params: GenerateParams, prompt_len: int, splitter: ReasoningSplitter | None = None) -> SamplingParams:
         context = self.engine.info.context_length
         room = context - prompt_len
         if params.max_new_tokens is None:
@@ -187,7 +234,7 @@ class WorkerService:
             stop_token_ids=tuple(params.stop_token_ids or ()),
             logprobs=params.logprobs,
             cache_salt=params.cache_salt,
-            constraint=self.engine.compile_constraint(params.response_format) if params.response_format else None,
+            constraint=self._constraint(params, splitter),
         )
 
     # Generation ------------------------------------------------------------------------------
@@ -202,11 +249,15 @@ class WorkerService:
         self._active += 1
         try:
             await self._check_prompt_length(params)
-            ids, prompt_text, sampling = await self._admission.run(lambda: self._prepared(params))
+            ids, prompt_text, sampling, splitter = await self._admission.run(lambda: self._prepared(params))
             self.served += 1
             prompt_logprobs = None
             if params.echo and params.logprobs is not None:
                 prompt_logprobs = await self._prompt_logprobs(ids, params.logprobs)
+            if splitter is not None:
+                async for chunk in self._split(self.engine.generate(ids, sampling), splitter):
+                    yield chunk
+                return
             cumulative = prompt_text if params.echo else ""
             first = True
             async for out in self.engine.generate(ids, sampling):
@@ -230,6 +281,31 @@ class WorkerService:
                 prompt_logprobs = None
         finally:
             self._active -= 1
+
+    async def _split(
+        self, outputs: AsyncIterator[GenerationOutput], splitter: ReasoningSplitter
+    ) -> AsyncGenerator[WorkerChunk, None]:
+        """Delta chunks of a reply split into thinking and answer; the tokens of every output
+        that was thinking, when it began or when it ended, count as reasoning tokens."""
+        thinking = 0
+        async for out in outputs:
+            before = splitter.phase
+            reasoning, content = splitter.feed(out.text)
+            if out.finish_reason is not None:
+                held_reasoning, held_content = splitter.finish()
+                reasoning, content = reasoning + held_reasoning, content + held_content
+            if Phase.THINKING in (before, splitter.phase) or reasoning:
+                thinking += len(out.token_ids)
+            yield WorkerChunk(
+                text=content,
+                reasoning_content=reasoning,
+                usage=WorkerUsage(
+                    prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                    total_tokens=out.prompt_tokens + out.completion_tokens, reasoning_tokens=thinking,
+                ),
+                finish_reason=finish_reason_of(out.finish_reason),
+                token_logprobs=self._logprobs(out.logprobs),
+            )
 
     # Embeddings ------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from chatgate.protocol.openai import (
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,
+    CompletionTokensDetails,
     FinishReason,
     SamplingRequest,
     TopLogprob,
@@ -42,6 +43,7 @@ class Choice:
     """What one choice produced, collected from its stream."""
 
     text: str = ""
+    reasoning: str = ""  # the thinking, where the worker tells it apart
     finish_reason: FinishReason = None
     usage: Usage = field(default_factory=Usage)
     logprobs: list[WorkerLogprob] = field(default_factory=list)
@@ -50,11 +52,14 @@ class Choice:
     def add(self, chunk: WorkerChunk) -> None:
         """Fold one worker chunk into the choice."""
         self.text += chunk.text
+        self.reasoning += chunk.reasoning_content
         self.logprobs += chunk.token_logprobs or []
         self.prompt_logprobs += chunk.prompt_logprobs or []
         self.finish_reason = chunk.finish_reason or self.finish_reason
         if chunk.usage is not None:
-            self.usage = Usage.model_validate(chunk.usage.model_dump())
+            self.usage = Usage.model_validate(chunk.usage.model_dump(exclude={"reasoning_tokens"}))
+            if chunk.usage.reasoning_tokens is not None:
+                self.usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=chunk.usage.reasoning_tokens)
 
 
 async def _metered(
@@ -74,14 +79,15 @@ async def _metered(
         async with contextlib.aclosing(stream):
             async for chunk in stream:
                 now = time.perf_counter()
-                if chunk.text and metrics is not None:
+                said = chunk.text or chunk.reasoning_content
+                if said and metrics is not None:
                     if last is None:
                         metrics.ttft.labels(model=model).observe(now - begin)
                     else:
                         metrics.itl.labels(model=model).observe(now - last)
                     last = now
                 usage = chunk.usage or usage
-                delivered += len(chunk.token_logprobs) if chunk.token_logprobs else int(bool(chunk.text))
+                delivered += len(chunk.token_logprobs) if chunk.token_logprobs else int(bool(said))
                 yield chunk
     finally:  # a stream the client left still used its tokens
         await _account(usage or WorkerUsage(), delivered, metrics, model, count_prompt)
@@ -145,6 +151,10 @@ def total_usage(choices: list[Choice], per_prompt: int) -> Usage:
         if index % per_prompt == 0:
             usage.prompt_tokens += choice.usage.prompt_tokens
         usage.completion_tokens += choice.usage.completion_tokens
+        if choice.usage.completion_tokens_details is not None:
+            details = usage.completion_tokens_details or CompletionTokensDetails()
+            details.reasoning_tokens += choice.usage.completion_tokens_details.reasoning_tokens
+            usage.completion_tokens_details = details
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
     return usage
 
