@@ -26,6 +26,12 @@ from chatgate.errors import InvalidRequestError
 Render = Callable[[list[dict[str, Any]]], str]
 
 
+def template_error(exc: Exception, options: ChatOptions) -> InvalidRequestError:
+    """A conversation (or template variables) the chat template refused: the client's error."""
+    param = "chat_template_kwargs" if options.variables else "messages"
+    return InvalidRequestError(f"The chat template could not render this conversation: {exc}", param=param)
+
+
 class ChatTokenizer:
     """Tokenises rendered conversations for one Hugging Face fast tokenizer; thread-safe."""
 
@@ -64,7 +70,7 @@ class ChatTokenizer:
                 continue_final_message=options.continue_final_message, **options.variables,
             ))
         except (TemplateError, ValueError, TypeError) as exc:
-            raise InvalidRequestError(f"The chat template could not render this conversation: {exc}", param="messages") from None
+            raise template_error(exc, options) from None
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """The text of `token_ids`."""

@@ -15,9 +15,11 @@ from typing import Any
 
 import torch
 
+from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from chatgate.engines.base import ChatOptions, Engine, GenerationOutput, ModelInfo, SamplingParams
+from chatgate.engines.chat_tokens import template_error
 from chatgate.engines.sampling import make_generator, sample_with_logprob
 from chatgate.engines.sequence import SequenceState
 
@@ -72,9 +74,12 @@ class FakeEngine(Engine):
     ) -> str:
         options = options or ChatOptions()
         if options.template is not None:  # rendered as Hugging Face renders one, in a sandbox
-            text = _SANDBOX.from_string(options.template).render(
-                messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **options.variables
-            )
+            try:
+                text = _SANDBOX.from_string(options.template).render(
+                    messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **options.variables
+                )
+            except TemplateError as exc:
+                raise template_error(exc, options) from None
             final = str(messages[-1].get("content") or "") if options.continue_final_message else ""
             return text[: text.rfind(final) + len(final)] if final and final in text else text
         lines = [f"<{m['role']}> {m.get('content') or ''}" for m in messages]
