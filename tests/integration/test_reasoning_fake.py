@@ -112,10 +112,10 @@ async def test_responses_return_a_reasoning_item_before_the_message(thinking_app
     assert r.output_text == ANSWER
     assert r.usage is not None and r.usage.output_tokens_details.reasoning_tokens == THINKING_TOKENS
     # The output goes back as input for the next turn; the thinking is left out of the prompt.
-    again = await sdk(thinking_app).responses.create(
-        model=M, temperature=0, input=[*[item.model_dump(exclude_none=True) for item in r.output], {"role": "user", "content": "more"}]  # type: ignore[misc]
-    )
-    assert again.status == "completed"
+    async with raw(thinking_app) as client:
+        items = [item.model_dump(exclude_none=True) for item in r.output]
+        again = await client.post("/v1/responses", json={"model": M, "input": [*items, {"role": "user", "content": "more"}]})
+    assert again.status_code == 200 and again.json()["status"] == "completed"
 
 
 async def test_responses_stream_reasoning_events_then_the_message(thinking_app: FastAPI) -> None:
@@ -255,3 +255,24 @@ async def test_bad_responses_reasoning_is_a_400(thinking_app: FastAPI, reasoning
         r = await client.post("/v1/responses", json={"model": M, "input": "hi", "reasoning": reasoning})
     assert r.status_code == 400, r.text
     assert (r.json()["error"]["param"] or "").startswith("reasoning")
+
+
+async def test_a_worker_over_http_splits_delta_streams_only() -> None:
+    """chatgate's API server asks for deltas and gets the split; FastChat's asks for the whole
+    text and gets it as the model wrote it, tags and all."""
+    from chatgate.settings import WorkerSettings
+    from chatgate.worker.app import create_worker_app
+
+    settings = WorkerSettings(no_register=True, engine="fake", model_names=[M], reasoning_parser="deepseek_r1")
+    params = {"model": M, "messages": [{"role": "user", "content": "x </think> y"}], "temperature": 0}
+    async with running(create_worker_app(settings, engine=FakeEngine())) as app, raw(app) as client:
+        frames = {}
+        for delta in (True, False):
+            r = await client.post("/worker_generate_stream", json={**params, "delta": delta})
+            frames[delta] = [json.loads(f) for f in r.content.split(b"\0") if f]
+    split = frames[True]
+    assert "".join(f["reasoning_content"] for f in split) == THINKING
+    assert "".join(f["text"] for f in split) == ANSWER
+    assert split[-1]["usage"]["reasoning_tokens"] == THINKING_TOKENS
+    whole = frames[False]
+    assert whole[-1]["text"] == THINKING + "</think>" + ANSWER and not any(f.get("reasoning_content") for f in whole)

@@ -67,7 +67,8 @@ async def test_the_thinking_is_what_the_model_said_before_the_end_tag(thinking_a
     thinking, answer = split(said)
     assert (getattr(message, "reasoning_content", None), message.content) == (thinking, answer)
     details = r.usage.completion_tokens_details
-    assert details is not None and 0 < details.reasoning_tokens <= r.usage.completion_tokens
+    assert details is not None and details.reasoning_tokens is not None
+    assert 0 < details.reasoning_tokens <= r.usage.completion_tokens
     if not answer:
         assert details.reasoning_tokens == r.usage.completion_tokens
     stream = await sdk(thinking_app).chat.completions.create(

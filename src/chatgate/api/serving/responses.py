@@ -273,9 +273,9 @@ class ResponsesReply(Reply[ResponseObject, StreamEvent]):
         output = output_items(choice, self.tool_plan, self.head.request.logprobs)
         for index, item in enumerate(output):
             if isinstance(item, ReasoningOutput):  # streamed already, under this id
-                output[index] = self._thinking()
+                output[index] = thinking = self._thinking()
                 if self.tool_plan is not None:  # else the message's opening closes it
-                    yield from self.events.reasoning_close(index, output[index])
+                    yield from self.events.reasoning_close(index, thinking)
             elif isinstance(item, FunctionCallOutput):
                 yield from self.events.call(index, item)
             elif self.tool_plan is None:  # its text has streamed already, under this id
