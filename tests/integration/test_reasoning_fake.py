@@ -276,3 +276,13 @@ async def test_a_worker_over_http_splits_delta_streams_only() -> None:
     assert split[-1]["usage"]["reasoning_tokens"] == THINKING_TOKENS
     whole = frames[False]
     assert whole[-1]["text"] == THINKING + "</think>" + ANSWER and not any(f.get("reasoning_content") for f in whole)
+
+
+async def test_an_unauthenticated_caller_learns_nothing_about_the_fields() -> None:
+    async with running(make_app(FakeEngine(), api_keys=["sk-right"], reasoning_parser="deepseek_r1")) as app, raw(app) as client:
+        body = {"model": M, "messages": user("hi"), "chat_template_kwargs": {"messages": []}, "continue_final_message": True}
+        for headers in ({}, {"Authorization": "Bearer sk-wrong"}):
+            r = await client.post("/v1/chat/completions", json=body, headers=headers)
+            assert r.status_code == 401, r.text
+        r = await client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer sk-right"})
+        assert r.status_code == 400

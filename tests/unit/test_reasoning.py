@@ -4,6 +4,7 @@ tags however it is cut, and the gate that holds a grammar back until the thinkin
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import get_args
 
 import pytest
@@ -150,3 +151,35 @@ def test_a_json_grammar_binds_only_the_answer_with_the_models_tokenizer() -> Non
     assert allowed and all(b.startswith(b"{") for b in allowed)
     for token in compiler.tokenizer.tokenize_str('{"a":1}'):
         assert gate.accept(token)
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--reasoning-parser", "deepseek-r1"], "--reasoning-parser"),  # vLLM's spelling has an underscore
+        (["--reasoning-parser", "bogus"], "--reasoning-parser"),
+        (["--chat-template", "/nonexistent/template.jinja"], "--chat-template"),
+    ],
+)
+def test_a_bad_flag_stops_the_start_with_a_message_naming_it(
+    flags: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from chatgate.cli import main
+
+    for command in ("serve", "worker"):
+        with pytest.raises(SystemExit) as stopped:
+            main([command, *flags])
+        assert stopped.value.code == 2
+        assert named in capsys.readouterr().err
+
+
+def test_the_flags_take_vllms_parser_names_and_a_template_file(tmp_path: Path) -> None:
+    from chatgate.cli import build_settings, parser
+    from chatgate.settings import ServeSettings
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages[0]['content'] }}")
+    args = parser().parse_args(["serve", "--reasoning-parser", "qwen3", "--chat-template", str(template)])
+    settings = build_settings(ServeSettings, args)
+    assert settings.reasoning_parser == "qwen3" and settings.chat_template_text() == template.read_text()
+    assert build_settings(ServeSettings, parser().parse_args(["serve"])).reasoning_parser is None

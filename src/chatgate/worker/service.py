@@ -149,6 +149,8 @@ class WorkerService:
                 )
             return
         texts = [str(m.get("content") or "") for m in params.messages or []] + [params.prompt or ""]
+        if params.chat_template_kwargs:  # template variables may be rendered into the prompt too
+            texts.append(str(params.chat_template_kwargs))
         await self._admission.check_length(texts, param=params.prompt_param)
 
     def _prepared(self, params: GenerateParams) -> tuple[list[int], str, SamplingParams, ReasoningSplitter | None]:
