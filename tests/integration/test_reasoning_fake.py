@@ -286,3 +286,17 @@ async def test_an_unauthenticated_caller_learns_nothing_about_the_fields() -> No
             assert r.status_code == 401, r.text
         r = await client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer sk-right"})
         assert r.status_code == 400
+
+
+@pytest.mark.parametrize("with_tools", [False, True])
+async def test_the_sdks_stream_helper_assembles_the_reasoning_item(thinking_app: FastAPI, with_tools: bool) -> None:
+    """The SDK's `responses.stream` checks that every item's identity holds from `added` to the
+    final response; with tools the answer items come when the reply ends, after the thinking."""
+    tools: Any = {"tools": [{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}]} if with_tools else {}
+    async with sdk(thinking_app).responses.stream(model=M, input="x </think> y", temperature=0, **tools) as stream:
+        indexes = [e.output_index async for e in stream if e.type == "response.output_item.added"]
+        final = await stream.get_final_response()
+    assert indexes == [0, 1]
+    assert [item.type for item in final.output] == ["reasoning", "message"]
+    assert final.output_text == ANSWER
+    assert "".join(c.text for c in final.output[0].content or []) == THINKING  # type: ignore[union-attr]
