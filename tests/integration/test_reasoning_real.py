@@ -16,7 +16,7 @@ import pytest
 from fastapi import FastAPI
 
 from chatgate.engines.base import Engine
-from tests.conftest import Messages, as_dicts, make_app, raw, running, sdk, user
+from tests.conftest import Messages, as_dicts, function_calls, function_tool, make_app, raw, running, sdk, user
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 
@@ -144,19 +144,19 @@ async def test_continue_final_message_continues_the_prefix(chat_engine: Engine, 
 async def test_a_forced_tool_call_follows_the_thinking(thinking_app: FastAPI) -> None:
     """Thinking the prefill closed, then the grammar of a required call: the call parses out of
     the answer, and the thinking stays out of it."""
-    weather = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    weather: dict[str, object] = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     prefill: Messages = [
         *user("What is the weather in Paris?"),
         {"role": "assistant", "content": "<think>I should look it up.</think>"},
     ]
     r = await sdk(thinking_app).chat.completions.create(
         model=MODEL, messages=prefill, temperature=0, max_tokens=80, tool_choice="required", parallel_tool_calls=False,
-        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": weather}}],
+        tools=[function_tool("get_weather", "The weather in a city.", weather)],
         extra_body={"continue_final_message": True, "add_generation_prompt": False},
     )
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls", choice
-    calls = choice.message.tool_calls or []
-    assert len(calls) == 1 and calls[0].type == "function" and calls[0].function.name == "get_weather"
+    calls = function_calls(choice.message)
+    assert len(calls) == 1 and calls[0].function.name == "get_weather"
     assert "city" in json.loads(calls[0].function.arguments)
     assert getattr(choice.message, "reasoning_content", None) is None
