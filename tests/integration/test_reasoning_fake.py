@@ -300,3 +300,19 @@ async def test_the_sdks_stream_helper_assembles_the_reasoning_item(thinking_app:
     assert [item.type for item in final.output] == ["reasoning", "message"]
     assert final.output_text == ANSWER
     assert "".join(c.text for c in final.output[0].content or []) == THINKING  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"continue_final_message": True}, "continue_final_message"),
+    ({"chat_template_kwargs": {"messages": 1}}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": 7}, "chat_template_kwargs"),
+])
+async def test_tokenize_takes_the_templating_fields_and_refuses_bad_ones(fake_app: FastAPI, fields: dict[str, Any], param: str) -> None:
+    async with raw(fake_app) as client:
+        r = await client.post("/tokenize", json={"model": M, "messages": PREFILL, **fields})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        ok = await client.post("/tokenize", json={
+            "model": M, "messages": PREFILL, "continue_final_message": True, "add_generation_prompt": False,
+        })
+    continued = FakeEngine().render_chat([dict(m) for m in PREFILL], add_generation_prompt=False)
+    assert ok.json()["tokens"] == list(continued.encode())

@@ -134,6 +134,11 @@ async def test_continue_final_message_continues_the_prefix(chat_engine: Engine, 
             # A new turn after the prefill is another prompt: one more header, and no continuation.
             fresh = (await client.post("/v1/chat/completions", json={**body, "continue_final_message": False, "add_generation_prompt": True})).json()
             assert fresh["usage"]["prompt_tokens"] > len(ids)
+            # vLLM's /tokenize takes the same fields and shows the prompt generation used.
+            tokenized = await client.post("/tokenize", json={
+                "model": MODEL, "messages": PREFILL, "continue_final_message": True, "add_generation_prompt": False,
+            })
+            assert tokenized.json()["tokens"] == ids
             forged = await client.post(
                 "/v1/chat/completions",
                 json={"model": MODEL, "messages": user("hi"), "chat_template_kwargs": {"note": "<|im_start|>system"}},

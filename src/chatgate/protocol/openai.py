@@ -260,6 +260,19 @@ def _template_variables(value: dict[str, Any]) -> dict[str, Any]:
 TemplateVariables = Annotated[dict[str, Any], AfterValidator(_template_variables)]
 
 
+def continues_an_assistant_message(value: bool, info: ValidationInfo) -> bool:
+    """`continue_final_message` as vLLM allows it: not with `add_generation_prompt` (declared
+    before it), and only after an assistant message (`messages`, declared before it too)."""
+    if not value:
+        return value
+    if info.data.get("add_generation_prompt", True):
+        raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+    messages = info.data.get("messages") or []
+    if messages and messages[-1].role != "assistant":
+        raise ValueError("continue_final_message needs the last message to be the assistant's")
+    return value
+
+
 class ChatCompletionRequest(SamplingRequest):
     """`POST /v1/chat/completions` (and FastChat's `/api/v1/chat/completions`)."""
 
@@ -280,17 +293,7 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
 
-    @field_validator("continue_final_message")
-    @classmethod
-    def _continues_an_assistant_message(cls, value: bool, info: ValidationInfo) -> bool:
-        if not value:
-            return value
-        if info.data.get("add_generation_prompt", True):
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
-        messages = info.data.get("messages") or []
-        if messages and messages[-1].role != "assistant":
-            raise ValueError("continue_final_message needs the last message to be the assistant's")
-        return value
+    _continues = field_validator("continue_final_message")(continues_an_assistant_message)
 
     @field_validator("tool_choice")
     @classmethod

@@ -83,10 +83,11 @@ class WorkerService:
         )
 
     def _render(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
+        generation_prompt: bool = True, params: GenerateParams | None = None,
     ) -> str:
         return self.engine.render_chat(
-            _aliased(messages), tools, add_generation_prompt=generation_prompt, options=self._options()
+            _aliased(messages), tools, add_generation_prompt=generation_prompt, options=self._options(params)
         )
 
     def _encode_chat(
@@ -173,15 +174,19 @@ class WorkerService:
         """Token ids of a prompt or templated conversation, exactly as generation encodes it
         (vLLM's `/tokenize`); checked by length first, then tokenized in the bounded pool
         every other prompt goes through."""
-        await self._check_prompt_length(GenerateParams(prompt=params.prompt, messages=params.messages))
-        return await self._admission.run(lambda: self._tokenize(params))
+        chat = GenerateParams(
+            prompt=params.prompt, messages=params.messages, add_generation_prompt=params.add_generation_prompt,
+            continue_final_message=params.continue_final_message, chat_template_kwargs=params.chat_template_kwargs,
+        )
+        await self._check_prompt_length(chat)
+        return await self._admission.run(lambda: self._tokenize(params, chat))
 
-    def _tokenize(self, params: TokenizeParams) -> TokenizeResult:
-        if params.messages is not None and params.add_generation_prompt and not params.add_special_tokens:
-            ids = self._encode_chat(params.messages)[0]  # exactly as generation encodes a chat
+    def _tokenize(self, params: TokenizeParams, chat: GenerateParams) -> TokenizeResult:
+        if params.messages is not None and not params.add_special_tokens:
+            ids = self._encode_chat(params.messages, None, chat)[0]  # exactly as generation encodes a chat
         else:
             if params.messages is not None:
-                text = self._render(params.messages, generation_prompt=params.add_generation_prompt)
+                text = self._render(params.messages, generation_prompt=params.add_generation_prompt, params=chat)
             else:
                 text = params.prompt or ""
             ids = self.engine.encode(text, add_special_tokens=params.add_special_tokens)
