@@ -13,7 +13,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field
 
 from chatgate.protocol import limits
 from chatgate.protocol.limits import PublicRequest
-from chatgate.protocol.openai import CacheSalt, FunctionDefinition, ReasoningEffort
+from chatgate.protocol.openai import CacheSalt, FunctionDefinition
+from chatgate.protocol.templating import ReasoningEffort
 
 InputRole = Literal["user", "system", "developer", "assistant"]
 # OpenAI's `include` values. Only output logprobs apply to a text-only server; the others name

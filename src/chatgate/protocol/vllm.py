@@ -8,7 +8,8 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from chatgate.protocol import limits
 from chatgate.protocol.limits import PublicRequest
-from chatgate.protocol.openai import ChatMessage, TemplateVariables, continues_an_assistant_message
+from chatgate.protocol.openai import ChatMessage
+from chatgate.protocol.templating import TemplateVariables, continues_an_assistant_message
 
 _Request = PublicRequest  # strict, unknown fields ignored, every value JSON- and UTF-8-safe
 
