@@ -231,6 +231,7 @@ class NamedToolChoice(PublicRequest):
 
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
+
 class ChatCompletionRequest(SamplingRequest):
     """`POST /v1/chat/completions` (and FastChat's `/api/v1/chat/completions`)."""
 
@@ -246,7 +247,7 @@ class ChatCompletionRequest(SamplingRequest):
     functions: Annotated[list[FunctionDefinition], Field(max_length=limits.MAX_TOOLS)] | None = None
     function_call: Literal["none", "auto"] | FunctionName | None = None
     reasoning_effort: ReasoningEffort | None = None
-    # vLLM's templating fields (see README, "Reasoning and templating").
+    # vLLM's templating fields (`protocol/templating.py`; README, "Reasoning models and templating").
     chat_template_kwargs: TemplateVariables | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
