@@ -316,3 +316,26 @@ async def test_tokenize_takes_the_templating_fields_and_refuses_bad_ones(fake_ap
         })
     continued = FakeEngine().render_chat([dict(m) for m in PREFILL], add_generation_prompt=False)
     assert ok.json()["tokens"] == list(continued.encode())
+
+
+async def test_only_the_generation_prompt_says_where_the_reply_starts(template_app: FastAPI) -> None:
+    """A user's own `<think>` (or `</think>`) is text, not the template's: with thinking off, the
+    reply is the answer whatever the conversation says about tags."""
+    client = sdk(template_app)
+    for said in ("Why do models write <think>?", "What does </think> mean?"):
+        r = await client.chat.completions.create(
+            model=M, messages=user(said), temperature=0, max_tokens=8,
+            extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+        )
+        assert getattr(r.choices[0].message, "reasoning_content", None) is None and r.choices[0].message.content
+        thinking = await client.chat.completions.create(model=M, messages=user(said), temperature=0, max_tokens=8)
+        assert getattr(thinking.choices[0].message, "reasoning_content", None) and thinking.choices[0].message.content == ""
+
+
+async def test_a_users_open_think_tag_does_not_open_the_replys_thinking() -> None:
+    async with running(make_app(FakeEngine(), reasoning_parser="qwen3")) as app:
+        r = await sdk(app).chat.completions.create(model=M, messages=user("Why do models write <think>?"), temperature=0)
+    message = r.choices[0].message
+    assert getattr(message, "reasoning_content", None) is None
+    engine = FakeEngine()
+    assert message.content == engine.reply_for(engine.render_chat([dict(m) for m in user("Why do models write <think>?")]))

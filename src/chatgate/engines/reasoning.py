@@ -7,7 +7,9 @@ prompt's tail, because templates differ: one that ends the generation prompt wit
 (DeepSeek-R1's, or a `continue_final_message` prefill) has the reply start inside the thinking;
 one that closes it there (`<think></think>`, Qwen3's `enable_thinking: false`) has none; else
 `deepseek_r1` takes the reply as thinking until the end tag (its opening tag is optional, as
-vLLM's parser has it) and `qwen3` only if the reply opens with `<think>`.
+vLLM's parser has it) and `qwen3` only if the reply opens with `<think>`. The worker reads
+only the template's generation prompt (or the prefill a reply continues), never the
+conversation's text: a user asking about `<think>` changes nothing.
 
 `ReasoningSplitter` splits streamed text, holding back a tail that may still become a tag, so a
 tag never leaks into either part. `ThinkingGate` wraps a compiled grammar (`constraints.py`) so

@@ -103,15 +103,22 @@ class WorkerService:
             return "tools" in self._template
         return self.engine.info.tools_in_template
 
+    def _conversation(self, params: GenerateParams) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None] | None:
+        """The messages (and tools, where the template renders them) a chat prompt is made of."""
+        if params.tools and params.tool_messages is not None and self._tools_in_template():
+            return params.tool_messages, params.tools
+        if params.messages is not None:
+            return params.messages, None
+        return None
+
     def prompt_ids(self, params: GenerateParams) -> tuple[list[int], str]:
         """Token ids and text of the prompt, however the request gave it."""
         if params.prompt_token_ids is not None:
             ids = self._checked_ids(params.prompt_token_ids, params.prompt_param)
             return ids, self.engine.decode(ids)
-        if params.tools and params.tool_messages is not None and self._tools_in_template():
-            return self._encode_chat(params.tool_messages, params.tools, params)
-        if params.messages is not None:
-            return self._encode_chat(params.messages, None, params)
+        conversation = self._conversation(params)
+        if conversation is not None:
+            return self._encode_chat(*conversation, params)
         text = params.prompt or ""
         return self.engine.encode(text), text
 
@@ -166,9 +173,22 @@ class WorkerService:
     def _splitter(self, params: GenerateParams, prompt_text: str) -> ReasoningSplitter | None:
         """The reasoning parser for a chat reply streamed as deltas (to chatgate's API server;
         FastChat's gets the whole text, tags and all), if the worker has one."""
-        if self._think is None or not params.delta or (params.messages is None and params.tool_messages is None):
+        conversation = self._conversation(params) if params.prompt_token_ids is None else None
+        if self._think is None or not params.delta or not conversation or not conversation[0]:
             return None
-        return ReasoningSplitter(self._think, prompt_text)
+        return ReasoningSplitter(self._think, self._reply_context(params, prompt_text, *conversation))
+
+    def _reply_context(
+        self, params: GenerateParams, prompt: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> str:
+        """What says where a reply starts: the template's generation prompt (the prompt past the
+        conversation rendered without one), or the prefill a reply continues; never the
+        conversation's own text. The whole prompt where the template does not render so."""
+        if params.continue_final_message:
+            return str(messages[-1].get("content") or "")
+        plain = params.model_copy(update={"continue_final_message": False})
+        before = self._render(messages, tools, generation_prompt=False, params=plain)
+        return prompt[len(before) :] if prompt.startswith(before) else prompt
 
     async def tokenize(self, params: TokenizeParams) -> TokenizeResult:
         """Token ids of a prompt or templated conversation, exactly as generation encodes it
