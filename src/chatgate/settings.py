@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 StrList = Annotated[list[str], NoDecode]
 
 DEFAULT_CHAT_MODEL = "default"
+# Reasoning parsers by vLLM's names; `engines.reasoning.PARSERS` implements each.
+ReasoningParser = Literal["deepseek_r1", "qwen3"]
 
 
 def _split_list(value: Any) -> Any:
@@ -218,6 +220,15 @@ class EngineSettings(_Base):
         "(400). Default: a quarter of the memory free after loading, at most --max-running full contexts "
         "(llama.cpp, which allocates it up front: --max-running x 512 tokens, at least one context).",
     )
+    reasoning_parser: ReasoningParser | None = Field(
+        None,
+        description="Split chat replies into reasoning_content and content at <think>...</think> "
+        "(vLLM's parser names): deepseek_r1 (the opening tag may be left out: the template gave it) "
+        "or qwen3. Default: none, the whole reply is content.",
+    )
+    chat_template: Path | None = Field(
+        None, description="Jinja chat template file to use in place of the model's own.",
+    )
     prefix_cache_gib: float = Field(
         0.25, ge=0, le=1 << 20, allow_inf_nan=False,
         description="Memory (GiB) for the KV of recent prompts, so a request sharing a prefix "
@@ -252,6 +263,17 @@ class EngineSettings(_Base):
         description="vllm engine: run the model eagerly, without torch.compile or CUDA graphs (on this "
         "2-core CPU it starts 3.5x faster and decodes ~8% slower).",
     )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _readable_template(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"no chat template file at {path}")
+        return path
+
+    def chat_template_text(self) -> str | None:
+        """The `--chat-template` file's text, if one is given."""
+        return self.chat_template.read_text(encoding="utf-8") if self.chat_template is not None else None
 
     def weights(self, auto: str) -> str:
         """`dtype`, with `auto` standing for `auto` (the runner's own choice)."""

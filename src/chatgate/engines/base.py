@@ -48,6 +48,16 @@ class SamplingParams:
         return self.temperature < 1e-5 or self.top_k == 1
 
 
+@dataclass(frozen=True, kw_only=True)
+class ChatOptions:
+    """How a conversation is templated beyond its messages, tools and generation prompt."""
+
+    # The prompt ends inside the last (assistant) message, so the reply continues it.
+    continue_final_message: bool = False
+    template: str | None = None  # a Jinja chat template in place of the model's own
+    variables: Mapping[str, Any] = field(default_factory=dict)  # extra template variables (`chat_template_kwargs`)
+
+
 @dataclass(frozen=True)
 class TokenLogprob:
     """A generated token's log-probability, and the most likely alternatives at its step."""
@@ -132,17 +142,19 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def render_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
+        add_generation_prompt: bool = True, options: ChatOptions | None = None,
     ) -> str:
         """The prompt text for a conversation (and the tools on offer, if the model's template
         renders them), with the generation prompt appended unless told not to."""
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
+        add_generation_prompt: bool = True, options: ChatOptions | None = None,
     ) -> tuple[list[int], str]:
         """Token ids and text of a conversation's prompt. Engines whose tokenizer has special
         tokens keep special-token text inside message content as plain text."""
-        text = self.render_chat(messages, tools)
+        text = self.render_chat(messages, tools, add_generation_prompt=add_generation_prompt, options=options)
         return self.encode(text, add_special_tokens=False), text
 
     @abc.abstractmethod

@@ -20,7 +20,11 @@ from typing import Any
 
 import torch
 
-from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, SamplingParams
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from chatgate.engines.base import ChatOptions, Engine, GenerationOutput, ModelInfo, SamplingParams
+from chatgate.engines.chat_tokens import template_error
 from chatgate.engines.policy import Policy
 from chatgate.engines.prefix_cache import DEFAULT_BLOCK, block_keys
 from chatgate.engines.sampling import sample_with_logprob
@@ -32,6 +36,7 @@ BOS = 257
 # With `fim=True`, the fill-in-the-middle tokens a code model has (as StarCoder spells them).
 FIM_TOKENS = {"<fim_prefix>": 258, "<fim_suffix>": 259, "<fim_middle>": 260}
 EMBEDDING_DIM = 16
+_SANDBOX = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
 
 class PromptMemory:
@@ -177,11 +182,24 @@ class FakeEngine(Engine):
         return FIM_TOKENS.get(text) if self.fim else None
 
     def render_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
+        add_generation_prompt: bool = True, options: ChatOptions | None = None,
     ) -> str:
+        options = options or ChatOptions()
+        if options.template is not None:  # rendered as Hugging Face renders one, in a sandbox
+            try:
+                text = _SANDBOX.from_string(options.template).render(
+                    messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **options.variables
+                )
+            except TemplateError as exc:
+                raise template_error(exc, options) from None
+            final = str(messages[-1].get("content") or "") if options.continue_final_message else ""
+            return text[: text.rfind(final) + len(final)] if final and final in text else text
         lines = [f"<{m['role']}> {m.get('content') or ''}" for m in messages]
         if tools and self.info.tools_in_template:
             lines.insert(0, "<tools> " + " ".join(t["function"]["name"] for t in tools))
+        if options.continue_final_message:  # the reply goes on from the last message's text
+            return "\n".join(lines)
         return "\n".join(lines) + ("\n<assistant>" if add_generation_prompt else "")
 
     def pending(self) -> int:

@@ -23,6 +23,7 @@ from chatgate.engines.chat_tokens import ChatTokenizer, ChatTokensEngine
 from chatgate.engines.constraints import ConstraintCompiler
 from chatgate.engines.kvbudget import kv_token_budget
 from chatgate.engines.loading import resolve_chat_model
+from chatgate.engines.reasoning import GatedGrammar
 from chatgate.engines.runners.base import Runner
 from chatgate.engines.scheduler import Scheduler, SchedulerLimits
 from chatgate.engines.sequence import OutputChannel, Sequence
@@ -147,7 +148,12 @@ class ScheduledEngine(ChatTokensEngine, Engine):
     def compile_constraint(self, spec: dict[str, Any]) -> Any:
         if self._constraints is None:
             raise RuntimeError("engine not started")
-        return self._constraints.compile(spec)
+        after = spec.get("after")  # the answer begins after this text: thinking is not bound
+        grammar = self._constraints.compile({k: v for k, v in spec.items() if k != "after"})
+        if not isinstance(after, str):
+            return grammar
+        spelled = self._constraints.vocabulary.bytes
+        return GatedGrammar(grammar, after, lambda token: spelled[token] if 0 <= token < len(spelled) else b"")
 
     @property
     def eos_token_ids(self) -> list[int]:

@@ -92,6 +92,7 @@ async def open_backend(settings: EngineSettings, *, engine: Engine | None = None
     service = WorkerService(
         engine=engine, model_names=settings.model_names,
         queue=request_queue(settings, (settings.model_names or [engine.info.name])[0]),
+        reasoning_parser=settings.reasoning_parser, chat_template=settings.chat_template_text(),
     )
     try:
         yield service

@@ -28,6 +28,7 @@ from chatgate.protocol.openai import (
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,
+    CompletionTokensDetails,
     FinishReason,
     PromptTokensDetails,
     SamplingRequest,
@@ -44,6 +45,7 @@ class Choice:
     """What one choice produced, collected from its stream."""
 
     text: str = ""
+    reasoning: str = ""  # the thinking, where the worker tells it apart
     finish_reason: FinishReason = None
     usage: Usage = field(default_factory=Usage)
     logprobs: list[WorkerLogprob] = field(default_factory=list)
@@ -53,6 +55,7 @@ class Choice:
     def add(self, chunk: WorkerChunk) -> None:
         """Fold one worker chunk into the choice."""
         self.text += chunk.text
+        self.reasoning += chunk.reasoning_content
         self.logprobs += chunk.token_logprobs or []
         self.prompt_logprobs += chunk.prompt_logprobs or []
         self.finish_reason = chunk.finish_reason or self.finish_reason
@@ -64,7 +67,10 @@ class Choice:
 def usage_of(worker: WorkerUsage) -> Usage:
     """The OpenAI usage of one choice from its worker's."""
     details = PromptTokensDetails(cached_tokens=worker.cached_tokens)
-    return Usage.model_validate(worker.model_dump(exclude={"cached_tokens"}) | {"prompt_tokens_details": details})
+    usage = Usage.model_validate(worker.model_dump(exclude={"cached_tokens", "reasoning_tokens"}) | {"prompt_tokens_details": details})
+    if worker.reasoning_tokens is not None:
+        usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=worker.reasoning_tokens)
+    return usage
 
 
 async def _metered(
@@ -84,16 +90,17 @@ async def _metered(
         async with contextlib.aclosing(stream):
             async for chunk in stream:
                 now = time.perf_counter()
-                if chunk.text and (entry := access.record()) is not None:
+                said = chunk.text or chunk.reasoning_content
+                if said and (entry := access.record()) is not None:
                     entry.first_token()
-                if chunk.text and metrics is not None:
+                if said and metrics is not None:
                     if last is None:
                         metrics.ttft.labels(model=model).observe(now - begin)
                     else:
                         metrics.itl.labels(model=model).observe(now - last)
                     last = now
                 usage = chunk.usage or usage
-                delivered += len(chunk.token_logprobs) if chunk.token_logprobs else int(bool(chunk.text))
+                delivered += len(chunk.token_logprobs) if chunk.token_logprobs else int(bool(said))
                 yield chunk
     finally:  # a stream the client left still used its tokens
         await _account(usage or WorkerUsage(), delivered, metrics, model, count_prompt)
@@ -165,6 +172,11 @@ def total_usage(choices: list[Choice], per_prompt: int) -> Usage:
         usage.prompt_tokens += copies[0].prompt_tokens
         usage.prompt_tokens_details.cached_tokens += min(u.prompt_tokens_details.cached_tokens for u in copies)
         usage.completion_tokens += sum(u.completion_tokens for u in copies)
+        for u in copies:
+            if u.completion_tokens_details is not None:
+                details = usage.completion_tokens_details or CompletionTokensDetails()
+                details.reasoning_tokens += u.completion_tokens_details.reasoning_tokens
+                usage.completion_tokens_details = details
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
     return usage
 

@@ -292,6 +292,10 @@ class HttpWorker:
             raise InvalidRequestError(
                 "This model's worker takes text prompts only, not token ids.", param=params.prompt_param
             )
+        if params.continue_final_message or params.chat_template_kwargs:
+            # FastChat's conversation templates have no such switches: refused, not ignored.
+            field = "continue_final_message" if params.continue_final_message else "chat_template_kwargs"
+            raise InvalidRequestError(f"This model's worker does not support {field}.", param=field)
         # FastChat workers get their usual payload: no chatgate-only fields such as `cache_salt`.
         update: dict[str, object] = {"messages": None, "cache_salt": None}
         prompt = params.prompt or ""
