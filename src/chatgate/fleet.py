@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from chatgate import tracing
 from chatgate.errors import AuthenticationError, ChatgateError, InvalidRequestError
 from chatgate.settings import FleetSettings
 
@@ -87,9 +88,11 @@ def secure(app: FastAPI, settings: FleetSettings) -> None:
 def fleet_client(
     settings: FleetSettings, *, timeout: httpx.Timeout, limits: httpx.Limits | None = None
 ) -> httpx.AsyncClient:
-    """The HTTP client a fleet process calls its peers with (key sent, CA bundle trusted)."""
+    """The HTTP client a fleet process calls its peers with (key sent, CA bundle trusted; a
+    call made within a trace carries its `traceparent`)."""
     return httpx.AsyncClient(
         headers=settings.fleet_headers(),
+        event_hooks=tracing.HTTPX_HOOKS,
         verify=ssl.create_default_context(cafile=settings.fleet_ca_bundle) if settings.fleet_ca_bundle else True,
         timeout=timeout,
         limits=limits or httpx.Limits(),

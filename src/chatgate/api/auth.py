@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from chatgate import tracing
 from chatgate.api import access
 from chatgate.api.errors import error_response
 from chatgate.api.limits.policy import KeyPolicy
@@ -169,7 +170,8 @@ class IdentityMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            who = self.keys.check(presented_key(headers))
+            with tracing.span("chatgate.auth"):
+                who = self.keys.check(presented_key(headers))
         except (AuthenticationError, InvalidRequestError) as exc:
             # Answered without receiving the body; the server then closes the connection.
             await error_response(exc)(scope, receive, send)

@@ -55,6 +55,18 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Phases:
+    """When a sequence waited, prefilled and decoded (`time.time_ns()`), for its trace: an
+    engine that keeps its own queue reports them on the sequence's last output."""
+
+    queued: int  # handed to the engine
+    admitted: int | None  # its prefill began (None: it never started)
+    first_token: int | None  # its first token was sampled
+    finished: int
+    preemptions: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
 class GenerationOutput:
     """What one sequence produced since its last output."""
 
@@ -64,6 +76,7 @@ class GenerationOutput:
     completion_tokens: int
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token of the text, when asked for
+    phases: Phases | None = None  # on the last output, from engines that time their phases
 
 
 @dataclass(frozen=True, kw_only=True)

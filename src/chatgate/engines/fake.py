@@ -10,12 +10,14 @@ parameter is exercised as it is with a real model.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, SamplingParams
+from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, Phases, SamplingParams
 from chatgate.engines.sampling import make_generator, sample_with_logprob
 from chatgate.engines.sequence import SequenceState
 
@@ -96,6 +98,7 @@ class FakeEngine(Engine):
             prompt_ids=prompt_ids, params=params, decode=self.decode, eos_token_ids=frozenset({EOS})
         )
         generator = make_generator(params.seed)
+        begun = time.time_ns()
         self.active += 1
         self.served += 1
         try:
@@ -113,7 +116,10 @@ class FakeEngine(Engine):
                     logits, params, prompt_ids=prompt_ids, output_ids=state.output_ids, generator=generator
                 )
                 output = state.append(token, logprob)
-                if output is not None:
+                if output is not None and state.finished:  # no queue here: admitted at once
+                    first = state.first_token_ns or None
+                    yield replace(output, phases=Phases(queued=begun, admitted=begun, first_token=first, finished=time.time_ns()))
+                elif output is not None:
                     yield output
         finally:
             self.active -= 1

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ class Slot:
     prefix_keys: PromptKeys | None = field(default=None, repr=False)  # block keys of `ids`
     looked_up: bool = False  # the prefix cache was asked for `ids`
     admitted: int = 0  # when it was admitted (a rising count; 0: waiting, not admitted)
+    admitted_ns: int = 0  # wall time of its first admission, for its trace (0: not yet)
     preemptions: int = 0  # times it gave its rows back to be recomputed
     # After a preemption: the prompt and every token generated so far, to prefill again.
     resumed_ids: list[int] | None = field(default=None, repr=False)
@@ -320,6 +322,7 @@ class Scheduler:
             if not slot.admitted:
                 self._admissions += 1
                 slot.admitted = self._admissions
+                slot.admitted_ns = slot.admitted_ns or time.time_ns()
 
     def _preempt_to_fit(self) -> None:
         """Give back the KV of the most recently admitted sequences, never the last one, until

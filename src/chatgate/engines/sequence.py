@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence as Seq
@@ -44,6 +45,7 @@ class SequenceState:
         self._last_emit_index = 0
         self._logprobs: list[TokenLogprob] = []
         self._logprobs_sent = 0
+        self.first_token_ns = 0  # wall time its first token was sampled, for its trace (0: not yet)
 
     @property
     def finished(self) -> bool:
@@ -53,6 +55,8 @@ class SequenceState:
     def append(self, token_id: int, logprob: TokenLogprob | None = None, *, last: bool = False) -> GenerationOutput | None:
         """Record a sampled token; return the output it releases, if any. `last` ends the
         sequence at this token as reaching `max_tokens` would."""
+        if not self.output_ids:
+            self.first_token_ns = time.time_ns()
         self.output_ids.append(token_id)
         if token_id in self._stop_ids:
             self.finish_reason = "stop"

@@ -28,6 +28,7 @@ from typing import Any
 import anyio
 import httpx
 
+from chatgate import tracing
 from chatgate.engines.base import EngineStats
 from chatgate.errors import ChatgateError, InvalidRequestError, OverloadedError, WorkerError, WorkerUnavailableError
 from chatgate.protocol.conversation import Conversation, generic_conversation
@@ -233,7 +234,8 @@ def _client(settings: EngineSettings) -> httpx.AsyncClient:
     # No read timeout: a long generation may pause between tokens; connecting must be quick.
     timeout = httpx.Timeout(None, connect=10.0)
     limits = httpx.Limits(max_connections=settings.limit_worker_concurrency + 8)
-    return httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits)
+    # A call made within a trace carries its traceparent: the upstream's spans join the trace.
+    return httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits, event_hooks=tracing.HTTPX_HOOKS)
 
 
 @contextlib.asynccontextmanager

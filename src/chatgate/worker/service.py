@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from opentelemetry.trace import INVALID_SPAN
+
+from chatgate import tracing
 from chatgate.engines.base import Engine, EngineStats, SamplingParams, TokenLogprob
 from chatgate.errors import (
     ContextLengthExceededError,
@@ -200,13 +203,21 @@ class WorkerService:
         if self._active >= self._limit:
             raise OverloadedError("The model is overloaded; retry shortly.")
         self._active += 1
+        # Not current across the yields below (they resume in the reader's context): its children
+        # name it as their parent.
+        span = INVALID_SPAN
+        if tracing.traced():
+            span = tracing.start_span(f"chatgate.generate {params.model}", tracing.genai_generation(params))
         try:
-            await self._check_prompt_length(params)
-            ids, prompt_text, sampling = await self._admission.run(lambda: self._prepared(params))
-            self.served += 1
-            prompt_logprobs = None
-            if params.echo and params.logprobs is not None:
-                prompt_logprobs = await self._prompt_logprobs(ids, params.logprobs)
+            with tracing.current(span):
+                await self._check_prompt_length(params)
+                with tracing.span("chatgate.tokenize") as tokenized:
+                    ids, prompt_text, sampling = await self._admission.run(lambda: self._prepared(params))
+                    tokenized.set_attribute("gen_ai.usage.input_tokens", len(ids))
+                self.served += 1
+                prompt_logprobs = None
+                if params.echo and params.logprobs is not None:
+                    prompt_logprobs = await self._prompt_logprobs(ids, params.logprobs)
             cumulative = prompt_text if params.echo else ""
             first = True
             async for out in self.engine.generate(ids, sampling):
@@ -215,6 +226,8 @@ class WorkerService:
                     completion_tokens=out.completion_tokens,
                     total_tokens=out.prompt_tokens + out.completion_tokens,
                 )
+                if out.finish_reason is not None:
+                    tracing.generation_end(span, out, finish_reason_of(out.finish_reason))
                 text = out.text
                 if params.echo and first:
                     text = prompt_text + text
@@ -228,7 +241,12 @@ class WorkerService:
                     prompt_logprobs=prompt_logprobs,
                 )
                 prompt_logprobs = None
+        except BaseException as exc:
+            if span.is_recording() and not isinstance(exc, GeneratorExit):
+                tracing.failed(span, exc)
+            raise
         finally:
+            span.end()
             self._active -= 1
 
     # Embeddings ------------------------------------------------------------------------------
