@@ -55,6 +55,13 @@ class TracingSettings(_Base):
         "OTEL_EXPORTER_OTLP_ENDPOINT if set, else no tracing.",
     )
 
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL (OTLP over HTTP)")
+        return value or None
+
 
 class ShutdownSettings(_Base):
     """How a serving process drains on SIGTERM (`chatgate.drain`)."""
