@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from fastapi import FastAPI
@@ -250,3 +252,64 @@ async def test_with_tracing_off_the_clients_trace_id_is_still_logged_and_passed_
             model=M, messages=user("hi"), max_tokens=2, extra_headers={"traceparent": TRACEPARENT}
         )
     assert seen == [TRACEPARENT]
+
+
+class Upstream:
+    """An OpenAI-compatible upstream on a real port: streams a short chat reply and keeps the
+    `traceparent` of every request it gets."""
+
+    def __init__(self) -> None:
+        self.traceparents: list[str | None] = []
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                upstream.traceparents.append(self.headers.get("traceparent"))
+                events = [
+                    {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "hello"}, "finish_reason": None}]},
+                    {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+                    {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}},
+                ]
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                for event in events:
+                    self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                self.wfile.write(b"data: [DONE]\n\n")
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+async def test_an_upstream_engine_gets_the_traceparent(exporter: InMemorySpanExporter) -> None:
+    upstream = Upstream()
+    try:
+        serve = ServeSettings(
+            engine="openai", upstream_url=upstream.url, model_names=["up-model"], max_model_len=4096,
+            embedding_model_path="none",
+        )
+        app = create_api_app(serve, local_pool(serve), tracer_provider=provider_for(exporter))
+        async with running(app):
+            reply = await sdk(app).chat.completions.create(
+                model="up-model", messages=user(MARKER), max_tokens=8, extra_headers={"traceparent": TRACEPARENT}
+            )
+    finally:
+        upstream.close()
+    assert reply.choices[0].message.content == "hello"
+    (sent,) = upstream.traceparents
+    assert sent is not None
+    version, trace_id, parent_id, _ = sent.split("-")
+    # The upstream's parent is a span of this trace, recorded here: the attempt that called it.
+    spans = {format(s.context.span_id, "016x"): s for s in exporter.get_finished_spans()}
+    assert (version, trace_id) == ("00", TRACE_ID) and spans[parent_id].name == "chatgate.attempt"
