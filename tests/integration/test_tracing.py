@@ -310,6 +310,10 @@ async def test_an_upstream_engine_gets_the_traceparent(exporter: InMemorySpanExp
     (sent,) = upstream.traceparents
     assert sent is not None
     version, trace_id, parent_id, _ = sent.split("-")
-    # The upstream's parent is a span of this trace, recorded here: the attempt that called it.
+    # The upstream's parent is a span of this trace, recorded here: the generation that called it.
     spans = {format(s.context.span_id, "016x"): s for s in exporter.get_finished_spans()}
-    assert (version, trace_id) == ("00", TRACE_ID) and spans[parent_id].name == "chatgate.attempt"
+    assert (version, trace_id) == ("00", TRACE_ID) and spans[parent_id].name == "chatgate.generate up-model"
+    attributes = dict(spans[parent_id].attributes or {})
+    assert (attributes["gen_ai.usage.input_tokens"], attributes["gen_ai.usage.output_tokens"]) == (3, 1)
+    assert attributes["gen_ai.response.finish_reasons"] == ("stop",)
+    assert MARKER not in everything_said(list(spans.values()))

@@ -27,6 +27,7 @@ from typing import Any
 
 import anyio
 import httpx
+from opentelemetry.trace import INVALID_SPAN, Span
 
 from chatgate import tracing
 from chatgate.engines.base import EngineStats
@@ -78,23 +79,39 @@ class UpstreamService:
         path, body = wire.request(params, self._upstream_model or params.model)
         self._active += 1
         self.served += 1
+        # Not current across the yields below; the upstream call names it as its parent.
+        span = INVALID_SPAN
+        if tracing.traced():
+            span = tracing.start_span(f"chatgate.generate {params.model}", tracing.genai_generation(params))
         try:
             reader = wire.StreamReader(
                 chat=path == "/chat/completions", echoed=wire.echoed_prompt(params), secrets=self._secrets,
                 prompt_tokens=await self._prompt_tokens(params),
             )
-            async for data in self._events(path, body):
+            async for data in self._events(path, body, span):
                 chunk = reader.event(data)
                 if chunk is not None:
                     yield chunk
-            yield reader.last()
+            last = reader.last()
+            if last.usage is not None and span.is_recording():
+                tracing.genai_usage(
+                    span, input_tokens=last.usage.prompt_tokens, output_tokens=last.usage.completion_tokens,
+                    finish_reasons=[last.finish_reason] if last.finish_reason else [],
+                )
+            yield last
+        except BaseException as exc:
+            if span.is_recording() and not isinstance(exc, GeneratorExit):
+                tracing.failed(span, exc)
+            raise
         finally:
+            span.end()
             self._active -= 1
 
-    async def _events(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def _events(self, path: str, body: dict[str, Any], span: Span = INVALID_SPAN) -> AsyncIterator[dict[str, Any]]:
         """The JSON events of a streamed upstream response; the stream closes when this does."""
         request = self._http.build_request("POST", f"{self.url}{path}", json=body)
-        response = await self._send(request)
+        with tracing.current(span):  # the request carries `span` as its traceparent
+            response = await self._send(request)
         complete = False
         try:
             if response.status_code != 200:
