@@ -4,6 +4,7 @@ attributes and never a prompt or a completion."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import threading
@@ -20,6 +21,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from chatgate.api.app import create_api_app
 from chatgate.api.workers.base import PoolSource, Worker, WorkerPool
 from chatgate.api.workers.local import LocalPool, local_pool
+from chatgate.engines.base import Engine
 from chatgate.engines.fake import FakeEngine
 from chatgate.errors import WorkerUnavailableError
 from chatgate.protocol import worker as wire
@@ -317,3 +319,36 @@ async def test_an_upstream_engine_gets_the_traceparent(exporter: InMemorySpanExp
     assert (attributes["gen_ai.usage.input_tokens"], attributes["gen_ai.usage.output_tokens"]) == (3, 1)
     assert attributes["gen_ai.response.finish_reasons"] == ("stop",)
     assert MARKER not in everything_said(list(spans.values()))
+
+
+@pytest.mark.model
+async def test_our_engine_reports_queue_prefill_and_decode_on_every_runner(
+    exporter: InMemorySpanExporter, chat_engine: Engine
+) -> None:
+    """The real default model: the scheduler's phases are child spans of the generation, in
+    order, and two concurrent requests are two traces."""
+    serve = ServeSettings()
+    app = create_api_app(serve, local_pool(serve, engines=[chat_engine]), tracer_provider=provider_for(exporter))
+    async with running(app):
+        client = sdk(app)
+        replies = await asyncio.gather(*(
+            client.chat.completions.create(
+                model=chat_engine.info.name, messages=user(f"{MARKER} Name a colour."), max_tokens=6, temperature=0,
+            )
+            for _ in range(2)
+        ))
+    spans = exporter.get_finished_spans()
+    assert len({s.context.trace_id for s in spans}) == 2
+    for generate in by_name(spans, "chatgate.generate"):
+        children = {s.name: s for s in spans if parent_of(s) == generate.context.span_id}
+        queue, prefill, decode = children["chatgate.queue"], children["chatgate.prefill"], children["chatgate.decode"]
+        assert generate.start_time is not None and generate.end_time is not None
+        assert queue.start_time is not None and queue.end_time is not None and prefill.end_time is not None
+        assert generate.start_time <= queue.start_time <= queue.end_time == prefill.start_time
+        assert prefill.end_time == decode.start_time and decode.end_time is not None
+        assert decode.end_time <= generate.end_time
+        attributes = dict(generate.attributes or {})
+        assert attributes["gen_ai.usage.output_tokens"] in {r.usage.completion_tokens for r in replies if r.usage}
+        assert dict(decode.attributes or {})["gen_ai.usage.output_tokens"] == attributes["gen_ai.usage.output_tokens"]
+    assert len(by_name(spans, "chatgate.generate")) == 2
+    assert MARKER not in everything_said(spans)
