@@ -80,7 +80,7 @@ class UpstreamService:
         self._active += 1
         self.served += 1
         # Not current across the yields below; the upstream call names it as its parent.
-        span = INVALID_SPAN
+        span: Span = INVALID_SPAN
         if tracing.traced():
             span = tracing.start_span(f"chatgate.generate {params.model}", tracing.genai_generation(params))
         try:
