@@ -168,8 +168,9 @@ class TraceMiddleware:
             await send(message)
 
         attributes = {"http.request.method": method, "url.path": path[:256]}
+        # Named by the route once it is known (a client's path would make names without bound).
         with tracer.start_as_current_span(
-            f"{method} {path[:256]}", kind=SpanKind.SERVER, attributes=attributes,
+            method, kind=SpanKind.SERVER, attributes=attributes,
             record_exception=False, set_status_on_exception=False,
         ) as server:
             held, serving = _tracer.set(tracer), _served.set(_Served(server))

@@ -154,10 +154,12 @@ async def test_without_a_traceparent_each_request_starts_its_own_trace(exporter:
             await client.chat.completions.create(model=M, messages=user("hi"), max_tokens=2)
         async with raw(app) as http:
             assert (await http.get("/health")).status_code == 200  # probes make no trace
+            assert (await http.get("/v1/no-such-route-8812")).status_code == 404
     spans = exporter.get_finished_spans()
     roots = [s for s in spans if s.parent is None]
-    assert [s.name for s in roots] == ["POST /v1/chat/completions"] * 2
-    assert len({s.context.trace_id for s in spans}) == 2
+    # A path no route matched names no span: a client's paths would make names without bound.
+    assert [s.name for s in roots] == ["POST /v1/chat/completions"] * 2 + ["GET"]
+    assert len({s.context.trace_id for s in spans}) == 3
 
 
 async def test_a_refused_request_is_traced_with_its_status_and_no_prompt(exporter: InMemorySpanExporter) -> None:
