@@ -95,7 +95,10 @@ def exporting_provider(endpoint: str, service: str) -> TracerProvider:
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    provider = SdkTracerProvider(resource=Resource.create({SERVICE_NAME: service}))
+    # OTEL_SERVICE_NAME, if the operator set one, names the process; OTEL_RESOURCE_ATTRIBUTES and
+    # OTEL_TRACES_SAMPLER apply as the SDK reads them.
+    name = os.environ.get("OTEL_SERVICE_NAME") or service
+    provider = SdkTracerProvider(resource=Resource.create({SERVICE_NAME: name}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
     return provider
 

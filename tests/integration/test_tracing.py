@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -147,7 +148,10 @@ async def test_a_stream_is_one_trace_and_its_server_span_ends_with_it(exporter: 
     assert MARKER not in everything_said(spans)
 
 
-async def test_without_a_traceparent_each_request_starts_its_own_trace(exporter: InMemorySpanExporter) -> None:
+async def test_without_a_traceparent_each_request_starts_its_own_trace(
+    exporter: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="chatgate.access")
     async with running(traced_app(exporter)) as app:
         client = sdk(app)
         for _ in range(2):
@@ -160,6 +164,9 @@ async def test_without_a_traceparent_each_request_starts_its_own_trace(exporter:
     # A path no route matched names no span: a client's paths would make names without bound.
     assert [s.name for s in roots] == ["POST /v1/chat/completions"] * 2 + ["GET"]
     assert len({s.context.trace_id for s in spans}) == 3
+    # The access line names the trace its request's spans are in.
+    logged = [r.access["trace_id"] for r in caplog.records if r.name == "chatgate.access"]  # type: ignore[attr-defined]
+    assert logged == [format(s.context.trace_id, "032x") for s in roots]
 
 
 async def test_a_refused_request_is_traced_with_its_status_and_no_prompt(exporter: InMemorySpanExporter) -> None:

@@ -15,7 +15,7 @@ from chatgate.cli import parser
 from chatgate.settings import ApiProcessSettings, ControllerSettings, ServeSettings, WorkerSettings
 from chatgate.tracing import Tracing, traces_endpoint
 
-OTEL = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+OTEL = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SERVICE_NAME")
 
 
 @pytest.fixture(autouse=True)
@@ -67,6 +67,13 @@ def test_an_endpoint_builds_an_exporting_provider_that_close_shuts_down() -> Non
     resource = on.owned.resource  # type: ignore[attr-defined]
     assert resource.attributes["service.name"] == "chatgate-worker"
     on.close()  # nothing was recorded: nothing to send, and it returns at once
+
+
+def test_otel_service_name_renames_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "gateway-eu-1")
+    on = Tracing.of(service=tracing.SERVICE_API, endpoint="http://127.0.0.1:9")
+    assert on.owned is not None and on.owned.resource.attributes["service.name"] == "gateway-eu-1"  # type: ignore[attr-defined]
+    on.close()
 
 
 def test_a_process_with_tracing_off_never_loads_the_sdk() -> None:
