@@ -361,3 +361,26 @@ async def test_our_engine_reports_queue_prefill_and_decode_on_every_runner(
         assert dict(decode.attributes or {})["gen_ai.usage.output_tokens"] == attributes["gen_ai.usage.output_tokens"]
     assert len(by_name(spans, "chatgate.generate")) == 2
     assert MARKER not in everything_said(spans)
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        "garbage",
+        f"00-{'0' * 32}-{PARENT_ID}-01",  # the all-zero trace id is invalid
+        f"00-{TRACE_ID}-{PARENT_ID}-01" + "-x" * 4000,  # a huge header
+        f"00-{TRACE_ID.upper()}-zzzzzzzzzzzzzzzz-01",
+    ],
+)
+async def test_a_bad_traceparent_starts_a_new_trace(exporter: InMemorySpanExporter, traceparent: str) -> None:
+    async with running(traced_app(exporter)) as app:
+        async with raw(app) as http:
+            reply = await http.post(
+                "/v1/chat/completions", json={"model": M, "messages": user("hi"), "max_tokens": 2},
+                headers={"traceparent": traceparent},
+            )
+    assert reply.status_code == 200
+    spans = exporter.get_finished_spans()
+    (root,) = [s for s in spans if s.parent is None]
+    assert root.name == "POST /v1/chat/completions" and len({s.context.trace_id for s in spans}) == 1
+    assert format(root.context.trace_id, "032x") not in {TRACE_ID, "0" * 32}
