@@ -4,8 +4,8 @@
   endpoint but `/health` needs `Authorization: Bearer <key>` (compared in constant time).
 - `install_protocol_errors`: the worker protocol's error bodies: a request that does not fit
   the schema gets 400 with the reason, a `ChatgateError` its own status.
-- `fleet_client`: the pooled HTTP client a process calls its peers with: it sends the key and
-  verifies HTTPS peers with the fleet's CA bundle.
+- `fleet_client`: the pooled HTTP client a process calls its peers with: it sends the key,
+  verifies HTTPS peers with the fleet's CA bundle, and carries the caller's trace (`traceparent`).
 """
 
 from __future__ import annotations

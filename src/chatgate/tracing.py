@@ -279,16 +279,28 @@ HTTPX_HOOKS: dict[str, list[Callable[[httpx.Request], Any]]] = {"request": [inje
 """The event hooks of an HTTP client whose calls should join the caller's trace."""
 
 
-def genai_generation(params: GenerateParams, operation: str | None = None) -> dict[str, AttributeValue]:
-    """GenAI attributes of a generation's parameters (chat when it has messages, else a text
-    completion, unless `operation` says)."""
-    chat = params.messages is not None or params.tool_messages is not None
+def start_generation(params: GenerateParams) -> Span:
+    """A worker's span for one generation, named as GenAI spans are (`chat <model>`), not made
+    current; a non-recording one outside a traced request. Its owner ends it."""
+    if _tracer.get() is None:
+        return trace.INVALID_SPAN
+    attributes = genai_generation(params)
+    return start_span(f"{operation_of(params)} {params.model}", attributes)
+
+
+def operation_of(params: GenerateParams) -> str:
+    """The GenAI operation a generation is: a chat when it has messages, else a text completion."""
+    return "chat" if params.messages is not None or params.tool_messages is not None else "text_completion"
+
+
+def genai_generation(params: GenerateParams) -> dict[str, AttributeValue]:
+    """GenAI attributes of a generation's parameters."""
     knobs = {
         "max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
         "top_k": params.top_k if params.top_k > 0 else None, "seed": params.seed,
         "frequency_penalty": params.frequency_penalty, "presence_penalty": params.presence_penalty,
     }
-    return genai_request(operation or ("chat" if chat else "text_completion"), params.model, knobs)
+    return genai_request(operation_of(params), params.model, knobs)
 
 
 def genai_request(operation: str, model: str, knobs: Mapping[str, Any]) -> dict[str, AttributeValue]:

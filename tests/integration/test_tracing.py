@@ -104,7 +104,7 @@ async def test_one_trace_per_request_under_the_clients_traceparent(exporter: InM
     assert parent_of(attempt) == one(spans, "chatgate.dispatch").context.span_id
     assert attempt.attributes is not None and attempt.attributes["chatgate.attempt"] == 1
     # In one process the worker's spans are in the same trace, under the attempt.
-    generate = one(spans, "chatgate.generate")
+    generate = one(spans, "chat")
     assert parent_of(generate) == attempt.context.span_id
     for name in ("chatgate.tokenize", "chatgate.queue", "chatgate.prefill", "chatgate.decode"):
         assert parent_of(one(spans, name)) == generate.context.span_id, name
@@ -139,7 +139,7 @@ async def test_a_stream_is_one_trace_and_its_server_span_ends_with_it(exporter: 
     assert MARKER in text and usage is not None
     spans = exporter.get_finished_spans()
     server = one(spans, "POST /v1/completions")
-    generate = one(spans, "chatgate.generate")
+    generate = one(spans, f"text_completion {M}")
     assert {s.context.trace_id for s in spans} == {int(TRACE_ID, 16)}
     assert server.end_time is not None and generate.end_time is not None and generate.end_time <= server.end_time
     attributes = dict(server.attributes or {})
@@ -241,7 +241,7 @@ async def test_a_failover_shows_both_attempts(exporter: InMemorySpanExporter) ->
     assert (second["chatgate.attempt"], second["chatgate.worker"]) == (2, "local")
     assert attempts[0].status.status_code == StatusCode.ERROR and first["error.type"] == "WorkerUnavailableError"
     assert attempts[1].status.status_code == StatusCode.UNSET
-    assert parent_of(one(spans, "chatgate.generate")) == attempts[1].context.span_id
+    assert parent_of(one(spans, "chat")) == attempts[1].context.span_id
     assert MARKER not in everything_said(spans)
 
 
@@ -323,7 +323,7 @@ async def test_an_upstream_engine_gets_the_traceparent(exporter: InMemorySpanExp
     version, trace_id, parent_id, _ = sent.split("-")
     # The upstream's parent is a span of this trace, recorded here: the generation that called it.
     spans = {format(s.context.span_id, "016x"): s for s in exporter.get_finished_spans()}
-    assert (version, trace_id) == ("00", TRACE_ID) and spans[parent_id].name == "chatgate.generate up-model"
+    assert (version, trace_id) == ("00", TRACE_ID) and spans[parent_id].name == "chat up-model"
     attributes = dict(spans[parent_id].attributes or {})
     assert (attributes["gen_ai.usage.input_tokens"], attributes["gen_ai.usage.output_tokens"]) == (3, 1)
     assert attributes["gen_ai.response.finish_reasons"] == ("stop",)
@@ -348,7 +348,7 @@ async def test_our_engine_reports_queue_prefill_and_decode_on_every_runner(
         ))
     spans = exporter.get_finished_spans()
     assert len({s.context.trace_id for s in spans}) == 2
-    for generate in by_name(spans, "chatgate.generate"):
+    for generate in by_name(spans, "chat"):
         children = {s.name: s for s in spans if parent_of(s) == generate.context.span_id}
         queue, prefill, decode = children["chatgate.queue"], children["chatgate.prefill"], children["chatgate.decode"]
         assert generate.start_time is not None and generate.end_time is not None
@@ -359,7 +359,7 @@ async def test_our_engine_reports_queue_prefill_and_decode_on_every_runner(
         attributes = dict(generate.attributes or {})
         assert attributes["gen_ai.usage.output_tokens"] in {r.usage.completion_tokens for r in replies if r.usage}
         assert dict(decode.attributes or {})["gen_ai.usage.output_tokens"] == attributes["gen_ai.usage.output_tokens"]
-    assert len(by_name(spans, "chatgate.generate")) == 2
+    assert len(by_name(spans, "chat")) == 2
     assert MARKER not in everything_said(spans)
 
 

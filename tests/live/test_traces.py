@@ -140,7 +140,7 @@ def test_one_trace_spans_api_controller_and_worker(tmp_path: Path, receiver: Rec
     (generate_server,) = [s for s in spans if s.service == "chatgate-worker" and s.name == "POST /worker_generate_stream"]
     attempt = by_id[generate_server.parent_id]
     assert attempt.service == "chatgate-api" and attempt.name == "chatgate.attempt"
-    (generate,) = [s for s in spans if s.service == "chatgate-worker" and s.name.startswith("chatgate.generate")]
+    (generate,) = [s for s in spans if s.service == "chatgate-worker" and s.name == f"chat {M}"]
     assert generate.parent_id == generate_server.span_id
     assert generate.attributes["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
     assert generate.attributes["gen_ai.response.finish_reasons"] == ["stop"]

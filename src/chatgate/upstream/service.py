@@ -80,9 +80,7 @@ class UpstreamService:
         self._active += 1
         self.served += 1
         # Not current across the yields below; the upstream call names it as its parent.
-        span: Span = INVALID_SPAN
-        if tracing.traced():
-            span = tracing.start_span(f"chatgate.generate {params.model}", tracing.genai_generation(params))
+        span = tracing.start_generation(params)
         try:
             reader = wire.StreamReader(
                 chat=path == "/chat/completions", echoed=wire.echoed_prompt(params), secrets=self._secrets,

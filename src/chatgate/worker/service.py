@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from opentelemetry.trace import INVALID_SPAN, Span
-
 from chatgate import tracing
 from chatgate.engines.base import Engine, EngineStats, SamplingParams, TokenLogprob
 from chatgate.errors import (
@@ -205,9 +203,7 @@ class WorkerService:
         self._active += 1
         # Not current across the yields below (they resume in the reader's context): its children
         # name it as their parent.
-        span: Span = INVALID_SPAN
-        if tracing.traced():
-            span = tracing.start_span(f"chatgate.generate {params.model}", tracing.genai_generation(params))
+        span = tracing.start_generation(params)
         try:
             with tracing.current(span):
                 await self._check_prompt_length(params)
