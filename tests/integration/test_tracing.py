@@ -11,7 +11,9 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
+import openai
 import pytest
 from fastapi import FastAPI
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -384,3 +386,24 @@ async def test_a_bad_traceparent_starts_a_new_trace(exporter: InMemorySpanExport
     (root,) = [s for s in spans if s.parent is None]
     assert root.name == "POST /v1/chat/completions" and len({s.context.trace_id for s in spans}) == 1
     assert format(root.context.trace_id, "032x") not in {TRACE_ID, "0" * 32}
+
+
+async def test_limits_and_embeddings_are_traced(exporter: InMemorySpanExporter, tmp_path: Path) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"sk-limited": {"rpm": 1}}))
+    async with running(traced_app(exporter, api_keys_file=keys)) as app:
+        client = sdk(app, api_key="sk-limited")
+        embedded = await client.embeddings.create(model=M, input=[MARKER, "two"])
+        with pytest.raises(openai.RateLimitError):
+            await client.embeddings.create(model=M, input=MARKER)
+    spans = exporter.get_finished_spans()
+    # The refused one was answered before routing: its span is named by the method alone.
+    allowed, refused = sorted((s for s in spans if s.parent is None), key=lambda s: s.start_time or 0)
+    assert (allowed.name, refused.name) == ("POST /v1/embeddings", "POST")
+    assert dict(allowed.attributes or {})["gen_ai.operation.name"] == "embeddings"
+    assert dict(allowed.attributes or {})["gen_ai.usage.input_tokens"] == embedded.usage.prompt_tokens
+    assert dict(refused.attributes or {})["http.response.status_code"] == 429
+    limits = {parent_of(s): dict(s.attributes or {}) for s in by_name(spans, "chatgate.limits")}
+    assert limits[allowed.context.span_id].get("chatgate.limits.refused") is None
+    assert limits[refused.context.span_id]["chatgate.limits.refused"] == "requests"
+    assert MARKER not in everything_said(spans)
