@@ -22,28 +22,32 @@ async def with_failover(
     answering is reported and skipped; one that is overloaded is skipped without a report
     (busy is not down), and if every worker tried was busy the client gets the 429."""
     with tracing.span("chatgate.dispatch", {"gen_ai.request.model": model}):
-        tried: set[str] = set()
-        last: WorkerUnavailableError | OverloadedError | None = None
-        for attempt in range(1, attempts + 1):
-            try:
-                worker = await pool.worker_for(model, exclude=frozenset(tried))
-            except NoHealthyWorkerError:
-                if last is None:
-                    raise
-                break
-            entry = access.record()
-            if entry is not None:  # the access line names the last worker tried, and how many were
-                entry.worker = worker.address
-                entry.attempts += 1
-            try:
-                with tracing.span("chatgate.attempt", {"chatgate.attempt": attempt, "chatgate.worker": worker.address}):
-                    return await call(worker)
-            except OverloadedError as exc:
-                last = exc
-            except WorkerUnavailableError as exc:
-                pool.report_failure(worker)
-                last = exc
-            tried.add(worker.address)
-        if isinstance(last, OverloadedError):
-            raise last
-        raise NoHealthyWorkerError(f"No healthy worker serves `{model}` right now.") from last
+        return await _first_answer(pool, model, call, attempts)
+
+
+async def _first_answer(pool: WorkerPool, model: str, call: Callable[[Worker], Awaitable[T]], attempts: int) -> T:
+    tried: set[str] = set()
+    last: WorkerUnavailableError | OverloadedError | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            worker = await pool.worker_for(model, exclude=frozenset(tried))
+        except NoHealthyWorkerError:
+            if last is None:
+                raise
+            break
+        entry = access.record()
+        if entry is not None:  # the access line names the last worker tried, and how many were
+            entry.worker = worker.address
+            entry.attempts += 1
+        try:
+            with tracing.span("chatgate.attempt", {"chatgate.attempt": attempt, "chatgate.worker": worker.address}):
+                return await call(worker)
+        except OverloadedError as exc:
+            last = exc
+        except WorkerUnavailableError as exc:
+            pool.report_failure(worker)
+            last = exc
+        tried.add(worker.address)
+    if isinstance(last, OverloadedError):
+        raise last
+    raise NoHealthyWorkerError(f"No healthy worker serves `{model}` right now.") from last
