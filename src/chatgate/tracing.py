@@ -206,15 +206,18 @@ def traced() -> bool:
 
 
 @contextlib.contextmanager
-def span(name: str, attributes: Attributes | None = None, *, kind: SpanKind = SpanKind.INTERNAL) -> Iterator[Span]:
-    """A child of the current span, current inside the block (a no-op outside a traced request).
-    Not for a block that yields a stream: see `start_span`."""
+def span(
+    name: str, attributes: Attributes | None = None, *, kind: SpanKind = SpanKind.INTERNAL, parent: Span | None = None
+) -> Iterator[Span]:
+    """A child of `parent` (or of the current span), current inside the block (a no-op outside
+    a traced request). Not for a block that yields a stream: see `start_span`."""
     tracer = _tracer.get()
     if tracer is None:
         yield trace.INVALID_SPAN
         return
+    where = trace.set_span_in_context(parent) if parent is not None else None
     with tracer.start_as_current_span(
-        name, kind=kind, attributes=attributes, record_exception=False, set_status_on_exception=False
+        name, context=where, kind=kind, attributes=attributes, record_exception=False, set_status_on_exception=False
     ) as child:
         try:
             yield child

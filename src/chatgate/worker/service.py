@@ -205,15 +205,14 @@ class WorkerService:
         # name it as their parent.
         span = tracing.start_generation(params)
         try:
-            with tracing.current(span):
-                await self._check_prompt_length(params)
-                with tracing.span("chatgate.tokenize") as tokenized:
-                    ids, prompt_text, sampling = await self._admission.run(lambda: self._prepared(params))
-                    tokenized.set_attribute("gen_ai.usage.input_tokens", len(ids))
-                self.served += 1
-                prompt_logprobs = None
-                if params.echo and params.logprobs is not None:
-                    prompt_logprobs = await self._prompt_logprobs(ids, params.logprobs)
+            await self._check_prompt_length(params)
+            with tracing.span("chatgate.tokenize", parent=span) as tokenized:
+                ids, prompt_text, sampling = await self._admission.run(lambda: self._prepared(params))
+                tokenized.set_attribute("gen_ai.usage.input_tokens", len(ids))
+            self.served += 1
+            prompt_logprobs = None
+            if params.echo and params.logprobs is not None:
+                prompt_logprobs = await self._prompt_logprobs(ids, params.logprobs)
             cumulative = prompt_text if params.echo else ""
             first = True
             async for out in self.engine.generate(ids, sampling):
