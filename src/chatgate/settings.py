@@ -52,6 +52,23 @@ class _Base(BaseSettings):
     )
 
 
+class TracingSettings(_Base):
+    """Where a serving process sends its traces (`chatgate.tracing`)."""
+
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP collector to send traces to: a base URL (http://collector:4318; "
+        "/v1/traces is added) or the full traces URL. Unset: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+        "OTEL_EXPORTER_OTLP_ENDPOINT if set, else no tracing.",
+    )
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL (OTLP over HTTP)")
+        return value or None
+
+
 class ShutdownSettings(_Base):
     """How a serving process drains on SIGTERM (`chatgate.drain`)."""
 
@@ -74,7 +91,7 @@ class WorkerSilenceSettings(_Base):
     )
 
 
-class ApiSettings(ShutdownSettings):
+class ApiSettings(ShutdownSettings, TracingSettings):
     """Settings of the OpenAI-compatible API server."""
 
     host: str = Field("127.0.0.1", description="Address to bind.")
@@ -367,7 +384,7 @@ class ApiProcessSettings(ApiSettings, FleetSettings, WorkerSilenceSettings):
     )
 
 
-class WorkerSettings(EngineSettings, FleetServerSettings, ShutdownSettings):
+class WorkerSettings(EngineSettings, FleetServerSettings, ShutdownSettings, TracingSettings):
     """Settings of `chatgate worker`."""
 
     host: str = Field("localhost", description="Address to bind.")
@@ -386,7 +403,7 @@ class WorkerSettings(EngineSettings, FleetServerSettings, ShutdownSettings):
         return self.worker_address or f"{self.scheme()}://{self.host}:{self.port}"
 
 
-class ControllerSettings(FleetServerSettings):
+class ControllerSettings(FleetServerSettings, TracingSettings):
     """Settings of `chatgate controller`."""
 
     host: str = Field("localhost", description="Address to bind.")

@@ -68,6 +68,18 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Phases:
+    """When a sequence waited, prefilled and decoded (`time.time_ns()`), for its trace: an
+    engine that keeps its own queue reports them on the sequence's last output."""
+
+    queued: int  # handed to the engine
+    admitted: int | None  # its prefill began (None: it never started)
+    first_token: int | None  # its first token was sampled
+    finished: int
+    preemptions: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
 class GenerationOutput:
     """What one sequence produced since its last output."""
 
@@ -81,6 +93,7 @@ class GenerationOutput:
     # Prompt tokens whose KV came from the prefix cache when the sequence was first admitted
     # (0 where the engine cannot tell); a readmission after preemption does not change it.
     cached_tokens: int = 0
+    phases: Phases | None = None  # on the last output, from engines that time their phases
 
 
 @dataclass(frozen=True, kw_only=True)

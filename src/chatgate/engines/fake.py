@@ -13,9 +13,10 @@ are exercised end to end.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ import torch
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from chatgate.engines.base import ChatOptions, Engine, GenerationOutput, ModelInfo, SamplingParams
+from chatgate.engines.base import ChatOptions, Engine, GenerationOutput, ModelInfo, Phases, SamplingParams
 from chatgate.engines.chat_tokens import template_error
 from chatgate.engines.policy import Policy
 from chatgate.engines.prefix_cache import DEFAULT_BLOCK, block_keys
@@ -225,10 +226,13 @@ class FakeEngine(Engine):
         script = list(self.reply_for(self.decode(prompt_ids)).encode("utf-8")) + [EOS]
         seq = Sequence(prompt_ids=prompt_ids, params=params, decode=self.decode, eos_token_ids=frozenset({EOS}))
         turn = self.batch.arrive(params.priority)
+        begun = time.time_ns()
+        admitted: int | None = None
         self.active += 1
         self.served += 1
         try:
             await self.batch.hold(turn)
+            admitted = time.time_ns()
             seq.cached_tokens = self.prompts.served(prompt_ids, params.cache_salt)
             if self.prefill_delay:
                 await asyncio.sleep(self.prefill_delay)
@@ -245,7 +249,10 @@ class FakeEngine(Engine):
                     logits, params, prompt_ids=prompt_ids, output_ids=seq.output_ids, generator=seq.generator
                 )
                 output = seq.append(token, logprob)
-                if output is not None:
+                if output is not None and seq.finished:
+                    first = seq.first_token_ns or None
+                    yield replace(output, phases=Phases(queued=begun, admitted=admitted, first_token=first, finished=time.time_ns()))
+                elif output is not None:
                     yield output
         finally:
             self.batch.leave(turn)

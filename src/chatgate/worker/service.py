@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+from opentelemetry.trace import Span
+
+from chatgate import tracing
 from chatgate.engines.base import ChatOptions, Engine, EngineStats, GenerationOutput, SamplingParams, TokenLogprob
 from chatgate.engines.reasoning import PARSERS, Phase, ReasoningSplitter
 from chatgate.errors import (
@@ -303,42 +306,56 @@ class WorkerService:
         return self.queue.serve(self._generate(params))
 
     async def _generate(self, params: GenerateParams) -> AsyncGenerator[WorkerChunk, None]:
-        await self._check_prompt_length(params)
-        ids, prompt_text, sampling, splitter = await self._admission.run(lambda: self._prepared(params))
-        self.served += 1
-        prompt_logprobs = None
-        if params.echo and params.logprobs is not None:
-            prompt_logprobs = await self._prompt_logprobs(ids, params.logprobs)
-        if splitter is not None:
-            async for chunk in self._split(self.engine.generate(ids, sampling), splitter):
-                yield chunk
-            return
-        cumulative = prompt_text if params.echo else ""
-        first = True
-        async for out in self.engine.generate(ids, sampling):
-            usage = WorkerUsage(
-                prompt_tokens=out.prompt_tokens,
-                completion_tokens=out.completion_tokens,
-                total_tokens=out.prompt_tokens + out.completion_tokens,
-                cached_tokens=out.cached_tokens,
-            )
-            text = out.text
-            if params.echo and first:
-                text = prompt_text + text
-            first = False
-            cumulative += out.text
-            yield WorkerChunk(
-                text=text if params.delta else cumulative,
-                usage=usage,
-                finish_reason=finish_reason_of(out.finish_reason),
-                token_logprobs=self._logprobs(out.logprobs),
-                prompt_logprobs=prompt_logprobs,
-                stop_sequence=out.stop_sequence,
-            )
+        # Not current across the yields below (they resume in the reader's context): its children
+        # name it as their parent.
+        span = tracing.start_generation(params)
+        try:
+            await self._check_prompt_length(params)
+            with tracing.span("chatgate.tokenize", parent=span) as tokenized:
+                ids, prompt_text, sampling, splitter = await self._admission.run(lambda: self._prepared(params))
+                tokenized.set_attribute("gen_ai.usage.input_tokens", len(ids))
+            self.served += 1
             prompt_logprobs = None
+            if params.echo and params.logprobs is not None:
+                prompt_logprobs = await self._prompt_logprobs(ids, params.logprobs)
+            if splitter is not None:
+                async for chunk in self._split(self.engine.generate(ids, sampling), splitter, span):
+                    yield chunk
+                return
+            cumulative = prompt_text if params.echo else ""
+            first = True
+            async for out in self.engine.generate(ids, sampling):
+                usage = WorkerUsage(
+                    prompt_tokens=out.prompt_tokens,
+                    completion_tokens=out.completion_tokens,
+                    total_tokens=out.prompt_tokens + out.completion_tokens,
+                    cached_tokens=out.cached_tokens,
+                )
+                if out.finish_reason is not None:
+                    tracing.generation_end(span, out, finish_reason_of(out.finish_reason))
+                text = out.text
+                if params.echo and first:
+                    text = prompt_text + text
+                first = False
+                cumulative += out.text
+                yield WorkerChunk(
+                    text=text if params.delta else cumulative,
+                    usage=usage,
+                    finish_reason=finish_reason_of(out.finish_reason),
+                    token_logprobs=self._logprobs(out.logprobs),
+                    prompt_logprobs=prompt_logprobs,
+                    stop_sequence=out.stop_sequence,
+                )
+                prompt_logprobs = None
+        except BaseException as exc:
+            if span.is_recording() and not isinstance(exc, GeneratorExit):
+                tracing.failed(span, exc)
+            raise
+        finally:
+            span.end()
 
     async def _split(
-        self, outputs: AsyncIterator[GenerationOutput], splitter: ReasoningSplitter
+        self, outputs: AsyncIterator[GenerationOutput], splitter: ReasoningSplitter, span: Span
     ) -> AsyncGenerator[WorkerChunk, None]:
         """Delta chunks of a reply split into thinking and answer; the tokens of every output
         that was thinking, when it began or when it ended, count as reasoning tokens."""
@@ -349,6 +366,7 @@ class WorkerService:
             if out.finish_reason is not None:
                 held_reasoning, held_content = splitter.finish()
                 reasoning, content = reasoning + held_reasoning, content + held_content
+                tracing.generation_end(span, out, finish_reason_of(out.finish_reason))
             if Phase.THINKING in (before, splitter.phase) or reasoning:
                 thinking += len(out.token_ids)
             yield WorkerChunk(

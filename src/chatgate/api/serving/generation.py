@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 
 from pydantic import BaseModel
 
+from chatgate import tracing
 from chatgate.api import access
 from chatgate.api.auth import cache_salt
 from chatgate.api.limits import grant as limits
@@ -86,6 +87,7 @@ async def _metered(
     last: float | None = None
     usage = None
     delivered = 0
+    reason: str | None = None
     try:
         async with contextlib.aclosing(stream):
             async for chunk in stream:
@@ -100,17 +102,20 @@ async def _metered(
                         metrics.itl.labels(model=model).observe(now - last)
                     last = now
                 usage = chunk.usage or usage
+                reason = chunk.finish_reason or reason
                 delivered += len(chunk.token_logprobs) if chunk.token_logprobs else int(bool(said))
                 yield chunk
     finally:  # a stream the client left still used its tokens
-        await _account(usage or WorkerUsage(), delivered, metrics, model, count_prompt)
+        await _account(usage or WorkerUsage(), delivered, metrics, model, count_prompt, reason)
 
 
 async def _account(
-    usage: WorkerUsage, delivered: int, metrics: ApiMetrics | None, model: str, count_prompt: bool
+    usage: WorkerUsage, delivered: int, metrics: ApiMetrics | None, model: str, count_prompt: bool,
+    finish_reason: str | None = None,
 ) -> None:
     prompt = usage.prompt_tokens if count_prompt else 0
     completion = max(usage.completion_tokens, delivered)
+    tracing.request_usage(input_tokens=prompt, output_tokens=completion, finish_reason=finish_reason)
     entry = access.record()
     if entry is not None:
         entry.prompt_tokens += prompt
@@ -266,6 +271,8 @@ class GenerationServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
         """Answer a request: a response, or a stream of chunks."""
         self.check_n(request.n)
         params, reply = self.prepare(request)
+        if tracing.traced():
+            tracing.request_attributes(tracing.genai_generation(params[0]))
         choices_param = "n" if request.n > 1 else params[0].prompt_param
         if request.stream:
             streams = await self.start(request.model, params, choices_param=choices_param)
