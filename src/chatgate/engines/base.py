@@ -105,6 +105,7 @@ class ModelInfo:
     vocab_size: int
     generates: bool = True
     embedding_dim: int = 0
+    cross_encoder: bool = False  # scores text pairs (`score_pairs`): a sequence-classification model
     tools_in_template: bool = False  # the chat template renders `tools` itself
     scheduling_policy: SchedulingPolicy = "fcfs"  # "priority": requests' `priority` is honoured
 
@@ -205,3 +206,14 @@ class Engine(abc.ABC):
         raise InvalidRequestError(
             f"The model `{self.info.name}` does not serve embeddings.", param="model"
         )
+
+    def pair_tokens(self, first: str, second: str) -> int:
+        """Tokens a cross-encoder reads for a pair of texts."""
+        raise self._no_pairs()
+
+    async def score_pairs(self, pairs: list[tuple[str, str]]) -> list[float]:
+        """A cross-encoder's relevance score of each pair of texts, in order."""
+        raise self._no_pairs()
+
+    def _no_pairs(self) -> InvalidRequestError:
+        return InvalidRequestError(f"The model `{self.info.name}` is not a cross-encoder.", param="model")

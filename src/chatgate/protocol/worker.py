@@ -208,6 +208,20 @@ class EmbedResult(BaseModel):
     token_counts: list[int] = Field(default_factory=list)
 
 
+class ScorePairsParams(BaseModel):
+    """Body of a chatgate worker's `/worker_score`: text pairs for a cross-encoder."""
+
+    model: str = ""
+    pairs: list[tuple[str, str]]
+
+
+class ScorePairsResult(BaseModel):
+    """Response of `/worker_score`: each pair's score, in order, and the tokens read."""
+
+    scores: list[float]
+    token_num: int
+
+
 class CountTokenRequest(BaseModel):
     """Body of `/count_token`."""
 
@@ -339,3 +353,4 @@ class ModelDetails(BaseModel):
     concurrency: int | None = None
     generates: bool = True
     embedding_dim: int = 0
+    cross_encoder: bool = False  # scores text pairs jointly (`/worker_score`)

@@ -157,6 +157,10 @@ class UpstreamService:
 
     # Embeddings and tokens -------------------------------------------------------------------
 
+    async def score_pairs(self, params: proto.ScorePairsParams) -> proto.ScorePairsResult:
+        """Not passed upstream: an upstream's model is scored by embedding (`/v1/embeddings`)."""
+        raise InvalidRequestError(f"The model `{params.model}` is not a cross-encoder served here.", param="model")
+
     async def embed(self, params: proto.EmbedParams) -> proto.EmbedResult:
         """The upstream's embeddings of the inputs, in input order."""
         inputs: Any = params.input_token_ids if params.input_token_ids is not None else params.input

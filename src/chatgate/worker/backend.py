@@ -40,6 +40,10 @@ class WorkerBackend(Protocol):
         """Tokens the prompt (or templated conversation) takes."""
         ...
 
+    async def score_pairs(self, params: wire.ScorePairsParams) -> wire.ScorePairsResult:
+        """A cross-encoder's score of each text pair."""
+        ...
+
     async def tokenize(self, params: wire.TokenizeParams) -> wire.TokenizeResult:
         """Token ids of a prompt or conversation, as generation encodes it (the `tokenize` extension)."""
         ...

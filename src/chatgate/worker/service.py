@@ -30,6 +30,8 @@ from chatgate.protocol.worker import (
     ModelDetails,
     PromptLogprob,
     Sampling,
+    ScorePairsParams,
+    ScorePairsResult,
     TokenAlternative,
     TokenizeParams,
     TokenizeResult,
@@ -418,6 +420,25 @@ class WorkerService:
         # The engine's own vectors: validating every float would hold the event loop for nothing.
         return EmbedResult.model_construct(embedding=vectors, token_num=sum(counts), token_counts=counts)
 
+    async def score_pairs(self, params: ScorePairsParams) -> ScorePairsResult:
+        """A cross-encoder's score of every pair, and the tokens it read; a pair longer than the
+        model reads is a 400 naming `pairs[i]` (the API server names its own field)."""
+        if not self.engine.info.cross_encoder:
+            raise InvalidRequestError(f"The model `{self.engine.info.name}` is not a cross-encoder.", param="model")
+        if not params.pairs:
+            raise InvalidRequestError("There are no pairs to score.", param="pairs")
+        await self._admission.check_length([a + b for a, b in params.pairs], param="pairs", each=True)
+        counts = await self._admission.run(lambda: [self.engine.pair_tokens(a, b) for a, b in params.pairs])
+        limit = self.engine.info.context_length
+        for index, count in enumerate(counts):
+            if count > limit:
+                raise ContextLengthExceededError(
+                    f"Pair {index} is {count} tokens long, over this model's maximum of {limit} tokens.", param=f"pairs[{index}]"
+                )
+        self.served += 1
+        scores = await self.engine.score_pairs(params.pairs)
+        return ScorePairsResult(scores=scores, token_num=sum(counts))
+
     async def _prompt_logprobs(self, ids: list[int], top: int) -> list[PromptLogprob]:
         scored = await self.engine.prompt_logprobs(ids, top)
         out = []
@@ -473,5 +494,6 @@ class WorkerService:
             chatgate_extensions=list(EXTENSIONS),
             generates=info.generates,
             embedding_dim=info.embedding_dim,
+            cross_encoder=info.cross_encoder,
             concurrency=self.queue.limit,
         )

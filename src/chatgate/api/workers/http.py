@@ -413,6 +413,11 @@ class HttpWorker:
         result = await self._post("/worker_get_embeddings", params.model_dump(exclude_none=True))
         return self._parse(wire.EmbedResult, result)
 
+    async def score_pairs(self, params: wire.ScorePairsParams) -> wire.ScorePairsResult:
+        if not (await self.model_details()).cross_encoder:  # a FastChat worker has no /worker_score
+            raise InvalidRequestError(f"The model `{params.model}` is not a cross-encoder.", param="model")
+        return self._parse(wire.ScorePairsResult, await self._post("/worker_score", params.model_dump()))
+
     async def tokenize(self, params: wire.TokenizeParams) -> wire.TokenizeResult:
         await self._require(wire.EXT_TOKENIZE, "/tokenize")
         return wire.TokenizeResult.model_validate(await self._post("/tokenize", params.model_dump(exclude_none=True)))
