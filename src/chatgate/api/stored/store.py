@@ -202,15 +202,15 @@ class ResponseStore:
 
     async def replay(self, response_id: str, who: str, after: int | None) -> AsyncGenerator[StreamEvent, None]:
         """A kept response's events after number `after` (all without it); a running one's
-        are followed until it ends. A 400 if `after` is not before the last event of a finished one."""
+        are followed until it ends. A 400 if `after` is past the last event of a finished one."""
         kept = await self.get(response_id, who)
         start = -1 if after is None else after
         if kept.response.status in RUNNING:
             return self._follow(kept, start)
         events = await self._finished_events(kept)
-        if start >= len(events):
+        if start > len(events) - 1:
             raise InvalidRequestError(
-                f"Invalid value for 'starting_after': {start} is not before the response's last event ({len(events) - 1}).",
+                f"Invalid value for 'starting_after': {start} is past the response's last event ({len(events) - 1}).",
                 param="starting_after", code="invalid_value",
             )
         return _each(events[start + 1 :])
