@@ -24,7 +24,8 @@ from tests.polling import apoll
 pytestmark = pytest.mark.anyio
 
 M = "fake-model"
-SLOW = 0.02  # seconds per token of the slow engine: a long answer runs for seconds
+SLOW = 0.2  # seconds per token of the slow engine: LONG's answer (141 tokens) runs for 28 s
+LONG = "😀" * 40  # the fake model echoes it: its longest answer
 
 
 def settings(tmp_path: Path, **more: Any) -> dict[str, Any]:
@@ -35,12 +36,23 @@ def settings(tmp_path: Path, **more: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def engine() -> FakeEngine:
-    return FakeEngine(name=M, token_delay=SLOW, context_length=100_000)
+    return FakeEngine(name=M, token_delay=0.01)
+
+
+@pytest.fixture
+def slow() -> FakeEngine:
+    return FakeEngine(name=M, token_delay=SLOW)
 
 
 @pytest.fixture
 async def app(engine: FakeEngine, tmp_path: Path) -> AsyncIterator[FastAPI]:
     async with running(make_app(engine, **settings(tmp_path, responses_max_background_per_key=3))) as made:
+        yield made
+
+
+@pytest.fixture
+async def slow_app(slow: FakeEngine, tmp_path: Path) -> AsyncIterator[FastAPI]:
+    async with running(make_app(slow, **settings(tmp_path, responses_max_background_per_key=3))) as made:
         yield made
 
 
@@ -90,12 +102,12 @@ async def test_a_background_stream_resumes_after_the_last_event_seen(app: FastAP
     assert text == rest[-1].response.output_text
 
 
-async def test_cancel_stops_the_generation(app: FastAPI, engine: FakeEngine) -> None:
-    client = sdk(app, "sk-a")
-    queued = await client.responses.create(model=M, input="x" * 50, background=True, max_output_tokens=5000)
+async def test_cancel_stops_the_generation(slow_app: FastAPI, slow: FakeEngine) -> None:
+    client = sdk(slow_app, "sk-a")
+    queued = await client.responses.create(model=M, input=LONG, background=True)
 
     async def running_now() -> bool:
-        return engine.active == 1 and (await client.responses.retrieve(queued.id)).status == "in_progress"
+        return slow.active == 1 and (await client.responses.retrieve(queued.id)).status == "in_progress"
 
     await apoll(running_now, what="the background response running", timeout=10)
     with pytest.raises(openai.BadRequestError) as caught:  # its conversation has not ended yet
@@ -103,7 +115,7 @@ async def test_cancel_stops_the_generation(app: FastAPI, engine: FakeEngine) -> 
     assert caught.value.param == "previous_response_id"  # type: ignore[attr-defined]
     cancelled = await client.responses.cancel(queued.id)
     assert cancelled.status == "cancelled" and cancelled.id == queued.id
-    await apoll(lambda: engine.active == 0, what="the generation stopping", timeout=5)
+    await apoll(lambda: slow.active == 0, what="the generation stopping", timeout=5)
     assert (await client.responses.retrieve(queued.id)).status == "cancelled"
     assert (await client.responses.cancel(queued.id)).status == "cancelled"  # again: the same
 
@@ -120,9 +132,10 @@ async def test_only_a_running_background_response_can_be_cancelled(app: FastAPI)
         await client.responses.cancel("resp_nope")
 
 
-async def test_another_key_gets_404_everywhere(app: FastAPI, engine: FakeEngine) -> None:
+async def test_another_key_gets_404_everywhere(slow_app: FastAPI) -> None:
+    app = slow_app
     a, b = sdk(app, "sk-a"), sdk(app, "sk-b")
-    queued = await a.responses.create(model=M, input="secret", background=True, max_output_tokens=3000)
+    queued = await a.responses.create(model=M, input="secret " + LONG, background=True)
     for attempt in (
         b.responses.retrieve(queued.id), b.responses.cancel(queued.id), b.responses.delete(queued.id),
         b.responses.input_items.list(queued.id), b.responses.create(model=M, input="x", previous_response_id=queued.id),
@@ -145,19 +158,20 @@ async def test_background_needs_store(app: FastAPI) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "background", r.text
 
 
-async def test_a_flood_of_background_responses_is_bounded_per_key(app: FastAPI, engine: FakeEngine) -> None:
+async def test_a_flood_of_background_responses_is_bounded_per_key(slow_app: FastAPI) -> None:
+    app = slow_app
     a, b = sdk(app, "sk-a"), sdk(app, "sk-b")
-    started = [await a.responses.create(model=M, input="x", background=True, max_output_tokens=3000) for _ in range(3)]
+    started = [await a.responses.create(model=M, input=LONG, background=True) for _ in range(3)]
     for _ in range(5):
         with pytest.raises(openai.RateLimitError) as caught:
-            await a.responses.create(model=M, input="x", background=True, max_output_tokens=3000)
+            await a.responses.create(model=M, input=LONG, background=True)
         assert "background" in str(caught.value.body)
-    other = await b.responses.create(model=M, input="x", background=True, max_output_tokens=10)  # another key's own
+    other = await b.responses.create(model=M, input="x", background=True, max_output_tokens=5)  # another key's own
     await a.responses.cancel(started[0].id)
 
     async def admitted() -> bool:
         try:
-            started.append(await a.responses.create(model=M, input="x", background=True, max_output_tokens=10))
+            started.append(await a.responses.create(model=M, input="x", background=True, max_output_tokens=5))
         except openai.RateLimitError:
             return False
         return True
@@ -168,11 +182,11 @@ async def test_a_flood_of_background_responses_is_bounded_per_key(app: FastAPI, 
     assert (await finished(b, other.id)).status == "incomplete"  # cut at its max_output_tokens
 
 
-async def test_the_server_bound_holds_for_all_keys(engine: FakeEngine, tmp_path: Path) -> None:
-    async with running(make_app(engine, **settings(tmp_path, responses_max_background=2))) as app:
+async def test_the_server_bound_holds_for_all_keys(slow: FakeEngine, tmp_path: Path) -> None:
+    async with running(make_app(slow, **settings(tmp_path, responses_max_background=2))) as app:
         a, b = sdk(app, "sk-a"), sdk(app, "sk-b")
-        await a.responses.create(model=M, input="x", background=True, max_output_tokens=3000)
-        await b.responses.create(model=M, input="x", background=True, max_output_tokens=3000)
+        await a.responses.create(model=M, input=LONG, background=True)
+        await b.responses.create(model=M, input=LONG, background=True)
         with pytest.raises(openai.RateLimitError):
             await b.responses.create(model=M, input="x", background=True)
 
@@ -195,12 +209,12 @@ async def _at_least(count: Any, floor: int) -> bool:
     return bool(await count() >= floor)
 
 
-async def test_shutdown_keeps_running_ones_as_cancelled(engine: FakeEngine, tmp_path: Path) -> None:
-    async with running(make_app(engine, **settings(tmp_path))) as app:
+async def test_shutdown_keeps_running_ones_as_cancelled(slow: FakeEngine, tmp_path: Path) -> None:
+    async with running(make_app(slow, **settings(tmp_path))) as app:
         client = sdk(app, "sk-a")
-        queued = await client.responses.create(model=M, input="x", background=True, max_output_tokens=5000)
-        await apoll(lambda: engine.active == 1, what="the background response running", timeout=10)
-    assert engine.active == 0
+        queued = await client.responses.create(model=M, input=LONG, background=True)
+        await apoll(lambda: slow.active == 1, what="the background response running", timeout=10)
+    assert slow.active == 0
     backend = await SqliteBackend.open(tmp_path / "r.sqlite3", Bounds(ttl=3600, max_count=10, max_bytes=10**7))
     record = await backend.get(queued.id)
     assert record is not None and record.status == "cancelled"

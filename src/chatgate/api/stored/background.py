@@ -99,10 +99,13 @@ class BackgroundJobs:
 
     async def _run(self, job: _Job) -> None:
         try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(self._heartbeat, job, group.cancel_scope)
+            running = asyncio.current_task()
+            assert running is not None
+            beat = asyncio.create_task(self._heartbeat(job, running))
+            try:
                 await self._generate(job)
-                group.cancel_scope.cancel()
+            finally:
+                beat.cancel()
             await self._flush(job)
             final = job.kept.response
             if final.status in RUNNING:  # the stream ended without its final event
@@ -143,13 +146,17 @@ class BackgroundJobs:
             await self._store.backend.add_events(job.id, texts, job.flushed)
             job.flushed += len(new)
 
-    async def _heartbeat(self, job: _Job, scope: anyio.CancelScope) -> None:
+    async def _heartbeat(self, job: _Job, running: asyncio.Task[Any]) -> None:
         """Rewrite the record while it runs; stop the job when it no longer does (cancelled)."""
         while True:
             await anyio.sleep(HEARTBEAT)
-            if not await self._store.replace(job.kept, job.kept.response, only_from=RUNNING):
+            try:
+                still = await self._store.replace(job.kept, job.kept.response, only_from=RUNNING)
+            except ChatgateError:  # the store is unreachable for now: the job runs on
+                continue
+            if not still:
                 log.info("background response %s was cancelled elsewhere", job.id)
-                scope.cancel()
+                running.cancel()
                 return
 
     async def _end(self, job: _Job, status: str, error: dict[str, str] | None) -> None:
