@@ -14,6 +14,7 @@ from typing import Any
 import openai
 import pytest
 from fastapi import FastAPI
+from openai.types.responses import ResponseCompletedEvent, ResponseCreatedEvent
 
 from chatgate.api.stored.backend import Bounds
 from chatgate.api.stored.sqlite import SqliteBackend
@@ -94,12 +95,15 @@ async def test_a_background_stream_resumes_after_the_last_event_seen(app: FastAP
         if len(seen) == 5:
             break  # the connection drops
     await stream.close()
-    response_id = seen[0].response.id
+    first = seen[0]
+    assert isinstance(first, ResponseCreatedEvent)
+    response_id = first.response.id
     rest = [e async for e in await client.responses.retrieve(response_id, stream=True, starting_after=seen[-1].sequence_number)]
     assert [e.sequence_number for e in rest] == list(range(5, 5 + len(rest)))
-    assert rest[-1].type == "response.completed"
+    last = rest[-1]
+    assert isinstance(last, ResponseCompletedEvent)
     text = "".join(getattr(e, "delta", "") for e in [*seen, *rest] if e.type == "response.output_text.delta")
-    assert text == rest[-1].response.output_text
+    assert text == last.response.output_text
 
 
 async def test_cancel_stops_the_generation(slow_app: FastAPI, slow: FakeEngine) -> None:
@@ -112,7 +116,7 @@ async def test_cancel_stops_the_generation(slow_app: FastAPI, slow: FakeEngine) 
     await apoll(running_now, what="the background response running", timeout=10)
     with pytest.raises(openai.BadRequestError) as caught:  # its conversation has not ended yet
         await client.responses.create(model=M, input="go on", previous_response_id=queued.id)
-    assert caught.value.param == "previous_response_id"  # type: ignore[attr-defined]
+    assert caught.value.param == "previous_response_id"
     cancelled = await client.responses.cancel(queued.id)
     assert cancelled.status == "cancelled" and cancelled.id == queued.id
     await apoll(lambda: slow.active == 0, what="the generation stopping", timeout=5)

@@ -96,7 +96,7 @@ async def test_starting_after_past_the_last_event_is_a_400(app: FastAPI) -> None
     for after in (count, 10**6):
         with pytest.raises(openai.BadRequestError) as caught:
             [e async for e in await client.responses.retrieve(made.id, stream=True, starting_after=after)]
-        assert caught.value.param == "starting_after"  # type: ignore[attr-defined]
+        assert caught.value.param == "starting_after"
 
 
 async def test_another_key_or_no_key_cannot_replay(app: FastAPI) -> None:

@@ -210,7 +210,7 @@ class Door(APIRoute):
         # parameters in the schema, and the door validates them as it does a body.
         query = get_type_hints(endpoint).get("query")
         self.query_model: type[BaseModel] | None = query if isinstance(query, type) and issubclass(query, BaseModel) else None
-        streams = body is not None and "stream" in body.model_fields
+        streams = any(model is not None and "stream" in model.model_fields for model in (body, self.query_model))
         errors = {status: {"model": self.error_model} for status in _ERRORS}
         kwargs["responses"] = {**errors, **(_STREAM if streams else {}), **(kwargs.get("responses") or {})}
         super().__init__(path, endpoint, **kwargs)  # builds the handler, which reads body_model

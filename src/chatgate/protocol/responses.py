@@ -1,5 +1,5 @@
 """The public wire format of OpenAI's Responses API (`POST /v1/responses`; responses stored and
-continued with `store` and `previous_response_id` are kept by `chatgate.api.stored`).
+continued with `store` and `previous_response_id` are kept by `chatgate.api.stored.store`).
 
 Requests are validated here like chat's; responses and stream events carry the fields the
 official SDK reads (`output_text`, `usage`, `status`, `sequence_number`).
