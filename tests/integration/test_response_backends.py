@@ -1,9 +1,11 @@
 """One contract for the three stored-response backends (memory, SQLite, a real Redis): records
 and their events kept and read back, writes conditional on the kept status, the count and byte
-bounds (the oldest go first), expiry, and for SQLite what a reopened file still holds."""
+bounds (the oldest go first), expiry, and for SQLite what a reopened file still holds; a running
+response whose runner went silent reads as failed; an unreachable Redis is a plain 503."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -12,7 +14,12 @@ import pytest
 
 from chatgate.api.stored.backend import RUNNING, Backend, Bounds, MemoryBackend, Record
 from chatgate.api.stored.sqlite import SqliteBackend
+from chatgate.api.stored.store import STALE, ResponseStore
+from chatgate.engines.fake import FakeEngine
+from chatgate.protocol.responses import ResponseObject, ResponsesRequest
+from tests.conftest import make_app, raw, running
 from tests.polling import apoll
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -135,3 +142,28 @@ async def test_sqlite_keeps_what_was_acknowledged_across_a_reopen(tmp_path: Path
     assert again.db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 0
     await first.close()
     await again.close()
+
+
+async def test_a_running_response_whose_runner_went_silent_reads_as_failed() -> None:
+    clock = Clock()
+    clock.now = time.time()
+    store = ResponseStore(MemoryBackend(WIDE, clock=clock))
+    running = ResponseObject(id="resp_1", created_at=0, status="in_progress", model="m", background=True)
+    await store.keep(ResponsesRequest(model="m", input="hi"), running, [], "k")
+    assert (await store.get("resp_1", "k")).response.status == "in_progress"
+    clock.now -= STALE + 1  # its last write, seen from now, is older than STALE
+    await store.keep(ResponsesRequest(model="m", input="hi"), running, [], "k")
+    seen = (await store.get("resp_1", "k")).response
+    assert seen.status == "failed" and seen.error is not None and "stopped" in seen.error["message"]
+
+
+async def test_an_unreachable_redis_is_a_503_that_does_not_name_it(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)  # never started: nothing listens on its port
+    async with running(make_app(FakeEngine(), redis_url=server.url, responses_store="auto")) as app, raw(app) as http:
+        created = await http.post("/v1/responses", json={"model": "fake-model", "input": "hi"})
+        got = await http.get("/v1/responses/resp_1")
+        unstored = await http.post("/v1/responses", json={"model": "fake-model", "input": "hi", "store": False})
+    for r in (created, got):
+        assert r.status_code == 503 and r.json()["error"]["message"] == "The response store is unavailable; retry shortly."
+        assert str(server.port) not in r.text
+    assert unstored.status_code == 200  # what needs no store is served
