@@ -7,7 +7,8 @@ Before the route's code runs:
 3. body size: the byte cap (`middleware.GuardMiddleware`);
    (1–3 are ASGI layers: they answer from the headers, before a byte of body is read)
 4. the validation walk: the raw JSON is parsed and walked (NaN and Infinity, lone surrogates,
-   nesting depth, number of values), then validated against the route's `PublicRequest`;
+   nesting depth, number of values), then validated against the route's `PublicRequest`
+   (a route's query parameters, if it declares a query model, are validated against it first);
 5. cost caps: the request's `cost()` (choices, log-probability entries counting `echo`, messages,
    tools, calls per turn, schema values of all its schemas together) against the one set of caps;
 6. schema checks: every JSON schema the request carries is checked for validity, and every

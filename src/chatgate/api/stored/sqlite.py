@@ -196,6 +196,9 @@ class SqliteBackend:
         return await self._run(read)
 
     async def close(self) -> None:
-        if self._db is not None:
-            db, self._db = self._db, None
-            await anyio.to_thread.run_sync(db.close)
+        def close() -> None:
+            if self._db is not None:
+                db, self._db = self._db, None
+                db.close()
+
+        await self._run(close)
