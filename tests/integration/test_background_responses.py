@@ -223,3 +223,35 @@ async def test_shutdown_keeps_running_ones_as_cancelled(slow: FakeEngine, tmp_pa
     record = await backend.get(queued.id)
     assert record is not None and record.status == "cancelled"
     await backend.close()
+
+
+@pytest.mark.model
+async def test_background_on_the_real_model(chat_engine: Any, tmp_path: Path) -> None:
+    real = "SmolLM2-135M-Instruct"
+    async with running(make_app(chat_engine, **settings(tmp_path))) as app:
+        client = sdk(app, "sk-a")
+        queued = await client.responses.create(model=real, input="What is the capital of France?", background=True,
+                                               temperature=0, max_output_tokens=30)
+        done = await finished(client, queued.id)
+        assert done.status in ("completed", "incomplete") and "Paris" in done.output_text
+        events = [e async for e in await client.responses.retrieve(queued.id, stream=True)]
+        assert "".join(getattr(e, "delta", "") for e in events if e.type == "response.output_text.delta") == done.output_text
+        story = await client.responses.create(model=real, input="Write a very long story about a dragon.", background=True,
+                                              temperature=0, max_output_tokens=2000)
+        await apoll(lambda: _status_is(client, story.id, "in_progress"), what="the story running", timeout=60, interval=0.1)
+        assert (await client.responses.cancel(story.id)).status == "cancelled"
+        kept = await client.responses.retrieve(story.id)
+        assert kept.status == "cancelled" and kept.usage is None  # stopped before its end
+        counts: list[int] = []
+
+        async def stopped() -> bool:  # its events no longer grow: the generation ended
+            counts.append(len([e async for e in await client.responses.retrieve(story.id, stream=True)]))
+            return len(counts) > 1 and counts[-1] == counts[-2]
+
+        await apoll(stopped, what="the story's generation stopping", timeout=30, interval=0.5)
+        kinds = [e.type async for e in await client.responses.retrieve(story.id, stream=True)]
+        assert "response.completed" not in kinds and "response.incomplete" not in kinds
+
+
+async def _status_is(client: openai.AsyncOpenAI, response_id: str, status: str) -> bool:
+    return bool((await client.responses.retrieve(response_id)).status == status)

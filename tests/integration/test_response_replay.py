@@ -14,8 +14,13 @@ from typing import Any
 import openai
 import pytest
 from fastapi import FastAPI
+from openai.types.responses import ResponseStreamEvent
+from pydantic import TypeAdapter
 
+from chatgate.api.stored.backend import Bounds, MemoryBackend
+from chatgate.api.stored.store import ResponseStore
 from chatgate.engines.fake import FakeEngine
+from chatgate.protocol.responses import ResponseObject, ResponsesRequest
 from tests.conftest import make_app, raw, running, sdk
 
 pytestmark = pytest.mark.anyio
@@ -108,3 +113,20 @@ async def test_another_key_or_no_key_cannot_replay(app: FastAPI) -> None:
         for weird in ("x" * 60_000, "resp_" + "9" * 300, "%00"):
             r = await http.get(f"/v1/responses/{weird}", params={"stream": "true", "starting_after": "0"}, headers=KEYS)
             assert r.status_code == 404 and len(r.text) < 1000, r.text
+
+
+async def test_a_function_call_made_whole_replays_as_the_sdk_parses_it() -> None:
+    store = ResponseStore(MemoryBackend(Bounds(ttl=60, max_count=10, max_bytes=10**6)))
+    output: Any = [{"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+                   {"type": "message", "id": "msg_1", "content": [{"type": "output_text", "text": "Checking."}]}]
+    response = ResponseObject.model_validate({"id": "resp_1", "created_at": 0, "status": "completed", "model": M, "output": output})
+    await store.keep(ResponsesRequest(model=M, input="Weather in Paris?"), response, [], "k")
+    events = [e async for e in await store.replay("resp_1", "k", None)]
+    parsed = [TypeAdapter(ResponseStreamEvent).validate_python(e.model_dump()) for e in events]
+    assert [e.sequence_number for e in parsed] == list(range(len(parsed)))
+    kinds = [e.type for e in parsed]
+    assert kinds[kinds.index("response.function_call_arguments.delta") - 1] == "response.output_item.added"
+    done = next(e for e in parsed if e.type == "response.function_call_arguments.done")
+    assert getattr(done, "arguments") == '{"city":"Paris"}'
+    assert kinds[-1] == "response.completed" and "".join(getattr(e, "delta", "") for e in parsed if e.type == "response.output_text.delta") == "Checking."
+    assert [e.model_dump() async for e in await store.replay("resp_1", "k", 4)] == [e.model_dump() for e in events[5:]]
