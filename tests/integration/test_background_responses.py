@@ -255,3 +255,20 @@ async def test_background_on_the_real_model(chat_engine: Any, tmp_path: Path) ->
 
 async def _status_is(client: openai.AsyncOpenAI, response_id: str, status: str) -> bool:
     return bool((await client.responses.retrieve(response_id)).status == status)
+
+
+async def test_two_apps_sharing_redis_cancel_each_others_work(redis_url: str, tmp_path: Path) -> None:
+    on_a, on_b = FakeEngine(name=M, token_delay=SLOW), FakeEngine(name=M, token_delay=0.01)
+    shared = {"redis_url": redis_url, "responses_store": "auto"}
+    async with running(make_app(on_a, **settings(tmp_path, **shared))) as app_a, running(make_app(on_b, **settings(tmp_path, **shared))) as app_b:
+        a, b = sdk(app_a, "sk-a"), sdk(app_b, "sk-a")
+        queued = await a.responses.create(model=M, input=LONG, background=True)
+        await apoll(lambda: _status_is(b, queued.id, "in_progress"), what="B seeing A run it", timeout=10, interval=0.05)
+        assert on_a.active == 1 and on_b.active == 0
+        assert (await b.responses.cancel(queued.id)).status == "cancelled"
+        await apoll(lambda: on_a.active == 0, what="A finding the cancel and stopping", timeout=5)
+        assert (await a.responses.retrieve(queued.id)).status == "cancelled"
+        with pytest.raises(openai.NotFoundError):
+            await sdk(app_b, "sk-b").responses.cancel(queued.id)
+        follow = await b.responses.create(model=M, input="again", previous_response_id=queued.id)
+        assert (await a.responses.retrieve(follow.id)).previous_response_id == queued.id

@@ -133,7 +133,10 @@ class BackgroundJobs:
                 if isinstance(response, ResponseObject):
                     response = mark(response, job.request, id=job.id, background=True, created_at=job.kept.response.created_at)
                     event = event.model_copy(update={"response": response})
+                    began = response.status == "in_progress" and job.kept.response.status == "queued"
                     job.kept = job.kept.with_response(response)
+                    if began:  # GET says so at once, not at the next heartbeat
+                        await self._store.replace(job.kept, response, only_from=RUNNING)
                 job.events.append(event.model_copy(update={"sequence_number": len(job.events)}))
                 if time.monotonic() - last >= FLUSH:
                     await self._flush(job)
