@@ -1,7 +1,8 @@
 """Stored responses across real processes: a `serve` killed (SIGKILL, no shutdown) and started
 again on the same SQLite file still has every response it acknowledged, and conversations go
-on from them (the `openai` SDK and the Agents SDK); two `serve` replicas sharing one Redis see
-each other's responses, replay each other's background streams and cancel each other's work."""
+on from them (the `openai` SDK and the Agents SDK); two `api` servers of one fleet sharing one
+Redis see each other's responses, replay each other's background streams and cancel each
+other's work."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 
 from tests.conftest import sdk
 from tests.live.conftest import Process, free_port
+from tests.live.fleet import LiveFleet
 from tests.polling import apoll
 from tests.redis_server import RedisServer
 
@@ -24,6 +26,7 @@ pytestmark = [pytest.mark.live, pytest.mark.anyio]
 
 M = "fake-model"
 KEYS = "sk-a,sk-b"
+ADMIN = "sk-admin"
 
 
 def serve(log: Path, *extra: str, delay: float = 0.01) -> tuple[Process, str]:
@@ -88,14 +91,18 @@ async def test_a_killed_server_restarted_on_its_file_keeps_every_acknowledged_re
         await sdk(url, "sk-b").responses.retrieve(one.id)
 
 
-async def test_two_replicas_sharing_redis_see_and_cancel_each_others_responses(tmp_path: Path, started: list[Process]) -> None:
+async def test_two_api_servers_sharing_redis_see_and_cancel_each_others_responses(tmp_path: Path) -> None:
     redis_server = RedisServer(tmp_path)
     redis_server.start()
+    fleet = LiveFleet(logs=tmp_path)
     try:
-        a_proc, a_url = serve(tmp_path / "a.log", "--redis-url", redis_server.url, delay=0.1)
-        started.append(a_proc)
-        b_proc, b_url = serve(tmp_path / "b.log", "--redis-url", redis_server.url, delay=0.1)
-        started.append(b_proc)
+        fleet.controller()
+        fleet.worker("worker", delay=0.1)
+        a_proc = fleet.api("api-a", "--redis-url", redis_server.url, "--api-keys", KEYS, "--admin-keys", ADMIN)
+        fleet.api("api-b", "--redis-url", redis_server.url, "--api-keys", KEYS, "--admin-keys", ADMIN)
+        a_url, b_url = fleet.url["api-a"], fleet.url["api-b"]
+        for url in (a_url, b_url):
+            await apoll(lambda: _serving(url), what=f"{url} seeing the worker", timeout=30, interval=0.2)
         a, b = sdk(a_url, "sk-a"), sdk(b_url, "sk-a")
         made = await a.responses.create(model=M, input="hello", temperature=0)
         assert (await b.responses.retrieve(made.id)).output_text == made.output_text
@@ -138,7 +145,14 @@ async def test_two_replicas_sharing_redis_see_and_cancel_each_others_responses(t
         assert (await a.responses.retrieve(long.id)).status == "cancelled"
         assert "cancelled elsewhere" in a_proc.log.read_text()
     finally:
+        fleet.stop()
         redis_server.stop()
+
+
+async def _serving(url: str) -> bool:
+    async with httpx.AsyncClient(timeout=2) as http:
+        ready = (await http.get(f"{url}/ready", headers={"authorization": f"Bearer {ADMIN}"})).json()
+    return bool(ready.get("workers") == {M: 1})
 
 
 async def _count(client: openai.AsyncOpenAI, response_id: str) -> int:
