@@ -5,6 +5,7 @@ response whose runner went silent reads as failed; an unreachable Redis is a pla
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -167,3 +168,17 @@ async def test_an_unreachable_redis_is_a_503_that_does_not_name_it(tmp_path: Pat
         assert r.status_code == 503 and r.json()["error"]["message"] == "The response store is unavailable; retry shortly."
         assert str(server.port) not in r.text
     assert unstored.status_code == 200  # what needs no store is served
+
+
+async def test_sqlite_purges_expired_rows_without_a_write(tmp_path: Path) -> None:
+    clock = Clock()
+    backend = await SqliteBackend.open(tmp_path / "p.sqlite3", WIDE, clock=clock)
+    assert await backend.put(rec(1), events=["e"])
+    clock.now += 3601
+    task = asyncio.create_task(backend._purge_every(0.05))  # the minute's round, made short
+    try:
+        await apoll(lambda: backend.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 0, what="the purge", timeout=5)
+    finally:
+        task.cancel()
+    assert backend.db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 0
+    await backend.close()

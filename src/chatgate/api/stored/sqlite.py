@@ -8,11 +8,14 @@ processes may share the file (WAL readers do not block the writer; a writer wait
 
 Every call runs in a worker thread, one at a time per backend (the connection is not shared
 between threads at once): the event loop never waits on the disk. Expired rows are invisible to
-reads at once and deleted at most once a minute, on a write.
+reads at once, and deleted from the file every minute (and by a write, at most once a minute).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import sqlite3
 import threading
 import time
@@ -25,6 +28,7 @@ import anyio
 from chatgate.api.stored.backend import Bounds, Record
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -51,13 +55,24 @@ class SqliteBackend:
         self._limiter = anyio.CapacityLimiter(1)
         self._db: sqlite3.Connection | None = None
         self._purged = 0.0
+        self._purging: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, path: Path, bounds: Bounds, *, clock: Callable[[], float] = time.time) -> SqliteBackend:
         """Open (creating) the file and its tables, in a thread."""
         backend = cls(path, bounds, clock=clock)
         await backend._run(backend._connect)
+        backend._purging = asyncio.create_task(backend._purge_every(PURGE_EVERY), name="purge stored responses")
         return backend
+
+    async def _purge_every(self, seconds: float) -> None:
+        """Delete expired rows every `seconds`, written to or not, until closed."""
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await self._run(lambda: self._purge(force=True))
+            except sqlite3.Error:  # a busy or full disk now: the next round tries again
+                log.warning("could not purge expired stored responses", exc_info=True)
 
     def _connect(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +211,11 @@ class SqliteBackend:
         return await self._run(read)
 
     async def close(self) -> None:
+        if self._purging is not None:
+            self._purging.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._purging
+
         def close() -> None:
             if self._db is not None:
                 db, self._db = self._db, None
