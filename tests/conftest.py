@@ -61,8 +61,9 @@ async def running(app: FastAPI) -> AsyncIterator[FastAPI]:
 
 
 def make_app(*engines: Engine, **settings: Any) -> FastAPI:
-    """An API app serving `engines` in-process; `settings` are `ServeSettings` fields."""
-    serve = ServeSettings(**settings)
+    """An API app serving `engines` in-process; `settings` are `ServeSettings` fields (stored
+    responses in memory unless they say otherwise: tests leave no file in the cache)."""
+    serve = ServeSettings(**{"responses_store": "memory", **settings})
     return create_api_app(serve, local_pool(serve, engines=list(engines)))
 
 

@@ -115,7 +115,7 @@ class ApiSettings(ShutdownSettings, TracingSettings):
         "max_parallel_requests and models; accepted beside --api-keys.",
     )
     redis_url: str | None = Field(
-        None, description="Keep per-key rate-limit counters in this Redis (shared by replicas)."
+        None, description="Keep per-key rate-limit counters and stored responses in this Redis (shared by replicas)."
     )
     allowed_origins: StrList = Field(
         default_factory=list, description="CORS allowed origins (JSON list or comma-separated)."
@@ -152,10 +152,23 @@ class ApiSettings(ShutdownSettings, TracingSettings):
         30 * 24 * 3600, gt=0, description="Seconds a stored Responses API response is kept (`store`, default 30 days)."
     )
     responses_max_count: int = Field(
-        10_000, ge=1, description="Most stored responses kept in memory (the oldest go first)."
+        10_000, ge=1, description="Most stored responses kept (the oldest go first)."
     )
     responses_max_bytes: int = Field(
-        256 * 1024 * 1024, ge=1024, description="Most bytes of stored responses kept in memory (the oldest go first)."
+        256 * 1024 * 1024, ge=1024, description="Most bytes of stored responses and their stream events kept (the oldest go first)."
+    )
+    responses_store: Literal["auto", "sqlite", "redis", "memory"] = Field(
+        "auto", description="Where stored responses are kept: sqlite (a file, see --responses-path), redis (--redis-url, "
+        "shared by replicas), memory (this process, lost on restart); auto: redis with --redis-url, else sqlite."
+    )
+    responses_path: Path | None = Field(
+        None, description="The SQLite file of stored responses (default: responses.sqlite3 in the cache directory)."
+    )
+    responses_max_background: int = Field(
+        64, ge=0, description="Most `background` responses this API server runs at once (429 beyond)."
+    )
+    responses_max_background_per_key: int = Field(
+        8, ge=0, description="Most `background` responses one API key runs at once on this server (429 beyond)."
     )
     playground: bool = Field(
         True, description="Serve the browser playground at / (--no-playground turns it off)."

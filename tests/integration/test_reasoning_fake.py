@@ -116,6 +116,13 @@ async def test_responses_return_a_reasoning_item_before_the_message(thinking_app
         items = [item.model_dump(exclude_none=True) for item in r.output]
         again = await client.post("/v1/responses", json={"model": M, "input": [*items, {"role": "user", "content": "more"}]})
     assert again.status_code == 200 and again.json()["status"] == "completed"
+    # Kept, it replays as the events its stream would have been, thinking first; and continues.
+    replayed = [e async for e in await sdk(thinking_app).responses.retrieve(r.id, stream=True)]
+    thinking = "".join(e.delta for e in replayed if e.type == "response.reasoning_text.delta")
+    answer = "".join(e.delta for e in replayed if e.type == "response.output_text.delta")
+    assert (thinking, answer) == (THINKING, ANSWER) and replayed[-1].type == "response.completed"
+    follow = await sdk(thinking_app).responses.create(model=M, input="more", previous_response_id=r.id)
+    assert follow.status == "completed"
 
 
 async def test_responses_stream_reasoning_events_then_the_message(thinking_app: FastAPI) -> None:

@@ -93,7 +93,7 @@ async def test_raw_stream_is_named_events_and_incomplete_at_the_limit(fake_app: 
     [
         ({"previous_response_id": "r" * 257}, "previous_response_id"),
         ({"previous_response_id": ""}, "previous_response_id"),
-        ({"background": True}, "background"),
+        ({"background": True, "store": False}, "background"),  # background needs store
         ({"input": []}, "input"),
         ({"input": 5}, "input"),
         ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),

@@ -1,18 +1,23 @@
-"""Stored responses of the Responses API through the `openai` SDK and raw HTTP: `store` (on by
-default, as OpenAI's), `previous_response_id` continuing a conversation exactly as sending it
-whole would, `GET` / `DELETE /v1/responses/{id}` and `input_items`, streams kept too, every key
-seeing only its own responses (404 otherwise), and the store's bounds (age, count, bytes)."""
+"""Stored responses of the Responses API through the `openai` SDK and raw HTTP, on the default
+SQLite store: `store` (on by default, as OpenAI's), `previous_response_id` continuing a
+conversation exactly as sending it whole would, `GET` / `DELETE /v1/responses/{id}` and
+`input_items`, streams kept too, every key seeing only its own responses (404 otherwise), the
+conversation cap, and the multi-turn flow of the SDK and the Agents SDK on the real model.
+(The backends' own contract: test_response_backends.py.)"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 from fastapi import FastAPI
 
-from chatgate.api.stored import ResponseNotFoundError, ResponseStore
+from chatgate.api.stored.backend import Bounds, MemoryBackend
+from chatgate.api.stored.store import ResponseNotFoundError, ResponseStore
 from chatgate.errors import InvalidRequestError
 from chatgate.engines.fake import FakeEngine
 from chatgate.protocol.responses import ResponseObject, ResponsesRequest
@@ -21,6 +26,20 @@ from tests.conftest import make_app, raw, running, sdk
 pytestmark = pytest.mark.anyio
 
 M = "fake-model"
+
+
+@pytest.fixture
+async def fake_app(fake_engine: FakeEngine, tmp_path: Path) -> AsyncIterator[FastAPI]:
+    """The fake engine's app, keeping responses in SQLite as by default (in a test folder)."""
+    async with running(make_app(fake_engine, responses_store="auto", responses_path=tmp_path / "r.sqlite3")) as app:
+        yield app
+
+
+@pytest.fixture
+async def chat_app(chat_engine: Any, tmp_path: Path) -> AsyncIterator[FastAPI]:
+    """The real model's app, keeping responses in SQLite as by default."""
+    async with running(make_app(chat_engine, responses_path=tmp_path / "r.sqlite3", responses_store="sqlite")) as app:
+        yield app
 
 
 async def test_create_retrieve_input_items_delete(fake_app: FastAPI) -> None:
@@ -83,8 +102,8 @@ async def test_a_stream_is_kept_as_it_ended(fake_app: FastAPI) -> None:
             assert event.response.previous_response_id == final.id
 
 
-async def test_each_key_sees_only_its_own_responses() -> None:
-    async with running(make_app(FakeEngine(), api_keys=["sk-a", "sk-b"])) as app:
+async def test_each_key_sees_only_its_own_responses(tmp_path: Path) -> None:
+    async with running(make_app(FakeEngine(), api_keys=["sk-a", "sk-b"], responses_path=tmp_path / "r.sqlite3", responses_store="sqlite")) as app:
         a, b = sdk(app, "sk-a"), sdk(app, "sk-b")
         mine = await a.responses.create(model=M, input="secret")
         for attempt in (b.responses.retrieve(mine.id), b.responses.delete(mine.id), b.responses.input_items.list(mine.id)):
@@ -112,16 +131,6 @@ async def test_bad_previous_response_ids(fake_app: FastAPI, value: object, code:
     assert r.status_code == code and r.json()["error"]["param"] == "previous_response_id", r.text
 
 
-class Clock:
-    """A clock the test moves."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def response(index: int, text: str = "ok") -> ResponseObject:
     """A finished response with `text` as its output."""
     output: Any = [{"type": "message", "id": f"msg_{index}", "content": [{"type": "output_text", "text": text}]}]
@@ -132,38 +141,16 @@ def ask(text: str = "hi", **fields: Any) -> ResponsesRequest:
     return ResponsesRequest.model_validate({"model": M, "input": text, **fields})
 
 
-def test_the_store_forgets_after_its_ttl_and_keeps_its_count_and_bytes() -> None:
-    clock = Clock()
-    store = ResponseStore(ttl=60, max_count=3, max_bytes=20_000, clock=clock)
-    for index in range(5):
-        store.keep(ask(), response(index), [], "")
-        clock.now += 1
-    assert len(store) == 3 and [store.get(f"resp_{i}", "").response.id for i in (2, 3, 4)]
-    with pytest.raises(ResponseNotFoundError):
-        store.get("resp_0", "")
-    clock.now += 58.5  # resp_2 was kept 61.5 s ago, resp_4 59.5 s ago
-    assert len(store) == 1 and store.get("resp_4", "")
-    clock.now += 1
-    assert len(store) == 0 and store.bytes == 0
-    for index in range(10):
-        store.keep(ask(), response(index, "x" * 4000), [], "")
-    assert store.bytes <= 20_000 and len(store) == 2
-    store.keep(ask(), response(99, "y" * 30_000), [], "")  # larger than the whole budget: not kept
-    with pytest.raises(ResponseNotFoundError):
-        store.get("resp_99", "")
-    assert len(store) == 2
-
-
-def test_a_continued_conversation_is_held_to_the_message_cap() -> None:
-    store = ResponseStore(ttl=60, max_count=10, max_bytes=10**8)
+async def test_a_continued_conversation_is_held_to_the_message_cap() -> None:
+    store = ResponseStore(MemoryBackend(Bounds(ttl=60, max_count=10, max_bytes=10**8)))
     long_input = [{"role": "user", "content": "x"}] * 2000
-    store.keep(ask(input=long_input), response(1), [], "sk-a")
-    whole, earlier = store.continued(ask(input=[{"role": "user", "content": "y"}] * 40, previous_response_id="resp_1"), "sk-a")
+    await store.keep(ask(input=long_input), response(1), [], "sk-a")
+    whole, earlier = await store.continued(ask(input=[{"role": "user", "content": "y"}] * 40, previous_response_id="resp_1"), "sk-a")
     assert len(earlier) == 2001 and isinstance(whole.input, list) and len(whole.input) == 2041
     with pytest.raises(InvalidRequestError, match="previous_response_id") as caught:
-        store.continued(ask(input=[{"role": "user", "content": "y"}] * 60, previous_response_id="resp_1"), "sk-a")
+        await store.continued(ask(input=[{"role": "user", "content": "y"}] * 60, previous_response_id="resp_1"), "sk-a")
     with pytest.raises(ResponseNotFoundError):  # another owner
-        store.continued(ask(previous_response_id="resp_1"), "sk-b")
+        await store.continued(ask(previous_response_id="resp_1"), "sk-b")
     assert caught.value.status == 400 and caught.value.param == "previous_response_id"
 
 

@@ -74,5 +74,6 @@ def test_every_route_answers_as_its_schema_says(api_schema: schemathesis.BaseSch
 def test_the_schema_covers_every_api_route(api_schema: schemathesis.BaseSchema) -> None:
     paths = set(api_schema.raw_schema["paths"])
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/tokenize",
-                 "/detokenize", "/api/v1/token_check", "/api/v1/chat/completions", "/v1/models"):
+                 "/detokenize", "/api/v1/token_check", "/api/v1/chat/completions", "/v1/models",
+                 "/v1/responses/{response_id}", "/v1/responses/{response_id}/cancel"):
         assert path in paths

@@ -39,7 +39,8 @@ from chatgate.api.serving.scoring import ScoringServing
 from chatgate.api.serving.tokenize import TokenizeServing
 from chatgate.api.serving.tokens import TokenCheckServing
 from chatgate.api.state import ApiState
-from chatgate.api.stored import ResponseStore
+from chatgate.api.stored.background import BackgroundJobs
+from chatgate.api.stored.opening import open_store
 from chatgate.api.workers.base import PoolSource
 from chatgate.api.workers.draining import DrainingPool
 from chatgate.drain import Drain
@@ -87,28 +88,33 @@ def create_api_app(
             local: list[Collector] = getattr(opened, "collectors", list)()
             for collector in [fleet, *local]:
                 registry.register(collector)
+            stored = await open_store(settings)
+            responses = ResponsesServing(pool=pool, max_n=settings.max_n, metrics=metrics)
+            background = BackgroundJobs(
+                store=stored, serving=responses, max_jobs=settings.responses_max_background,
+                max_per_key=settings.responses_max_background_per_key,
+            )
             app.state.api = ApiState(
                 pool=pool,
                 admin=admin,
                 stream_write_timeout=settings.stream_write_timeout,
                 chat=ChatServing(pool=pool, max_n=settings.max_n, metrics=metrics),
                 completions=CompletionServing(pool=pool, max_n=settings.max_n, metrics=metrics),
-                responses=ResponsesServing(pool=pool, max_n=settings.max_n, metrics=metrics),
+                responses=responses,
                 tokens=TokenCheckServing(pool=pool),
                 embeddings=EmbeddingServing(pool=pool),
                 tokenizer=TokenizeServing(pool=pool),
                 messages=MessagesServing(pool=pool, max_n=settings.max_n, metrics=metrics),
                 token_counts=TokenCountServing(pool=pool),
                 scoring=ScoringServing(pool=pool),
-                stored=ResponseStore(
-                    ttl=settings.responses_ttl,
-                    max_count=settings.responses_max_count,
-                    max_bytes=settings.responses_max_bytes,
-                ),
+                stored=stored,
+                background=background,
             )
             try:
                 yield
             finally:
+                await background.close()  # before the store: cancelled jobs are kept as such
+                await stored.close()
                 for collector in [fleet, *local]:
                     registry.unregister(collector)
                 await leases.close()

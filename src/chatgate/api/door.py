@@ -7,7 +7,8 @@ Before the route's code runs:
 3. body size: the byte cap (`middleware.GuardMiddleware`);
    (1–3 are ASGI layers: they answer from the headers, before a byte of body is read)
 4. the validation walk: the raw JSON is parsed and walked (NaN and Infinity, lone surrogates,
-   nesting depth, number of values), then validated against the route's `PublicRequest`;
+   nesting depth, number of values), then validated against the route's `PublicRequest`
+   (a route's query parameters, if it declares a query model, are validated against it first);
 5. cost caps: the request's `cost()` (choices, log-probability entries counting `echo`, messages,
    tools, calls per turn, schema values of all its schemas together) against the one set of caps;
 6. schema checks: every JSON schema the request carries is checked for validity, and every
@@ -138,6 +139,14 @@ def admit_body(model: type[PublicRequest], raw: bytes) -> PublicRequest:
     return body
 
 
+def admit_query(model: type[BaseModel], request: Request) -> BaseModel:
+    """The request's query parameters as `model`, or a 400 naming the parameter."""
+    try:
+        return model.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        raise validation_error(RequestValidationError(list(exc.errors()))) from None
+
+
 def body_error(exc: ValidationError) -> ChatgateError:
     """The 400 for a body that does not fit its schema, naming the field as OpenAI does."""
     return validation_error(RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]))
@@ -199,17 +208,23 @@ class Door(APIRoute):
         if body is not None and not (isinstance(body, type) and issubclass(body, PublicRequest)):
             raise TypeError(f"{path}: a public route's body must be a PublicRequest, not {body!r}")
         self.body_model: type[PublicRequest] | None = body
-        streams = body is not None and "stream" in body.model_fields
+        # A query model (`query: Annotated[Model, Query()]`): its fields are the route's query
+        # parameters in the schema, and the door validates them as it does a body.
+        query = get_type_hints(endpoint).get("query")
+        self.query_model: type[BaseModel] | None = query if isinstance(query, type) and issubclass(query, BaseModel) else None
+        streams = any(model is not None and "stream" in model.model_fields for model in (body, self.query_model))
         errors = {status: {"model": self.error_model} for status in _ERRORS}
         kwargs["responses"] = {**errors, **(_STREAM if streams else {}), **(kwargs.get("responses") or {})}
         super().__init__(path, endpoint, **kwargs)  # builds the handler, which reads body_model
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        endpoint, body_model = self.endpoint, self.body_model
+        endpoint, body_model, query_model = self.endpoint, self.body_model, self.query_model
 
         async def handle(request: Request) -> Response:
             kwargs: dict[str, Any] = {"request": request, **request.path_params}
             deadline = requested_deadline(request)
+            if query_model is not None:
+                kwargs["query"] = admit_query(query_model, request)
             if body_model is not None:
                 raw = await within(deadline, request.body())
                 admission: BodyAdmission = request.app.state.admission

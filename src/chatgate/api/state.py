@@ -16,7 +16,8 @@ from chatgate.api.serving.responses import ResponsesServing
 from chatgate.api.serving.scoring import ScoringServing
 from chatgate.api.serving.tokenize import TokenizeServing
 from chatgate.api.serving.tokens import TokenCheckServing
-from chatgate.api.stored import ResponseStore
+from chatgate.api.stored.background import BackgroundJobs
+from chatgate.api.stored.store import ResponseStore
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class ApiState:
     token_counts: TokenCountServing  # and its /v1/messages/count_tokens
     scoring: ScoringServing  # /v1/rerank and /v1/score
     stored: ResponseStore  # the Responses API's stored responses
+    background: BackgroundJobs  # and those run after their reply
 
 
 def api_state(request: Request) -> ApiState:

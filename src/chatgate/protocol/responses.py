@@ -1,5 +1,5 @@
 """The public wire format of OpenAI's Responses API (`POST /v1/responses`; responses stored and
-continued with `store` and `previous_response_id` are kept by `chatgate.api.stored`).
+continued with `store` and `previous_response_id` are kept by `chatgate.api.stored.store`).
 
 Requests are validated here like chat's; responses and stream events carry the fields the
 official SDK reads (`output_text`, `usage`, `status`, `sequence_number`).
@@ -178,7 +178,7 @@ class ResponsesRequest(ResponsesExtras):  # a `_Request`, with the fields it acc
     priority: Priority = 0
     store: bool | None = None  # None: kept, as OpenAI's default
     previous_response_id: str | None = Field(None, min_length=1, max_length=256)
-    background: bool | None = None  # refused: nothing runs after the reply
+    background: bool | None = None  # run after the reply; needs `store`
 
     @property
     def logprobs(self) -> bool:
@@ -216,9 +216,9 @@ class ResponsesRequest(ResponsesExtras):  # a `_Request`, with the fields it acc
 
     @field_validator("background")
     @classmethod
-    def _no_background(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("background responses are not served here: background must be false or left out")
+    def _background_is_stored(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+        if value and info.data.get("store") is False:
+            raise ValueError("background responses must be stored: store must be true or left out")
         return value
 
     @field_validator("tool_choice")
@@ -312,6 +312,16 @@ class IncompleteDetails(BaseModel):
     reason: Literal["max_output_tokens", "content_filter"]
 
 
+class RetrieveQuery(BaseModel):
+    """The query of `GET /v1/responses/{id}`: the response whole, or (`stream`) its events
+    replayed, those after number `starting_after`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    stream: bool = False
+    starting_after: int | None = Field(None, ge=0, le=10**9)
+
+
 class DeletedResponse(BaseModel):
     """The reply of `DELETE /v1/responses/{id}`."""
 
@@ -336,7 +346,7 @@ class ResponseObject(BaseModel):
     id: str
     object: Literal["response"] = "response"
     created_at: int
-    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    status: Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
     model: str
     output: list[OutputItem] = Field(default_factory=list)
     usage: ResponseUsage | None = None

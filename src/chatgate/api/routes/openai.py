@@ -4,13 +4,14 @@ are the door's (`chatgate.api.door`), not the route's."""
 
 from __future__ import annotations
 
-import anyio
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 
 from chatgate.api.door import Door, NamedEvents, Served
 from chatgate.api.serving.models import model_card
 from chatgate.api.serving.responses import to_chat
-from chatgate.api.stored import mark, owner
+from chatgate.api.stored.store import mark, owner
 from chatgate.api.state import api_state
 from chatgate.errors import ModelNotFoundError
 from chatgate.protocol.fastchat import TokenCheckRequest, TokenCheckResponse
@@ -24,7 +25,7 @@ from chatgate.protocol.openai import (
     ModelCard,
     ModelList,
 )
-from chatgate.protocol.responses import DeletedResponse, InputItemList, ResponseObject, ResponsesRequest
+from chatgate.protocol.responses import DeletedResponse, InputItemList, ResponseObject, ResponsesRequest, RetrieveQuery
 from chatgate.protocol.vllm import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 
 router = APIRouter(route_class=Door)
@@ -61,37 +62,50 @@ async def completions(body: CompletionRequest, request: Request) -> Served:
 
 @router.post("/v1/responses", response_model=ResponseObject)
 async def responses(body: ResponsesRequest, request: Request) -> Served:
-    """A model response, streamed as named events or not; kept unless `store` is false, and
-    continuing the stored response `previous_response_id` names."""
+    """A model response, streamed as named events or not, or run in the background; kept
+    unless `store` is false, and continuing the stored response `previous_response_id` names."""
     state, who = api_state(request), owner()
-    whole, earlier = await anyio.to_thread.run_sync(state.stored.continued, body, who)
+    whole, earlier = await state.stored.continued(body, who)
+    if body.background:
+        queued = await state.background.start(body, whole, earlier, who)
+        return NamedEvents(await state.stored.replay(queued.id, who, None)) if body.stream else queued
     result = await state.responses.create(to_chat(whole))
     if not isinstance(result, ResponseObject):
         return NamedEvents(state.stored.keeping(body, result, earlier, who))
     result = mark(result, body)
     if body.store is not False:
-        await anyio.to_thread.run_sync(state.stored.keep, body, result, earlier, who)
+        await state.stored.keep(body, result, earlier, who)
     return result
 
 
 @router.get("/v1/responses/{response_id}", response_model=ResponseObject)
-async def retrieve_response(response_id: str, request: Request) -> Served:
-    """A stored response of the caller's key."""
-    return api_state(request).stored.get(response_id, owner()).response
+async def retrieve_response(response_id: str, query: Annotated[RetrieveQuery, Query()], request: Request) -> Served:
+    """A stored response of the caller's key, or (`stream=true`) its events replayed after
+    `starting_after`, followed to its end while it runs."""
+    stored = api_state(request).stored
+    if query.stream:
+        return NamedEvents(await stored.replay(response_id, owner(), query.starting_after))
+    return (await stored.get(response_id, owner())).response
 
 
 @router.get("/v1/responses/{response_id}/input_items", response_model=InputItemList)
 async def response_input_items(response_id: str, request: Request) -> Served:
     """The input items of a stored response of the caller's key, in order."""
-    items = api_state(request).stored.get(response_id, owner()).input_items
+    items = (await api_state(request).stored.get(response_id, owner())).input_items
     return InputItemList(data=items, first_id=items[0]["id"] if items else None, last_id=items[-1]["id"] if items else None)
 
 
 @router.delete("/v1/responses/{response_id}", response_model=DeletedResponse)
 async def delete_response(response_id: str, request: Request) -> Served:
     """Forget a stored response of the caller's key."""
-    api_state(request).stored.delete(response_id, owner())
+    await api_state(request).stored.delete(response_id, owner())
     return DeletedResponse(id=response_id)
+
+
+@router.post("/v1/responses/{response_id}/cancel", response_model=ResponseObject)
+async def cancel_response(response_id: str, request: Request) -> Served:
+    """Stop a background response of the caller's key (kept as `cancelled`)."""
+    return await api_state(request).background.cancel(response_id, owner())
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)

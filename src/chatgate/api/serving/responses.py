@@ -319,3 +319,39 @@ class ResponsesServing(GenerationServing[ResponsesAsChat, ResponseObject, Stream
         except ChatgateError as exc:
             exc.param = _PARAMS.get(exc.param or "", exc.param)
             raise
+
+
+def stream_of(response: ResponseObject) -> list[StreamEvent]:
+    """The events a stream of the finished `response` would have been: created, in progress,
+    each output item (a message's text as one delta), and the final event. The same every time,
+    so a response kept without its events replays with stable numbers."""
+    events = _Events()
+    begun = response.model_copy(update={"status": "in_progress", "output": [], "usage": None, "incomplete_details": None})
+    out = [events("response.created", response=begun), events("response.in_progress", response=begun)]
+    for index, item in enumerate(response.output):
+        if isinstance(item, FunctionCallOutput):
+            out += events.call(index, item)
+            continue
+        if isinstance(item, ReasoningOutput):
+            thought = item.content[0] if item.content else ReasoningText()
+            out += events.reasoning_open(index, item.id)
+            out.append(events.reasoning_delta(index, item.id, thought.text))
+            out += events.reasoning_close(index, item.model_copy(update={"content": [thought]}))
+            continue
+        part = item.content[0] if item.content else OutputText()
+        out += events.message_open(index, item.id)
+        out.append(events.delta(index, item.id, part.text, part.logprobs))
+        out += events.message_close(index, item.model_copy(update={"content": [part]}))
+    final = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(response.status, "response.failed")
+    out.append(events(final, response=response))
+    return out
+
+
+def pending(request: ResponsesRequest, response_id: str) -> ResponseObject:
+    """The `response` object of a request not yet run (a background one's, queued)."""
+    return _Head(id=response_id, created_at=now(), request=request).response().model_copy(update={"status": "queued", "background": True})
+
+
+def new_response_id() -> str:
+    """A fresh response id."""
+    return _id("resp")
