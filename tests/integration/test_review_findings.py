@@ -1,0 +1,106 @@
+"""Security review findings on what landed since 1396fbe, each as a test of the behaviour we want
+(they fail until the product code is fixed). Fake engine only: fast."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from typing import Any
+
+import openai
+import pytest
+
+from chatgate.engines.fake import FakeEngine
+from chatgate.logs import TextFormatter
+from tests.conftest import make_app, raw, running, sdk
+
+pytestmark = pytest.mark.anyio
+
+M = "fake-model"
+
+
+# --- stored responses ---------------------------------------------------------------------------
+
+
+async def test_one_key_cannot_evict_another_keys_stored_responses() -> None:
+    """The store's count and byte bounds are global and evict the oldest first, whoever owns
+    them: one key making `responses_max_count` responses wipes every other key's conversations
+    (their `previous_response_id` then 404s). A key should evict its own responses first."""
+    async with running(make_app(FakeEngine(), api_keys=["sk-a", "sk-b"], responses_max_count=4)) as app:
+        a, b = sdk(app, "sk-a"), sdk(app, "sk-b")
+        mine = await a.responses.create(model=M, input="remember me", max_output_tokens=5)
+        for _ in range(4):
+            await b.responses.create(model=M, input="flood", max_output_tokens=5)
+        assert (await a.responses.retrieve(mine.id)).id == mine.id
+
+
+# --- worker queue bounds --------------------------------------------------------------------------
+
+
+class SlowCrossEncoder(FakeEngine):
+    """A fake cross-encoder whose scoring takes a while, counting how many score at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.info = dataclasses.replace(self.info, cross_encoder=True)
+        self.scoring = 0
+        self.most = 0
+
+    def pair_tokens(self, first: str, second: str) -> int:
+        return len(first) + len(second)
+
+    async def score_pairs(self, pairs: list[tuple[str, str]]) -> list[float]:
+        self.scoring += 1
+        self.most = max(self.most, self.scoring)
+        try:
+            await asyncio.sleep(0.3)
+        finally:
+            self.scoring -= 1
+        return [0.5] * len(pairs)
+
+
+async def test_cross_encoder_scoring_passes_the_workers_queue_bounds() -> None:
+    """`/worker_score` (rerank and score on a cross-encoder) skips the worker's `RequestQueue`:
+    `--limit-worker-concurrency` and `--max-waiting` never refuse it, so a flood of reranks
+    queues without bound on the engine's one thread (and delays every other caller)."""
+    engine = SlowCrossEncoder()
+    async with running(make_app(engine, limit_worker_concurrency=1, max_waiting=1)) as app, raw(app) as http:
+        body = json.dumps({"model": M, "query": "q", "documents": ["a", "b"]})
+        replies = await asyncio.gather(*(
+            http.post("/v1/rerank", content=body, headers={"content-type": "application/json"}) for _ in range(4)
+        ))
+    statuses = sorted(r.status_code for r in replies)
+    assert engine.most == 1 and 429 in statuses, (engine.most, statuses)
+
+
+# --- the access log -------------------------------------------------------------------------------
+
+
+async def test_an_unauthenticated_path_cannot_forge_access_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """The access line's message is `METHOD PATH STATUS` with the percent-decoded path as is:
+    a caller with no key sends `%0A` and writes a whole forged line into the text log."""
+    caplog.set_level(logging.DEBUG, logger="chatgate.access")
+    forged = "2026-12-05 12:00:00,000 INFO chatgate.access: POST /v1/chat/completions 200 key=team-admin"
+    async with running(make_app(FakeEngine(), api_keys=["sk-a"])) as app, raw(app) as http:
+        r = await http.get("/v1/models%0A" + forged.replace(" ", "%20"))
+    assert r.status_code == 401
+    lines = [TextFormatter().format(rec) for rec in caplog.records if rec.name == "chatgate.access"]
+    assert lines and all("\n" not in line and "\r" not in line for line in lines), lines
+
+
+# --- error dialects -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/messages/batches"), ("GET", "/v1/messages/count_tokens")])
+async def test_anthropic_paths_answer_in_anthropics_shape(fake_app: Any, method: str, path: str) -> None:
+    """Anthropic's SDK calls `/v1/messages/batches` (and may get a method wrong); the answer
+    should be Anthropic's error shape, not OpenAI's, as it is for `/v1/messages` itself."""
+    async with raw(fake_app) as http:
+        r = await http.request(method, path, content=b"{}", headers={"content-type": "application/json"})
+    assert r.status_code in (404, 405)
+    assert r.json().get("type") == "error" and set(r.json()["error"]) == {"type", "message"}, r.text
+
+
+__all__ = ["openai"]
