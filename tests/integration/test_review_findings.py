@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -15,6 +16,7 @@ import pytest
 from chatgate.engines.fake import FakeEngine
 from chatgate.logs import TextFormatter
 from tests.conftest import make_app, raw, running, sdk
+from tests.polling import apoll
 
 pytestmark = pytest.mark.anyio
 
@@ -90,6 +92,26 @@ async def test_an_unauthenticated_path_cannot_forge_access_lines(caplog: pytest.
     assert lines and all("\n" not in line and "\r" not in line for line in lines), lines
 
 
+# --- charging ------------------------------------------------------------------------------------
+
+
+async def test_a_request_cut_by_its_deadline_before_its_first_token_is_charged_its_prompt(tmp_path: Path) -> None:
+    """tpm is charged from the worker's usage, which arrives with the first chunk: a request
+    that `x-request-timeout` ends during its prefill is charged nothing, so a key can have any
+    number of full-context prefills computed for free (rpm is its only bound)."""
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"sk-metered": {"tpm": 1_000_000}}))
+    engine = FakeEngine(prefill_delay=1.0)
+    auth = {"authorization": "Bearer sk-metered"}
+    async with running(make_app(engine, api_keys_file=keys)) as app, raw(app) as http:
+        body = {"model": M, "messages": [{"role": "user", "content": "x" * 500}], "max_tokens": 5}
+        r = await http.post("/v1/chat/completions", json=body, headers={**auth, "x-request-timeout": "0.3"})
+        assert r.status_code == 504, r.text
+        await apoll(lambda: engine.active == 0, what="the generation stopped", timeout=5)
+        left = (await http.get("/v1/models", headers=auth)).headers["x-ratelimit-remaining-tokens"]
+    assert 1_000_000 - int(left) >= 500
+
+
 # --- error dialects -------------------------------------------------------------------------------
 
 
@@ -103,4 +125,37 @@ async def test_anthropic_paths_answer_in_anthropics_shape(fake_app: Any, method:
     assert r.json().get("type") == "error" and set(r.json()["error"]) == {"type", "message"}, r.text
 
 
-__all__ = ["openai"]
+# --- Kubernetes manifests -------------------------------------------------------------------------
+
+MANIFESTS = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
+
+
+def _documents() -> list[dict[str, Any]]:
+    import yaml
+
+    return [d for f in sorted(MANIFESTS.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+
+
+def test_every_pod_runs_unprivileged() -> None:
+    """No pod sets a securityContext and the image has no USER: every container (the API server
+    facing clients, the workers running model code) runs as root with privilege escalation
+    allowed and a service-account token mounted."""
+    for doc in _documents():
+        if doc["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        name = doc["metadata"]["name"]
+        assert (pod.get("securityContext") or {}).get("runAsNonRoot") is True, name
+        assert pod.get("automountServiceAccountToken") is False, name
+        for container in pod["containers"]:
+            context = container.get("securityContext") or {}
+            assert context.get("allowPrivilegeEscalation") is False, (name, container["name"])
+
+
+def test_redis_is_reachable_only_by_the_api_servers() -> None:
+    """Redis holds every key's rpm/tpm counters with no password: without a NetworkPolicy any
+    pod in the cluster can FLUSHALL (resetting every budget) or fill another key's counters."""
+    policies = [d for d in _documents() if d["kind"] == "NetworkPolicy"]
+    guarded = [p for p in policies if p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name") == "chatgate-redis"]
+    assert guarded, "no NetworkPolicy selects chatgate-redis"
+
