@@ -112,6 +112,50 @@ async def test_a_request_cut_by_its_deadline_before_its_first_token_is_charged_i
     assert 1_000_000 - int(left) >= 500
 
 
+# --- cross-key side channels ----------------------------------------------------------------------
+
+
+def caching_upstream() -> Any:
+    """An OpenAI-compatible server with one prefix cache for everyone (as vLLM's without a
+    salt): a prompt it has seen before is reported as cached."""
+    import httpx
+
+    from tests.fake_upstream import sse_response
+
+    seen: set[str] = set()
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        prompt = json.dumps(body.get("messages"))
+        cached = 8 if prompt in seen else 0
+        seen.add(prompt)
+        usage = {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9, "prompt_tokens_details": {"cached_tokens": cached}}
+        events: list[dict[str, Any]] = [
+            {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]},
+            {"choices": [], "usage": usage},
+        ]
+        return sse_response(events, delay=0)
+
+    return handle
+
+
+async def test_an_upstreams_shared_cache_does_not_tell_one_key_what_another_asked() -> None:
+    """`--engine openai` does not forward the per-key cache salt, and the upstream's
+    `cached_tokens` now reach the client: key B learns whether key A sent a given prompt (its
+    system prompt, a document) by sending a guess and reading `cached_tokens`."""
+    from chatgate.api.app import create_api_app
+    from chatgate.settings import ServeSettings
+    from tests.fake_upstream import upstream_pool
+
+    app = create_api_app(ServeSettings(api_keys=["sk-a", "sk-b"]), upstream_pool(caching_upstream()))
+    secret: Any = [{"role": "user", "content": "the merger with Initech closes on Friday"}]
+    async with running(app):
+        await sdk(app, "sk-a").chat.completions.create(model=M, messages=secret)
+        probe = await sdk(app, "sk-b").chat.completions.create(model=M, messages=secret)
+    details = probe.usage.prompt_tokens_details if probe.usage else None
+    assert not (details and details.cached_tokens), probe.usage
+
+
 # --- error dialects -------------------------------------------------------------------------------
 
 
