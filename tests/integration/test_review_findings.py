@@ -156,6 +156,23 @@ async def test_an_upstreams_shared_cache_does_not_tell_one_key_what_another_aske
     assert not (details and details.cached_tokens), probe.usage
 
 
+# --- chat_template_kwargs -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["self", "conversations"])
+async def test_template_variables_that_collide_with_the_renderers_own_arguments_are_a_400(tmp_path: Path, name: str) -> None:
+    """`self` (Template.render's, apply_chat_template's) and `conversations`
+    (render_jinja_template's) are not in the reserved names: with `--chat-template` the fake
+    engine answers 500, and the real path's 400 quotes transformers' internals."""
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    async with running(make_app(FakeEngine(), chat_template=str(template))) as app, raw(app) as http:
+        body = {"model": M, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {name: 1}}
+        r = await http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs", r.text
+    assert "apply_chat_template" not in r.text and "render_jinja_template" not in r.text
+
+
 # --- error dialects -------------------------------------------------------------------------------
 
 
