@@ -173,6 +173,34 @@ async def test_template_variables_that_collide_with_the_renderers_own_arguments_
     assert "apply_chat_template" not in r.text and "render_jinja_template" not in r.text
 
 
+# --- structured outputs ---------------------------------------------------------------------------
+
+
+def test_a_json_schema_pattern_gets_the_slow_mask_trial_regexes_get(tokenizer: Any) -> None:
+    """Regexes and grammars whose first mask is slow are refused by the worker's trial, but a
+    JSON schema is compiled with no trial: `{"pattern": "^(a{1000}){1000}$"}` in a schema
+    (also a tool's parameters) passes the door and the worker, and its first mask (~1.5 s on
+    the default model's vocabulary) is computed in the scheduler's thread, stalling every
+    sequence in the batch."""
+    import time
+
+    from chatgate.engines.constraints import TRIAL_SECONDS, ConstraintCompiler
+    from chatgate.errors import InvalidRequestError
+
+    compiler = ConstraintCompiler(tokenizer, len(tokenizer))
+    schema = {"type": "object", "properties": {"s": {"type": "string", "pattern": "^(a{1000}){1000}$"}}, "required": ["s"]}
+    try:
+        grammar = compiler.compile({"type": "json_schema", "schema": schema, "param": "response_format.json_schema.schema"})
+    except InvalidRequestError as exc:
+        assert exc.param == "response_format.json_schema.schema"
+        return
+    constraint = grammar.start()
+    logits = __import__("torch").zeros(len(tokenizer))
+    began = time.perf_counter()
+    constraint.mask(logits, remaining=100)
+    assert time.perf_counter() - began < TRIAL_SECONDS
+
+
 # --- error dialects -------------------------------------------------------------------------------
 
 
