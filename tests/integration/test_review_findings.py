@@ -201,6 +201,25 @@ def test_a_json_schema_pattern_gets_the_slow_mask_trial_regexes_get(tokenizer: A
     assert time.perf_counter() - began < TRIAL_SECONDS
 
 
+def test_a_refused_regex_costs_the_worker_its_trial_once(tokenizer: Any) -> None:
+    """The trial that refuses `(a{1000}){1000}` itself spends ~1.4 s of the worker's CPU, and
+    refusals are not remembered: the same small body sent again and again costs that every
+    time (rpm is the only bound), while the door's compile check lets it through each time."""
+    import time
+
+    from chatgate.engines.constraints import ConstraintCompiler
+    from chatgate.errors import InvalidRequestError
+
+    compiler = ConstraintCompiler(tokenizer, len(tokenizer))
+    spec = {"type": "regex", "regex": "(a{1000}){1000}", "param": "guided_regex"}
+    with pytest.raises(InvalidRequestError):
+        compiler.compile(spec)
+    began = time.perf_counter()
+    with pytest.raises(InvalidRequestError):
+        compiler.compile(dict(spec))
+    assert time.perf_counter() - began < 0.1
+
+
 # --- error dialects -------------------------------------------------------------------------------
 
 
