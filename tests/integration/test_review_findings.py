@@ -233,6 +233,14 @@ async def test_anthropic_paths_answer_in_anthropics_shape(fake_app: Any, method:
     assert r.json().get("type") == "error" and set(r.json()["error"]) == {"type", "message"}, r.text
 
 
+async def test_a_messages_request_past_its_deadline_is_anthropics_timeout_error() -> None:
+    """Anthropic says a 504 as `timeout_error`; the dialect had it as `api_error`."""
+    async with running(make_app(FakeEngine(token_delay=0.05))) as app, raw(app) as http:
+        body = {"model": M, "max_tokens": 200, "messages": [{"role": "user", "content": "hi"}]}
+        r = await http.post("/v1/messages", json=body, headers={"x-request-timeout": "0.3"})
+    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error", r.text
+
+
 # --- Kubernetes manifests -------------------------------------------------------------------------
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
