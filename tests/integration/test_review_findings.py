@@ -176,6 +176,43 @@ async def test_template_variables_that_collide_with_the_renderers_own_arguments_
 # --- structured outputs ---------------------------------------------------------------------------
 
 
+# A Lark grammar of a chain of rules, each referring to the next: under MAX_GRAMMAR_CHARS.
+_CHAIN_CHILD = """
+import asyncio, json, sys
+from chatgate.engines.fake import FakeEngine
+from tests.conftest import make_app, raw, running
+
+n = 2900
+grammar = "start: r0\\n" + "\\n".join(f'r{i}: "x" r{i + 1} | "z"' for i in range(n)) + f'\\nr{n}: "y"'
+assert len(grammar) < 64 * 1024
+
+async def main() -> None:
+    async with running(make_app(FakeEngine())) as app, raw(app) as http:
+        body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "grammar": grammar}
+        r = await http.post("/v1/chat/completions", json=body)
+        print(r.status_code, json.dumps(r.json()))
+
+asyncio.run(main())
+"""
+
+
+def test_a_long_chain_of_grammar_rules_is_a_400_not_a_crash_of_the_server() -> None:
+    """The door's grammar check (llguidance, in a worker thread of the API server) recurses
+    once per rule of a chain: ~2,800 rules (61 KB, under the 64 KB cap) overflow the thread's
+    stack and the whole API server process dies with SIGSEGV: one request takes down every
+    caller's streams. Run in a child process, since it kills its process."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root}"}
+    child = subprocess.run([sys.executable, "-c", _CHAIN_CHILD], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, f"the server process died (return code {child.returncode}): {child.stderr[-500:]}"
+    status, body = child.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert status == "400" and json.loads(body)["error"]["param"] == "grammar", child.stdout
+
+
 def test_a_json_schema_pattern_gets_the_slow_mask_trial_regexes_get(tokenizer: Any) -> None:
     """Regexes and grammars whose first mask is slow are refused by the worker's trial, but a
     JSON schema is compiled with no trial: `{"pattern": "^(a{1000}){1000}$"}` in a schema
