@@ -22,6 +22,7 @@ RESERVED_TEMPLATE_VARIABLES = frozenset({
     "messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "chat_template",
     "tokenize", "return_dict", "return_tensors", "return_assistant_tokens_mask", "padding", "truncation",
     "max_length", "tokenizer_kwargs", "conversation", "raise_exception", "strftime_now",
+    "self", "conversations",  # the renderers' own parameters (Template.render, render_jinja_template)
 })
 
 
