@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
@@ -71,6 +72,15 @@ class AccessRecord:
 
 # The record of the request being served (None outside a request).
 current: ContextVar[AccessRecord | None] = ContextVar("chatgate_access", default=None)
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped (`\\x0a`): a client's path must not start a new
+    log line, or forge one."""
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}", text)
 
 
 def record() -> AccessRecord | None:

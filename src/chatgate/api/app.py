@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
 from fastapi import Depends, FastAPI
@@ -189,9 +190,11 @@ def check_doors(app: FastAPI) -> None:
 
 def error_dialects(app: FastAPI) -> ErrorDialects:
     """The routes whose door speaks another API's errors than OpenAI's, for errors answered
-    before routing (a missing key, a rate limit, a body too large)."""
-    doors = [route for route in all_routes(app.routes) if isinstance(route, Door)]
-    return ErrorDialects([(door.path_regex, door.error_dialect) for door in doors if door.error_dialect is not OPENAI])
+    before routing (a missing key, a rate limit, a body too large), and the paths under them
+    (`/v1/messages/batches`, which that API's clients call, is answered in its dialect too)."""
+    doors = [route for route in all_routes(app.routes) if isinstance(route, Door) and route.error_dialect is not OPENAI]
+    under = [(re.compile(f"^{re.escape(door.path)}/"), door.error_dialect) for door in doors if "{" not in door.path]
+    return ErrorDialects([*((door.path_regex, door.error_dialect) for door in doors), *under])
 
 
 def _public_paths(settings: ApiSettings) -> Callable[[str], bool]:

@@ -54,7 +54,7 @@ class GuardMiddleware:
         status = 500
         begin = time.perf_counter()
         entry = access.AccessRecord(
-            request_id=request_id.decode(), method=str(scope.get("method", "")), path=str(scope.get("path", ""))[:256],
+            request_id=request_id.decode(), method=str(scope.get("method", "")), path=access.printable(str(scope.get("path", ""))[:256]),
             trace_id=tracing.trace_id(), keep_prompt=self.log_prompts,
         )
         opened = access.current.set(entry)

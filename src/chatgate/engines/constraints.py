@@ -63,8 +63,9 @@ class ConstraintCompiler:
         self.tokenizer: LLTokenizer = from_tokenizer(tokenizer, n_vocab=vocab_size)
         self.vocabulary = Vocabulary(self.tokenizer)
         # Grammars compiled lately, by the constraint's canonical JSON: the n choices of one
-        # request (each its own generation) and repeated requests compile a schema once.
-        self._compiled: OrderedDict[str, Grammar] = OrderedDict()
+        # request (each its own generation) and repeated requests compile a schema once. A
+        # refusal is kept too: a constraint whose trial took seconds to refuse costs that once.
+        self._compiled: OrderedDict[str, Grammar | InvalidRequestError] = OrderedDict()
         self._lock = threading.Lock()
 
     def compile(self, spec: dict[str, Any]) -> Grammar:
@@ -72,15 +73,24 @@ class ConstraintCompiler:
         from the cache when the same constraint was compiled lately."""
         key = json.dumps(spec, sort_keys=True, separators=(",", ":"))
         with self._lock:
-            if key in self._compiled:
+            known = self._compiled.get(key)
+            if known is not None:
                 self._compiled.move_to_end(key)
-                return self._compiled[key]
-        grammar = self._compile(spec)
+        if isinstance(known, InvalidRequestError):
+            raise InvalidRequestError(known.message, param=known.param, code=known.code)
+        if known is not None:
+            return known
+        try:
+            result: Grammar | InvalidRequestError = self._compile(spec)
+        except InvalidRequestError as exc:
+            result = exc
         with self._lock:
-            self._compiled[key] = grammar
+            self._compiled[key] = result
             while len(self._compiled) > _CACHED_GRAMMARS:
                 self._compiled.popitem(last=False)
-        return grammar
+        if isinstance(result, InvalidRequestError):
+            raise result
+        return result
 
     def _compile(self, spec: dict[str, Any]) -> Grammar:
         kind = spec.get("type")
@@ -107,6 +117,7 @@ class ConstraintCompiler:
         failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
         if failed:
             raise InvalidRequestError(f"Unsupported JSON schema: {messages[0]}", param=param)
+        self._trial(grammar, "JSON schema", param)  # its `pattern`s are regexes too
         distinct = spec.get("distinct")
         return Grammar(self, grammar, distinct if isinstance(distinct, str) else None)
 

@@ -111,16 +111,16 @@ class CrossEncoderEngine(Engine):
         )
 
     async def score_pairs(self, pairs: list[tuple[str, str]]) -> list[float]:
-        scores: list[float] = await self._run(self._score, pairs)
-        return scores
-
-    @torch.inference_mode()
-    def _score(self, pairs: list[tuple[str, str]]) -> list[float]:
+        # A batch at a time, so a request cancelled (its client gone, its deadline past) stops
+        # after the batch running, and other requests' batches take turns with it.
         out: list[float] = []
         for start in range(0, len(pairs), BATCH):
-            batch = pairs[start : start + BATCH]
-            encoded = self._tokenizer([a for a, _ in batch], [b for _, b in batch], padding=True, return_tensors="pt")
-            logits = self._model(**{k: v.to(self._settings.device) for k, v in encoded.items()}).logits.float()
-            scores = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, dim=-1)[:, -1]
-            out.extend(float(s) for s in scores.cpu())
+            out += await self._run(self._score, pairs[start : start + BATCH])
         return out
+
+    @torch.inference_mode()
+    def _score(self, batch: list[tuple[str, str]]) -> list[float]:
+        encoded = self._tokenizer([a for a, _ in batch], [b for _, b in batch], padding=True, return_tensors="pt")
+        logits = self._model(**{k: v.to(self._settings.device) for k, v in encoded.items()}).logits.float()
+        scores = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, dim=-1)[:, -1]
+        return [float(s) for s in scores.cpu()]

@@ -13,6 +13,7 @@ the door (`check_grammar`, in a worker thread, as JSON schemas are checked) so a
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from typing import Annotated, Any
 
@@ -27,6 +28,12 @@ from chatgate.protocol.limits import PublicRequest
 # One regex or grammar's text: far beyond any hand-written grammar, and compiled in well under
 # a second (llguidance compiles lazily, and its lexer has its own state limits).
 MAX_GRAMMAR_CHARS = 64 * 1024
+# Rules (and terminals) a grammar may define. llguidance follows a chain of rules recursively:
+# about 2,800 in a chain overflow a thread's stack and kill the process (measured: 2,000 pass),
+# so the count is capped well below, before llguidance sees the grammar. Real grammars define
+# tens to a few hundred.
+MAX_GRAMMAR_RULES = 1000
+_DEFINITION = re.compile(r"^\s*[?!]?[A-Za-z_][A-Za-z0-9_]*(\.-?\d+)?\s*:", re.M)
 MAX_CHOICES = 1024  # `choice` entries; together they count against MAX_GRAMMAR_CHARS
 
 
@@ -180,6 +187,10 @@ def lark_of(spec: dict[str, Any]) -> str:
         lark = any_to_lark(spec["grammar"])
     except Exception as exc:  # the converter raises its own error type, and others on odd input
         raise ValueError(f"the grammar is neither Lark nor GBNF: {exc}") from None
+    # One definition per line (llguidance's Lark refuses two on a line), so this counts them all.
+    rules = len(_DEFINITION.findall(lark))
+    if rules > MAX_GRAMMAR_RULES:
+        raise ValueError(f"the grammar defines {rules} rules; at most {MAX_GRAMMAR_RULES} are accepted")
     return LLMatcher.grammar_from_lark(lark)
 
 

@@ -85,7 +85,7 @@ class UpstreamService:
         try:
             reader = wire.StreamReader(
                 chat=path == "/chat/completions", echoed=wire.echoed_prompt(params), secrets=self._secrets,
-                prompt_tokens=await self._prompt_tokens(params),
+                prompt_tokens=await self._prompt_tokens(params), shared_cache=params.cache_salt is not None,
             )
             async for data in self._events(path, body, span):
                 chunk = reader.event(data)

@@ -321,6 +321,10 @@ class StreamReader:
     echoed: str | list[int] | None = None  # the prompt the first event echoes, with logprobs
     secrets: Secrets = Secrets()
     prompt_tokens: int = 0
+    # The upstream's prefix cache is shared by every caller (the request's cache salt is not
+    # sent there): its cached-token count would tell one caller what another asked, so a salted
+    # request (keys checked, or a salt given) reports none.
+    shared_cache: bool = False
     generated: int = 0
     finish: str | None = None
     usage: WorkerUsage | None = None
@@ -332,6 +336,8 @@ class StreamReader:
             raise stream_error(data["error"], self.secrets)
         if data.get("usage"):
             self.usage = upstream_usage(data["usage"])
+            if self.shared_cache:
+                self.usage.cached_tokens = 0
         choices = data.get("choices") or []
         if not choices:
             return None

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import TypeVar
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
@@ -91,6 +91,18 @@ class RequestQueue(Collector):
                     yield chunk
             finally:
                 self.active -= 1
+
+    async def call(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Work with no stream (a cross-encoder's scores), under the same bounds on requests in
+        flight and not started; it has no first chunk, so no wait is observed or cut short."""
+        self._admit()
+        self.active += 1
+        self.waiting += 1
+        try:
+            return await work()
+        finally:
+            self.active -= 1
+            self.waiting -= 1
 
     def collect(self) -> Iterator[HistogramMetricFamily | CounterMetricFamily]:
         """The wait histogram and the refusals, labelled with the model."""

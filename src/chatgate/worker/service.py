@@ -421,8 +421,12 @@ class WorkerService:
         return EmbedResult.model_construct(embedding=vectors, token_num=sum(counts), token_counts=counts)
 
     async def score_pairs(self, params: ScorePairsParams) -> ScorePairsResult:
-        """A cross-encoder's score of every pair, and the tokens it read; a pair longer than the
-        model reads is a 400 naming `pairs[i]` (the API server names its own field)."""
+        """A cross-encoder's score of every pair, and the tokens it read, under the queue's
+        bounds; a pair longer than the model reads is a 400 naming `pairs[i]` (the API server
+        names its own field)."""
+        return await self.queue.call(lambda: self._score_pairs(params))
+
+    async def _score_pairs(self, params: ScorePairsParams) -> ScorePairsResult:
         if not self.engine.info.cross_encoder:
             raise InvalidRequestError(f"The model `{self.engine.info.name}` is not a cross-encoder.", param="model")
         if not params.pairs:

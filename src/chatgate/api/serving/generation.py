@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
@@ -23,7 +24,7 @@ from chatgate.api.auth import cache_salt
 from chatgate.api.limits import grant as limits
 from chatgate.api.workers.base import Worker, WorkerPool
 from chatgate.api.workers.failover import with_failover
-from chatgate.errors import InvalidRequestError, NoHealthyWorkerError, WorkerLostError
+from chatgate.errors import ChatgateError, InvalidRequestError, NoHealthyWorkerError, WorkerLostError
 from chatgate.metrics import ApiMetrics
 from chatgate.protocol.openai import (
     ChatLogprobs,
@@ -37,8 +38,10 @@ from chatgate.protocol.openai import (
     Usage,
 )
 from chatgate.protocol.limits import Cost, CostError, logprob_entries
-from chatgate.protocol.worker import GenerateParams, PromptLogprob, Sampling, WorkerChunk, WorkerLogprob, WorkerUsage
+from chatgate.protocol.worker import CountTokenRequest, GenerateParams, PromptLogprob, Sampling, WorkerChunk, WorkerLogprob, WorkerUsage
 from chatgate.streams import merge, primed
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -262,6 +265,7 @@ class GenerationServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
         self._pool = pool
         self._max_n = max_n
         self._metrics = metrics
+        self._uncharged: set[asyncio.Task[None]] = set()  # charges of cut requests, still counting
 
     @abstractmethod
     def prepare(self, request: RequestT) -> tuple[list[GenerateParams], Reply[ResponseT, ChunkT]]:
@@ -327,12 +331,36 @@ class GenerationServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
         if the worker fails before answering, all of them move to another worker. Too many
         choices for a worker is an error naming `choices_param`."""
         begin = time.perf_counter()
-        streams = await with_failover(self._pool, model, lambda worker: self._start_on(worker, params, choices_param, held))
         first_of_prompt = [i == 0 or params[i].prompt_key() != params[i - 1].prompt_key() for i in range(len(params))]
+        try:
+            streams = await with_failover(self._pool, model, lambda worker: self._start_on(worker, params, choices_param, held))
+        except asyncio.CancelledError:
+            # Cut before any first chunk (its deadline passed, its client left): the worker may
+            # have prefilled the prompts, and no usage came back to charge them by.
+            distinct = [p for p, first in zip(params, first_of_prompt, strict=True) if first]
+            self._uncharged.add(task := asyncio.create_task(self._charge_prompts(model, distinct)))
+            task.add_done_callback(self._uncharged.discard)
+            raise
         return [
             _metered(stream, self._metrics, model, begin, count_prompt=first)
             for stream, first in zip(streams, first_of_prompt, strict=True)
         ]
+
+    async def _charge_prompts(self, model: str, params: list[GenerateParams]) -> None:
+        """Charge the key for prompts whose generation was cut before it reported usage: the
+        worker counts their tokens (run in the request's context, so the same key is charged)."""
+        total = 0
+        for p in params:
+            if p.prompt_token_ids is not None:
+                total += len(p.prompt_token_ids)
+                continue
+            request = CountTokenRequest(prompt=p.prompt, messages=p.messages)
+            try:
+                total += await with_failover(self._pool, model, lambda worker: worker.count_tokens(request))
+            except ChatgateError:
+                log.warning("could not count the tokens of a cut request's prompt; it is not charged")
+                return
+        await limits.charge(total)
 
     @staticmethod
     async def _start_on(
