@@ -30,6 +30,8 @@ class ChatTokenizer:
         self._tokenizer = tokenizer
         # Whether the model's chat template renders `tools` itself (else they go in a system turn).
         self.tools_in_template = "tools" in str(getattr(tokenizer, "chat_template", "") or "")
+        # A pretrained model's tokenizer may carry none (Gemma 3 270M's GGUF): chat is then refused.
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
         backend = tokenizer.backend_tokenizer
         self._parsing = backend
         # A private copy that never parses special tokens; toggling the flag per call on a
@@ -49,10 +51,20 @@ class ChatTokenizer:
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, add_generation_prompt: bool = True
     ) -> str:
         """The conversation through the model's chat template (`tools` only where it renders them)."""
+        self.require_template()
         return str(self._tokenizer.apply_chat_template(
             messages, tools=tools if self.tools_in_template else None, tokenize=False,
             add_generation_prompt=add_generation_prompt,
         ))
+
+    def require_template(self) -> None:
+        """Refuse a chat for a model without a chat template, rather than guess one (a 400)."""
+        if not self.has_template:
+            raise InvalidRequestError(
+                "This model has no chat template, so it cannot take chat messages: send a prompt to "
+                "/v1/completions, or start the server with --chat-template FILE (a Jinja chat template).",
+                param="messages",
+            )
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """The text of `token_ids`."""
