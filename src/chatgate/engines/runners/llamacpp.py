@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from chatgate.engines.base import TokenLogprob
+from chatgate.engines.loading import gguf_architecture
 from chatgate.engines.runners.base import Runner
 from chatgate.engines.sampling import scored
 
