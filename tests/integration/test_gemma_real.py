@@ -217,5 +217,11 @@ async def test_chat_without_a_chat_template_is_a_400_saying_so(gemma: FastAPI) -
         streamed = await http.post("/v1/chat/completions", json={
             "model": GEMMA_NAME, "messages": [{"role": "user", "content": "Hi"}], "stream": True,
         })
+        responses = await http.post("/v1/responses", json={"model": GEMMA_NAME, "input": "Hi"})
+        messages = await http.post("/v1/messages", json={
+            "model": GEMMA_NAME, "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}],
+        })
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     assert streamed.status_code == 400 and "no chat template" in streamed.json()["error"]["message"]
+    for other in (responses, messages):  # the Responses and Anthropic Messages APIs, in their shapes
+        assert other.status_code == 400 and "no chat template" in other.json()["error"]["message"], other.text
