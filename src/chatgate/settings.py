@@ -255,6 +255,13 @@ class EngineSettings(_Base):
         "2-core CPU it starts 3.5x faster and decodes ~8% slower).",
     )
 
+    @model_validator(mode="after")
+    def _model_exists(self) -> EngineSettings:
+        # A --model-path given that names no model stops the start here, before anything loads.
+        if "model_path" in self.model_fields_set:
+            _served_name(self)
+        return self
+
     def weights(self, auto: str) -> str:
         """`dtype`, with `auto` standing for `auto` (the runner's own choice)."""
         return auto if self.dtype == "auto" else self.dtype
@@ -287,7 +294,9 @@ def _model_spec(spec: str, base: EngineSettings) -> EngineSettings:
     try:
         return EngineSettings(**{**fields, **overrides})
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()
+        )
         raise ValueError(f"--model {spec!r}: {problems}") from None
 
 

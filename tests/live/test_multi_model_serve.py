@@ -5,7 +5,9 @@ scheduler thread and, on this 2-core machine, one llama.cpp thread)."""
 from __future__ import annotations
 
 import asyncio
+import re
 import statistics
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 
 from chatgate.engines.loading import DEFAULT_CHAT_NAME, GEMMA_NAME
 from tests.conftest import sdk
-from tests.live.conftest import Process, free_port
+from tests.live.conftest import CHATGATE, Process, free_port
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test builds it)")
 
@@ -80,3 +82,19 @@ async def test_a_long_prefill_on_one_model_does_not_stall_the_others_stream(url:
     assert prefill_seconds > 1.0  # long enough that a stall would show
     assert max(busy) < min(prefill_seconds / 2, max(0.5, 10 * calm))
     assert statistics.median(busy) < 4 * calm + 0.02
+
+
+@pytest.mark.parametrize(("engine", "says"), [
+    ("llama.cpp", "llama.cpp could not load .*architecture 'nosucharch'"),
+    ("transformers", "torch runner cannot load nosucharch.gguf: transformers does not read the GGUF architecture 'nosucharch'"),
+])
+def test_a_model_of_an_unknown_architecture_stops_serve_naming_it(tmp_path: Path, engine: str, says: str) -> None:
+    from tests.unit.test_model_sources import _gguf_of
+
+    gguf = _gguf_of(tmp_path, "nosucharch")
+    done = subprocess.run(
+        [*CHATGATE, "serve", "--port", str(free_port()), "--embedding-model-path", "none",
+         "--model", "default", "--model", f"{gguf} engine={engine}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode != 0 and re.search(says, done.stdout + done.stderr), done.stderr[-2000:]

@@ -81,6 +81,17 @@ def test_bad_model_specs_stop_the_start_naming_the_problem(argv: list[str], says
     assert says in str(caught.value)
 
 
+def test_a_model_path_that_names_no_model_stops_the_start(tmp_path: Path) -> None:
+    from chatgate.settings import WorkerSettings
+
+    with pytest.raises(ValidationError, match="'/no/such.gguf' does not exist"):
+        serve("--model-path", "/no/such.gguf")
+    with pytest.raises(ValidationError, match="nor a Hugging Face model folder"):
+        build_settings(WorkerSettings, parser().parse_args(["worker", "--model-path", str(tmp_path)]))
+    # Engines that take any name (an upstream's model, the fake) are not checked.
+    assert serve("--model-path", "anything", "--engine", "fake").model_path == "anything"
+
+
 def test_the_command_line_reports_a_bad_model_without_a_traceback(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     from chatgate.cli import main
 

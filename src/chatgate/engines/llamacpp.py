@@ -110,8 +110,8 @@ class LlamaCppEngine(ScheduledEngine):
         torch.set_num_threads(1)
         dtype = self._settings.weights("bfloat16")
         path = cached_gguf(self._source, self._settings.cache_dir, dtype, threads=threads)
+        model = GgufModel.load(path)  # first: an architecture llama.cpp does not know is named here
         tokenizer = cached_tokenizer(self._source, self._settings.cache_dir)
-        model = GgufModel.load(path)
         # --max-model-len caps a long training context (Gemma 3's 32,768), and with it the KV cells.
         context = min(model.context_length, self._settings.max_model_len or model.context_length)
         kv_tokens = kv_budget(
