@@ -225,3 +225,31 @@ async def test_chat_without_a_chat_template_is_a_400_saying_so(gemma: FastAPI) -
     assert streamed.status_code == 400 and "no chat template" in streamed.json()["error"]["message"]
     for other in (responses, messages):  # the Responses and Anthropic Messages APIs, in their shapes
         assert other.status_code == 400 and "no chat template" in other.json()["error"]["message"], other.text
+
+
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+async def test_chat_with_a_chat_template_file(tmp_path: Any) -> None:
+    """`--chat-template FILE` gives a model without one a chat template (Gemma's turn markers)."""
+    from chatgate.settings import ServeSettings
+
+    if "chat_template" not in ServeSettings.model_fields:
+        pytest.skip("--chat-template arrives with the reasoning branch (merge both, then this runs)")
+    template = tmp_path / "gemma.jinja"
+    template.write_text(GEMMA_TEMPLATE)
+    engine = _engine("llama.cpp")
+    async with running(make_app(engine, chat_template=template)) as app:
+        messages = [{"role": "user", "content": "Name a colour."}]
+        async with raw(app) as http:
+            r = await http.post("/tokenize", json={"model": GEMMA_NAME, "messages": messages})
+        assert r.status_code == 200, r.text
+        tokens = r.json()["tokens"]
+        turn = engine.encode("<start_of_turn>", add_special_tokens=False)
+        assert tokens[0] == 2 and len(turn) == 1 and tokens.count(turn[0]) == 2  # user's turn, model's turn
+        reply = await sdk(app).chat.completions.create(model=GEMMA_NAME, messages=messages, max_tokens=8, temperature=0)
+        assert reply.usage is not None and reply.usage.prompt_tokens == len(tokens)
+        assert reply.choices[0].message.content
