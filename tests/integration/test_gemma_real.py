@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from chatgate.engines.base import Engine
 from chatgate.engines.loading import GEMMA_MODEL_PATH, GEMMA_NAME
-from tests.conftest import RUNNERS, make_app, raw, runner_of, running, sdk
+from tests.conftest import RUNNERS, make_app, raw, runner_of, running, sdk, user
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 
@@ -250,6 +250,8 @@ async def test_chat_with_a_chat_template_file(tmp_path: Any) -> None:
         tokens = r.json()["tokens"]
         turn = engine.encode("<start_of_turn>", add_special_tokens=False)
         assert tokens[0] == 2 and len(turn) == 1 and tokens.count(turn[0]) == 2  # user's turn, model's turn
-        reply = await sdk(app).chat.completions.create(model=GEMMA_NAME, messages=messages, max_tokens=8, temperature=0)
+        reply = await sdk(app).chat.completions.create(
+            model=GEMMA_NAME, messages=user("Name a colour."), max_tokens=8, temperature=0
+        )
         assert reply.usage is not None and reply.usage.prompt_tokens == len(tokens)
         assert reply.choices[0].message.content
