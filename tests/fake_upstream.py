@@ -48,3 +48,26 @@ def upstream_pool(
             yield LocalPool([service])
 
     return pool
+
+
+THOUGHTS = ["The user ", "greets me."]
+WORDS = ["Hello", " there!"]
+
+
+def thinking_upstream(
+    received: list[dict[str, Any]], *, field: str = "reasoning_content"
+) -> Callable[[httpx.Request], httpx.Response]:
+    """A reasoning model's chat server, as vLLM streams one with a reasoning parser: thinking
+    deltas under `field` (vLLM's older `reasoning_content` or newer `reasoning`), then content,
+    then usage with the thinking tokens counted. The request bodies go to `received`."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        received.append(json.loads(request.content))
+        deltas = [{"role": "assistant", "content": ""}] + [{field: t} for t in THOUGHTS] + [{"content": w} for w in WORDS]
+        events: list[dict[str, Any]] = [{"choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+        events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        usage = {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11, "completion_tokens_details": {"reasoning_tokens": 2}}
+        events.append({"choices": [], "usage": usage})
+        return sse_response(events, delay=0)
+
+    return handle

@@ -6,8 +6,8 @@
   then says its status and nothing else.
 - `install_protocol_errors`: the worker protocol's error bodies: a request that does not fit
   the schema gets 400 with the reason, a `ChatgateError` its own status.
-- `fleet_client`: the pooled HTTP client a process calls its peers with: it sends the key and
-  verifies HTTPS peers with the fleet's CA bundle.
+- `fleet_client`: the pooled HTTP client a process calls its peers with: it sends the key,
+  verifies HTTPS peers with the fleet's CA bundle, and carries the caller's trace (`traceparent`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from chatgate import tracing
 from chatgate.errors import AuthenticationError, ChatgateError, InvalidRequestError
 from chatgate.settings import FleetSettings
 
@@ -99,9 +100,11 @@ def secure(app: FastAPI, settings: FleetSettings) -> None:
 def fleet_client(
     settings: FleetSettings, *, timeout: httpx.Timeout, limits: httpx.Limits | None = None
 ) -> httpx.AsyncClient:
-    """The HTTP client a fleet process calls its peers with (key sent, CA bundle trusted)."""
+    """The HTTP client a fleet process calls its peers with (key sent, CA bundle trusted; a
+    call made within a trace carries its `traceparent`)."""
     return httpx.AsyncClient(
         headers=settings.fleet_headers(),
+        event_hooks=tracing.HTTPX_HOOKS,
         verify=ssl.create_default_context(cafile=settings.fleet_ca_bundle) if settings.fleet_ca_bundle else True,
         timeout=timeout,
         limits=limits or httpx.Limits(),

@@ -18,6 +18,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 StrList = Annotated[list[str], NoDecode]
 
 DEFAULT_CHAT_MODEL = "default"
+# Reasoning parsers by vLLM's names; `engines.reasoning.PARSERS` implements each.
+ReasoningParser = Literal["deepseek_r1", "qwen3"]
 
 
 def _split_list(value: Any) -> Any:
@@ -51,6 +53,23 @@ class _Base(BaseSettings):
     )
 
 
+class TracingSettings(_Base):
+    """Where a serving process sends its traces (`chatgate.tracing`)."""
+
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP collector to send traces to: a base URL (http://collector:4318; "
+        "/v1/traces is added) or the full traces URL. Unset: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+        "OTEL_EXPORTER_OTLP_ENDPOINT if set, else no tracing.",
+    )
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL (OTLP over HTTP)")
+        return value or None
+
+
 class ShutdownSettings(_Base):
     """How a serving process drains on SIGTERM (`chatgate.drain`)."""
 
@@ -73,7 +92,7 @@ class WorkerSilenceSettings(_Base):
     )
 
 
-class ApiSettings(ShutdownSettings):
+class ApiSettings(ShutdownSettings, TracingSettings):
     """Settings of the OpenAI-compatible API server."""
 
     host: str = Field("127.0.0.1", description="Address to bind.")
@@ -219,6 +238,15 @@ class EngineSettings(_Base):
         "(400). Default: a quarter of the memory free after loading, at most --max-running full contexts "
         "(llama.cpp, which allocates it up front: --max-running x 512 tokens, at least one context).",
     )
+    reasoning_parser: ReasoningParser | None = Field(
+        None,
+        description="Split chat replies into reasoning_content and content at <think>...</think> "
+        "(vLLM's parser names): deepseek_r1 (the opening tag may be left out: the template gave it) "
+        "or qwen3. Default: none, the whole reply is content.",
+    )
+    chat_template: Path | None = Field(
+        None, description="Jinja chat template file to use in place of the model's own.",
+    )
     prefix_cache_gib: float = Field(
         0.25, ge=0, le=1 << 20, allow_inf_nan=False,
         description="Memory (GiB) for the KV of recent prompts, so a request sharing a prefix "
@@ -261,6 +289,17 @@ class EngineSettings(_Base):
         if "model_path" in self.model_fields_set:
             _served_name(self)
         return self
+
+    @field_validator("chat_template")
+    @classmethod
+    def _readable_template(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"no chat template file at {path}")
+        return path
+
+    def chat_template_text(self) -> str | None:
+        """The `--chat-template` file's text, if one is given."""
+        return self.chat_template.read_text(encoding="utf-8") if self.chat_template is not None else None
 
     def weights(self, auto: str) -> str:
         """`dtype`, with `auto` standing for `auto` (the runner's own choice)."""
@@ -442,7 +481,7 @@ class ApiProcessSettings(ApiSettings, FleetSettings, WorkerSilenceSettings):
     )
 
 
-class WorkerSettings(EngineSettings, FleetServerSettings, ShutdownSettings):
+class WorkerSettings(EngineSettings, FleetServerSettings, ShutdownSettings, TracingSettings):
     """Settings of `chatgate worker`."""
 
     host: str = Field("localhost", description="Address to bind.")
@@ -461,7 +500,7 @@ class WorkerSettings(EngineSettings, FleetServerSettings, ShutdownSettings):
         return self.worker_address or f"{self.scheme()}://{self.host}:{self.port}"
 
 
-class ControllerSettings(FleetServerSettings):
+class ControllerSettings(FleetServerSettings, TracingSettings):
     """Settings of `chatgate controller`."""
 
     host: str = Field("localhost", description="Address to bind.")

@@ -78,18 +78,6 @@ def record() -> AccessRecord | None:
     return current.get()
 
 
-def trace_id_of(traceparent: bytes) -> str | None:
-    """The trace id of a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`), if valid."""
-    parts = traceparent.decode("latin-1").split("-")
-    if len(parts) != 4 or len(parts[1]) != 32 or parts[1] == "0" * 32:
-        return None
-    try:
-        int(parts[1], 16)
-    except ValueError:
-        return None
-    return parts[1].lower()
-
-
 def write(entry: AccessRecord) -> None:
     """Log the finished request (at info level, a probe that succeeded at debug), its fields
     attached for the formatters."""

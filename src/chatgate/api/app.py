@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
 from fastapi import Depends, FastAPI
 from fastapi.routing import APIRoute
+from opentelemetry.trace import TracerProvider
 from starlette.routing import BaseRoute
 from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
@@ -44,6 +46,7 @@ from chatgate.drain import Drain
 from chatgate.metrics import ApiMetrics, FleetCollector
 from chatgate.ops import health_routes, metrics_routes
 from chatgate.settings import ApiSettings
+from chatgate.tracing import SERVICE_API, TraceMiddleware, Tracing
 
 
 def _limit_store(redis_url: str | None) -> LimitStore:
@@ -57,8 +60,11 @@ def _limit_store(redis_url: str | None) -> LimitStore:
     return RedisStore(redis_url)
 
 
-def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
-    """Build the API server; `workers` opens the worker pool for the app's lifetime."""
+def create_api_app(
+    settings: ApiSettings, workers: PoolSource, *, tracer_provider: TracerProvider | None = None
+) -> FastAPI:
+    """Build the API server; `workers` opens the worker pool for the app's lifetime. Spans go to
+    `tracer_provider` if given (its owner shuts it down), else where the settings say."""
 
     registry = CollectorRegistry()
     metrics = ApiMetrics(registry)
@@ -68,6 +74,7 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
     leases = LeaseKeeper(store)
     keys = KeyChecker(settings.api_keys, policies, admin=settings.admin_keys)
     admin = AdminKeys(keys_checked=keys.required)
+    tracing = Tracing.of(service=SERVICE_API, endpoint=settings.otlp_endpoint, provider=tracer_provider)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -106,6 +113,7 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
                     registry.unregister(collector)
                 await leases.close()
                 await store.close()
+        await asyncio.to_thread(tracing.close)  # the last spans are flushed before the process ends
 
     # The interactive docs describe every route: off unless asked for, and then behind the key.
     docs = settings.docs
@@ -144,6 +152,8 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
             allow_credentials=settings.allow_credentials,
         )
     app.add_middleware(GuardMiddleware, max_body=settings.max_request_bytes, metrics=metrics, log_prompts=settings.log_prompts)
+    # Outside the guard: the access line names the request's trace.
+    app.add_middleware(TraceMiddleware, tracing=tracing)
     return app
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from chatgate import tracing
 from chatgate.api import access
 from chatgate.api.errors import error_response
 from chatgate.api.limits.policy import KeyPolicy
@@ -176,7 +177,8 @@ class IdentityMiddleware:
             return
         try:
             key = presented_key(headers)
-            who = None if key is None and scope["path"] in PROBE_PATHS else self.keys.check(key)
+            with tracing.span("chatgate.auth"):
+                who = None if key is None and scope["path"] in PROBE_PATHS else self.keys.check(key)
         except (AuthenticationError, InvalidRequestError) as exc:
             # Answered without receiving the body; the server then closes the connection.
             await error_response(exc, scope=scope)(scope, receive, send)

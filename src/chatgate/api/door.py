@@ -42,6 +42,7 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
+from chatgate import tracing
 from chatgate.api import access
 from chatgate.api.auth import caller
 from chatgate.api.deadline import Deadline, requested_deadline, stream_within, within
@@ -212,7 +213,8 @@ class Door(APIRoute):
             if body_model is not None:
                 raw = await within(deadline, request.body())
                 admission: BodyAdmission = request.app.state.admission
-                body = await within(deadline, admission.admit(body_model, raw, caller_name(request)))
+                with tracing.span("chatgate.validate", {"http.request.body.size": len(raw)}):
+                    body = await within(deadline, admission.admit(body_model, raw, caller_name(request)))
                 kwargs["body"] = body
                 label_model(request, request.path_params.get("model") or str(getattr(body, "model", "")))
             try:

@@ -10,6 +10,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from chatgate import tracing
 from chatgate.api import access
 from chatgate.api.errors import error_response
 from chatgate.errors import ChatgateError, RequestTooLargeError
@@ -54,7 +55,7 @@ class GuardMiddleware:
         begin = time.perf_counter()
         entry = access.AccessRecord(
             request_id=request_id.decode(), method=str(scope.get("method", "")), path=str(scope.get("path", ""))[:256],
-            trace_id=access.trace_id_of(headers.get(b"traceparent", b"")), keep_prompt=self.log_prompts,
+            trace_id=tracing.trace_id(), keep_prompt=self.log_prompts,
         )
         opened = access.current.set(entry)
 

@@ -33,6 +33,7 @@ from chatgate.protocol.responses import (
     FunctionCallOutput,
     InputItem,
     OutputMessage,
+    ReasoningOutput,
     ResponseObject,
     ResponsesRequest,
     StreamEvent,
@@ -143,7 +144,9 @@ class ResponseStore:
     def keep(self, request: ResponsesRequest, response: ResponseObject, earlier: list[dict[str, Any]], who: str) -> None:
         """Keep `response` for `who`, with the conversation it continues (`earlier`)."""
         inputs = _items(request)
-        history = [*earlier, *inputs, *(_as_input(item) for item in response.output)]
+        # Past thinking is not shown to the model again (templates leave it out), so not kept.
+        answers = [item for item in response.output if not isinstance(item, ReasoningOutput)]
+        history = [*earlier, *inputs, *(_as_input(item) for item in answers)]
         size = len(response.model_dump_json()) + len(json.dumps(inputs)) + len(json.dumps(history))
         if size > self._max_bytes:
             return

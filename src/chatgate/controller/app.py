@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import FastAPI
+from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from chatgate.controller import routes
@@ -20,6 +21,7 @@ from chatgate.fleet import fleet_client, secure
 from chatgate.metrics import FleetCollector
 from chatgate.ops import health_routes, metrics_routes
 from chatgate.settings import ControllerSettings
+from chatgate.tracing import SERVICE_CONTROLLER, TraceMiddleware, Tracing
 from chatgate.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -41,9 +43,15 @@ def _collector(registry: Registry) -> FleetCollector:
 
 
 def create_controller_app(
-    settings: ControllerSettings, *, clock: Clock | None = None, http: httpx.AsyncClient | None = None
+    settings: ControllerSettings,
+    *,
+    clock: Clock | None = None,
+    http: httpx.AsyncClient | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> FastAPI:
-    """Build the controller app; `http` (for tests) is how it reaches workers to probe them."""
+    """Build the controller app; `http` (for tests) is how it reaches workers to probe them.
+    Calls made within a request's trace are spans of it (to `tracer_provider` if given)."""
+    tracing = Tracing.of(service=SERVICE_CONTROLLER, endpoint=settings.otlp_endpoint, provider=tracer_provider)
     registry = Registry(
         expiration=settings.heartbeat_expiration,
         max_workers=settings.max_workers,
@@ -63,6 +71,7 @@ def create_controller_app(
             finally:
                 await app.state.membership.close()
                 await cancel_and_wait(task)
+        await asyncio.to_thread(tracing.close)
 
     app = FastAPI(title="chatgate controller", lifespan=lifespan)
     # Every live worker heartbeats within the expiration, so by then all have registered again.
@@ -77,4 +86,5 @@ def create_controller_app(
     app.include_router(metrics_routes(metrics))
     app.include_router(routes.router)
     secure(app, settings)
+    app.add_middleware(TraceMiddleware, tracing=tracing, require_parent=True)
     return app

@@ -38,9 +38,20 @@ def _transformers(settings: EngineSettings) -> Engine:
 
 
 def _sentence_transformers(settings: EngineSettings) -> Engine:
+    """An embedding model; a folder holding a sequence-classification model is a cross-encoder."""
+    from chatgate.engines.cross_encoder import is_cross_encoder
+
+    if settings.model_path != "default" and is_cross_encoder(settings.model_path):
+        return _cross_encoder(settings)
     from chatgate.engines.sentence_transformers import SentenceTransformersEngine
 
     return SentenceTransformersEngine(settings)
+
+
+def _cross_encoder(settings: EngineSettings) -> Engine:
+    from chatgate.engines.cross_encoder import CrossEncoderEngine
+
+    return CrossEncoderEngine(settings)
 
 
 def _vllm(settings: EngineSettings) -> Engine:
@@ -63,6 +74,7 @@ ENGINES: dict[str, Callable[[EngineSettings], Engine]] = {
     "llama.cpp": _llama_cpp,
     "transformers": _transformers,
     "sentence-transformers": _sentence_transformers,
+    "cross-encoder": _cross_encoder,
     "fake": _fake,
     "vllm": _vllm,
 }

@@ -48,6 +48,16 @@ class SamplingParams:
         return self.temperature < 1e-5 or self.top_k == 1
 
 
+@dataclass(frozen=True, kw_only=True)
+class ChatOptions:
+    """How a conversation is templated beyond its messages, tools and generation prompt."""
+
+    # The prompt ends inside the last (assistant) message, so the reply continues it.
+    continue_final_message: bool = False
+    template: str | None = None  # a Jinja chat template in place of the model's own
+    variables: Mapping[str, Any] = field(default_factory=dict)  # extra template variables (`chat_template_kwargs`)
+
+
 @dataclass(frozen=True)
 class TokenLogprob:
     """A generated token's log-probability, and the most likely alternatives at its step."""
@@ -55,6 +65,18 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Phases:
+    """When a sequence waited, prefilled and decoded (`time.time_ns()`), for its trace: an
+    engine that keeps its own queue reports them on the sequence's last output."""
+
+    queued: int  # handed to the engine
+    admitted: int | None  # its prefill began (None: it never started)
+    first_token: int | None  # its first token was sampled
+    finished: int
+    preemptions: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +93,7 @@ class GenerationOutput:
     # Prompt tokens whose KV came from the prefix cache when the sequence was first admitted
     # (0 where the engine cannot tell); a readmission after preemption does not change it.
     cached_tokens: int = 0
+    phases: Phases | None = None  # on the last output, from engines that time their phases
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +105,7 @@ class ModelInfo:
     vocab_size: int
     generates: bool = True
     embedding_dim: int = 0
+    cross_encoder: bool = False  # scores text pairs (`score_pairs`): a sequence-classification model
     tools_in_template: bool = False  # the chat template renders `tools` itself
     scheduling_policy: SchedulingPolicy = "fcfs"  # "priority": requests' `priority` is honoured
 
@@ -132,17 +156,19 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def render_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
+        add_generation_prompt: bool = True, options: ChatOptions | None = None,
     ) -> str:
         """The prompt text for a conversation (and the tools on offer, if the model's template
         renders them), with the generation prompt appended unless told not to."""
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
+        add_generation_prompt: bool = True, options: ChatOptions | None = None,
     ) -> tuple[list[int], str]:
         """Token ids and text of a conversation's prompt. Engines whose tokenizer has special
         tokens keep special-token text inside message content as plain text."""
-        text = self.render_chat(messages, tools)
+        text = self.render_chat(messages, tools, add_generation_prompt=add_generation_prompt, options=options)
         return self.encode(text, add_special_tokens=False), text
 
     @abc.abstractmethod
@@ -180,3 +206,14 @@ class Engine(abc.ABC):
         raise InvalidRequestError(
             f"The model `{self.info.name}` does not serve embeddings.", param="model"
         )
+
+    def pair_tokens(self, first: str, second: str) -> int:
+        """Tokens a cross-encoder reads for a pair of texts."""
+        raise self._no_pairs()
+
+    async def score_pairs(self, pairs: list[tuple[str, str]]) -> list[float]:
+        """A cross-encoder's relevance score of each pair of texts, in order."""
+        raise self._no_pairs()
+
+    def _no_pairs(self) -> InvalidRequestError:
+        return InvalidRequestError(f"The model `{self.info.name}` is not a cross-encoder.", param="model")

@@ -18,9 +18,18 @@ import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jinja2 import TemplateError
+
+from chatgate.engines.base import ChatOptions
 from chatgate.errors import InvalidRequestError
 
 Render = Callable[[list[dict[str, Any]]], str]
+
+
+def template_error(exc: Exception, options: ChatOptions) -> InvalidRequestError:
+    """A conversation (or template variables) the chat template refused: the client's error."""
+    param = "chat_template_kwargs" if options.variables else "messages"
+    return InvalidRequestError(f"The chat template could not render this conversation: {exc}", param=param)
 
 
 class ChatTokenizer:
@@ -48,14 +57,24 @@ class ChatTokenizer:
         return list(self._parsing.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def render(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
+        add_generation_prompt: bool = True, options: ChatOptions | None = None,
     ) -> str:
-        """The conversation through the model's chat template (`tools` only where it renders them)."""
-        self.require_template()
-        return str(self._tokenizer.apply_chat_template(
-            messages, tools=tools if self.tools_in_template else None, tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-        ))
+        """The conversation through the model's chat template, or the one `options` gives
+        (`tools` only where the template renders them); a conversation the template refuses
+        (it raises, or drops the message to continue) is the client's error."""
+        options = options or ChatOptions()
+        if options.template is None:
+            self.require_template()
+        tools_in_template = self.tools_in_template if options.template is None else "tools" in options.template
+        try:
+            return str(self._tokenizer.apply_chat_template(
+                messages, tools=tools if tools_in_template else None, tokenize=False,
+                add_generation_prompt=add_generation_prompt, chat_template=options.template,
+                continue_final_message=options.continue_final_message, **options.variables,
+            ))
+        except (TemplateError, ValueError, TypeError) as exc:
+            raise template_error(exc, options) from None
 
     def require_template(self) -> None:
         """Refuse a chat for a model without a chat template, rather than guess one (a 400)."""
@@ -71,10 +90,31 @@ class ChatTokenizer:
         return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
 
     def encode_conversation(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
+        add_generation_prompt: bool = True, options: ChatOptions | None = None,
     ) -> tuple[list[int], str]:
-        """`encode_chat` through the model's own template."""
-        return self.encode_chat(lambda m: self.render(m, tools), messages)
+        """`encode_chat` through the model's template (or the one `options` gives). Template
+        variables are template text once rendered, so none may spell a special token."""
+        self.check_variables(options.variables if options else {})
+        return self.encode_chat(
+            lambda m: self.render(m, tools, add_generation_prompt=add_generation_prompt, options=options), messages
+        )
+
+    def check_variables(self, variables: Any) -> None:
+        """Refuse template variables holding special-token text: rendered, it would become a
+        real special token (a forged turn), as message content never does."""
+        if isinstance(variables, str):
+            if self._special is not None and self._special.search(variables) is not None:
+                raise InvalidRequestError(
+                    "chat_template_kwargs must not contain special-token text.", param="chat_template_kwargs"
+                )
+        elif isinstance(variables, dict):
+            for key, value in variables.items():
+                self.check_variables(key)
+                self.check_variables(value)
+        elif isinstance(variables, list):
+            for item in variables:
+                self.check_variables(item)
 
     def encode_chat(self, render: Render, messages: list[dict[str, Any]]) -> tuple[list[int], str]:
         """Ids and text of the prompt `render` makes of `messages`; content stays plain text."""
@@ -130,15 +170,19 @@ class ChatTokensEngine:
         return self._chat_tokens.encode(text, add_special_tokens=add_special_tokens)
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
+        add_generation_prompt: bool = True, options: ChatOptions | None = None,
     ) -> tuple[list[int], str]:
         # Special-token text in a message stays text, so a client cannot forge a system turn.
-        return self._chat_tokens.encode_conversation(messages, tools)
+        return self._chat_tokens.encode_conversation(
+            messages, tools, add_generation_prompt=add_generation_prompt, options=options
+        )
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self._chat_tokens.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def render_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
+        add_generation_prompt: bool = True, options: ChatOptions | None = None,
     ) -> str:
-        return self._chat_tokens.render(messages, tools, add_generation_prompt=add_generation_prompt)
+        return self._chat_tokens.render(messages, tools, add_generation_prompt=add_generation_prompt, options=options)

@@ -13,14 +13,19 @@ are exercised end to end.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, SamplingParams
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from chatgate.engines.base import ChatOptions, Engine, GenerationOutput, ModelInfo, Phases, SamplingParams
+from chatgate.engines.chat_tokens import template_error
 from chatgate.engines.policy import Policy
 from chatgate.engines.prefix_cache import DEFAULT_BLOCK, block_keys
 from chatgate.engines.sampling import sample_with_logprob
@@ -32,6 +37,7 @@ BOS = 257
 # With `fim=True`, the fill-in-the-middle tokens a code model has (as StarCoder spells them).
 FIM_TOKENS = {"<fim_prefix>": 258, "<fim_suffix>": 259, "<fim_middle>": 260}
 EMBEDDING_DIM = 16
+_SANDBOX = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
 
 class PromptMemory:
@@ -177,11 +183,24 @@ class FakeEngine(Engine):
         return FIM_TOKENS.get(text) if self.fim else None
 
     def render_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
+        add_generation_prompt: bool = True, options: ChatOptions | None = None,
     ) -> str:
+        options = options or ChatOptions()
+        if options.template is not None:  # rendered as Hugging Face renders one, in a sandbox
+            try:
+                text = _SANDBOX.from_string(options.template).render(
+                    messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **options.variables
+                )
+            except TemplateError as exc:
+                raise template_error(exc, options) from None
+            final = str(messages[-1].get("content") or "") if options.continue_final_message else ""
+            return text[: text.rfind(final) + len(final)] if final and final in text else text
         lines = [f"<{m['role']}> {m.get('content') or ''}" for m in messages]
         if tools and self.info.tools_in_template:
             lines.insert(0, "<tools> " + " ".join(t["function"]["name"] for t in tools))
+        if options.continue_final_message:  # the reply goes on from the last message's text
+            return "\n".join(lines)
         return "\n".join(lines) + ("\n<assistant>" if add_generation_prompt else "")
 
     def pending(self) -> int:
@@ -207,10 +226,13 @@ class FakeEngine(Engine):
         script = list(self.reply_for(self.decode(prompt_ids)).encode("utf-8")) + [EOS]
         seq = Sequence(prompt_ids=prompt_ids, params=params, decode=self.decode, eos_token_ids=frozenset({EOS}))
         turn = self.batch.arrive(params.priority)
+        begun = time.time_ns()
+        admitted: int | None = None
         self.active += 1
         self.served += 1
         try:
             await self.batch.hold(turn)
+            admitted = time.time_ns()
             seq.cached_tokens = self.prompts.served(prompt_ids, params.cache_salt)
             if self.prefill_delay:
                 await asyncio.sleep(self.prefill_delay)
@@ -227,7 +249,10 @@ class FakeEngine(Engine):
                     logits, params, prompt_ids=prompt_ids, output_ids=seq.output_ids, generator=seq.generator
                 )
                 output = seq.append(token, logprob)
-                if output is not None:
+                if output is not None and seq.finished:
+                    first = seq.first_token_ns or None
+                    yield replace(output, phases=Phases(queued=begun, admitted=admitted, first_token=first, finished=time.time_ns()))
+                elif output is not None:
                     yield output
         finally:
             self.batch.leave(turn)

@@ -12,17 +12,28 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence as Seq
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from chatgate.engines.base import Engine, EngineStats, GenerationOutput, ModelInfo, SamplingParams, TokenLogprob
+from chatgate.engines.base import (
+    Engine,
+    EngineStats,
+    GenerationOutput,
+    ModelInfo,
+    Phases,
+    SamplingParams,
+    TokenLogprob,
+)
 from chatgate.engines.chat_tokens import ChatTokenizer, ChatTokensEngine
 from chatgate.engines.constraints import ConstraintCompiler
 from chatgate.engines.kvbudget import kv_token_budget
 from chatgate.engines.loading import resolve_chat_model
+from chatgate.engines.reasoning import GatedGrammar
 from chatgate.engines.runners.base import Runner
 from chatgate.engines.scheduler import Scheduler, SchedulerLimits
 from chatgate.engines.sequence import OutputChannel, Sequence
@@ -60,6 +71,18 @@ def kv_budget(settings: EngineSettings, *, context: int, bytes_per_token: int, f
         log.warning("KV cache budget of %d tokens is below the model's context of %d: longer requests are refused", tokens, context)
     log.info("KV cache budget: %d tokens (%.2f GiB)", tokens, tokens * bytes_per_token / 2**30)
     return tokens
+
+
+def _phases(seq: Sequence, queued: int) -> Phases:
+    """When `seq` waited, prefilled and decoded (its fields are written by the engine thread
+    before the last output is posted)."""
+    return Phases(
+        queued=queued,
+        admitted=seq.admitted_ns or None,
+        first_token=seq.first_token_ns or None,
+        finished=time.time_ns(),
+        preemptions=seq.preemptions,
+    )
 
 
 class ScheduledEngine(ChatTokensEngine, Engine):
@@ -147,7 +170,12 @@ class ScheduledEngine(ChatTokensEngine, Engine):
     def compile_constraint(self, spec: dict[str, Any]) -> Any:
         if self._constraints is None:
             raise RuntimeError("engine not started")
-        return self._constraints.compile(spec)
+        after = spec.get("after")  # the answer begins after this text: thinking is not bound
+        grammar = self._constraints.compile({k: v for k, v in spec.items() if k != "after"})
+        if not isinstance(after, str):
+            return grammar
+        spelled = self._constraints.vocabulary.bytes
+        return GatedGrammar(grammar, after, lambda token: spelled[token] if 0 <= token < len(spelled) else b"")
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -164,14 +192,17 @@ class ScheduledEngine(ChatTokensEngine, Engine):
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]:
         channel = OutputChannel(asyncio.get_running_loop())
         constraint = params.constraint.start() if params.constraint is not None else None
-        self._submit(Sequence(prompt_ids=prompt_ids, params=params, decode=self.decode, eos_token_ids=self._eos,
-                              channel=channel, constraint=constraint))
+        seq = Sequence(prompt_ids=prompt_ids, params=params, decode=self.decode, eos_token_ids=self._eos,
+                       channel=channel, constraint=constraint)
+        queued = time.time_ns()
+        self._submit(seq)
         try:
             while True:
                 output = await channel.get()
-                yield output
                 if output.finish_reason is not None:
+                    yield dataclasses.replace(output, phases=_phases(seq, queued))
                     return
+                yield output
         finally:
             channel.cancelled = True  # the scheduler drops it before its next step
 

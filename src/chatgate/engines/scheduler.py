@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -295,6 +296,7 @@ class Scheduler:
             if not seq.admitted:
                 self._admissions += 1
                 seq.admitted = self._admissions
+                seq.admitted_ns = seq.admitted_ns or time.time_ns()
 
     def _preempt_to_fit(self) -> None:
         """Give back the KV of the most recently admitted sequences, never the last one, until

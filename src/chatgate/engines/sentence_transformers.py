@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from chatgate.engines.base import Engine, GenerationOutput, ModelInfo, SamplingParams
+from chatgate.engines.base import ChatOptions, Engine, GenerationOutput, ModelInfo, SamplingParams
 from chatgate.engines.embedding import embed_in_batches
 from chatgate.engines.loading import model_construction, package_dir
 from chatgate.errors import InvalidRequestError
@@ -87,7 +87,8 @@ class SentenceTransformersEngine(Engine):
         return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
 
     def render_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
+        add_generation_prompt: bool = True, options: ChatOptions | None = None,
     ) -> str:
         raise self._not_generative()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence as Seq
@@ -97,6 +98,7 @@ class Sequence:
         self._last_emit_index = 0
         self._logprobs: list[TokenLogprob] = []
         self._logprobs_sent = 0
+        self.first_token_ns = 0  # wall time its first token was sampled, for its trace (0: not yet)
         # The scheduler's bookkeeping.
         self.prefilled = 0  # tokens of `ids` whose KV is built
         self.last_token = -1
@@ -105,6 +107,7 @@ class Sequence:
         self.looked_up = False  # the prefix cache was asked for `ids`
         self.arrival = 0  # when it reached the scheduler (a rising count)
         self.admitted = 0  # when it was admitted (a rising count; 0: waiting, not admitted)
+        self.admitted_ns = 0  # wall time of its first admission, for its trace (0: not yet)
         self.preemptions = 0  # times it gave its rows back to be recomputed
         self.cached_tokens = 0  # prompt tokens the prefix cache served at its first admission
         # After a preemption: the prompt and every token generated so far, to prefill again.
@@ -162,6 +165,8 @@ class Sequence:
     def append(self, token_id: int, logprob: TokenLogprob | None = None, *, last: bool = False) -> GenerationOutput | None:
         """Record a sampled token; return the output it releases, if any. `last` ends the
         sequence at this token as reaching `max_tokens` would."""
+        if not self.output_ids:
+            self.first_token_ns = time.time_ns()
         self.output_ids.append(token_id)
         text = self._text
         if token_id in self._stop_ids:

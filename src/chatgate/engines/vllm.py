@@ -29,6 +29,9 @@ PASS_THROUGH = (
     "gpu_memory_utilization",
     "max_model_len",
     "enforce_eager",
+    # vLLM's structured outputs then wait for the end of thinking, as ours do (same parser names);
+    # the split itself is the worker's, as on every engine.
+    "reasoning_parser",
 )
 
 

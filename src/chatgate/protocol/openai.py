@@ -18,6 +18,7 @@ from chatgate.protocol import limits
 from chatgate.protocol.accepted import ChatExtras, CompletionExtras
 from chatgate.protocol.limits import PublicRequest
 from chatgate.protocol.structured import StructuredFields
+from chatgate.protocol.templating import ReasoningEffort, TemplateVariables, continues_an_assistant_message
 from pydantic import (
     BaseModel,
     Field,
@@ -252,6 +253,13 @@ class ChatCompletionRequest(SamplingRequest, ChatExtras):
     parallel_tool_calls: bool | None = True
     functions: Annotated[list[FunctionDefinition], Field(max_length=limits.MAX_TOOLS)] | None = None
     function_call: Literal["none", "auto"] | FunctionName | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    # vLLM's templating fields (`protocol/templating.py`; README, "Reasoning models and templating").
+    chat_template_kwargs: TemplateVariables | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    _continues = field_validator("continue_final_message")(continues_an_assistant_message)
 
     @field_validator("tool_choice")
     @classmethod
@@ -458,6 +466,12 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (0 where unknown)
 
 
+class CompletionTokensDetails(BaseModel):
+    """`usage.completion_tokens_details`: what the completion tokens were spent on."""
+
+    reasoning_tokens: int = 0
+
+
 class Usage(BaseModel):
     """Token accounting of a response."""
 
@@ -466,6 +480,15 @@ class Usage(BaseModel):
     total_tokens: int = 0
     # Always present, as OpenAI sends it.
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    # Present where thinking is told apart from the answer (a reasoning parser, an upstream's count).
+    completion_tokens_details: CompletionTokensDetails | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unknown_details(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("completion_tokens_details") is None:
+            data.pop("completion_tokens_details", None)
+        return data
 
     def add(self, other: Usage) -> None:
         """Accumulate another usage into this one."""
@@ -473,6 +496,10 @@ class Usage(BaseModel):
         self.completion_tokens += other.completion_tokens
         self.total_tokens += other.total_tokens
         self.prompt_tokens_details.cached_tokens += other.prompt_tokens_details.cached_tokens
+        if other.completion_tokens_details is not None:
+            details = self.completion_tokens_details or CompletionTokensDetails()
+            details.reasoning_tokens += other.completion_tokens_details.reasoning_tokens
+            self.completion_tokens_details = details
 
 
 FinishReason = Literal["stop", "length", "tool_calls", "function_call", "content_filter"] | None
@@ -498,6 +525,7 @@ class AssistantMessage(BaseModel):
 
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = None  # vLLM's field: the thinking, with a reasoning parser
     tool_calls: list[ToolCall] | None = None
     function_call: FunctionCall | None = None
 
@@ -562,6 +590,7 @@ class ChatDelta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     function_call: dict[str, Any] | None = None
 

@@ -16,6 +16,7 @@ from chatgate.protocol import limits
 from chatgate.protocol.accepted import ResponsesExtras, Verbosity
 from chatgate.protocol.limits import PublicRequest
 from chatgate.protocol.openai import CacheSalt, FunctionDefinition, Priority
+from chatgate.protocol.templating import ReasoningEffort
 
 InputRole = Literal["user", "system", "developer", "assistant"]
 # OpenAI's `include` values. Only output logprobs apply to a text-only server; the others name
@@ -72,6 +73,17 @@ class FunctionCallOutputInput(_Request):
     output: str
 
 
+class ReasoningInput(_Request):
+    """An earlier `reasoning` output item sent back; templates leave past thinking out, so is it."""
+
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: Annotated[list[dict[str, Any]], Field(max_length=limits.MAX_MESSAGES)] = Field(default_factory=list)
+    content: Annotated[list[dict[str, Any]], Field(max_length=limits.MAX_MESSAGES)] | None = None
+    encrypted_content: str | None = None
+    status: str | None = None
+
+
 def _item_kind(value: Any) -> str:
     kind = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", "message")
     # Tags that are not identifiers, so error locations (`input[0].role`) leave them out.
@@ -81,7 +93,8 @@ def _item_kind(value: Any) -> str:
 InputItem = Annotated[
     Annotated[InputMessage, Tag("message item")]
     | Annotated[FunctionCallInput, Tag("function_call item")]
-    | Annotated[FunctionCallOutputInput, Tag("function_call_output item")],
+    | Annotated[FunctionCallOutputInput, Tag("function_call_output item")]
+    | Annotated[ReasoningInput, Tag("reasoning item")],
     Discriminator(_item_kind),
 ]
 
@@ -135,6 +148,14 @@ class TextConfig(_Request):
     verbosity: Verbosity | None = None
 
 
+class ReasoningConfig(_Request):
+    """`reasoning`: the effort goes to a chat template with a `reasoning_effort` switch."""
+
+    effort: ReasoningEffort | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None
+
+
 class ResponsesRequest(ResponsesExtras):  # a `_Request`, with the fields it accepts but cannot act on
     """`POST /v1/responses`."""
 
@@ -150,6 +171,7 @@ class ResponsesRequest(ResponsesExtras):  # a `_Request`, with the fields it acc
     text: TextConfig | None = None
     stream: bool | None = False
     include: list[Includable] | None = None
+    reasoning: ReasoningConfig | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     user: str | None = None
     cache_salt: CacheSalt | None = None
@@ -240,7 +262,26 @@ class FunctionCallOutput(BaseModel):
     status: Literal["in_progress", "completed", "incomplete"] = "completed"
 
 
-OutputItem = OutputMessage | FunctionCallOutput
+class ReasoningText(BaseModel):
+    """A `reasoning_text` content part: the model's thinking, as it wrote it."""
+
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str = ""
+
+
+class ReasoningOutput(BaseModel):
+    """A `reasoning` output item: the thinking a reasoning parser split from the answer (no
+    summary: none is generated)."""
+
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    summary: list[Any] = Field(default_factory=list)
+    content: list[ReasoningText] = Field(default_factory=list)
+    encrypted_content: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
+
+
+OutputItem = ReasoningOutput | OutputMessage | FunctionCallOutput
 
 
 class InputTokensDetails(BaseModel):

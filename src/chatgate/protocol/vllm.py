@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from chatgate.protocol import limits
 from chatgate.protocol.limits import PublicRequest
 from chatgate.protocol.openai import ChatMessage
+from chatgate.protocol.templating import TemplateVariables, continues_an_assistant_message
 
 _Request = PublicRequest  # strict, unknown fields ignored, every value JSON- and UTF-8-safe
 
@@ -20,9 +21,13 @@ class TokenizeRequest(_Request):
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: TemplateVariables | None = None
     # None: as generation does, special tokens for a prompt and none around a templated chat.
     add_special_tokens: bool | None = None
     return_token_strs: bool = False
+
+    _continues = field_validator("continue_final_message")(continues_an_assistant_message)
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:

@@ -96,6 +96,13 @@ class GenerateParams(Sampling):
     max_tokens_param: str = "max_tokens"
     # Seconds of silence after which the worker sends KEEPALIVE_FRAME (None: never).
     keepalive: float | None = Field(None, gt=0, le=MAX_KEEPALIVE_INTERVAL)
+    # Chat templating, as vLLM's chat request has it: extra template variables, whether the
+    # prompt opens the assistant's turn, or ends inside the last (assistant) message instead;
+    # `reasoning_effort` joins the variables (an upstream gets it as the field).
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    reasoning_effort: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -107,7 +114,10 @@ class GenerateParams(Sampling):
 
     def prompt_key(self) -> tuple[object, ...]:
         """What identifies the prompt (choices of one prompt share it)."""
-        return (self.prompt, str(self.messages), tuple(self.prompt_token_ids or ()))
+        return (
+            self.prompt, str(self.messages), tuple(self.prompt_token_ids or ()), str(self.chat_template_kwargs),
+            self.add_generation_prompt, self.continue_final_message, self.reasoning_effort,
+        )
 
     def stop_list(self) -> list[str]:
         """Stop strings as a list."""
@@ -136,6 +146,8 @@ class WorkerUsage(BaseModel):
     total_tokens: int = 0
     # chatgate extension: prompt tokens served from the engine's prefix cache (0: none or unknown).
     cached_tokens: int = Field(0, ge=0)
+    # Completion tokens spent thinking, where a reasoning parser (or an upstream) tells them apart.
+    reasoning_tokens: int | None = None
 
 
 class TokenAlternative(BaseModel):
@@ -165,6 +177,9 @@ class WorkerChunk(BaseModel):
     """One NUL-delimited JSON object of `/worker_generate_stream` (FastChat's shape)."""
 
     text: str = ""
+    # chatgate extension: thinking split from `text` by the worker's reasoning parser (or an
+    # upstream's `reasoning_content`); only on delta streams.
+    reasoning_content: str = ""
     error_code: int = 0
     usage: WorkerUsage | None = None
     finish_reason: Annotated[FinishReason | None, BeforeValidator(finish_reason_of)] = None
@@ -193,6 +208,20 @@ class EmbedResult(BaseModel):
     token_counts: list[int] = Field(default_factory=list)
 
 
+class ScorePairsParams(BaseModel):
+    """Body of a chatgate worker's `/worker_score`: text pairs for a cross-encoder."""
+
+    model: str = ""
+    pairs: list[tuple[str, str]]
+
+
+class ScorePairsResult(BaseModel):
+    """Response of `/worker_score`: each pair's score, in order, and the tokens read."""
+
+    scores: list[float]
+    token_num: int
+
+
 class CountTokenRequest(BaseModel):
     """Body of `/count_token`."""
 
@@ -206,6 +235,8 @@ class TokenizeParams(BaseModel):
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = True
     return_token_strs: bool = False
 
@@ -322,3 +353,4 @@ class ModelDetails(BaseModel):
     concurrency: int | None = None
     generates: bool = True
     embedding_dim: int = 0
+    cross_encoder: bool = False  # scores text pairs jointly (`/worker_score`)

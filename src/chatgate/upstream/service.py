@@ -27,7 +27,9 @@ from typing import Any
 
 import anyio
 import httpx
+from opentelemetry.trace import INVALID_SPAN, Span
 
+from chatgate import tracing
 from chatgate.engines.base import EngineStats
 from chatgate.errors import ChatgateError, InvalidRequestError, WorkerError, WorkerUnavailableError
 from chatgate.protocol.conversation import Conversation, generic_conversation
@@ -78,20 +80,36 @@ class UpstreamService:
     async def _generate(self, params: proto.GenerateParams) -> AsyncGenerator[proto.WorkerChunk, None]:
         path, body = wire.request(params, self._upstream_model or params.model)
         self.served += 1
-        reader = wire.StreamReader(
-            chat=path == "/chat/completions", echoed=wire.echoed_prompt(params), secrets=self._secrets,
-            prompt_tokens=await self._prompt_tokens(params),
-        )
-        async for data in self._events(path, body):
-            chunk = reader.event(data)
-            if chunk is not None:
-                yield chunk
-        yield reader.last()
+        # Not current across the yields below; the upstream call names it as its parent.
+        span = tracing.start_generation(params)
+        try:
+            reader = wire.StreamReader(
+                chat=path == "/chat/completions", echoed=wire.echoed_prompt(params), secrets=self._secrets,
+                prompt_tokens=await self._prompt_tokens(params),
+            )
+            async for data in self._events(path, body, span):
+                chunk = reader.event(data)
+                if chunk is not None:
+                    yield chunk
+            last = reader.last()
+            if last.usage is not None and span.is_recording():
+                tracing.genai_usage(
+                    span, input_tokens=last.usage.prompt_tokens, output_tokens=last.usage.completion_tokens,
+                    finish_reasons=[last.finish_reason] if last.finish_reason else [],
+                )
+            yield last
+        except BaseException as exc:
+            if span.is_recording() and not isinstance(exc, GeneratorExit):
+                tracing.failed(span, exc)
+            raise
+        finally:
+            span.end()
 
-    async def _events(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def _events(self, path: str, body: dict[str, Any], span: Span = INVALID_SPAN) -> AsyncIterator[dict[str, Any]]:
         """The JSON events of a streamed upstream response; the stream closes when this does."""
         request = self._http.build_request("POST", f"{self.url}{path}", json=body)
-        response = await self._send(request)
+        with tracing.current(span):  # the request carries `span` as its traceparent
+            response = await self._send(request)
         complete = False
         try:
             if response.status_code != 200:
@@ -138,6 +156,10 @@ class UpstreamService:
         return await asyncio.to_thread(self._counter.count, request)
 
     # Embeddings and tokens -------------------------------------------------------------------
+
+    async def score_pairs(self, params: proto.ScorePairsParams) -> proto.ScorePairsResult:
+        """Not passed upstream: an upstream's model is scored by embedding (`/v1/embeddings`)."""
+        raise InvalidRequestError(f"The model `{params.model}` is not a cross-encoder served here.", param="model")
 
     async def embed(self, params: proto.EmbedParams) -> proto.EmbedResult:
         """The upstream's embeddings of the inputs, in input order."""
@@ -231,7 +253,8 @@ def _client(settings: EngineSettings) -> httpx.AsyncClient:
     # No read timeout: a long generation may pause between tokens; connecting must be quick.
     timeout = httpx.Timeout(None, connect=10.0)
     limits = httpx.Limits(max_connections=settings.limit_worker_concurrency + 8)
-    return httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits)
+    # A call made within a trace carries its traceparent: the upstream's spans join the trace.
+    return httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits, event_hooks=tracing.HTTPX_HOOKS)
 
 
 @contextlib.asynccontextmanager

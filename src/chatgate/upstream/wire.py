@@ -100,7 +100,19 @@ def _chat_body(params: GenerateParams, model: str) -> dict[str, Any]:
             body |= _constraint_fields(params.response_format)
     if params.logprobs is not None:
         body |= {"logprobs": True, "top_logprobs": params.logprobs}
-    return body
+    return body | _templating(params)
+
+
+def _templating(params: GenerateParams) -> dict[str, Any]:
+    """The chat templating fields a request set (vLLM's; OpenAI's `reasoning_effort`): only
+    those, since a strict upstream may refuse fields it does not know."""
+    fields: dict[str, Any] = {
+        "chat_template_kwargs": params.chat_template_kwargs,
+        "reasoning_effort": params.reasoning_effort,
+        "add_generation_prompt": False if not params.add_generation_prompt else None,
+        "continue_final_message": True if params.continue_final_message else None,
+    }
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _completion_body(params: GenerateParams, model: str) -> dict[str, Any]:
@@ -281,11 +293,17 @@ def split_echo(logprobs: Any, prompt: str | list[int]) -> tuple[list[PromptLogpr
 
 def upstream_usage(usage: dict[str, Any]) -> WorkerUsage:
     """The worker protocol's usage from an upstream's OpenAI `usage`, with the prompt tokens it
-    served from its prefix cache (`prompt_tokens_details.cached_tokens`) where it says."""
+    served from its prefix cache (`prompt_tokens_details.cached_tokens`) and its reasoning
+    tokens (`completion_tokens_details.reasoning_tokens`) where it says."""
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    spent = usage.get("completion_tokens_details")
+    reasoning = spent.get("reasoning_tokens") if isinstance(spent, dict) else None
     fields = {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in usage}
-    return WorkerUsage.model_validate(fields | {"cached_tokens": cached if type(cached) is int and cached >= 0 else 0})
+    return WorkerUsage.model_validate(fields | {
+        "cached_tokens": cached if type(cached) is int and cached >= 0 else 0,
+        "reasoning_tokens": reasoning if type(reasoning) is int and reasoning >= 0 else None,
+    })
 
 
 @dataclass
@@ -319,19 +337,23 @@ class StreamReader:
             return None
         choice = choices[0]
         self.finish = choice.get("finish_reason") or self.finish
-        prompt = None
+        prompt, reasoning = None, ""
         if self.chat:
             delta = choice.get("delta") or {}
             calls = delta.get("tool_calls") or []
             self._collect_calls(calls)
             text, logprobs = delta.get("content") or "", _chat_logprobs(choice.get("logprobs"))
-            self.generated += len(logprobs) if logprobs else int(bool(text or calls))
+            # vLLM's field, under its older name and its newer one.
+            reasoning = str(delta.get("reasoning_content") or delta.get("reasoning") or "")
+            self.generated += len(logprobs) if logprobs else int(bool(text or calls or reasoning))
         else:
             text, logprobs, prompt = self._completion(choice)
             self.generated += len(logprobs) if logprobs else int(bool(text) and not prompt)
-        if not text and not logprobs and not prompt:
+        if not text and not logprobs and not prompt and not reasoning:
             return None
-        return WorkerChunk(text=text, token_logprobs=logprobs, prompt_logprobs=prompt, usage=self.running())
+        return WorkerChunk(
+            text=text, reasoning_content=reasoning, token_logprobs=logprobs, prompt_logprobs=prompt, usage=self.running()
+        )
 
     def running(self) -> WorkerUsage:
         """The usage so far: the upstream's own once it has sent it, else counted here."""

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import FastAPI
+from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from chatgate.drain import Drain
@@ -17,6 +18,7 @@ from chatgate.metrics import EngineCollector, FleetCollector
 from chatgate.ops import health_routes, metrics_routes
 from chatgate.settings import WorkerSettings
 from chatgate.tasks import cancel_and_wait
+from chatgate.tracing import SERVICE_WORKER, TraceMiddleware, Tracing
 from chatgate.worker import routes
 from chatgate.worker.heartbeat import Heartbeat
 from chatgate.worker.backend import WorkerBackend, open_backend
@@ -35,15 +37,20 @@ def _engine_stats(service: WorkerBackend) -> list[tuple[str, EngineStats]]:
     return [(service.model_names[0], stats)] if stats is not None else []
 
 
-def create_worker_app(settings: WorkerSettings, *, engine: Engine | None = None) -> FastAPI:
-    """Build the worker app; the backend is opened from settings unless an engine is given."""
+def create_worker_app(
+    settings: WorkerSettings, *, engine: Engine | None = None, tracer_provider: TracerProvider | None = None
+) -> FastAPI:
+    """Build the worker app; the backend is opened from settings unless an engine is given.
+    Spans go to `tracer_provider` if given (its owner shuts it down), else where the settings say."""
     registry = CollectorRegistry()
+    tracing = Tracing.of(service=SERVICE_WORKER, endpoint=settings.otlp_endpoint, provider=tracer_provider)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_backend(settings, engine=engine) as service:
             async with _serving(app, settings, registry, service):
                 yield
+        await asyncio.to_thread(tracing.close)  # the last spans are flushed before the process ends
 
     app = FastAPI(title="chatgate worker", lifespan=lifespan)
     app.state.drain = Drain(timeout=settings.shutdown_timeout, what="This worker")
@@ -51,6 +58,7 @@ def create_worker_app(settings: WorkerSettings, *, engine: Engine | None = None)
     app.include_router(metrics_routes(registry))
     app.include_router(routes.router)
     secure(app, settings)
+    app.add_middleware(TraceMiddleware, tracing=tracing)
     return app
 
 

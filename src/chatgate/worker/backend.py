@@ -40,6 +40,10 @@ class WorkerBackend(Protocol):
         """Tokens the prompt (or templated conversation) takes."""
         ...
 
+    async def score_pairs(self, params: wire.ScorePairsParams) -> wire.ScorePairsResult:
+        """A cross-encoder's score of each text pair."""
+        ...
+
     async def tokenize(self, params: wire.TokenizeParams) -> wire.TokenizeResult:
         """Token ids of a prompt or conversation, as generation encodes it (the `tokenize` extension)."""
         ...
@@ -92,6 +96,7 @@ async def open_backend(settings: EngineSettings, *, engine: Engine | None = None
     service = WorkerService(
         engine=engine, model_names=settings.model_names,
         queue=request_queue(settings, (settings.model_names or [engine.info.name])[0]),
+        reasoning_parser=settings.reasoning_parser, chat_template=settings.chat_template_text(),
     )
     try:
         yield service

@@ -30,6 +30,8 @@ from chatgate.protocol.worker import (
     DetokenizeParams,
     EmbedParams,
     EmbedResult,
+    ScorePairsParams,
+    ScorePairsResult,
     GenerateParams,
     TokenizeParams,
     WorkerChunk,
@@ -162,6 +164,17 @@ async def _embed(params: EmbedParams, service: WorkerBackend, drain: Drain) -> E
 async def get_embeddings(params: EmbedParams, service: WorkerBackend = Service, drain: Drain = Draining) -> JSONResponse:
     """Embedding vectors of the inputs."""
     return await _answer(_embed(params, service, drain), EmbedResult.model_dump)
+
+
+async def _score(params: ScorePairsParams, service: WorkerBackend, drain: Drain) -> ScorePairsResult:
+    drain.check()
+    return await service.score_pairs(params)
+
+
+@router.post("/worker_score")
+async def score_pairs(params: ScorePairsParams, service: WorkerBackend = Service, drain: Drain = Draining) -> JSONResponse:
+    """A cross-encoder's scores of text pairs (chatgate extension)."""
+    return await _answer(_score(params, service, drain), ScorePairsResult.model_dump)
 
 
 @router.post("/worker_get_status")

@@ -6,10 +6,14 @@ request behaves the same whichever way it arrives.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from chatgate.engines.base import Engine, EngineStats, SamplingParams, TokenLogprob
+from opentelemetry.trace import Span
+
+from chatgate import tracing
+from chatgate.engines.base import ChatOptions, Engine, EngineStats, GenerationOutput, SamplingParams, TokenLogprob
+from chatgate.engines.reasoning import PARSERS, Phase, ReasoningSplitter
 from chatgate.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -26,6 +30,8 @@ from chatgate.protocol.worker import (
     ModelDetails,
     PromptLogprob,
     Sampling,
+    ScorePairsParams,
+    ScorePairsResult,
     TokenAlternative,
     TokenizeParams,
     TokenizeResult,
@@ -50,8 +56,13 @@ def _aliased(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class WorkerService:
     """Serves one engine under one or more model names."""
 
-    def __init__(self, *, engine: Engine, model_names: list[str], queue: RequestQueue) -> None:
+    def __init__(
+        self, *, engine: Engine, model_names: list[str], queue: RequestQueue,
+        reasoning_parser: str | None = None, chat_template: str | None = None,
+    ) -> None:
         self.engine = engine
+        self._think = PARSERS[reasoning_parser] if reasoning_parser is not None else None
+        self._template = chat_template  # in place of the model's own
         self.model_names = model_names or [engine.info.name]
         self.queue = queue
         self.served = 0  # requests taken, for metrics
@@ -64,15 +75,45 @@ class WorkerService:
 
     # Prompts ---------------------------------------------------------------------------------
 
+    def _options(self, params: GenerateParams | None = None) -> ChatOptions:
+        """How a request's conversation is templated: `--chat-template`, and its own variables."""
+        if params is None:
+            return ChatOptions(template=self._template)
+        variables = dict(params.chat_template_kwargs or {})
+        if params.reasoning_effort is not None:  # for templates with a switch of that name
+            variables.setdefault("reasoning_effort", params.reasoning_effort)
+        return ChatOptions(
+            template=self._template, continue_final_message=params.continue_final_message, variables=variables
+        )
+
     def _render(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *, generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, *,
+        generation_prompt: bool = True, params: GenerateParams | None = None,
     ) -> str:
-        return self.engine.render_chat(_aliased(messages), tools, add_generation_prompt=generation_prompt)
+        return self.engine.render_chat(
+            _aliased(messages), tools, add_generation_prompt=generation_prompt, options=self._options(params)
+        )
 
     def _encode_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, params: GenerateParams | None = None
     ) -> tuple[list[int], str]:
-        return self.engine.encode_chat(_aliased(messages), tools)
+        return self.engine.encode_chat(
+            _aliased(messages), tools, options=self._options(params),
+            add_generation_prompt=params.add_generation_prompt if params is not None else True,
+        )
+
+    def _tools_in_template(self) -> bool:
+        if self._template is not None:
+            return "tools" in self._template
+        return self.engine.info.tools_in_template
+
+    def _conversation(self, params: GenerateParams) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None] | None:
+        """The messages (and tools, where the template renders them) a chat prompt is made of."""
+        if params.tools and params.tool_messages is not None and self._tools_in_template():
+            return params.tool_messages, params.tools
+        if params.messages is not None:
+            return params.messages, None
+        return None
 
     def prompt_ids(self, params: GenerateParams) -> tuple[list[int], str]:
         """Token ids and text of the prompt, however the request gave it."""
@@ -81,10 +122,9 @@ class WorkerService:
         if params.prompt_token_ids is not None:
             ids = self._checked_ids(params.prompt_token_ids, params.prompt_param)
             return ids, self.engine.decode(ids)
-        if params.tools and params.tool_messages is not None and self.engine.info.tools_in_template:
-            return self._encode_chat(params.tool_messages, params.tools)
-        if params.messages is not None:
-            return self._encode_chat(params.messages)
+        conversation = self._conversation(params)
+        if conversation is not None:
+            return self._encode_chat(*conversation, params)
         text = params.prompt or ""
         return self.engine.encode(text), text
 
@@ -149,28 +189,56 @@ class WorkerService:
                 )
             return
         texts = [str(m.get("content") or "") for m in params.messages or []] + [params.prompt or "", params.suffix or ""]
+        if params.chat_template_kwargs:  # template variables may be rendered into the prompt too
+            texts.append(str(params.chat_template_kwargs))
         await self._admission.check_length(texts, param=params.prompt_param)
 
-    def _prepared(self, params: GenerateParams) -> tuple[list[int], str, SamplingParams]:
-        """Prompt ids and text and the sampling parameters (CPU work: run it in a thread)."""
+    def _prepared(self, params: GenerateParams) -> tuple[list[int], str, SamplingParams, ReasoningSplitter | None]:
+        """Prompt ids and text, the sampling parameters and the reasoning parser (CPU work: run
+        it in a thread)."""
         ids, prompt_text = self.prompt_ids(params)
         if not ids:
             raise InvalidRequestError("The prompt must not be empty.", param=params.prompt_param)
-        return ids, prompt_text, self._sampling(params, len(ids))
+        splitter = self._splitter(params, prompt_text)
+        return ids, prompt_text, self._sampling(params, len(ids), splitter), splitter
+
+    def _splitter(self, params: GenerateParams, prompt_text: str) -> ReasoningSplitter | None:
+        """The reasoning parser for a chat reply streamed as deltas (to chatgate's API server;
+        FastChat's gets the whole text, tags and all), if the worker has one."""
+        conversation = self._conversation(params) if params.prompt_token_ids is None else None
+        if self._think is None or not params.delta or not conversation or not conversation[0]:
+            return None
+        return ReasoningSplitter(self._think, self._reply_context(params, prompt_text, *conversation))
+
+    def _reply_context(
+        self, params: GenerateParams, prompt: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> str:
+        """What says where a reply starts: the template's generation prompt (the prompt past the
+        conversation rendered without one), or the prefill a reply continues; never the
+        conversation's own text. The whole prompt where the template does not render so."""
+        if params.continue_final_message:
+            return str(messages[-1].get("content") or "")
+        plain = params.model_copy(update={"continue_final_message": False})
+        before = self._render(messages, tools, generation_prompt=False, params=plain)
+        return prompt[len(before) :] if prompt.startswith(before) else prompt
 
     async def tokenize(self, params: TokenizeParams) -> TokenizeResult:
         """Token ids of a prompt or templated conversation, exactly as generation encodes it
         (vLLM's `/tokenize`); checked by length first, then tokenized in the bounded pool
         every other prompt goes through."""
-        await self._check_prompt_length(GenerateParams(prompt=params.prompt, messages=params.messages))
-        return await self._admission.run(lambda: self._tokenize(params))
+        chat = GenerateParams(
+            prompt=params.prompt, messages=params.messages, add_generation_prompt=params.add_generation_prompt,
+            continue_final_message=params.continue_final_message, chat_template_kwargs=params.chat_template_kwargs,
+        )
+        await self._check_prompt_length(chat)
+        return await self._admission.run(lambda: self._tokenize(params, chat))
 
-    def _tokenize(self, params: TokenizeParams) -> TokenizeResult:
-        if params.messages is not None and params.add_generation_prompt and not params.add_special_tokens:
-            ids = self._encode_chat(params.messages)[0]  # exactly as generation encodes a chat
+    def _tokenize(self, params: TokenizeParams, chat: GenerateParams) -> TokenizeResult:
+        if params.messages is not None and not params.add_special_tokens:
+            ids = self._encode_chat(params.messages, None, chat)[0]  # exactly as generation encodes a chat
         else:
             if params.messages is not None:
-                text = self._render(params.messages, generation_prompt=params.add_generation_prompt)
+                text = self._render(params.messages, generation_prompt=params.add_generation_prompt, params=chat)
             else:
                 text = params.prompt or ""
             ids = self.engine.encode(text, add_special_tokens=params.add_special_tokens)
@@ -186,7 +254,18 @@ class WorkerService:
         text = await self._admission.run(lambda: self.engine.decode(ids, skip_special_tokens=False))
         return DetokenizeResult(prompt=text)
 
-    def _sampling(self, params: GenerateParams, prompt_len: int) -> SamplingParams:
+    def _constraint(self, params: GenerateParams, splitter: ReasoningSplitter | None) -> Any:
+        """The compiled `response_format` constraint; with the reply to think first, it binds
+        the answer only, from the end of the thinking on (engines that cannot wait for it bind
+        the whole reply)."""
+        if not params.response_format:
+            return None
+        spec = params.response_format
+        if splitter is not None and splitter.phase is not Phase.ANSWER and self._think is not None:
+            spec = {**spec, "after": self._think.end}
+        return self.engine.compile_constraint(spec)
+
+    def _sampling(self, params: GenerateParams, prompt_len: int, splitter: ReasoningSplitter | None = None) -> SamplingParams:
         context = self.engine.info.context_length
         room = context - prompt_len
         if params.max_new_tokens is None:
@@ -216,7 +295,7 @@ class WorkerService:
             logprobs=params.logprobs,
             cache_salt=params.cache_salt,
             priority=params.priority,
-            constraint=self.engine.compile_constraint(params.response_format) if params.response_format else None,
+            constraint=self._constraint(params, splitter),
         )
 
     # Generation ------------------------------------------------------------------------------
@@ -229,35 +308,81 @@ class WorkerService:
         return self.queue.serve(self._generate(params))
 
     async def _generate(self, params: GenerateParams) -> AsyncGenerator[WorkerChunk, None]:
-        await self._check_prompt_length(params)
-        ids, prompt_text, sampling = await self._admission.run(lambda: self._prepared(params))
-        self.served += 1
-        prompt_logprobs = None
-        if params.echo and params.logprobs is not None:
-            prompt_logprobs = await self._prompt_logprobs(ids, params.logprobs)
-        cumulative = prompt_text if params.echo else ""
-        first = True
-        async for out in self.engine.generate(ids, sampling):
-            usage = WorkerUsage(
-                prompt_tokens=out.prompt_tokens,
-                completion_tokens=out.completion_tokens,
-                total_tokens=out.prompt_tokens + out.completion_tokens,
-                cached_tokens=out.cached_tokens,
-            )
-            text = out.text
-            if params.echo and first:
-                text = prompt_text + text
-            first = False
-            cumulative += out.text
+        # Not current across the yields below (they resume in the reader's context): its children
+        # name it as their parent.
+        span = tracing.start_generation(params)
+        try:
+            await self._check_prompt_length(params)
+            with tracing.span("chatgate.tokenize", parent=span) as tokenized:
+                ids, prompt_text, sampling, splitter = await self._admission.run(lambda: self._prepared(params))
+                tokenized.set_attribute("gen_ai.usage.input_tokens", len(ids))
+            self.served += 1
+            prompt_logprobs = None
+            if params.echo and params.logprobs is not None:
+                prompt_logprobs = await self._prompt_logprobs(ids, params.logprobs)
+            if splitter is not None:
+                async for chunk in self._split(self.engine.generate(ids, sampling), splitter, span):
+                    yield chunk
+                return
+            cumulative = prompt_text if params.echo else ""
+            first = True
+            async for out in self.engine.generate(ids, sampling):
+                usage = WorkerUsage(
+                    prompt_tokens=out.prompt_tokens,
+                    completion_tokens=out.completion_tokens,
+                    total_tokens=out.prompt_tokens + out.completion_tokens,
+                    cached_tokens=out.cached_tokens,
+                )
+                if out.finish_reason is not None:
+                    tracing.generation_end(span, out, finish_reason_of(out.finish_reason))
+                text = out.text
+                if params.echo and first:
+                    text = prompt_text + text
+                first = False
+                cumulative += out.text
+                yield WorkerChunk(
+                    text=text if params.delta else cumulative,
+                    usage=usage,
+                    finish_reason=finish_reason_of(out.finish_reason),
+                    token_logprobs=self._logprobs(out.logprobs),
+                    prompt_logprobs=prompt_logprobs,
+                    stop_sequence=out.stop_sequence,
+                )
+                prompt_logprobs = None
+        except BaseException as exc:
+            if span.is_recording() and not isinstance(exc, GeneratorExit):
+                tracing.failed(span, exc)
+            raise
+        finally:
+            span.end()
+
+    async def _split(
+        self, outputs: AsyncIterator[GenerationOutput], splitter: ReasoningSplitter, span: Span
+    ) -> AsyncGenerator[WorkerChunk, None]:
+        """Delta chunks of a reply split into thinking and answer; the tokens of every output
+        that was thinking, when it began or when it ended, count as reasoning tokens."""
+        thinking = 0
+        async for out in outputs:
+            before = splitter.phase
+            reasoning, content = splitter.feed(out.text)
+            if out.finish_reason is not None:
+                held_reasoning, held_content = splitter.finish()
+                reasoning, content = reasoning + held_reasoning, content + held_content
+                tracing.generation_end(span, out, finish_reason_of(out.finish_reason))
+            if Phase.THINKING in (before, splitter.phase) or reasoning:
+                thinking += len(out.token_ids)
             yield WorkerChunk(
-                text=text if params.delta else cumulative,
-                usage=usage,
+                text=content,
+                reasoning_content=reasoning,
+                usage=WorkerUsage(
+                    prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                    total_tokens=out.prompt_tokens + out.completion_tokens, reasoning_tokens=thinking,
+                    cached_tokens=out.cached_tokens,
+                ),
                 finish_reason=finish_reason_of(out.finish_reason),
                 token_logprobs=self._logprobs(out.logprobs),
-                prompt_logprobs=prompt_logprobs,
                 stop_sequence=out.stop_sequence,
             )
-            prompt_logprobs = None
 
     # Embeddings ------------------------------------------------------------------------------
 
@@ -294,6 +419,25 @@ class WorkerService:
         counts = [len(ids) for ids in inputs]
         # The engine's own vectors: validating every float would hold the event loop for nothing.
         return EmbedResult.model_construct(embedding=vectors, token_num=sum(counts), token_counts=counts)
+
+    async def score_pairs(self, params: ScorePairsParams) -> ScorePairsResult:
+        """A cross-encoder's score of every pair, and the tokens it read; a pair longer than the
+        model reads is a 400 naming `pairs[i]` (the API server names its own field)."""
+        if not self.engine.info.cross_encoder:
+            raise InvalidRequestError(f"The model `{self.engine.info.name}` is not a cross-encoder.", param="model")
+        if not params.pairs:
+            raise InvalidRequestError("There are no pairs to score.", param="pairs")
+        await self._admission.check_length([a + b for a, b in params.pairs], param="pairs", each=True)
+        counts = await self._admission.run(lambda: [self.engine.pair_tokens(a, b) for a, b in params.pairs])
+        limit = self.engine.info.context_length
+        for index, count in enumerate(counts):
+            if count > limit:
+                raise ContextLengthExceededError(
+                    f"Pair {index} is {count} tokens long, over this model's maximum of {limit} tokens.", param=f"pairs[{index}]"
+                )
+        self.served += 1
+        scores = await self.engine.score_pairs(params.pairs)
+        return ScorePairsResult(scores=scores, token_num=sum(counts))
 
     async def _prompt_logprobs(self, ids: list[int], top: int) -> list[PromptLogprob]:
         scored = await self.engine.prompt_logprobs(ids, top)
@@ -353,5 +497,6 @@ class WorkerService:
             chatgate_extensions=list(EXTENSIONS),
             generates=info.generates,
             embedding_dim=info.embedding_dim,
+            cross_encoder=info.cross_encoder,
             concurrency=self.queue.limit,
         )

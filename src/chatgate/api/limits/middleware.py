@@ -8,6 +8,7 @@ import contextlib
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from chatgate import tracing
 from chatgate.api.auth import caller
 from chatgate.api.errors import error_response
 from chatgate.api.limits import grant
@@ -36,7 +37,10 @@ class RateLimitMiddleware:
             return
         name = who.store_key
         try:
-            usage = await self.store.admit(name, policy) if policy.limited() else None
+            with tracing.span("chatgate.limits") as span:
+                usage = await self.store.admit(name, policy) if policy.limited() else None
+                if usage is not None and usage.refused is not None:
+                    span.set_attribute("chatgate.limits.refused", usage.refused)
         except ChatgateError as exc:
             await error_response(exc, scope=scope)(scope, receive, send)
             return

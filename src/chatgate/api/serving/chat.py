@@ -46,11 +46,23 @@ def to_params(request: ChatCompletionRequest, tool_plan: ToolPlan | None = None)
             "response_format": constraint,
             "logprobs": request.logprob_count(),
             "prompt_param": "messages",
+            **templating(request),
             "max_tokens_param": "max_completion_tokens"
             if request.max_completion_tokens is not None
             else "max_tokens",
         }
     )
+
+
+def templating(request: ChatCompletionRequest) -> dict[str, object]:
+    """The worker fields of a request's chat templating and reasoning effort, where set."""
+    fields = {
+        "chat_template_kwargs": request.chat_template_kwargs,
+        "reasoning_effort": request.reasoning_effort,
+        "add_generation_prompt": request.add_generation_prompt,
+        "continue_final_message": request.continue_final_message,
+    }
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 @dataclass
@@ -73,6 +85,8 @@ class ChatReply(Reply[ChatCompletionResponse, ChatCompletionChunk]):
         return [self._chunk(index, ChatDelta(role="assistant", content="")) for index in range(choices)]
 
     def chunks(self, index: int, part: WorkerChunk, choice: Choice, sent: int) -> Iterable[ChatCompletionChunk]:
+        if part.reasoning_content:  # thinking is never a call: it streams as it comes, tools or not
+            yield self._chunk(index, ChatDelta(reasoning_content=part.reasoning_content))
         if self.tool_plan is not None:
             if part.finish_reason:
                 yield from self._finished_with_tools(index, choice)
@@ -124,12 +138,13 @@ class ChatServing(GenerationServing[ChatCompletionRequest, ChatCompletionRespons
 
 def _choice(index: int, choice: Choice, with_logprobs: bool, tool_plan: ToolPlan | None = None) -> ChatChoice:
     calls = tool_plan.parse(choice.text) if tool_plan is not None and choice.finish_reason == "stop" else None
-    message = AssistantMessage(content=choice.text)
+    reasoning = choice.reasoning or None
+    message = AssistantMessage(content=choice.text, reasoning_content=reasoning)
     finish = choice.finish_reason
     if calls and tool_plan is not None and tool_plan.legacy:
-        message, finish = AssistantMessage(content=None, function_call=calls[0].function), "function_call"
+        message, finish = AssistantMessage(content=None, reasoning_content=reasoning, function_call=calls[0].function), "function_call"
     elif calls:
-        message, finish = AssistantMessage(content=None, tool_calls=calls), "tool_calls"
+        message, finish = AssistantMessage(content=None, reasoning_content=reasoning, tool_calls=calls), "tool_calls"
     return ChatChoice(
         index=index,
         message=message,

@@ -6,6 +6,7 @@ import base64
 
 import numpy as np
 
+from chatgate import tracing
 from chatgate.api.limits import grant as limits
 from chatgate.api.workers.base import Worker, WorkerPool
 from chatgate.api.workers.failover import with_failover
@@ -57,7 +58,9 @@ class EmbeddingServing:
         if not request.model:
             raise InvalidRequestError("Missing required parameter: 'model'.", param="model",
                                       code="missing_required_parameter")
+        tracing.request_attributes({"gen_ai.operation.name": "embeddings", "gen_ai.request.model": request.model})
         result = await with_failover(self._pool, request.model, lambda w: _checked_embed(w, request))
+        tracing.request_usage(input_tokens=result.token_num, output_tokens=0, finish_reason=None)
         await limits.charge(result.token_num)  # input tokens count against the key's tpm, as chat's do
         # The vectors were validated as the worker result: not again, per float, on the loop.
         return EmbeddingResponse(

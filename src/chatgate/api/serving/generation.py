@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 
 from pydantic import BaseModel
 
+from chatgate import tracing
 from chatgate.api import access
 from chatgate.api.auth import cache_salt
 from chatgate.api.limits import grant as limits
@@ -28,6 +29,7 @@ from chatgate.protocol.openai import (
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,
+    CompletionTokensDetails,
     FinishReason,
     PromptTokensDetails,
     SamplingRequest,
@@ -44,6 +46,7 @@ class Choice:
     """What one choice produced, collected from its stream."""
 
     text: str = ""
+    reasoning: str = ""  # the thinking, where the worker tells it apart
     finish_reason: FinishReason = None
     usage: Usage = field(default_factory=Usage)
     logprobs: list[WorkerLogprob] = field(default_factory=list)
@@ -53,6 +56,7 @@ class Choice:
     def add(self, chunk: WorkerChunk) -> None:
         """Fold one worker chunk into the choice."""
         self.text += chunk.text
+        self.reasoning += chunk.reasoning_content
         self.logprobs += chunk.token_logprobs or []
         self.prompt_logprobs += chunk.prompt_logprobs or []
         self.finish_reason = chunk.finish_reason or self.finish_reason
@@ -64,7 +68,10 @@ class Choice:
 def usage_of(worker: WorkerUsage) -> Usage:
     """The OpenAI usage of one choice from its worker's."""
     details = PromptTokensDetails(cached_tokens=worker.cached_tokens)
-    return Usage.model_validate(worker.model_dump(exclude={"cached_tokens"}) | {"prompt_tokens_details": details})
+    usage = Usage.model_validate(worker.model_dump(exclude={"cached_tokens", "reasoning_tokens"}) | {"prompt_tokens_details": details})
+    if worker.reasoning_tokens is not None:
+        usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=worker.reasoning_tokens)
+    return usage
 
 
 async def _metered(
@@ -80,30 +87,35 @@ async def _metered(
     last: float | None = None
     usage = None
     delivered = 0
+    reason: str | None = None
     try:
         async with contextlib.aclosing(stream):
             async for chunk in stream:
                 now = time.perf_counter()
-                if chunk.text and (entry := access.record()) is not None:
+                said = chunk.text or chunk.reasoning_content
+                if said and (entry := access.record()) is not None:
                     entry.first_token()
-                if chunk.text and metrics is not None:
+                if said and metrics is not None:
                     if last is None:
                         metrics.ttft.labels(model=model).observe(now - begin)
                     else:
                         metrics.itl.labels(model=model).observe(now - last)
                     last = now
                 usage = chunk.usage or usage
-                delivered += len(chunk.token_logprobs) if chunk.token_logprobs else int(bool(chunk.text))
+                reason = chunk.finish_reason or reason
+                delivered += len(chunk.token_logprobs) if chunk.token_logprobs else int(bool(said))
                 yield chunk
     finally:  # a stream the client left still used its tokens
-        await _account(usage or WorkerUsage(), delivered, metrics, model, count_prompt)
+        await _account(usage or WorkerUsage(), delivered, metrics, model, count_prompt, reason)
 
 
 async def _account(
-    usage: WorkerUsage, delivered: int, metrics: ApiMetrics | None, model: str, count_prompt: bool
+    usage: WorkerUsage, delivered: int, metrics: ApiMetrics | None, model: str, count_prompt: bool,
+    finish_reason: str | None = None,
 ) -> None:
     prompt = usage.prompt_tokens if count_prompt else 0
     completion = max(usage.completion_tokens, delivered)
+    tracing.request_usage(input_tokens=prompt, output_tokens=completion, finish_reason=finish_reason)
     entry = access.record()
     if entry is not None:
         entry.prompt_tokens += prompt
@@ -165,6 +177,11 @@ def total_usage(choices: list[Choice], per_prompt: int) -> Usage:
         usage.prompt_tokens += copies[0].prompt_tokens
         usage.prompt_tokens_details.cached_tokens += min(u.prompt_tokens_details.cached_tokens for u in copies)
         usage.completion_tokens += sum(u.completion_tokens for u in copies)
+        for u in copies:
+            if u.completion_tokens_details is not None:
+                details = usage.completion_tokens_details or CompletionTokensDetails()
+                details.reasoning_tokens += u.completion_tokens_details.reasoning_tokens
+                usage.completion_tokens_details = details
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
     return usage
 
@@ -254,6 +271,8 @@ class GenerationServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
         """Answer a request: a response, or a stream of chunks."""
         self.check_n(request.n)
         params, reply = self.prepare(request)
+        if tracing.traced():
+            tracing.request_attributes(tracing.genai_generation(params[0]))
         choices_param = "n" if request.n > 1 else params[0].prompt_param
         if request.stream:
             streams = await self.start(request.model, params, choices_param=choices_param)

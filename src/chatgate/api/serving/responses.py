@@ -19,12 +19,15 @@ from chatgate.protocol.openai import ChatCompletionRequest, Usage, now
 from chatgate.protocol.responses import (
     FunctionCallInput,
     FunctionCallOutput,
+    FunctionCallOutputInput,
     IncompleteDetails,
     InputTokensDetails,
     InputMessage,
     OutputItem,
     OutputMessage,
     OutputText,
+    ReasoningOutput,
+    ReasoningText,
     ResponseObject,
     ResponsesRequest,
     ResponseUsage,
@@ -73,6 +76,7 @@ def to_chat(request: ResponsesRequest) -> ResponsesAsChat:
         "stream": request.stream,
         "cache_salt": request.cache_salt,
         "priority": request.priority or None,
+        "reasoning_effort": request.reasoning.effort if request.reasoning else None,
     }
     return ResponsesAsChat.model_validate({**{k: v for k, v in body.items() if v is not None}, "source": request})
 
@@ -92,13 +96,21 @@ def _messages(request: ResponsesRequest) -> list[dict[str, Any]]:
                 out[-1]["tool_calls"].append(call)  # parallel calls: one assistant turn
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        else:
+        elif isinstance(item, FunctionCallOutputInput):
             out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        # A `reasoning` item is left out: chat templates drop earlier turns' thinking too.
     return out
 
 
 def output_items(choice: Choice, tool_plan: ToolPlan | None, with_logprobs: bool = False) -> list[OutputItem]:
-    """A finished reply as output items: its function calls, or one message."""
+    """A finished reply as output items: its thinking if any, then its function calls or one message."""
+    thinking: list[OutputItem] = []
+    if choice.reasoning:
+        thinking.append(ReasoningOutput(id=_id("rs"), content=[ReasoningText(text=choice.reasoning)]))
+    return thinking + _answer(choice, tool_plan, with_logprobs)
+
+
+def _answer(choice: Choice, tool_plan: ToolPlan | None, with_logprobs: bool) -> list[OutputItem]:
     calls = tool_plan.parse(choice.text) if tool_plan is not None and choice.finish_reason == "stop" else None
     if calls:
         return [
@@ -151,8 +163,11 @@ class _Head:
 
 def _usage(choice: Choice) -> ResponseUsage:
     u = choice.usage
-    return ResponseUsage(input_tokens=u.prompt_tokens, output_tokens=u.completion_tokens, total_tokens=u.prompt_tokens + u.completion_tokens,
-                         input_tokens_details=InputTokensDetails(cached_tokens=u.prompt_tokens_details.cached_tokens))
+    usage = ResponseUsage(input_tokens=u.prompt_tokens, output_tokens=u.completion_tokens, total_tokens=u.prompt_tokens + u.completion_tokens,
+                          input_tokens_details=InputTokensDetails(cached_tokens=u.prompt_tokens_details.cached_tokens))
+    if u.completion_tokens_details is not None:
+        usage.output_tokens_details.reasoning_tokens = u.completion_tokens_details.reasoning_tokens
+    return usage
 
 
 class _Events:
@@ -183,6 +198,22 @@ class _Events:
         yield self("response.content_part.done", **place, part=part)
         yield self("response.output_item.done", output_index=index, item=message)
 
+    def reasoning_open(self, index: int, item_id: str) -> Iterator[StreamEvent]:
+        """A reasoning item and its (empty) reasoning text part begin."""
+        yield self("response.output_item.added", output_index=index, item=ReasoningOutput(id=item_id, status="in_progress"))
+        yield self("response.content_part.added", item_id=item_id, output_index=index, content_index=0, part=ReasoningText())
+
+    def reasoning_delta(self, index: int, item_id: str, text: str) -> StreamEvent:
+        """More thinking."""
+        return self("response.reasoning_text.delta", item_id=item_id, output_index=index, content_index=0, delta=text)
+
+    def reasoning_close(self, index: int, item: ReasoningOutput) -> Iterator[StreamEvent]:
+        """The reasoning text part and the item end."""
+        place = {"item_id": item.id, "output_index": index, "content_index": 0}
+        yield self("response.reasoning_text.done", **place, text=item.content[0].text)
+        yield self("response.content_part.done", **place, part=item.content[0])
+        yield self("response.output_item.done", output_index=index, item=item)
+
     def call(self, index: int, call: FunctionCallOutput) -> Iterator[StreamEvent]:
         """A function call item, whole: added, its arguments, done."""
         yield self("response.output_item.added", output_index=index, item=call.model_copy(update={"arguments": "", "status": "in_progress"}))
@@ -200,38 +231,64 @@ class ResponsesAsChat(ChatCompletionRequest):
 
 @dataclass
 class ResponsesReply(Reply[ResponseObject, StreamEvent]):
-    """Builds the `response` object, or its events: text as it comes, or, with tools, every
-    output item when the reply ends (only then is it known to be calls or text)."""
+    """Builds the `response` object, or its events: thinking and text as they come (a message
+    opens at its first text, after the thinking item closes), or, with tools, every answer
+    item when the reply ends (only then is it known to be calls or text)."""
 
     head: _Head
     tool_plan: ToolPlan | None
     events: _Events = field(default_factory=_Events)
     item_id: str = field(default_factory=lambda: _id("msg"))
+    thinking_id: str = field(default_factory=lambda: _id("rs"))
+    thought: str = ""  # thinking streamed so far
+    opened: list[str] = field(default_factory=list)  # items opened so far ("reasoning", "message")
 
     def opening(self, choices: int) -> Iterable[StreamEvent]:
         yield self.events("response.created", response=self.head.response())
         yield self.events("response.in_progress", response=self.head.response())
-        if self.tool_plan is None:
-            yield from self.events.message_open(0, self.item_id)
 
     def chunks(self, index: int, part: WorkerChunk, choice: Choice, sent: int) -> Iterable[StreamEvent]:
+        if part.reasoning_content:
+            if "reasoning" not in self.opened:
+                self.opened.append("reasoning")
+                yield from self.events.reasoning_open(0, self.thinking_id)
+            self.thought += part.reasoning_content
+            yield self.events.reasoning_delta(0, self.thinking_id, part.reasoning_content)
         if part.text and self.tool_plan is None:
-            yield self.events.delta(0, self.item_id, part.text, _logprobs(part.token_logprobs, self.head.request.logprobs))
+            yield from self._message_open()
+            yield self.events.delta(len(self.opened) - 1, self.item_id, part.text, _logprobs(part.token_logprobs, self.head.request.logprobs))
         if part.finish_reason:
             yield from self._closing(choice)
+
+    def _message_open(self) -> Iterable[StreamEvent]:
+        """Close the thinking and open the message, unless the message is open already."""
+        if "message" in self.opened:
+            return
+        if "reasoning" in self.opened:
+            yield from self.events.reasoning_close(0, self._thinking())
+        self.opened.append("message")
+        yield from self.events.message_open(len(self.opened) - 1, self.item_id)
+
+    def _thinking(self) -> ReasoningOutput:
+        return ReasoningOutput(id=self.thinking_id, content=[ReasoningText(text=self.thought)])
 
     def _closing(self, choice: Choice) -> Iterable[StreamEvent]:
         output = output_items(choice, self.tool_plan, self.head.request.logprobs)
         for index, item in enumerate(output):
-            if isinstance(item, FunctionCallOutput):
+            if isinstance(item, ReasoningOutput):  # streamed already, under this id
+                output[index] = thinking = self._thinking()
+                if self.tool_plan is not None:  # else the message's opening closes it
+                    yield from self.events.reasoning_close(index, thinking)
+            elif isinstance(item, FunctionCallOutput):
                 yield from self.events.call(index, item)
-                continue
-            if self.tool_plan is None:  # its text has streamed already, under this id
+            elif self.tool_plan is None:  # its text has streamed already, under this id
+                yield from self._message_open()
                 output[index] = item = item.model_copy(update={"id": self.item_id})
+                yield from self.events.message_close(index, item)
             else:
                 yield from self.events.message_open(index, item.id)
                 yield self.events.delta(index, item.id, item.content[0].text, item.content[0].logprobs)
-            yield from self.events.message_close(index, item)
+                yield from self.events.message_close(index, item)
         final = self.head.response(choice, output)
         yield self.events("response.completed" if final.status == "completed" else "response.incomplete", response=final)
 

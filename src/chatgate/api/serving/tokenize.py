@@ -23,6 +23,8 @@ class TokenizeServing:
             # The same message dicts a chat request sends the worker, so templates agree.
             messages=[message_dict(m) for m in request.messages] if request.messages is not None else None,
             add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message,
+            chat_template_kwargs=request.chat_template_kwargs,
             add_special_tokens=request.special_tokens(),
             return_token_strs=request.return_token_strs,
         )

@@ -28,6 +28,10 @@ class Worker(Protocol):
         """Tokens the prompt takes on this worker's model."""
         ...
 
+    async def score_pairs(self, params: wire.ScorePairsParams) -> wire.ScorePairsResult:
+        """A cross-encoder's score of each text pair, and the tokens read."""
+        ...
+
     async def embed(self, params: wire.EmbedParams) -> wire.EmbedResult:
         """Embedding vectors of the inputs, in order."""
         ...

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from opentelemetry.trace import SpanKind
 
+from chatgate import tracing
 from chatgate.api.workers.base import PoolSource, Worker, WorkerPool
 from chatgate.api.workers.http import Bounds, HttpWorker, WorkerFacts
 from chatgate.controller.dispatch import METHODS
@@ -90,7 +92,10 @@ class ControllerPool:
         """Fetch the worker table now (one fetch at a time); on failure keep the old one."""
         async with self._lock:
             try:
-                table = await self._fetch_table()
+                # Within a request (a table miss) the call is a span of its trace, and the
+                # controller's own span joins it; background refreshes trace nothing.
+                with tracing.span("chatgate.controller list_workers", kind=SpanKind.CLIENT):
+                    table = await self._fetch_table()
             except (httpx.HTTPError, ValueError) as exc:
                 if self._reachable:
                     log.warning("controller %s unreachable: %s", self._controller, exc)
@@ -183,7 +188,7 @@ class ControllerPool:
         task.add_done_callback(lambda t: t.exception())
 
     async def _report(self, address: str) -> None:
-        with contextlib.suppress(httpx.HTTPError):
+        with contextlib.suppress(httpx.HTTPError), tracing.span("chatgate.controller report_worker_down", kind=SpanKind.CLIENT):
             await self._control.post(
                 f"{self._controller}/report_worker_down",
                 json=WorkerDown(worker_name=address).model_dump(),

@@ -28,6 +28,9 @@ class _DrainedWorker:
     async def embed(self, params: wire.EmbedParams) -> wire.EmbedResult:
         return await self._worker.embed(params)
 
+    async def score_pairs(self, params: wire.ScorePairsParams) -> wire.ScorePairsResult:
+        return await self._worker.score_pairs(params)
+
     async def tokenize(self, params: wire.TokenizeParams) -> wire.TokenizeResult:
         return await self._worker.tokenize(params)
 

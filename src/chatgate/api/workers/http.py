@@ -292,6 +292,10 @@ class HttpWorker:
             raise InvalidRequestError(
                 "This model's worker takes text prompts only, not token ids.", param=params.prompt_param
             )
+        if params.continue_final_message or params.chat_template_kwargs:
+            # FastChat's conversation templates have no such switches: refused, not ignored.
+            field = "continue_final_message" if params.continue_final_message else "chat_template_kwargs"
+            raise InvalidRequestError(f"This model's worker does not support {field}.", param=field)
         # FastChat workers get their usual payload: no chatgate-only fields such as `cache_salt`.
         update: dict[str, object] = {"messages": None, "cache_salt": None}
         prompt = params.prompt or ""
@@ -408,6 +412,11 @@ class HttpWorker:
     async def embed(self, params: wire.EmbedParams) -> wire.EmbedResult:
         result = await self._post("/worker_get_embeddings", params.model_dump(exclude_none=True))
         return self._parse(wire.EmbedResult, result)
+
+    async def score_pairs(self, params: wire.ScorePairsParams) -> wire.ScorePairsResult:
+        if not (await self.model_details()).cross_encoder:  # a FastChat worker has no /worker_score
+            raise InvalidRequestError(f"The model `{params.model}` is not a cross-encoder.", param="model")
+        return self._parse(wire.ScorePairsResult, await self._post("/worker_score", params.model_dump()))
 
     async def tokenize(self, params: wire.TokenizeParams) -> wire.TokenizeResult:
         await self._require(wire.EXT_TOKENIZE, "/tokenize")

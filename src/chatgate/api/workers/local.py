@@ -33,6 +33,9 @@ class LocalWorker:
     async def embed(self, params: wire.EmbedParams) -> wire.EmbedResult:
         return await self._service.embed(params)
 
+    async def score_pairs(self, params: wire.ScorePairsParams) -> wire.ScorePairsResult:
+        return await self._service.score_pairs(params)
+
     async def tokenize(self, params: wire.TokenizeParams) -> wire.TokenizeResult:
         return await self._service.tokenize(params)
 
