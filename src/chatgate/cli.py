@@ -31,6 +31,7 @@ from chatgate.settings import (  # noqa: E402
 EPILOG = """examples:
   chatgate serve                                   # everything in one process on :8000
   chatgate serve --port 9000 --api-keys sk-a,sk-b
+  chatgate serve --model default --model 'gemma3-270m model-names=gemma max-model-len=2048'
   chatgate controller --port 21001
   chatgate worker --controller-address http://localhost:21001 --port 21002
   chatgate api --controller-address http://localhost:21001 --port 8000
@@ -62,6 +63,9 @@ def build_settings(settings_cls: type[BaseModel], args: argparse.Namespace) -> A
     """Settings from the flags that were given, then the environment, then defaults."""
     given = {k: v for k, v in vars(args).items() if k in settings_cls.model_fields and v is not None}
     for name, value in given.items():
+        extra = settings_cls.model_fields[name].json_schema_extra
+        if isinstance(extra, dict) and extra.get("one_per_flag"):  # `--model A --model B`: one item each
+            continue
         if isinstance(value, list):  # a repeated flag: one value is parsed as given (JSON or commas)
             given[name] = value[0] if len(value) == 1 else ",".join(value)
     return settings_cls(**given)
@@ -163,7 +167,7 @@ def run_soak(settings: SoakSettings) -> None:
 
 
 COMMANDS: dict[str, tuple[type[BaseModel], Callable[[Any], None], str]] = {
-    "serve": (ServeSettings, run_serve, "Serve the default model (or --model-path) in one process."),
+    "serve": (ServeSettings, run_serve, "Serve the default model (or --model-path, or each --model) in one process."),
     "api": (ApiProcessSettings, run_api, "Run the OpenAI API server in front of a controller."),
     "controller": (ControllerSettings, run_controller, "Run the controller workers register with."),
     "worker": (WorkerSettings, run_worker, "Run a model worker that registers with a controller."),
@@ -194,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = build_settings(settings_cls, args)
     except ValidationError as exc:
-        messages = [f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
+        messages = [f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" if e["loc"] else e["msg"]
+                    for e in exc.errors()]
         print("chatgate: invalid settings\n  " + "\n  ".join(messages), file=sys.stderr)
         raise SystemExit(2) from None
     setup_logging(settings.log_level, settings.log_format)

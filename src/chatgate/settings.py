@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 StrList = Annotated[list[str], NoDecode]
@@ -276,7 +277,8 @@ class EngineSettings(_Base):
         300.0, ge=0, description="openai engine: seconds to wait at start for the upstream's /v1/models."
     )
     max_model_len: int | None = Field(
-        None, ge=1, description="Context length, where the engine cannot tell (openai: when the upstream does not say)."
+        None, ge=1, description="Context length: caps the model's own (llama.cpp, transformers; KV is sized "
+        "for it), or gives it where the engine cannot tell (openai: when the upstream does not say)."
     )
 
     # vLLM's engine flags (--engine vllm), passed through as given; unset ones keep vLLM's defaults.
@@ -293,6 +295,13 @@ class EngineSettings(_Base):
         description="vllm engine: run the model eagerly, without torch.compile or CUDA graphs (on this "
         "2-core CPU it starts 3.5x faster and decodes ~8% slower).",
     )
+
+    @model_validator(mode="after")
+    def _model_exists(self) -> EngineSettings:
+        # A --model-path given that names no model stops the start here, before anything loads.
+        if "model_path" in self.model_fields_set:
+            _served_name(self)
+        return self
 
     @field_validator("chat_template")
     @classmethod
@@ -313,7 +322,95 @@ class EngineSettings(_Base):
     _split_names = field_validator("model_names", mode="before")(_split_list)
 
 
-class ServeSettings(ApiSettings, EngineSettings):
+# Settings that belong to a process, not to one of its models: a --model spec may not set them.
+_NOT_PER_MODEL = frozenset({"model_path", "log_level", "log_format"})
+
+
+def _model_spec(spec: str, base: EngineSettings) -> EngineSettings:
+    """One `--model` spec: the model path, then `key=value` words setting that model's engine
+    flags (`gemma3-270m model-names=gemma max-model-len=2048`); the rest come from `base`."""
+    words = shlex.split(spec)
+    if not words:
+        raise ValueError("--model is empty: want a model path, then key=value settings")
+    overrides: dict[str, Any] = {"model_path": words[0], "model_names": []}
+    for word in words[1:]:
+        key, equals, value = word.partition("=")
+        field = key.strip().lstrip("-").replace("-", "_")
+        if not equals or field not in EngineSettings.model_fields or field in _NOT_PER_MODEL:
+            raise ValueError(
+                f"--model {spec!r}: {word!r} is not KEY=VALUE with KEY an engine setting "
+                "(model-names, engine, num-threads, max-model-len, max-running, kv-cache-gib, dtype, ...)"
+            )
+        overrides[field] = value
+    fields = {name: getattr(base, name) for name in EngineSettings.model_fields}
+    try:
+        return EngineSettings(**{**fields, **overrides})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()
+        )
+        raise ValueError(f"--model {spec!r}: {problems}") from None
+
+
+# Engines that load weights from --model-path themselves (the others take any name).
+_LOCAL_ENGINES = frozenset({"auto", "llama.cpp", "transformers"})
+
+
+def _served_name(chat: EngineSettings) -> str:
+    """The name a model is served under by default; a path that is not a model stops the start."""
+    if chat.engine not in _LOCAL_ENGINES:
+        return chat.model_path
+    from chatgate.engines.loading import resolve_chat_model
+
+    try:
+        return resolve_chat_model(chat.model_path).name
+    except FileNotFoundError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class ModelsSettings(EngineSettings):
+    """Engine settings plus `--model`: several models served by one process."""
+
+    model: StrList = Field(
+        default_factory=list, json_schema_extra={"one_per_flag": True},
+        description="A model to serve, repeatable (one process serves them all): its path as "
+        "--model-path takes it, then optional KEY=VALUE settings of its own (engine flags without "
+        "the dashes), e.g. --model default --model 'gemma3-270m model-names=gemma max-model-len=2048'. "
+        "Unset keys take the command's flags. Environment: a JSON list of specs.",
+    )
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _specs(cls, value: Any) -> Any:
+        if isinstance(value, str):  # from the environment: a JSON list, or one spec
+            return json.loads(value) if value.strip().startswith("[") else [value]
+        return value
+
+    @model_validator(mode="after")
+    def _valid_models(self) -> ModelsSettings:
+        if self.model and {"model_path", "model_names"} & self.model_fields_set:
+            raise ValueError("give the models with --model (repeatable) or one with --model-path/--model-names, not both")
+        names: list[str] = []
+        for chat in self.chat_models():
+            default = _served_name(chat) if self.model else None  # checks each --model's path
+            names += chat.model_names or ([default] if default else [])
+        if len(set(names)) < len(names):
+            raise ValueError(f"two models are served under one name: {sorted(n for n in set(names) if names.count(n) > 1)}")
+        return self
+
+    def chat_models(self) -> list[EngineSettings]:
+        """Settings of each chat model to serve: every --model, else the one --model-path names.
+
+        With several models on local cores, each engine's unset --num-threads becomes an even
+        share of the cores but one (the HTTP server's), so engines do not fight over cores."""
+        if not self.model:
+            return [self]
+        models = [_model_spec(spec, self) for spec in self.model]
+        share = max(1, ((os.cpu_count() or 1) - 1) // len(models))
+        return [m if m.num_threads else m.model_copy(update={"num_threads": share}) for m in models]
+
+
+class ServeSettings(ApiSettings, ModelsSettings):
     """Settings of `chatgate serve`: API server and workers in one process."""
 
     embedding_model_path: str = Field(

@@ -39,6 +39,8 @@ class ChatTokenizer:
         self._tokenizer = tokenizer
         # Whether the model's chat template renders `tools` itself (else they go in a system turn).
         self.tools_in_template = "tools" in str(getattr(tokenizer, "chat_template", "") or "")
+        # A pretrained model's tokenizer may carry none (Gemma 3 270M's GGUF): chat is then refused.
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
         backend = tokenizer.backend_tokenizer
         self._parsing = backend
         # A private copy that never parses special tokens; toggling the flag per call on a
@@ -62,6 +64,8 @@ class ChatTokenizer:
         (`tools` only where the template renders them); a conversation the template refuses
         (it raises, or drops the message to continue) is the client's error."""
         options = options or ChatOptions()
+        if options.template is None:
+            self.require_template()
         tools_in_template = self.tools_in_template if options.template is None else "tools" in options.template
         try:
             return str(self._tokenizer.apply_chat_template(
@@ -71,6 +75,15 @@ class ChatTokenizer:
             ))
         except (TemplateError, ValueError, TypeError) as exc:
             raise template_error(exc, options) from None
+
+    def require_template(self) -> None:
+        """Refuse a chat for a model without a chat template, rather than guess one (a 400)."""
+        if not self.has_template:
+            raise InvalidRequestError(
+                "This model has no chat template, so it cannot take chat messages: send a prompt to "
+                "/v1/completions, or start the server with --chat-template FILE (a Jinja chat template).",
+                param="messages",
+            )
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """The text of `token_ids`."""

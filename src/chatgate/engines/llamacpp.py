@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from chatgate.engines.kvbudget import free_memory
-from chatgate.engines.loading import ModelSource, model_construction
+from chatgate.engines.loading import ModelSource, gguf_location, model_construction
 from chatgate.engines.scheduled import LoadedModel, ScheduledEngine, kv_budget
 from chatgate.settings import EngineSettings
 
@@ -52,8 +52,7 @@ def cached_gguf(source: ModelSource, cache_dir: Path, dtype: str, *, threads: in
     from chatgate.engines.runners.llamacpp import quantize
     import llama_cpp
 
-    assert source.gguf_file is not None
-    gguf = source.path / source.gguf_file
+    gguf = gguf_location(source, cache_dir)
     if not source.packaged:
         return gguf
     target = cache_dir / "models" / f"{gguf.stem}-{gguf.stat().st_size}-{GGUF_NAMES[dtype]}.gguf"
@@ -77,13 +76,12 @@ def cached_tokenizer(source: ModelSource, cache_dir: Path) -> Any:
     """The Hugging Face tokenizer of a GGUF file, read from the file once and cached as a folder."""
     from transformers import AutoTokenizer
 
-    assert source.gguf_file is not None
-    gguf = source.path / source.gguf_file
+    gguf = gguf_location(source, cache_dir)
     folder = cache_dir / "models" / f"{gguf.stem}-{gguf.stat().st_size}-tokenizer"
     if (folder / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(folder)
     with model_construction():
-        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".tokenizer-") as staging:
         tokenizer.save_pretrained(staging)
@@ -112,9 +110,10 @@ class LlamaCppEngine(ScheduledEngine):
         torch.set_num_threads(1)
         dtype = self._settings.weights("bfloat16")
         path = cached_gguf(self._source, self._settings.cache_dir, dtype, threads=threads)
+        model = GgufModel.load(path)  # first: an architecture llama.cpp does not know is named here
         tokenizer = cached_tokenizer(self._source, self._settings.cache_dir)
-        model = GgufModel.load(path)
-        context = model.context_length
+        # --max-model-len caps a long training context (Gemma 3's 32,768), and with it the KV cells.
+        context = min(model.context_length, self._settings.max_model_len or model.context_length)
         kv_tokens = kv_budget(
             self._settings, context=context, bytes_per_token=model.kv_bytes_per_token,
             free_bytes=free_memory_bytes(),

@@ -55,7 +55,8 @@ class TransformersEngine(ScheduledEngine):
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
-        context = int(getattr(config, "max_position_embeddings", 2048))
+        trained = int(getattr(config, "max_position_embeddings", 2048))
+        context = min(trained, self._settings.max_model_len or trained)
         pad = tokenizer.pad_token_id
         return LoadedModel(
             tokenizer=tokenizer,

@@ -487,7 +487,10 @@ class WorkerService:
 
     def conversation(self) -> Conversation:
         """The model's chat template as a FastChat conversation, for FastChat's API server."""
-        probe = self._render([{"role": "user", "content": "{probe}"}]) if self.engine.info.generates else ""
+        try:
+            probe = self._render([{"role": "user", "content": "{probe}"}]) if self.engine.info.generates else ""
+        except InvalidRequestError:  # no chat template: FastChat's server gets the generic one
+            probe = ""
         return chatml_conversation(probe, stop_token_ids=self.engine.eos_token_ids) or generic_conversation()
 
     def details(self) -> ModelDetails:

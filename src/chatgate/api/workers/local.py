@@ -54,6 +54,8 @@ class LocalPool:
         self._services = {service.model_names[0]: service for service in services}
         for service in services:
             for name in service.model_names:
+                if name in self._workers:  # the embedding model's default name, or a name given twice
+                    raise ValueError(f"two models are served under the name {name!r}: give one of them --model-names")
                 self._workers[name] = LocalWorker(service)
 
     async def models(self) -> list[str]:
@@ -89,14 +91,14 @@ class LocalPool:
 
 
 def local_pool(settings: ServeSettings, *, engines: list[Engine] | None = None) -> PoolSource:
-    """Serve models in this process (`chatgate serve`): by default the chat model from
-    `settings` (an engine, or an upstream with `--engine openai`) and, unless turned off, the
-    embedding model beside it."""
+    """Serve models in this process (`chatgate serve`): the chat model from `settings` (an
+    engine, or an upstream with `--engine openai`), or each `--model`, each on an engine of its
+    own (its own scheduler thread), and, unless turned off, the embedding model beside them."""
 
     def backends() -> list[tuple[EngineSettings, Engine | None]]:
         if engines is not None:
             return [(settings.model_copy(update={"model_names": []}), engine) for engine in engines]
-        built: list[tuple[EngineSettings, Engine | None]] = [(settings, None)]
+        built: list[tuple[EngineSettings, Engine | None]] = [(chat, None) for chat in settings.chat_models()]
         embedding = settings.embedding_engine_settings()
         if embedding is not None:
             built.append((embedding, None))

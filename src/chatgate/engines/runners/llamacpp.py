@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from chatgate.engines.base import TokenLogprob
+from chatgate.engines.loading import gguf_architecture
 from chatgate.engines.runners.base import Runner
 from chatgate.engines.sampling import scored
 
@@ -98,18 +99,33 @@ class GgufModel:
         params.n_gpu_layers = 0
         handle = lc.llama_model_load_from_file(str(path).encode(), params)
         if not handle:
-            raise ValueError(f"llama.cpp could not load {path}")
+            raise ValueError(
+                f"llama.cpp could not load {path} (architecture {gguf_architecture(path)!r}); its log above says why"
+            )
         vocab = lc.llama_model_get_vocab(handle)
         layers, heads, kv_heads = (lc.llama_model_n_layer(handle), lc.llama_model_n_head(handle),
                                    lc.llama_model_n_head_kv(handle))
         embd = lc.llama_model_n_embd(handle)
+        head = _metadata_int(handle, "attention.key_length") or embd // heads  # Gemma's heads are wider than embd/heads
         eos = {lc.llama_vocab_eos(vocab), lc.llama_vocab_eot(vocab)} - {-1}
         return cls(
             handle=handle, vocab=vocab, vocab_size=lc.llama_vocab_n_tokens(vocab), hidden_size=embd,
             context_length=lc.llama_model_n_ctx_train(handle),
-            kv_bytes_per_token=2 * layers * kv_heads * (embd // heads) * 2,
+            kv_bytes_per_token=2 * layers * kv_heads * head * 2,
             eos_token_ids=frozenset(eos),
         )
+
+
+def _metadata_int(handle: Any, key: str) -> int | None:
+    """An integer of the model's GGUF metadata under its architecture (`gemma3.attention.key_length`)."""
+    buffer = ctypes.create_string_buffer(256)
+    if lc.llama_model_meta_val_str(handle, b"general.architecture", buffer, len(buffer)) < 0:
+        return None
+    arch = buffer.value.decode()
+    if lc.llama_model_meta_val_str(handle, f"{arch}.{key}".encode(), buffer, len(buffer)) < 0:
+        return None
+    value = buffer.value.decode()
+    return int(value) if value.isdigit() else None
 
 
 def quantize(source: Path, target: Path, ftype: int, *, threads: int) -> None:
@@ -130,6 +146,9 @@ def _context(model: GgufModel, *, tokens: int, sequences: int, batch: int, threa
     params.n_ubatch = min(batch, 512)
     params.n_seq_max = sequences
     params.kv_unified = True  # one pool of cells for every sequence: copies share cells
+    # Sliding-window models (Gemma 3) keep every position's KV, not just the window: prefix-cache
+    # spans and copied rows may reach back past it. llama.cpp's default today; pinned here.
+    params.swa_full = True
     params.n_threads = params.n_threads_batch = threads
     params.embeddings = embeddings
     if embeddings:  # per-token hidden states: the job pools them itself
