@@ -1,7 +1,7 @@
 """One contract for the three stored-response backends (memory, SQLite, a real Redis): records
 and their events kept and read back, writes conditional on the kept status, the count and byte
-bounds (the oldest go first), expiry, and for SQLite what a reopened file still holds; a running
-response whose runner went silent reads as failed; an unreachable Redis is a plain 503."""
+bounds per owner (its own oldest go first), expiry, and for SQLite what a reopened file still
+holds; a running response whose runner went silent reads as failed; an unreachable Redis is a plain 503."""
 
 from __future__ import annotations
 
@@ -110,6 +110,26 @@ async def test_the_oldest_go_first_by_count_and_by_bytes(make: Make) -> None:
     await backend.add_events("resp_13", ["y" * 500], 0)  # events count too: the next write makes room
     assert await backend.put(rec(20, size=700))
     assert await backend.get("resp_12") is None and await backend.get("resp_13") is not None
+
+
+async def test_an_owner_over_its_quota_loses_only_its_own_oldest(make: Make) -> None:
+    backend = await make(Bounds(ttl=3600, max_count=2, max_bytes=1000))
+    assert await backend.put(rec(1, owner="a"))
+    assert await backend.put(rec(2, owner="a", size=600))
+    for index in range(10, 15):  # b makes many more than its quota, by count then by bytes
+        assert await backend.put(rec(index, owner="b", size=300 if index < 14 else 900))
+    assert await backend.get("resp_1") is not None and await backend.get("resp_2") is not None
+    assert [await backend.get(f"resp_{i}") is not None for i in range(10, 15)] == [False] * 4 + [True]
+    await backend.add_events("resp_2", ["y" * 300], 0)  # a's events count against a's quota only
+    assert await backend.put(rec(3, owner="a", size=150))  # a's two oldest go: by count, then by bytes
+    assert await backend.get("resp_1") is None and await backend.get("resp_2") is None
+    assert await backend.get("resp_14") is not None
+    assert await backend.put(rec(15, owner="b", size=900))  # b's oldest goes, a's stays
+    assert await backend.get("resp_14") is None and await backend.get("resp_3") is not None
+    assert await backend.put(rec(4, owner="a", size=800))
+    assert await backend.delete("resp_4")  # forgetting frees the owner's quota
+    assert await backend.put(rec(5, owner="a", size=800))
+    assert await backend.get("resp_3") is not None and await backend.get("resp_15") is not None
 
 
 async def test_records_expire(make: Make, request: pytest.FixtureRequest) -> None:
