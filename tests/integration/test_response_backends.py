@@ -18,7 +18,7 @@ from chatgate.api.stored.sqlite import SqliteBackend
 from chatgate.api.stored.store import STALE, ResponseStore
 from chatgate.engines.fake import FakeEngine
 from chatgate.protocol.responses import ResponseObject, ResponsesRequest
-from tests.conftest import make_app, raw, running
+from tests.conftest import make_app, raw, running, sdk
 from tests.polling import apoll
 from tests.redis_server import RedisServer
 
@@ -188,6 +188,24 @@ async def test_an_unreachable_redis_is_a_503_that_does_not_name_it(tmp_path: Pat
         assert r.status_code == 503 and r.json()["error"]["message"] == "The response store is unavailable; retry shortly."
         assert str(server.port) not in r.text
     assert unstored.status_code == 200  # what needs no store is served
+
+
+async def test_a_redis_with_a_password_serves_through_a_url_carrying_it(tmp_path: Path) -> None:
+    """The Kubernetes recipe's Redis requires a password, which the API servers' URL carries
+    (`redis://:<password>@host:port/0`); without it the store is a 503 that names neither."""
+    server = RedisServer(tmp_path, password="s3cret-pass")
+    server.start()
+    try:
+        guarded = f"redis://:s3cret-pass@127.0.0.1:{server.port}/0"
+        async with running(make_app(FakeEngine(), api_keys=["sk-a"], redis_url=guarded, responses_store="auto")) as app:
+            client = sdk(app, "sk-a")
+            made = await client.responses.create(model="fake-model", input="hi", max_output_tokens=5)
+            assert (await client.responses.retrieve(made.id)).id == made.id
+        async with running(make_app(FakeEngine(), redis_url=server.url, responses_store="auto")) as app, raw(app) as http:
+            refused = await http.post("/v1/responses", json={"model": "fake-model", "input": "hi"})
+        assert refused.status_code == 503 and "s3cret" not in refused.text and str(server.port) not in refused.text
+    finally:
+        server.stop()
 
 
 async def test_sqlite_purges_expired_rows_without_a_write(tmp_path: Path) -> None:
