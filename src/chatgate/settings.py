@@ -153,10 +153,10 @@ class ApiSettings(ShutdownSettings, TracingSettings):
         30 * 24 * 3600, gt=0, description="Seconds a stored Responses API response is kept (`store`, default 30 days)."
     )
     responses_max_count: int = Field(
-        10_000, ge=1, description="Most stored responses kept (the oldest go first)."
+        10_000, ge=1, description="Most stored responses kept per key (a key over it loses its own oldest, never another key's)."
     )
     responses_max_bytes: int = Field(
-        256 * 1024 * 1024, ge=1024, description="Most bytes of stored responses and their stream events kept (the oldest go first)."
+        256 * 1024 * 1024, ge=1024, description="Most bytes of stored responses and their stream events kept per key (a key over it loses its own oldest)."
     )
     responses_store: Literal["auto", "sqlite", "redis", "memory"] = Field(
         "auto", description="Where stored responses are kept: sqlite (a file, see --responses-path), redis (--redis-url, "

@@ -1,7 +1,7 @@
 """One contract for the three stored-response backends (memory, SQLite, a real Redis): records
 and their events kept and read back, writes conditional on the kept status, the count and byte
-bounds (the oldest go first), expiry, and for SQLite what a reopened file still holds; a running
-response whose runner went silent reads as failed; an unreachable Redis is a plain 503."""
+bounds per owner (its own oldest go first), expiry, and for SQLite what a reopened file still
+holds; a running response whose runner went silent reads as failed; an unreachable Redis is a plain 503."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from chatgate.api.stored.sqlite import SqliteBackend
 from chatgate.api.stored.store import STALE, ResponseStore
 from chatgate.engines.fake import FakeEngine
 from chatgate.protocol.responses import ResponseObject, ResponsesRequest
-from tests.conftest import make_app, raw, running
+from tests.conftest import make_app, raw, running, sdk
 from tests.polling import apoll
 from tests.redis_server import RedisServer
 
@@ -112,6 +112,26 @@ async def test_the_oldest_go_first_by_count_and_by_bytes(make: Make) -> None:
     assert await backend.get("resp_12") is None and await backend.get("resp_13") is not None
 
 
+async def test_an_owner_over_its_quota_loses_only_its_own_oldest(make: Make) -> None:
+    backend = await make(Bounds(ttl=3600, max_count=2, max_bytes=1000))
+    assert await backend.put(rec(1, owner="a"))
+    assert await backend.put(rec(2, owner="a", size=600))
+    for index in range(10, 15):  # b makes many more than its quota, by count then by bytes
+        assert await backend.put(rec(index, owner="b", size=300 if index < 14 else 900))
+    assert await backend.get("resp_1") is not None and await backend.get("resp_2") is not None
+    assert [await backend.get(f"resp_{i}") is not None for i in range(10, 15)] == [False] * 4 + [True]
+    await backend.add_events("resp_2", ["y" * 300], 0)  # a's events count against a's quota only
+    assert await backend.put(rec(3, owner="a", size=150))  # a's two oldest go: by count, then by bytes
+    assert await backend.get("resp_1") is None and await backend.get("resp_2") is None
+    assert await backend.get("resp_14") is not None
+    assert await backend.put(rec(15, owner="b", size=900))  # b's oldest goes, a's stays
+    assert await backend.get("resp_14") is None and await backend.get("resp_3") is not None
+    assert await backend.put(rec(4, owner="a", size=800))
+    assert await backend.delete("resp_4")  # forgetting frees the owner's quota
+    assert await backend.put(rec(5, owner="a", size=800))
+    assert await backend.get("resp_3") is not None and await backend.get("resp_15") is not None
+
+
 async def test_records_expire(make: Make, request: pytest.FixtureRequest) -> None:
     backend = await make(Bounds(ttl=0.5, max_count=10, max_bytes=10**6))
     assert await backend.put(rec(1), events=["e"])
@@ -168,6 +188,24 @@ async def test_an_unreachable_redis_is_a_503_that_does_not_name_it(tmp_path: Pat
         assert r.status_code == 503 and r.json()["error"]["message"] == "The response store is unavailable; retry shortly."
         assert str(server.port) not in r.text
     assert unstored.status_code == 200  # what needs no store is served
+
+
+async def test_a_redis_with_a_password_serves_through_a_url_carrying_it(tmp_path: Path) -> None:
+    """The Kubernetes recipe's Redis requires a password, which the API servers' URL carries
+    (`redis://:<password>@host:port/0`); without it the store is a 503 that names neither."""
+    server = RedisServer(tmp_path, password="s3cret-pass")
+    server.start()
+    try:
+        guarded = f"redis://:s3cret-pass@127.0.0.1:{server.port}/0"
+        async with running(make_app(FakeEngine(), api_keys=["sk-a"], redis_url=guarded, responses_store="auto")) as app:
+            client = sdk(app, "sk-a")
+            made = await client.responses.create(model="fake-model", input="hi", max_output_tokens=5)
+            assert (await client.responses.retrieve(made.id)).id == made.id
+        async with running(make_app(FakeEngine(), redis_url=server.url, responses_store="auto")) as app, raw(app) as http:
+            refused = await http.post("/v1/responses", json={"model": "fake-model", "input": "hi"})
+        assert refused.status_code == 503 and "s3cret" not in refused.text and str(server.port) not in refused.text
+    finally:
+        server.stop()
 
 
 async def test_sqlite_purges_expired_rows_without_a_write(tmp_path: Path) -> None:

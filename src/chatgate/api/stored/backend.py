@@ -36,8 +36,9 @@ class Record:
 
 
 class Backend(Protocol):
-    """Keeps records for `ttl` seconds, at most `max_count` of them and `max_bytes` together (the
-    oldest go first), each with the stream events of its response in order."""
+    """Keeps records for `ttl` seconds, each with the stream events of its response in order, at
+    most `max_count` of them and `max_bytes` together per owner: an owner over its quota loses its
+    own oldest, never another owner's."""
 
     async def put(self, record: Record, *, events: list[str] | None = None, only_from: frozenset[str] | None = None) -> bool:
         """Write `record` (its expiry now plus the TTL; `events` replace its events when given).
@@ -68,7 +69,8 @@ class _Kept:
 
 @dataclass
 class Bounds:
-    """What a backend may keep."""
+    """What a backend may keep: for `ttl` seconds, and per owner (a key) `max_count` records
+    and `max_bytes` together."""
 
     ttl: float
     max_count: int
@@ -83,6 +85,9 @@ class MemoryBackend:
         self._clock = clock
         self._kept: OrderedDict[str, _Kept] = OrderedDict()  # oldest first: expiry order too
         self._bytes = 0
+        # Per owner: its ids oldest first, and their bytes (the quota is counted per owner).
+        self._owned: dict[str, OrderedDict[str, None]] = {}
+        self._owned_bytes: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -99,8 +104,22 @@ class MemoryBackend:
 
     def _drop(self, response_id: str) -> None:
         kept = self._kept.pop(response_id, None)
-        if kept is not None:
-            self._bytes -= kept.record.size
+        if kept is None:
+            return
+        owner = kept.record.owner
+        self._bytes -= kept.record.size
+        self._owned_bytes[owner] -= kept.record.size
+        ids = self._owned[owner]
+        del ids[response_id]
+        if not ids:
+            del self._owned[owner], self._owned_bytes[owner]
+
+    def _make_room(self, owner: str, size: int) -> None:
+        """Drop `owner`'s own oldest until one more record of `size` bytes fits its quota."""
+        ids = self._owned.get(owner)
+        while ids and (len(ids) >= self._bounds.max_count or self._owned_bytes[owner] + size > self._bounds.max_bytes):
+            self._drop(next(iter(ids)))
+            ids = self._owned.get(owner)
 
     def _expire(self) -> None:
         now = self._clock()
@@ -122,10 +141,11 @@ class MemoryBackend:
                 self._drop(record.id)
                 return False
             self._drop(record.id)
-            while self._kept and (len(self._kept) >= self._bounds.max_count or self._bytes + size > self._bounds.max_bytes):
-                self._drop(next(iter(self._kept)))
+            self._make_room(record.owner, size)
             now = self._clock()
             self._kept[record.id] = _Kept(replace(record, size=size, expires=now + self._bounds.ttl, updated=now), list(kept_events))
+            self._owned.setdefault(record.owner, OrderedDict())[record.id] = None
+            self._owned_bytes[record.owner] = self._owned_bytes.get(record.owner, 0) + size
             self._bytes += size
             return True
 
@@ -151,6 +171,7 @@ class MemoryBackend:
             grown = sum(map(len, events))
             kept.record = replace(kept.record, size=kept.record.size + grown)
             self._bytes += grown
+            self._owned_bytes[kept.record.owner] += grown
 
     async def events(self, response_id: str, start: int) -> list[str]:
         with self._lock:

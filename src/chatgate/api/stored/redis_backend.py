@@ -1,9 +1,10 @@
 """Stored responses in Redis (`--redis-url`), shared by every API replica pointed at it.
 
 A record is a hash and its events a list, both expiring by Redis's own key TTL. The count and
-bytes bounds are kept by an index (a sorted set of ids by expiry, a hash of their sizes and a
-running total) that every write updates in one Lua script, so replicas never disagree on what
-fits; the oldest go first. Keys are named from the prefix inside the scripts, so this needs a
+bytes bounds are per owner (a key), kept by an index (a sorted set of all ids by expiry, hashes
+of their sizes and owners, and per owner a sorted set of its ids and a running total of its
+bytes) that every write updates in one Lua script, so replicas never disagree on what fits; an
+owner over its quota loses its own oldest, never another owner's. Keys are named from the prefix inside the scripts, so this needs a
 single Redis (not a cluster). How durable a write is depends on the Redis's own persistence
 (`appendonly yes` with `appendfsync always` for nothing acknowledged to be lost).
 
@@ -31,24 +32,36 @@ T = TypeVar("T")
 TIMEOUT = 2.0  # seconds a call may take: a Redis that hangs must not hang requests
 UNAVAILABLE = "The response store is unavailable; retry shortly."
 
-# KEYS: index zset, sizes hash, bytes total. Forgets one id everywhere (ARGV[1]: prefix).
+# KEYS: index zset (every id by expiry), sizes hash, owners hash; per owner (named from ARGV[1],
+# the prefix) a zset of its ids by expiry and its bytes total. `unindex` takes an id out of the
+# index, `forget` also deletes its record and events.
 _FORGET = """
-local function forget(member)
+local function unindex(member)
   local s = tonumber(redis.call('HGET', KEYS[2], member) or '0')
+  local o = redis.call('HGET', KEYS[3], member)
   redis.call('HDEL', KEYS[2], member)
+  redis.call('HDEL', KEYS[3], member)
   redis.call('ZREM', KEYS[1], member)
-  redis.call('DECRBY', KEYS[3], s)
+  if o then
+    redis.call('ZREM', ARGV[1] .. ':o:' .. o, member)
+    if redis.call('DECRBY', ARGV[1] .. ':ob:' .. o, s) <= 0 then redis.call('DEL', ARGV[1] .. ':ob:' .. o) end
+  end
+end
+local function forget(member)
+  unindex(member)
   redis.call('DEL', ARGV[1] .. ':r:' .. member, ARGV[1] .. ':e:' .. member)
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# ARGV: prefix, id, owner, status, data, ttl ms, max count, max bytes, only-from ("" or
-# "|a|b|"), "1" to replace the events with ARGV[11..], else "0". Returns 1 if written.
+# ARGV: prefix, id, owner, status, data, ttl ms, max count, max bytes (both per owner),
+# only-from ("" or "|a|b|"), "1" to replace the events with ARGV[11..], else "0". Returns 1 if
+# written.
 _PUT = _FORGET + """
 local id, ttl, maxc, maxb = ARGV[2], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local rec, ev = ARGV[1] .. ':r:' .. id, ARGV[1] .. ':e:' .. id
+local mine, mybytes = ARGV[1] .. ':o:' .. ARGV[3], ARGV[1] .. ':ob:' .. ARGV[3]
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do forget(member) end
 if ARGV[9] ~= '' then
   local cur = redis.call('HGET', rec, 'status')
@@ -61,16 +74,13 @@ else
   esize = tonumber(redis.call('HGET', rec, 'esize') or '0')
 end
 local size = string.len(ARGV[5]) + esize
-local old = tonumber(redis.call('HGET', KEYS[2], id) or '0')
-redis.call('HDEL', KEYS[2], id)
-redis.call('ZREM', KEYS[1], id)
-redis.call('DECRBY', KEYS[3], old)
+unindex(id)
 if size > maxb then
   redis.call('DEL', rec, ev)
   return 0
 end
-while redis.call('ZCARD', KEYS[1]) >= maxc or tonumber(redis.call('GET', KEYS[3]) or '0') + size > maxb do
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
+while redis.call('ZCARD', mine) >= maxc or tonumber(redis.call('GET', mybytes) or '0') + size > maxb do
+  local oldest = redis.call('ZRANGE', mine, 0, 0)[1]
   if not oldest then break end
   forget(oldest)
 end
@@ -82,8 +92,10 @@ redis.call('HSET', rec, 'owner', ARGV[3], 'status', ARGV[4], 'data', ARGV[5], 's
 redis.call('PEXPIRE', rec, ttl)
 redis.call('PEXPIRE', ev, ttl)
 redis.call('ZADD', KEYS[1], now + ttl, id)
+redis.call('ZADD', mine, now + ttl, id)
 redis.call('HSET', KEYS[2], id, size)
-redis.call('INCRBY', KEYS[3], size)
+redis.call('HSET', KEYS[3], id, ARGV[3])
+redis.call('INCRBY', mybytes, size)
 return 1
 """
 
@@ -110,7 +122,8 @@ redis.call('PEXPIRE', ev, ttl)
 redis.call('HINCRBY', rec, 'esize', grown)
 redis.call('HINCRBY', rec, 'size', grown)
 redis.call('HINCRBY', KEYS[2], ARGV[2], grown)
-redis.call('INCRBY', KEYS[3], grown)
+local o = redis.call('HGET', KEYS[3], ARGV[2])
+if o then redis.call('INCRBY', ARGV[1] .. ':ob:' .. o, grown) end
 return 1
 """
 
@@ -124,7 +137,7 @@ class RedisBackend:
         )
         self._bounds = bounds
         self._prefix = prefix
-        self._index = [f"{prefix}:index", f"{prefix}:sizes", f"{prefix}:bytes"]
+        self._index = [f"{prefix}:index", f"{prefix}:sizes", f"{prefix}:owners"]
         self._put = self._redis.register_script(_PUT)
         self._delete = self._redis.register_script(_DELETE)
         self._add = self._redis.register_script(_ADD_EVENTS)

@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS responses (
     size INTEGER NOT NULL, expires REAL NOT NULL, updated REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS responses_by_expiry ON responses (expires);
+CREATE INDEX IF NOT EXISTS responses_by_owner ON responses (owner, expires);
 CREATE TABLE IF NOT EXISTS events (
     id TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (id, seq)
 ) WITHOUT ROWID;
@@ -111,19 +112,23 @@ class SqliteBackend:
             self.db.execute("ROLLBACK")
             raise
 
-    def _make_room(self, size: int, now: float) -> None:
-        """Delete the oldest rows until one of `size` bytes fits (inside the caller's transaction)."""
-        count, total = self.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM responses WHERE expires > ?", (now,)).fetchone()
-        if count < self._bounds.max_count and total + size <= self._bounds.max_bytes:
+    def _make_room(self, owner: str, size: int, now: float) -> None:
+        """Delete `owner`'s own oldest rows until one more of `size` bytes fits its quota (inside
+        the caller's transaction): another owner's rows are never touched."""
+        db, b = self.db, self._bounds
+        count, total = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM responses WHERE owner = ? AND expires > ?", (owner, now)
+        ).fetchone()
+        if count < b.max_count and total + size <= b.max_bytes:
             return
         doomed = []
-        for response_id, kept_size in self.db.execute("SELECT id, size FROM responses ORDER BY expires"):
-            if count < self._bounds.max_count and total + size <= self._bounds.max_bytes:
+        for response_id, kept_size in db.execute("SELECT id, size FROM responses WHERE owner = ? AND expires > ? ORDER BY expires", (owner, now)):
+            if count < b.max_count and total + size <= b.max_bytes:
                 break
             doomed.append((response_id,))
             count, total = count - 1, total - kept_size
-        self.db.executemany("DELETE FROM events WHERE id = ?", doomed)
-        self.db.executemany("DELETE FROM responses WHERE id = ?", doomed)
+        db.executemany("DELETE FROM events WHERE id = ?", doomed)
+        db.executemany("DELETE FROM responses WHERE id = ?", doomed)
 
     def _put(self, record: Record, events: list[str] | None, only_from: frozenset[str] | None) -> bool:
         self._purge()
@@ -146,7 +151,7 @@ class SqliteBackend:
             if size > self._bounds.max_bytes:
                 db.execute("COMMIT")
                 return False
-            self._make_room(size, now)
+            self._make_room(record.owner, size, now)
             db.execute(
                 "INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (record.id, record.owner, record.status, record.data, size, now + self._bounds.ttl, now),
