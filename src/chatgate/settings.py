@@ -224,6 +224,12 @@ class EngineSettings(_Base):
         "with an earlier one (a system prompt) prefills only the rest; 0 turns it off.",
     )
 
+    lora: StrList = Field(
+        default_factory=list,
+        description="LoRA adapters served as models of their own beside the base model, as name=PATH "
+        "(repeatable): a PEFT adapter folder on the torch engine (Llama-family models).",
+    )
+
     upstream_url: str | None = Field(
         None, description="openai engine: base URL of the OpenAI-compatible server (e.g. http://host:8000/v1)."
     )
@@ -258,7 +264,7 @@ class EngineSettings(_Base):
         return auto if self.dtype == "auto" else self.dtype
 
     # Named apart from ApiSettings' validator: ServeSettings inherits both, and one name would hide the other.
-    _split_names = field_validator("model_names", mode="before")(_split_list)
+    _split_names = field_validator("model_names", "lora", mode="before")(_split_list)
 
 
 class ServeSettings(ApiSettings, EngineSettings):

@@ -14,6 +14,7 @@ from chatgate.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
 )
+from chatgate.protocol.admin import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from chatgate.protocol.conversation import Conversation, chatml_conversation, generic_conversation
 from chatgate.protocol.worker import (
     EXTENSIONS,
@@ -52,7 +53,7 @@ class WorkerService:
 
     def __init__(self, *, engine: Engine, model_names: list[str], queue: RequestQueue) -> None:
         self.engine = engine
-        self.model_names = model_names or [engine.info.name]
+        self._base_names = model_names or [engine.info.name]
         self.queue = queue
         self.served = 0  # requests taken, for metrics
         self._batcher = EmbeddingBatcher(engine.embed)
@@ -61,6 +62,27 @@ class WorkerService:
     async def close(self) -> None:
         """Stop background work (the engine is closed by its owner)."""
         await self._batcher.close()
+
+    @property
+    def model_names(self) -> list[str]:
+        """The base model's names, then the LoRA adapters served beside it (these change)."""
+        return [*self._base_names, *(n for n in self.engine.lora_names() if n not in self._base_names)]
+
+    # LoRA adapters -----------------------------------------------------------------------------
+
+    async def load_lora(self, params: LoadLoraAdapterRequest) -> None:
+        """Serve a LoRA adapter as a model of its own (vLLM's `/v1/load_lora_adapter`)."""
+        if params.lora_name in self._base_names:
+            raise InvalidRequestError(f"The model `{params.lora_name}` is already served; unload it first.", param="lora_name")
+        await self.engine.load_lora(params.lora_name, params.lora_path)
+
+    async def unload_lora(self, params: UnloadLoraAdapterRequest) -> None:
+        """Stop serving a LoRA adapter once its running requests have finished."""
+        await self.engine.unload_lora(params.lora_name)
+
+    def _adapter(self, params: GenerateParams) -> str | None:
+        """The LoRA adapter the request names as its model, if it names one."""
+        return params.model if params.model and params.model not in self._base_names and params.model in self.engine.lora_names() else None
 
     # Prompts ---------------------------------------------------------------------------------
 
@@ -207,6 +229,12 @@ class WorkerService:
                 )
         self._check_logit_bias(params.logit_bias)
         self._check_priority(params.priority)
+        lora = self._adapter(params)
+        if lora is not None and params.echo and params.logprobs is not None:
+            raise InvalidRequestError(
+                f"The LoRA adapter `{lora}` cannot score prompt tokens (echo with logprobs); ask its base model.",
+                param="logprobs",
+            )
         knobs = Sampling.of(params)
         return SamplingParams(
             **knobs | {"logit_bias": knobs["logit_bias"] or {}},
@@ -216,6 +244,7 @@ class WorkerService:
             logprobs=params.logprobs,
             cache_salt=params.cache_salt,
             priority=params.priority,
+            lora=lora,
             constraint=self.engine.compile_constraint(params.response_format) if params.response_format else None,
         )
 
@@ -283,7 +312,7 @@ class WorkerService:
 
     async def embed(self, params: EmbedParams) -> EmbedResult:
         """Normalised vectors for every input, batched with concurrent requests."""
-        if not self.engine.info.embedding_dim:
+        if not self.engine.info.embedding_dim or params.model in self.engine.lora_names():
             raise InvalidRequestError(
                 f"The model `{self.engine.info.name}` does not serve embeddings.", param="model"
             )

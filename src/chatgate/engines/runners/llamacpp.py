@@ -320,7 +320,7 @@ class LlamaCppRunner(Runner):
     def empty(self) -> LlamaKV:
         return LlamaKV(self)
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[LlamaKV, torch.Tensor]:
+    def prefill(self, prompts: list[list[int]], *, adapters: list[str | None] | None = None) -> tuple[LlamaKV, torch.Tensor]:
         kv = LlamaKV(self)
         try:
             entries = []
@@ -335,7 +335,7 @@ class LlamaCppRunner(Runner):
             kv.select([])
             raise
 
-    def prefill_chunk(self, kv: Any, chunk: list[int]) -> tuple[LlamaKV, torch.Tensor]:
+    def prefill_chunk(self, kv: Any, chunk: list[int], *, adapter: str | None = None) -> tuple[LlamaKV, torch.Tensor]:
         if kv is None:
             kv = LlamaKV(self, [self.new_sequence()], [0])
         seq, start = kv.seqs[0], kv.lengths[0]
@@ -344,7 +344,9 @@ class LlamaCppRunner(Runner):
         kv.lengths[0] += len(chunk)
         return kv, logits
 
-    def decode(self, kv: Any, tokens: list[int], *, column_limit: int) -> torch.Tensor:
+    def decode(
+        self, kv: Any, tokens: list[int], *, column_limit: int, adapters: list[str | None] | None = None
+    ) -> torch.Tensor:
         entries = [(seq, pos, token, True) for seq, pos, token in zip(kv.seqs, kv.lengths, tokens, strict=True)]
         logits = self._logits(entries)
         kv.lengths = [length + 1 for length in kv.lengths]
