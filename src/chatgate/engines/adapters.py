@@ -48,7 +48,10 @@ class ServedAdapters:
             raise AdapterError(f"The model `{name}` is already served; unload it first.", param="lora_name")
         if name in self._in_use:  # its old weights still serve running requests
             raise AdapterError(f"The LoRA adapter `{name}` is still being unloaded; try again shortly.", param="lora_name")
-        adapter = await asyncio.to_thread(self._runner.read_adapter, name, path)
+        try:
+            adapter = await asyncio.to_thread(self._runner.read_adapter, name, path)
+        except MemoryError:  # what is served already keeps its memory; this adapter is refused
+            raise AdapterError(f"LoRA adapter {name!r}: out of memory while reading {str(path)!r}") from None
         if name in self._paths:  # another load of the same name finished while this one read
             raise AdapterError(f"The model `{name}` is already served; unload it first.", param="lora_name")
         self._runner.add_adapter(adapter)

@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
 
 from chatgate.engines.base import Engine, EngineStats
+from chatgate.protocol.admin import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from chatgate.protocol.conversation import Conversation
 from chatgate.protocol import worker as wire
 from chatgate.settings import EngineSettings
@@ -24,7 +25,11 @@ UPSTREAM_ENGINE = "openai"
 class WorkerBackend(Protocol):
     """One worker's model(s), as its endpoints and the in-process client call them."""
 
-    model_names: list[str]
+    @property
+    def model_names(self) -> list[str]:
+        """Names served now: the model's, then any LoRA adapters' (these change)."""
+        ...
+
     served: int
     queue: RequestQueue
 
@@ -66,6 +71,22 @@ class WorkerBackend(Protocol):
 
     def details(self) -> wire.ModelDetails:
         """Context length and supported extensions."""
+        ...
+
+    def serves_lora(self) -> bool:
+        """Whether LoRA adapters can be loaded beside this model."""
+        ...
+
+    def lora_names(self) -> list[str]:
+        """The LoRA adapters served now."""
+        ...
+
+    async def load_lora(self, params: LoadLoraAdapterRequest) -> None:
+        """Serve an adapter as a model of its own (400 if it cannot be)."""
+        ...
+
+    async def unload_lora(self, params: UnloadLoraAdapterRequest) -> None:
+        """Stop serving an adapter once its running requests finish (404 if not loaded)."""
         ...
 
 

@@ -70,6 +70,14 @@ class WorkerService:
 
     # LoRA adapters -----------------------------------------------------------------------------
 
+    def serves_lora(self) -> bool:
+        """Whether the engine serves LoRA adapters (it overrides `load_lora`)."""
+        return type(self.engine).load_lora is not Engine.load_lora
+
+    def lora_names(self) -> list[str]:
+        """The LoRA adapters served now."""
+        return self.engine.lora_names()
+
     async def load_lora(self, params: LoadLoraAdapterRequest) -> None:
         """Serve a LoRA adapter as a model of its own (vLLM's `/v1/load_lora_adapter`)."""
         if params.lora_name in self._base_names:

@@ -47,11 +47,17 @@ class LocalPool:
     """Picks among workers living in this process: one per model name."""
 
     def __init__(self, services: list[WorkerBackend]) -> None:
-        self._workers: dict[str, LocalWorker] = {}
         self._services = {service.model_names[0]: service for service in services}
-        for service in services:
-            for name in service.model_names:
-                self._workers[name] = LocalWorker(service)
+        self._local = {id(service): LocalWorker(service) for service in services}
+
+    @property
+    def _workers(self) -> dict[str, LocalWorker]:
+        # Read on each use: a backend's names change as LoRA adapters load and unload.
+        return {name: self._local[id(s)] for s in self._services.values() for name in s.model_names}
+
+    def backends(self) -> list[WorkerBackend]:
+        """The workers' backends, in the order they were given."""
+        return list(self._services.values())
 
     async def models(self) -> list[str]:
         return list(self._workers)
