@@ -224,6 +224,11 @@ class EngineSettings(_Base):
         "with an earlier one (a system prompt) prefills only the rest; 0 turns it off.",
     )
 
+    idle_unload: float | None = Field(
+        None, gt=0, le=10**9, allow_inf_nan=False,
+        description="Seconds without a request after which the model is freed; it stays listed and the "
+        "next request loads it again (its first token waits for the load). Default: never.",
+    )
     lora: StrList = Field(
         default_factory=list,
         description="LoRA adapters served as models of their own beside the base model, as name=PATH "

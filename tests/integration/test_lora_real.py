@@ -51,7 +51,8 @@ def adapters(model_folder: Path, tokenizer: Any, tmp_path_factory: pytest.TempPa
     from transformers import AutoModelForCausalLM
 
     folder = tmp_path_factory.mktemp("lora")
-    base: Any = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).eval()
+    base: Any = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32)
+    base.eval()
     prompts = [
         list(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False))
         for q in QUESTIONS
@@ -199,6 +200,24 @@ async def test_an_unload_waits_for_the_requests_running_through_the_adapter(
     assert tokens == adapters.expected["second"][1][: len(tokens)] and len(tokens) == TOKENS
     assert (await unload).status_code == 200
     assert "second" not in [m.id async for m in sdk(app, USER).models.list()]
+
+
+async def test_adapters_come_back_when_an_unloaded_model_loads_again(
+    app: FastAPI, lora_engine: Engine, adapters: Adapters
+) -> None:
+    unloaded = await _admin(app, "/v1/models/unload", {"model": _default_name(lora_engine)})
+    assert unloaded.status_code == 200, unloaded.text
+    assert await _models(app) == []  # the base and its adapters leave together
+    with pytest.raises(openai.NotFoundError):
+        await _complete(app, "tuned", adapters.prompts[0])
+    loaded = await _admin(app, "/v1/models/load", {"model": _default_name(lora_engine)})
+    assert loaded.status_code == 200, loaded.text
+    assert set(await _models(app)) >= {"tuned", _default_name(lora_engine)}
+    assert await _complete(app, "tuned", adapters.prompts[0]) == _text(lora_engine, adapters.expected["tuned"][0])
+
+
+async def _models(app: FastAPI) -> list[str]:
+    return [m.id async for m in sdk(app, USER).models.list()]
 
 
 def test_a_bad_adapter_at_start_stops_the_start_naming_it(adapters: Adapters) -> None:

@@ -23,7 +23,7 @@ def random_adapter(base: Any, folder: Path, *, seed: int, rank: int = 8, spread:
         for name, parameter in model.named_parameters():
             if "lora_" in name:
                 parameter.normal_(0.0, spread / rank**0.5)
-    model.save_pretrained(folder)
+    model.save_pretrained(str(folder))
     return model.merge_and_unload().eval()
 
 
@@ -35,4 +35,4 @@ def other_base_adapter(folder: Path) -> None:
     torch.manual_seed(0)
     tiny = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
-    get_peft_model(tiny, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)).save_pretrained(folder)
+    get_peft_model(tiny, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)).save_pretrained(str(folder))

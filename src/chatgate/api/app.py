@@ -23,13 +23,13 @@ from chatgate.api.limits.policy import load_keys_file
 from chatgate.api.limits.scoped import KeyScopedPool
 from chatgate.api.limits.store import LimitStore, MemoryStore
 from chatgate.api.middleware import GuardMiddleware
-from chatgate.api.routes import adapters as adapter_routes
+from chatgate.api.routes import model_admin as model_admin_routes
 from chatgate.api.routes import anthropic as anthropic_routes
 from chatgate.api.routes import openai as openai_routes
 from chatgate.api.routes import ops as ops_routes
 from chatgate.api.routes import playground
 from chatgate.api.routes import scoring as scoring_routes
-from chatgate.api.serving.adapters import AdapterServing
+from chatgate.api.serving.model_admin import ModelAdminServing
 from chatgate.api.serving.chat import ChatServing
 from chatgate.api.serving.completions import CompletionServing
 from chatgate.api.serving.embeddings import EmbeddingServing
@@ -95,7 +95,7 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
                 messages=MessagesServing(pool=pool, max_n=settings.max_n, metrics=metrics),
                 token_counts=TokenCountServing(pool=pool),
                 scoring=ScoringServing(pool=pool),
-                adapters=AdapterServing(opened),
+                model_admin=ModelAdminServing(opened),
                 stored=ResponseStore(
                     ttl=settings.responses_ttl,
                     max_count=settings.responses_max_count,
@@ -129,7 +129,7 @@ def create_api_app(settings: ApiSettings, workers: PoolSource) -> FastAPI:
     app.include_router(openai_routes.router)
     app.include_router(anthropic_routes.router)
     app.include_router(scoring_routes.router)
-    app.include_router(adapter_routes.router)
+    app.include_router(model_admin_routes.router)
     if settings.playground:
         playground.mount(app)
     check_doors(app)

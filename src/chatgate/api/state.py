@@ -8,7 +8,7 @@ from fastapi import Request
 
 from chatgate.api.admin import AdminKeys
 from chatgate.api.workers.base import WorkerPool
-from chatgate.api.serving.adapters import AdapterServing
+from chatgate.api.serving.model_admin import ModelAdminServing
 from chatgate.api.serving.chat import ChatServing
 from chatgate.api.serving.completions import CompletionServing
 from chatgate.api.serving.embeddings import EmbeddingServing
@@ -37,7 +37,7 @@ class ApiState:
     token_counts: TokenCountServing  # and its /v1/messages/count_tokens
     scoring: ScoringServing  # /v1/rerank and /v1/score
     stored: ResponseStore  # the Responses API's stored responses
-    adapters: AdapterServing  # /v1/load_lora_adapter and /v1/unload_lora_adapter
+    model_admin: ModelAdminServing  # /v1/models/load and unload, /v1/load_lora_adapter and unload
 
 
 def api_state(request: Request) -> ApiState:

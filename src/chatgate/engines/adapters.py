@@ -27,11 +27,22 @@ class ServedAdapters:
     """Adapters served beside a base model named `base`, over `runner`."""
 
     def __init__(self, runner: Runner, *, base: str) -> None:
-        self._runner = runner
+        self.runner: Runner | None = runner  # None while the model is unloaded
         self._base = base
         self._paths: dict[str, Path] = {}
         self._in_use: Counter[str] = Counter()
         self._changed = asyncio.Event()
+
+    def detach(self) -> None:
+        """The model is being freed: let go of its runner, keep the names and paths."""
+        self.runner = None
+
+    async def attach(self, runner: Runner) -> None:
+        """The model is loaded again: read every adapter again onto its new runner."""
+        self.runner = runner
+        for name, path in list(self._paths.items()):
+            adapter = await asyncio.to_thread(runner.read_adapter, name, path)
+            runner.add_adapter(adapter)
 
     def names(self) -> list[str]:
         """The adapters served now, in the order they were loaded."""
@@ -48,13 +59,16 @@ class ServedAdapters:
             raise AdapterError(f"The model `{name}` is already served; unload it first.", param="lora_name")
         if name in self._in_use:  # its old weights still serve running requests
             raise AdapterError(f"The LoRA adapter `{name}` is still being unloaded; try again shortly.", param="lora_name")
+        runner = self.runner
+        if runner is None:
+            raise AdapterError(f"LoRA adapter {name!r}: its base model is not loaded; load it first.", param="lora_name")
         try:
-            adapter = await asyncio.to_thread(self._runner.read_adapter, name, path)
+            adapter = await asyncio.to_thread(runner.read_adapter, name, path)
         except MemoryError:  # what is served already keeps its memory; this adapter is refused
             raise AdapterError(f"LoRA adapter {name!r}: out of memory while reading {str(path)!r}") from None
         if name in self._paths:  # another load of the same name finished while this one read
             raise AdapterError(f"The model `{name}` is already served; unload it first.", param="lora_name")
-        self._runner.add_adapter(adapter)
+        runner.add_adapter(adapter)
         self._paths[name] = path
         log.info("serving LoRA adapter %s from %s", name, path)
 
@@ -67,8 +81,8 @@ class ServedAdapters:
         while self._in_use[name] and name not in self._paths:
             self._changed.clear()
             await self._changed.wait()
-        if name not in self._paths:  # not loaded again meanwhile under the same name
-            self._runner.remove_adapter(name)
+        if name not in self._paths and self.runner is not None:  # not loaded again meanwhile under the same name
+            self.runner.remove_adapter(name)
         log.info("unloaded LoRA adapter %s", name)
 
     @contextlib.contextmanager

@@ -114,6 +114,10 @@ class Engine(abc.ABC):
     async def close(self) -> None:
         """Stop background work and free the model."""
 
+    async def unload(self) -> None:
+        """Free the model's memory until `start` loads it again (`/v1/models/unload`, idle unload)."""
+        await self.close()
+
     @abc.abstractmethod
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`."""

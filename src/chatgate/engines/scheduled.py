@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import gc
 import logging
 import threading
 from pathlib import Path
@@ -101,8 +102,24 @@ class ScheduledEngine(ChatTokensEngine, Engine):
             )
             self._thread = threading.Thread(target=self._scheduler.run, name="chatgate-engine", daemon=True)
             self._thread.start()
+        assert self._loaded is not None
         if self._adapters is None:
             await self._serve_lora_flags()
+        elif self._adapters.runner is None:  # loaded again after `unload`
+            await self._adapters.attach(self._loaded.runner)
+
+    async def unload(self) -> None:
+        """Stop, and free the model's weights and KV (its tokenizer stays); `start` loads it again,
+        with the adapters it served."""
+        await self.close()
+        self._loaded = None
+        if self._adapters is not None:
+            self._adapters.detach()
+        self._release()
+        await asyncio.to_thread(gc.collect)  # weights held in reference cycles go now, not at some later collection
+
+    def _release(self) -> None:
+        """Drop whatever else a subclass holds of the model (`unload`)."""
 
     async def _serve_lora_flags(self) -> None:
         """Load every `--lora name=PATH`; one that cannot be served stops the start, named."""

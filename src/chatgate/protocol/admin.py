@@ -1,5 +1,6 @@
-"""Bodies of the admin routes that change what is served: LoRA adapters as vLLM's server takes
-them (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`), and the answer they share."""
+"""Bodies of the admin routes that change what is served: models by name (`/v1/models/load`,
+`/v1/models/unload`), LoRA adapters as vLLM's server takes them (`/v1/load_lora_adapter`,
+`/v1/unload_lora_adapter`), and the answer they share."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ from chatgate.protocol.limits import PublicRequest
 # are kept to what `engines.lora.checked_name` accepts.
 MAX_LORA_NAME = 128
 MAX_PATH = 4096
+MAX_MODEL_NAME = 256  # the worker protocol's bound
+
+
+class ModelRequest(PublicRequest):
+    """Load or unload the model `model` (one the server was started with)."""
+
+    model: str = Field(min_length=1, max_length=MAX_MODEL_NAME)
 
 
 class LoadLoraAdapterRequest(PublicRequest):

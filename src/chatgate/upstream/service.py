@@ -186,7 +186,19 @@ class UpstreamService:
         """A generic conversation for FastChat's API server: the upstream's template is unseen."""
         return generic_conversation()
 
-    # An upstream keeps its own adapters: none are loaded through chatgate.
+    # An upstream keeps its own models and adapters: none are loaded or unloaded through chatgate.
+
+    def knows(self, name: str) -> bool:
+        """Whether the upstream's model is served under `name`."""
+        return name in self.model_names
+
+    async def load_model(self) -> None:
+        """Refused: the upstream loads its own models."""
+        raise InvalidRequestError("This model is served by an upstream server: load it there.", param="model")
+
+    async def unload_model(self) -> None:
+        """Refused: the upstream unloads its own models."""
+        raise InvalidRequestError("This model is served by an upstream server: unload it there.", param="model")
 
     def serves_lora(self) -> bool:
         """False: adapters are the upstream's own business."""

@@ -8,6 +8,7 @@ at the request level instead (it templates and tokenizes itself), so it is a bac
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
@@ -17,6 +18,7 @@ from chatgate.protocol.admin import LoadLoraAdapterRequest, UnloadLoraAdapterReq
 from chatgate.protocol.conversation import Conversation
 from chatgate.protocol import worker as wire
 from chatgate.settings import EngineSettings
+from chatgate.tasks import cancel_and_wait
 from chatgate.worker.queue import RequestQueue
 
 UPSTREAM_ENGINE = "openai"
@@ -73,6 +75,18 @@ class WorkerBackend(Protocol):
         """Context length and supported extensions."""
         ...
 
+    def knows(self, name: str) -> bool:
+        """Whether `name` is one of this backend's own model names, loaded or not."""
+        ...
+
+    async def load_model(self) -> None:
+        """Load the model (`/v1/models/load`)."""
+        ...
+
+    async def unload_model(self) -> None:
+        """Free the model once its running requests finish (`/v1/models/unload`)."""
+        ...
+
     def serves_lora(self) -> bool:
         """Whether LoRA adapters can be loaded beside this model."""
         ...
@@ -113,9 +127,12 @@ async def open_backend(settings: EngineSettings, *, engine: Engine | None = None
     service = WorkerService(
         engine=engine, model_names=settings.model_names,
         queue=request_queue(settings, (settings.model_names or [engine.info.name])[0]),
+        idle_unload=settings.idle_unload,
     )
+    idle = asyncio.create_task(service.lifecycle.watch_idle())
     try:
         yield service
     finally:
+        await cancel_and_wait(idle)
         await service.close()
         await engine.close()

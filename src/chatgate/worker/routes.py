@@ -21,9 +21,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from chatgate.drain import Drain
-from chatgate.errors import ChatgateError, WorkerUnavailableError
+from chatgate.errors import ChatgateError, ModelNotFoundError, WorkerUnavailableError
 from chatgate.fleet import anonymous_probe
-from chatgate.protocol.admin import AdminResult, LoadLoraAdapterRequest, UnloadLoraAdapterRequest
+from chatgate.protocol.admin import AdminResult, LoadLoraAdapterRequest, ModelRequest, UnloadLoraAdapterRequest
 from chatgate.protocol.worker import (
     EXT_KEEPALIVE,
     KEEPALIVE_FRAME,
@@ -233,3 +233,26 @@ async def load_lora_adapter(
 async def unload_lora_adapter(params: UnloadLoraAdapterRequest, service: WorkerBackend = Service) -> JSONResponse:
     """Stop serving a LoRA adapter once the requests running through it finish."""
     return await _admin(service.unload_lora(params), AdminResult(status="unloaded", model=params.lora_name))
+
+
+@router.post("/v1/models/load")
+async def load_model(params: ModelRequest, service: WorkerBackend = Service, drain: Drain = Draining) -> JSONResponse:
+    """Load this worker's model (one of its names); the controller learns it at the next heartbeat."""
+    async def load() -> None:
+        drain.check()
+        if not service.knows(params.model):
+            raise ModelNotFoundError.for_model(params.model)
+        await service.load_model()
+
+    return await _admin(load(), AdminResult(status="loaded", model=params.model))
+
+
+@router.post("/v1/models/unload")
+async def unload_model(params: ModelRequest, service: WorkerBackend = Service) -> JSONResponse:
+    """Free this worker's model once its running requests finish; its names leave the worker's status."""
+    async def unload() -> None:
+        if not service.knows(params.model):
+            raise ModelNotFoundError.for_model(params.model)
+        await service.unload_model()
+
+    return await _admin(unload(), AdminResult(status="unloaded", model=params.model))

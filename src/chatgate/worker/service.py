@@ -38,6 +38,7 @@ from chatgate.protocol.worker import (
 )
 from chatgate.worker.admission import Admission
 from chatgate.worker.batching import EmbeddingBatcher
+from chatgate.worker.lifecycle import ModelLifecycle
 from chatgate.worker.queue import RequestQueue
 
 # Roles the model's template may not know; they are rendered as the closest role it does.
@@ -51,9 +52,12 @@ def _aliased(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class WorkerService:
     """Serves one engine under one or more model names."""
 
-    def __init__(self, *, engine: Engine, model_names: list[str], queue: RequestQueue) -> None:
+    def __init__(
+        self, *, engine: Engine, model_names: list[str], queue: RequestQueue, idle_unload: float | None = None
+    ) -> None:
         self.engine = engine
         self._base_names = model_names or [engine.info.name]
+        self.lifecycle = ModelLifecycle(engine, name=self._base_names[0], idle_unload=idle_unload)
         self.queue = queue
         self.served = 0  # requests taken, for metrics
         self._batcher = EmbeddingBatcher(engine.embed)
@@ -65,8 +69,25 @@ class WorkerService:
 
     @property
     def model_names(self) -> list[str]:
-        """The base model's names, then the LoRA adapters served beside it (these change)."""
+        """The base model's names, then the LoRA adapters served beside it (these change; none
+        while an admin has unloaded the model)."""
+        if not self.lifecycle.listed:
+            return []
         return [*self._base_names, *(n for n in self.engine.lora_names() if n not in self._base_names)]
+
+    # Loading and unloading -------------------------------------------------------------------
+
+    def knows(self, name: str) -> bool:
+        """Whether `name` is one of this model's own names (loaded or not)."""
+        return name in self._base_names
+
+    async def load_model(self) -> None:
+        """Load the model (an admin's `/v1/models/load`)."""
+        await self.lifecycle.load()
+
+    async def unload_model(self) -> None:
+        """Free the model once its running requests have finished (`/v1/models/unload`)."""
+        await self.lifecycle.unload()
 
     # LoRA adapters -----------------------------------------------------------------------------
 
@@ -266,6 +287,11 @@ class WorkerService:
         return self.queue.serve(self._generate(params))
 
     async def _generate(self, params: GenerateParams) -> AsyncGenerator[WorkerChunk, None]:
+        async with self.lifecycle.use():  # an idle model loads first; an unload waits for this
+            async for chunk in self._generate_loaded(params):
+                yield chunk
+
+    async def _generate_loaded(self, params: GenerateParams) -> AsyncGenerator[WorkerChunk, None]:
         await self._check_prompt_length(params)
         ids, prompt_text, sampling = await self._admission.run(lambda: self._prepared(params))
         self.served += 1
@@ -327,7 +353,8 @@ class WorkerService:
         await self._admission.check_length(params.input or [], param="input", each=True)
         inputs = await self._admission.run(lambda: self._embedding_inputs(params))
         self.served += 1
-        vectors = await self._batcher.submit(inputs)
+        async with self.lifecycle.use():
+            vectors = await self._batcher.submit(inputs)
         counts = [len(ids) for ids in inputs]
         # The engine's own vectors: validating every float would hold the event loop for nothing.
         return EmbedResult.model_construct(embedding=vectors, token_num=sum(counts), token_counts=counts)
