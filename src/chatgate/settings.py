@@ -232,7 +232,8 @@ class EngineSettings(_Base):
     lora: StrList = Field(
         default_factory=list,
         description="LoRA adapters served as models of their own beside the base model, as name=PATH "
-        "(repeatable): a PEFT adapter folder on the torch engine (Llama-family models).",
+        "(repeatable): a PEFT adapter folder on the torch engine (Llama-family models), a GGUF LoRA file on "
+        "llama.cpp (convert PEFT adapters with llama.cpp's convert_lora_to_gguf.py).",
     )
 
     upstream_url: str | None = Field(

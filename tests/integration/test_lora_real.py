@@ -26,7 +26,7 @@ from chatgate.bench.quality import greedy
 from chatgate.engines.base import Engine, SamplingParams
 from chatgate.engines.lora import AdapterError
 from tests.conftest import make_app, raw, runner_engine, running, sdk
-from tests.support.lora import other_base_adapter, random_adapter
+from tests.support.lora import convert_to_gguf, other_base_adapter, random_adapter
 
 pytestmark = [pytest.mark.model, pytest.mark.anyio]
 
@@ -218,6 +218,46 @@ async def test_adapters_come_back_when_an_unloaded_model_loads_again(
 
 async def _models(app: FastAPI) -> list[str]:
     return [m.id async for m in sdk(app, USER).models.list()]
+
+
+# llama.cpp: GGUF adapters converted by llama.cpp's own script, on the model in float32 (as the
+# merged weights are), applied a context at a time (one decode per adapter in a step).
+
+
+@pytest.fixture(scope="module")
+def gguf_adapters(adapters: Adapters, model_folder: Path) -> dict[str, Path]:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test builds it)")
+    return {name: convert_to_gguf(folder, model_folder, folder.parent / f"{name}.gguf")
+            for name, folder in [("tuned", adapters.tuned), ("second", adapters.second)]}
+
+
+@pytest.fixture(scope="module")
+def gguf_engine(gguf_adapters: dict[str, Path]) -> Engine:
+    return runner_engine("llama.cpp", dtype="float32", lora=[f"tuned={gguf_adapters['tuned']}"])
+
+
+async def test_llama_cpp_serves_gguf_adapters_beside_the_base(
+    gguf_engine: Engine, gguf_adapters: dict[str, Path], adapters: Adapters
+) -> None:
+    async with running(make_app(gguf_engine, api_keys=[USER], admin_keys=[ADMIN])) as served:
+        base = _default_name(gguf_engine)
+        alone = [await _complete(served, "tuned", p) for p in adapters.prompts]
+        assert alone == [_text(gguf_engine, t) for t in adapters.expected["tuned"]]
+        loaded = await _admin(served, "/v1/load_lora_adapter", {"lora_name": "second", "lora_path": str(gguf_adapters["second"])})
+        assert loaded.status_code == 200, loaded.text
+        jobs = [(model, index) for index in range(len(adapters.prompts)) for model in (base, "tuned", "second")]
+        answers = await asyncio.gather(*(_complete(served, model, adapters.prompts[i]) for model, i in jobs))
+        for (model, index), answer in zip(jobs, answers, strict=True):
+            key = "base" if model == base else model
+            assert answer == _text(gguf_engine, adapters.expected[key][index]), (model, index)
+        for body, words in [
+            ({"lora_name": "x", "lora_path": str(adapters.tuned)}, "not a file"),  # a PEFT folder, not converted
+            ({"lora_name": "x", "lora_path": str(adapters.other_base / "adapter_config.json")}, "not a .gguf file"),
+        ]:
+            refused = await _admin(served, "/v1/load_lora_adapter", body)
+            assert refused.status_code == 400 and words in refused.json()["error"]["message"], refused.text
+        assert (await _admin(served, "/v1/unload_lora_adapter", {"lora_name": "second"})).status_code == 200
+        assert await _complete(served, base, adapters.prompts[0]) == _text(gguf_engine, adapters.expected["base"][0])
 
 
 def test_a_bad_adapter_at_start_stops_the_start_naming_it(adapters: Adapters) -> None:

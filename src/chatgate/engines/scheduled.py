@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import gc
 import logging
 import threading
@@ -212,14 +213,16 @@ class ScheduledEngine(ChatTokensEngine, Engine):
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]:
         if params.lora is None:
-            async for output in self._generate(prompt_ids, params):
-                yield output
+            async with contextlib.aclosing(self._generate(prompt_ids, params)) as outputs:
+                async for output in outputs:
+                    yield output
             return
         if self._adapters is None:
             raise RuntimeError("engine not started")
         with self._adapters.using(params.lora):  # an unload of it waits for this request
-            async for output in self._generate(prompt_ids, params):
-                yield output
+            async with contextlib.aclosing(self._generate(prompt_ids, params)) as outputs:
+                async for output in outputs:
+                    yield output
 
     async def _generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]:
         channel = OutputChannel(asyncio.get_running_loop())

@@ -6,6 +6,7 @@ request behaves the same whichever way it arrives.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -288,8 +289,9 @@ class WorkerService:
 
     async def _generate(self, params: GenerateParams) -> AsyncGenerator[WorkerChunk, None]:
         async with self.lifecycle.use():  # an idle model loads first; an unload waits for this
-            async for chunk in self._generate_loaded(params):
-                yield chunk
+            async with contextlib.aclosing(self._generate_loaded(params)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
 
     async def _generate_loaded(self, params: GenerateParams) -> AsyncGenerator[WorkerChunk, None]:
         await self._check_prompt_length(params)
@@ -300,27 +302,29 @@ class WorkerService:
             prompt_logprobs = await self._prompt_logprobs(ids, params.logprobs)
         cumulative = prompt_text if params.echo else ""
         first = True
-        async for out in self.engine.generate(ids, sampling):
-            usage = WorkerUsage(
-                prompt_tokens=out.prompt_tokens,
-                completion_tokens=out.completion_tokens,
-                total_tokens=out.prompt_tokens + out.completion_tokens,
-                cached_tokens=out.cached_tokens,
-            )
-            text = out.text
-            if params.echo and first:
-                text = prompt_text + text
-            first = False
-            cumulative += out.text
-            yield WorkerChunk(
-                text=text if params.delta else cumulative,
-                usage=usage,
-                finish_reason=finish_reason_of(out.finish_reason),
-                token_logprobs=self._logprobs(out.logprobs),
-                prompt_logprobs=prompt_logprobs,
-                stop_sequence=out.stop_sequence,
-            )
-            prompt_logprobs = None
+        # Closed here, not left to the garbage collector: an unload waits only for this generator.
+        async with contextlib.aclosing(self.engine.generate(ids, sampling)) as outputs:
+            async for out in outputs:
+                usage = WorkerUsage(
+                    prompt_tokens=out.prompt_tokens,
+                    completion_tokens=out.completion_tokens,
+                    total_tokens=out.prompt_tokens + out.completion_tokens,
+                    cached_tokens=out.cached_tokens,
+                )
+                text = out.text
+                if params.echo and first:
+                    text = prompt_text + text
+                first = False
+                cumulative += out.text
+                yield WorkerChunk(
+                    text=text if params.delta else cumulative,
+                    usage=usage,
+                    finish_reason=finish_reason_of(out.finish_reason),
+                    token_logprobs=self._logprobs(out.logprobs),
+                    prompt_logprobs=prompt_logprobs,
+                    stop_sequence=out.stop_sequence,
+                )
+                prompt_logprobs = None
 
     # Embeddings ------------------------------------------------------------------------------
 
