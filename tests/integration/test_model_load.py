@@ -35,7 +35,7 @@ async def _models(app: FastAPI) -> list[str]:
 
 
 async def _ask(app: FastAPI, model: str) -> str:
-    answer = await sdk(app, USER).chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+    answer = await sdk(app, USER).chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], temperature=0)
     return answer.choices[0].message.content or ""
 
 

@@ -61,7 +61,7 @@ async def test_a_worker_unloads_and_loads_and_the_fleet_learns_it_within_a_heart
             await beat.beat()
             await pool.refresh()
             assert [m.id async for m in sdk(api).models.list()] == ["fake-model"]
-            answer = await sdk(api).chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}])
+            answer = await sdk(api).chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}], temperature=0)
             assert "Echo" in (answer.choices[0].message.content or "")
         await http.aclose()
         await to_worker.aclose()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import gc
 import logging
 import threading
@@ -32,6 +31,7 @@ from chatgate.engines.runners.base import Runner
 from chatgate.engines.scheduler import Scheduler, SchedulerLimits
 from chatgate.engines.sequence import OutputChannel, Sequence
 from chatgate.settings import EngineSettings
+from chatgate.streams import closing
 
 log = logging.getLogger(__name__)
 
@@ -213,14 +213,14 @@ class ScheduledEngine(ChatTokensEngine, Engine):
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]:
         if params.lora is None:
-            async with contextlib.aclosing(self._generate(prompt_ids, params)) as outputs:
+            async with closing(self._generate(prompt_ids, params)) as outputs:
                 async for output in outputs:
                     yield output
             return
         if self._adapters is None:
             raise RuntimeError("engine not started")
         with self._adapters.using(params.lora):  # an unload of it waits for this request
-            async with contextlib.aclosing(self._generate(prompt_ids, params)) as outputs:
+            async with closing(self._generate(prompt_ids, params)) as outputs:
                 async for output in outputs:
                     yield output
 

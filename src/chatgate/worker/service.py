@@ -40,6 +40,7 @@ from chatgate.protocol.worker import (
 from chatgate.worker.admission import Admission
 from chatgate.worker.batching import EmbeddingBatcher
 from chatgate.worker.lifecycle import ModelLifecycle
+from chatgate.streams import closing
 from chatgate.worker.queue import RequestQueue
 
 # Roles the model's template may not know; they are rendered as the closest role it does.
@@ -303,7 +304,7 @@ class WorkerService:
         cumulative = prompt_text if params.echo else ""
         first = True
         # Closed here, not left to the garbage collector: an unload waits only for this generator.
-        async with contextlib.aclosing(self.engine.generate(ids, sampling)) as outputs:
+        async with closing(self.engine.generate(ids, sampling)) as outputs:
             async for out in outputs:
                 usage = WorkerUsage(
                     prompt_tokens=out.prompt_tokens,
