@@ -294,6 +294,7 @@ class ServeSettings(ApiSettings, EngineSettings):
                 "engine": "sentence-transformers",
                 "model_path": "default" if path == "auto" else self.embedding_model_path,
                 "model_names": [],
+                "lora": [],  # adapters belong to the chat model
             }
         )
 

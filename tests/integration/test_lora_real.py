@@ -251,7 +251,8 @@ async def test_llama_cpp_serves_gguf_adapters_beside_the_base(
             key = "base" if model == base else model
             assert answer == _text(gguf_engine, adapters.expected[key][index]), (model, index)
         for body, words in [
-            ({"lora_name": "x", "lora_path": str(adapters.tuned)}, "not a file"),  # a PEFT folder, not converted
+            ({"lora_name": "x", "lora_path": str(adapters.tuned)}, "is a PEFT adapter folder"),  # not converted
+            ({"lora_name": "x", "lora_path": "/no/such/file.gguf"}, "not a file"),
             ({"lora_name": "x", "lora_path": str(adapters.other_base / "adapter_config.json")}, "not a .gguf file"),
         ]:
             refused = await _admin(served, "/v1/load_lora_adapter", body)

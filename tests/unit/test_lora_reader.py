@@ -94,3 +94,17 @@ def test_paths_and_names(tiny: Any, tmp_path: Path) -> None:
             LoraSpec.parse(bad)
     with pytest.raises(AdapterError):
         checked_name("x" * 129)
+
+
+def test_lora_on_an_engine_without_adapters_stops_the_start() -> None:
+    import asyncio
+
+    from chatgate.settings import EngineSettings
+    from chatgate.worker.backend import open_backend
+
+    async def start() -> None:
+        async with open_backend(EngineSettings(engine="fake", lora=["a=/x"])):
+            pass
+
+    with pytest.raises(ValueError, match="--lora needs the transformers or llama.cpp engine"):
+        asyncio.run(start())

@@ -22,6 +22,8 @@ from chatgate.tasks import cancel_and_wait
 from chatgate.worker.queue import RequestQueue
 
 UPSTREAM_ENGINE = "openai"
+# Engines that serve LoRA adapters (`auto` picks one of them for a chat model).
+_LORA_ENGINES = frozenset({"auto", "transformers", "llama.cpp"})
 
 
 class WorkerBackend(Protocol):
@@ -113,6 +115,8 @@ def request_queue(settings: EngineSettings, model: str) -> RequestQueue:
 @contextlib.asynccontextmanager
 async def open_backend(settings: EngineSettings, *, engine: Engine | None = None) -> AsyncIterator[WorkerBackend]:
     """Start the backend `settings.engine` names (or serve the `engine` given), and stop it on exit."""
+    if settings.lora and settings.engine not in _LORA_ENGINES:
+        raise ValueError(f"--lora needs the transformers or llama.cpp engine, not --engine {settings.engine}")
     if engine is None and settings.engine == UPSTREAM_ENGINE:
         from chatgate.upstream.service import open_upstream
 

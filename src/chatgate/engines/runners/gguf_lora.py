@@ -33,6 +33,12 @@ class GgufAdapter:
 
 def read_gguf_adapter(model_handle: Any, name: str, path: Path) -> GgufAdapter:
     """Load the GGUF LoRA adapter at `path` for the model; llama.cpp checks every tensor's shape."""
+    if (path / "adapter_config.json").is_file():
+        raise AdapterError(
+            f"LoRA adapter {name!r}: {str(path)!r} is a PEFT adapter folder; the llama.cpp engine takes GGUF "
+            "adapters (convert it with llama.cpp's convert_lora_to_gguf.py) and the transformers engine "
+            "(--engine transformers) takes the folder as it is"
+        )
     if not path.is_file():
         raise AdapterError(f"LoRA adapter {name!r}: {str(path)!r} is not a file (the llama.cpp engine takes a GGUF LoRA adapter)")
     if path.suffix != ".gguf":
