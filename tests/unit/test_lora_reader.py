@@ -108,3 +108,47 @@ def test_lora_on_an_engine_without_adapters_stops_the_start() -> None:
 
     with pytest.raises(ValueError, match="--lora needs the transformers or llama.cpp engine"):
         asyncio.run(start())
+
+
+def test_the_decoder_adds_each_rows_own_adapter(tiny: Any, tmp_path: Path) -> None:
+    """Rows of an adapter get the merged weights' logits; base rows, and rows naming an adapter
+    removed meanwhile (their request has ended), get the base model's."""
+    import copy
+
+    from chatgate.bench.quality import greedy
+    from chatgate.engines.decoder import FastDecoder
+
+    torch.manual_seed(1)
+    prefix = "base_model.model.model.layers.{}.{}.lora_{}.weight"
+    shapes = {("self_attn", "q_proj"): (32, 32), ("self_attn", "v_proj"): (32, 16), ("mlp", "down_proj"): (64, 32)}
+    tensors = {}
+    for (block, target), (fan_in, fan_out) in shapes.items():
+        tensors[prefix.format(1, f"{block}.{target}", "A")] = torch.randn(2, fan_in)
+        tensors[prefix.format(1, f"{block}.{target}", "B")] = torch.randn(fan_out, 2)
+    read = read_peft("a", adapter(tmp_path / "a", tensors=tensors), tiny)
+    merged = copy.deepcopy(tiny)
+    with torch.no_grad():
+        for (block, target), _ in shapes.items():
+            linear = getattr(getattr(merged.model.layers[1], block), target)
+            a = tensors[prefix.format(1, f"{block}.{target}", "A")]
+            b = tensors[prefix.format(1, f"{block}.{target}", "B")]
+            linear.weight += 2.0 * b @ a  # alpha 4 / r 2
+    base_decoder = FastDecoder(copy.deepcopy(tiny))
+    merged_decoder = FastDecoder(merged)
+    served = FastDecoder(copy.deepcopy(tiny))
+    served.add_adapter(read)
+
+    class Rows:
+        def __init__(self, lora: list[str | None]) -> None:
+            self.lora, self.config, self.device = lora, served.config, served.device
+
+        def __call__(self, **kw: Any) -> Any:
+            return served(**kw, lora=self.lora)
+
+    prompts = [[1, 5, 9, 3], [2, 7], [4, 4, 8]]
+    with torch.inference_mode():
+        expected = [greedy(merged_decoder, [prompts[0]], 6)[0], greedy(base_decoder, [prompts[1]], 6)[0]]
+        assert greedy(Rows(["a", None, "a"]), prompts, 6)[:2] == expected
+        served.remove_adapter("a")
+        assert greedy(Rows(["a", None, None]), prompts[:2], 6) == [greedy(base_decoder, [prompts[0]], 6)[0], expected[1]]
+    assert expected[0] != greedy(base_decoder, [prompts[0]], 6)[0]

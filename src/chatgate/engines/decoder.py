@@ -149,14 +149,19 @@ class FastDecoder:
         """Each layer's LoRA work for this step, grouped by adapter (None: no row uses one)."""
         if not lora or all(name is None for name in lora):
             return None
-        rows: dict[str, list[int]] = {}
+        groups: dict[str, tuple[list[int], list[dict[str, tuple[torch.Tensor, torch.Tensor]]]]] = {}
         for row, name in enumerate(lora):
-            if name is not None:
-                rows.setdefault(name, []).append(row)
+            # An adapter removed while this step was planned served a request that has ended
+            # (an unload waits for every running one): its row runs as the base model, unread.
+            served = self._adapters.get(name) if name is not None else None
+            if name is not None and served is not None:
+                groups.setdefault(name, ([], served))[0].append(row)
+        if not groups:
+            return None
         per_layer: _Deltas = [{} for _ in self._layers]
-        for name, members in rows.items():
+        for members, fused_layers in groups.values():
             index = torch.tensor(members, device=self.device)
-            for layer, fused in zip(per_layer, self._adapters[name], strict=True):
+            for layer, fused in zip(per_layer, fused_layers, strict=True):
                 for key, (a, b) in fused.items():
                     layer.setdefault(key, []).append((index, a, b))
         return per_layer

@@ -94,7 +94,9 @@ class ContextAdapters:
     ) -> torch.Tensor:
         """Each row's logits (one per row: each row's entries ask for one), one decode per
         adapter among the rows."""
-        names = list(adapters) if adapters is not None else [None] * len(rows)
+        # An adapter removed while this step was planned served a request that has ended (an
+        # unload waits for every running one): its row runs as the base model, unread.
+        names = [n if n in self._adapters else None for n in adapters] if adapters is not None else [None] * len(rows)
         groups: dict[str | None, list[int]] = {}
         for index, name in enumerate(names):
             groups.setdefault(name, []).append(index)
