@@ -266,6 +266,18 @@ class EngineSettings(_Base):
         "with an earlier one (a system prompt) prefills only the rest; 0 turns it off.",
     )
 
+    idle_unload: float | None = Field(
+        None, gt=0, le=10**9, allow_inf_nan=False,
+        description="Seconds without a request after which the model is freed; it stays listed and the "
+        "next request loads it again (its first token waits for the load). Default: never.",
+    )
+    lora: StrList = Field(
+        default_factory=list,
+        description="LoRA adapters served as models of their own beside the base model, as name=PATH "
+        "(repeatable): a PEFT adapter folder on the torch engine (Llama-family models), a GGUF LoRA file on "
+        "llama.cpp (convert PEFT adapters with llama.cpp's convert_lora_to_gguf.py).",
+    )
+
     upstream_url: str | None = Field(
         None, description="openai engine: base URL of the OpenAI-compatible server (e.g. http://host:8000/v1)."
     )
@@ -319,7 +331,7 @@ class EngineSettings(_Base):
         return auto if self.dtype == "auto" else self.dtype
 
     # Named apart from ApiSettings' validator: ServeSettings inherits both, and one name would hide the other.
-    _split_names = field_validator("model_names", mode="before")(_split_list)
+    _split_names = field_validator("model_names", "lora", mode="before")(_split_list)
 
 
 # Settings that belong to a process, not to one of its models: a --model spec may not set them.
@@ -431,6 +443,7 @@ class ServeSettings(ApiSettings, ModelsSettings):
                 "engine": "sentence-transformers",
                 "model_path": "default" if path == "auto" else self.embedding_model_path,
                 "model_names": [],
+                "lora": [],  # adapters belong to the chat model
             }
         )
 

@@ -4,6 +4,7 @@ silent, and end one when told to."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -23,6 +24,18 @@ async def chain(first: T, rest: AsyncIterator[T]) -> AsyncGenerator[T, None]:
             yield item
     finally:
         closer = getattr(rest, "aclose", None)
+        if closer is not None:
+            await closer()
+
+
+@contextlib.asynccontextmanager
+async def closing(stream: AsyncIterator[T]) -> AsyncGenerator[AsyncIterator[T], None]:
+    """`contextlib.aclosing` for any async iterator: closed on exit if it can be (a generator
+    left to the garbage collector runs its `finally` at some later time)."""
+    try:
+        yield stream
+    finally:
+        closer = getattr(stream, "aclose", None)
         if closer is not None:
             await closer()
 

@@ -26,11 +26,13 @@ from chatgate.api.limits.policy import load_keys_file
 from chatgate.api.limits.scoped import KeyScopedPool
 from chatgate.api.limits.store import LimitStore, MemoryStore
 from chatgate.api.middleware import GuardMiddleware
+from chatgate.api.routes import model_admin as model_admin_routes
 from chatgate.api.routes import anthropic as anthropic_routes
 from chatgate.api.routes import openai as openai_routes
 from chatgate.api.routes import ops as ops_routes
 from chatgate.api.routes import playground
 from chatgate.api.routes import scoring as scoring_routes
+from chatgate.api.serving.model_admin import ModelAdminServing
 from chatgate.api.serving.chat import ChatServing
 from chatgate.api.serving.completions import CompletionServing
 from chatgate.api.serving.embeddings import EmbeddingServing
@@ -110,6 +112,7 @@ def create_api_app(
                 scoring=ScoringServing(pool=pool),
                 stored=stored,
                 background=background,
+                model_admin=ModelAdminServing(opened),
             )
             try:
                 yield
@@ -141,6 +144,7 @@ def create_api_app(
     app.include_router(openai_routes.router)
     app.include_router(anthropic_routes.router)
     app.include_router(scoring_routes.router)
+    app.include_router(model_admin_routes.router)
     if settings.playground:
         playground.mount(app)
     check_doors(app)

@@ -8,6 +8,7 @@ from fastapi import Request
 
 from chatgate.api.admin import AdminKeys
 from chatgate.api.workers.base import WorkerPool
+from chatgate.api.serving.model_admin import ModelAdminServing
 from chatgate.api.serving.chat import ChatServing
 from chatgate.api.serving.completions import CompletionServing
 from chatgate.api.serving.embeddings import EmbeddingServing
@@ -38,6 +39,7 @@ class ApiState:
     scoring: ScoringServing  # /v1/rerank and /v1/score
     stored: ResponseStore  # the Responses API's stored responses
     background: BackgroundJobs  # and those run after their reply
+    model_admin: ModelAdminServing  # /v1/models/load and unload, /v1/load_lora_adapter and unload
 
 
 def api_state(request: Request) -> ApiState:

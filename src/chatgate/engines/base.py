@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from chatgate.errors import InvalidRequestError
+from chatgate.errors import InvalidRequestError, ModelNotFoundError
 from chatgate.settings import SchedulingPolicy
 
 
@@ -41,6 +41,8 @@ class SamplingParams:
     cache_salt: str | None = None
     # Under the priority scheduling policy, lower runs first (vLLM's meaning); ties by arrival.
     priority: int = 0
+    # The LoRA adapter (by its served name) this sequence runs through; None: the base model.
+    lora: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -136,6 +138,10 @@ class Engine(abc.ABC):
     async def close(self) -> None:
         """Stop background work and free the model."""
 
+    async def unload(self) -> None:
+        """Free the model's memory until `start` loads it again (`/v1/models/unload`, idle unload)."""
+        await self.close()
+
     @abc.abstractmethod
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`."""
@@ -200,6 +206,20 @@ class Engine(abc.ABC):
             f"The model `{self.info.name}` does not support structured output.",
             param=str(spec.get("param") or "response_format"),
         )
+
+    def lora_names(self) -> list[str]:
+        """The LoRA adapters served beside this model, by name (`SamplingParams.lora`)."""
+        return []
+
+    async def load_lora(self, name: str, path: str) -> None:
+        """Serve the adapter at `path` as `name` (vLLM's `/v1/load_lora_adapter`)."""
+        raise InvalidRequestError(
+            f"The model `{self.info.name}` is served by an engine that serves no LoRA adapters.", param="lora_path"
+        )
+
+    async def unload_lora(self, name: str) -> None:
+        """Stop serving adapter `name`, once the requests running through it have finished."""
+        raise ModelNotFoundError(f"The LoRA adapter `{name}` is not loaded.", param="lora_name")
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         """One L2-normalised vector per token-id list, in order; batched by the engine."""

@@ -13,13 +13,16 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
+import gc
 import logging
 import threading
 import time
+from pathlib import Path
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence as Seq
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from chatgate.engines.adapters import ServedAdapters
 from chatgate.engines.base import (
     Engine,
     EngineStats,
@@ -33,11 +36,13 @@ from chatgate.engines.chat_tokens import ChatTokenizer, ChatTokensEngine
 from chatgate.engines.constraints import ConstraintCompiler
 from chatgate.engines.kvbudget import kv_token_budget
 from chatgate.engines.loading import resolve_chat_model
+from chatgate.engines.lora import AdapterError, LoraSpec
 from chatgate.engines.reasoning import GatedGrammar
 from chatgate.engines.runners.base import Runner
 from chatgate.engines.scheduler import Scheduler, SchedulerLimits
 from chatgate.engines.sequence import OutputChannel, Sequence
 from chatgate.settings import EngineSettings
+from chatgate.streams import closing
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +103,7 @@ class ScheduledEngine(ChatTokensEngine, Engine):
         self._chat_tokens: ChatTokenizer
         self._eos: frozenset[int] = frozenset()
         self._constraints: ConstraintCompiler | None = None
+        self._adapters: ServedAdapters | None = None
         self.info = ModelInfo(name=self._source.name, context_length=0, vocab_size=0)
 
     @abc.abstractmethod
@@ -120,6 +126,50 @@ class ScheduledEngine(ChatTokensEngine, Engine):
             )
             self._thread = threading.Thread(target=self._scheduler.run, name="chatgate-engine", daemon=True)
             self._thread.start()
+        assert self._loaded is not None
+        if self._adapters is None:
+            await self._serve_lora_flags()
+        elif self._adapters.runner is None:  # loaded again after `unload`
+            await self._adapters.attach(self._loaded.runner)
+
+    async def unload(self) -> None:
+        """Stop, and free the model's weights and KV (its tokenizer stays); `start` loads it again,
+        with the adapters it served."""
+        await self.close()
+        self._loaded = None
+        if self._adapters is not None:
+            self._adapters.detach()
+        self._release()
+        await asyncio.to_thread(gc.collect)  # weights held in reference cycles go now, not at some later collection
+
+    def _release(self) -> None:
+        """Drop whatever else a subclass holds of the model (`unload`)."""
+
+    async def _serve_lora_flags(self) -> None:
+        """Load every `--lora name=PATH`; one that cannot be served stops the start, named."""
+        assert self._loaded is not None
+        self._adapters = ServedAdapters(self._loaded.runner, base=self._source.name)
+        for text in self._settings.lora:
+            spec = LoraSpec.parse(text)
+            try:
+                await self._adapters.load(spec.name, spec.path)
+            except AdapterError as exc:
+                raise AdapterError(f"--lora {text}: {exc.message}", param="--lora") from None
+
+    # LoRA adapters ---------------------------------------------------------------------------
+
+    def lora_names(self) -> list[str]:
+        return self._adapters.names() if self._adapters is not None else []
+
+    async def load_lora(self, name: str, path: str) -> None:
+        if self._adapters is None:
+            raise RuntimeError("engine not started")
+        await self._adapters.load(name, Path(path).expanduser())
+
+    async def unload_lora(self, name: str) -> None:
+        if self._adapters is None:
+            raise RuntimeError("engine not started")
+        await self._adapters.unload(name)
 
     async def close(self) -> None:
         if self._thread is not None and self._scheduler is not None:
@@ -190,6 +240,19 @@ class ScheduledEngine(ChatTokensEngine, Engine):
         self._scheduler.inbox.put(item)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]:
+        if params.lora is None:
+            async with closing(self._generate(prompt_ids, params)) as outputs:
+                async for output in outputs:
+                    yield output
+            return
+        if self._adapters is None:
+            raise RuntimeError("engine not started")
+        with self._adapters.using(params.lora):  # an unload of it waits for this request
+            async with closing(self._generate(prompt_ids, params)) as outputs:
+                async for output in outputs:
+                    yield output
+
+    async def _generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationOutput]:
         channel = OutputChannel(asyncio.get_running_loop())
         constraint = params.constraint.start() if params.constraint is not None else None
         seq = Sequence(prompt_ids=prompt_ids, params=params, decode=self.decode, eos_token_ids=self._eos,

@@ -391,7 +391,7 @@ class Scheduler:
 
     def _keys(self, seq: Sequence) -> PromptKeys:
         if seq.prefix_keys is None:
-            seq.prefix_keys = self._prefix.keys(seq.ids, seq.params.cache_salt)
+            seq.prefix_keys = self._prefix.keys(seq.ids, seq.kv_salt)
         return seq.prefix_keys
 
     def _remember(self, seqs: list[Sequence], kv: KV, logits: torch.Tensor, rows: list[int]) -> None:
@@ -420,7 +420,7 @@ class Scheduler:
     def _prefill_chunk(self, seq: Sequence) -> None:
         """Advance one long prompt by a chunk, in a KV row of its own."""
         chunk = seq.ids[seq.prefilled : seq.prefilled + self._limits.prefill_chunk]
-        seq.kv, logits = self._runner.prefill_chunk(seq.kv, chunk)
+        seq.kv, logits = self._runner.prefill_chunk(seq.kv, chunk, adapter=seq.params.lora)
         self.prefill_tokens += len(chunk)
         seq.prefilled += len(chunk)
         if seq.remaining == 0:
@@ -433,10 +433,13 @@ class Scheduler:
         """Prefill several short prompts in one forward pass; equal prompts (under one cache salt) share a row."""
         self._admitting(group)
         unique: dict[tuple[str | None, tuple[int, ...]], int] = {}
+        adapters: list[str | None] = []
         for seq in group:
-            unique.setdefault(seq.row_key, len(unique))
+            if seq.row_key not in unique:
+                unique[seq.row_key] = len(unique)
+                adapters.append(seq.params.lora)
         prompts = [list(prompt) for _, prompt in unique]
-        kv, logits = self._runner.prefill(prompts)
+        kv, logits = self._runner.prefill(prompts, adapters=adapters)
         self.prefill_tokens += sum(len(p) for p in prompts)
         rows = [unique[s.row_key] for s in group]
         self._remember(group, kv, logits, rows)
@@ -462,7 +465,9 @@ class Scheduler:
     def _decode(self) -> None:
         tokens = [seq.last_token for seq in self._running]
         try:
-            logits = self._runner.decode(self._kv, tokens, column_limit=self._column_limit())
+            logits = self._runner.decode(
+                self._kv, tokens, column_limit=self._column_limit(), adapters=[seq.params.lora for seq in self._running]
+            )
         except Exception as exc:  # the shared cache may hold half a step: no row can go on
             self._fail(self._running, exc)
             self._running = []

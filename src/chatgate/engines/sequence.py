@@ -150,10 +150,18 @@ class Sequence:
         return len(self.ids) - self.prefilled
 
     @property
+    def kv_salt(self) -> str | None:
+        """What KV this sequence may share (prefix cache, prefill rows) is salted by: the cache
+        salt, and the LoRA adapter, whose KV differs from the base model's for the same tokens."""
+        if self.params.lora is None:
+            return self.params.cache_salt
+        return f"{self.params.cache_salt or ''}\0lora:{self.params.lora}"
+
+    @property
     def row_key(self) -> tuple[str | None, tuple[int, ...]]:
-        """What equal prompts share a prefill row by: their tokens, under one cache salt (a
-        prompt must not prefill faster because another tenant's equal one is beside it)."""
-        return self.params.cache_salt, tuple(self.ids)
+        """What equal prompts share a prefill row by: their tokens, under one salt (a prompt must
+        not prefill faster because another tenant's equal one is beside it)."""
+        return self.kv_salt, tuple(self.ids)
 
     @property
     def reservation(self) -> int:

@@ -73,6 +73,9 @@ class TransformersEngine(ScheduledEngine):
             ),
         )
 
+    def _release(self) -> None:
+        self._model = None  # the Hugging Face model: scoring, embedding and the decoder's weights
+
     def _decoder(self) -> Any:
         """The fast forward where the model has one; else Hugging Face's, with skinny linears on CPU.
 

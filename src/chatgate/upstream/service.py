@@ -31,7 +31,8 @@ from opentelemetry.trace import INVALID_SPAN, Span
 
 from chatgate import tracing
 from chatgate.engines.base import EngineStats
-from chatgate.errors import ChatgateError, InvalidRequestError, WorkerError, WorkerUnavailableError
+from chatgate.errors import ChatgateError, InvalidRequestError, ModelNotFoundError, WorkerError, WorkerUnavailableError
+from chatgate.protocol.admin import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from chatgate.protocol.conversation import Conversation, generic_conversation
 from chatgate.protocol import worker as proto
 from chatgate.settings import EngineSettings
@@ -206,6 +207,36 @@ class UpstreamService:
     def conversation(self) -> Conversation:
         """A generic conversation for FastChat's API server: the upstream's template is unseen."""
         return generic_conversation()
+
+    # An upstream keeps its own models and adapters: none are loaded or unloaded through chatgate.
+
+    def knows(self, name: str) -> bool:
+        """Whether the upstream's model is served under `name`."""
+        return name in self.model_names
+
+    async def load_model(self) -> None:
+        """Refused: the upstream loads its own models."""
+        raise InvalidRequestError("This model is served by an upstream server: load it there.", param="model")
+
+    async def unload_model(self) -> None:
+        """Refused: the upstream unloads its own models."""
+        raise InvalidRequestError("This model is served by an upstream server: unload it there.", param="model")
+
+    def serves_lora(self) -> bool:
+        """False: adapters are the upstream's own business."""
+        return False
+
+    def lora_names(self) -> list[str]:
+        """None are loaded through chatgate."""
+        return []
+
+    async def load_lora(self, params: LoadLoraAdapterRequest) -> None:
+        """Refused: load the adapter at the upstream."""
+        raise InvalidRequestError("This model is served by an upstream server: load adapters there.", param="lora_path")
+
+    async def unload_lora(self, params: UnloadLoraAdapterRequest) -> None:
+        """Refused: nothing is loaded here."""
+        raise ModelNotFoundError(f"The LoRA adapter `{params.lora_name}` is not loaded.", param="lora_name")
 
     def details(self) -> proto.ModelDetails:
         """Context length, how tokens are counted, and the extensions (the upstream templates)."""

@@ -28,13 +28,13 @@ def _collector(service: WorkerBackend, address: str) -> FleetCollector:
     return FleetCollector(
         workers_per_model=lambda: {name: 1 for name in service.model_names},
         worker_load=lambda: [(address, *service.load())],
-        served=lambda: {service.model_names[0]: service.served},
+        served=lambda: {name: service.served for name in service.model_names[:1]},  # none while unloaded
     )
 
 
 def _engine_stats(service: WorkerBackend) -> list[tuple[str, EngineStats]]:
     stats = service.engine_stats()
-    return [(service.model_names[0], stats)] if stats is not None else []
+    return [(service.model_names[0], stats)] if stats is not None and service.model_names else []
 
 
 def create_worker_app(

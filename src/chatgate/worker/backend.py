@@ -8,23 +8,32 @@ at the request level instead (it templates and tokenizes itself), so it is a bac
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
 
 from chatgate.engines.base import Engine, EngineStats
+from chatgate.protocol.admin import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from chatgate.protocol.conversation import Conversation
 from chatgate.protocol import worker as wire
 from chatgate.settings import EngineSettings
+from chatgate.tasks import cancel_and_wait
 from chatgate.worker.queue import RequestQueue
 
 UPSTREAM_ENGINE = "openai"
+# Engines that serve LoRA adapters (`auto` picks one of them for a chat model).
+_LORA_ENGINES = frozenset({"auto", "transformers", "llama.cpp"})
 
 
 class WorkerBackend(Protocol):
     """One worker's model(s), as its endpoints and the in-process client call them."""
 
-    model_names: list[str]
+    @property
+    def model_names(self) -> list[str]:
+        """Names served now: the model's, then any LoRA adapters' (these change)."""
+        ...
+
     served: int
     queue: RequestQueue
 
@@ -72,6 +81,34 @@ class WorkerBackend(Protocol):
         """Context length and supported extensions."""
         ...
 
+    def knows(self, name: str) -> bool:
+        """Whether `name` is one of this backend's own model names, loaded or not."""
+        ...
+
+    async def load_model(self) -> None:
+        """Load the model (`/v1/models/load`)."""
+        ...
+
+    async def unload_model(self) -> None:
+        """Free the model once its running requests finish (`/v1/models/unload`)."""
+        ...
+
+    def serves_lora(self) -> bool:
+        """Whether LoRA adapters can be loaded beside this model."""
+        ...
+
+    def lora_names(self) -> list[str]:
+        """The LoRA adapters served now."""
+        ...
+
+    async def load_lora(self, params: LoadLoraAdapterRequest) -> None:
+        """Serve an adapter as a model of its own (400 if it cannot be)."""
+        ...
+
+    async def unload_lora(self, params: UnloadLoraAdapterRequest) -> None:
+        """Stop serving an adapter once its running requests finish (404 if not loaded)."""
+        ...
+
 
 def request_queue(settings: EngineSettings, model: str) -> RequestQueue:
     """The bounds `settings` put on a worker's requests (`worker/queue.py`)."""
@@ -82,6 +119,8 @@ def request_queue(settings: EngineSettings, model: str) -> RequestQueue:
 @contextlib.asynccontextmanager
 async def open_backend(settings: EngineSettings, *, engine: Engine | None = None) -> AsyncIterator[WorkerBackend]:
     """Start the backend `settings.engine` names (or serve the `engine` given), and stop it on exit."""
+    if settings.lora and settings.engine not in _LORA_ENGINES:
+        raise ValueError(f"--lora needs the transformers or llama.cpp engine, not --engine {settings.engine}")
     if engine is None and settings.engine == UPSTREAM_ENGINE:
         from chatgate.upstream.service import open_upstream
 
@@ -97,9 +136,12 @@ async def open_backend(settings: EngineSettings, *, engine: Engine | None = None
         engine=engine, model_names=settings.model_names,
         queue=request_queue(settings, (settings.model_names or [engine.info.name])[0]),
         reasoning_parser=settings.reasoning_parser, chat_template=settings.chat_template_text(),
+        idle_unload=settings.idle_unload,
     )
+    idle = asyncio.create_task(service.lifecycle.watch_idle())
     try:
         yield service
     finally:
+        await cancel_and_wait(idle)
         await service.close()
         await engine.close()

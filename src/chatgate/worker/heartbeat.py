@@ -33,19 +33,26 @@ class Heartbeat:
         self._address = address
         self._service = service
         self._interval = interval
+        self._registered_names: list[str] = []
 
     async def register(self) -> None:
         """Announce this worker and its models to the controller."""
-        body = RegisterWorker(worker_name=self._address, worker_status=self._service.status())
+        status = self._service.status()
+        body = RegisterWorker(worker_name=self._address, worker_status=status)
         response = await self._http.post(
             f"{self._controller}/register_worker", json=body.model_dump()
         )
         if response.status_code in (400, 401):  # the controller says why: log it, retry later
             log.warning("the controller refused this worker: %s", response.text[:500])
         response.raise_for_status()
+        self._registered_names = list(status.model_names)
 
     async def beat(self) -> None:
-        """Send one heartbeat; register again if the controller has forgotten us."""
+        """Send one heartbeat; register again if the controller has forgotten us, or if the
+        models served changed (a LoRA adapter loaded or unloaded), so it learns them now."""
+        if self._service.model_names != self._registered_names:
+            await self.register()
+            return
         body = HeartBeat(worker_name=self._address, queue_length=self._service.status().queue_length)
         response = await self._http.post(
             f"{self._controller}/receive_heart_beat", json=body.model_dump()

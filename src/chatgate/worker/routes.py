@@ -21,8 +21,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from chatgate.drain import Drain
-from chatgate.errors import ChatgateError, WorkerUnavailableError
+from chatgate.errors import ChatgateError, ModelNotFoundError, WorkerUnavailableError
 from chatgate.fleet import anonymous_probe
+from chatgate.protocol.admin import AdminResult, LoadLoraAdapterRequest, ModelRequest, UnloadLoraAdapterRequest
 from chatgate.protocol.worker import (
     EXT_KEEPALIVE,
     KEEPALIVE_FRAME,
@@ -217,3 +218,54 @@ async def model_details(service: WorkerBackend = Service) -> dict[str, object]:
     the keep-alive frames these routes send)."""
     details = service.details()
     return details.model_copy(update={"chatgate_extensions": [*details.chatgate_extensions, EXT_KEEPALIVE]}).model_dump()
+
+
+async def _admin(work: Awaitable[None], result: AdminResult) -> JSONResponse:
+    """`result`, or the error in the OpenAI shape with its own HTTP status (these routes are
+    vLLM's, not FastChat's)."""
+    try:
+        await work
+    except ChatgateError as exc:
+        return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(result.model_dump())
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(
+    params: LoadLoraAdapterRequest, service: WorkerBackend = Service, drain: Drain = Draining
+) -> JSONResponse:
+    """Serve a LoRA adapter as a model of its own (the controller learns it at the next heartbeat)."""
+    async def load() -> None:
+        drain.check()  # a worker shutting down takes no new model
+        await service.load_lora(params)
+
+    return await _admin(load(), AdminResult(status="loaded", model=params.lora_name))
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(params: UnloadLoraAdapterRequest, service: WorkerBackend = Service) -> JSONResponse:
+    """Stop serving a LoRA adapter once the requests running through it finish."""
+    return await _admin(service.unload_lora(params), AdminResult(status="unloaded", model=params.lora_name))
+
+
+@router.post("/v1/models/load")
+async def load_model(params: ModelRequest, service: WorkerBackend = Service, drain: Drain = Draining) -> JSONResponse:
+    """Load this worker's model (one of its names); the controller learns it at the next heartbeat."""
+    async def load() -> None:
+        drain.check()
+        if not service.knows(params.model):
+            raise ModelNotFoundError.for_model(params.model)
+        await service.load_model()
+
+    return await _admin(load(), AdminResult(status="loaded", model=params.model))
+
+
+@router.post("/v1/models/unload")
+async def unload_model(params: ModelRequest, service: WorkerBackend = Service) -> JSONResponse:
+    """Free this worker's model once its running requests finish; its names leave the worker's status."""
+    async def unload() -> None:
+        if not service.knows(params.model):
+            raise ModelNotFoundError.for_model(params.model)
+        await service.unload_model()
+
+    return await _admin(unload(), AdminResult(status="unloaded", model=params.model))

@@ -6,6 +6,7 @@ request behaves the same whichever way it arrives.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from chatgate.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
 )
+from chatgate.protocol.admin import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from chatgate.protocol.conversation import Conversation, chatml_conversation, generic_conversation
 from chatgate.protocol.worker import (
     EXTENSIONS,
@@ -43,6 +45,8 @@ from chatgate.protocol.worker import (
 )
 from chatgate.worker.admission import Admission
 from chatgate.worker.batching import EmbeddingBatcher
+from chatgate.worker.lifecycle import ModelLifecycle
+from chatgate.streams import closing
 from chatgate.worker.queue import RequestQueue
 
 # Roles the model's template may not know; they are rendered as the closest role it does.
@@ -58,12 +62,13 @@ class WorkerService:
 
     def __init__(
         self, *, engine: Engine, model_names: list[str], queue: RequestQueue,
-        reasoning_parser: str | None = None, chat_template: str | None = None,
+        reasoning_parser: str | None = None, chat_template: str | None = None, idle_unload: float | None = None,
     ) -> None:
         self.engine = engine
         self._think = PARSERS[reasoning_parser] if reasoning_parser is not None else None
         self._template = chat_template  # in place of the model's own
-        self.model_names = model_names or [engine.info.name]
+        self._base_names = model_names or [engine.info.name]
+        self.lifecycle = ModelLifecycle(engine, name=self._base_names[0], idle_unload=idle_unload)
         self.queue = queue
         self.served = 0  # requests taken, for metrics
         self._batcher = EmbeddingBatcher(engine.embed)
@@ -72,6 +77,52 @@ class WorkerService:
     async def close(self) -> None:
         """Stop background work (the engine is closed by its owner)."""
         await self._batcher.close()
+
+    @property
+    def model_names(self) -> list[str]:
+        """The base model's names, then the LoRA adapters served beside it (these change; none
+        while an admin has unloaded the model)."""
+        if not self.lifecycle.listed:
+            return []
+        return [*self._base_names, *(n for n in self.engine.lora_names() if n not in self._base_names)]
+
+    # Loading and unloading -------------------------------------------------------------------
+
+    def knows(self, name: str) -> bool:
+        """Whether `name` is one of this model's own names (loaded or not)."""
+        return name in self._base_names
+
+    async def load_model(self) -> None:
+        """Load the model (an admin's `/v1/models/load`)."""
+        await self.lifecycle.load()
+
+    async def unload_model(self) -> None:
+        """Free the model once its running requests have finished (`/v1/models/unload`)."""
+        await self.lifecycle.unload()
+
+    # LoRA adapters -----------------------------------------------------------------------------
+
+    def serves_lora(self) -> bool:
+        """Whether the engine serves LoRA adapters (it overrides `load_lora`)."""
+        return type(self.engine).load_lora is not Engine.load_lora
+
+    def lora_names(self) -> list[str]:
+        """The LoRA adapters served now."""
+        return self.engine.lora_names()
+
+    async def load_lora(self, params: LoadLoraAdapterRequest) -> None:
+        """Serve a LoRA adapter as a model of its own (vLLM's `/v1/load_lora_adapter`)."""
+        if params.lora_name in self._base_names:
+            raise InvalidRequestError(f"The model `{params.lora_name}` is already served; unload it first.", param="lora_name")
+        await self.engine.load_lora(params.lora_name, params.lora_path)
+
+    async def unload_lora(self, params: UnloadLoraAdapterRequest) -> None:
+        """Stop serving a LoRA adapter once its running requests have finished."""
+        await self.engine.unload_lora(params.lora_name)
+
+    def _adapter(self, params: GenerateParams) -> str | None:
+        """The LoRA adapter the request names as its model, if it names one."""
+        return params.model if params.model and params.model not in self._base_names and params.model in self.engine.lora_names() else None
 
     # Prompts ---------------------------------------------------------------------------------
 
@@ -286,6 +337,12 @@ class WorkerService:
                 )
         self._check_logit_bias(params.logit_bias)
         self._check_priority(params.priority)
+        lora = self._adapter(params)
+        if lora is not None and params.echo and params.logprobs is not None:
+            raise InvalidRequestError(
+                f"The LoRA adapter `{lora}` cannot score prompt tokens (echo with logprobs); ask its base model.",
+                param="logprobs",
+            )
         knobs = Sampling.of(params)
         return SamplingParams(
             **knobs | {"logit_bias": knobs["logit_bias"] or {}},
@@ -295,6 +352,7 @@ class WorkerService:
             logprobs=params.logprobs,
             cache_salt=params.cache_salt,
             priority=params.priority,
+            lora=lora,
             constraint=self._constraint(params, splitter),
         )
 
@@ -308,6 +366,12 @@ class WorkerService:
         return self.queue.serve(self._generate(params))
 
     async def _generate(self, params: GenerateParams) -> AsyncGenerator[WorkerChunk, None]:
+        async with self.lifecycle.use():  # an idle model loads first; an unload waits for this
+            async with contextlib.aclosing(self._generate_loaded(params)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+
+    async def _generate_loaded(self, params: GenerateParams) -> AsyncGenerator[WorkerChunk, None]:
         # Not current across the yields below (they resume in the reader's context): its children
         # name it as their parent.
         span = tracing.start_generation(params)
@@ -320,35 +384,37 @@ class WorkerService:
             prompt_logprobs = None
             if params.echo and params.logprobs is not None:
                 prompt_logprobs = await self._prompt_logprobs(ids, params.logprobs)
-            if splitter is not None:
-                async for chunk in self._split(self.engine.generate(ids, sampling), splitter, span):
-                    yield chunk
-                return
-            cumulative = prompt_text if params.echo else ""
-            first = True
-            async for out in self.engine.generate(ids, sampling):
-                usage = WorkerUsage(
-                    prompt_tokens=out.prompt_tokens,
-                    completion_tokens=out.completion_tokens,
-                    total_tokens=out.prompt_tokens + out.completion_tokens,
-                    cached_tokens=out.cached_tokens,
-                )
-                if out.finish_reason is not None:
-                    tracing.generation_end(span, out, finish_reason_of(out.finish_reason))
-                text = out.text
-                if params.echo and first:
-                    text = prompt_text + text
-                first = False
-                cumulative += out.text
-                yield WorkerChunk(
-                    text=text if params.delta else cumulative,
-                    usage=usage,
-                    finish_reason=finish_reason_of(out.finish_reason),
-                    token_logprobs=self._logprobs(out.logprobs),
-                    prompt_logprobs=prompt_logprobs,
-                    stop_sequence=out.stop_sequence,
-                )
-                prompt_logprobs = None
+            # Closed here, not left to the garbage collector: an unload waits only for this generator.
+            async with closing(self.engine.generate(ids, sampling)) as outputs:
+                if splitter is not None:
+                    async for chunk in self._split(outputs, splitter, span):
+                        yield chunk
+                    return
+                cumulative = prompt_text if params.echo else ""
+                first = True
+                async for out in outputs:
+                    usage = WorkerUsage(
+                        prompt_tokens=out.prompt_tokens,
+                        completion_tokens=out.completion_tokens,
+                        total_tokens=out.prompt_tokens + out.completion_tokens,
+                        cached_tokens=out.cached_tokens,
+                    )
+                    if out.finish_reason is not None:
+                        tracing.generation_end(span, out, finish_reason_of(out.finish_reason))
+                    text = out.text
+                    if params.echo and first:
+                        text = prompt_text + text
+                    first = False
+                    cumulative += out.text
+                    yield WorkerChunk(
+                        text=text if params.delta else cumulative,
+                        usage=usage,
+                        finish_reason=finish_reason_of(out.finish_reason),
+                        token_logprobs=self._logprobs(out.logprobs),
+                        prompt_logprobs=prompt_logprobs,
+                        stop_sequence=out.stop_sequence,
+                    )
+                    prompt_logprobs = None
         except BaseException as exc:
             if span.is_recording() and not isinstance(exc, GeneratorExit):
                 tracing.failed(span, exc)
@@ -408,14 +474,15 @@ class WorkerService:
 
     async def embed(self, params: EmbedParams) -> EmbedResult:
         """Normalised vectors for every input, batched with concurrent requests."""
-        if not self.engine.info.embedding_dim:
+        if not self.engine.info.embedding_dim or params.model in self.engine.lora_names():
             raise InvalidRequestError(
                 f"The model `{self.engine.info.name}` does not serve embeddings.", param="model"
             )
         await self._admission.check_length(params.input or [], param="input", each=True)
         inputs = await self._admission.run(lambda: self._embedding_inputs(params))
         self.served += 1
-        vectors = await self._batcher.submit(inputs)
+        async with self.lifecycle.use():
+            vectors = await self._batcher.submit(inputs)
         counts = [len(ids) for ids in inputs]
         # The engine's own vectors: validating every float would hold the event loop for nothing.
         return EmbedResult.model_construct(embedding=vectors, token_num=sum(counts), token_counts=counts)

@@ -50,13 +50,23 @@ class LocalPool:
     """Picks among workers living in this process: one per model name."""
 
     def __init__(self, services: list[WorkerBackend]) -> None:
-        self._workers: dict[str, LocalWorker] = {}
         self._services = {service.model_names[0]: service for service in services}
+        seen: set[str] = set()
         for service in services:
             for name in service.model_names:
-                if name in self._workers:  # the embedding model's default name, or a name given twice
+                if name in seen:  # the embedding model's default name, or a name given twice
                     raise ValueError(f"two models are served under the name {name!r}: give one of them --model-names")
-                self._workers[name] = LocalWorker(service)
+                seen.add(name)
+        self._local = {id(service): LocalWorker(service) for service in services}
+
+    @property
+    def _workers(self) -> dict[str, LocalWorker]:
+        # Read on each use: a backend's names change as LoRA adapters load and unload.
+        return {name: self._local[id(s)] for s in self._services.values() for name in s.model_names}
+
+    def backends(self) -> list[WorkerBackend]:
+        """The workers' backends, in the order they were given."""
+        return list(self._services.values())
 
     async def models(self) -> list[str]:
         return list(self._workers)

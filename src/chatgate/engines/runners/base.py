@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Generator, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from chatgate.engines.base import TokenLogprob
+from chatgate.engines.lora import AdapterError
 
 # Work a runner does a bounded chunk at a time between scheduler steps; each `next()` is one chunk.
 Job = Generator[None, None, Any]
@@ -61,18 +63,34 @@ class Runner(abc.ABC):
     def empty(self) -> KV:
         """A KV with no rows."""
 
+    # `adapters` / `adapter` below name each row's LoRA adapter (None: the base model); a
+    # runner that serves none is never given a name (`read_adapter` refuses every adapter).
+
     @abc.abstractmethod
-    def prefill(self, prompts: list[list[int]]) -> tuple[KV, torch.Tensor]:
+    def prefill(self, prompts: list[list[int]], *, adapters: list[str | None] | None = None) -> tuple[KV, torch.Tensor]:
         """A new KV holding `prompts` (one row each), and each row's last logits `[rows, vocab]`."""
 
     @abc.abstractmethod
-    def prefill_chunk(self, kv: KV | None, chunk: list[int]) -> tuple[KV, torch.Tensor]:
+    def prefill_chunk(self, kv: KV | None, chunk: list[int], *, adapter: str | None = None) -> tuple[KV, torch.Tensor]:
         """One row's KV (None: a new row) extended by `chunk`, and its last logits `[1, vocab]`."""
 
     @abc.abstractmethod
-    def decode(self, kv: KV, tokens: list[int], *, column_limit: int) -> torch.Tensor:
+    def decode(
+        self, kv: KV, tokens: list[int], *, column_limit: int, adapters: list[str | None] | None = None
+    ) -> torch.Tensor:
         """Append one token to each row of `kv`; each row's logits `[rows, vocab]`. `column_limit`
         is the most tokens any row will hold (a padded cache grows no further)."""
+
+    def read_adapter(self, name: str, path: Path) -> Any:
+        """Read and check the LoRA adapter at `path` for this model (any thread; slow)."""
+        raise AdapterError(f"LoRA adapter {name!r}: the {type(self).__name__} serves no LoRA adapters")
+
+    def add_adapter(self, adapter: Any) -> None:
+        """Serve an adapter `read_adapter` returned to rows that name it."""
+        raise AdapterError("this runner serves no LoRA adapters")
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving adapter `name` (no row names it any more)."""
 
     @abc.abstractmethod
     def from_prefix(self, spans: list[Any], *, tokens: int, capacity: int) -> KV:

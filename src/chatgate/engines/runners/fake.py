@@ -86,17 +86,19 @@ class FakeRunner(Runner):
     def empty(self) -> FakeKV:
         return FakeKV(self)
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[FakeKV, torch.Tensor]:
+    def prefill(self, prompts: list[list[int]], *, adapters: list[str | None] | None = None) -> tuple[FakeKV, torch.Tensor]:
         self.forward_tokens += sum(len(p) for p in prompts)
         return FakeKV(self, [list(p) for p in prompts]), torch.stack([self.logits(p) for p in prompts])
 
-    def prefill_chunk(self, kv: Any, chunk: list[int]) -> tuple[FakeKV, torch.Tensor]:
+    def prefill_chunk(self, kv: Any, chunk: list[int], *, adapter: str | None = None) -> tuple[FakeKV, torch.Tensor]:
         kv = kv if kv is not None else FakeKV(self, [[]])
         kv.tokens[0] += chunk
         self.forward_tokens += len(chunk)
         return kv, self.logits(kv.tokens[0]).unsqueeze(0)
 
-    def decode(self, kv: Any, tokens: list[int], *, column_limit: int) -> torch.Tensor:
+    def decode(
+        self, kv: Any, tokens: list[int], *, column_limit: int, adapters: list[str | None] | None = None
+    ) -> torch.Tensor:
         if self.fail_next_decode:
             self.fail_next_decode = False
             raise RuntimeError("injected decode failure")

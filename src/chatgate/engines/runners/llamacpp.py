@@ -17,6 +17,9 @@ cache to evict (`reclaim`) until one is.
 Prompt scoring and embeddings run in a second, smaller context over the same weights, so
 they never touch the running batch's memory.
 
+LoRA adapters (GGUF files) apply to a whole llama.cpp context, so a step runs one decode per
+adapter among its rows (`gguf_lora.py`).
+
 Only the scheduler's thread calls into a runner; llama.cpp releases the GIL while it computes
 (ctypes calls do), so the event loop keeps serving meanwhile.
 """
@@ -38,6 +41,7 @@ import torch
 from chatgate.engines.base import TokenLogprob
 from chatgate.engines.loading import gguf_architecture
 from chatgate.engines.runners.base import Runner
+from chatgate.engines.runners.gguf_lora import ContextAdapters, GgufAdapter, read_gguf_adapter
 from chatgate.engines.sampling import scored
 
 log = logging.getLogger(__name__)
@@ -284,6 +288,7 @@ class LlamaCppRunner(Runner):
         self._free = list(range(sequences - 1, -1, -1))
         self._jobs: Any = None  # the scoring/embedding context, made on first use
         self._job_batch: _Batch | None = None
+        self._adapters = ContextAdapters(self._ctx)  # LoRA adapters: one decode per adapter in a step
 
     def __del__(self) -> None:
         # Engines made for one test or one run come and go; their scheduler thread has ended.
@@ -339,35 +344,46 @@ class LlamaCppRunner(Runner):
     def empty(self) -> LlamaKV:
         return LlamaKV(self)
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[LlamaKV, torch.Tensor]:
+    def prefill(self, prompts: list[list[int]], *, adapters: list[str | None] | None = None) -> tuple[LlamaKV, torch.Tensor]:
         kv = LlamaKV(self)
         try:
-            entries = []
+            rows = []
             for prompt in prompts:
                 seq = self.new_sequence()
                 kv.seqs.append(seq)
                 kv.lengths.append(len(prompt))
                 last = len(prompt) - 1
-                entries += [(seq, pos, token, pos == last) for pos, token in enumerate(prompt)]
-            return kv, self._logits(entries)
+                rows.append([(seq, pos, token, pos == last) for pos, token in enumerate(prompt)])
+            return kv, self._adapters.run(rows, adapters, self._logits)
         except BaseException:
             kv.select([])
             raise
 
-    def prefill_chunk(self, kv: Any, chunk: list[int]) -> tuple[LlamaKV, torch.Tensor]:
+    def prefill_chunk(self, kv: Any, chunk: list[int], *, adapter: str | None = None) -> tuple[LlamaKV, torch.Tensor]:
         if kv is None:
             kv = LlamaKV(self, [self.new_sequence()], [0])
         seq, start = kv.seqs[0], kv.lengths[0]
         last = len(chunk) - 1
-        logits = self._logits([(seq, start + i, token, i == last) for i, token in enumerate(chunk)])
+        logits = self._adapters.run([[(seq, start + i, token, i == last) for i, token in enumerate(chunk)]], [adapter], self._logits)
         kv.lengths[0] += len(chunk)
         return kv, logits
 
-    def decode(self, kv: Any, tokens: list[int], *, column_limit: int) -> torch.Tensor:
-        entries = [(seq, pos, token, True) for seq, pos, token in zip(kv.seqs, kv.lengths, tokens, strict=True)]
-        logits = self._logits(entries)
+    def decode(
+        self, kv: Any, tokens: list[int], *, column_limit: int, adapters: list[str | None] | None = None
+    ) -> torch.Tensor:
+        rows = [[(seq, pos, token, True)] for seq, pos, token in zip(kv.seqs, kv.lengths, tokens, strict=True)]
+        logits = self._adapters.run(rows, adapters, self._logits)
         kv.lengths = [length + 1 for length in kv.lengths]
         return logits
+
+    def read_adapter(self, name: str, path: Path) -> GgufAdapter:
+        return read_gguf_adapter(self.model.handle, name, path)
+
+    def add_adapter(self, adapter: Any) -> None:
+        self._adapters.add(adapter)
+
+    def remove_adapter(self, name: str) -> None:
+        self._adapters.remove(name)
 
     def from_prefix(self, spans: list[Any], *, tokens: int, capacity: int) -> LlamaKV:
         seq = self.new_sequence()
