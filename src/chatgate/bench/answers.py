@@ -25,8 +25,11 @@ ANSWER_TOKENS = 32
 ANSWER_CONCURRENCY = 8
 
 
-def reference_answers(settings: EngineSettings, *, tokens: int = ANSWER_TOKENS) -> list[list[int]]:
-    """float32's greedy continuation of each quality prompt's chat prompt, cut at end of text."""
+def reference_answers(
+    settings: EngineSettings, *, tokens: int = ANSWER_TOKENS, prompts: list[str] = QUALITY_PROMPTS
+) -> list[list[int]]:
+    """float32's greedy continuation of each prompt's chat prompt (the quality prompts unless
+    told), cut at end of text."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -37,12 +40,12 @@ def reference_answers(settings: EngineSettings, *, tokens: int = ANSWER_TOKENS) 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model = model.eval()
-    prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False)) for text in QUALITY_PROMPTS]
+    chats = [list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=False)) for text in prompts]
     configured = model.generation_config.eos_token_id
     ends = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None}
     out = []
-    for continuation in greedy(FastDecoder(model), prompts, tokens):
+    for continuation in greedy(FastDecoder(model), chats, tokens):
         cut = next((i for i, token in enumerate(continuation) if token in ends), len(continuation))
         out.append(continuation[:cut])
     return out
@@ -68,15 +71,16 @@ async def _ask(http: httpx.AsyncClient, url: str, model: str, api_key: str, ques
 
 
 async def target_answers(http: httpx.AsyncClient, url: str, *, model: str, api_key: str,
-                         tokens: int = ANSWER_TOKENS) -> list[str]:
-    """The target's greedy reply to every quality prompt, `ANSWER_CONCURRENCY` at a time."""
+                         tokens: int = ANSWER_TOKENS, prompts: list[str] = QUALITY_PROMPTS) -> list[str]:
+    """The target's greedy reply to every prompt (the quality prompts unless told),
+    `ANSWER_CONCURRENCY` at a time."""
     gate = asyncio.Semaphore(ANSWER_CONCURRENCY)
 
     async def one(question: str) -> str:
         async with gate:
             return await _ask(http, url, model, api_key, question, tokens)
 
-    return list(await asyncio.gather(*(one(question) for question in QUALITY_PROMPTS)))
+    return list(await asyncio.gather(*(one(question) for question in prompts)))
 
 
 def encode_replies(settings: EngineSettings, replies: dict[str, list[str]]) -> dict[str, list[list[int]]]:
@@ -89,9 +93,12 @@ def encode_replies(settings: EngineSettings, replies: dict[str, list[str]]) -> d
     return {name: [list(tokenizer.encode(text, add_special_tokens=False)) for text in texts] for name, texts in replies.items()}
 
 
-def score_answers(reference: list[list[int]], replies: list[list[int]], texts: list[str]) -> dict[str, Any]:
-    """How close a target's replies (as token ids) come to float32's, and its answer on France."""
-    france = texts[QUALITY_PROMPTS.index(PARIS_QUESTION)]
+def score_answers(
+    reference: list[list[int]], replies: list[list[int]], texts: list[str], prompts: list[str] = QUALITY_PROMPTS
+) -> dict[str, Any]:
+    """How close a target's replies (as token ids) come to float32's, and its answer on France
+    (which `prompts`, the quality prompts unless told, must hold)."""
+    france = texts[prompts.index(PARIS_QUESTION)]
     shares = [agreement(mine, theirs) for mine, theirs in zip(reference, replies, strict=True)]
     return {
         "prompts": len(shares),
