@@ -88,7 +88,10 @@ async def test_a_shared_system_prompt_is_prefilled_once_and_answers_do_not_chang
         else:  # llama.cpp's sums depend on how many tokens a pass holds: answers may part after a while
             uncached_next = await next_token_logprobs(app, QUESTIONS[1])
             assert uncached_next.keys() == cached_next.keys()
-            assert all(abs(uncached_next[t] - cached_next[t]) < 0.05 for t in cached_next), (cached_next, uncached_next)
+            # bfloat16 sums over differently shaped passes: measured up to 0.053 apart on a lower
+            # alternative (depending on what ran before in the session); KV from the wrong
+            # prompt would move them by whole units.
+            assert all(abs(uncached_next[t] - cached_next[t]) < 0.15 for t in cached_next), (cached_next, uncached_next)
         no_cache = uncached.stats()
         assert no_cache is not None and no_cache.prefix_cache_hits == 0
 
