@@ -14,7 +14,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
 
@@ -261,6 +261,9 @@ class Reply(ABC, Generic[ResponseT, ChunkT]):
 class GenerationServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
     """Starts generations on a worker and collects or merges their streams."""
 
+    # Fields an error names as chat's request does, renamed as this route's request names them.
+    param_names: ClassVar[dict[str, str]] = {}
+
     def __init__(self, *, pool: WorkerPool, max_n: int, metrics: ApiMetrics | None = None) -> None:
         self._pool = pool
         self._max_n = max_n
@@ -334,6 +337,9 @@ class GenerationServing(ABC, Generic[RequestT, ResponseT, ChunkT]):
         first_of_prompt = [i == 0 or params[i].prompt_key() != params[i - 1].prompt_key() for i in range(len(params))]
         try:
             streams = await with_failover(self._pool, model, lambda worker: self._start_on(worker, params, choices_param, held))
+        except ChatgateError as exc:  # named as this route's request names the field
+            exc.param = self.param_names.get(exc.param or "", exc.param)
+            raise
         except asyncio.CancelledError:
             # Cut before any first chunk (its deadline passed, its client left): the worker may
             # have prefilled the prompts, and no usage came back to charge them by.

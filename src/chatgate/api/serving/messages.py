@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncGenerator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,6 @@ from chatgate.api.serving.generation import Choice, GenerationServing, Reply
 from chatgate.api.serving.tools import ToolPlan, plan, render_messages
 from chatgate.api.workers.base import WorkerPool
 from chatgate.api.workers.failover import with_failover
-from chatgate.errors import ChatgateError
 from chatgate.protocol.anthropic import (
     Conversation,
     CountTokensRequest,
@@ -207,20 +206,12 @@ class MessagesReply(Reply[MessageResponse, MessageStreamEvent]):
 class MessagesServing(GenerationServing[MessagesAsChat, MessageResponse, MessageStreamEvent]):
     """Serves `/v1/messages` on the shared request flow: conversion and events only."""
 
+    param_names = _PARAMS
+
     def prepare(self, request: MessagesAsChat) -> tuple[list[GenerateParams], MessagesReply]:
         tool_plan = plan(request)
         params = to_params(request, tool_plan).model_copy(update={"max_tokens_param": "max_tokens"})
         return [params], MessagesReply(request.source, tool_plan)
-
-    async def start(
-        self, model: str, params: list[GenerateParams], *, choices_param: str = "n", held: bool = False
-    ) -> list[AsyncGenerator[WorkerChunk, None]]:
-        """As the flow starts generations, with errors naming the Messages request's fields."""
-        try:
-            return await super().start(model, params, choices_param=choices_param, held=held)
-        except ChatgateError as exc:
-            exc.param = _PARAMS.get(exc.param or "", exc.param)
-            raise
 
 
 class TokenCountServing:

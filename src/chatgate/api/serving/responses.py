@@ -5,7 +5,7 @@ tool plan and constraints are chat's; its result becomes a `response` object or 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncGenerator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +14,6 @@ from pydantic import Field
 from chatgate.api.serving.chat import to_params
 from chatgate.api.serving.generation import Choice, GenerationServing, Reply, chat_logprobs
 from chatgate.api.serving.tools import ToolPlan, plan
-from chatgate.errors import ChatgateError
 from chatgate.protocol.openai import ChatCompletionRequest, Usage, now
 from chatgate.protocol.responses import (
     FunctionCallInput,
@@ -304,21 +303,13 @@ class ResponsesReply(Reply[ResponseObject, StreamEvent]):
 class ResponsesServing(GenerationServing[ResponsesAsChat, ResponseObject, StreamEvent]):
     """Serves `/v1/responses` on the shared request flow: conversion and events only."""
 
+    param_names = _PARAMS
+
     def prepare(self, request: ResponsesAsChat) -> tuple[list[GenerateParams], ResponsesReply]:
         tool_plan = plan(request)
         params = to_params(request, tool_plan).model_copy(update={"prompt_param": "input", "max_tokens_param": "max_output_tokens"})
         head = _Head(id=_id("resp"), created_at=now(), request=request.source)
         return [params], ResponsesReply(head, tool_plan)
-
-    async def start(
-        self, model: str, params: list[GenerateParams], *, choices_param: str = "n", held: bool = False
-    ) -> list[AsyncGenerator[WorkerChunk, None]]:
-        """As the flow starts generations, with errors naming the Responses request's fields."""
-        try:
-            return await super().start(model, params, choices_param=choices_param, held=held)
-        except ChatgateError as exc:
-            exc.param = _PARAMS.get(exc.param or "", exc.param)
-            raise
 
 
 def stream_of(response: ResponseObject) -> list[StreamEvent]:
