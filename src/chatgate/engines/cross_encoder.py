@@ -11,8 +11,6 @@ logit, or the last class's probability for a model of several labels, as sentenc
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import json
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -20,8 +18,9 @@ from typing import Any
 
 import torch
 
-from chatgate.engines.base import ChatOptions, Engine, GenerationOutput, ModelInfo, SamplingParams
+from chatgate.engines.base import ChatOptions, GenerationOutput, ModelInfo, SamplingParams
 from chatgate.engines.loading import model_construction
+from chatgate.engines.one_thread import OneThreadEngine
 from chatgate.errors import InvalidRequestError
 from chatgate.settings import EngineSettings
 
@@ -38,8 +37,10 @@ def is_cross_encoder(folder: str | Path) -> bool:
     return any(str(name).endswith("ForSequenceClassification") for name in architectures)
 
 
-class CrossEncoderEngine(Engine):
+class CrossEncoderEngine(OneThreadEngine):
     """Serves a cross-encoder: scores of text pairs, nothing generated or embedded."""
+
+    thread_name = "chatgate-cross-encoder"
 
     def __init__(self, settings: EngineSettings) -> None:
         self._settings = settings
@@ -50,24 +51,8 @@ class CrossEncoderEngine(Engine):
             )
         self._model: Any = None
         self._tokenizer: Any = None
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         name = settings.model_names[0] if settings.model_names else self._path.name
         self.info = ModelInfo(name=name, context_length=0, vocab_size=0, generates=False, cross_encoder=True)
-
-    async def start(self) -> None:
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chatgate-cross-encoder")
-        if self._model is None:
-            await self._run(self._load)
-
-    async def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        assert self._executor is not None, "engine not started"
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _load(self) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer

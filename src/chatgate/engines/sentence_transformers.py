@@ -7,17 +7,16 @@ forward pass `SentenceTransformer.encode` makes.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from chatgate.engines.base import ChatOptions, Engine, GenerationOutput, ModelInfo, SamplingParams
+from chatgate.engines.base import ChatOptions, GenerationOutput, ModelInfo, SamplingParams
 from chatgate.engines.embedding import embed_in_batches
 from chatgate.engines.loading import model_construction, package_dir
+from chatgate.engines.one_thread import OneThreadEngine
 from chatgate.errors import InvalidRequestError
 from chatgate.settings import EngineSettings
 
@@ -35,33 +34,19 @@ def resolve_embedding_model(model_path: str) -> tuple[str, Path]:
     return path.name, path
 
 
-class SentenceTransformersEngine(Engine):
+class SentenceTransformersEngine(OneThreadEngine):
     """Serves a sentence-transformers embedding model."""
+
+    thread_name = "chatgate-embed"
 
     def __init__(self, settings: EngineSettings) -> None:
         self._settings = settings
         name, self._path = resolve_embedding_model(settings.model_path)
         self._model: Any = None
         self._tokenizer: Any = None
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.info = ModelInfo(
             name=name, context_length=0, vocab_size=0, generates=False
         )
-
-    async def start(self) -> None:
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chatgate-embed")
-        if self._model is None:
-            await self._run(self._load)
-
-    async def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        assert self._executor is not None, "engine not started"
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _load(self) -> None:
         from sentence_transformers import SentenceTransformer
