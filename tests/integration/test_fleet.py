@@ -104,14 +104,15 @@ async def fleet(
 ) -> AsyncIterator[Fleet]:
     f = Fleet(dispatch, workers, dead, models, strangers)
     async with contextlib.AsyncExitStack() as stack:
+        # The clients close last: the controller may still be probing a worker reported down.
+        stack.push_async_callback(f.to_workers.aclose)
+        stack.push_async_callback(f.http.aclose)
         await stack.enter_async_context(running(f.controller))
         for app in f.workers.values():
             await stack.enter_async_context(running(app))
         await f.register()
         await stack.enter_async_context(running(f.api))
         yield f
-        await f.http.aclose()
-        await f.to_workers.aclose()
 
 
 def served(app: FastAPI) -> int:
