@@ -89,6 +89,18 @@ async def test_completions_raw_http_and_streamed(chat_app: FastAPI) -> None:
         assert "".join([c.choices[0].text async for c in streamed if c.choices]) == text
 
 
+async def test_completions_response_format_json_schema(chat_app: FastAPI) -> None:
+    """vLLM's completions take `response_format` as chat does: the continuation is JSON of the schema."""
+    body = {"model": MODEL, "prompt": "A point on the grid, as JSON:", "max_tokens": 30, "temperature": 1.0, "seed": 2,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "point", "schema": POINT}}}
+    async with raw(chat_app) as http:
+        r = await http.post("/v1/completions", json=body)
+        free = await http.post("/v1/completions", json={**body, "response_format": {"type": "text"}})
+    assert r.status_code == 200 and free.status_code == 200, (r.text, free.text)
+    jsonschema.validate(json.loads(r.json()["choices"][0]["text"]), POINT)
+    assert free.json()["choices"][0]["text"] != r.json()["choices"][0]["text"]
+
+
 async def test_completions_choice_with_n_and_prompts(chat_app: FastAPI) -> None:
     r = await sdk(chat_app).completions.create(
         model=MODEL, prompt=["The capital of France is", "The capital of England is"], n=2, max_tokens=10,

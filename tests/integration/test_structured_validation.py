@@ -88,6 +88,31 @@ async def test_chat_conflicts_with_response_format_and_forced_tools(fake_app: Fa
     assert param in error["message"] and error["param"] in ("response_format", param, *extra)
 
 
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "response_format"),  # the second named, as on chat
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"response_format": "json"}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": BIG_SCHEMA}}},
+     "response_format.json_schema.schema"),
+])
+async def test_completions_response_format_is_checked_as_chats(fake_app: FastAPI, extra: dict[str, Any], param: str) -> None:
+    async with raw(fake_app) as http:
+        r = await http.post("/v1/completions", json={**COMPLETION, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+
+
+async def test_completions_response_format_reaches_the_engine(fake_app: FastAPI) -> None:
+    """Not accepted and ignored: the fake engine, which has no grammars, refuses it by name; `text` is free."""
+    with pytest.raises(openai.BadRequestError) as err:
+        await sdk(fake_app).completions.create(model="fake-model", prompt="hi", extra_body={"response_format": {"type": "json_object"}})
+    assert "does not support structured output" in err.value.message
+    free = await sdk(fake_app).completions.create(model="fake-model", prompt="hi", extra_body={"response_format": {"type": "text"}})
+    assert free.choices[0].text
+
+
 async def test_tool_choice_auto_and_text_format_do_not_conflict(fake_app: FastAPI) -> None:
     """Only constraints conflict: tools offered freely, or a text response format, do not."""
     client = sdk(fake_app)

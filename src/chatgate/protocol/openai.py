@@ -353,6 +353,8 @@ class CompletionRequest(SamplingRequest, CompletionExtras):
     # Filled in the middle where the model has FIM tokens (the worker refuses it elsewhere).
     suffix: str | None = None
     logprobs: int | None = Field(None, ge=0, le=5)
+    # vLLM's completions take it too: the prompt is continued as JSON (or JSON of a schema).
+    response_format: ResponseFormat | None = None
 
     @field_validator("suffix")
     @classmethod
@@ -376,8 +378,18 @@ class CompletionRequest(SamplingRequest, CompletionExtras):
     # Completions carry token-id lists: up to 128 prompts of a long context.
     max_json_values: ClassVar[int] = 1_100_000
 
+    def other_constraints(self) -> list[str]:
+        return ["response_format"] if self.response_format is not None and self.response_format.type != "text" else []
+
+    def constraint(self) -> dict[str, Any] | None:
+        """The worker-protocol constraint on the output: `response_format`'s or the structured fields'."""
+        given = self.response_format.constraint() if self.response_format is not None else None
+        return given or self.structured_constraint()
+
     def schemas(self) -> Iterable[tuple[str, dict[str, Any]]]:
-        return self.structured_schemas()
+        yield from self.structured_schemas()
+        if self.response_format is not None and self.response_format.json_schema is not None:
+            yield "response_format.json_schema.schema", self.response_format.json_schema.schema_
 
     def cost(self) -> limits.Cost:
         choices = prompt_count(self.prompt) * self.n

@@ -42,7 +42,7 @@ def to_params(request: CompletionRequest) -> list[GenerateParams]:
         "echo": bool(request.echo),
         "suffix": request.suffix,
         "logprobs": request.logprobs,
-        "response_format": request.structured_constraint(),
+        "response_format": request.constraint(),
         "prompt_param": "prompt",
     }
     params: list[GenerateParams] = []
