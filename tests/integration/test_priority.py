@@ -6,13 +6,16 @@ whole; under `fcfs` a non-zero priority is a 400 naming it, as in vLLM. Bad valu
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 from fastapi import FastAPI
 
+from chatgate.api.limits.policy import load_keys_file
 from chatgate.engines import create_engine
 from chatgate.engines.base import GenerationOutput, SamplingParams
 from chatgate.engines.fake import FakeEngine
@@ -128,3 +131,44 @@ async def test_priority_travels_the_worker_protocol_and_an_fcfs_worker_refuses_i
             assert body["error_code"] != 0 and body["param"] == "priority" and engine.priorities == []
         too_big = await http.post("/worker_generate", json={"model": M, "prompt": "x", "priority": 2**63})
         assert too_big.status_code == 400 or too_big.json()["error_code"] != 0
+
+
+async def test_a_key_may_not_ask_above_its_priority_floor(tmp_path: Path) -> None:
+    """Without a floor any key could put itself ahead of all others: a key's `min_priority` bounds
+    what it may ask on every route that takes `priority` (403 naming the field), its requests that
+    ask for none run at the floor, and other keys are left alone."""
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"sk-low": {"name": "batch", "min_priority": 5}, "sk-any": None}))
+    recorder = PriorityRecorder("priority")
+    async with running(make_app(recorder, api_keys_file=keys)) as app:
+        low, anyone = sdk(app, api_key="sk-low"), sdk(app, api_key="sk-any")
+
+        async def call(client: openai.AsyncOpenAI, body: dict[str, int]) -> None:
+            if route == "chat":
+                await client.chat.completions.create(model=M, messages=user("x"), extra_body=body)
+            elif route == "completions":
+                await client.completions.create(model=M, prompt="x", extra_body=body)
+            else:
+                await client.responses.create(model=M, input="x", extra_body=body)
+
+        for route in ("chat", "completions", "responses"):
+            for asked in (4, 0, -(2**63)):
+                with pytest.raises(openai.PermissionDeniedError) as err:
+                    await call(low, {"priority": asked})
+                assert isinstance(err.value.body, dict) and err.value.body.get("param") == "priority", err.value.body
+                assert "batch" in err.value.message and "below 5" in err.value.message
+            assert recorder.priorities == []
+            for body, runs_at in (({"priority": 5}, 5), ({"priority": 2**63 - 1}, 2**63 - 1), ({}, 5)):
+                await call(low, body)
+                assert recorder.priorities.pop() == runs_at
+            await call(anyone, {"priority": -100})
+            assert recorder.priorities.pop() == -100
+            await call(anyone, {})
+            assert recorder.priorities.pop() == 0
+
+
+def test_a_floor_that_is_not_an_integer_stops_the_start(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"sk-low": {"min_priority": "high"}}))
+    with pytest.raises(ValueError, match="min_priority"):
+        load_keys_file(keys)

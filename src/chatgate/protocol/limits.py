@@ -211,6 +211,10 @@ class PublicRequest(BaseModel):
         """What serving this request would take (nothing beyond one choice, by default)."""
         return Cost()
 
+    def scheduling_priority(self) -> int | None:
+        """The `priority` asked for (lower runs first); None if none was (or the API has no such field)."""
+        return None
+
     def schemas(self) -> Iterable[tuple[str, dict[str, Any]]]:
         """Every JSON schema the request carries, with the field that holds it."""
         return ()

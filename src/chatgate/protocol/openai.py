@@ -138,6 +138,9 @@ class SamplingRequest(StructuredFields):
     cache_salt: CacheSalt | None = None
     priority: Priority = 0
 
+    def scheduling_priority(self) -> int | None:
+        return self.priority if "priority" in self.model_fields_set else None
+
     @field_validator("top_k")
     @classmethod
     def _top_k(cls, value: int | None) -> int | None:

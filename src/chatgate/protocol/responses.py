@@ -180,6 +180,9 @@ class ResponsesRequest(ResponsesExtras):  # a `_Request`, with the fields it acc
     previous_response_id: str | None = Field(None, min_length=1, max_length=256)
     background: bool | None = None  # run after the reply; needs `store`
 
+    def scheduling_priority(self) -> int | None:
+        return self.priority if "priority" in self.model_fields_set else None
+
     @property
     def logprobs(self) -> bool:
         """Whether output text comes with log-probabilities (`top_logprobs` alone asks for none)."""

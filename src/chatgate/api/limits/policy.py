@@ -20,6 +20,12 @@ class KeyPolicy(BaseModel):
     tpm: int | None = Field(None, ge=1, description="Prompt plus completion tokens per minute.")
     max_parallel_requests: int | None = Field(None, ge=1)
     models: frozenset[str] | None = Field(None, description="Models the key may use; all if left out.")
+    # Under `--scheduling-policy priority` a lower `priority` runs first and preempts: without a
+    # floor, any key could put itself ahead of every other.
+    min_priority: int | None = Field(
+        None, description="The most urgent (lowest) `priority` the key may ask for, and the one its "
+        "requests that ask for none run at; any if left out.",
+    )
 
     def limited(self) -> bool:
         """Whether any counter applies to this key."""
