@@ -14,6 +14,7 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.responses import EasyInputMessageParam
 from fastapi import FastAPI
 
 from chatgate.api.stored.backend import Bounds, MemoryBackend
@@ -182,3 +183,26 @@ async def test_multi_turn_on_the_real_model_with_the_sdk_and_the_agents_sdk(chat
     two = await Runner.run(agent, "Repeat your last answer.", previous_response_id=one.last_response_id)
     kept = await client.responses.retrieve(str(two.last_response_id))
     assert kept.previous_response_id == one.last_response_id and kept.output_text == two.final_output
+
+
+async def test_input_items_page_as_openai_lists_do(fake_app: FastAPI) -> None:
+    """20 items a page, newest first unless `order=asc`, `after`/`before` cursors, `has_more`:
+    the SDK's auto-pagination walks them all."""
+    client = sdk(fake_app)
+    turns: list[EasyInputMessageParam] = [{"role": "user", "content": f"turn {i}"} for i in range(25)]
+    r = await client.responses.create(model=M, input=turns, temperature=0)
+    first = await client.responses.input_items.list(r.id)
+    assert len(first.data) == 20 and first.has_more
+    assert [getattr(i, "content")[0].text for i in first.data[:2]] == ["turn 24", "turn 23"]
+    walked = [item.id async for item in client.responses.input_items.list(r.id, limit=7)]
+    ascending = [item.id async for item in client.responses.input_items.list(r.id, order="asc", limit=100)]
+    assert len(walked) == 25 and walked == ascending[::-1] and len(set(walked)) == 25
+    page = await client.responses.input_items.list(r.id, order="asc", after=ascending[9], limit=5)
+    assert [i.id for i in page.data] == ascending[10:15] and page.has_more
+    async with raw(fake_app) as http:
+        before = (await http.get(f"/v1/responses/{r.id}/input_items", params={"order": "asc", "before": ascending[9], "limit": 3})).json()
+        assert [i["id"] for i in before["data"]] == ascending[6:9] and before["has_more"]
+        for query, param in (({"limit": 0}, "limit"), ({"limit": 101}, "limit"), ({"limit": "x"}, "limit"),
+                             ({"order": "up"}, "order"), ({"after": "msg_nope"}, "after")):
+            bad = await http.get(f"/v1/responses/{r.id}/input_items", params=query)
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == param, (query, bad.text)

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
+from chatgate.errors import InvalidRequestError
 from chatgate.protocol import limits
 from chatgate.protocol.accepted import ResponsesExtras, Verbosity
 from chatgate.protocol.limits import PublicRequest
@@ -323,6 +324,48 @@ class RetrieveQuery(BaseModel):
 
     stream: bool = False
     starting_after: int | None = Field(None, ge=0, le=10**9)
+
+
+def _listed(item: dict[str, Any]) -> dict[str, Any]:
+    """An input item as OpenAI lists it: a message's text content as one content part."""
+    if item.get("type") != "message" or not isinstance(item.get("content"), str):
+        return item
+    part = "output_text" if item.get("role") == "assistant" else "input_text"
+    return {**item, "content": [{"type": part, "text": item["content"]}]}
+
+
+class InputItemsQuery(BaseModel):
+    """The query of `GET /v1/responses/{id}/input_items`: a page of at most `limit` items, newest
+    first unless `order` is `asc`, after (or before) the item id given, as OpenAI pages lists."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    limit: int = Field(20, ge=1, le=100)
+    order: Literal["asc", "desc"] = "desc"
+    after: str | None = Field(None, min_length=1, max_length=256)
+    before: str | None = Field(None, min_length=1, max_length=256)
+
+    def page(self, items: list[dict[str, Any]]) -> InputItemList:
+        """This query's page of `items` (given in input order); 400 naming a cursor not among them."""
+        ordered = items if self.order == "asc" else items[::-1]
+        ids = [item.get("id") for item in ordered]
+        start, end = 0, len(ordered)
+        for name, cursor in (("after", self.after), ("before", self.before)):
+            if cursor is None:
+                continue
+            if cursor not in ids:
+                raise InvalidRequestError(f"No input item of this response has the id {cursor!r}.", param=name)
+            if name == "after":
+                start = ids.index(cursor) + 1
+            else:
+                end = ids.index(cursor)
+        window = [_listed(item) for item in ordered[start:end]]
+        # Paging backwards (`before` alone) takes the items nearest the cursor.
+        data = window[-self.limit:] if self.before is not None and self.after is None else window[: self.limit]
+        return InputItemList(
+            data=data, first_id=data[0]["id"] if data else None, last_id=data[-1]["id"] if data else None,
+            has_more=len(data) < len(window),
+        )
 
 
 class DeletedResponse(BaseModel):

@@ -25,7 +25,9 @@ from chatgate.protocol.openai import (
     ModelCard,
     ModelList,
 )
-from chatgate.protocol.responses import DeletedResponse, InputItemList, ResponseObject, ResponsesRequest, RetrieveQuery
+from chatgate.protocol.responses import (
+    DeletedResponse, InputItemList, InputItemsQuery, ResponseObject, ResponsesRequest, RetrieveQuery,
+)
 from chatgate.protocol.vllm import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 
 router = APIRouter(route_class=Door)
@@ -89,10 +91,9 @@ async def retrieve_response(response_id: str, query: Annotated[RetrieveQuery, Qu
 
 
 @router.get("/v1/responses/{response_id}/input_items", response_model=InputItemList)
-async def response_input_items(response_id: str, request: Request) -> Served:
-    """The input items of a stored response of the caller's key, in order."""
-    items = (await api_state(request).stored.get(response_id, owner())).input_items
-    return InputItemList(data=items, first_id=items[0]["id"] if items else None, last_id=items[-1]["id"] if items else None)
+async def response_input_items(response_id: str, query: Annotated[InputItemsQuery, Query()], request: Request) -> Served:
+    """A page of the input items of a stored response of the caller's key (newest first by default)."""
+    return query.page((await api_state(request).stored.get(response_id, owner())).input_items)
 
 
 @router.delete("/v1/responses/{response_id}", response_model=DeletedResponse)
