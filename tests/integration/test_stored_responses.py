@@ -14,7 +14,7 @@ from typing import Any
 
 import openai
 import pytest
-from openai.types.responses import EasyInputMessageParam
+from openai.types.responses import ResponseInputParam
 from fastapi import FastAPI
 
 from chatgate.api.stored.backend import Bounds, MemoryBackend
@@ -189,7 +189,7 @@ async def test_input_items_page_as_openai_lists_do(fake_app: FastAPI) -> None:
     """20 items a page, newest first unless `order=asc`, `after`/`before` cursors, `has_more`:
     the SDK's auto-pagination walks them all."""
     client = sdk(fake_app)
-    turns: list[EasyInputMessageParam] = [{"role": "user", "content": f"turn {i}"} for i in range(25)]
+    turns: ResponseInputParam = [{"role": "user", "content": f"turn {i}"} for i in range(25)]
     r = await client.responses.create(model=M, input=turns, temperature=0)
     first = await client.responses.input_items.list(r.id)
     assert len(first.data) == 20 and first.has_more
