@@ -44,28 +44,33 @@ def _engine_stats(models: ServedModels) -> list[tuple[str, EngineStats]]:
 
 
 @contextlib.asynccontextmanager
-async def open_models(settings: WorkerSettings, *, engine: Engine | None = None) -> AsyncIterator[ServedModels]:
-    """Open a backend for each model `settings` name (or serve the one `engine` given), loading
-    them concurrently, and stop them all on exit."""
-    configs: list[tuple[EngineSettings, Engine | None]] = (
-        [(settings, engine)] if engine is not None else [(chat, None) for chat in settings.chat_models()]
-    )
+async def open_models(
+    settings: WorkerSettings, *, engine: Engine | None = None, engines: list[Engine] | None = None
+) -> AsyncIterator[ServedModels]:
+    """Open a backend for each model `settings` name (or serve the `engine` given, or each of
+    `engines` under its own name), loading them concurrently, and stop them all on exit."""
+    configs: list[tuple[EngineSettings, Engine | None]] = [(chat, None) for chat in settings.chat_models()]
+    if engine is not None:
+        configs = [(settings, engine)]
+    elif engines is not None:
+        configs = [(settings.model_copy(update={"model_names": []}), e) for e in engines]
     async with contextlib.AsyncExitStack() as stack:
         backends = await asyncio.gather(*(stack.enter_async_context(open_backend(c, engine=e)) for c, e in configs))
         yield ServedModels(list(backends))
 
 
 def create_worker_app(
-    settings: WorkerSettings, *, engine: Engine | None = None, tracer_provider: TracerProvider | None = None
+    settings: WorkerSettings, *, engine: Engine | None = None, engines: list[Engine] | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> FastAPI:
-    """Build the worker app; its models are opened from settings unless an engine is given.
+    """Build the worker app; its models are opened from settings unless an engine (or several) is given.
     Spans go to `tracer_provider` if given (its owner shuts it down), else where the settings say."""
     registry = CollectorRegistry()
     tracing = Tracing.of(service=SERVICE_WORKER, endpoint=settings.otlp_endpoint, provider=tracer_provider)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_models(settings, engine=engine) as models:
+        async with open_models(settings, engine=engine, engines=engines) as models:
             async with _serving(app, settings, registry, models):
                 yield
         await asyncio.to_thread(tracing.close)  # the last spans are flushed before the process ends
