@@ -6,9 +6,7 @@ base `base_model_name` names, and a missing, unknown or ill-typed model is a cle
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -16,24 +14,19 @@ import openai
 import pytest
 from fastapi import FastAPI
 
-from chatgate.api.app import create_api_app
-from chatgate.api.workers.base import WorkerPool
-from chatgate.api.workers.controller import ControllerPool
-from chatgate.controller.app import create_controller_app
 from chatgate.engines.fake import FakeEngine
 from chatgate.errors import InvalidRequestError, ModelNotFoundError
-from chatgate.settings import ApiProcessSettings, ControllerSettings, WorkerSettings
+from chatgate.settings import WorkerSettings
 from chatgate.worker.app import create_worker_app
-from chatgate.worker.heartbeat import Heartbeat
 from chatgate.worker.served import ServedModels
-from tests.conftest import make_app, raw, running, sdk
+from tests.conftest import Messages, make_app, raw, running, sdk
 from tests.polling import apoll
 from tests.support.fake_lora import LoraFakeEngine
+from tests.support.fleet import fleet_of
 
 pytestmark = pytest.mark.anyio
 
-WORKER = "http://worker-1:21002"
-MSG = [{"role": "user", "content": "hi"}]
+MSG: Messages = [{"role": "user", "content": "hi"}]
 GEN = {"prompt": "hello", "max_new_tokens": 4, "temperature": 0}
 
 
@@ -196,37 +189,13 @@ async def test_unloading_one_model_lets_its_stream_finish_and_the_other_keep_str
         assert (await post(app, "/v1/models/unload", {"model": "nobody"})).status_code == 404
 
 
-@contextlib.asynccontextmanager
-async def fleet_of(worker: FastAPI) -> AsyncIterator[tuple[FastAPI, Heartbeat, ControllerPool]]:
-    """A controller and an API server in front of `worker`; the test drives its heartbeat."""
-    async with running(worker), contextlib.AsyncExitStack() as stack:
-        to_worker = httpx.AsyncClient(mounts={WORKER: httpx.ASGITransport(app=worker)})
-        controller = create_controller_app(ControllerSettings(), http=to_worker)
-        http = httpx.AsyncClient(mounts={"http://controller": httpx.ASGITransport(app=controller), WORKER: httpx.ASGITransport(app=worker)})
-        stack.push_async_callback(to_worker.aclose)
-        stack.push_async_callback(http.aclose)
-        pool = ControllerPool(http=http, controller="http://controller", refresh=60)
-
-        @contextlib.asynccontextmanager
-        async def pools() -> AsyncIterator[WorkerPool]:
-            yield pool
-
-        api = create_api_app(ApiProcessSettings(), pools)
-        await stack.enter_async_context(running(controller))
-        await stack.enter_async_context(running(api))
-        beat = Heartbeat(http=http, controller="http://controller", address=WORKER, models=models_of(worker), interval=1)
-        await beat.register()
-        await pool.refresh()
-        yield api, beat, pool
-
-
 async def test_a_fleet_serves_each_model_of_one_worker_and_learns_an_unload_at_the_next_heartbeat() -> None:
     worker = two_models()
     async with fleet_of(worker) as (api, beat, pool):
         client = sdk(api)
         assert sorted([m.id async for m in client.models.list()]) == ["a", "alpha", "b"]
         for model in ("a", "b"):
-            answer = await client.chat.completions.create(model=model, messages=MSG, temperature=0)  # type: ignore[arg-type]
+            answer = await client.chat.completions.create(model=model, messages=MSG, temperature=0)
             assert "Echo" in (answer.choices[0].message.content or "")
             stream = await client.completions.create(model=model, prompt="hello", max_tokens=4, stream=True)
             assert "".join([c.choices[0].text async for c in stream if c.choices])
@@ -238,8 +207,8 @@ async def test_a_fleet_serves_each_model_of_one_worker_and_learns_an_unload_at_t
         await pool.refresh()
         assert [m.id async for m in client.models.list()] == ["b"]
         with pytest.raises(openai.NotFoundError):
-            await client.chat.completions.create(model="a", messages=MSG)  # type: ignore[arg-type]
-        assert (await client.chat.completions.create(model="b", messages=MSG)).choices[0].message.content  # type: ignore[arg-type]
+            await client.chat.completions.create(model="a", messages=MSG)
+        assert (await client.chat.completions.create(model="b", messages=MSG)).choices[0].message.content
 
 
 def lora_worker(**settings: Any) -> FastAPI:
