@@ -17,7 +17,7 @@ import torch
 from chatgate.engines.loading import DEFAULT_CHAT_NAME
 from chatgate.settings import WorkerSettings
 from chatgate.worker.app import create_worker_app
-from tests.conftest import raw, sdk
+from tests.conftest import raw, running, sdk
 from tests.support.fleet import fleet_of
 from tests.support.lora import other_base_adapter, random_adapter
 
@@ -104,3 +104,20 @@ async def test_an_adapter_joins_the_copy_its_base_model_name_names(
         for model, want in (("tuned", expected["tuned"]), ("smol-b", expected["base"]), (DEFAULT_CHAT_NAME, expected["base"])):
             answer = await client.completions.create(model=model, prompt=prompt, max_tokens=TOKENS, temperature=0)
             assert answer.choices[0].text == _text(tokenizer, want), model
+
+
+async def test_an_adapter_for_the_embedding_model_is_a_400_naming_its_base() -> None:
+    from chatgate.api.app import create_api_app
+    from chatgate.api.workers.local import local_pool
+    from chatgate.settings import ServeSettings
+
+    settings = ServeSettings(engine="fake", embedding_model_path="default", responses_store="memory")
+    async with running(create_api_app(settings, local_pool(settings))) as app:
+        names = [m.id async for m in sdk(app).models.list()]
+        embedding = next(name for name in names if name != "fake-model")
+        body = {"lora_name": "x", "lora_path": "/adapters/x", "base_model_name": embedding}
+        async with raw(app) as http:
+            refused = await http.post("/v1/load_lora_adapter", json=body)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == "base_model_name" and "takes no LoRA adapters" in refused.json()["error"]["message"]
+        assert sorted([m.id async for m in sdk(app).models.list()]) == sorted(names)
