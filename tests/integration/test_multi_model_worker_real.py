@@ -72,7 +72,8 @@ async def test_an_adapter_joins_the_copy_its_base_model_name_names(
 
     from chatgate.bench.quality import greedy
 
-    base: Any = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).eval()
+    base: Any = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32)
+    base.eval()
     merged = random_adapter(base, tmp_path / "tuned", seed=1)
     other_base_adapter(tmp_path / "other")
     prompt = list(tokenizer(PROMPT)["input_ids"])
