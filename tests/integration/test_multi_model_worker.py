@@ -293,3 +293,25 @@ async def test_with_one_model_that_takes_adapters_the_base_may_be_left_out() -> 
         loaded = await post(app, "/v1/load_lora_adapter", {"lora_name": "tuned", "lora_path": "/adapters/tuned"})
         assert loaded.status_code == 200, loaded.text
         assert lora.loaded == {"tuned": "/adapters/tuned"}
+
+
+async def test_the_api_server_keeps_each_models_details_apart_on_one_worker() -> None:
+    """Two models of one worker with different context lengths: what the API server learned
+    about one (asked first) does not size requests for the other."""
+    worker = create_worker_app(
+        WorkerSettings(no_register=True, engine="fake"),
+        engines=[FakeEngine(name="roomy", context_length=4096), FakeEngine(name="tight", context_length=64)],
+    )
+    async with fleet_of(worker) as (api, _beat, pool):
+        client = sdk(api)
+        prompt = "x" * 100  # 100 tokens on the fake engine: fits 4,096, not 64
+        roomy = await client.completions.create(model="roomy", prompt=prompt, max_tokens=4)
+        assert roomy.usage is not None and roomy.usage.prompt_tokens == 100
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.completions.create(model="tight", prompt=prompt, max_tokens=4)
+        assert "64" in str(refused.value)
+        learned = {model: details.context_length for (_, model), details in pool._facts.details.items()}
+        assert learned == {"roomy": 4096, "tight": 64}
+        async with raw(api) as http:
+            models = (await http.get("/v1/models")).json()["data"]
+        assert sorted(m["id"] for m in models) == ["roomy", "tight"]
