@@ -507,8 +507,8 @@ class ApiProcessSettings(ApiSettings, FleetSettings, WorkerSilenceSettings):
     )
 
 
-class WorkerSettings(EngineSettings, FleetServerSettings, ShutdownSettings, TracingSettings):
-    """Settings of `chatgate worker`."""
+class WorkerSettings(ModelsSettings, FleetServerSettings, ShutdownSettings, TracingSettings):
+    """Settings of `chatgate worker`: one model (`--model-path`) or several (`--model`, repeatable)."""
 
     host: str = Field("localhost", description="Address to bind.")
     port: int = Field(21002, description="Port to bind.")

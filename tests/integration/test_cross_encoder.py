@@ -110,7 +110,7 @@ async def test_a_worker_in_its_own_process_scores_over_the_worker_protocol(reran
     settings = WorkerSettings(no_register=True, engine="cross-encoder", model_path=str(reranker_folder), model_names=["tiny-reranker"])
     app = create_worker_app(settings)
     async with running(app), httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w") as http:
-        worker = HttpWorker(http=http, address="http://w", facts=WorkerFacts(), bounds=Bounds())
+        worker = HttpWorker(http=http, address="http://w", model="tiny-reranker", facts=WorkerFacts(), bounds=Bounds())
         assert (await worker.model_details()).cross_encoder
         result = await worker.score_pairs(ScorePairsParams(model="tiny-reranker", pairs=[(QUERY, DOCUMENTS[0])]))
     assert result.scores == pytest.approx(expected_scores(reranker_folder, [(QUERY, DOCUMENTS[0])]), abs=1e-5)

@@ -116,7 +116,7 @@ async def fleet(
 
 
 def served(app: FastAPI) -> int:
-    return int(app.state.service.served)
+    return sum(b.served for b in app.state.models.backends())
 
 
 @pytest.mark.parametrize("dispatch", ["shortest_queue", "lottery"])

@@ -341,7 +341,7 @@ async def test_models_whose_workers_are_gone_are_forgotten() -> None:
     async with fleet("shortest_queue", workers, models={"http://a": "alpha", "http://b": "beta"}) as f:
         client = sdk(f.api)
         await client.chat.completions.create(model="beta", messages=MSG)
-        assert "http://b" in f.pool._facts.details
+        assert ("http://b", "beta") in f.pool._facts.details
         f.machines["http://b"].dead = True
         with pytest.raises(openai.InternalServerError):
             await client.chat.completions.create(model="beta", messages=MSG)
@@ -355,7 +355,7 @@ async def test_models_whose_workers_are_gone_are_forgotten() -> None:
         async with raw(f.api) as http:
             ready = await http.get("/ready")
         assert ready.status_code == 200 and ready.json()["workers"] == {"alpha": 1}
-        assert "http://b" not in f.pool._facts.details and "http://b" not in f.pool._facts.in_flight
+        assert ("http://b", "beta") not in f.pool._facts.details and "http://b" not in f.pool._facts.in_flight
         with pytest.raises(openai.NotFoundError):
             await client.chat.completions.create(model="beta", messages=MSG)
         assert served(workers["http://a"]) == 0 and served(workers["http://b"]) == 1

@@ -71,7 +71,7 @@ async def beats_then(count: int, *tail: bytes) -> AsyncIterator[bytes]:
 
 async def generate(transport: httpx.MockTransport, bounds: Bounds) -> list[WorkerChunk]:
     async with httpx.AsyncClient(transport=transport) as http:
-        worker = HttpWorker(http=http, address="http://w", facts=WorkerFacts(), bounds=bounds)
+        worker = HttpWorker(http=http, address="http://w", model=M, facts=WorkerFacts(), bounds=bounds)
         return [c async for c in worker.generate_stream(PARAMS)]
 
 

@@ -17,6 +17,7 @@ from chatgate.protocol.worker import HeartBeat, RegisterWorker
 from chatgate.settings import EngineSettings
 from chatgate.worker.backend import open_backend
 from chatgate.worker.heartbeat import Heartbeat
+from chatgate.worker.served import ServedModels
 from tests.conftest import make_app, raw, runner_engine, running, sdk
 
 pytestmark = pytest.mark.anyio
@@ -110,7 +111,7 @@ async def test_the_heartbeat_registers_again_when_the_models_change() -> None:
 
     async with open_backend(EngineSettings(engine="fake")) as service:
         async with httpx.AsyncClient(transport=httpx.MockTransport(controller)) as http:
-            beat = Heartbeat(http=http, controller="http://controller", address="http://w", service=service, interval=1)
+            beat = Heartbeat(http=http, controller="http://controller", address="http://w", models=ServedModels([service]), interval=1)
             await beat.register()
             await beat.beat()
             await service.unload_model()

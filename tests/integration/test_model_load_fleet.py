@@ -39,7 +39,7 @@ async def test_a_worker_unloads_and_loads_and_the_fleet_learns_it_within_a_heart
 
         api = create_api_app(ApiProcessSettings(), pools)
         async with running(controller), running(api):
-            beat = Heartbeat(http=http, controller="http://controller", address=WORKER, service=worker.state.service, interval=1)
+            beat = Heartbeat(http=http, controller="http://controller", address=WORKER, models=worker.state.models, interval=1)
             await beat.register()
             await pool.refresh()
             assert [m.id async for m in sdk(api).models.list()] == ["fake-model"]

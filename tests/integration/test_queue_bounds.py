@@ -75,7 +75,7 @@ async def test_over_the_worker_protocol_a_queue_timeout_stays_a_queue_timeout() 
     """A worker in its own process says which error it was; the API server raises the same."""
     app = create_worker_app(WorkerSettings(no_register=True, max_queue_wait=0.2), engine=FakeEngine(prefill_delay=2.0))
     async with running(app), httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w") as http:
-        worker = HttpWorker(http=http, address="http://w", facts=WorkerFacts(), bounds=Bounds())
+        worker = HttpWorker(http=http, address="http://w", model="fake-model", facts=WorkerFacts(), bounds=Bounds())
         params = GenerateParams(model="fake-model", prompt="hi", max_new_tokens=4, temperature=0)
         with pytest.raises(QueueTimeoutError):
             async for _ in worker.generate_stream(params):

@@ -118,3 +118,18 @@ def test_memory_budgets_are_finite_and_bounded(value: str) -> None:
     for field in ("kv_cache_gib", "prefix_cache_gib"):
         with pytest.raises(ValidationError, match=field):
             EngineSettings.model_validate({field: value})
+
+
+def test_the_worker_takes_several_models_as_serve_does() -> None:
+    from chatgate.settings import WorkerSettings
+
+    args = parser().parse_args(["worker", "--engine", "fake", "--model", "a model-names=a,alpha", "--model", "b num-threads=3"])
+    settings = build_settings(WorkerSettings, args)
+    models = settings.chat_models()
+    assert [m.model_names for m in models] == [["a", "alpha"], []]
+    assert [m.model_path for m in models] == ["a", "b"] and models[1].num_threads == 3
+    assert models[0].num_threads is not None and models[0].num_threads >= 1  # a share of the cores
+    with pytest.raises(Exception, match="not both"):
+        build_settings(WorkerSettings, parser().parse_args(["worker", "--engine", "fake", "--model", "a", "--model-names", "b"]))
+    with pytest.raises(Exception, match="one name"):
+        build_settings(WorkerSettings, parser().parse_args(["worker", "--engine", "fake", "--model", "a", "--model", "a"]))

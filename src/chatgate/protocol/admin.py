@@ -24,10 +24,13 @@ class ModelRequest(PublicRequest):
 
 
 class LoadLoraAdapterRequest(PublicRequest):
-    """Serve the adapter at `lora_path` as the model `lora_name` (vLLM's body)."""
+    """Serve the adapter at `lora_path` as the model `lora_name` (vLLM's body), beside the base
+    model `base_model_name` (vLLM's name for it in `--lora-modules`): needed only where several
+    models take adapters."""
 
     lora_name: str = Field(min_length=1, max_length=MAX_LORA_NAME)
     lora_path: str = Field(min_length=1, max_length=MAX_PATH)
+    base_model_name: str | None = Field(None, min_length=1, max_length=MAX_MODEL_NAME)
 
 
 class UnloadLoraAdapterRequest(PublicRequest):

@@ -222,9 +222,19 @@ class ScorePairsResult(BaseModel):
     token_num: int
 
 
+class ModelQuery(BaseModel):
+    """Body of `/model_details` and `/worker_get_conv_template`: which of the worker's models
+    (FastChat's API server sends it; a worker serving one model may be asked without it)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+
+
 class CountTokenRequest(BaseModel):
     """Body of `/count_token`."""
 
+    model: str | None = None
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
 
@@ -232,6 +242,7 @@ class CountTokenRequest(BaseModel):
 class TokenizeParams(BaseModel):
     """Body of a chatgate worker's `/tokenize`: a prompt, or a conversation to template."""
 
+    model: str | None = None
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True
@@ -252,6 +263,7 @@ class TokenizeResult(BaseModel):
 class DetokenizeParams(BaseModel):
     """Body of a chatgate worker's `/detokenize`."""
 
+    model: str | None = None
     tokens: list[int]
 
 

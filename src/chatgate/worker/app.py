@@ -1,4 +1,6 @@
-"""The model worker process: FastChat's worker endpoints (`routes.py`) over one `WorkerBackend`."""
+"""The model worker process: FastChat's worker endpoints (`routes.py`) over its `ServedModels`:
+one `WorkerBackend` per `--model` (or the one `--model-path` names), each with its own engine
+thread, queue and share of the cores."""
 
 from __future__ import annotations
 
@@ -16,39 +18,60 @@ from chatgate.engines.base import Engine, EngineStats
 from chatgate.fleet import fleet_client, secure
 from chatgate.metrics import EngineCollector, FleetCollector
 from chatgate.ops import health_routes, metrics_routes
-from chatgate.settings import WorkerSettings
+from chatgate.settings import EngineSettings, WorkerSettings
 from chatgate.tasks import cancel_and_wait
 from chatgate.tracing import SERVICE_WORKER, TraceMiddleware, Tracing
 from chatgate.worker import routes
 from chatgate.worker.heartbeat import Heartbeat
-from chatgate.worker.backend import WorkerBackend, open_backend
+from chatgate.worker.backend import open_backend
+from chatgate.worker.served import ServedModels
 
 
-def _collector(service: WorkerBackend, address: str) -> FleetCollector:
+def _collector(models: ServedModels, address: str) -> FleetCollector:
     return FleetCollector(
-        workers_per_model=lambda: {name: 1 for name in service.model_names},
-        worker_load=lambda: [(address, *service.load())],
-        served=lambda: {name: service.served for name in service.model_names[:1]},  # none while unloaded
+        workers_per_model=lambda: {name: 1 for name in models.model_names},
+        worker_load=lambda: [(address, *models.load())],
+        # per model, under its first name; none while unloaded
+        served=lambda: {b.model_names[0]: b.served for b in models.backends() if b.model_names},
     )
 
 
-def _engine_stats(service: WorkerBackend) -> list[tuple[str, EngineStats]]:
-    stats = service.engine_stats()
-    return [(service.model_names[0], stats)] if stats is not None and service.model_names else []
+def _engine_stats(models: ServedModels) -> list[tuple[str, EngineStats]]:
+    return [
+        (backend.model_names[0], stats) for backend in models.backends()
+        if backend.model_names and (stats := backend.engine_stats()) is not None
+    ]
+
+
+@contextlib.asynccontextmanager
+async def open_models(
+    settings: WorkerSettings, *, engine: Engine | None = None, engines: list[Engine] | None = None
+) -> AsyncIterator[ServedModels]:
+    """Open a backend for each model `settings` name (or serve the `engine` given, or each of
+    `engines` under its own name), loading them concurrently, and stop them all on exit."""
+    configs: list[tuple[EngineSettings, Engine | None]] = [(chat, None) for chat in settings.chat_models()]
+    if engine is not None:
+        configs = [(settings, engine)]
+    elif engines is not None:
+        configs = [(settings.model_copy(update={"model_names": []}), e) for e in engines]
+    async with contextlib.AsyncExitStack() as stack:
+        backends = await asyncio.gather(*(stack.enter_async_context(open_backend(c, engine=e)) for c, e in configs))
+        yield ServedModels(list(backends))
 
 
 def create_worker_app(
-    settings: WorkerSettings, *, engine: Engine | None = None, tracer_provider: TracerProvider | None = None
+    settings: WorkerSettings, *, engine: Engine | None = None, engines: list[Engine] | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> FastAPI:
-    """Build the worker app; the backend is opened from settings unless an engine is given.
+    """Build the worker app; its models are opened from settings unless an engine (or several) is given.
     Spans go to `tracer_provider` if given (its owner shuts it down), else where the settings say."""
     registry = CollectorRegistry()
     tracing = Tracing.of(service=SERVICE_WORKER, endpoint=settings.otlp_endpoint, provider=tracer_provider)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_backend(settings, engine=engine) as service:
-            async with _serving(app, settings, registry, service):
+        async with open_models(settings, engine=engine, engines=engines) as models:
+            async with _serving(app, settings, registry, models):
                 yield
         await asyncio.to_thread(tracing.close)  # the last spans are flushed before the process ends
 
@@ -64,16 +87,18 @@ def create_worker_app(
 
 @contextlib.asynccontextmanager
 async def _serving(
-    app: FastAPI, settings: WorkerSettings, registry: CollectorRegistry, service: WorkerBackend
+    app: FastAPI, settings: WorkerSettings, registry: CollectorRegistry, models: ServedModels
 ) -> AsyncIterator[None]:
-    """Expose the backend to the routes, meter it, and keep it registered with the controller
-    until it shuts down (draining stops the heartbeat and deregisters first)."""
-    app.state.service = service
-    collector = _collector(service, settings.address())
-    engine = EngineCollector(lambda: _engine_stats(service))
+    """Expose the models to the routes, meter them, and keep them registered with the controller
+    until the worker shuts down (draining stops the heartbeat and deregisters first)."""
+    app.state.models = models
+    collector = _collector(models, settings.address())
+    engine = EngineCollector(lambda: _engine_stats(models))
+    queues = [backend.queue for backend in models.backends()]
     registry.register(collector)
     registry.register(engine)
-    registry.register(service.queue)
+    for queue in queues:
+        registry.register(queue)
     async with fleet_client(settings, timeout=httpx.Timeout(10.0)) as http:
         task = None
         leaving: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
@@ -82,7 +107,7 @@ async def _serving(
                 http=http,
                 controller=settings.controller_address,
                 address=settings.address(),
-                service=service,
+                models=models,
                 interval=settings.heartbeat_interval,
             )
             task = asyncio.create_task(beat.run())
@@ -99,4 +124,5 @@ async def _serving(
             await cancel_and_wait(task)
             registry.unregister(collector)
             registry.unregister(engine)
-            registry.unregister(service.queue)
+            for queue in queues:
+                registry.unregister(queue)

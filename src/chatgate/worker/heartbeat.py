@@ -8,7 +8,7 @@ import logging
 import httpx
 
 from chatgate.protocol.worker import HeartBeat, RegisterWorker, WorkerDown
-from chatgate.worker.backend import WorkerBackend
+from chatgate.worker.served import ServedModels
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +17,8 @@ LEAVE_TIMEOUT = 5.0
 
 
 class Heartbeat:
-    """Registers the worker, then reports its queue length every interval."""
+    """Registers the worker and all its models' names, then reports its queue length (summed
+    over its models) every interval."""
 
     def __init__(
         self,
@@ -25,19 +26,19 @@ class Heartbeat:
         http: httpx.AsyncClient,
         controller: str,
         address: str,
-        service: WorkerBackend,
+        models: ServedModels,
         interval: float,
     ) -> None:
         self._http = http
         self._controller = controller.rstrip("/")
         self._address = address
-        self._service = service
+        self._models = models
         self._interval = interval
         self._registered_names: list[str] = []
 
     async def register(self) -> None:
         """Announce this worker and its models to the controller."""
-        status = self._service.status()
+        status = self._models.status()
         body = RegisterWorker(worker_name=self._address, worker_status=status)
         response = await self._http.post(
             f"{self._controller}/register_worker", json=body.model_dump()
@@ -50,10 +51,10 @@ class Heartbeat:
     async def beat(self) -> None:
         """Send one heartbeat; register again if the controller has forgotten us, or if the
         models served changed (a LoRA adapter loaded or unloaded), so it learns them now."""
-        if self._service.model_names != self._registered_names:
+        if self._models.model_names != self._registered_names:
             await self.register()
             return
-        body = HeartBeat(worker_name=self._address, queue_length=self._service.status().queue_length)
+        body = HeartBeat(worker_name=self._address, queue_length=self._models.status().queue_length)
         response = await self._http.post(
             f"{self._controller}/receive_heart_beat", json=body.model_dump()
         )

@@ -1,4 +1,5 @@
-"""FastChat's worker endpoints: thin adapters from HTTP to the app's `WorkerBackend`.
+"""FastChat's worker endpoints: thin adapters from HTTP to the app's `ServedModels`; each
+request goes to the backend its `model` names (any name, or none, where one model is served).
 
 Errors go back the way FastChat's API server expects them: as a chunk with an `error_code`
 (NUL-delimited in a stream). The one exception is a worker that cannot serve at all right now
@@ -21,7 +22,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from chatgate.drain import Drain
-from chatgate.errors import ChatgateError, ModelNotFoundError, WorkerUnavailableError
+from chatgate.errors import ChatgateError, WorkerUnavailableError
 from chatgate.fleet import anonymous_probe
 from chatgate.protocol.admin import AdminResult, LoadLoraAdapterRequest, ModelRequest, UnloadLoraAdapterRequest
 from chatgate.protocol.worker import (
@@ -34,6 +35,8 @@ from chatgate.protocol.worker import (
     ScorePairsParams,
     ScorePairsResult,
     GenerateParams,
+    ModelDetails,
+    ModelQuery,
     TokenizeParams,
     WorkerChunk,
     WorkerUsage,
@@ -41,6 +44,7 @@ from chatgate.protocol.worker import (
 from chatgate.responses import ClosingStreamingResponse
 from chatgate.streams import chain, empty, primed, with_beats
 from chatgate.worker.backend import WorkerBackend
+from chatgate.worker.served import ServedModels
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +53,13 @@ router = APIRouter()
 T = TypeVar("T")
 
 
-def worker_service(request: Request) -> WorkerBackend:
-    """Route dependency: the service the app's lifespan built."""
-    service: WorkerBackend = request.app.state.service
-    return service
+def served_models(request: Request) -> ServedModels:
+    """Route dependency: the models the app's lifespan opened."""
+    models: ServedModels = request.app.state.models
+    return models
 
 
-Service = Depends(worker_service)
+Models = Depends(served_models)
 
 
 def worker_drain(request: Request) -> Drain:
@@ -87,11 +91,11 @@ def _error_response(exc: Exception) -> JSONResponse:
     return JSONResponse(_error_chunk(exc).model_dump(), status_code=status)
 
 
-async def _answer(work: Awaitable[T], body: Callable[[T], Any]) -> JSONResponse:
+async def _answer(work: Callable[[], Awaitable[T]], body: Callable[[T], Any]) -> JSONResponse:
     """The JSON answer to `work`, or FastChat's error object if it fails (status 200, or 503
     when the worker cannot serve at all)."""
     try:
-        return JSONResponse(body(await work))
+        return JSONResponse(body(await work()))
     except Exception as exc:
         return _error_response(exc)
 
@@ -107,31 +111,32 @@ async def _encoded(chunks: AsyncGenerator[WorkerChunk | _Idle, None]) -> AsyncIt
 
 
 @router.get("/ready")
-async def ready(request: Request, service: WorkerBackend = Service, drain: Drain = Draining) -> JSONResponse:
+async def ready(request: Request, models: ServedModels = Models, drain: Drain = Draining) -> JSONResponse:
     """The worker is ready once its engine has started (the lifespan waits for it), and no
     longer once it is shutting down (503). A probe without the fleet key gets the status alone."""
     body: dict[str, object] = {"status": "shutting down" if drain.draining else "ready"}
     if not anonymous_probe(request):
-        body["models"] = service.model_names
+        body["models"] = models.model_names
     return JSONResponse(body, status_code=503 if drain.draining else 200)
 
 
-def _generation(params: GenerateParams, service: WorkerBackend, drain: Drain) -> AsyncGenerator[WorkerChunk, None]:
-    """The backend's generation, refused while draining and counted as running work."""
+def _generation(params: GenerateParams, models: ServedModels, drain: Drain) -> AsyncGenerator[WorkerChunk, None]:
+    """The generation of the backend `params.model` names, refused while draining and counted
+    as running work."""
     drain.check()
-    return drain.guard(service.generate(params))
+    return drain.guard(models.backend_for(params.model).generate(params))
 
 
 @router.post("/worker_generate_stream", response_model=None)
 async def generate_stream(
-    params: GenerateParams, service: WorkerBackend = Service, drain: Drain = Draining
+    params: GenerateParams, models: ServedModels = Models, drain: Drain = Draining
 ) -> ClosingStreamingResponse | JSONResponse:
     """Stream a generation as NUL-delimited chunks. With `keepalive`, the response starts
     within that many seconds even before the first chunk, so a queued or prefilling request is
     told apart from a frozen worker (errors after that come as an error frame)."""
     started: AsyncGenerator[WorkerChunk | _Idle, None]
     try:
-        chunks: AsyncGenerator[WorkerChunk | _Idle, None] = _generation(params, service, drain)
+        chunks: AsyncGenerator[WorkerChunk | _Idle, None] = _generation(params, models, drain)
         if params.keepalive is not None:
             chunks = with_beats(chunks, every=params.keepalive, beat=_IDLE)
         started = await primed(chunks)
@@ -143,12 +148,12 @@ async def generate_stream(
 
 
 @router.post("/worker_generate")
-async def generate(params: GenerateParams, service: WorkerBackend = Service, drain: Drain = Draining) -> JSONResponse:
+async def generate(params: GenerateParams, models: ServedModels = Models, drain: Drain = Draining) -> JSONResponse:
     """A whole generation as one chunk: all the text, the last chunk's usage and finish."""
     last = WorkerChunk(usage=WorkerUsage())
     text = ""
     try:
-        async for chunk in _generation(params.model_copy(update={"delta": True}), service, drain):
+        async for chunk in _generation(params.model_copy(update={"delta": True}), models, drain):
             text += chunk.text
             last = chunk
     except Exception as exc:
@@ -156,68 +161,80 @@ async def generate(params: GenerateParams, service: WorkerBackend = Service, dra
     return JSONResponse(last.model_copy(update={"text": text}).model_dump())
 
 
-async def _embed(params: EmbedParams, service: WorkerBackend, drain: Drain) -> EmbedResult:
+async def _embed(params: EmbedParams, models: ServedModels, drain: Drain) -> EmbedResult:
     drain.check()
-    return await service.embed(params)
+    return await models.backend_for(params.model).embed(params)
 
 
 @router.post("/worker_get_embeddings")
-async def get_embeddings(params: EmbedParams, service: WorkerBackend = Service, drain: Drain = Draining) -> JSONResponse:
+async def get_embeddings(params: EmbedParams, models: ServedModels = Models, drain: Drain = Draining) -> JSONResponse:
     """Embedding vectors of the inputs."""
-    return await _answer(_embed(params, service, drain), EmbedResult.model_dump)
+    return await _answer(lambda: _embed(params, models, drain), EmbedResult.model_dump)
 
 
-async def _score(params: ScorePairsParams, service: WorkerBackend, drain: Drain) -> ScorePairsResult:
+async def _score(params: ScorePairsParams, models: ServedModels, drain: Drain) -> ScorePairsResult:
     drain.check()
-    return await service.score_pairs(params)
+    return await models.backend_for(params.model).score_pairs(params)
 
 
 @router.post("/worker_score")
-async def score_pairs(params: ScorePairsParams, service: WorkerBackend = Service, drain: Drain = Draining) -> JSONResponse:
+async def score_pairs(params: ScorePairsParams, models: ServedModels = Models, drain: Drain = Draining) -> JSONResponse:
     """A cross-encoder's scores of text pairs (chatgate extension)."""
-    return await _answer(_score(params, service, drain), ScorePairsResult.model_dump)
+    return await _answer(lambda: _score(params, models, drain), ScorePairsResult.model_dump)
 
 
 @router.post("/worker_get_status")
-async def status(service: WorkerBackend = Service, drain: Drain = Draining) -> JSONResponse:
-    """Model names, speed and queue length, as the controller wants them; 503 while shutting
+async def status(models: ServedModels = Models, drain: Drain = Draining) -> JSONResponse:
+    """Every model's names, speed and queue length (summed), as the controller wants them; 503 while shutting
     down, so the controller's probe confirms that the worker is leaving."""
     if drain.draining:
         return _error_response(drain.refusal())
-    return JSONResponse(service.status().model_dump())
+    return JSONResponse(models.status().model_dump())
 
 
 @router.post("/count_token")
-async def count_token(request: CountTokenRequest, service: WorkerBackend = Service) -> JSONResponse:
+async def count_token(request: CountTokenRequest, models: ServedModels = Models) -> JSONResponse:
     """Tokens the prompt takes (or an error: a prompt too long to possibly fit is not counted);
     an estimate where `/model_details` says `token_count: estimate`."""
-    return await _answer(service.count_tokens(request), lambda count: {"count": count, "error_code": 0})
+    return await _answer(
+        lambda: models.backend_for(request.model).count_tokens(request), lambda count: {"count": count, "error_code": 0}
+    )
 
 
 @router.post("/tokenize")
-async def tokenize(params: TokenizeParams, service: WorkerBackend = Service) -> JSONResponse:
+async def tokenize(params: TokenizeParams, models: ServedModels = Models) -> JSONResponse:
     """Token ids as generation encodes the prompt (the `tokenize` extension)."""
-    return await _answer(service.tokenize(params), lambda r: r.model_dump(exclude_none=True))
+    return await _answer(lambda: models.backend_for(params.model).tokenize(params), lambda r: r.model_dump(exclude_none=True))
 
 
 @router.post("/detokenize")
-async def detokenize(params: DetokenizeParams, service: WorkerBackend = Service) -> JSONResponse:
+async def detokenize(params: DetokenizeParams, models: ServedModels = Models) -> JSONResponse:
     """The text of token ids (the `tokenize` extension)."""
-    return await _answer(service.detokenize(params), lambda r: r.model_dump())
+    return await _answer(lambda: models.backend_for(params.model).detokenize(params), lambda r: r.model_dump())
+
+
+async def _now(value: T) -> T:
+    return value
 
 
 @router.post("/worker_get_conv_template")
-async def conv_template(service: WorkerBackend = Service) -> dict[str, object]:
+async def conv_template(query: ModelQuery | None = None, models: ServedModels = Models) -> JSONResponse:
     """The model's chat template as a FastChat conversation."""
-    return {"conv": service.conversation().model_dump()}
+    model = query.model if query else None
+    return await _answer(lambda: _now(models.backend_for(model).conversation()), lambda conv: {"conv": conv.model_dump()})
+
+
+def _details(backend: WorkerBackend) -> ModelDetails:
+    """The backend's details, and the keep-alive frames these routes send."""
+    details = backend.details()
+    return details.model_copy(update={"chatgate_extensions": [*details.chatgate_extensions, EXT_KEEPALIVE]})
 
 
 @router.post("/model_details")
-async def model_details(service: WorkerBackend = Service) -> dict[str, object]:
-    """Context length and the chatgate extensions this worker supports (its backend's, and
-    the keep-alive frames these routes send)."""
-    details = service.details()
-    return details.model_copy(update={"chatgate_extensions": [*details.chatgate_extensions, EXT_KEEPALIVE]}).model_dump()
+async def model_details(query: ModelQuery | None = None, models: ServedModels = Models) -> JSONResponse:
+    """Context length and the chatgate extensions the model `model` names supports."""
+    model = query.model if query else None
+    return await _answer(lambda: _now(_details(models.backend_for(model))), ModelDetails.model_dump)
 
 
 async def _admin(work: Awaitable[None], result: AdminResult) -> JSONResponse:
@@ -232,40 +249,35 @@ async def _admin(work: Awaitable[None], result: AdminResult) -> JSONResponse:
 
 @router.post("/v1/load_lora_adapter")
 async def load_lora_adapter(
-    params: LoadLoraAdapterRequest, service: WorkerBackend = Service, drain: Drain = Draining
+    params: LoadLoraAdapterRequest, models: ServedModels = Models, drain: Drain = Draining
 ) -> JSONResponse:
-    """Serve a LoRA adapter as a model of its own (the controller learns it at the next heartbeat)."""
+    """Serve a LoRA adapter as a model of its own beside its base (`base_model_name`, needed
+    where several models here take adapters); the controller learns it at the next heartbeat."""
     async def load() -> None:
         drain.check()  # a worker shutting down takes no new model
-        await service.load_lora(params)
+        await models.load_lora(params)
 
     return await _admin(load(), AdminResult(status="loaded", model=params.lora_name))
 
 
 @router.post("/v1/unload_lora_adapter")
-async def unload_lora_adapter(params: UnloadLoraAdapterRequest, service: WorkerBackend = Service) -> JSONResponse:
+async def unload_lora_adapter(params: UnloadLoraAdapterRequest, models: ServedModels = Models) -> JSONResponse:
     """Stop serving a LoRA adapter once the requests running through it finish."""
-    return await _admin(service.unload_lora(params), AdminResult(status="unloaded", model=params.lora_name))
+    return await _admin(models.unload_lora(params), AdminResult(status="unloaded", model=params.lora_name))
 
 
 @router.post("/v1/models/load")
-async def load_model(params: ModelRequest, service: WorkerBackend = Service, drain: Drain = Draining) -> JSONResponse:
-    """Load this worker's model (one of its names); the controller learns it at the next heartbeat."""
+async def load_model(params: ModelRequest, models: ServedModels = Models, drain: Drain = Draining) -> JSONResponse:
+    """Load one of this worker's models (by one of its names); the controller learns it at the next heartbeat."""
     async def load() -> None:
         drain.check()
-        if not service.knows(params.model):
-            raise ModelNotFoundError.for_model(params.model)
-        await service.load_model()
+        await models.load_model(params.model)
 
     return await _admin(load(), AdminResult(status="loaded", model=params.model))
 
 
 @router.post("/v1/models/unload")
-async def unload_model(params: ModelRequest, service: WorkerBackend = Service) -> JSONResponse:
-    """Free this worker's model once its running requests finish; its names leave the worker's status."""
-    async def unload() -> None:
-        if not service.knows(params.model):
-            raise ModelNotFoundError.for_model(params.model)
-        await service.unload_model()
-
-    return await _admin(unload(), AdminResult(status="unloaded", model=params.model))
+async def unload_model(params: ModelRequest, models: ServedModels = Models) -> JSONResponse:
+    """Free one of this worker's models once its running requests finish; its names leave the
+    worker's status, and its other models keep serving."""
+    return await _admin(models.unload_model(params.model), AdminResult(status="unloaded", model=params.model))

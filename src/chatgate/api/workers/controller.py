@@ -161,7 +161,8 @@ class ControllerPool:
             raise ModelNotFoundError.for_model(model)
         pick = METHODS.get(self._dispatch, METHODS["shortest_queue"])(candidates)
         return HttpWorker(
-            http=self._http, address=pick.address, facts=self._facts, bounds=self._bounds, on_failure=self.report_failure
+            http=self._http, address=pick.address, model=model, facts=self._facts, bounds=self._bounds,
+            on_failure=self.report_failure,
         )
 
     def _in_rotation(self) -> list[WorkerEntry]:

@@ -185,10 +185,10 @@ async def _deltas(chunks: AsyncIterator[wire.WorkerChunk]) -> AsyncIterator[wire
 
 @dataclass
 class WorkerFacts:
-    """What an API server learns about each worker once: its details and conversation."""
+    """What an API server learns once about each model of each worker: its details and conversation."""
 
     in_flight: Counter[str] = field(default_factory=Counter)
-    details: dict[str, wire.ModelDetails] = field(default_factory=dict)
+    details: dict[tuple[str, str], wire.ModelDetails] = field(default_factory=dict)
     conversations: dict[tuple[str, str], Conversation] = field(default_factory=dict)
     # Unfinished worker streams being closed in the background (referenced until done).
     closing: set[asyncio.Task[None]] = field(default_factory=set)
@@ -207,8 +207,8 @@ class WorkerFacts:
         def gone(address: str) -> bool:
             return address == drop if keep is None else address not in keep
 
-        for address in [a for a in self.details if gone(a)]:
-            del self.details[address]
+        for key in [k for k in self.details if gone(k[0])]:
+            del self.details[key]
         for key in [k for k in self.conversations if gone(k[0])]:
             del self.conversations[key]
         for address in [a for a, n in self.in_flight.items() if n <= 0 and gone(a)]:
@@ -216,7 +216,8 @@ class WorkerFacts:
 
 
 class HttpWorker:
-    """Speaks FastChat's worker protocol to one worker.
+    """Speaks FastChat's worker protocol to one worker, about the one model it was picked for
+    (every call names it: a worker may serve several).
 
     With a chatgate worker it uses the extensions the worker advertises (the worker applies
     the model's chat template and streams deltas). With a FastChat worker it does what
@@ -229,12 +230,14 @@ class HttpWorker:
         *,
         http: httpx.AsyncClient,
         address: str,
+        model: str,
         facts: WorkerFacts,
         bounds: Bounds = Bounds(),
         on_failure: Callable[[HttpWorker], None] | None = None,
     ) -> None:
         self._http = http
         self.address = address.rstrip("/")
+        self.model = model
         self._facts = facts
         self._in_flight = facts.in_flight
         self._bounds = bounds
@@ -276,7 +279,8 @@ class HttpWorker:
             bounds, keepalive = self._bounds, None
             if wire.EXT_KEEPALIVE in details.chatgate_extensions:
                 bounds, keepalive = bounds.with_keepalive(), bounds.keepalive
-            body = params.model_copy(update={"delta": native, "keepalive": keepalive}).model_dump(exclude_none=True)
+            update = {"delta": native, "keepalive": keepalive, "model": params.model or self.model}
+            body = params.model_copy(update=update).model_dump(exclude_none=True)
             request = self._http.build_request(
                 "POST", f"{self.address}/worker_generate_stream", json=body, timeout=bounds.timeout(None)
             )
@@ -300,7 +304,7 @@ class HttpWorker:
         update: dict[str, object] = {"messages": None, "cache_salt": None}
         prompt = params.prompt or ""
         if params.messages is not None:
-            conv = await self._conversation(params.model)
+            conv = await self._conversation(params.model or self.model)
             prompt = render(conv, params.messages)
             stops = [conv.stop_str] if isinstance(conv.stop_str, str) else list(conv.stop_str or [])
             update |= {"stop": params.stop_list() + stops, "stop_token_ids": conv.stop_token_ids}
@@ -377,6 +381,8 @@ class HttpWorker:
         return self._fault(WorkerLostError, f"The worker {what} mid-stream.", exc)
 
     async def _post(self, path: str, body: dict[str, object]) -> dict[str, object]:
+        if not body.get("model"):  # the worker may serve several models
+            body = {**body, "model": self.model}
         try:
             response = await self._http.post(
                 f"{self.address}{path}", json=body, timeout=self._bounds.timeout(self._bounds.first_frame)
@@ -432,7 +438,8 @@ class HttpWorker:
             raise InvalidRequestError(f"{what} is not supported by this worker.", param="model")
 
     async def model_details(self) -> wire.ModelDetails:
-        if self.address not in self._facts.details:
-            details = self._parse(wire.ModelDetails, await self._post("/model_details", {}))
-            self._facts.details[self.address] = details
-        return self._facts.details[self.address]
+        key = (self.address, self.model)
+        if key not in self._facts.details:
+            details = self._parse(wire.ModelDetails, await self._post("/model_details", {"model": self.model}))
+            self._facts.details[key] = details
+        return self._facts.details[key]

@@ -15,6 +15,7 @@ from chatgate.metrics import EngineCollector
 from chatgate.protocol import worker as wire
 from chatgate.settings import EngineSettings, ServeSettings
 from chatgate.worker.backend import WorkerBackend, open_backend
+from chatgate.worker.served import ServedModels
 
 
 class LocalWorker:
@@ -50,23 +51,16 @@ class LocalPool:
     """Picks among workers living in this process: one per model name."""
 
     def __init__(self, services: list[WorkerBackend]) -> None:
-        self._services = {service.model_names[0]: service for service in services}
-        seen: set[str] = set()
-        for service in services:
-            for name in service.model_names:
-                if name in seen:  # the embedding model's default name, or a name given twice
-                    raise ValueError(f"two models are served under the name {name!r}: give one of them --model-names")
-                seen.add(name)
+        self.served = ServedModels(services)
         self._local = {id(service): LocalWorker(service) for service in services}
 
     @property
     def _workers(self) -> dict[str, LocalWorker]:
-        # Read on each use: a backend's names change as LoRA adapters load and unload.
-        return {name: self._local[id(s)] for s in self._services.values() for name in s.model_names}
+        return {name: self._local[id(backend)] for name, backend in self.served.by_name().items()}
 
     def backends(self) -> list[WorkerBackend]:
         """The workers' backends, in the order they were given."""
-        return list(self._services.values())
+        return self.served.backends()
 
     async def models(self) -> list[str]:
         return list(self._workers)
@@ -89,7 +83,7 @@ class LocalPool:
     def collectors(self) -> list[Collector]:
         """What the workers in this process meter, for the API server's /metrics (`chatgate serve`):
         their queues, and their engines' counters (prefill, prefix cache, KV held, preemptions)."""
-        services = list(self._services.values())
+        services = self.served.backends()
         engines = EngineCollector(lambda: [(s.model_names[0], stats) for s in services if (stats := s.engine_stats()) is not None])
         return [*(service.queue for service in services), engines]
 
@@ -97,7 +91,7 @@ class LocalPool:
         return None
 
     def load(self) -> list[tuple[str, int, int]]:
-        return [(name, *self._services[name].load()) for name in self._services]
+        return [(s.queue.model, *s.load()) for s in self.served.backends()]
 
 
 def local_pool(settings: ServeSettings, *, engines: list[Engine] | None = None) -> PoolSource:
