@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
 
 from chatgate.engines.base import Engine, EngineStats
+from chatgate.engines.memory import MemoryGuard, MemoryReader
 from chatgate.protocol.admin import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from chatgate.protocol.conversation import Conversation
 from chatgate.protocol import worker as wire
@@ -117,8 +118,12 @@ def request_queue(settings: EngineSettings, model: str) -> RequestQueue:
 
 
 @contextlib.asynccontextmanager
-async def open_backend(settings: EngineSettings, *, engine: Engine | None = None) -> AsyncIterator[WorkerBackend]:
-    """Start the backend `settings.engine` names (or serve the `engine` given), and stop it on exit."""
+async def open_backend(
+    settings: EngineSettings, *, engine: Engine | None = None, memory: MemoryReader | None = None
+) -> AsyncIterator[WorkerBackend]:
+    """Start the backend `settings.engine` names (or serve the `engine` given), and stop it on
+    exit; every load of its model is first checked to fit in the memory `memory` reads (the
+    machine's by default)."""
     if settings.lora and settings.engine not in _LORA_ENGINES:
         raise ValueError(f"--lora needs the transformers or llama.cpp engine, not --engine {settings.engine}")
     if engine is None and settings.engine == UPSTREAM_ENGINE:
@@ -131,12 +136,14 @@ async def open_backend(settings: EngineSettings, *, engine: Engine | None = None
     from chatgate.worker.service import WorkerService
 
     engine = engine or create_engine(settings)
+    guard = MemoryGuard.of(settings, memory)
+    await asyncio.to_thread(guard.check, f"the model `{(settings.model_names or [engine.info.name])[0]}`", engine.memory_need())
     await engine.start()
     service = WorkerService(
         engine=engine, model_names=settings.model_names,
         queue=request_queue(settings, (settings.model_names or [engine.info.name])[0]),
         reasoning_parser=settings.reasoning_parser, chat_template=settings.chat_template_text(),
-        idle_unload=settings.idle_unload,
+        idle_unload=settings.idle_unload, memory=guard,
     )
     idle = asyncio.create_task(service.lifecycle.watch_idle())
     try:

@@ -18,23 +18,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Literal
 
 from chatgate.engines.base import Engine
-from chatgate.errors import InvalidRequestError, ModelNotFoundError
+from chatgate.engines.memory import MemoryGuard
+from chatgate.errors import InsufficientMemoryError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
 State = Literal["loaded", "unloaded", "idle"]
 
 
+def _out_of_memory(exc: RuntimeError) -> bool:
+    """Whether `exc` is an allocator's out-of-memory error: `torch.OutOfMemoryError` (CUDA), or
+    the RuntimeError torch's CPU allocator raises ("can't allocate memory")."""
+    torch = sys.modules.get("torch")  # not loaded: no torch allocation could have failed
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "allocate memory" in text
+
+
 class ModelLifecycle:
     """Loads and frees `engine` as admins ask and as requests come and go."""
 
-    def __init__(self, engine: Engine, *, name: str, idle_unload: float | None = None) -> None:
+    def __init__(
+        self, engine: Engine, *, name: str, idle_unload: float | None = None, guard: MemoryGuard | None = None
+    ) -> None:
         self._engine = engine
+        self._guard = guard  # checks that a load fits before it starts (None: no check)
         self._name = name
         self._idle_unload = idle_unload
         self.state: State = "loaded"
@@ -87,24 +102,27 @@ class ModelLifecycle:
                 log.info("loaded %s", self._name)
 
     async def _start(self) -> None:
-        """Start the engine; a load that runs out of memory is a 400 naming the model, and
-        leaves what is served as it was."""
+        """Start the engine once its estimated need fits (`engines/memory.py`); a load refused
+        so, or one that runs out of memory anyway, is a 409 naming the model, frees what it had
+        loaded, and leaves every other model served as it was."""
+        if self._guard is not None:
+            await asyncio.to_thread(self._guard.check, f"the model `{self._name}`", self._engine.memory_need())
         try:
             await self._engine.start()
         except MemoryError:
-            await self._engine.unload()
-            raise InvalidRequestError(
-                f"Loading the model `{self._name}` ran out of memory; unload another model first.",
-                param="model", code="insufficient_memory",
-            ) from None
+            await self._out_of_memory("")
         except RuntimeError as exc:
-            if "out of memory" not in str(exc).lower():
+            if not _out_of_memory(exc):
                 raise
-            await self._engine.unload()
-            raise InvalidRequestError(
-                f"Loading the model `{self._name}` ran out of memory ({exc}); unload another model first.",
-                param="model", code="insufficient_memory",
-            ) from None
+            await self._out_of_memory(f" ({exc})")
+
+    async def _out_of_memory(self, detail: str) -> None:
+        """Free what the failed load had taken, and refuse it as out of memory."""
+        await self._engine.unload()
+        raise InsufficientMemoryError(
+            f"Loading the model `{self._name}` ran out of memory{detail}; unload another model first.",
+            param="model",
+        ) from None
 
     async def unload(self, *, to: State = "unloaded") -> None:
         """Refuse new requests (`unloaded`) or keep taking them (`idle`: they load it again),
