@@ -110,7 +110,7 @@ async def test_a_load_that_would_not_fit_is_refused_while_another_models_stream_
         assert await _models(app) == {"big", "small"}
 
 
-async def test_the_sdk_reads_the_refusal_as_a_conflict_and_the_check_can_be_turned_off() -> None:
+async def test_the_check_can_be_turned_off_and_stops_a_start_that_does_not_fit() -> None:
     memory = SetMemory(1 * GIB)
     big = FakeEngine(name="big", weights_bytes=2 * GIB)
     async with running(serve(big, FakeEngine(name="small"), memory=memory, memory_check=False)) as app:

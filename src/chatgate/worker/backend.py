@@ -137,13 +137,14 @@ async def open_backend(
 
     engine = engine or create_engine(settings)
     guard = MemoryGuard.of(settings, memory)
-    await asyncio.to_thread(guard.check, f"the model `{(settings.model_names or [engine.info.name])[0]}`", engine.memory_need())
+    what = f"the model `{(settings.model_names or [engine.info.name])[0]}`"
+    await asyncio.to_thread(lambda: guard.check(what, engine.memory_need()))  # reads files: off the event loop
     await engine.start()
     service = WorkerService(
         engine=engine, model_names=settings.model_names,
         queue=request_queue(settings, (settings.model_names or [engine.info.name])[0]),
         reasoning_parser=settings.reasoning_parser, chat_template=settings.chat_template_text(),
-        idle_unload=settings.idle_unload, memory=guard,
+        idle_unload=settings.idle_unload, guard=guard,
     )
     idle = asyncio.create_task(service.lifecycle.watch_idle())
     try:

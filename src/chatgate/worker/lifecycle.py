@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 State = Literal["loaded", "unloaded", "idle"]
 
 
-def _out_of_memory(exc: RuntimeError) -> bool:
+def _is_out_of_memory(exc: RuntimeError) -> bool:
     """Whether `exc` is an allocator's out-of-memory error: `torch.OutOfMemoryError` (CUDA), or
     the RuntimeError torch's CPU allocator raises ("can't allocate memory")."""
     torch = sys.modules.get("torch")  # not loaded: no torch allocation could have failed
@@ -106,17 +106,18 @@ class ModelLifecycle:
         so, or one that runs out of memory anyway, is a 409 naming the model, frees what it had
         loaded, and leaves every other model served as it was."""
         if self._guard is not None:
-            await asyncio.to_thread(self._guard.check, f"the model `{self._name}`", self._engine.memory_need())
+            guard, engine = self._guard, self._engine
+            await asyncio.to_thread(lambda: guard.check(f"the model `{self._name}`", engine.memory_need()))
         try:
             await self._engine.start()
         except MemoryError:
-            await self._out_of_memory("")
+            await self._refuse_out_of_memory("")
         except RuntimeError as exc:
-            if not _out_of_memory(exc):
+            if not _is_out_of_memory(exc):
                 raise
-            await self._out_of_memory(f" ({exc})")
+            await self._refuse_out_of_memory(f" ({exc})")
 
-    async def _out_of_memory(self, detail: str) -> None:
+    async def _refuse_out_of_memory(self, detail: str) -> None:
         """Free what the failed load had taken, and refuse it as out of memory."""
         await self._engine.unload()
         raise InsufficientMemoryError(
