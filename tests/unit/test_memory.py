@@ -173,3 +173,29 @@ def test_serve_refuses_before_loading_when_its_models_do_not_fit_together() -> N
     off = ServeSettings(memory_check=False)
     check_models_fit(off.chat_models(), SetMemory(0))
     check_models_fit([EngineSettings(engine="nosuch")], SetMemory(0))  # its start names the bad engine
+    check_models_fit([EngineSettings(engine="vllm")], SetMemory(0))  # no estimate (vLLM checks its own), no name yet
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "2000000", "lots"])
+def test_a_bad_headroom_is_refused_naming_the_flag(value: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="memory_headroom_gib"):
+        EngineSettings(memory_headroom_gib=value)
+
+
+def test_the_flags_reach_the_settings() -> None:
+    from chatgate.cli import COMMANDS, build_settings, parser
+
+    for command in ("serve", "worker"):
+        args = parser().parse_args([command, "--memory-headroom-gib", "2.5", "--no-memory-check"])
+        settings = build_settings(COMMANDS[command][0], args)
+        assert (settings.memory_headroom_gib, settings.memory_check) == (2.5, False)
+
+
+def test_a_workers_refusal_keeps_its_status_across_the_worker_protocol() -> None:
+    from chatgate.errors import from_fastchat_code
+
+    error = InsufficientMemoryError("Loading the model `a` requires more memory", param="model")
+    back = from_fastchat_code(error.fastchat_code, error.message, param=error.param)
+    assert isinstance(back, InsufficientMemoryError) and back.body() == error.body() and back.status == 409

@@ -253,8 +253,11 @@ def check_models_fit(configs: list[EngineSettings], reader: MemoryReader | None 
             continue
         try:
             engine = create_engine(config)  # builds nothing heavy: engines load in `start`
-            needs.append(((config.model_names or [engine.info.name])[0], engine.memory_need()))
+            need = engine.memory_need()
         except (OSError, ValueError) as exc:
             log.debug("no memory estimate for %s: %s", config.model_path, exc)
+            continue
+        if need is not None:  # an engine without an estimate may not know its name before it starts
+            needs.append(((config.model_names or [engine.info.name])[0], need))
     if configs:
         check_startup(needs, MemoryGuard.of(configs[0], reader))

@@ -117,6 +117,13 @@ def request_queue(settings: EngineSettings, model: str) -> RequestQueue:
                         max_wait=settings.max_queue_wait)
 
 
+def _check_fits(guard: MemoryGuard, settings: EngineSettings, engine: Engine) -> None:
+    """Refuse to start a model that would not fit in memory (`engines/memory.py`)."""
+    need = engine.memory_need()
+    if need is not None:  # an engine without an estimate may not know its name before it starts
+        guard.check(f"the model `{(settings.model_names or [engine.info.name])[0]}`", need)
+
+
 @contextlib.asynccontextmanager
 async def open_backend(
     settings: EngineSettings, *, engine: Engine | None = None, memory: MemoryReader | None = None
@@ -137,8 +144,7 @@ async def open_backend(
 
     engine = engine or create_engine(settings)
     guard = MemoryGuard.of(settings, memory)
-    what = f"the model `{(settings.model_names or [engine.info.name])[0]}`"
-    await asyncio.to_thread(lambda: guard.check(what, engine.memory_need()))  # reads files: off the event loop
+    await asyncio.to_thread(_check_fits, guard, settings, engine)  # reads files: off the event loop
     await engine.start()
     service = WorkerService(
         engine=engine, model_names=settings.model_names,
