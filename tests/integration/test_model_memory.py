@@ -72,6 +72,13 @@ async def _stream(app: FastAPI, model: str) -> str:
     return text
 
 
+async def _ask(app: FastAPI, model: str) -> str:
+    answer = await sdk(app, USER).chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], temperature=0
+    )
+    return answer.choices[0].message.content or ""
+
+
 async def _generating(engine: FakeEngine) -> None:
     """Wait until `engine` is generating (the in-process transport hands over a stream whole)."""
     for _ in range(1000):
@@ -136,12 +143,11 @@ async def test_a_load_that_runs_out_of_memory_midway_is_freed_and_refused(error:
         assert flaky.partial is None and flaky.unloads == unloads + 1  # what it had taken was freed
         assert await _models(app) == {"small"}  # marked unloaded: not listed, not routed to
         with pytest.raises(openai.NotFoundError):
-            await sdk(app, USER).chat.completions.create(model="flaky", messages=[{"role": "user", "content": "hi"}], temperature=0)
+            await _ask(app, "flaky")
         assert (await streaming).endswith("done.")
         again = await _post(app, "/v1/models/load", {"model": "flaky"})  # enough memory now
         assert again.status_code == 200, again.text
-        answer = await sdk(app, USER).chat.completions.create(model="flaky", messages=[{"role": "user", "content": "hi"}], temperature=0)
-        assert (answer.choices[0].message.content or "").endswith("done.")
+        assert (await _ask(app, "flaky")).endswith("done.")
 
 
 async def test_a_load_that_fails_otherwise_is_not_called_out_of_memory() -> None:
@@ -164,11 +170,9 @@ async def test_the_reload_after_idle_unload_is_refused_when_memory_is_short() ->
             await asyncio.sleep(0.05)
         assert idle.unloads == 1
         memory.available_bytes = 1 * GIB
-        ask = sdk(app, USER).chat.completions.create(model="idle", messages=[{"role": "user", "content": "hi"}], temperature=0)
         with pytest.raises(openai.ConflictError) as refused:
-            await ask
+            await _ask(app, "idle")
         assert refused.value.code == "insufficient_memory" and "`idle`" in refused.value.message
         assert "idle" in await _models(app)  # still listed: a later request tries the load again
         memory.available_bytes = 64 * GIB
-        answer = await sdk(app, USER).chat.completions.create(model="idle", messages=[{"role": "user", "content": "hi"}], temperature=0)
-        assert (answer.choices[0].message.content or "").endswith("done.")
+        assert (await _ask(app, "idle")).endswith("done.")

@@ -136,7 +136,9 @@ class SystemMemory:
 
             free, _ = torch.cuda.mem_get_info(torch.device(device))
             return int(free)
-        found = [n for n in (meminfo_available(self.meminfo), cgroup_available(self.cgroup_root, self.proc_cgroup)) if n is not None]
+        host = meminfo_available(self.meminfo)
+        cgroup = cgroup_available(self.cgroup_root, self.proc_cgroup)
+        found = [n for n in (host, cgroup) if n is not None]
         return min(found) if found else None
 
 
