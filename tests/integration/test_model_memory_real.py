@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from chatgate.api.app import create_api_app
 from chatgate.api.workers.local import local_pool
 from chatgate.engines.base import Engine
+from chatgate.engines.memory import adapter_bytes
 from chatgate.settings import ServeSettings
 from tests.conftest import RUNNERS, raw, runner_engine, running, sdk
 from tests.support.memory import GIB, SetMemory
@@ -100,5 +101,10 @@ async def test_a_lora_adapter_that_would_not_fit_is_refused_and_the_base_keeps_a
         assert engine.lora_names() == []
         assert await _complete(app, engine.info.name) == first
         memory.available_bytes = 64 * GIB
+        alone = engine.memory_need()
         assert (await _post(app, "/v1/load_lora_adapter", body)).status_code == 200
         assert engine.lora_names() == ["tuned"]
+        # The model's next load reads its adapters again: they count in what it needs.
+        with_adapter, size = engine.memory_need(), adapter_bytes(tmp_path / "tuned")
+        assert alone is not None and with_adapter is not None and size
+        assert with_adapter.weights == alone.weights + size
