@@ -150,6 +150,14 @@ async def test_a_load_that_runs_out_of_memory_midway_is_freed_and_refused(error:
         assert (await _ask(app, "flaky")).endswith("done.")
 
 
+async def test_a_start_that_runs_out_of_memory_names_the_model_and_frees_it() -> None:
+    flaky = FailingLoad(name="flaky", failures=1, error=MemoryError())
+    with pytest.raises(InsufficientMemoryError, match="Loading the model `flaky` ran out of memory"):
+        async with running(serve(flaky, memory=SetMemory(64 * GIB))):
+            pass
+    assert flaky.partial is None and flaky.unloads == 1
+
+
 async def test_a_load_that_fails_otherwise_is_not_called_out_of_memory() -> None:
     flaky = FailingLoad(name="flaky", failures=0, error=RuntimeError("bad weights"))
     async with running(serve(flaky, FakeEngine(name="small"), memory=SetMemory(64 * GIB))) as app:

@@ -117,11 +117,15 @@ def request_queue(settings: EngineSettings, model: str) -> RequestQueue:
                         max_wait=settings.max_queue_wait)
 
 
+def _served_name(settings: EngineSettings, engine: Engine) -> str:
+    """The model's first name, before it has started (vLLM's engine knows its own only after)."""
+    info = getattr(engine, "info", None)
+    return settings.model_names[0] if settings.model_names else info.name if info is not None else settings.model_path
+
+
 def _check_fits(guard: MemoryGuard, settings: EngineSettings, engine: Engine) -> None:
     """Refuse to start a model that would not fit in memory (`engines/memory.py`)."""
-    need = engine.memory_need()
-    if need is not None:  # an engine without an estimate may not know its name before it starts
-        guard.check(f"the model `{(settings.model_names or [engine.info.name])[0]}`", need)
+    guard.check(f"the model `{_served_name(settings, engine)}`", engine.memory_need())
 
 
 @contextlib.asynccontextmanager
@@ -140,12 +144,13 @@ async def open_backend(
             yield upstream
         return
     from chatgate.engines import create_engine
+    from chatgate.worker.lifecycle import start_engine
     from chatgate.worker.service import WorkerService
 
     engine = engine or create_engine(settings)
     guard = MemoryGuard.of(settings, memory)
     await asyncio.to_thread(_check_fits, guard, settings, engine)  # reads files: off the event loop
-    await engine.start()
+    await start_engine(engine, name=_served_name(settings, engine))
     service = WorkerService(
         engine=engine, model_names=settings.model_names,
         queue=request_queue(settings, (settings.model_names or [engine.info.name])[0]),

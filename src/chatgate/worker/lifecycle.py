@@ -42,6 +42,25 @@ def _is_out_of_memory(exc: RuntimeError) -> bool:
     return "out of memory" in text or "allocate memory" in text
 
 
+async def start_engine(engine: Engine, *, name: str) -> None:
+    """Start (load) `engine`; a load that runs out of memory frees what it had taken and is an
+    `InsufficientMemoryError` (409) naming the model `name`, leaving every other model as it was."""
+    try:
+        await engine.start()
+    except MemoryError:
+        detail = ""
+    except RuntimeError as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        detail = f" ({exc})"
+    else:
+        return
+    await engine.unload()
+    raise InsufficientMemoryError(
+        f"Loading the model `{name}` ran out of memory{detail}; unload another model first.", param="model"
+    )
+
+
 class ModelLifecycle:
     """Loads and frees `engine` as admins ask and as requests come and go."""
 
@@ -102,28 +121,12 @@ class ModelLifecycle:
                 log.info("loaded %s", self._name)
 
     async def _start(self) -> None:
-        """Start the engine once its estimated need fits (`engines/memory.py`); a load refused
-        so, or one that runs out of memory anyway, is a 409 naming the model, frees what it had
-        loaded, and leaves every other model served as it was."""
+        """Start the engine once its estimated need fits (`engines/memory.py`): a load refused
+        so is a 409 naming the model, as is one that runs out of memory anyway (`start_engine`)."""
         if self._guard is not None:
             guard, engine = self._guard, self._engine
             await asyncio.to_thread(lambda: guard.check(f"the model `{self._name}`", engine.memory_need()))
-        try:
-            await self._engine.start()
-        except MemoryError:
-            await self._refuse_out_of_memory("")
-        except RuntimeError as exc:
-            if not _is_out_of_memory(exc):
-                raise
-            await self._refuse_out_of_memory(f" ({exc})")
-
-    async def _refuse_out_of_memory(self, detail: str) -> None:
-        """Free what the failed load had taken, and refuse it as out of memory."""
-        await self._engine.unload()
-        raise InsufficientMemoryError(
-            f"Loading the model `{self._name}` ran out of memory{detail}; unload another model first.",
-            param="model",
-        ) from None
+        await start_engine(self._engine, name=self._name)
 
     async def unload(self, *, to: State = "unloaded") -> None:
         """Refuse new requests (`unloaded`) or keep taking them (`idle`: they load it again),
