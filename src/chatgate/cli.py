@@ -110,11 +110,23 @@ def _api_tls(settings: ApiSettings) -> tuple[str | None, str | None]:
     return keyfile, certfile
 
 
+def _check_memory(configs: list[Any]) -> None:
+    """Exit naming the problem, before anything loads, if the models would not fit in memory."""
+    from chatgate.engines.memory import check_models_fit
+    from chatgate.errors import InsufficientMemoryError
+
+    try:
+        check_models_fit(configs)
+    except InsufficientMemoryError as exc:
+        raise SystemExit(f"chatgate: {exc.message}") from None
+
+
 def run_serve(settings: ServeSettings) -> None:
     """API server and worker in one process."""
     from chatgate.api.app import create_api_app
     from chatgate.api.workers.local import local_pool
 
+    _check_memory(settings.chat_models())
     app = create_api_app(settings, local_pool(settings))
     _run_uvicorn(app, host=settings.host, port=settings.port, log_level=settings.log_level, tls=_api_tls(settings),
                  access_log=False,
@@ -146,6 +158,7 @@ def run_worker(settings: WorkerSettings) -> None:
     """A model worker."""
     from chatgate.worker.app import create_worker_app
 
+    _check_memory([settings])
     _run_uvicorn(
         create_worker_app(settings), host=settings.host, port=settings.port,
         log_level=settings.log_level, tls=(settings.ssl_keyfile, settings.ssl_certfile),

@@ -6,6 +6,7 @@
     ├── AuthenticationError             401 invalid_api_key
     ├── PermissionDeniedError           403 permission_denied: an accepted key, not allowed here
     ├── ModelNotFoundError              404 model_not_found
+    ├── InsufficientMemoryError         409 insufficient_memory: a load that would not fit now
     ├── RequestTooLargeError            413 request_too_large
     ├── OverloadedError                 429 engine_overloaded (with Retry-After)
     ├── RateLimitExceededError          429 rate_limit_exceeded: a per-key limit (with Retry-After)
@@ -124,6 +125,19 @@ class ModelNotFoundError(ChatgateError):
         return cls(f"The model `{model}` does not exist or you do not have access to it.", param="model")
 
 
+class InsufficientMemoryError(ChatgateError):
+    """Loading a model or adapter would need more memory than the machine has free now."""
+
+    # 409 Conflict, not 400: the request is well formed and would succeed once another model is
+    # unloaded (RFC 9110: a conflict with the current state that the caller may resolve and
+    # resubmit). Not 413 (that is the body's size) nor 507 (the issue asks for a 4xx, and
+    # Ollama's and vLLM's users read a 5xx as the server's fault, not as "free memory first").
+    status = 409
+    type = "invalid_request_error"
+    default_code = "insufficient_memory"
+    fastchat_code = 40901
+
+
 class RequestTooLargeError(ChatgateError):
     """The request body is over the configured size cap."""
 
@@ -219,6 +233,7 @@ _BY_FASTCHAT_CODE: dict[int, type[ChatgateError]] = {
     40301: ModelNotFoundError,
     40302: InvalidRequestError,
     40303: ContextLengthExceededError,
+    40901: InsufficientMemoryError,
     42901: OverloadedError,
     42902: OverloadedError,
     42903: OverloadedError,

@@ -266,6 +266,16 @@ class EngineSettings(_Base):
         "with an earlier one (a system prompt) prefills only the rest; 0 turns it off.",
     )
 
+    memory_headroom_gib: float = Field(
+        0.5, ge=0, le=1 << 20, allow_inf_nan=False,
+        description="Memory (GiB) a model load must leave free: a model (at start, on /v1/models/load, "
+        "when it loads again after --idle-unload) or LoRA adapter whose weights and up-front KV cache "
+        "would leave less of the memory available (the host's, within any cgroup limit; the GPU's on "
+        "CUDA) is refused naming the sizes (409 insufficient_memory; at start the process exits).",
+    )
+    memory_check: bool = Field(
+        True, description="Check that a model fits in memory before loading it (--no-memory-check: load anyway).",
+    )
     idle_unload: float | None = Field(
         None, gt=0, le=10**9, allow_inf_nan=False,
         description="Seconds without a request after which the model is freed; it stays listed and the "

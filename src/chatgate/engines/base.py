@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatgate.engines.memory import MemoryNeed
 from chatgate.errors import InvalidRequestError, ModelNotFoundError
 from chatgate.settings import SchedulingPolicy
 
@@ -141,6 +142,11 @@ class Engine(abc.ABC):
     async def unload(self) -> None:
         """Free the model's memory until `start` loads it again (`/v1/models/unload`, idle unload)."""
         await self.close()
+
+    def memory_need(self) -> MemoryNeed | None:
+        """What loading the model takes, estimated from its files before `start` (None: unknown,
+        not checked). Reads files: call it in a thread."""
+        return None
 
     @abc.abstractmethod
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:

@@ -26,6 +26,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from chatgate.engines.base import ChatOptions, Engine, GenerationOutput, ModelInfo, Phases, SamplingParams
 from chatgate.engines.chat_tokens import template_error
+from chatgate.engines.memory import MemoryNeed
 from chatgate.engines.policy import Policy
 from chatgate.engines.prefix_cache import DEFAULT_BLOCK, block_keys
 from chatgate.engines.sampling import sample_with_logprob
@@ -148,8 +149,10 @@ class FakeEngine(Engine):
         max_running: int | None = None,
         scheduling_policy: SchedulingPolicy = "fcfs",
         fim: bool = False,
+        weights_bytes: int = 0,
     ) -> None:
         self.fim = fim
+        self.weights_bytes = weights_bytes  # what `memory_need` says a load takes (0: not checked)
         self.info = ModelInfo(
             name=name,
             context_length=context_length,
@@ -172,6 +175,9 @@ class FakeEngine(Engine):
         """The text the fake model answers `prompt` with (greedy)."""
         tail = prompt.strip().splitlines()[-2:] if prompt.strip() else [""]
         return f"Echo: {' '.join(tail)[-40:]} ✓ done."
+
+    def memory_need(self) -> MemoryNeed | None:
+        return MemoryNeed("cpu", self.weights_bytes) if self.weights_bytes else None
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))

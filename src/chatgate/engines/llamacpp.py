@@ -19,6 +19,7 @@ import torch
 
 from chatgate.engines.kvbudget import free_memory
 from chatgate.engines.loading import ModelSource, gguf_location, model_construction
+from chatgate.engines.memory import GIB, MemoryNeed, gguf_elements
 from chatgate.engines.scheduled import LoadedModel, ScheduledEngine, kv_budget
 from chatgate.settings import EngineSettings
 
@@ -34,6 +35,8 @@ TOKENS_PER_ROW = 512
 # llama.cpp's file types for each `--dtype`.
 FORMATS = {"float32": "LLAMA_FTYPE_ALL_F32", "bfloat16": "LLAMA_FTYPE_MOSTLY_BF16", "int8": "LLAMA_FTYPE_MOSTLY_Q8_0"}
 GGUF_NAMES = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0"}
+# Bytes per weight of each conversion (Q8_0: 32 int8 weights and one f16 scale per block).
+_WEIGHT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 34 / 32}
 
 
 def decode_threads(requested: int) -> int:
@@ -99,6 +102,18 @@ class LlamaCppEngine(ScheduledEngine):
         super().__init__(settings)
         if self._source.gguf_file is None:
             raise ValueError(f"the llama.cpp engine serves GGUF files; {settings.model_path!r} is not one")
+
+    def _model_need(self) -> MemoryNeed:
+        """The GGUF file served (the default model's at the --dtype it is converted to), and the
+        KV cells llama.cpp allocates up front: --kv-cache-gib (unset, a share of what is free
+        after loading, so it always fits) and the prefix cache's."""
+        gguf = gguf_location(self._source, self._settings.cache_dir)
+        if self._source.packaged:
+            weights = int(gguf_elements(gguf) * _WEIGHT_BYTES[self._settings.weights("bfloat16")])
+        else:
+            weights = gguf.stat().st_size
+        kv = int(((self._settings.kv_cache_gib or 0.0) + self._settings.prefix_cache_gib) * GIB)
+        return MemoryNeed("cpu", weights, kv)
 
     def _load(self) -> LoadedModel:
         from chatgate.engines.runners.llamacpp import GgufModel, LlamaCppRunner

@@ -163,12 +163,17 @@ def _check_torch_architecture(gguf: Path) -> None:
         )
 
 
+def float32_folder(gguf: Path, cache_dir: Path) -> Path:
+    """Where `cached_checkpoint` keeps the float32 conversion of `gguf` (it may not exist yet)."""
+    return cache_dir / "models" / f"{gguf.stem}-{gguf.stat().st_size}-float32"
+
+
 def cached_checkpoint(source: ModelSource, cache_dir: Path) -> Path:
     """A float32 safetensors folder for `source`, converting a GGUF file on first use."""
     if source.gguf_file is None:
         return source.path
     gguf = gguf_location(source, cache_dir)
-    target = cache_dir / "models" / f"{gguf.stem}-{gguf.stat().st_size}-float32"
+    target = float32_folder(gguf, cache_dir)
     if (target / "config.json").exists():
         return target
     _check_torch_architecture(gguf)

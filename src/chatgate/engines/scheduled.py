@@ -36,6 +36,7 @@ from chatgate.engines.chat_tokens import ChatTokenizer, ChatTokensEngine
 from chatgate.engines.constraints import ConstraintCompiler
 from chatgate.engines.kvbudget import kv_token_budget
 from chatgate.engines.loading import resolve_chat_model
+from chatgate.engines.memory import MemoryNeed, adapter_bytes
 from chatgate.engines.lora import AdapterError, LoraSpec
 from chatgate.engines.reasoning import GatedGrammar
 from chatgate.engines.runners.base import Runner
@@ -109,6 +110,19 @@ class ScheduledEngine(ChatTokensEngine, Engine):
     @abc.abstractmethod
     def _load(self) -> LoadedModel:
         """Load the model (in a worker thread, once)."""
+
+    def _model_need(self) -> MemoryNeed | None:
+        """What the model's own load takes (`memory_need`); None: not estimated."""
+        return None
+
+    def memory_need(self) -> MemoryNeed | None:
+        """The model's need, plus the LoRA adapters it serves (they are read again with it)."""
+        need = self._model_need()
+        if need is None or self._adapters is None:
+            return need
+        paths = [self._adapters.path(name) for name in self._adapters.names()]
+        adapters = sum(adapter_bytes(path) or 0 for path in paths if path is not None)
+        return MemoryNeed(need.device, need.weights + adapters, need.kv)
 
     async def start(self) -> None:
         if self._loaded is None:

@@ -16,7 +16,8 @@ import torch
 from chatgate.engines.decoder import FastDecoder
 from chatgate.engines.kernels import use_skinny_linears
 from chatgate.engines.kvbudget import free_memory, kv_bytes_per_token, unmap_freed_buffers
-from chatgate.engines.loading import cached_checkpoint, model_construction
+from chatgate.engines.loading import cached_checkpoint, float32_folder, gguf_location, model_construction
+from chatgate.engines.memory import MemoryNeed, checkpoint_bytes, gguf_elements
 from chatgate.engines.runners.torch import TorchRunner
 from chatgate.engines.scheduled import LoadedModel, ScheduledEngine, kv_budget
 
@@ -38,6 +39,17 @@ class TransformersEngine(ScheduledEngine):
     """Serves a causal LM with `transformers` on PyTorch (the `torch` runner)."""
 
     _model: Any = None
+
+    def _model_need(self) -> MemoryNeed:
+        """The weights in float32 (the torch runner builds every model so); its KV cache grows
+        with the batch, so none is reserved up front."""
+        if self._source.gguf_file is None:
+            weights = checkpoint_bytes(self._source.path, float32=True)
+        else:
+            gguf = gguf_location(self._source, self._settings.cache_dir)
+            folder = float32_folder(gguf, self._settings.cache_dir)
+            weights = checkpoint_bytes(folder) if (folder / "config.json").exists() else gguf_elements(gguf) * 4
+        return MemoryNeed(self._settings.device, weights)
 
     def _load(self) -> LoadedModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
 
 from chatgate.engines.base import Engine, EngineStats
+from chatgate.engines.memory import MemoryGuard, MemoryReader
 from chatgate.protocol.admin import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from chatgate.protocol.conversation import Conversation
 from chatgate.protocol import worker as wire
@@ -116,9 +117,24 @@ def request_queue(settings: EngineSettings, model: str) -> RequestQueue:
                         max_wait=settings.max_queue_wait)
 
 
+def _served_name(settings: EngineSettings, engine: Engine) -> str:
+    """The model's first name, before it has started (vLLM's engine knows its own only after)."""
+    info = getattr(engine, "info", None)
+    return settings.model_names[0] if settings.model_names else info.name if info is not None else settings.model_path
+
+
+def _check_fits(guard: MemoryGuard, settings: EngineSettings, engine: Engine) -> None:
+    """Refuse to start a model that would not fit in memory (`engines/memory.py`)."""
+    guard.check(f"the model `{_served_name(settings, engine)}`", engine.memory_need())
+
+
 @contextlib.asynccontextmanager
-async def open_backend(settings: EngineSettings, *, engine: Engine | None = None) -> AsyncIterator[WorkerBackend]:
-    """Start the backend `settings.engine` names (or serve the `engine` given), and stop it on exit."""
+async def open_backend(
+    settings: EngineSettings, *, engine: Engine | None = None, memory: MemoryReader | None = None
+) -> AsyncIterator[WorkerBackend]:
+    """Start the backend `settings.engine` names (or serve the `engine` given), and stop it on
+    exit; every load of its model is first checked to fit in the memory `memory` reads (the
+    machine's by default)."""
     if settings.lora and settings.engine not in _LORA_ENGINES:
         raise ValueError(f"--lora needs the transformers or llama.cpp engine, not --engine {settings.engine}")
     if engine is None and settings.engine == UPSTREAM_ENGINE:
@@ -128,15 +144,18 @@ async def open_backend(settings: EngineSettings, *, engine: Engine | None = None
             yield upstream
         return
     from chatgate.engines import create_engine
+    from chatgate.worker.lifecycle import start_engine
     from chatgate.worker.service import WorkerService
 
     engine = engine or create_engine(settings)
-    await engine.start()
+    guard = MemoryGuard.of(settings, memory)
+    await asyncio.to_thread(_check_fits, guard, settings, engine)  # reads files: off the event loop
+    await start_engine(engine, name=_served_name(settings, engine))
     service = WorkerService(
         engine=engine, model_names=settings.model_names,
         queue=request_queue(settings, (settings.model_names or [engine.info.name])[0]),
         reasoning_parser=settings.reasoning_parser, chat_template=settings.chat_template_text(),
-        idle_unload=settings.idle_unload,
+        idle_unload=settings.idle_unload, guard=guard,
     )
     idle = asyncio.create_task(service.lifecycle.watch_idle())
     try:

@@ -18,23 +18,57 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Literal
 
 from chatgate.engines.base import Engine
-from chatgate.errors import InvalidRequestError, ModelNotFoundError
+from chatgate.engines.memory import MemoryGuard
+from chatgate.errors import InsufficientMemoryError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
 State = Literal["loaded", "unloaded", "idle"]
 
 
+def _is_out_of_memory(exc: RuntimeError) -> bool:
+    """Whether `exc` is an allocator's out-of-memory error: `torch.OutOfMemoryError` (CUDA), or
+    the RuntimeError torch's CPU allocator raises ("can't allocate memory")."""
+    torch = sys.modules.get("torch")  # not loaded: no torch allocation could have failed
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "allocate memory" in text
+
+
+async def start_engine(engine: Engine, *, name: str) -> None:
+    """Start (load) `engine`; a load that runs out of memory frees what it had taken and is an
+    `InsufficientMemoryError` (409) naming the model `name`, leaving every other model as it was."""
+    try:
+        await engine.start()
+    except MemoryError:
+        detail = ""
+    except RuntimeError as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        detail = f" ({exc})"
+    else:
+        return
+    await engine.unload()
+    raise InsufficientMemoryError(
+        f"Loading the model `{name}` ran out of memory{detail}; unload another model first.", param="model"
+    )
+
+
 class ModelLifecycle:
     """Loads and frees `engine` as admins ask and as requests come and go."""
 
-    def __init__(self, engine: Engine, *, name: str, idle_unload: float | None = None) -> None:
+    def __init__(
+        self, engine: Engine, *, name: str, idle_unload: float | None = None, guard: MemoryGuard | None = None
+    ) -> None:
         self._engine = engine
+        self._guard = guard  # checks that a load fits before it starts (None: no check)
         self._name = name
         self._idle_unload = idle_unload
         self.state: State = "loaded"
@@ -87,24 +121,12 @@ class ModelLifecycle:
                 log.info("loaded %s", self._name)
 
     async def _start(self) -> None:
-        """Start the engine; a load that runs out of memory is a 400 naming the model, and
-        leaves what is served as it was."""
-        try:
-            await self._engine.start()
-        except MemoryError:
-            await self._engine.unload()
-            raise InvalidRequestError(
-                f"Loading the model `{self._name}` ran out of memory; unload another model first.",
-                param="model", code="insufficient_memory",
-            ) from None
-        except RuntimeError as exc:
-            if "out of memory" not in str(exc).lower():
-                raise
-            await self._engine.unload()
-            raise InvalidRequestError(
-                f"Loading the model `{self._name}` ran out of memory ({exc}); unload another model first.",
-                param="model", code="insufficient_memory",
-            ) from None
+        """Start the engine once its estimated need fits (`engines/memory.py`): a load refused
+        so is a 409 naming the model, as is one that runs out of memory anyway (`start_engine`)."""
+        if self._guard is not None:
+            guard, engine = self._guard, self._engine
+            await asyncio.to_thread(lambda: guard.check(f"the model `{self._name}`", engine.memory_need()))
+        await start_engine(self._engine, name=self._name)
 
     async def unload(self, *, to: State = "unloaded") -> None:
         """Refuse new requests (`unloaded`) or keep taking them (`idle`: they load it again),

@@ -6,13 +6,16 @@ request behaves the same whichever way it arrives.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from opentelemetry.trace import Span
 
 from chatgate import tracing
+from chatgate.engines.memory import MemoryGuard, MemoryNeed, adapter_bytes
 from chatgate.engines.base import ChatOptions, Engine, EngineStats, GenerationOutput, SamplingParams, TokenLogprob
 from chatgate.engines.reasoning import PARSERS, Phase, ReasoningSplitter
 from chatgate.errors import (
@@ -63,12 +66,14 @@ class WorkerService:
     def __init__(
         self, *, engine: Engine, model_names: list[str], queue: RequestQueue,
         reasoning_parser: str | None = None, chat_template: str | None = None, idle_unload: float | None = None,
+        guard: MemoryGuard | None = None,
     ) -> None:
         self.engine = engine
+        self._guard = guard  # checks that a load fits in memory before it starts
         self._think = PARSERS[reasoning_parser] if reasoning_parser is not None else None
         self._template = chat_template  # in place of the model's own
         self._base_names = model_names or [engine.info.name]
-        self.lifecycle = ModelLifecycle(engine, name=self._base_names[0], idle_unload=idle_unload)
+        self.lifecycle = ModelLifecycle(engine, name=self._base_names[0], idle_unload=idle_unload, guard=guard)
         self.queue = queue
         self.served = 0  # requests taken, for metrics
         self._batcher = EmbeddingBatcher(engine.embed)
@@ -114,7 +119,17 @@ class WorkerService:
         """Serve a LoRA adapter as a model of its own (vLLM's `/v1/load_lora_adapter`)."""
         if params.lora_name in self._base_names:
             raise InvalidRequestError(f"The model `{params.lora_name}` is already served; unload it first.", param="lora_name")
+        if self._guard is not None and self.lifecycle.state == "loaded":
+            await asyncio.to_thread(self._check_adapter_memory, params)
         await self.engine.load_lora(params.lora_name, params.lora_path)
+
+    def _check_adapter_memory(self, params: LoadLoraAdapterRequest) -> None:
+        """Refuse an adapter whose files would not fit beside what is loaded (409)."""
+        assert self._guard is not None
+        size = adapter_bytes(Path(params.lora_path).expanduser())
+        need = self.engine.memory_need()
+        if size is not None and need is not None:
+            self._guard.check(f"the LoRA adapter `{params.lora_name}`", MemoryNeed(need.device, size), param="lora_path")
 
     async def unload_lora(self, params: UnloadLoraAdapterRequest) -> None:
         """Stop serving a LoRA adapter once its running requests have finished."""

@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector
 
 from chatgate.api.workers.base import PoolSource, Worker, WorkerPool
 from chatgate.engines.base import Engine
+from chatgate.engines.memory import MemoryReader
 from chatgate.errors import ModelNotFoundError, NoHealthyWorkerError
 from chatgate.metrics import EngineCollector
 from chatgate.protocol import worker as wire
@@ -94,7 +95,7 @@ class LocalPool:
         return [(s.queue.model, *s.load()) for s in self.served.backends()]
 
 
-def local_pool(settings: ServeSettings, *, engines: list[Engine] | None = None) -> PoolSource:
+def local_pool(settings: ServeSettings, *, engines: list[Engine] | None = None, memory: MemoryReader | None = None) -> PoolSource:
     """Serve models in this process (`chatgate serve`): the chat model from `settings` (an
     engine, or an upstream with `--engine openai`), or each `--model`, each on an engine of its
     own (its own scheduler thread), and, unless turned off, the embedding model beside them."""
@@ -111,7 +112,7 @@ def local_pool(settings: ServeSettings, *, engines: list[Engine] | None = None) 
     @contextlib.asynccontextmanager
     async def pool() -> AsyncIterator[WorkerPool]:
         async with contextlib.AsyncExitStack() as stack:
-            opened = [open_backend(config, engine=engine) for config, engine in backends()]
+            opened = [open_backend(config, engine=engine, memory=memory) for config, engine in backends()]
             # Engines load concurrently: the chat and embedding models take seconds each.
             services = await asyncio.gather(*(stack.enter_async_context(backend) for backend in opened))
             yield LocalPool(list(services))
