@@ -158,7 +158,7 @@ def run_worker(settings: WorkerSettings) -> None:
     """A model worker."""
     from chatgate.worker.app import create_worker_app
 
-    _check_memory([settings])
+    _check_memory(settings.chat_models())
     _run_uvicorn(
         create_worker_app(settings), host=settings.host, port=settings.port,
         log_level=settings.log_level, tls=(settings.ssl_keyfile, settings.ssl_certfile),

@@ -10,6 +10,8 @@ import pytest
 
 from tests.live.conftest import CHATGATE, free_port
 
+pytestmark = pytest.mark.live
+
 # More memory kept free than any machine has: the check must refuse whatever the model needs.
 HUGE_HEADROOM = ["--memory-headroom-gib", "1000000"]
 
