@@ -231,7 +231,8 @@ class Door(APIRoute):
                 admission: BodyAdmission = request.app.state.admission
                 with tracing.span("chatgate.validate", {"http.request.body.size": len(raw)}):
                     body = await within(deadline, admission.admit(body_model, raw, caller_name(request)))
-                if (floor := priority_floor(body.scheduling_priority())) is not None:
+                floor = priority_floor(body.scheduling_priority())
+                if floor is not None and "priority" in type(body).model_fields:  # others: `to_chat`
                     body = body.model_copy(update={"priority": floor})
                 kwargs["body"] = body
                 label_model(request, request.path_params.get("model") or str(getattr(body, "model", "")))
