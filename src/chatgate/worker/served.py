@@ -27,6 +27,9 @@ class ServedModels:
                     raise ValueError(f"two models are served under the name {name!r}: give one of them --model-names")
                 seen.add(name)
         self._backends = list(backends)
+        # Adapter names whose load is under way: two loads of one name beside different bases
+        # would both pass the check below before either finished, and serve the name twice.
+        self._loading: set[str] = set()
 
     def backends(self) -> list[WorkerBackend]:
         """The backends, in the order they were given."""
@@ -94,14 +97,18 @@ class ServedModels:
     async def load_lora(self, params: LoadLoraAdapterRequest) -> None:
         """Serve an adapter beside the base model `base_model_name` names (which may be left out
         when one model here takes adapters); an adapter made for another base is the engine's 400."""
-        if self.find(params.lora_name) is not None:
+        if self.find(params.lora_name) is not None or params.lora_name in self._loading:
             raise InvalidRequestError(f"The model `{params.lora_name}` is already served; unload it first.", param="lora_name")
         base = self._lora_base(params.base_model_name)
         if not base.model_names:
             raise InvalidRequestError(
                 "The adapter's base model is unloaded: load it before its adapters.", param=BASE_PARAM
             )
-        await base.load_lora(params)
+        self._loading.add(params.lora_name)
+        try:
+            await base.load_lora(params)
+        finally:
+            self._loading.discard(params.lora_name)
 
     def _lora_base(self, name: str | None) -> WorkerBackend:
         if name is not None:
