@@ -102,7 +102,17 @@ def input_items(request: ResponsesRequest) -> list[dict[str, Any]]:
         if isinstance(request.input, str)
         else [item.model_dump(exclude_none=True) for item in request.input]
     )
-    return [{"id": f"{_ID_PREFIX.get(item['type'], 'item')}_{uuid.uuid4().hex}", **item} for item in items]
+    seen: set[str] = set()
+    out: list[dict[str, Any]] = []
+    for item in items:
+        # An item keeps an id of its own (a reasoning item sent back) only if no other has it:
+        # `input_items` pages by id, and a repeated or empty one would send a reader in circles.
+        own = item.get("id")
+        if not own or own in seen:
+            own = f"{_ID_PREFIX.get(item['type'], 'item')}_{uuid.uuid4().hex}"
+        seen.add(own)
+        out.append({"id": own, **_strip_id(item)})
+    return out
 
 
 def _strip_id(item: dict[str, Any]) -> dict[str, Any]:
