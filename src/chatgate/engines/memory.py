@@ -16,9 +16,10 @@ is what the headroom is for; a load that runs out of memory anyway is caught whe
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -70,6 +71,8 @@ def meminfo_available(path: Path) -> int | None:
         key, _, value = line.partition(":")
         if key == "MemAvailable":
             number, _, unit = value.strip().partition(" ")
+            if not number.isdigit():  # not the kernel's format: tell nothing rather than fail every load
+                return None
             return int(number) * (1024 if unit.strip().lower() == "kb" else 1)
     return None
 
@@ -199,17 +202,30 @@ STARTUP_ADVICE = (
 
 
 class MemoryGuard:
-    """Refuses a load that would not fit on its device with the headroom to spare."""
+    """Refuses a load that would not fit on its device with the headroom to spare.
 
-    def __init__(self, *, reader: MemoryReader, headroom_gib: float, enabled: bool = True) -> None:
+    `loads` is held around each check and the load it allows (`worker/lifecycle.py`): the guards
+    of one process's models share it, so two loads asked at once do not both count the memory
+    the other is about to take."""
+
+    def __init__(
+        self, *, reader: MemoryReader, headroom_gib: float, enabled: bool = True, loads: asyncio.Lock | None = None
+    ) -> None:
         self._reader = reader
         self.headroom = int(headroom_gib * GIB)
         self.enabled = enabled
+        self.loads = loads or asyncio.Lock()
 
     @classmethod
-    def of(cls, settings: EngineSettings, reader: MemoryReader | None = None) -> MemoryGuard:
-        """The guard `--memory-headroom-gib` and `--memory-check` ask for, reading `reader` (the machine's by default)."""
-        return cls(reader=reader or SystemMemory(), headroom_gib=settings.memory_headroom_gib, enabled=settings.memory_check)
+    def of(
+        cls, settings: EngineSettings, reader: MemoryReader | None = None, loads: asyncio.Lock | None = None
+    ) -> MemoryGuard:
+        """The guard `--memory-headroom-gib` and `--memory-check` ask for, reading `reader` (the
+        machine's by default), taking turns on `loads` with the process's other models."""
+        return cls(
+            reader=reader or SystemMemory(), headroom_gib=settings.memory_headroom_gib,
+            enabled=settings.memory_check, loads=loads,
+        )
 
     def check(self, what: str, need: MemoryNeed | None, *, param: str = "model", advice: str = RUNNING_ADVICE) -> None:
         """Raise `InsufficientMemoryError` naming `what` if `need` does not fit now (file reads:
@@ -228,6 +244,21 @@ class MemoryGuard:
                 param=param,
             )
         log.info("loading %s needs %s; %s available on %s", what, gib(need.total), gib(available), need.device)
+
+    def check_estimate(
+        self, what: str, estimate: Callable[[], MemoryNeed | None], *, param: str = "model"
+    ) -> None:
+        """`check` what `estimate` says a load needs. Off (--no-memory-check), nothing is read;
+        an estimate that fails (files it cannot read or parse) is an unknown need, as at start:
+        the load names that problem itself. Reads files: call it in a thread."""
+        if not self.enabled:
+            return
+        try:
+            need = estimate()
+        except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: `expanduser` of an unknown user
+            log.warning("no memory estimate for %s, not checked: %s", what, exc)
+            return
+        self.check(what, need, param=param)
 
 
 def check_startup(needs: list[tuple[str, MemoryNeed | None]], guard: MemoryGuard) -> None:
@@ -250,9 +281,9 @@ def check_models_fit(configs: list[EngineSettings], reader: MemoryReader | None 
     from chatgate.engines import create_engine
 
     needs: list[tuple[str, MemoryNeed | None]] = []
-    for config in configs:
-        if config.engine == "openai" or not config.memory_check:
-            continue
+    # Each model's own flags say whether it is counted; the sum keeps the most headroom any asks.
+    checked = [config for config in configs if config.engine != "openai" and config.memory_check]
+    for config in checked:
         try:
             engine = create_engine(config)  # builds nothing heavy: engines load in `start`
             need = engine.memory_need()
@@ -261,5 +292,6 @@ def check_models_fit(configs: list[EngineSettings], reader: MemoryReader | None 
             continue
         if need is not None:  # an engine without an estimate may not know its name before it starts
             needs.append(((config.model_names or [engine.info.name])[0], need))
-    if configs:
-        check_startup(needs, MemoryGuard.of(configs[0], reader))
+    if checked:
+        headroom = max(config.memory_headroom_gib for config in checked)
+        check_startup(needs, MemoryGuard(reader=reader or SystemMemory(), headroom_gib=headroom))

@@ -54,8 +54,10 @@ async def open_models(
         configs = [(settings, engine)]
     elif engines is not None:
         configs = [(settings.model_copy(update={"model_names": []}), e) for e in engines]
+    loads = asyncio.Lock()  # the models' later loads take turns (`MemoryGuard`)
     async with contextlib.AsyncExitStack() as stack:
-        backends = await asyncio.gather(*(stack.enter_async_context(open_backend(c, engine=e)) for c, e in configs))
+        opened = [open_backend(c, engine=e, loads=loads) for c, e in configs]
+        backends = await asyncio.gather(*(stack.enter_async_context(backend) for backend in opened))
         yield ServedModels(list(backends))
 
 

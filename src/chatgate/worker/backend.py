@@ -125,16 +125,17 @@ def _served_name(settings: EngineSettings, engine: Engine) -> str:
 
 def _check_fits(guard: MemoryGuard, settings: EngineSettings, engine: Engine) -> None:
     """Refuse to start a model that would not fit in memory (`engines/memory.py`)."""
-    guard.check(f"the model `{_served_name(settings, engine)}`", engine.memory_need())
+    guard.check_estimate(f"the model `{_served_name(settings, engine)}`", engine.memory_need)
 
 
 @contextlib.asynccontextmanager
 async def open_backend(
-    settings: EngineSettings, *, engine: Engine | None = None, memory: MemoryReader | None = None
+    settings: EngineSettings, *, engine: Engine | None = None, memory: MemoryReader | None = None,
+    loads: asyncio.Lock | None = None,
 ) -> AsyncIterator[WorkerBackend]:
     """Start the backend `settings.engine` names (or serve the `engine` given), and stop it on
-    exit; every load of its model is first checked to fit in the memory `memory` reads (the
-    machine's by default)."""
+    exit; every later load of its model is first checked to fit in the memory `memory` reads
+    (the machine's by default), one at a time with the other models holding `loads`."""
     if settings.lora and settings.engine not in _LORA_ENGINES:
         raise ValueError(f"--lora needs the transformers or llama.cpp engine, not --engine {settings.engine}")
     if engine is None and settings.engine == UPSTREAM_ENGINE:
@@ -148,7 +149,7 @@ async def open_backend(
     from chatgate.worker.service import WorkerService
 
     engine = engine or create_engine(settings)
-    guard = MemoryGuard.of(settings, memory)
+    guard = MemoryGuard.of(settings, memory, loads)
     await asyncio.to_thread(_check_fits, guard, settings, engine)  # reads files: off the event loop
     await start_engine(engine, name=_served_name(settings, engine))
     service = WorkerService(

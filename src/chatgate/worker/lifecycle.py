@@ -123,10 +123,12 @@ class ModelLifecycle:
     async def _start(self) -> None:
         """Start the engine once its estimated need fits (`engines/memory.py`): a load refused
         so is a 409 naming the model, as is one that runs out of memory anyway (`start_engine`)."""
-        if self._guard is not None:
-            guard, engine = self._guard, self._engine
-            await asyncio.to_thread(lambda: guard.check(f"the model `{self._name}`", engine.memory_need()))
-        await start_engine(self._engine, name=self._name)
+        if self._guard is None or not self._guard.enabled:  # --no-memory-check: loads need not take turns
+            await start_engine(self._engine, name=self._name)
+            return
+        async with self._guard.loads:  # the next model's check waits to see what this one took
+            await asyncio.to_thread(self._guard.check_estimate, f"the model `{self._name}`", self._engine.memory_need)
+            await start_engine(self._engine, name=self._name)
 
     async def unload(self, *, to: State = "unloaded") -> None:
         """Refuse new requests (`unloaded`) or keep taking them (`idle`: they load it again),

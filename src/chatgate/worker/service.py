@@ -119,17 +119,21 @@ class WorkerService:
         """Serve a LoRA adapter as a model of its own (vLLM's `/v1/load_lora_adapter`)."""
         if params.lora_name in self._base_names:
             raise InvalidRequestError(f"The model `{params.lora_name}` is already served; unload it first.", param="lora_name")
-        if self._guard is not None and self.lifecycle.state == "loaded":
-            await asyncio.to_thread(self._check_adapter_memory, params)
-        await self.engine.load_lora(params.lora_name, params.lora_path)
+        if self._guard is None or not self._guard.enabled or self.lifecycle.state != "loaded":
+            await self.engine.load_lora(params.lora_name, params.lora_path)
+            return
+        async with self._guard.loads:  # refused (409) if it would not fit beside what is loaded
+            await asyncio.to_thread(
+                self._guard.check_estimate, f"the LoRA adapter `{params.lora_name}`",
+                lambda: self._adapter_need(params), param="lora_path",
+            )
+            await self.engine.load_lora(params.lora_name, params.lora_path)
 
-    def _check_adapter_memory(self, params: LoadLoraAdapterRequest) -> None:
-        """Refuse an adapter whose files would not fit beside what is loaded (409)."""
-        assert self._guard is not None
+    def _adapter_need(self, params: LoadLoraAdapterRequest) -> MemoryNeed | None:
+        """What reading the adapter at `lora_path` takes beside what is loaded (None: unknown)."""
         size = adapter_bytes(Path(params.lora_path).expanduser())
         need = self.engine.memory_need()
-        if size is not None and need is not None:
-            self._guard.check(f"the LoRA adapter `{params.lora_name}`", MemoryNeed(need.device, size), param="lora_path")
+        return MemoryNeed(need.device, size) if size is not None and need is not None else None
 
     async def unload_lora(self, params: UnloadLoraAdapterRequest) -> None:
         """Stop serving a LoRA adapter once its running requests have finished."""

@@ -111,8 +111,9 @@ def local_pool(settings: ServeSettings, *, engines: list[Engine] | None = None, 
 
     @contextlib.asynccontextmanager
     async def pool() -> AsyncIterator[WorkerPool]:
+        loads = asyncio.Lock()  # the models' later loads take turns (`MemoryGuard`)
         async with contextlib.AsyncExitStack() as stack:
-            opened = [open_backend(config, engine=engine, memory=memory) for config, engine in backends()]
+            opened = [open_backend(config, engine=engine, memory=memory, loads=loads) for config, engine in backends()]
             # Engines load concurrently: the chat and embedding models take seconds each.
             services = await asyncio.gather(*(stack.enter_async_context(backend) for backend in opened))
             yield LocalPool(list(services))
