@@ -194,14 +194,10 @@ def test_a_meminfo_not_in_the_kernels_format_tells_nothing(tmp_path: Path) -> No
     assert meminfo_available(tmp_path / "meminfo") is None
 
 
-@pytest.mark.xfail(strict=True, reason="open: the floor reaches an fcfs worker as an asked priority (see docstring)")
 async def test_a_key_with_a_priority_floor_can_still_use_a_first_come_first_served_model(tmp_path: Path) -> None:
-    """Under the default `--scheduling-policy fcfs` a worker refuses any non-zero `priority`
-    (as vLLM does). The door writes a key's `min_priority` into every request that asked for
-    none, so such a key's every request is a 400 saying "priority 5 was given" though it gave
-    none. The floor should only bind where priorities are honoured: the worker protocol needs
-    to tell a priority the client asked for from the floor the key imposed (a wire field), or
-    the API server to know its workers' policy."""
+    """Under the default `--scheduling-policy fcfs` a worker refuses any non-zero `priority` (as
+    vLLM does). A key's floor travels apart from the priority asked (`priority_floor`), so a key
+    with a floor that asks for none is served there, not refused for a priority it never gave."""
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"sk-low": {"min_priority": 5}}))
     async with running(make_app(FakeEngine(), api_keys_file=keys)) as app:

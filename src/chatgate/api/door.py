@@ -48,7 +48,7 @@ from chatgate.api import access
 from chatgate.api.auth import caller
 from chatgate.api.deadline import Deadline, requested_deadline, stream_within, within
 from chatgate.api.disconnect import ClientGone, unless_disconnected
-from chatgate.api.limits.grant import priority_floor
+from chatgate.api.limits.grant import check_priority
 from chatgate.api.errors import OPENAI, ErrorDialect, validation_error
 from chatgate.api.pieces import is_large, json_in_pieces
 from chatgate.api.sse import named_sse, sse
@@ -231,9 +231,7 @@ class Door(APIRoute):
                 admission: BodyAdmission = request.app.state.admission
                 with tracing.span("chatgate.validate", {"http.request.body.size": len(raw)}):
                     body = await within(deadline, admission.admit(body_model, raw, caller_name(request)))
-                floor = priority_floor(body.scheduling_priority())
-                if floor is not None and "priority" in type(body).model_fields:  # others: `to_chat`
-                    body = body.model_copy(update={"priority": floor})
+                check_priority(body.scheduling_priority())
                 kwargs["body"] = body
                 label_model(request, request.path_params.get("model") or str(getattr(body, "model", "")))
             try:

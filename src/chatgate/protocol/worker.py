@@ -91,6 +91,9 @@ class GenerateParams(Sampling):
     cache_salt: str | None = Field(None, min_length=1, max_length=limits.MAX_CACHE_SALT_CHARS)
     # Lower runs first under the priority scheduling policy (refused, unless 0, under fcfs).
     priority: int = Field(0, ge=-(2**63), le=2**63 - 1)
+    # The caller's key floor (`min_priority`): under the priority policy the request runs no more
+    # urgently than this; first come, first served ignores it, as it is no priority the client asked.
+    priority_floor: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     # Which request field the prompt came from, so errors can name it.
     prompt_param: str = "prompt"
     max_tokens_param: str = "max_tokens"

@@ -233,6 +233,13 @@ class WorkerService:
                 param="logit_bias",
             )
 
+    def _priority(self, params: GenerateParams) -> int:
+        """What the request runs at: its own priority, raised to its key's floor where the engine
+        schedules by priority."""
+        if params.priority_floor is None or self.engine.info.scheduling_policy != "priority":
+            return params.priority
+        return max(params.priority, params.priority_floor)
+
     def _check_priority(self, priority: int) -> None:
         # As vLLM does: a priority the engine would not honour is an error, not silently ignored.
         if priority and self.engine.info.scheduling_policy != "priority":
@@ -370,7 +377,7 @@ class WorkerService:
             stop_token_ids=tuple(params.stop_token_ids or ()),
             logprobs=params.logprobs,
             cache_salt=params.cache_salt,
-            priority=params.priority,
+            priority=self._priority(params),
             lora=lora,
             constraint=self._constraint(params, splitter),
         )

@@ -38,23 +38,22 @@ async def charge(tokens: int) -> None:
         log.exception("could not charge %d tokens to %s", tokens, grant.policy.label())
 
 
-def priority_floor(asked: int | None) -> int | None:
-    """The current key's `min_priority` for a request that asked for no priority (it runs there);
-    None when the key has no floor or the request asked for one at or above it. A priority asked
-    below the floor (more urgent: lower runs first) is refused, naming the field."""
+def priority_floor() -> int | None:
+    """The current key's `min_priority`, if it has one: its requests run no more urgently than this
+    where priorities are honoured (the worker applies it; first come, first served ignores it)."""
     grant = current.get()
-    floor = grant.policy.min_priority if grant is not None else None
-    if grant is None or floor is None:
-        return None
-    if asked is None:
-        return floor
-    if asked < floor:
+    return grant.policy.min_priority if grant is not None else None
+
+
+def check_priority(asked: int | None) -> None:
+    """Refuse a `priority` asked below the current key's floor (more urgent: lower runs first)."""
+    grant, floor = current.get(), priority_floor()
+    if grant is not None and floor is not None and asked is not None and asked < floor:
         raise PermissionDeniedError(
             f"{grant.policy.label()} may not ask for a priority below {floor} (lower runs first); "
             f"this request asked for {asked}.",
             param="priority",
         )
-    return None
 
 
 def allows(model: str) -> bool:

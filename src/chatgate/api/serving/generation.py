@@ -198,6 +198,7 @@ def sampling_params(request: SamplingRequest) -> dict[str, object]:
         "stop": request.stop_list() or None,
         "cache_salt": cache_salt(request.cache_salt),
         "priority": request.priority,
+        "priority_floor": limits.priority_floor(),
     }
 
 

@@ -13,7 +13,6 @@ from typing import Any
 
 from pydantic import Field
 
-from chatgate.api.limits import grant as limits
 from chatgate.api.serving.chat import to_params
 from chatgate.api.serving.generation import Choice, GenerationServing, Reply
 from chatgate.api.serving.tools import ToolPlan, plan, render_messages
@@ -109,8 +108,6 @@ def to_chat(request: MessagesRequest) -> MessagesAsChat:
         "stop": request.stop_sequences or None,
         "user": request.metadata.user_id if request.metadata else None,
         "stream": request.stream,
-        # Anthropic's body has no `priority`: it asks for none, so it runs at the key's floor.
-        "priority": limits.priority_floor(None),
     }
     return MessagesAsChat.model_validate({**{k: v for k, v in body.items() if v is not None}, "source": request})
 
