@@ -159,6 +159,7 @@ async def test_admin_routes_load_serve_and_unload_an_adapter(app: FastAPI, lora_
     ("body", "param", "words"),
     [
         ({"lora_name": "x", "lora_path": "/nonexistent/adapter"}, "lora_path", "not a PEFT adapter folder"),
+        ({"lora_name": "x", "lora_path": "~nosuchuser4f7a/adapter"}, "lora_path", "names no home directory"),
         ({"lora_name": "x", "lora_path": "OTHER"}, "lora_path", "another base model"),
         ({"lora_name": "tuned", "lora_path": "TUNED"}, "lora_name", "already served"),
         ({"lora_name": "bad name!", "lora_path": "TUNED"}, "lora_name", "not a usable model name"),

@@ -13,12 +13,14 @@ import pytest
 from fastapi import FastAPI
 
 from chatgate.engines.fake import FakeEngine
-from chatgate.protocol.worker import HeartBeat, RegisterWorker
+from chatgate.errors import InvalidRequestError
+from chatgate.protocol.worker import GenerateParams, HeartBeat, RegisterWorker
 from chatgate.settings import EngineSettings
 from chatgate.worker.backend import open_backend
 from chatgate.worker.heartbeat import Heartbeat
 from chatgate.worker.served import ServedModels
 from tests.conftest import make_app, raw, runner_engine, running, sdk
+from tests.support.fake_lora import LoraFakeEngine
 
 pytestmark = pytest.mark.anyio
 
@@ -146,3 +148,76 @@ async def test_idle_unload_frees_the_model_and_the_next_request_loads_it() -> No
 
 async def _models_open(app: FastAPI) -> list[str]:
     return [m.id async for m in sdk(app).models.list()]
+
+
+class CountingEngine(FakeEngine):
+    """The fake model, counting the times it was freed."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.freed = 0
+
+    async def unload(self) -> None:
+        self.freed += 1
+        await super().unload()
+
+
+async def test_an_unload_whose_caller_leaves_still_frees_the_model() -> None:
+    """An admin's client that times out while running requests drain cancels its call; the
+    model, already refusing requests, must still be freed once they end (not left held)."""
+    engine = CountingEngine(name="other", token_delay=0.02)
+    async with open_backend(EngineSettings(engine="fake"), engine=engine) as service:
+        models = ServedModels([service])
+        async def stream() -> int:
+            return len([c async for c in service.generate(GenerateParams(model="other", prompt="hi", max_new_tokens=20))])
+
+        asking = asyncio.create_task(stream())
+        while not engine.active:
+            await asyncio.sleep(0.01)
+        unloading = asyncio.create_task(models.unload_model("other"))
+        await asyncio.sleep(0.05)
+        unloading.cancel()  # the caller left while the stream drains
+        with pytest.raises(asyncio.CancelledError):
+            await unloading
+        assert await asking > 1 and service.model_names == []
+        await asyncio.wait_for(_until(lambda: engine.freed == 1), timeout=10)
+        await models.load_model("other")
+        assert service.model_names == ["other"]
+
+
+async def _until(done: Any) -> None:
+    while not done():
+        await asyncio.sleep(0.01)
+
+
+class StartedLoraEngine(LoraFakeEngine):
+    """A LoRA fake that, as the real runners, takes adapters only while its model is loaded."""
+
+    def __init__(self, *, name: str) -> None:
+        super().__init__(name=name)
+        self.resident = False
+
+    async def start(self) -> None:
+        await super().start()
+        self.resident = True
+
+    async def unload(self) -> None:
+        self.resident = False
+        await super().unload()
+
+    async def load_lora(self, name: str, path: str) -> None:
+        if not self.resident:
+            raise InvalidRequestError("its base model is not loaded", param="lora_name")
+        await super().load_lora(name, path)
+
+
+async def test_an_adapter_load_wakes_a_model_freed_for_idleness() -> None:
+    """A model freed by --idle-unload is still listed and loads for the next request; an adapter
+    load is such a request (it was a 400 saying the base was not loaded)."""
+    engine = StartedLoraEngine(name="base")
+    async with running(make_app(engine, idle_unload=0.3, embedding_model_path="none",
+                                api_keys=[USER], admin_keys=[ADMIN])) as app:
+        await asyncio.wait_for(_until(lambda: not engine.resident), timeout=10)
+        loaded = await _post(app, "/v1/load_lora_adapter", {"lora_name": "tuned", "lora_path": "/adapters/tuned"})
+        assert loaded.status_code == 200, loaded.text
+        assert engine.resident and "tuned" in await _models(app)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from chatgate.engines.adapters import ServedAdapters
+from chatgate.engines.lora import AdapterError
 from chatgate.engines.base import (
     Engine,
     EngineStats,
@@ -178,7 +179,11 @@ class ScheduledEngine(ChatTokensEngine, Engine):
     async def load_lora(self, name: str, path: str) -> None:
         if self._adapters is None:
             raise RuntimeError("engine not started")
-        await self._adapters.load(name, Path(path).expanduser())
+        try:
+            where = Path(path).expanduser()
+        except RuntimeError:  # `~someone` of a user this machine does not have
+            raise AdapterError(f"LoRA adapter {name!r}: {path!r} names no home directory here.", param="lora_path") from None
+        await self._adapters.load(name, where)
 
     async def unload_lora(self, name: str) -> None:
         if self._adapters is None:

@@ -76,6 +76,7 @@ class ModelLifecycle:
         self._last_used = time.monotonic()
         self._switch = asyncio.Lock()  # one load or unload at a time
         self._drained = asyncio.Event()
+        self._unloading: set[asyncio.Future[None]] = set()  # unloads carried on after their caller left
         self.last_load_seconds: float | None = None  # how long the latest load on demand took
 
     @property
@@ -132,7 +133,15 @@ class ModelLifecycle:
 
     async def unload(self, *, to: State = "unloaded") -> None:
         """Refuse new requests (`unloaded`) or keep taking them (`idle`: they load it again),
-        wait for the running ones, then free the model."""
+        wait for the running ones, then free the model. Carried through if the caller leaves
+        (an admin's client timing out while requests drain): else the model would be marked
+        unloaded, refusing requests, yet never freed."""
+        task = asyncio.ensure_future(self._unload(to))
+        self._unloading.add(task)
+        task.add_done_callback(self._unloading.discard)
+        await asyncio.shield(task)
+
+    async def _unload(self, to: State) -> None:
         async with self._switch:
             if self.state != "loaded":
                 self.state = "unloaded" if to == "unloaded" else self.state
@@ -147,6 +156,12 @@ class ModelLifecycle:
             await self._engine.unload()
             self.state = to
             log.info("unloaded %s (%s)", self._name, to)
+
+    async def close(self) -> None:
+        """Stop the unloads still under way (the engine is closed next, which frees it anyway)."""
+        for task in list(self._unloading):
+            task.cancel()
+        await asyncio.gather(*self._unloading, return_exceptions=True)
 
     async def watch_idle(self) -> None:
         """Free the model whenever no request has used it for `--idle-unload` seconds (runs until cancelled)."""

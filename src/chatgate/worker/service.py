@@ -81,6 +81,7 @@ class WorkerService:
 
     async def close(self) -> None:
         """Stop background work (the engine is closed by its owner)."""
+        await self.lifecycle.close()
         await self._batcher.close()
 
     @property
@@ -119,6 +120,8 @@ class WorkerService:
         """Serve a LoRA adapter as a model of its own (vLLM's `/v1/load_lora_adapter`)."""
         if params.lora_name in self._base_names:
             raise InvalidRequestError(f"The model `{params.lora_name}` is already served; unload it first.", param="lora_name")
+        if self.lifecycle.state == "idle":  # freed for want of requests: an adapter load wakes it, as a request would
+            await self.lifecycle.load()
         if self._guard is None or not self._guard.enabled or self.lifecycle.state != "loaded":
             await self.engine.load_lora(params.lora_name, params.lora_path)
             return
