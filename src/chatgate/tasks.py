@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import TypeVar
 
 
 async def cancel_and_wait(*tasks: asyncio.Task[object] | None) -> None:
@@ -14,3 +17,20 @@ async def cancel_and_wait(*tasks: asyncio.Task[object] | None) -> None:
     for task in started:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+T = TypeVar("T")
+
+
+async def enter_together(stack: contextlib.AsyncExitStack, contexts: Sequence[AbstractAsyncContextManager[T]]) -> list[T]:
+    """Enter every context at once (models load concurrently), each exit registered on `stack` as
+    it is entered. If one fails, the others are cancelled and awaited before its error is raised:
+    none is left loading outside the stack, which would never close it."""
+    tasks = [asyncio.ensure_future(stack.enter_async_context(context)) for context in contexts]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

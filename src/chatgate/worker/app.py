@@ -19,7 +19,7 @@ from chatgate.fleet import fleet_client, secure
 from chatgate.metrics import EngineCollector, FleetCollector
 from chatgate.ops import health_routes, metrics_routes
 from chatgate.settings import EngineSettings, WorkerSettings
-from chatgate.tasks import cancel_and_wait
+from chatgate.tasks import cancel_and_wait, enter_together
 from chatgate.tracing import SERVICE_WORKER, TraceMiddleware, Tracing
 from chatgate.worker import routes
 from chatgate.worker.heartbeat import Heartbeat
@@ -57,7 +57,7 @@ async def open_models(
     loads = asyncio.Lock()  # the models' later loads take turns (`MemoryGuard`)
     async with contextlib.AsyncExitStack() as stack:
         opened = [open_backend(c, engine=e, loads=loads) for c, e in configs]
-        backends = await asyncio.gather(*(stack.enter_async_context(backend) for backend in opened))
+        backends = await enter_together(stack, opened)
         yield ServedModels(list(backends))
 
 

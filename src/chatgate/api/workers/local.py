@@ -15,6 +15,7 @@ from chatgate.errors import ModelNotFoundError, NoHealthyWorkerError
 from chatgate.metrics import EngineCollector
 from chatgate.protocol import worker as wire
 from chatgate.settings import EngineSettings, ServeSettings
+from chatgate.tasks import enter_together
 from chatgate.worker.backend import WorkerBackend, open_backend
 from chatgate.worker.served import ServedModels
 
@@ -115,7 +116,7 @@ def local_pool(settings: ServeSettings, *, engines: list[Engine] | None = None, 
         async with contextlib.AsyncExitStack() as stack:
             opened = [open_backend(config, engine=engine, memory=memory, loads=loads) for config, engine in backends()]
             # Engines load concurrently: the chat and embedding models take seconds each.
-            services = await asyncio.gather(*(stack.enter_async_context(backend) for backend in opened))
+            services = await enter_together(stack, opened)
             yield LocalPool(list(services))
 
     return pool
