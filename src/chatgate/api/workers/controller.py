@@ -114,7 +114,7 @@ class ControllerPool:
         present = {entry.address for entry in self._table}
         now = time.monotonic()
         self._down = {a: t for a, t in self._down.items() if a in present and now - t < QUARANTINE}
-        self._facts.forget(keep=present)
+        self._facts.forget(keep={(entry.address, model) for entry in self._table for model in entry.model_names})
 
     async def _fetch_table(self) -> WorkerTable:
         response = await self._control.post(f"{self._controller}/list_workers", timeout=self._controller_timeout)

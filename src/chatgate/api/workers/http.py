@@ -199,19 +199,22 @@ class WorkerFacts:
         self.closing.add(task)
         task.add_done_callback(self.closing.discard)
 
-    def forget(self, *, keep: set[str] | None = None, drop: str | None = None) -> None:
-        """Forget workers: all but those in `keep`, or just `drop`.
+    def forget(self, *, keep: set[tuple[str, str]] | None = None, drop: str | None = None) -> None:
+        """Forget workers: all but the (address, model) pairs in `keep`, or just the worker `drop`.
+        A model a worker no longer serves is forgotten too (adapters come and go by name).
 
         Counts of requests still in flight stay until they end, so they are never negative.
         """
-        def gone(address: str) -> bool:
-            return address == drop if keep is None else address not in keep
+        addresses = {address for address, _ in keep} if keep is not None else set()
 
-        for key in [k for k in self.details if gone(k[0])]:
+        def gone(key: tuple[str, str]) -> bool:
+            return key[0] == drop if keep is None else key not in keep
+
+        for key in [k for k in self.details if gone(k)]:
             del self.details[key]
-        for key in [k for k in self.conversations if gone(k[0])]:
+        for key in [k for k in self.conversations if gone(k)]:
             del self.conversations[key]
-        for address in [a for a, n in self.in_flight.items() if n <= 0 and gone(a)]:
+        for address in [a for a, n in self.in_flight.items() if n <= 0 and (a == drop if keep is None else a not in addresses)]:
             del self.in_flight[address]
 
 
