@@ -17,9 +17,10 @@ is what the headroom is for; a load that runs out of memory anyway is caught whe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -259,6 +260,20 @@ class MemoryGuard:
             log.warning("no memory estimate for %s, not checked: %s", what, exc)
             return
         self.check(what, need, param=param)
+
+    @contextlib.asynccontextmanager
+    async def admitting(
+        self, what: str, estimate: Callable[[], MemoryNeed | None], *, param: str = "model"
+    ) -> AsyncIterator[None]:
+        """Hold the process's turn to load (`loads`) while `estimate` is checked, off the event
+        loop, and while the load it admits runs in the block, so the next model's check sees what
+        this one took. Off (--no-memory-check), the block runs at once: loads need not take turns."""
+        if not self.enabled:
+            yield
+            return
+        async with self.loads:
+            await asyncio.to_thread(self.check_estimate, what, estimate, param=param)
+            yield
 
 
 def check_startup(needs: list[tuple[str, MemoryNeed | None]], guard: MemoryGuard) -> None:

@@ -124,11 +124,10 @@ class ModelLifecycle:
     async def _start(self) -> None:
         """Start the engine once its estimated need fits (`engines/memory.py`): a load refused
         so is a 409 naming the model, as is one that runs out of memory anyway (`start_engine`)."""
-        if self._guard is None or not self._guard.enabled:  # --no-memory-check: loads need not take turns
+        if self._guard is None:
             await start_engine(self._engine, name=self._name)
             return
-        async with self._guard.loads:  # the next model's check waits to see what this one took
-            await asyncio.to_thread(self._guard.check_estimate, f"the model `{self._name}`", self._engine.memory_need)
+        async with self._guard.admitting(f"the model `{self._name}`", self._engine.memory_need):
             await start_engine(self._engine, name=self._name)
 
     async def unload(self, *, to: State = "unloaded") -> None:

@@ -6,7 +6,6 @@ request behaves the same whichever way it arrives.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
@@ -122,14 +121,12 @@ class WorkerService:
             raise InvalidRequestError(f"The model `{params.lora_name}` is already served; unload it first.", param="lora_name")
         if self.lifecycle.state == "idle":  # freed for want of requests: an adapter load wakes it, as a request would
             await self.lifecycle.load()
-        if self._guard is None or not self._guard.enabled or self.lifecycle.state != "loaded":
+        if self._guard is None or self.lifecycle.state != "loaded":
             await self.engine.load_lora(params.lora_name, params.lora_path)
             return
-        async with self._guard.loads:  # refused (409) if it would not fit beside what is loaded
-            await asyncio.to_thread(
-                self._guard.check_estimate, f"the LoRA adapter `{params.lora_name}`",
-                lambda: self._adapter_need(params), param="lora_path",
-            )
+        # Refused (409) if it would not fit beside what is loaded.
+        async with self._guard.admitting(f"the LoRA adapter `{params.lora_name}`", lambda: self._adapter_need(params),
+                                         param="lora_path"):
             await self.engine.load_lora(params.lora_name, params.lora_path)
 
     def _adapter_need(self, params: LoadLoraAdapterRequest) -> MemoryNeed | None:
