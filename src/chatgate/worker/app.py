@@ -19,11 +19,11 @@ from chatgate.fleet import fleet_client, secure
 from chatgate.metrics import EngineCollector, FleetCollector
 from chatgate.ops import health_routes, metrics_routes
 from chatgate.settings import EngineSettings, WorkerSettings
-from chatgate.tasks import cancel_and_wait, enter_together
+from chatgate.tasks import cancel_and_wait
 from chatgate.tracing import SERVICE_WORKER, TraceMiddleware, Tracing
 from chatgate.worker import routes
 from chatgate.worker.heartbeat import Heartbeat
-from chatgate.worker.backend import open_backend
+from chatgate.worker.backend import open_backends
 from chatgate.worker.served import ServedModels
 
 
@@ -54,11 +54,8 @@ async def open_models(
         configs = [(settings, engine)]
     elif engines is not None:
         configs = [(settings.model_copy(update={"model_names": []}), e) for e in engines]
-    loads = asyncio.Lock()  # the models' later loads take turns (`MemoryGuard`)
-    async with contextlib.AsyncExitStack() as stack:
-        opened = [open_backend(c, engine=e, loads=loads) for c, e in configs]
-        backends = await enter_together(stack, opened)
-        yield ServedModels(list(backends))
+    async with open_backends(configs) as backends:
+        yield ServedModels(backends)
 
 
 def create_worker_app(

@@ -19,7 +19,7 @@ from chatgate.protocol.admin import LoadLoraAdapterRequest, UnloadLoraAdapterReq
 from chatgate.protocol.conversation import Conversation
 from chatgate.protocol import worker as wire
 from chatgate.settings import EngineSettings
-from chatgate.tasks import cancel_and_wait
+from chatgate.tasks import cancel_and_wait, enter_together
 from chatgate.worker.queue import RequestQueue
 
 UPSTREAM_ENGINE = "openai"
@@ -165,3 +165,14 @@ async def open_backend(
         await cancel_and_wait(idle)
         await service.close()
         await engine.close()
+
+
+@contextlib.asynccontextmanager
+async def open_backends(
+    configs: list[tuple[EngineSettings, Engine | None]], *, memory: MemoryReader | None = None
+) -> AsyncIterator[list[WorkerBackend]]:
+    """Open a backend for each (settings, engine or None) at once (models take seconds each to
+    load), their later loads taking turns on one lock (`MemoryGuard`); stop them all on exit."""
+    loads = asyncio.Lock()
+    async with contextlib.AsyncExitStack() as stack:
+        yield await enter_together(stack, [open_backend(c, engine=e, memory=memory, loads=loads) for c, e in configs])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -15,8 +14,7 @@ from chatgate.errors import ModelNotFoundError, NoHealthyWorkerError
 from chatgate.metrics import EngineCollector
 from chatgate.protocol import worker as wire
 from chatgate.settings import EngineSettings, ServeSettings
-from chatgate.tasks import enter_together
-from chatgate.worker.backend import WorkerBackend, open_backend
+from chatgate.worker.backend import WorkerBackend, open_backends
 from chatgate.worker.served import ServedModels
 
 
@@ -112,11 +110,7 @@ def local_pool(settings: ServeSettings, *, engines: list[Engine] | None = None, 
 
     @contextlib.asynccontextmanager
     async def pool() -> AsyncIterator[WorkerPool]:
-        loads = asyncio.Lock()  # the models' later loads take turns (`MemoryGuard`)
-        async with contextlib.AsyncExitStack() as stack:
-            opened = [open_backend(config, engine=engine, memory=memory, loads=loads) for config, engine in backends()]
-            # Engines load concurrently: the chat and embedding models take seconds each.
-            services = await enter_together(stack, opened)
-            yield LocalPool(list(services))
+        async with open_backends(backends(), memory=memory) as services:
+            yield LocalPool(services)
 
     return pool
