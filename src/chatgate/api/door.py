@@ -55,7 +55,8 @@ from chatgate.api.sse import named_sse, sse
 from chatgate.api.state import api_state
 from chatgate.errors import ChatgateError, InvalidRequestError
 from chatgate.protocol.limits import CostError, PublicRequest, check_volume
-from chatgate.protocol.openai import EmbeddingResponse, ErrorResponse, valid_schema
+from chatgate.protocol.embeddings import EmbeddingResponse
+from chatgate.protocol.openai import ErrorResponse, valid_schema
 from chatgate.protocol.responses import StreamEvent
 from chatgate.protocol.structured import check_grammar
 from chatgate.responses import ClosingStreamingResponse

@@ -12,7 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Discriminator, Field, Tag, ValidationInfo, field_validator
 
 from chatgate.protocol.limits import PublicRequest
-from chatgate.protocol.openai import MAX_EMBEDDING_INPUTS, InputText, now
+from chatgate.protocol.embeddings import MAX_EMBEDDING_INPUTS, InputText
+from chatgate.protocol.openai import now
 
 Texts = Annotated[list[InputText], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
 

@@ -14,14 +14,13 @@ from chatgate.api.serving.responses import to_chat
 from chatgate.api.stored.store import mark, owner
 from chatgate.api.state import api_state
 from chatgate.errors import ModelNotFoundError
+from chatgate.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 from chatgate.protocol.fastchat import TokenCheckRequest, TokenCheckResponse
 from chatgate.protocol.openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
-    EmbeddingRequest,
-    EmbeddingResponse,
     ModelCard,
     ModelList,
 )

@@ -11,7 +11,7 @@ from chatgate.api.limits import grant as limits
 from chatgate.api.workers.base import Worker, WorkerPool
 from chatgate.api.workers.failover import with_failover
 from chatgate.errors import InvalidRequestError
-from chatgate.protocol.openai import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from chatgate.protocol.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from chatgate.protocol.worker import EmbedParams, EmbedResult
 
 
