@@ -44,7 +44,8 @@ from chatgate.api.serving.tokens import TokenCheckServing
 from chatgate.api.state import ApiState
 from chatgate.api.stored.background import BackgroundJobs
 from chatgate.api.stored.opening import open_store
-from chatgate.api.workers.base import PoolSource
+from chatgate.api.stored.store import ResponseStore
+from chatgate.api.workers.base import PoolSource, WorkerPool
 from chatgate.api.workers.draining import DrainingPool
 from chatgate.drain import Drain
 from chatgate.metrics import ApiMetrics, FleetCollector
@@ -92,32 +93,11 @@ def create_api_app(
             for collector in [fleet, *local]:
                 registry.register(collector)
             stored = await open_store(settings)
-            responses = ResponsesServing(pool=pool, max_n=settings.max_n, metrics=metrics)
-            background = BackgroundJobs(
-                store=stored, serving=responses, max_jobs=settings.responses_max_background,
-                max_per_key=settings.responses_max_background_per_key,
-            )
-            app.state.api = ApiState(
-                pool=pool,
-                admin=admin,
-                stream_write_timeout=settings.stream_write_timeout,
-                chat=ChatServing(pool=pool, max_n=settings.max_n, metrics=metrics),
-                completions=CompletionServing(pool=pool, max_n=settings.max_n, metrics=metrics),
-                responses=responses,
-                tokens=TokenCheckServing(pool=pool),
-                embeddings=EmbeddingServing(pool=pool),
-                tokenizer=TokenizeServing(pool=pool),
-                messages=MessagesServing(pool=pool, max_n=settings.max_n, metrics=metrics),
-                token_counts=TokenCountServing(pool=pool),
-                scoring=ScoringServing(pool=pool),
-                stored=stored,
-                background=background,
-                model_admin=ModelAdminServing(opened),
-            )
+            state = app.state.api = _serving(settings, pool, opened, stored, metrics, admin)
             try:
                 yield
             finally:
-                await background.close()  # before the store: cancelled jobs are kept as such
+                await state.background.close()  # before the store: cancelled jobs are kept as such
                 await stored.close()
                 for collector in [fleet, *local]:
                     registry.unregister(collector)
@@ -140,18 +120,28 @@ def create_api_app(
 
     app.include_router(health_routes())
     app.include_router(metrics_routes(registry, dependencies=[Depends(admin.require)]))
-    app.include_router(ops_routes.router)
-    app.include_router(openai_routes.router)
-    app.include_router(anthropic_routes.router)
-    app.include_router(scoring_routes.router)
-    app.include_router(model_admin_routes.router)
+    for router in (ops_routes.router, openai_routes.router, anthropic_routes.router, scoring_routes.router,
+                   model_admin_routes.router):
+        app.include_router(router)
     if settings.playground:
         playground.mount(app)
     check_doors(app)
     app.state.error_dialects = error_dialects(app)
-    # Outermost last: Guard (ids, size cap, 500s), CORS (preflights; its headers on every error
-    # below), identity (the one parsed caller), then the caller's limits.
-    if policies:
+    _stack_middleware(app, settings, keys=keys, limits=(store, leases) if policies else None, metrics=metrics,
+                      tracing=tracing)
+    return app
+
+
+def _stack_middleware(
+    app: FastAPI, settings: ApiSettings, *, keys: KeyChecker, limits: tuple[LimitStore, LeaseKeeper] | None,
+    metrics: ApiMetrics, tracing: Tracing,
+) -> None:
+    """The ASGI layers every request passes before routing. Outermost last: the trace (so the
+    access line names it), Guard (ids, size cap, 500s), CORS (preflights; its headers on every
+    error below), identity (the one parsed caller), then the caller's limits (`limits` is the
+    counters' store and leases, where keys have policies)."""
+    if limits is not None:
+        store, leases = limits
         app.add_middleware(RateLimitMiddleware, store=store, leases=leases)
     app.add_middleware(IdentityMiddleware, keys=keys, public=_public_paths(settings))
     if settings.allowed_origins:
@@ -163,9 +153,36 @@ def create_api_app(
             allow_credentials=settings.allow_credentials,
         )
     app.add_middleware(GuardMiddleware, max_body=settings.max_request_bytes, metrics=metrics, log_prompts=settings.log_prompts)
-    # Outside the guard: the access line names the request's trace.
     app.add_middleware(TraceMiddleware, tracing=tracing)
-    return app
+
+
+def _serving(
+    settings: ApiSettings, pool: WorkerPool, opened: WorkerPool, stored: ResponseStore, metrics: ApiMetrics,
+    admin: AdminKeys,
+) -> ApiState:
+    """Every route's serving object over the opened pool (`pool` is it as the routes see it:
+    draining, and scoped to a key's models where keys are), for the app's lifetime."""
+    responses = ResponsesServing(pool=pool, max_n=settings.max_n, metrics=metrics)
+    return ApiState(
+        pool=pool,
+        admin=admin,
+        stream_write_timeout=settings.stream_write_timeout,
+        chat=ChatServing(pool=pool, max_n=settings.max_n, metrics=metrics),
+        completions=CompletionServing(pool=pool, max_n=settings.max_n, metrics=metrics),
+        responses=responses,
+        tokens=TokenCheckServing(pool=pool),
+        embeddings=EmbeddingServing(pool=pool),
+        tokenizer=TokenizeServing(pool=pool),
+        messages=MessagesServing(pool=pool, max_n=settings.max_n, metrics=metrics),
+        token_counts=TokenCountServing(pool=pool),
+        scoring=ScoringServing(pool=pool),
+        stored=stored,
+        background=BackgroundJobs(
+            store=stored, serving=responses, max_jobs=settings.responses_max_background,
+            max_per_key=settings.responses_max_background_per_key,
+        ),
+        model_admin=ModelAdminServing(opened),
+    )
 
 
 # Routes that take no body and answer from the process's own state: liveness, readiness and
