@@ -61,7 +61,7 @@ async def test_sequences_queue_while_the_budget_is_full_and_results_do_not_chang
     model: LlamaForCausalLM, unbounded: Harness
 ) -> None:
     counter = RowCounter(model)
-    bounded = Harness(counter, SchedulerLimits(max_running=8, kv_tokens=2 * (PROMPT + MAX_TOKENS)))  # type: ignore[arg-type]
+    bounded = Harness(counter, SchedulerLimits(max_running=8, kv_tokens=2 * (PROMPT + MAX_TOKENS)))
     try:
         ps = prompts(6)
         expected = [await unbounded.generate(p, max_tokens=MAX_TOKENS) for p in ps]

@@ -113,7 +113,7 @@ def assert_streamed_whole(result: Stream, expected: list[int]) -> None:
 async def test_requests_that_may_fill_the_context_run_together_and_all_finish(model: LlamaForCausalLM) -> None:
     counter = RowCounter(model)
     budget = 2 * CONTEXT  # two full contexts: reserving them, only two requests could run at once
-    h = Harness(counter, limits(kv_tokens=budget))  # type: ignore[arg-type]
+    h = Harness(counter, limits(kv_tokens=budget))
     try:
         # As a request without max_tokens: it may run to the end of the context.
         results = await asyncio.gather(*(stream(h.scheduler, p, max_tokens=CONTEXT - PROMPT) for p in prompts(8)))

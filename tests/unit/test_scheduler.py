@@ -99,9 +99,10 @@ def prompts() -> list[list[int]]:
 
 
 def reference(model: LlamaForCausalLM, prompt: list[int], max_tokens: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),  # type: ignore[misc]  # transformers types self as a protocol its own models miss
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                          max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    generated: list[int] = out[0, len(prompt):].tolist()
+    return generated
 
 
 async def test_alone_matches_hugging_face_generate(harness: Harness, model: LlamaForCausalLM) -> None:

@@ -18,11 +18,11 @@ from transformers.cache_utils import Cache, DynamicLayer
 _HEADROOM = 64
 
 
-class _BufferLayer(DynamicLayer):
+class _BufferLayer(DynamicLayer):  # type: ignore[misc]  # transformers is not analysed (pyproject.toml)
     """One layer's keys and values: `[rows, heads, capacity, head_dim]`, valid up to `length`."""
 
     def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]  # transformers leaves DynamicLayer.__init__ unannotated
+        super().__init__()
         self.length = 0
         self.column_limit: int | None = None  # never grow past this many columns (when set)
         self._k: torch.Tensor | None = None
@@ -81,7 +81,7 @@ class BatchKV:
 
     def __init__(self, num_layers: int) -> None:
         self.layers = [_BufferLayer() for _ in range(num_layers)]
-        self.cache = Cache(layers=self.layers)  # type: ignore[arg-type]  # transformers annotates layers as list[CacheLayerMixin], not a covariant Sequence
+        self.cache = Cache(layers=self.layers)
         self.pads: list[int] = []
 
     @property

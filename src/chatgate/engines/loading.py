@@ -192,7 +192,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     with model_construction():
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
     # save_pretrained refuses a model still marked as GGUF-quantized; it is plain float32 now.
-    model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it non-optional; clearing it is what lets save_pretrained run
+    model.hf_quantizer = None  # clearing it is what lets save_pretrained run
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))

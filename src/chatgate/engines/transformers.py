@@ -60,7 +60,7 @@ class TransformersEngine(ScheduledEngine):
         tokenizer = AutoTokenizer.from_pretrained(path)
         with model_construction():  # float32: `_decoder` derives the --dtype weights it multiplies by
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        self._model = model.to(self._settings.device).eval()  # type: ignore[arg-type]  # transformers wraps `to` in a decorator whose stub takes the model, not a device
+        self._model = model.to(self._settings.device).eval()
         forward = self._decoder()
         config = self._model.config
         eos = config.eos_token_id
