@@ -110,11 +110,11 @@ test: $(TEST_STAMP) $(LLAMA_STAMP)
 	-$(MAKE) --no-print-directory fastchat
 	-$(MAKE) --no-print-directory vllm
 	$(BIN)/mypy src tests
-	# Unit, fake-engine and real-model tests in two processes, a file each at a time (an engine
-	# computes on every core but one, so two share this machine's two cores); then the live
-	# tests, which start real processes and time them, alone.
-	$(BIN)/python -m pytest -q --durations=15 -m "not live" -n 2 --dist loadfile
-	$(BIN)/python -m pytest -q --durations=15 -m live
+	# Unit, fake-engine and real-model tests, and the live tests that bound no time, in two
+	# processes, a file each at a time (an engine computes on every core but one, so two share
+	# this machine's two cores); then the live tests that time real processes, alone.
+	$(BIN)/python -m pytest -q --durations=15 -m "not live or untimed" -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q --durations=15 -m "live and not untimed"
 
 test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m "not model and not live"

@@ -16,7 +16,7 @@ import yaml
 from tests.live.conftest import CHATGATE, Process, free_port
 from tests.polling import poll
 
-pytestmark = [pytest.mark.live, pytest.mark.model]
+pytestmark = [pytest.mark.live, pytest.mark.model, pytest.mark.untimed]
 
 ROOT = Path(__file__).resolve().parents[2]
 

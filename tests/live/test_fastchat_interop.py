@@ -31,6 +31,7 @@ PARIS: Messages = [{"role": "user", "content": "What is the capital of France?"}
 
 pytestmark = [
     pytest.mark.live,
+    pytest.mark.untimed,
     pytest.mark.fastchat,
     pytest.mark.skipif(not FASTCHAT_PYTHON.exists(), reason="FastChat venv not installed (make fastchat)"),
 ]

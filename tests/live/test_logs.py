@@ -11,7 +11,7 @@ import pytest
 
 from tests.live.conftest import Process, free_port
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.untimed]
 
 
 def test_json_logs_are_one_object_per_line_with_one_access_line_per_request(tmp_path: Path) -> None:

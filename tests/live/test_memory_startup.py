@@ -10,7 +10,7 @@ import pytest
 
 from tests.live.conftest import CHATGATE, free_port
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.untimed]
 
 # More memory kept free than any machine has: the check must refuse whatever the model needs.
 HUGE_HEADROOM = ["--memory-headroom-gib", "1000000"]

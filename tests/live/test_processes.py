@@ -14,7 +14,7 @@ from tests.conftest import Messages
 from tests.live.conftest import Process, free_port
 from tests.polling import poll
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.untimed]
 
 MODEL = "SmolLM2-135M-Instruct"
 PARIS: Messages = [{"role": "user", "content": "What is the capital of France?"}]

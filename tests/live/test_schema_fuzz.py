@@ -20,7 +20,7 @@ from schemathesis.specs.openapi import checks as openapi_checks
 
 from tests.live.conftest import Process, free_port
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.untimed]
 
 EXAMPLES = int(os.environ.get("CHATGATE_SCHEMA_EXAMPLES", "500"))
 KEY, ADMIN = "sk-fuzz", "sk-fuzz-admin"

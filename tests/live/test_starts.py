@@ -10,7 +10,7 @@ import pytest
 
 from tests.live.conftest import Process, free_port
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.untimed]
 STARTS = 4  # two rounds of two; ten (five rounds) took most of a minute of make test
 TOGETHER = 2  # two at once: half the wall time, and each start contends for the cores too
 

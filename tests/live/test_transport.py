@@ -13,7 +13,7 @@ import trustme
 
 from tests.live.conftest import Process, free_port
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.untimed]
 
 
 @pytest.fixture(scope="module")

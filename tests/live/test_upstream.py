@@ -17,7 +17,7 @@ import pytest
 
 from tests.live.conftest import Process, free_port
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.untimed]
 
 M = "fake-model"
 KEY = "sk-upstream"

@@ -11,7 +11,7 @@ import pytest
 
 from tests.live.conftest import Process, free_port
 
-pytestmark = [pytest.mark.live, pytest.mark.model]
+pytestmark = [pytest.mark.live, pytest.mark.model, pytest.mark.untimed]
 
 M = "SmolLM2-135M-Instruct"
 
