@@ -33,7 +33,7 @@ from chatgate.engines.fake import FakeEngine
 from chatgate.settings import ServeSettings
 
 if TYPE_CHECKING:
-    from tests.vllm_procs import Fleet, OpenAIServer
+    from tests.support.vllm_procs import Fleet, OpenAIServer
 
 Target = FastAPI | str
 """Where a test's requests go: an app in this process, or a live server's base URL."""
@@ -215,7 +215,7 @@ def vllm_boot(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     """Launch vLLM's OpenAI server and the vllm-worker fleet when the session starts, if any
     selected test uses them: their ~30 s of mostly single-threaded boot then overlaps the first
     tests (which use one core) instead of blocking the first vLLM test."""
-    from tests.vllm_procs import VLLM_READY, OpenAIServer, launch_vllm_fleet
+    from tests.support.vllm_procs import VLLM_READY, OpenAIServer, launch_vllm_fleet
 
     if not VLLM_READY or not _wants_vllm(request.session):
         yield None
@@ -235,7 +235,7 @@ def vllm_boot(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 def vllm_openai(vllm_boot: VllmBoot | None) -> OpenAIServer:
     """vLLM's own OpenAI server, launched once per session (or skipped); call `ready()` before use.
     `tests/live/test_vllm_upstream.py` kills it in its last test: nothing after may use it."""
-    from tests.vllm_procs import require_vllm
+    from tests.support.vllm_procs import require_vllm
 
     require_vllm()
     assert vllm_boot is not None
@@ -245,7 +245,7 @@ def vllm_openai(vllm_boot: VllmBoot | None) -> OpenAIServer:
 @pytest.fixture(scope="session")
 def vllm_fleet(vllm_boot: VllmBoot | None) -> Fleet:
     """controller + `worker --engine vllm` + API server, started once per session (or skipped)."""
-    from tests.vllm_procs import finish_vllm_fleet, require_vllm
+    from tests.support.vllm_procs import finish_vllm_fleet, require_vllm
 
     require_vllm()
     assert vllm_boot is not None

@@ -21,7 +21,7 @@ from chatgate.engines.fake import FakeEngine
 from chatgate.settings import ApiProcessSettings, ControllerSettings, WorkerSettings
 from chatgate.worker.app import create_worker_app
 from tests.conftest import Messages, raw, running, sdk
-from tests.polling import apoll
+from tests.support.polling import apoll
 
 pytestmark = pytest.mark.anyio
 

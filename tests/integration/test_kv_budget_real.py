@@ -19,7 +19,7 @@ from chatgate.settings import WorkerSettings
 from chatgate.worker.app import create_worker_app
 from tests.conftest import RUNNERS, Messages, json_schema_format, make_app, runner_engine, runner_of, running, sdk, user
 from tests.integration.test_structured_output import ASK, PERSON
-from tests.polling import apoll
+from tests.support.polling import apoll
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 

@@ -17,8 +17,8 @@ from fastapi import FastAPI
 
 from chatgate.engines.fake import FakeEngine
 from tests.conftest import make_app, raw, running, sdk
-from tests.polling import apoll
-from tests.redis_server import RedisServer, free_port
+from tests.support.polling import apoll
+from tests.support.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.anyio
 

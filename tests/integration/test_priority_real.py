@@ -10,7 +10,7 @@ import pytest
 
 from chatgate.engines.base import Engine
 from tests.conftest import RUNNERS, make_app, runner_engine, running, sdk, user
-from tests.polling import apoll
+from tests.support.polling import apoll
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 

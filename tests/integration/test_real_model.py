@@ -16,7 +16,7 @@ from chatgate.engines.transformers import TransformersEngine
 from chatgate.settings import EngineSettings
 from tests.conftest import Messages, Served, Target, as_dicts, make_app, raw, running, sdk, user
 from tests.support.asgi import call
-from tests.polling import apoll
+from tests.support.polling import apoll
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 

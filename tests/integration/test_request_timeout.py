@@ -12,7 +12,7 @@ import pytest
 
 from chatgate.engines.fake import FakeEngine
 from tests.conftest import make_app, raw, running, sdk
-from tests.polling import apoll
+from tests.support.polling import apoll
 
 pytestmark = pytest.mark.anyio
 

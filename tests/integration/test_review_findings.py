@@ -16,7 +16,7 @@ import pytest
 from chatgate.engines.fake import FakeEngine
 from chatgate.logs import TextFormatter
 from tests.conftest import make_app, raw, running, sdk
-from tests.polling import apoll
+from tests.support.polling import apoll
 
 pytestmark = pytest.mark.anyio
 
@@ -124,7 +124,7 @@ def caching_upstream() -> Any:
     salt): a prompt it has seen before is reported as cached."""
     import httpx
 
-    from tests.fake_upstream import sse_response
+    from tests.support.fake_upstream import sse_response
 
     seen: set[str] = set()
 
@@ -149,7 +149,7 @@ async def test_an_upstreams_shared_cache_does_not_tell_one_key_what_another_aske
     system prompt, a document) by sending a guess and reading `cached_tokens`."""
     from chatgate.api.app import create_api_app
     from chatgate.settings import ServeSettings
-    from tests.fake_upstream import upstream_pool
+    from tests.support.fake_upstream import upstream_pool
 
     app = create_api_app(ServeSettings(api_keys=["sk-a", "sk-b"]), upstream_pool(caching_upstream()))
     secret: Any = [{"role": "user", "content": "the merger with Initech closes on Friday"}]

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.polling import poll
+from tests.support.polling import poll
 
 CHATGATE = [sys.executable, "-m", "chatgate.cli"]
 

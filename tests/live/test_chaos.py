@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.live.conftest import Process, free_port, worker_count
-from tests.polling import apoll, poll
+from tests.support.polling import apoll, poll
 
 pytestmark = pytest.mark.live
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.live.conftest import CHATGATE, Process, free_port
-from tests.polling import poll
+from tests.support.polling import poll
 
 pytestmark = [pytest.mark.live, pytest.mark.model, pytest.mark.untimed]
 

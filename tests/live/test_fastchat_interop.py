@@ -22,7 +22,7 @@ from chatgate.protocol.conversation import Conversation, SeparatorStyle, render
 from chatgate.settings import EngineSettings
 from tests.conftest import Messages
 from tests.live.conftest import Process, free_port
-from tests.polling import poll
+from tests.support.polling import poll
 
 ROOT = Path(__file__).resolve().parents[2]
 FASTCHAT_PYTHON = Path(os.environ.get("CHATGATE_FASTCHAT_PYTHON", ROOT / ".venv-fastchat" / "bin" / "python"))

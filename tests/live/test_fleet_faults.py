@@ -17,8 +17,8 @@ import openai
 import pytest
 
 from tests.conftest import Messages
-from tests.live.fleet import M, LiveFleet, Tls
-from tests.polling import apoll, poll
+from tests.support.live_fleet import M, LiveFleet, Tls
+from tests.support.polling import apoll, poll
 
 pytestmark = pytest.mark.live
 

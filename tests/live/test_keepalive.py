@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from tests.conftest import Messages
-from tests.live.fleet import M, LiveFleet
-from tests.polling import poll
+from tests.support.live_fleet import M, LiveFleet
+from tests.support.polling import poll
 
 pytestmark = pytest.mark.live
 

@@ -13,7 +13,7 @@ import pytest
 from chatgate.engines.loading import DEFAULT_CHAT_NAME, GEMMA_NAME
 from tests.conftest import sdk
 from tests.live.conftest import Process, free_port
-from tests.polling import apoll
+from tests.support.polling import apoll
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test builds it)")
 

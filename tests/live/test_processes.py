@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import Messages
 from tests.live.conftest import Process, free_port
-from tests.polling import poll
+from tests.support.polling import poll
 
 pytestmark = [pytest.mark.live, pytest.mark.untimed]
 

@@ -17,8 +17,8 @@ import pytest
 from chatgate.engines.fake import FakeEngine
 from tests.conftest import Messages
 from tests.live.conftest import Process, free_port
-from tests.live.fleet import M, LiveFleet
-from tests.polling import poll
+from tests.support.live_fleet import M, LiveFleet
+from tests.support.polling import poll
 
 pytestmark = pytest.mark.live
 

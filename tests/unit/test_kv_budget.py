@@ -16,7 +16,7 @@ from chatgate.engines.kvbudget import kv_bytes_per_token, kv_token_budget, unmap
 from chatgate.engines.kvcache import BatchKV
 from chatgate.engines.scheduler import SchedulerLimits
 from chatgate.errors import ContextLengthExceededError
-from tests.polling import apoll
+from tests.support.polling import apoll
 from tests.unit.test_scheduler import VOCAB, Harness, tiny_model
 
 pytestmark = pytest.mark.anyio

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from tests.live.conftest import Process, free_port, worker_count
-from tests.polling import poll
+from tests.support.polling import poll
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("CHATGATE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 # `make vllm` stamps the venv once every install step has passed; a half-built venv is skipped.
 VLLM_READY = "CHATGATE_VLLM_PYTHON" in os.environ or (ROOT / ".venv-vllm" / ".installed").exists()

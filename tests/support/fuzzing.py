@@ -1,6 +1,6 @@
 """Generated requests for fuzzing the API (shared by the CI fuzz test, the live one and `make fuzz`).
 
-`python -m tests.fuzzing --requests 10000` sends that many generated requests to the stack in one
+`python -m tests.support.fuzzing --requests 10000` sends that many generated requests to the stack in one
 process (`serve`, in-process transport) or, with `--three-process`, to a controller, a fake-engine
 worker and an API server started as real processes; it prints counts by status and exits non-zero
 on any 5xx, any hang, or if a normal chat does not answer afterwards.
