@@ -18,7 +18,7 @@ from chatgate.api.stored.sqlite import SqliteBackend
 from chatgate.api.stored.store import STALE, ResponseStore
 from chatgate.engines.fake import FakeEngine
 from chatgate.protocol.responses import ResponseObject, ResponsesRequest
-from tests.conftest import make_app, raw, running, sdk
+from tests.support.app import make_app, raw, running, sdk
 from tests.support.polling import apoll
 from tests.support.redis_server import RedisServer
 

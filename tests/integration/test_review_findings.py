@@ -15,7 +15,7 @@ import pytest
 
 from chatgate.engines.fake import FakeEngine
 from chatgate.logs import TextFormatter
-from tests.conftest import make_app, raw, running, sdk
+from tests.support.app import make_app, raw, running, sdk
 from tests.support.polling import apoll
 
 pytestmark = pytest.mark.anyio
@@ -184,7 +184,7 @@ async def test_template_variables_that_collide_with_the_renderers_own_arguments_
 _CHAIN_CHILD = """
 import asyncio, json, sys
 from chatgate.engines.fake import FakeEngine
-from tests.conftest import make_app, raw, running
+from tests.support.app import make_app, raw, running
 
 n = 2900
 grammar = "start: r0\\n" + "\\n".join(f'r{i}: "x" r{i + 1} | "z"' for i in range(n)) + f'\\nr{n}: "y"'

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Messages
+from tests.support.app import Messages
 from tests.support.live_fleet import M, LiveFleet, Tls
 from tests.support.polling import apoll, poll
 

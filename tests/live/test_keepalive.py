@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Messages
+from tests.support.app import Messages
 from tests.support.live_fleet import M, LiveFleet
 from tests.support.polling import poll
 

@@ -10,9 +10,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Messages
-from tests.live.conftest import Process, free_port
+from tests.support.app import Messages
 from tests.support.polling import poll
+from tests.support.processes import Process, free_port
 
 pytestmark = [pytest.mark.live, pytest.mark.untimed]
 

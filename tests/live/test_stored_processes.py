@@ -16,10 +16,10 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import sdk
-from tests.live.conftest import Process, free_port
+from tests.support.app import sdk
 from tests.support.live_fleet import LiveFleet
 from tests.support.polling import apoll
+from tests.support.processes import Process, free_port
 from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.live, pytest.mark.anyio]

@@ -20,9 +20,8 @@ import jsonschema
 import openai
 import pytest
 
-from tests.live.conftest import Process, free_port
-from tests.live.test_chaos import served
 from tests.support.live_fleet import streamed_chats
+from tests.support.processes import Process, free_port, served
 from tests.support.vllm_procs import M, Fleet, OpenAIServer
 
 pytestmark = [pytest.mark.live, pytest.mark.model]

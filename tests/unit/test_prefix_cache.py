@@ -16,7 +16,7 @@ from chatgate.engines.base import SamplingParams
 from chatgate.engines.scheduler import SchedulerLimits
 from chatgate.engines.sequence import OutputChannel, Sequence
 from tests.support.polling import apoll
-from tests.unit.test_scheduler import VOCAB, Harness, tiny_model
+from tests.support.scheduler import VOCAB, Harness, tiny_model
 
 pytestmark = pytest.mark.anyio
 

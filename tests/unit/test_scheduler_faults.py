@@ -16,7 +16,7 @@ from chatgate.engines.sampling import make_generator
 from chatgate.engines.scheduler import Scheduler, SchedulerLimits
 from chatgate.engines.sequence import OutputChannel, Sequence
 from tests.support.polling import apoll
-from tests.unit.test_scheduler import VOCAB, prompts, scheduler_thread, tiny_model
+from tests.support.scheduler import VOCAB, prompts, scheduler_thread, tiny_model
 
 pytestmark = pytest.mark.anyio
 FAIL_AT = 4  # the faulty sequence fails at its fifth token
