@@ -122,8 +122,8 @@ test-fast: $(TEST_STAMP)
 # 10,000 generated requests against `serve` in one process, then against three processes; then
 # 10,000 generated from the OpenAPI schema (schemathesis) against `serve` with API keys on.
 fuzz: $(TEST_STAMP)
-	$(BIN)/python -m tests.fuzzing --requests 10000 --budget 900
-	$(BIN)/python -m tests.fuzzing --requests 10000 --budget 900 --three-process
+	$(BIN)/python -m tests.support.fuzzing --requests 10000 --budget 900
+	$(BIN)/python -m tests.support.fuzzing --requests 10000 --budget 900 --three-process
 	CHATGATE_SCHEMA_EXAMPLES=10000 $(BIN)/python -m pytest -q tests/live/test_schema_fuzz.py
 
 # A fake-engine fleet under mixed traffic with kills and restarts: soak-results/soak.json and .png.

@@ -9,7 +9,7 @@ import openai
 import pytest
 from fastapi import FastAPI
 
-from tests.conftest import raw, sdk, user
+from tests.support.app import raw, sdk, user
 
 pytestmark = pytest.mark.anyio
 

@@ -12,7 +12,7 @@ import pytest
 
 from chatgate.engines.fake import FakeEngine
 from chatgate.logs import JsonFormatter, TextFormatter
-from tests.conftest import make_app, raw, running, sdk
+from tests.support.app import make_app, raw, running, sdk
 
 pytestmark = pytest.mark.anyio
 

@@ -20,7 +20,7 @@ from chatgate.api.workers.base import PoolSource, Worker, WorkerPool
 from chatgate.engines.fake import FakeEngine
 from chatgate.errors import ModelNotFoundError
 from chatgate.settings import ApiProcessSettings
-from tests.conftest import make_app, raw, running
+from tests.support.app import make_app, raw, running
 
 pytestmark = pytest.mark.anyio
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from chatgate.engines.fake import FakeEngine
-from tests.conftest import make_app, raw, running
+from tests.support.app import make_app, raw, running
 
 pytestmark = pytest.mark.anyio
 
@@ -78,7 +78,7 @@ async def test_tokenising_runs_off_the_event_loop_after_the_concurrency_check() 
 
 
 async def test_a_large_embeddings_response_is_written_in_pieces_and_parses(fake_app: object) -> None:
-    from tests.conftest import sdk
+    from tests.support.app import sdk
 
     texts = [f"text {i}" for i in range(300)]
     async with raw(fake_app) as http:  # type: ignore[arg-type]

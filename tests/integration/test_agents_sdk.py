@@ -11,7 +11,7 @@ from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_
 from agents.items import ToolCallItem, ToolCallOutputItem
 from fastapi import FastAPI
 
-from tests.conftest import sdk
+from tests.support.app import sdk
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 

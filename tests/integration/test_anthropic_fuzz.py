@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fuzzing import Harness, anything, schemas, still_answers, texts
+from tests.support.fuzzing import Harness, anything, schemas, still_answers, texts
 
 M = "fake-model"
 

@@ -18,8 +18,8 @@ from fastapi import FastAPI
 from chatgate.api.errors import ANTHROPIC, OPENAI
 from chatgate.engines.fake import FakeEngine
 from chatgate.errors import NoHealthyWorkerError, OverloadedError, WorkerError
-from tests.conftest import Messages, make_app, raw, running, sdk
 from tests.support.anthropic_sdk import anthropic_sdk
+from tests.support.app import Messages, make_app, raw, running, sdk
 
 pytestmark = pytest.mark.anyio
 

@@ -9,7 +9,7 @@ import pytest
 from fastapi import FastAPI
 
 from chatgate.engines.fake import FakeEngine
-from tests.conftest import Messages, as_dicts, make_app, raw, running, sdk
+from tests.support.app import Messages, as_dicts, make_app, raw, running, sdk
 
 pytestmark = pytest.mark.anyio
 

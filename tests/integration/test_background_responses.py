@@ -19,8 +19,8 @@ from openai.types.responses import ResponseCompletedEvent, ResponseCreatedEvent
 from chatgate.api.stored.backend import Bounds
 from chatgate.api.stored.sqlite import SqliteBackend
 from chatgate.engines.fake import FakeEngine
-from tests.conftest import make_app, raw, running, sdk
-from tests.polling import apoll
+from tests.support.app import make_app, raw, running, sdk
+from tests.support.polling import apoll
 
 pytestmark = pytest.mark.anyio
 

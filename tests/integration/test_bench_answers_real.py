@@ -13,7 +13,7 @@ from chatgate.bench.answers import encode_replies, reference_answers, score_answ
 from chatgate.bench.quality import QUALITY_PROMPTS
 from chatgate.engines.base import Engine
 from chatgate.settings import EngineSettings
-from tests.conftest import runner_of
+from tests.support.runners import runner_of
 
 pytestmark = [pytest.mark.model, pytest.mark.anyio]
 

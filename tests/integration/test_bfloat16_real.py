@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from chatgate.engines.base import Engine
 from chatgate.engines.transformers import TransformersEngine
 from chatgate.settings import EngineSettings
-from tests.conftest import make_app, running, sdk, user
+from tests.support.app import make_app, running, sdk, user
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 

@@ -15,9 +15,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatgate.engines.base import GenerationOutput, SamplingParams
 from chatgate.engines.fake import FakeEngine
-from tests.conftest import make_app, raw, running, sdk, user
-from tests.integration.test_fleet import fleet, worker_app
-from tests.integration.test_tokenize import NoExtensions
+from tests.support.app import make_app, raw, running, sdk, user
+from tests.support.fastchat import NoExtensions
+from tests.support.fleet import fleet, worker_app
 
 pytestmark = pytest.mark.anyio
 

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from chatgate.engines.fake import FakeEngine
 from chatgate.upstream.wire import upstream_usage
-from tests.conftest import Messages, make_app, raw, running, sdk, user
+from tests.support.app import Messages, make_app, raw, running, sdk, user
 
 pytestmark = pytest.mark.anyio
 

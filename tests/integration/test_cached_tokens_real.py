@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from chatgate.engines.base import Engine
-from tests.conftest import Messages, make_app, running, sdk
+from tests.support.app import Messages, make_app, running, sdk
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 

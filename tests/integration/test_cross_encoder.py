@@ -21,7 +21,7 @@ from chatgate.engines.loading import package_dir
 from chatgate.protocol.worker import ScorePairsParams
 from chatgate.settings import EngineSettings, WorkerSettings
 from chatgate.worker.app import create_worker_app
-from tests.conftest import make_app, raw, running
+from tests.support.app import make_app, raw, running
 
 pytestmark = pytest.mark.anyio
 

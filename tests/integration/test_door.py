@@ -21,7 +21,7 @@ from chatgate.api.app import all_routes, check_doors
 from chatgate.api.door import Door
 from chatgate.engines.fake import FakeEngine
 from chatgate.protocol import limits
-from tests.conftest import make_app, raw, running, sdk
+from tests.support.app import make_app, raw, running, sdk
 from tests.support.asgi import call, until
 
 pytestmark = pytest.mark.anyio

@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI
 
 from chatgate.engines.fake import EMBEDDING_DIM, FakeEngine
-from tests.conftest import make_app, raw, running, sdk
+from tests.support.app import make_app, raw, running, sdk
 
 pytestmark = pytest.mark.anyio
 

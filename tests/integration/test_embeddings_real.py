@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from chatgate.engines.sentence_transformers import SentenceTransformersEngine
 from chatgate.engines.base import Engine
 from chatgate.settings import EngineSettings
-from tests.conftest import make_app, running, sdk
+from tests.support.app import make_app, running, sdk
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 

@@ -10,8 +10,8 @@ import pytest
 from fastapi import FastAPI
 
 from chatgate.engines.fake import FakeEngine
-from tests.conftest import Messages, as_dicts, make_app, raw, running, sdk
-from tests.polling import apoll
+from tests.support.app import Messages, as_dicts, make_app, raw, running, sdk
+from tests.support.polling import apoll
 
 pytestmark = pytest.mark.anyio
 

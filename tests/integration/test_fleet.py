@@ -4,119 +4,16 @@ dispatch, failover, readiness and metrics."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-from typing import Literal
 
 import httpx
 import openai
 import pytest
-from fastapi import FastAPI
 
-from chatgate.api.app import create_api_app
-from chatgate.api.workers.base import WorkerPool
-from chatgate.api.workers.controller import ControllerPool
-from chatgate.controller.app import create_controller_app
-from chatgate.engines.fake import FakeEngine
-from chatgate.settings import ApiProcessSettings, ControllerSettings, WorkerSettings
-from chatgate.worker.app import create_worker_app
-from tests.conftest import Messages, raw, running, sdk
-from tests.polling import apoll
+from tests.support.app import raw, sdk
+from tests.support.fleet import MSG, Dispatch, M, fleet, served, worker_app
+from tests.support.polling import apoll
 
 pytestmark = pytest.mark.anyio
-
-M = "fake-model"
-Dispatch = Literal["lottery", "shortest_queue"]
-MSG: Messages = [{"role": "user", "content": "hi"}]
-
-
-class Machine(httpx.AsyncBaseTransport):
-    """A worker's machine: passes requests to the worker app until it `dies` (connections
-    refused from then on)."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self.app = httpx.ASGITransport(app=app)
-        self.dead = False
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self.dead:
-            raise httpx.ConnectError("connection refused", request=request)
-        return await self.app.handle_async_request(request)
-
-
-class Fleet:
-    def __init__(
-        self,
-        dispatch: Dispatch,
-        workers: dict[str, FastAPI],
-        dead: tuple[str, ...] = (),
-        models: dict[str, str] | None = None,
-        strangers: dict[str, FastAPI] | None = None,
-    ) -> None:
-        self.models = models or {}
-        self.strangers = strangers or {}  # reachable, but never registered
-        self.machines = {address: Machine(app) for address, app in {**workers, **self.strangers}.items()}
-        self.dead = dead
-        # The controller reaches the workers (to confirm them) through a client of its own.
-        self.to_workers = httpx.AsyncClient(mounts=dict(self.machines))
-        self.controller = create_controller_app(
-            ControllerSettings(dispatch_method=dispatch), http=self.to_workers
-        )
-        self.workers = {**workers, **self.strangers}
-        self.controller_machine = Machine(self.controller)
-        mounts: dict[str, httpx.AsyncBaseTransport] = {"http://controller": self.controller_machine}
-        mounts.update(self.machines)
-        self.http = httpx.AsyncClient(mounts=mounts)
-        self.pool = ControllerPool(http=self.http, controller="http://controller", refresh=0.2)
-
-        @contextlib.asynccontextmanager
-        async def pool() -> AsyncIterator[WorkerPool]:
-            task = asyncio.create_task(self.pool.run())
-            try:
-                yield self.pool
-            finally:
-                task.cancel()
-
-        self.api = create_api_app(ApiProcessSettings(), pool)
-
-    async def register(self) -> None:
-        for address in set(self.workers) - set(self.strangers):
-            names = [self.models.get(address, M)]
-            body = {"worker_name": address, "worker_status": {"model_names": names, "speed": 1, "queue_length": 0}}
-            assert (await self.http.post("http://controller/register_worker", json=body)).status_code == 200
-        for address in self.dead:  # machines that die after their worker joined
-            self.machines[address].dead = True
-        await self.pool.refresh()
-
-
-def worker_app(delay: float = 0.01, model: str = M) -> FastAPI:
-    settings = WorkerSettings(no_register=True, engine="fake", model_names=[model])
-    return create_worker_app(settings, engine=FakeEngine(name=model, token_delay=delay))
-
-
-@contextlib.asynccontextmanager
-async def fleet(
-    dispatch: Dispatch,
-    workers: dict[str, FastAPI],
-    dead: tuple[str, ...] = (),
-    models: dict[str, str] | None = None,
-    strangers: dict[str, FastAPI] | None = None,
-) -> AsyncIterator[Fleet]:
-    f = Fleet(dispatch, workers, dead, models, strangers)
-    async with contextlib.AsyncExitStack() as stack:
-        # The clients close last: the controller may still be probing a worker reported down.
-        stack.push_async_callback(f.to_workers.aclose)
-        stack.push_async_callback(f.http.aclose)
-        await stack.enter_async_context(running(f.controller))
-        for app in f.workers.values():
-            await stack.enter_async_context(running(app))
-        await f.register()
-        await stack.enter_async_context(running(f.api))
-        yield f
-
-
-def served(app: FastAPI) -> int:
-    return sum(b.served for b in app.state.models.backends())
 
 
 @pytest.mark.parametrize("dispatch", ["shortest_queue", "lottery"])

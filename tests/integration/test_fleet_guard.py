@@ -19,9 +19,9 @@ from chatgate.controller.app import create_controller_app
 from chatgate.settings import ControllerSettings, WorkerSettings
 from chatgate.worker.app import create_worker_app
 from chatgate.engines.fake import FakeEngine
-from tests.conftest import raw, running, sdk
-from tests.polling import apoll
-from tests.integration.test_fleet import MSG, M, fleet, served, worker_app
+from tests.support.app import raw, running, sdk
+from tests.support.fleet import MSG, M, fleet, served, worker_app
+from tests.support.polling import apoll
 
 pytestmark = pytest.mark.anyio
 

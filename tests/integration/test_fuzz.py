@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from tests.fuzzing import Harness, problem, requests, still_answers
+from tests.support.fuzzing import Harness, problem, requests, still_answers
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ from fastapi import FastAPI
 
 from chatgate.engines.base import Engine
 from chatgate.engines.loading import GEMMA_MODEL_PATH, GEMMA_NAME
-from tests.conftest import RUNNERS, make_app, raw, runner_of, running, sdk, user
+from tests.support.app import make_app, raw, running, sdk, user
+from tests.support.runners import RUNNERS, runner_of
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from chatgate.engines.fake import FakeEngine
-from tests.conftest import make_app, raw, running
+from tests.support.app import make_app, raw, running
 
 pytestmark = pytest.mark.anyio
 

@@ -17,7 +17,7 @@ from chatgate.errors import WorkerUnavailableError
 from chatgate.protocol.worker import EXT_KEEPALIVE, KEEPALIVE_FRAME, GenerateParams, WorkerChunk
 from chatgate.settings import WorkerSettings
 from chatgate.worker.app import create_worker_app
-from tests.conftest import running
+from tests.support.app import running
 
 pytestmark = pytest.mark.anyio
 

@@ -17,9 +17,10 @@ from fastapi import FastAPI
 from chatgate.engines.base import Engine
 from chatgate.settings import WorkerSettings
 from chatgate.worker.app import create_worker_app
-from tests.conftest import RUNNERS, Messages, json_schema_format, make_app, runner_engine, runner_of, running, sdk, user
-from tests.integration.test_structured_output import ASK, PERSON
-from tests.polling import apoll
+from tests.support.app import Messages, json_schema_format, make_app, running, sdk, user
+from tests.support.polling import apoll
+from tests.support.runners import RUNNERS, runner_engine, runner_of
+from tests.support.structured import ASK, PERSON
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 

@@ -16,8 +16,8 @@ from fastapi import FastAPI
 
 from chatgate.api.app import create_api_app
 from chatgate.settings import ServeSettings
-from tests.conftest import raw, running
-from tests.fake_upstream import API_KEY, URL, sse_response, upstream_pool
+from tests.support.app import raw, running
+from tests.support.fake_upstream import API_KEY, URL, sse_response, upstream_pool
 
 pytestmark = pytest.mark.anyio
 

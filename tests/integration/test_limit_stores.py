@@ -13,7 +13,7 @@ import redis.asyncio as redis
 from chatgate.api.limits.policy import KeyPolicy
 from chatgate.api.limits.redis_store import RedisStore
 from chatgate.api.limits.store import LimitStore, MemoryStore
-from tests.polling import apoll
+from tests.support.polling import apoll
 
 pytestmark = pytest.mark.anyio
 

@@ -16,9 +16,9 @@ import pytest
 from fastapi import FastAPI
 
 from chatgate.engines.fake import FakeEngine
-from tests.conftest import make_app, raw, running, sdk
-from tests.polling import apoll
-from tests.redis_server import RedisServer, free_port
+from tests.support.app import make_app, raw, running, sdk
+from tests.support.polling import apoll
+from tests.support.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.anyio
 

@@ -12,7 +12,8 @@ import torch
 from fastapi import FastAPI
 
 from chatgate.engines.transformers import TransformersEngine
-from tests.conftest import Messages, Served, make_app, raw, running, sdk
+from tests.support.app import Messages, make_app, raw, running, sdk
+from tests.support.runners import Served
 
 pytestmark = pytest.mark.anyio
 

@@ -25,8 +25,9 @@ from fastapi import FastAPI
 from chatgate.bench.quality import greedy
 from chatgate.engines.base import Engine, SamplingParams
 from chatgate.engines.lora import AdapterError
-from tests.conftest import make_app, raw, runner_engine, running, sdk
+from tests.support.app import make_app, raw, running, sdk
 from tests.support.lora import convert_to_gguf, other_base_adapter, random_adapter
+from tests.support.runners import runner_engine
 
 pytestmark = [pytest.mark.model, pytest.mark.anyio]
 

@@ -19,8 +19,9 @@ from chatgate.settings import EngineSettings
 from chatgate.worker.backend import open_backend
 from chatgate.worker.heartbeat import Heartbeat
 from chatgate.worker.served import ServedModels
-from tests.conftest import make_app, raw, runner_engine, running, sdk
+from tests.support.app import make_app, raw, running, sdk
 from tests.support.fake_lora import LoraFakeEngine
+from tests.support.runners import runner_engine
 
 pytestmark = pytest.mark.anyio
 

@@ -18,7 +18,7 @@ from chatgate.engines.fake import FakeEngine
 from chatgate.settings import ApiProcessSettings, ControllerSettings, WorkerSettings
 from chatgate.worker.app import create_worker_app
 from chatgate.worker.heartbeat import Heartbeat
-from tests.conftest import raw, running, sdk
+from tests.support.app import raw, running, sdk
 
 pytestmark = pytest.mark.anyio
 

@@ -18,7 +18,7 @@ from chatgate.api.workers.local import local_pool
 from chatgate.engines.fake import FakeEngine
 from chatgate.errors import InsufficientMemoryError
 from chatgate.settings import ServeSettings
-from tests.conftest import raw, running, sdk
+from tests.support.app import raw, running, sdk
 from tests.support.memory import GIB, SetMemory
 
 pytestmark = pytest.mark.anyio

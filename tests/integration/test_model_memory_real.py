@@ -18,8 +18,9 @@ from chatgate.api.workers.local import local_pool
 from chatgate.engines.base import Engine
 from chatgate.engines.memory import adapter_bytes
 from chatgate.settings import ServeSettings
-from tests.conftest import RUNNERS, raw, runner_engine, running, sdk
+from tests.support.app import raw, running, sdk
 from tests.support.memory import GIB, SetMemory
+from tests.support.runners import RUNNERS, runner_engine
 
 pytestmark = [pytest.mark.model, pytest.mark.anyio]
 

@@ -17,7 +17,7 @@ from chatgate.api.workers.local import local_pool
 from chatgate.engines.base import Engine
 from chatgate.engines.fake import FakeEngine
 from chatgate.settings import EngineSettings, ServeSettings
-from tests.conftest import raw, running, sdk
+from tests.support.app import raw, running, sdk
 
 pytestmark = pytest.mark.anyio
 

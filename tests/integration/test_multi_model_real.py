@@ -15,7 +15,7 @@ from chatgate.api.app import create_api_app
 from chatgate.api.workers.local import local_pool
 from chatgate.engines.loading import DEFAULT_CHAT_NAME, GEMMA_NAME
 from chatgate.settings import ServeSettings
-from tests.conftest import raw, running, sdk
+from tests.support.app import raw, running, sdk
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test builds it)")
 

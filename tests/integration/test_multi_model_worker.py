@@ -19,10 +19,10 @@ from chatgate.errors import InvalidRequestError, ModelNotFoundError
 from chatgate.settings import WorkerSettings
 from chatgate.worker.app import create_worker_app
 from chatgate.worker.served import ServedModels
-from tests.conftest import Messages, make_app, raw, running, sdk
-from tests.polling import apoll
+from tests.support.app import Messages, make_app, raw, running, sdk
 from tests.support.fake_lora import LoraFakeEngine
 from tests.support.fleet import fleet_of
+from tests.support.polling import apoll
 
 pytestmark = pytest.mark.anyio
 

@@ -17,7 +17,7 @@ import torch
 from chatgate.engines.loading import DEFAULT_CHAT_NAME
 from chatgate.settings import WorkerSettings
 from chatgate.worker.app import create_worker_app
-from tests.conftest import raw, running, sdk
+from tests.support.app import raw, running, sdk
 from tests.support.fleet import fleet_of
 from tests.support.lora import other_base_adapter, random_adapter
 

@@ -18,7 +18,7 @@ from chatgate.api.routes.playground import is_playground_path
 from chatgate.cli import build_settings, parser
 from chatgate.engines.fake import FakeEngine
 from chatgate.settings import ServeSettings
-from tests.conftest import make_app, raw, running, sdk
+from tests.support.app import make_app, raw, running, sdk
 
 pytestmark = pytest.mark.anyio
 

@@ -17,7 +17,8 @@ from fastapi import FastAPI
 from chatgate.engines.base import Engine
 from chatgate.settings import WorkerSettings
 from chatgate.worker.app import create_worker_app
-from tests.conftest import Messages, make_app, runner_engine, runner_of, running, sdk, user
+from tests.support.app import Messages, make_app, running, sdk, user
+from tests.support.runners import runner_engine, runner_of
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 

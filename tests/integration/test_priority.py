@@ -21,8 +21,8 @@ from chatgate.engines.base import GenerationOutput, SamplingParams
 from chatgate.engines.fake import FakeEngine
 from chatgate.settings import EngineSettings, SchedulingPolicy, WorkerSettings
 from chatgate.worker.app import create_worker_app
-from tests.conftest import make_app, raw, running, sdk, user
-from tests.polling import apoll
+from tests.support.app import make_app, raw, running, sdk, user
+from tests.support.polling import apoll
 
 pytestmark = pytest.mark.anyio
 

@@ -9,8 +9,9 @@ import asyncio
 import pytest
 
 from chatgate.engines.base import Engine
-from tests.conftest import RUNNERS, make_app, runner_engine, running, sdk, user
-from tests.polling import apoll
+from tests.support.app import make_app, running, sdk, user
+from tests.support.polling import apoll
+from tests.support.runners import RUNNERS, runner_engine
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 

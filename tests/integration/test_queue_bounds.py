@@ -16,8 +16,8 @@ from chatgate.errors import QueueTimeoutError
 from chatgate.protocol.worker import GenerateParams
 from chatgate.settings import WorkerSettings
 from chatgate.worker.app import create_worker_app
-from tests.conftest import make_app, raw, running, sdk
-from tests.polling import apoll
+from tests.support.app import make_app, raw, running, sdk
+from tests.support.polling import apoll
 
 pytestmark = pytest.mark.anyio
 

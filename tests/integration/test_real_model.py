@@ -14,9 +14,10 @@ from fastapi import FastAPI
 from chatgate.engines.base import SamplingParams
 from chatgate.engines.transformers import TransformersEngine
 from chatgate.settings import EngineSettings
-from tests.conftest import Messages, Served, Target, as_dicts, make_app, raw, running, sdk, user
+from tests.support.app import Messages, Target, as_dicts, make_app, raw, running, sdk, user
 from tests.support.asgi import call
-from tests.polling import apoll
+from tests.support.polling import apoll
+from tests.support.runners import Served
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 

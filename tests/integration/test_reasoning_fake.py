@@ -16,7 +16,7 @@ import pytest
 from fastapi import FastAPI
 
 from chatgate.engines.fake import FakeEngine
-from tests.conftest import Messages, make_app, raw, running, sdk, user
+from tests.support.app import Messages, make_app, raw, running, sdk, user
 
 pytestmark = pytest.mark.anyio
 

@@ -16,7 +16,7 @@ import pytest
 from fastapi import FastAPI
 
 from chatgate.engines.base import Engine
-from tests.conftest import Messages, as_dicts, function_calls, function_tool, make_app, raw, running, sdk, user
+from tests.support.app import Messages, as_dicts, function_calls, function_tool, make_app, raw, running, sdk, user
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 

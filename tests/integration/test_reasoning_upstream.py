@@ -12,8 +12,8 @@ from fastapi import FastAPI
 
 from chatgate.api.app import create_api_app
 from chatgate.settings import ServeSettings
-from tests.conftest import raw, running, sdk, user
-from tests.fake_upstream import THOUGHTS, WORDS, thinking_upstream, upstream_pool
+from tests.support.app import raw, running, sdk, user
+from tests.support.fake_upstream import THOUGHTS, WORDS, thinking_upstream, upstream_pool
 
 pytestmark = pytest.mark.anyio
 

@@ -18,9 +18,9 @@ from chatgate.api.stored.sqlite import SqliteBackend
 from chatgate.api.stored.store import STALE, ResponseStore
 from chatgate.engines.fake import FakeEngine
 from chatgate.protocol.responses import ResponseObject, ResponsesRequest
-from tests.conftest import make_app, raw, running, sdk
-from tests.polling import apoll
-from tests.redis_server import RedisServer
+from tests.support.app import make_app, raw, running, sdk
+from tests.support.polling import apoll
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 

@@ -21,7 +21,7 @@ from chatgate.api.stored.backend import Bounds, MemoryBackend
 from chatgate.api.stored.store import ResponseStore
 from chatgate.engines.fake import FakeEngine
 from chatgate.protocol.responses import ResponseObject, ResponsesRequest
-from tests.conftest import make_app, raw, running, sdk
+from tests.support.app import make_app, raw, running, sdk
 
 pytestmark = pytest.mark.anyio
 

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from openai.types.responses import Response, ResponseOutputMessage, ResponseOutputText
 
 from chatgate.engines.fake import FakeEngine
-from tests.conftest import function_tool, make_app, raw, running, sdk
+from tests.support.app import function_tool, make_app, raw, running, sdk
 
 pytestmark = pytest.mark.anyio
 

@@ -15,8 +15,8 @@ import pytest
 
 from chatgate.engines.fake import FakeEngine
 from chatgate.logs import TextFormatter
-from tests.conftest import make_app, raw, running, sdk
-from tests.polling import apoll
+from tests.support.app import make_app, raw, running, sdk
+from tests.support.polling import apoll
 
 pytestmark = pytest.mark.anyio
 
@@ -124,7 +124,7 @@ def caching_upstream() -> Any:
     salt): a prompt it has seen before is reported as cached."""
     import httpx
 
-    from tests.fake_upstream import sse_response
+    from tests.support.fake_upstream import sse_response
 
     seen: set[str] = set()
 
@@ -149,7 +149,7 @@ async def test_an_upstreams_shared_cache_does_not_tell_one_key_what_another_aske
     system prompt, a document) by sending a guess and reading `cached_tokens`."""
     from chatgate.api.app import create_api_app
     from chatgate.settings import ServeSettings
-    from tests.fake_upstream import upstream_pool
+    from tests.support.fake_upstream import upstream_pool
 
     app = create_api_app(ServeSettings(api_keys=["sk-a", "sk-b"]), upstream_pool(caching_upstream()))
     secret: Any = [{"role": "user", "content": "the merger with Initech closes on Friday"}]
@@ -184,7 +184,7 @@ async def test_template_variables_that_collide_with_the_renderers_own_arguments_
 _CHAIN_CHILD = """
 import asyncio, json, sys
 from chatgate.engines.fake import FakeEngine
-from tests.conftest import make_app, raw, running
+from tests.support.app import make_app, raw, running
 
 n = 2900
 grammar = "start: r0\\n" + "\\n".join(f'r{i}: "x" r{i + 1} | "z"' for i in range(n)) + f'\\nr{n}: "y"'

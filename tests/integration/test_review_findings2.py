@@ -24,8 +24,8 @@ from chatgate.errors import InsufficientMemoryError
 from chatgate.settings import ServeSettings, WorkerSettings
 from chatgate.worker.app import create_worker_app
 from chatgate.worker.served import ServedModels
-from tests.conftest import make_app, raw, running, sdk
 from tests.support.anthropic_sdk import anthropic_sdk
+from tests.support.app import make_app, raw, running, sdk
 from tests.support.fake_lora import LoraFakeEngine
 from tests.support.memory import GIB, SetMemory
 

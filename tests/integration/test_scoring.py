@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from chatgate.engines.fake import FakeEngine
 from chatgate.engines.sentence_transformers import SentenceTransformersEngine
 from chatgate.settings import EngineSettings
-from tests.conftest import make_app, raw, running, sdk
+from tests.support.app import make_app, raw, running, sdk
 
 pytestmark = pytest.mark.anyio
 

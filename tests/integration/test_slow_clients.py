@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from chatgate.engines.fake import FakeEngine
 from chatgate.streams import MERGE_BUFFER, merge
-from tests.conftest import make_app, running
+from tests.support.app import make_app, running
 from tests.support.asgi import call, until
 
 pytestmark = pytest.mark.anyio

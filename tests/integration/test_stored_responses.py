@@ -22,7 +22,7 @@ from chatgate.api.stored.store import ResponseNotFoundError, ResponseStore
 from chatgate.errors import InvalidRequestError
 from chatgate.engines.fake import FakeEngine
 from chatgate.protocol.responses import ResponseObject, ResponsesRequest
-from tests.conftest import make_app, raw, running, sdk
+from tests.support.app import make_app, raw, running, sdk
 
 pytestmark = pytest.mark.anyio
 

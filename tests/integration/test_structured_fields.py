@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 from fastapi import FastAPI
 
-from tests.conftest import Messages, raw, sdk
+from tests.support.app import Messages, raw, sdk
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
 

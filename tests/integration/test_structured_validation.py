@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from chatgate.protocol.limits import MAX_REQUEST_SCHEMA_VALUES
 from chatgate.protocol.structured import MAX_CHOICES, MAX_GRAMMAR_CHARS
 from chatgate.engines.fake import FakeEngine
-from tests.conftest import make_app, raw, running, sdk
+from tests.support.app import make_app, raw, running, sdk
 
 pytestmark = pytest.mark.anyio
 

@@ -7,30 +7,17 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
-from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chatgate.engines.fake import BOS, FakeEngine
-from tests.conftest import Served, Target, make_app, raw, running, sdk
-from tests.integration.test_fleet import fleet, worker_app
+from tests.support.app import Target, make_app, raw, running, sdk
+from tests.support.fastchat import NoExtensions
+from tests.support.fleet import fleet, worker_app
+from tests.support.runners import Served
 
 pytestmark = pytest.mark.anyio
 
 M = "fake-model"
 MSG = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo"}]
-
-
-class NoExtensions:
-    """Makes a worker look like FastChat's: the same endpoints, no chatgate extensions advertised."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/model_details":
-            await JSONResponse({"context_length": 1024})(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
 
 
 async def post(app: Target, path: str, body: Any, key: str | None = None) -> tuple[int, Any]:

@@ -18,7 +18,8 @@ from openai.types.chat.completion_create_params import Function
 
 from chatgate.engines.transformers import TransformersEngine
 from chatgate.settings import EngineSettings
-from tests.conftest import Messages, Served, as_dicts, function_calls, function_tool, make_app, raw, running, sdk
+from tests.support.app import Messages, as_dicts, function_calls, function_tool, make_app, raw, running, sdk
+from tests.support.runners import Served
 
 pytestmark = pytest.mark.anyio
 

@@ -18,10 +18,10 @@ from chatgate.api.app import create_api_app
 from chatgate.api.workers.local import local_pool
 from chatgate.engines.fake import FakeEngine
 from chatgate.settings import ServeSettings
-from tests.conftest import raw, running
-from tests.fake_upstream import sse_response, upstream_pool
-from tests.polling import apoll
+from tests.support.app import raw, running
 from tests.support.asgi import scope
+from tests.support.fake_upstream import sse_response, upstream_pool
+from tests.support.polling import apoll
 
 pytestmark = pytest.mark.anyio
 

@@ -29,7 +29,7 @@ from chatgate.engines.fake import FakeEngine
 from chatgate.errors import WorkerUnavailableError
 from chatgate.protocol import worker as wire
 from chatgate.settings import ServeSettings
-from tests.conftest import raw, running, sdk, user
+from tests.support.app import raw, running, sdk, user
 
 pytestmark = pytest.mark.anyio
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.live.conftest import CHATGATE, Process, free_port
+from tests.support.processes import CHATGATE, Process, free_port
 
 pytestmark = pytest.mark.live
 

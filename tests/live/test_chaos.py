@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.live.conftest import Process, free_port, worker_count
-from tests.polling import apoll, poll
+from tests.support.polling import apoll, poll
+from tests.support.processes import Process, free_port, served, worker_count
 
 pytestmark = pytest.mark.live
 
@@ -64,17 +64,11 @@ async def clients(url: str, outcome: Outcome, until: float, count: int = 16) -> 
 
 
 async def aworker_count(http: httpx.AsyncClient, url: str) -> int:
-    """`conftest.worker_count` without blocking the event loop that drives the load clients."""
+    """`processes.worker_count` without blocking the event loop that drives the load clients."""
     try:
         return int((await http.get(f"{url}/ready", timeout=1)).json()["workers"].get(M, 0))
     except (httpx.HTTPError, ValueError, KeyError):
         return -1
-
-
-def served(worker: str) -> float:
-    text = httpx.get(f"{worker}/metrics", timeout=2).text
-    line = next(x for x in text.splitlines() if x.startswith("chatgate_worker_requests_total"))
-    return float(line.split()[-1])
 
 
 def test_kill_a_worker_mid_run(tmp_path: Path) -> None:

@@ -13,8 +13,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.live.conftest import CHATGATE, Process, free_port
-from tests.polling import poll
+from tests.support.polling import poll
+from tests.support.processes import CHATGATE, Process, free_port
 
 pytestmark = [pytest.mark.live, pytest.mark.model, pytest.mark.untimed]
 

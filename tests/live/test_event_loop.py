@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.live.conftest import Process, free_port
+from tests.support.processes import Process, free_port
 
 pytestmark = pytest.mark.live
 

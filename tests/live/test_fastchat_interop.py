@@ -20,9 +20,9 @@ import pytest
 from chatgate.engines.loading import cached_checkpoint, resolve_chat_model
 from chatgate.protocol.conversation import Conversation, SeparatorStyle, render
 from chatgate.settings import EngineSettings
-from tests.conftest import Messages
-from tests.live.conftest import Process, free_port
-from tests.polling import poll
+from tests.support.app import Messages
+from tests.support.polling import poll
+from tests.support.processes import Process, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 FASTCHAT_PYTHON = Path(os.environ.get("CHATGATE_FASTCHAT_PYTHON", ROOT / ".venv-fastchat" / "bin" / "python"))

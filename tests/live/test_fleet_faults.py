@@ -16,9 +16,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Messages
-from tests.live.fleet import M, LiveFleet, Tls
-from tests.polling import apoll, poll
+from tests.support.app import Messages
+from tests.support.live_fleet import M, LiveFleet, Tls
+from tests.support.polling import apoll, poll
 
 pytestmark = pytest.mark.live
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuzzing import Harness, fuzz, still_answers, three_processes
+from tests.support.fuzzing import Harness, fuzz, still_answers, three_processes
 
 pytestmark = [pytest.mark.live, pytest.mark.untimed]
 

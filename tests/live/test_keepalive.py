@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Messages
-from tests.live.fleet import M, LiveFleet
-from tests.polling import poll
+from tests.support.app import Messages
+from tests.support.live_fleet import M, LiveFleet
+from tests.support.polling import poll
 
 pytestmark = pytest.mark.live
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.live.conftest import CHATGATE, free_port
+from tests.support.processes import CHATGATE, free_port
 
 pytestmark = [pytest.mark.live, pytest.mark.untimed]
 

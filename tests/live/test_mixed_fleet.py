@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.live.conftest import Process, free_port, worker_count
-from tests.live.fleet import streamed_chats
-from tests.live.test_chaos import served
+from tests.support.live_fleet import streamed_chats
+from tests.support.processes import Process, free_port, served, worker_count
 
 pytestmark = pytest.mark.live
 

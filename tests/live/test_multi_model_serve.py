@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from chatgate.engines.loading import DEFAULT_CHAT_NAME, GEMMA_NAME
-from tests.conftest import sdk
-from tests.live.conftest import CHATGATE, Process, free_port
+from tests.support.app import sdk
+from tests.support.processes import CHATGATE, Process, free_port
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test builds it)")
 
@@ -89,9 +89,9 @@ async def test_a_long_prefill_on_one_model_does_not_stall_the_others_stream(url:
     ("transformers", "torch runner cannot load nosucharch.gguf: transformers does not read the GGUF architecture 'nosucharch'"),
 ])
 def test_a_model_of_an_unknown_architecture_stops_serve_naming_it(tmp_path: Path, engine: str, says: str) -> None:
-    from tests.unit.test_model_sources import _gguf_of
+    from tests.support.gguf import gguf_of
 
-    gguf = _gguf_of(tmp_path, "nosucharch")
+    gguf = gguf_of(tmp_path, "nosucharch")
     done = subprocess.run(
         [*CHATGATE, "serve", "--port", str(free_port()), "--embedding-model-path", "none",
          "--model", "default", "--model", f"{gguf} engine={engine}"],

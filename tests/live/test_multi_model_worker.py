@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from chatgate.engines.loading import DEFAULT_CHAT_NAME, GEMMA_NAME
-from tests.conftest import sdk
-from tests.live.conftest import Process, free_port
-from tests.polling import apoll
+from tests.support.app import sdk
+from tests.support.polling import apoll
+from tests.support.processes import Process, free_port
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test builds it)")
 

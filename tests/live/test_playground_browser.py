@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from tests.live.conftest import Process, free_port
+from tests.support.processes import Process, free_port
 
 sync_api = pytest.importorskip("playwright.sync_api")
 

@@ -10,9 +10,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Messages
-from tests.live.conftest import Process, free_port
-from tests.polling import poll
+from tests.support.app import Messages
+from tests.support.polling import poll
+from tests.support.processes import Process, free_port
 
 # Timed: the controller drops a worker after 6 s without a heartbeat, and several calls keep
 # httpx's 5 s default; beside model tests in two processes it once failed, alone it passes.

@@ -15,10 +15,10 @@ import httpx
 import pytest
 
 from chatgate.engines.fake import FakeEngine
-from tests.conftest import Messages
-from tests.live.conftest import Process, free_port
-from tests.live.fleet import M, LiveFleet
-from tests.polling import poll
+from tests.support.app import Messages
+from tests.support.live_fleet import M, LiveFleet
+from tests.support.polling import poll
+from tests.support.processes import Process, free_port
 
 pytestmark = pytest.mark.live
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import checks as schema_checks
 from schemathesis.specs.openapi import checks as openapi_checks
 
-from tests.live.conftest import Process, free_port
+from tests.support.processes import Process, free_port
 
 pytestmark = [pytest.mark.live, pytest.mark.untimed]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.live.conftest import Process, free_port
+from tests.support.processes import Process, free_port
 
 pytestmark = pytest.mark.live
 

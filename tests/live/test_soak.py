@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.live.conftest import CHATGATE
+from tests.support.processes import CHATGATE
 
 pytestmark = pytest.mark.live
 

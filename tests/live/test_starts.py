@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.live.conftest import Process, free_port
+from tests.support.processes import Process, free_port
 
 pytestmark = [pytest.mark.live, pytest.mark.untimed]
 STARTS = 4  # two rounds of two; ten (five rounds) took most of a minute of make test

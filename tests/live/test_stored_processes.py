@@ -16,11 +16,11 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import sdk
-from tests.live.conftest import Process, free_port
-from tests.live.fleet import LiveFleet
-from tests.polling import apoll
-from tests.redis_server import RedisServer
+from tests.support.app import sdk
+from tests.support.live_fleet import LiveFleet
+from tests.support.polling import apoll
+from tests.support.processes import Process, free_port
+from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.live, pytest.mark.anyio]
 

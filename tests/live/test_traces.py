@@ -15,8 +15,8 @@ import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
 
-from tests.live.fleet import M, LiveFleet
-from tests.polling import poll
+from tests.support.live_fleet import M, LiveFleet
+from tests.support.polling import poll
 
 pytestmark = [pytest.mark.live, pytest.mark.untimed]
 

@@ -11,7 +11,7 @@ import openai
 import pytest
 import trustme
 
-from tests.live.conftest import Process, free_port
+from tests.support.processes import Process, free_port
 
 pytestmark = [pytest.mark.live, pytest.mark.untimed]
 

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.live.conftest import Process, free_port
+from tests.support.processes import Process, free_port
 
 pytestmark = [pytest.mark.live, pytest.mark.untimed]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.live.conftest import Process, free_port
+from tests.support.processes import Process, free_port
 
 pytestmark = [pytest.mark.live, pytest.mark.model, pytest.mark.untimed]
 

@@ -1,6 +1,6 @@
 """The `openai` engine in front of vLLM's own OpenAI server, and a mixed fleet around it.
 
-The session's vLLM OpenAI server (see `tests/vllm_procs.py`): a chatgate `serve --engine
+The session's vLLM OpenAI server (see `tests/support/vllm_procs.py`): a chatgate `serve --engine
 openai` forwards to it, and each answer is compared with vLLM's own answer to the same request.
 The module ends with the mixed fleet: the session's vllm-worker fleet gains a `transformers`
 worker and an `openai` worker forwarding to that server, all under one model name; then the
@@ -20,10 +20,9 @@ import jsonschema
 import openai
 import pytest
 
-from tests.live.conftest import Process, free_port
-from tests.live.fleet import streamed_chats
-from tests.live.test_chaos import served
-from tests.vllm_procs import M, Fleet, OpenAIServer
+from tests.support.live_fleet import streamed_chats
+from tests.support.processes import Process, free_port, served
+from tests.support.vllm_procs import M, Fleet, OpenAIServer
 
 pytestmark = [pytest.mark.live, pytest.mark.model]
 

@@ -15,7 +15,7 @@ from chatgate.engines.base import SamplingParams
 from chatgate.engines.embedding import mean_pool
 from chatgate.engines.scheduler import Scheduler, SchedulerLimits
 from chatgate.engines.sequence import OutputChannel, Sequence
-from tests.unit.test_scheduler import VOCAB, scheduler_thread, tiny_model
+from tests.support.scheduler import VOCAB, scheduler_thread, tiny_model
 
 pytestmark = pytest.mark.anyio
 LONG = chunked.CHUNK_TOKENS * 3 + 17

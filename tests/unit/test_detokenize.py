@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence as Seq
-from pathlib import Path
 
 import pytest
 
@@ -12,6 +11,7 @@ from chatgate.engines.base import SamplingParams
 from chatgate.engines.detokenize import IncrementalDecoder
 from chatgate.engines.fake import FakeEngine
 from chatgate.engines.sequence import Sequence
+from tests.support.tokenizer import real_tokenizer
 
 byte_decode = FakeEngine().decode
 WORDS = ["hello", "wörld", "✓", "😀", "€uro", " ", "\n", "日本語", "a", "STOP", "."]
@@ -80,17 +80,6 @@ def test_work_per_token_does_not_grow_over_4000_tokens() -> None:
     assert seq.finish_reason == "length" and text == byte_decode(ids)
     first, last = sum(work[:500]), sum(work[-500:])
     assert last <= 1.3 * first, (first, last)
-
-
-def real_tokenizer() -> object:
-    from transformers import AutoTokenizer
-
-    from chatgate.engines.loading import cached_checkpoint, resolve_chat_model
-    from chatgate.settings import EngineSettings
-
-    settings = EngineSettings()
-    path: Path = cached_checkpoint(resolve_chat_model(settings.model_path), settings.cache_dir)
-    return AutoTokenizer.from_pretrained(path)
 
 
 @pytest.mark.model

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import platform
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import torch
@@ -16,28 +15,12 @@ from chatgate.engines.kvbudget import kv_bytes_per_token, kv_token_budget, unmap
 from chatgate.engines.kvcache import BatchKV
 from chatgate.engines.scheduler import SchedulerLimits
 from chatgate.errors import ContextLengthExceededError
-from tests.polling import apoll
-from tests.unit.test_scheduler import VOCAB, Harness, tiny_model
+from tests.support.polling import apoll
+from tests.support.scheduler import VOCAB, Harness, RowCounter, tiny_model
 
 pytestmark = pytest.mark.anyio
 
 PROMPT, MAX_TOKENS = 10, 12
-
-
-class RowCounter:
-    """The model, counting the rows of every decode step (one new token per row)."""
-
-    def __init__(self, model: LlamaForCausalLM) -> None:
-        self.model = model
-        self.config = model.config
-        self.device = model.device
-        self.decode_rows: list[int] = []
-
-    def __call__(self, **inputs: Any) -> Any:
-        rows, steps = inputs["input_ids"].shape
-        if steps == 1:
-            self.decode_rows.append(rows)
-        return self.model(**inputs)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from chatgate.api.auth import Caller, caller
 from chatgate.api.limits.middleware import RateLimitMiddleware
 from chatgate.api.limits.policy import KeyPolicy
 from chatgate.api.limits.store import MemoryStore, duration
-from tests.polling import apoll
+from tests.support.polling import apoll
 
 pytestmark = pytest.mark.anyio
 

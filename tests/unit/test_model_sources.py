@@ -8,7 +8,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -23,6 +22,7 @@ from chatgate.engines.loading import (
     resolve_chat_model,
 )
 from chatgate.settings import ServeSettings
+from tests.support.gguf import gguf_of
 
 
 def serve(*argv: str) -> ServeSettings:
@@ -124,22 +124,8 @@ def test_assembly_checks_the_hash_and_leaves_no_partial_file(tmp_path: Path) -> 
     assert not bad.exists() and sorted(p.name for p in target.parent.iterdir()) == ["model.gguf"]
 
 
-def _gguf_of(tmp_path: Path, arch: str) -> Path:
-    from gguf import GGUFWriter
-
-    path = tmp_path / f"{arch}.gguf"
-    writer = GGUFWriter(str(path), arch)
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 def test_an_architecture_the_torch_runner_cannot_read_is_named(tmp_path: Path) -> None:
-    path = _gguf_of(tmp_path, "nosucharch")
+    path = gguf_of(tmp_path, "nosucharch")
     assert gguf_architecture(path) == "nosucharch"
     with pytest.raises(ValueError, match="torch runner cannot load nosucharch.gguf.*'nosucharch'"):
         cached_checkpoint(ModelSource("x", path.parent, path.name), tmp_path / "cache")
@@ -150,7 +136,7 @@ def test_an_architecture_llama_cpp_cannot_load_is_named(tmp_path: Path) -> None:
     from chatgate.engines.runners.llamacpp import GgufModel
 
     with pytest.raises(ValueError, match="llama.cpp could not load .*architecture 'nosucharch'"):
-        GgufModel.load(_gguf_of(tmp_path, "nosucharch"))
+        GgufModel.load(gguf_of(tmp_path, "nosucharch"))
 
 
 def test_a_file_that_is_not_gguf_is_named(tmp_path: Path) -> None:

@@ -16,9 +16,8 @@ from chatgate.engines.base import GenerationOutput, SamplingParams
 from chatgate.engines.runners.torch import TorchRunner
 from chatgate.engines.scheduler import HEADROOM, Scheduler, SchedulerLimits
 from chatgate.engines.sequence import OutputChannel, Sequence
-from tests.polling import apoll
-from tests.unit.test_kv_budget import RowCounter
-from tests.unit.test_scheduler import VOCAB, Harness, tiny_model
+from tests.support.polling import apoll
+from tests.support.scheduler import VOCAB, Harness, RowCounter, tiny_model
 
 pytestmark = pytest.mark.anyio
 

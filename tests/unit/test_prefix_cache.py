@@ -15,8 +15,8 @@ from chatgate.engines.prefix_cache import PrefixCache, PromptKeys, block_keys
 from chatgate.engines.base import SamplingParams
 from chatgate.engines.scheduler import SchedulerLimits
 from chatgate.engines.sequence import OutputChannel, Sequence
-from tests.polling import apoll
-from tests.unit.test_scheduler import VOCAB, Harness, tiny_model
+from tests.support.polling import apoll
+from tests.support.scheduler import VOCAB, Harness, tiny_model
 
 pytestmark = pytest.mark.anyio
 

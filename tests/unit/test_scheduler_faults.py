@@ -15,8 +15,8 @@ from chatgate.engines.base import SamplingParams
 from chatgate.engines.sampling import make_generator
 from chatgate.engines.scheduler import Scheduler, SchedulerLimits
 from chatgate.engines.sequence import OutputChannel, Sequence
-from tests.polling import apoll
-from tests.unit.test_scheduler import VOCAB, prompts, scheduler_thread, tiny_model
+from tests.support.polling import apoll
+from tests.support.scheduler import VOCAB, prompts, scheduler_thread, tiny_model
 
 pytestmark = pytest.mark.anyio
 FAIL_AT = 4  # the faulty sequence fails at its fifth token

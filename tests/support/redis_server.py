@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.polling import poll
+from tests.support.polling import poll
 
 REDIS = shutil.which("redis-server")
 

@@ -1,6 +1,6 @@
 """Generated requests for fuzzing the API (shared by the CI fuzz test, the live one and `make fuzz`).
 
-`python -m tests.fuzzing --requests 10000` sends that many generated requests to the stack in one
+`python -m tests.support.fuzzing --requests 10000` sends that many generated requests to the stack in one
 process (`serve`, in-process transport) or, with `--three-process`, to a controller, a fake-engine
 worker and an API server started as real processes; it prints counts by status and exits non-zero
 on any 5xx, any hang, or if a normal chat does not answer afterwards.
@@ -166,7 +166,7 @@ class Harness:
         self._lifespan: Any = None
         if url is None:
             from chatgate.engines.fake import FakeEngine
-            from tests.conftest import make_app, raw
+            from tests.support.app import make_app, raw
 
             app = make_app(FakeEngine(context_length=1024), max_n=8)
             self._lifespan = app.router.lifespan_context(app)
@@ -242,7 +242,7 @@ def fuzz(harness: Harness, count: int, budget: float) -> None:
 @contextlib.contextmanager
 def three_processes(logs: Path) -> Iterator[str]:
     """A controller, a fake-engine worker and an API server as real processes; yields the API URL."""
-    from tests.live.conftest import Process, free_port
+    from tests.support.processes import Process, free_port
 
     ports = {name: free_port() for name in ("controller", "worker", "api")}
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}

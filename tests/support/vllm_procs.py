@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.live.conftest import Process, free_port, worker_count
-from tests.polling import poll
+from tests.support.polling import poll
+from tests.support.processes import Process, free_port, worker_count
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("CHATGATE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 # `make vllm` stamps the venv once every install step has passed; a half-built venv is skipped.
 VLLM_READY = "CHATGATE_VLLM_PYTHON" in os.environ or (ROOT / ".venv-vllm" / ".installed").exists()
@@ -148,3 +148,17 @@ def finish_vllm_fleet(fleet: Fleet) -> Fleet:
         fleet.stop()
         raise
     return fleet
+
+
+@dataclass
+class VllmBoot:
+    """The session's vLLM processes, launched when the session starts (see the `vllm_boot` fixture)."""
+
+    server: OpenAIServer
+    fleet: Fleet
+
+
+def wants_vllm(session: pytest.Session) -> bool:
+    """Whether any selected test uses the session's vLLM processes."""
+    names = {"vllm_openai", "vllm_fleet"}
+    return any(names & set(getattr(item, "fixturenames", ())) or "[vllm]" in item.nodeid for item in session.items)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.live.conftest import Process, free_port
+from tests.support.processes import Process, free_port
 
 M = "fake-model"
 
