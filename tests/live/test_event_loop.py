@@ -111,9 +111,12 @@ def test_streams_and_health_keep_pace_during_huge_requests(url: str) -> None:
     print(report)
     assert results == {"prompt": 400, "embeddings": 200}, report
     assert len(during) >= 8, report
-    # On a quiet machine every probe is well under 100 ms; on a loaded one, no worse than the
-    # probes beside the streams alone (the loop is not what delays them).
-    assert max(health) < max(0.1, 1.5 * max(quiet)), report
+    # On a quiet machine every probe is well under 100 ms. On a loaded one the probes beside the
+    # streams alone already reach 135 ms, and one CI run measured 289 ms during the huge requests
+    # against that 135: the cores are shared with the embedding model's compute. The bound is 3x
+    # the streams-alone maximum (at least 250 ms); a loop that parsed, tokenized or embedded the
+    # huge bodies itself would hold `/health` for seconds.
+    assert max(health) < max(0.25, 3 * max(quiet)), report
     # Decoding shares the two cores with the embedding model's compute; the engine runs its
     # model on every core but one and chunks its own jobs, so streams keep their pace within a
     # small factor: 1.56, 1.37 and 0.46 in three quiet runs, 2.02 in one full CI run. The bound
