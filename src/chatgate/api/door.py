@@ -59,7 +59,7 @@ from chatgate.protocol.embeddings import EmbeddingResponse
 from chatgate.protocol.openai import ErrorResponse, valid_schema
 from chatgate.protocol.responses import StreamEvent
 from chatgate.protocol.structured import check_grammar
-from chatgate.responses import ClosingStreamingResponse
+from chatgate.http_stream import ClosingStreamingResponse
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from chatgate.protocol.worker import (
     WorkerChunk,
     WorkerUsage,
 )
-from chatgate.responses import ClosingStreamingResponse
+from chatgate.http_stream import ClosingStreamingResponse
 from chatgate.streams import chain, empty, primed, with_beats
 from chatgate.worker.backend import WorkerBackend
 from chatgate.worker.served import ServedModels

@@ -1,4 +1,5 @@
-"""Starlette responses shared by chatgate's processes."""
+"""The streaming HTTP response every chatgate process answers streams with: it closes its stream
+when the client leaves, and bounds how long a write waits on a client that stopped reading."""
 
 from __future__ import annotations
 
