@@ -80,15 +80,21 @@ def _run_uvicorn(
     import uvicorn
 
     from chatgate.drain import DrainingServer
+    from chatgate.lifespan import OneLineStartupFailure
 
     keyfile, certfile = tls
     # Logging is set up already (`logs.setup_logging`): uvicorn's own config would replace it. An
     # API server writes its own access line (`api/access.py`); workers and the controller keep uvicorn's.
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None, access_log=access_log,
+    config = uvicorn.Config(OneLineStartupFailure(app), host=host, port=port, log_level=log_level, log_config=None, access_log=access_log,
                             ssl_keyfile=keyfile, ssl_certfile=certfile, timeout_graceful_shutdown=5, **limits)
     drain = getattr(app.state, "drain", None)
     server = DrainingServer(config, drain=drain) if drain is not None else uvicorn.Server(config)
-    server.run()
+    try:
+        server.run()
+    except OSError as exc:  # a TLS file missing or unreadable (ssl.SSLError is one too), before anything was served
+        if server.started:
+            raise
+        raise SystemExit(f"chatgate: could not start: {exc}") from None
     if not server.started:
         raise SystemExit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run exits
 

@@ -21,6 +21,8 @@
 
 Serving code raises these; one handler in the API app turns them into OpenAI-shaped bodies.
 FastChat's numeric error codes exist only on the internal worker protocol and are mapped here.
+
+`StartupError` stands apart: no client sees it. A process that cannot start says it in one line.
 """
 
 from __future__ import annotations
@@ -246,3 +248,8 @@ def from_fastchat_code(code: int, message: str, *, param: str | None = None) -> 
     """Turn a worker-protocol error code and message back into a chatgate error."""
     cls = _BY_FASTCHAT_CODE.get(code, WorkerError)
     return cls(message, param=param)
+
+
+class StartupError(Exception):
+    """A process cannot start for a reason its operator can fix (a path, a model, a flag): said
+    in one line naming it, not as a traceback (`lifespan.OneLineStartupFailure`)."""

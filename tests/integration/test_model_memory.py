@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from chatgate.api.app import create_api_app
 from chatgate.api.workers.local import local_pool
 from chatgate.engines.fake import FakeEngine
-from chatgate.errors import InsufficientMemoryError
+from chatgate.errors import InsufficientMemoryError, StartupError
 from chatgate.settings import ServeSettings
 from tests.support.app import raw, running, sdk
 from tests.support.memory import GIB, SetMemory
@@ -123,7 +123,7 @@ async def test_the_check_can_be_turned_off_and_stops_a_start_that_does_not_fit()
     async with running(serve(big, FakeEngine(name="small"), memory=memory, memory_check=False)) as app:
         assert (await _post(app, "/v1/models/unload", {"model": "big"})).status_code == 200
         assert (await _post(app, "/v1/models/load", {"model": "big"})).status_code == 200  # not checked
-    with pytest.raises(InsufficientMemoryError, match="`big`"):  # checked, a model that does not fit stops the start
+    with pytest.raises(StartupError, match="`big`"):  # checked, a model that does not fit stops the start
         async with running(serve(FakeEngine(name="big", weights_bytes=2 * GIB), memory=memory)):
             pass
 
@@ -152,7 +152,7 @@ async def test_a_load_that_runs_out_of_memory_midway_is_freed_and_refused(error:
 
 async def test_a_start_that_runs_out_of_memory_names_the_model_and_frees_it() -> None:
     flaky = FailingLoad(name="flaky", failures=1, error=MemoryError())
-    with pytest.raises(InsufficientMemoryError, match="Loading the model `flaky` ran out of memory"):
+    with pytest.raises(StartupError, match="Loading the model `flaky` ran out of memory"):
         async with running(serve(flaky, memory=SetMemory(64 * GIB))):
             pass
     assert flaky.partial is None and flaky.unloads == 1

@@ -16,6 +16,7 @@ from chatgate.api.app import create_api_app
 from chatgate.api.workers.local import local_pool
 from chatgate.engines.base import Engine
 from chatgate.engines.fake import FakeEngine
+from chatgate.errors import StartupError
 from chatgate.settings import EngineSettings, ServeSettings
 from tests.support.app import raw, running, sdk
 
@@ -82,7 +83,7 @@ async def test_an_unknown_model_is_a_404_naming_it(two: FastAPI) -> None:
 
 async def test_two_models_under_one_name_stop_the_start(built: dict[str, tuple[EngineSettings, Engine]]) -> None:
     # Both fakes answer to the fake engine's default name: settings cannot know it, the pool refuses it.
-    with pytest.raises(ValueError, match="two models are served under the name 'fake-model'"):
+    with pytest.raises(StartupError, match="two models are served under the name 'fake-model'"):
         async with running(serve_app(["one engine=fake", "two engine=fake"])):
             pass
     assert all(not engine.active for _, engine in built.values() if isinstance(engine, FakeEngine))

@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
 
 from chatgate.engines.base import Engine, EngineStats
+from chatgate.errors import ChatgateError, StartupError
 from chatgate.engines.memory import MemoryGuard, MemoryReader
 from chatgate.protocol.admin import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from chatgate.protocol.conversation import Conversation
@@ -175,4 +176,13 @@ async def open_backends(
     load), their later loads taking turns on one lock (`MemoryGuard`); stop them all on exit."""
     loads = asyncio.Lock()
     async with contextlib.AsyncExitStack() as stack:
-        yield await enter_together(stack, [open_backend(c, engine=e, memory=memory, loads=loads) for c, e in configs])
+        try:
+            backends = await enter_together(stack, [open_backend(c, engine=e, memory=memory, loads=loads) for c, e in configs])
+        except (ValueError, OSError, ChatgateError) as exc:  # a path, a file, an architecture, memory: the operator's to fix
+            raise StartupError(_said(exc)) from exc
+        yield backends
+
+
+def _said(error: Exception) -> str:
+    """An error's message, as a client would read it where it has one."""
+    return error.message if isinstance(error, ChatgateError) else str(error)

@@ -8,7 +8,7 @@ worker's routes and `chatgate serve`'s admin routes pick a backend the same way.
 
 from __future__ import annotations
 
-from chatgate.errors import InvalidRequestError, ModelNotFoundError
+from chatgate.errors import InvalidRequestError, ModelNotFoundError, StartupError
 from chatgate.protocol.admin import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from chatgate.protocol.worker import WorkerStatus
 from chatgate.worker.backend import WorkerBackend
@@ -24,7 +24,7 @@ class ServedModels:
         for backend in backends:
             for name in backend.model_names:
                 if name in seen:  # the embedding model's default name, or a name given twice
-                    raise ValueError(f"two models are served under the name {name!r}: give one of them --model-names")
+                    raise StartupError(f"two models are served under the name {name!r}: give one of them --model-names")
                 seen.add(name)
         self._backends = list(backends)
         # Adapter names whose load is under way: two loads of one name beside different bases

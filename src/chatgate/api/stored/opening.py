@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from chatgate.api.stored.backend import Backend, Bounds, MemoryBackend
 from chatgate.api.stored.store import ResponseStore
+from chatgate.errors import StartupError
 from chatgate.settings import ApiSettings, default_cache_dir
 
 
@@ -33,12 +35,16 @@ async def open_store(settings: ApiSettings) -> ResponseStore:
         backend = MemoryBackend(bounds)
     elif kind == "redis":
         if not settings.redis_url:
-            raise ValueError("--responses-store redis needs --redis-url")
+            raise StartupError("--responses-store redis needs --redis-url")
         from chatgate.api.stored.redis_backend import RedisBackend  # Redis only where asked for
 
         backend = RedisBackend(settings.redis_url, bounds)
     else:
         from chatgate.api.stored.sqlite import SqliteBackend
 
-        backend = await SqliteBackend.open(sqlite_path(settings), bounds)
+        path = sqlite_path(settings)
+        try:
+            backend = await SqliteBackend.open(path, bounds)
+        except (OSError, sqlite3.Error) as exc:
+            raise StartupError(f"cannot open the stored responses' file {str(path)!r} (--responses-path): {exc}") from exc
     return ResponseStore(backend)
