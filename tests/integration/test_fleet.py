@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from tests.support.app import raw, sdk
-from tests.support.fleet import MSG, Dispatch, M, fleet, served, worker_app
+from tests.support.fleet import MSG, Dispatch, M, fleet, requests_served, worker_app
 from tests.support.polling import apoll
 
 pytestmark = pytest.mark.anyio
@@ -23,8 +23,8 @@ async def test_traffic_splits_between_two_workers(dispatch: Dispatch) -> None:
         client = sdk(f.api)
         results = await asyncio.gather(*(client.chat.completions.create(model=M, messages=MSG) for _ in range(24)))
         assert all(r.choices[0].finish_reason for r in results)
-        assert served(a) + served(b) == 24
-        assert served(a) >= 4 and served(b) >= 4, (served(a), served(b))
+        assert requests_served(a) + requests_served(b) == 24
+        assert requests_served(a) >= 4 and requests_served(b) >= 4, (requests_served(a), requests_served(b))
 
 
 async def test_dead_worker_fails_over_and_leaves_rotation() -> None:
@@ -32,7 +32,7 @@ async def test_dead_worker_fails_over_and_leaves_rotation() -> None:
     async with fleet("shortest_queue", {"http://dead": worker_app(), "http://alive": alive}, dead=("http://dead",)) as f:
         client = sdk(f.api)
         results = await asyncio.gather(*(client.chat.completions.create(model=M, messages=MSG) for _ in range(8)))
-        assert len(results) == 8 and served(alive) == 8
+        assert len(results) == 8 and requests_served(alive) == 8
         assert [address for address, *_ in f.pool.load()] == ["http://alive"]
 
         async def controller_dropped_the_dead() -> bool:  # the report is sent in the background

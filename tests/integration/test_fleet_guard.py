@@ -20,7 +20,7 @@ from chatgate.settings import ControllerSettings, WorkerSettings
 from chatgate.worker.app import create_worker_app
 from chatgate.engines.fake import FakeEngine
 from tests.support.app import raw, running, sdk
-from tests.support.fleet import MSG, M, fleet, served, worker_app
+from tests.support.fleet import MSG, M, fleet, requests_served, worker_app
 from tests.support.polling import apoll
 
 pytestmark = pytest.mark.anyio
@@ -358,7 +358,7 @@ async def test_models_whose_workers_are_gone_are_forgotten() -> None:
         assert ("http://b", "beta") not in f.pool._facts.details and "http://b" not in f.pool._facts.in_flight
         with pytest.raises(openai.NotFoundError):
             await client.chat.completions.create(model="beta", messages=MSG)
-        assert served(workers["http://a"]) == 0 and served(workers["http://b"]) == 1
+        assert requests_served(workers["http://a"]) == 0 and requests_served(workers["http://b"]) == 1
 
 
 async def test_a_malformed_answer_is_the_workers_error_not_a_500() -> None:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.support.polling import apoll, poll
-from tests.support.processes import Process, free_port, served, worker_count
+from tests.support.processes import Process, free_port, requests_served_at, worker_count
 
 pytestmark = pytest.mark.live
 
@@ -105,7 +105,7 @@ def test_kill_a_worker_mid_run(tmp_path: Path) -> None:
         async def chaos() -> dict[str, float]:
             # Let the clients run on both workers first; counted, so polling for it is moot.
             await asyncio.sleep(3)
-            before = served(url["w1"]), served(url["w2"])
+            before = requests_served_at(url["w1"]), requests_served_at(url["w2"])
             os.kill(w1.proc.pid, signal.SIGKILL)
             async with httpx.AsyncClient() as http:
 
@@ -133,7 +133,7 @@ def test_kill_a_worker_mid_run(tmp_path: Path) -> None:
         after = Outcome()
         asyncio.run(clients(url["api"], after, until=time.monotonic() + 3))
         assert after.failed_before_streaming == [] and after.ok > 10
-        assert served(url["w1"]) > 0  # the new process takes traffic again
+        assert requests_served_at(url["w1"]) > 0  # the new process takes traffic again
     finally:
         for p in reversed(processes):
             p.stop()

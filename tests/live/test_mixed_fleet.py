@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.live_fleet import streamed_chats
-from tests.support.processes import Process, free_port, served, worker_count
+from tests.support.processes import Process, free_port, requests_served_at, worker_count
 
 pytestmark = pytest.mark.live
 
@@ -48,14 +48,14 @@ def test_balance_and_failover_across_engines(tmp_path: Path) -> None:
             time.sleep(0.2)
 
         assert asyncio.run(streamed_chats(url["api"], BODY, 24)) == [200] * 24
-        before = served(url["local"]), served(url["forward"])
+        before = requests_served_at(url["local"]), requests_served_at(url["forward"])
         print("requests per worker before the kill:", before)
         assert before[0] > 0 and before[1] > 0  # both engines took traffic
 
         os.kill(upstream.proc.pid, signal.SIGKILL)
         upstream.proc.wait()
         assert asyncio.run(streamed_chats(url["api"], BODY, 24)) == [200] * 24  # every request failed over
-        after = served(url["local"]), served(url["forward"])
+        after = requests_served_at(url["local"]), requests_served_at(url["forward"])
         print("requests per worker after the kill:", after)
         assert after[0] - before[0] == 24  # the local worker answered them all
     finally:

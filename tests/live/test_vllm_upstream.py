@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from tests.support.live_fleet import streamed_chats
-from tests.support.processes import Process, free_port, served
+from tests.support.processes import Process, free_port, requests_served_at
 from tests.support.vllm_procs import M, Fleet, OpenAIServer
 
 pytestmark = [pytest.mark.live, pytest.mark.model]
@@ -151,16 +151,16 @@ def test_mixed_fleet_balances_and_fails_over(vllm_fleet: Fleet, upstream: tuple[
         fleet.worker("transformers", "--engine", "transformers", "--model-names", M, deadline=300)
         fleet.worker("openai", "--engine", "openai", "--upstream-url", f"{upstream[1]}/v1")
         fleet.wait_workers(3)
-        before = [served(fleet.url[n]) for n in names]
+        before = [requests_served_at(fleet.url[n]) for n in names]
         assert asyncio.run(streamed_chats(fleet.url["api"], SHORT_CHAT, 24)) == [200] * 24
-        balanced = [served(fleet.url[n]) - b for n, b in zip(names, before, strict=True)]
+        balanced = [requests_served_at(fleet.url[n]) - b for n, b in zip(names, before, strict=True)]
         print("requests per worker (vllm, transformers, openai):", balanced)
         assert all(count > 0 for count in balanced)  # every engine took traffic
 
         upstream[0].signal(signal.SIGKILL)  # the server and its engine processes
         upstream[0].proc.wait()
         assert asyncio.run(streamed_chats(fleet.url["api"], SHORT_CHAT, 24)) == [200] * 24  # every request failed over
-        after = [served(fleet.url[n]) - b for n, b in zip(names, before, strict=True)]
+        after = [requests_served_at(fleet.url[n]) - b for n, b in zip(names, before, strict=True)]
         print("after the kill:", after)
         assert after[0] + after[1] - balanced[0] - balanced[1] == 24  # the others answered them all
     finally:

@@ -116,7 +116,7 @@ async def fleet(
         yield f
 
 
-def served(app: FastAPI) -> int:
+def requests_served(app: FastAPI) -> int:
     """Requests the worker `app` has served, over all its models."""
     return sum(b.served for b in app.state.models.backends())
 

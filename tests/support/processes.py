@@ -87,7 +87,7 @@ class Process:
         self._file.close()
 
 
-def served(worker: str) -> float:
+def requests_served_at(worker: str) -> float:
     """Requests the live worker at `worker` has served, from its `/metrics`."""
     text = httpx.get(f"{worker}/metrics", timeout=2).text
     line = next(x for x in text.splitlines() if x.startswith("chatgate_worker_requests_total"))
