@@ -100,6 +100,14 @@ async def _answer(work: Callable[[], Awaitable[T]], body: Callable[[T], Any]) ->
         return _error_response(exc)
 
 
+def _answer_now(work: Callable[[], T], body: Callable[[T], Any]) -> JSONResponse:
+    """`_answer` for work that does not wait."""
+    try:
+        return JSONResponse(body(work()))
+    except Exception as exc:
+        return _error_response(exc)
+
+
 async def _encoded(chunks: AsyncGenerator[WorkerChunk | _Idle, None]) -> AsyncIterator[bytes]:
     """NUL-delimited JSON, as FastChat's /worker_generate_stream sends it (and keep-alive frames)."""
     try:
@@ -213,15 +221,11 @@ async def detokenize(params: DetokenizeParams, models: ServedModels = Models) ->
     return await _answer(lambda: models.backend_for(params.model).detokenize(params), lambda r: r.model_dump())
 
 
-async def _now(value: T) -> T:
-    return value
-
-
 @router.post("/worker_get_conv_template")
 async def conv_template(query: ModelQuery | None = None, models: ServedModels = Models) -> JSONResponse:
     """The model's chat template as a FastChat conversation."""
     model = query.model if query else None
-    return await _answer(lambda: _now(models.backend_for(model).conversation()), lambda conv: {"conv": conv.model_dump()})
+    return _answer_now(lambda: models.backend_for(model).conversation(), lambda conv: {"conv": conv.model_dump()})
 
 
 def _details(backend: WorkerBackend) -> ModelDetails:
@@ -234,7 +238,7 @@ def _details(backend: WorkerBackend) -> ModelDetails:
 async def model_details(query: ModelQuery | None = None, models: ServedModels = Models) -> JSONResponse:
     """Context length and the chatgate extensions the model `model` names supports."""
     model = query.model if query else None
-    return await _answer(lambda: _now(_details(models.backend_for(model))), ModelDetails.model_dump)
+    return _answer_now(lambda: _details(models.backend_for(model)), ModelDetails.model_dump)
 
 
 async def _admin(work: Awaitable[None], result: AdminResult) -> JSONResponse:
