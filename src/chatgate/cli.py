@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -71,6 +71,9 @@ def build_settings(settings_cls: type[BaseModel], args: argparse.Namespace) -> A
     return settings_cls(**given)
 
 
+STARTUP_FAILURE = 3  # uvicorn's exit status when the app cannot start, as uvicorn.run exits
+
+
 def _run_uvicorn(
     app: Any, *, host: str, port: int, log_level: str, tls: tuple[str | None, str | None] = (None, None),
     access_log: bool = True, **limits: Any
@@ -83,6 +86,9 @@ def _run_uvicorn(
     from chatgate.lifespan import OneLineStartupFailure
 
     keyfile, certfile = tls
+    for flag, path in (("--ssl-keyfile", keyfile), ("--ssl-certfile", certfile)):
+        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            _cannot_start(f"{flag} {path!r} is not a readable file")
     # Logging is set up already (`logs.setup_logging`): uvicorn's own config would replace it. An
     # API server writes its own access line (`api/access.py`); workers and the controller keep uvicorn's.
     config = uvicorn.Config(OneLineStartupFailure(app), host=host, port=port, log_level=log_level, log_config=None, access_log=access_log,
@@ -91,12 +97,19 @@ def _run_uvicorn(
     server = DrainingServer(config, drain=drain) if drain is not None else uvicorn.Server(config)
     try:
         server.run()
-    except OSError as exc:  # a TLS file missing or unreadable (ssl.SSLError is one too), before anything was served
+    except OSError as exc:  # a TLS file that is not a key or certificate (ssl.SSLError), before anything was served
         if server.started:
             raise
-        raise SystemExit(f"chatgate: could not start: {exc}") from None
+        _cannot_start(f"{exc} (--ssl-keyfile {keyfile!r}, --ssl-certfile {certfile!r})" if keyfile or certfile else str(exc))
     if not server.started:
-        raise SystemExit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run exits
+        raise SystemExit(STARTUP_FAILURE)
+
+
+
+def _cannot_start(problem: str) -> NoReturn:
+    """Stop the process before it served anything, saying why in one line."""
+    print(f"chatgate: could not start: {problem}", file=sys.stderr)
+    raise SystemExit(STARTUP_FAILURE)
 
 
 def _api_limits(settings: ApiSettings) -> dict[str, Any]:

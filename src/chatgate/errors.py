@@ -250,6 +250,8 @@ def from_fastchat_code(code: int, message: str, *, param: str | None = None) -> 
     return cls(message, param=param)
 
 
-class StartupError(Exception):
-    """A process cannot start for a reason its operator can fix (a path, a model, a flag): said
-    in one line naming it, not as a traceback (`lifespan.OneLineStartupFailure`)."""
+class StartupError(ValueError):
+    """A problem the operator can fix (a path, a model file, a flag): at start it stops the
+    process with one line naming it, not a traceback (`lifespan.OneLineStartupFailure`). A
+    `ValueError`, as the checks that raise it were; any other `ValueError` is a bug's, and keeps
+    its traceback."""

@@ -28,7 +28,7 @@ def test_a_stored_responses_file_that_cannot_be_made_stops_the_api_server_naming
 def test_a_missing_tls_file_stops_the_api_server_naming_it() -> None:
     code, output = start("api", "--controller-address", "http://127.0.0.1:9",
                          "--ssl-keyfile", "/no/such/key.pem", "--ssl-certfile", "/no/such/cert.pem")
-    assert code == 1, output[-2000:]
-    assert "chatgate: could not start:" in output and "No such file or directory" in output, output[-2000:]
+    assert code == 3, output[-2000:]
+    assert "chatgate: could not start: --ssl-keyfile '/no/such/key.pem' is not a readable file" in output, output[-2000:]
     assert "Traceback" not in output, output[-2000:]
 

@@ -13,9 +13,14 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.lifespan.on import LifespanOn
 
-from chatgate.errors import StartupError
+from chatgate.cli import _run_uvicorn
+from chatgate.engines.fake import FakeEngine
+from chatgate.errors import InsufficientMemoryError, StartupError
 from chatgate.lifespan import OneLineStartupFailure
+from chatgate.settings import EngineSettings
+from chatgate.worker.backend import open_backends
 from tests.support.app import make_app, running
+from tests.support.processes import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -71,3 +76,50 @@ async def test_the_redis_store_without_a_redis_url_is_a_startup_error() -> None:
     with pytest.raises(StartupError, match="--responses-store redis needs --redis-url"):
         async with running(make_app(responses_store="redis")):
             pass
+
+
+class FailingStart(FakeEngine):
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    async def start(self) -> None:
+        raise self.error
+
+
+async def open_failing(error: Exception) -> None:
+    async with open_backends([(EngineSettings(engine="fake"), FailingStart(error))]):
+        pass
+
+
+async def test_a_model_that_cannot_open_its_files_or_fit_is_a_startup_error_saying_what() -> None:
+    with pytest.raises(StartupError, match="^TimeoutError$"):  # an OSError with no message still says what it was
+        await open_failing(TimeoutError())
+    with pytest.raises(StartupError, match=r"^PermissionError: \[Errno 13\] denied: '/m'$"):
+        await open_failing(PermissionError(13, "denied", "/m"))
+    with pytest.raises(StartupError, match="^Loading the model `m` needs more memory$"):
+        await open_failing(InsufficientMemoryError("Loading the model `m` needs more memory"))
+
+
+async def test_a_bugs_value_error_is_not_passed_off_as_the_operators_to_fix() -> None:
+    # Found in review: every ValueError used to become one line, a bug's too, its place lost.
+    with pytest.raises(ValueError, match="not enough values") as raised:
+        await open_failing(ValueError("not enough values to unpack (expected 2, got 1)"))
+    assert not isinstance(raised.value, StartupError)  # so its traceback stays
+
+
+def test_a_tls_file_that_is_missing_or_not_one_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for tls, says in [
+        (("/no/such/key.pem", "/no/such/cert.pem"), "--ssl-keyfile '/no/such/key.pem' is not a readable file"),
+        ((str(tmp_path), "/no/such/cert.pem"), f"--ssl-keyfile '{tmp_path}' is not a readable file"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            _run_uvicorn(FastAPI(), host="127.0.0.1", port=free_port(), log_level="error", tls=tls)
+        assert exited.value.code == 3 and capsys.readouterr().err == f"chatgate: could not start: {says}\n"
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate")
+    with pytest.raises(SystemExit) as exited:
+        _run_uvicorn(FastAPI(), host="127.0.0.1", port=free_port(), log_level="error", tls=(str(junk), str(junk)))
+    err = capsys.readouterr().err
+    assert exited.value.code == 3 and err.startswith("chatgate: could not start: [SSL]"), err
+    assert f"(--ssl-keyfile '{junk}', --ssl-certfile '{junk}')" in err

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from chatgate.engines.base import Engine
 from chatgate.settings import EngineSettings
+from chatgate.errors import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def create_engine(settings: EngineSettings) -> Engine:
     try:
         factory = ENGINES[settings.engine]
     except KeyError:
-        raise ValueError(
+        raise StartupError(
             f"unknown engine {settings.engine!r}; choose one of {', '.join(sorted(ENGINES))}"
         ) from None
     return factory(settings)

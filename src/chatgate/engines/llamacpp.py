@@ -22,6 +22,7 @@ from chatgate.engines.loading import ModelSource, gguf_location, model_construct
 from chatgate.engines.memory import GIB, MemoryNeed, gguf_elements
 from chatgate.engines.scheduled import LoadedModel, ScheduledEngine, kv_budget
 from chatgate.settings import EngineSettings
+from chatgate.errors import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class LlamaCppEngine(ScheduledEngine):
     def __init__(self, settings: EngineSettings) -> None:
         super().__init__(settings)
         if self._source.gguf_file is None:
-            raise ValueError(f"the llama.cpp engine serves GGUF files; {settings.model_path!r} is not one")
+            raise StartupError(f"the llama.cpp engine serves GGUF files; {settings.model_path!r} is not one")
 
     def _model_need(self) -> MemoryNeed:
         """The GGUF file served (the default model's at the --dtype it is converted to), and the

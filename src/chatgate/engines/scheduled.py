@@ -45,6 +45,7 @@ from chatgate.engines.scheduler import Scheduler, SchedulerLimits
 from chatgate.engines.sequence import OutputChannel, Sequence
 from chatgate.settings import EngineSettings
 from chatgate.streams import closing
+from chatgate.errors import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def kv_budget(settings: EngineSettings, *, context: int, bytes_per_token: int, f
         gib=settings.kv_cache_gib, bytes_per_token=bytes_per_token, free_bytes=free_bytes, ceiling=ceiling
     )
     if tokens < MIN_KV_TOKENS:
-        raise ValueError(f"the KV cache budget holds {tokens} tokens, fewer than {MIN_KV_TOKENS}; raise --kv-cache-gib")
+        raise StartupError(f"the KV cache budget holds {tokens} tokens, fewer than {MIN_KV_TOKENS}; raise --kv-cache-gib")
     if tokens < context:
         log.warning("KV cache budget of %d tokens is below the model's context of %d: longer requests are refused", tokens, context)
     log.info("KV cache budget: %d tokens (%.2f GiB)", tokens, tokens * bytes_per_token / 2**30)

@@ -20,6 +20,7 @@ from chatgate.engines.loading import cached_checkpoint, float32_folder, gguf_loc
 from chatgate.engines.memory import MemoryNeed, checkpoint_bytes, gguf_elements
 from chatgate.engines.runners.torch import TorchRunner
 from chatgate.engines.scheduled import LoadedModel, ScheduledEngine, kv_budget
+from chatgate.errors import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class TransformersEngine(ScheduledEngine):
         if FastDecoder.supports(self._model):
             return FastDecoder(self._model, weight_format=weights)
         if weights == "int8":
-            raise ValueError(f"--dtype int8 needs a Llama-family model, not {type(self._model).__name__}")
+            raise StartupError(f"--dtype int8 needs a Llama-family model, not {type(self._model).__name__}")
         log.info("%s has no fast decoder; using the Hugging Face forward", type(self._model).__name__)
         if weights == "bfloat16":
             self._model = self._model.to(torch.bfloat16)

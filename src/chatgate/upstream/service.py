@@ -31,7 +31,9 @@ from opentelemetry.trace import INVALID_SPAN, Span
 
 from chatgate import tracing
 from chatgate.engines.base import EngineStats
-from chatgate.errors import ChatgateError, InvalidRequestError, ModelNotFoundError, WorkerError, WorkerUnavailableError
+from chatgate.errors import (
+    ChatgateError, InvalidRequestError, ModelNotFoundError, StartupError, WorkerError, WorkerUnavailableError,
+)
 from chatgate.protocol.admin import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from chatgate.protocol.conversation import Conversation, generic_conversation
 from chatgate.protocol import worker as proto
@@ -262,11 +264,22 @@ async def _upstream_models(http: httpx.AsyncClient, url: str, wait: float) -> li
             response.raise_for_status()
             return list(response.json().get("data") or [])
         except (httpx.HTTPError, ValueError) as exc:
+            shown = wire.without_credentials(url)
             if time.monotonic() >= deadline:
-                shown = wire.without_credentials(url)
-                raise RuntimeError(f"the upstream {shown} did not list its models: {exc!r}") from exc
-            log.info("waiting for the upstream %s: %r", wire.without_credentials(url), exc)
+                raise StartupError(f"the upstream {shown} did not list its models: {_what_failed(exc)}") from exc
+            log.info("waiting for the upstream %s: %s", shown, _what_failed(exc))
             await asyncio.sleep(1.0)
+
+
+def _what_failed(error: Exception) -> str:
+    """What went wrong with a call to the upstream, without its URL: httpx puts the whole URL in
+    its messages, credentials and query included."""
+    if isinstance(error, httpx.HTTPStatusError):
+        return f"HTTP {error.response.status_code}"
+    if isinstance(error, httpx.HTTPError):
+        said = str(error)  # a transport error's ("[Errno 111] Connection refused"), unless it quotes a URL
+        return type(error).__name__ + (f": {said}" if said and "://" not in said else "")
+    return f"not JSON ({type(error).__name__})"
 
 
 def _context(models: list[dict[str, Any]], flag: int | None) -> tuple[int, str]:
@@ -292,14 +305,14 @@ def _client(settings: EngineSettings) -> httpx.AsyncClient:
 async def open_upstream(settings: EngineSettings) -> AsyncIterator[UpstreamService]:
     """Connect to `settings.upstream_url`, learn its models, and serve them until exit."""
     if not settings.upstream_url:
-        raise ChatgateError("--engine openai needs --upstream-url (e.g. http://host:8000/v1)")
+        raise StartupError("--engine openai needs --upstream-url (e.g. http://host:8000/v1)")
     url = settings.upstream_url.rstrip("/")
     async with _client(settings) as http:
         models: list[dict[str, Any]] = []
         if not settings.model_names or settings.max_model_len is None:
             try:
                 models = await _upstream_models(http, url, settings.upstream_wait if not settings.model_names else 0)
-            except RuntimeError:
+            except StartupError:  # with the names given, the upstream may list its models later
                 if not settings.model_names:
                     raise
         names = settings.model_names or [str(m["id"]) for m in models]

@@ -138,7 +138,7 @@ async def open_backend(
     exit; every later load of its model is first checked to fit in the memory `memory` reads
     (the machine's by default), one at a time with the other models holding `loads`."""
     if settings.lora and settings.engine not in _LORA_ENGINES:
-        raise ValueError(f"--lora needs the transformers or llama.cpp engine, not --engine {settings.engine}")
+        raise StartupError(f"--lora needs the transformers or llama.cpp engine, not --engine {settings.engine}")
     if engine is None and settings.engine == UPSTREAM_ENGINE:
         from chatgate.upstream.service import open_upstream
 
@@ -178,11 +178,14 @@ async def open_backends(
     async with contextlib.AsyncExitStack() as stack:
         try:
             backends = await enter_together(stack, [open_backend(c, engine=e, memory=memory, loads=loads) for c, e in configs])
-        except (ValueError, OSError, ChatgateError) as exc:  # a path, a file, an architecture, memory: the operator's to fix
+        except (OSError, ChatgateError) as exc:  # a file that cannot be read or written, memory: the operator's to fix
             raise StartupError(_said(exc)) from exc
         yield backends
 
 
 def _said(error: Exception) -> str:
-    """An error's message, as a client would read it where it has one."""
-    return error.message if isinstance(error, ChatgateError) else str(error)
+    """An error's message, as a client would read it where it has one; a file error's says what
+    kind it is (a timeout says nothing more)."""
+    if isinstance(error, ChatgateError):
+        return error.message
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

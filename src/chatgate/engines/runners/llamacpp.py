@@ -43,6 +43,7 @@ from chatgate.engines.loading import gguf_architecture
 from chatgate.engines.runners.base import Runner
 from chatgate.engines.runners.gguf_lora import ContextAdapters, GgufAdapter, read_gguf_adapter
 from chatgate.engines.sampling import scored
+from chatgate.errors import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class GgufModel:
         params.n_gpu_layers = 0
         handle = lc.llama_model_load_from_file(str(path).encode(), params)
         if not handle:
-            raise ValueError(
+            raise StartupError(
                 f"llama.cpp could not load {path} (architecture {gguf_architecture(path)!r}); its log above says why"
             )
         vocab = lc.llama_model_get_vocab(handle)
