@@ -83,7 +83,12 @@ def create_api_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with workers() as opened:
+        # Each thing opened is closed in reverse order, however far the start got.
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(asyncio.to_thread, tracing.close)  # the last spans are flushed before the process ends
+            opened = await stack.enter_async_context(workers())
+            stack.push_async_callback(store.close)
+            stack.push_async_callback(leases.close)
             served = DrainingPool(opened, drain)
             pool = KeyScopedPool(served) if any(p.models is not None for p in policies.values()) else served
             # Every model and worker (addresses, in a fleet): /metrics is for admins only.
@@ -92,18 +97,12 @@ def create_api_app(
             local: list[Collector] = getattr(opened, "collectors", list)()
             for collector in [fleet, *local]:
                 registry.register(collector)
+                stack.callback(registry.unregister, collector)
             stored = await open_store(settings)
+            stack.push_async_callback(stored.close)
             state = app.state.api = _serving(settings, pool, opened, stored, metrics, admin)
-            try:
-                yield
-            finally:
-                await state.background.close()  # before the store: cancelled jobs are kept as such
-                await stored.close()
-                for collector in [fleet, *local]:
-                    registry.unregister(collector)
-                await leases.close()
-                await store.close()
-        await asyncio.to_thread(tracing.close)  # the last spans are flushed before the process ends
+            stack.push_async_callback(state.background.close)  # before the store: cancelled jobs are kept as such
+            yield
 
     # The interactive docs describe every route: off unless asked for, and then behind the key.
     docs = settings.docs
