@@ -57,7 +57,8 @@ async def start_engine(engine: Engine, *, name: str) -> None:
         return
     await engine.unload()
     raise InsufficientMemoryError(
-        f"Loading the model `{name}` ran out of memory{detail}; unload another model first.", param="model"
+        f"Loading the model `{name}` ran out of memory{detail}; free memory (unload another model, or run "
+        "fewer models in this process) and load it again.", param="model"
     )
 
 
