@@ -58,7 +58,7 @@ def test_compose_topology_serves_as_plain_processes(tmp_path: Path) -> None:
             body: dict[str, Any] = httpx.get(f"{api}/ready", timeout=2).json()
             return bool(body["status"] == "ready" and sum(body["workers"].values()) == 2)
 
-        poll(ready, what="both workers behind the API server", timeout=60, interval=0.5)
+        poll(ready, what="both workers behind the API server", timeout=60, interval=0.5, ignore=(httpx.HTTPError, KeyError))
         models = httpx.get(f"{api}/v1/models", timeout=10).json()["data"]
         reply = httpx.post(f"{api}/v1/chat/completions", timeout=120, json={
             "model": models[0]["id"], "messages": [{"role": "user", "content": "What is the capital of France?"}],

@@ -9,7 +9,7 @@ import pytest
 
 from tests.support.fuzzing import Harness, fuzz, still_answers, three_processes
 
-pytestmark = [pytest.mark.live, pytest.mark.untimed]
+pytestmark = pytest.mark.live
 
 
 def test_fuzzed_requests_in_three_process_mode(tmp_path: Path) -> None:

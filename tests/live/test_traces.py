@@ -18,7 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from tests.support.live_fleet import M, LiveFleet
 from tests.support.polling import poll
 
-pytestmark = [pytest.mark.live, pytest.mark.untimed]
+pytestmark = pytest.mark.live
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"

@@ -59,7 +59,7 @@ def test_tls_serves_https(tls: tuple[Path, Path, Path], started: list[Process], 
     answer = client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}], temperature=0)
     assert answer.choices[0].message.content
     with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{url}/health")  # the certificate is not trusted by default
+        httpx.get(f"{url}/health", timeout=60)  # the certificate is not trusted by default
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/health")
 
@@ -75,6 +75,6 @@ def test_api_without_a_controller_answers_503(started: list[Process], tmp_path: 
         client.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}])
     assert err.value.status_code == 503
     assert err.value.response.headers["retry-after"]
-    response = httpx.get(f"{url}/v1/models")
+    response = httpx.get(f"{url}/v1/models", timeout=60)
     assert response.status_code == 503
     assert response.json()["error"]["type"] == "server_error"

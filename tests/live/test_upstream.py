@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.processes import Process, free_port
 
-pytestmark = [pytest.mark.live, pytest.mark.untimed]
+pytestmark = pytest.mark.live
 
 M = "fake-model"
 KEY = "sk-upstream"
