@@ -105,7 +105,6 @@ def _run_uvicorn(
         raise SystemExit(STARTUP_FAILURE)
 
 
-
 def _cannot_start(problem: str) -> NoReturn:
     """Stop the process before it served anything, saying why in one line."""
     print(f"chatgate: could not start: {problem}", file=sys.stderr)

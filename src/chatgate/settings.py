@@ -179,6 +179,13 @@ class ApiSettings(ShutdownSettings, TracingSettings):
         "api_keys", "admin_keys", "allowed_origins", "allowed_methods", "allowed_headers", mode="before"
     )(_split_list)
 
+    @model_validator(mode="after")
+    def _redis_store_has_a_url(self) -> ApiSettings:
+        # Refused with the other flags, before any model loads, not once the app starts.
+        if self.responses_store == "redis" and not self.redis_url:
+            raise ValueError("--responses-store redis needs --redis-url")
+        return self
+
     def tls_files(self) -> tuple[str | None, str | None]:
         """Key and certificate files, taking FastChat's SSL_* variables when `--ssl` is set."""
         key, cert = self.ssl_keyfile, self.ssl_certfile

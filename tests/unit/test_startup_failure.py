@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from pydantic import ValidationError
 from uvicorn.lifespan.on import LifespanOn
 
 from chatgate.cli import _run_uvicorn
 from chatgate.engines.fake import FakeEngine
 from chatgate.errors import InsufficientMemoryError, StartupError
 from chatgate.lifespan import OneLineStartupFailure
-from chatgate.settings import EngineSettings
+from chatgate.settings import EngineSettings, ServeSettings
 from chatgate.worker.backend import open_backends
 from tests.support.app import make_app, running
 from tests.support.processes import free_port
@@ -72,10 +73,10 @@ async def test_a_stored_responses_file_that_cannot_be_made_is_a_startup_error_na
             pass
 
 
-async def test_the_redis_store_without_a_redis_url_is_a_startup_error() -> None:
-    with pytest.raises(StartupError, match="--responses-store redis needs --redis-url"):
-        async with running(make_app(responses_store="redis")):
-            pass
+def test_a_flag_missing_its_partner_is_refused_with_the_settings_before_anything_loads() -> None:
+    # Once found only when the app started, after the models had loaded.
+    with pytest.raises(ValidationError, match="--responses-store redis needs --redis-url"):
+        ServeSettings(responses_store="redis")
 
 
 class FailingStart(FakeEngine):

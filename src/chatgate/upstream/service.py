@@ -304,7 +304,7 @@ def _client(settings: EngineSettings) -> httpx.AsyncClient:
 @contextlib.asynccontextmanager
 async def open_upstream(settings: EngineSettings) -> AsyncIterator[UpstreamService]:
     """Connect to `settings.upstream_url`, learn its models, and serve them until exit."""
-    if not settings.upstream_url:
+    if not settings.upstream_url:  # per model (`--model 'x engine=openai upstream-url=...'`), so checked here
         raise StartupError("--engine openai needs --upstream-url (e.g. http://host:8000/v1)")
     url = settings.upstream_url.rstrip("/")
     async with _client(settings) as http:

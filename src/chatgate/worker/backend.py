@@ -14,8 +14,8 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
 
 from chatgate.engines.base import Engine, EngineStats
-from chatgate.errors import ChatgateError, StartupError
 from chatgate.engines.memory import MemoryGuard, MemoryReader
+from chatgate.errors import ChatgateError, StartupError
 from chatgate.protocol.admin import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from chatgate.protocol.conversation import Conversation
 from chatgate.protocol import worker as wire

@@ -34,8 +34,7 @@ async def open_store(settings: ApiSettings) -> ResponseStore:
     if kind == "memory":
         backend = MemoryBackend(bounds)
     elif kind == "redis":
-        if not settings.redis_url:
-            raise StartupError("--responses-store redis needs --redis-url")
+        assert settings.redis_url, "the settings refuse --responses-store redis without --redis-url"
         from chatgate.api.stored.redis_backend import RedisBackend  # Redis only where asked for
 
         backend = RedisBackend(settings.redis_url, bounds)
